@@ -1,0 +1,266 @@
+"""Artifacts: save atomically, load with checks, describe with a model card, share on the Hub.
+
+An artifact is a plain pyvene save directory (``config.json`` + one ``intkey_*.bin`` per
+intervention) that anyone loads with the stock ``pyvene.IntervenableModel.load(dir, model)``.
+actedit adds two files: ``README.md`` (a model card) and ``actedit_manifest.json`` (size and
+SHA-256 of every file, written last). :func:`save_artifact` writes into a temporary sibling
+directory and renames it into place, so an interrupted save never leaves a directory that loads.
+:func:`load_artifact` checks the manifest, the base model and the path before handing over to
+pyvene, and turns each failure into an error that names the fix.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Dict, Optional
+
+import pyvene as pv
+
+from . import compat
+from .config import model_signature
+
+MANIFEST = "actedit_manifest.json"
+CARD = "README.md"
+
+
+class ArtifactError(ValueError):
+    """An artifact cannot be used: missing, incomplete, corrupted, or for another model."""
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def artifact_metadata(directory) -> Dict[str, Any]:
+    """The ``actedit`` metadata stored in an artifact's ``config.json`` (empty if none)."""
+    with open(Path(directory) / "config.json") as handle:
+        return json.load(handle).get("actedit") or {}
+
+
+def save_artifact(pvm: pv.IntervenableModel, directory, *, card: bool = True, **metadata) -> Path:
+    """Save ``pvm``'s interventions to ``directory`` atomically, with model card and manifest.
+
+    Extra keyword arguments (``data=``, ``metrics=``, ...) are merged into the artifact's
+    ``actedit`` metadata. An existing directory is replaced only once the new one is complete.
+    """
+    directory = Path(directory).expanduser().resolve()
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    info = dict(getattr(pvm.config, "actedit", None) or {})
+    info.update(metadata)
+    if not info.get("base_model"):
+        info["base_model"] = model_signature(pvm.model)
+    original_info = getattr(pvm.config, "actedit", None)
+    pvm.config.actedit = info
+    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.partial-", dir=directory.parent))
+    try:
+        pvm.save(str(tmp))
+        if card:
+            (tmp / CARD).write_text(model_card(info, pvm))
+        files = {}
+        for path in sorted(tmp.iterdir()):
+            files[path.name] = {"bytes": path.stat().st_size, "sha256": _sha256(path)}
+        (tmp / MANIFEST).write_text(json.dumps({"format": 1, "files": files}, indent=2))
+        if directory.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{directory.name}.old-", dir=directory.parent))
+            os.replace(directory, old / "artifact")
+            os.replace(tmp, directory)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, directory)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    finally:
+        pvm.config.actedit = original_info
+    return directory
+
+
+def _looks_local(path: str) -> bool:
+    """A Hub repo id is exactly ``owner/name``; anything else is meant as a local path."""
+    return path.startswith((".", "/", "~")) or "\\" in path or path.count("/") != 1
+
+
+def resolve_artifact(path_or_repo, revision: Optional[str] = None) -> Path:
+    """A local artifact directory for a path or a Hub repo id (downloaded with huggingface_hub).
+
+    A path that does not exist raises :class:`FileNotFoundError` instead of silently becoming a
+    Hub download (pyvene's behaviour).
+    """
+    text = str(path_or_repo)
+    candidate = Path(text).expanduser()
+    if candidate.exists():
+        if not candidate.is_dir():
+            raise ArtifactError(f"{candidate} is a file; an artifact is a directory holding config.json.")
+        return candidate
+    if _looks_local(text):
+        raise FileNotFoundError(
+            f"No artifact directory at {text!r}. Check the path (pyvene would have tried to download "
+            f"{text!r} from the Hugging Face Hub instead); Hub repo ids look like 'owner/name'."
+        )
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(repo_id=text, revision=revision))
+    except Exception as exc:  # network, auth, not found: say which artifact and what to do
+        raise FileNotFoundError(
+            f"{text!r} is not a local directory and could not be downloaded from the Hugging Face "
+            f"Hub ({type(exc).__name__}: {exc}). Check the repo id, your network and HF_TOKEN."
+        ) from exc
+
+
+def verify_artifact(directory) -> Dict[str, Any]:
+    """Check that an artifact directory is complete; returns its ``actedit`` metadata."""
+    directory = Path(directory)
+    config_path = directory / "config.json"
+    if not config_path.is_file():
+        raise ArtifactError(
+            f"{directory} holds no config.json: it is not a pyvene artifact (or its save was interrupted)."
+        )
+    try:
+        config = json.loads(config_path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ArtifactError(f"{config_path} is not valid JSON ({exc}); the artifact is corrupted.") from exc
+    keys = config.get("sorted_keys") or []
+    manifest_path = directory / MANIFEST
+    manifest = json.loads(manifest_path.read_text()).get("files", {}) if manifest_path.is_file() else {}
+    for key in keys:
+        name = f"intkey_{key}.bin"
+        path = directory / name
+        if not path.is_file():
+            raise ArtifactError(f"{directory} is missing {name}: the artifact is incomplete; save or download it again.")
+        expected = manifest.get(name)
+        if expected is not None:
+            size = path.stat().st_size
+            if size != expected["bytes"]:
+                raise ArtifactError(
+                    f"{name} in {directory} has {size} bytes but the manifest records {expected['bytes']}: "
+                    "the file is truncated or was modified; save or download the artifact again."
+                )
+            if _sha256(path) != expected["sha256"]:
+                raise ArtifactError(f"{name} in {directory} does not match its recorded SHA-256: the file is corrupted.")
+    return config.get("actedit") or {}
+
+
+def check_base_model(info: Dict[str, Any], model) -> None:
+    """Refuse a model of another family or size than the artifact's base model."""
+    expected = info.get("base_model") or {}
+    actual = model_signature(model)
+    problems = []
+    for key in ("model_type", "hidden_size", "num_attention_heads", "head_dim"):
+        want, have = expected.get(key), actual.get(key)
+        if want is not None and have is not None and want != have:
+            problems.append(f"{key}: artifact {want!r}, model {have!r}")
+    n_layers = actual.get("num_hidden_layers")
+    for edit in info.get("edits", []):
+        for layer in edit.get("layers", []):
+            if n_layers is not None and layer >= n_layers:
+                problems.append(f"layer {layer} of the {edit.get('method')} edit does not exist (model has {n_layers})")
+    if problems:
+        base = expected.get("name_or_path") or expected.get("model_class") or "another model"
+        raise ArtifactError(
+            f"This artifact was made for {base} and does not fit the given {type(model).__name__}: "
+            + "; ".join(problems) + ". Load it into the base model it was made for."
+        )
+
+
+def load_artifact(path_or_repo, model, *, revision: Optional[str] = None) -> pv.IntervenableModel:
+    """Load an artifact (local directory or Hub repo id) onto ``model`` after checking it.
+
+    Equivalent to ``pyvene.IntervenableModel.load(dir, model)`` for a valid artifact, but with
+    clear errors for a mistyped path, a missing or truncated ``.bin``, or a model of the wrong
+    family or size, and with tensors mapped to the CPU (GPU-saved artifacts load anywhere).
+    """
+    compat.apply()
+    directory = resolve_artifact(path_or_repo, revision)
+    info = verify_artifact(directory)
+    check_base_model(info, model)
+    with compat.cpu_map_location():
+        try:
+            pvm = pv.IntervenableModel.load(str(directory), model)
+        except (RuntimeError, EOFError, OSError) as exc:
+            raise ArtifactError(f"pyvene could not load {directory}: {exc}") from exc
+    device = next(model.parameters()).device
+    pvm.set_device(device, set_model=False)
+    model.eval()
+    return pvm
+
+
+def model_card(info: Dict[str, Any], pvm: Optional[pv.IntervenableModel] = None) -> str:
+    """A Markdown model card for an artifact's metadata."""
+    base = info.get("base_model") or {}
+    base_name = base.get("name_or_path") or base.get("model_class") or "unknown"
+    lines = ["---", "library_name: pyvene", "tags:", "- actedit", "- activation-editing"]
+    for edit in info.get("edits", []):
+        lines.append(f"- {edit['method']}")
+    if base.get("name_or_path") and not os.path.isabs(str(base["name_or_path"])):
+        lines.append(f"base_model: {base['name_or_path']}")
+    lines += ["---", "", f"# Activation edit for {base_name}", ""]
+    lines.append(f"Made with actedit {info.get('actedit_version', '?')} "
+                 f"(artifact format {info.get('format', 1)}); a pyvene 0.1.8 intervention artifact.")
+    lines += ["", "## Edits", "", "| method | site | layers | hyperparameters |", "|---|---|---|---|"]
+    for edit in info.get("edits", []):
+        hyper = ", ".join(f"{k}={v}" for k, v in sorted(edit.get("hyperparameters", {}).items()))
+        layers = ", ".join(str(x) for x in edit.get("layers", []))
+        lines.append(f"| {edit['method']} | `{edit['component']}` | {layers} | {hyper} |")
+    lines += ["", "## Base model", ""]
+    for key in ("name_or_path", "model_class", "model_type", "hidden_size", "num_hidden_layers"):
+        if base.get(key) is not None:
+            lines.append(f"- {key}: {base[key]}")
+    if info.get("data"):
+        lines += ["", "## Data", "", f"{json.dumps(info['data'], indent=2)}"]
+    lines += ["", "## Metrics", ""]
+    if info.get("metrics"):
+        lines += ["```json", json.dumps(info["metrics"], indent=2), "```"]
+    else:
+        lines.append("Not measured yet.")
+    if pvm is not None:
+        sizes = sum(p.numel() for p in pvm.interventions.parameters()) + sum(
+            b.numel() for b in pvm.interventions.buffers())
+        lines += ["", f"Stored numbers: {sizes:,} (parameters and buffers of all interventions)."]
+    lines += [
+        "", "## How to load", "",
+        "```python",
+        "import pyvene as pv, torch",
+        "from transformers import AutoModelForCausalLM, AutoTokenizer",
+        f"model = AutoModelForCausalLM.from_pretrained({base_name!r})",
+        "tok = AutoTokenizer.from_pretrained(model.config._name_or_path)",
+        "pvm = pv.IntervenableModel.load('<this directory or repo id>', model)  # needs `pip install actedit`",
+        "inputs = tok('Is the Earth flat?', return_tensors='pt')",
+        "_, out = pvm.generate(inputs, unit_locations=None, intervene_on_prompt=True, max_new_tokens=40)",
+        "print(tok.decode(out[0], skip_special_tokens=True))",
+        "```",
+        "",
+        "`actedit.interventions.load_artifact(path, model)` does the same with checks "
+        "(wrong model, truncated files, mistyped paths).",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def push_to_hub(directory, repo_id: str, *, private: bool = False, token: Optional[str] = None,
+                commit_message: str = "Upload actedit artifact", api=None) -> str:
+    """Upload an artifact directory to the Hugging Face Hub; returns the commit URL.
+
+    ``api`` defaults to ``huggingface_hub.HfApi(token=token)`` (injectable for tests).
+    """
+    directory = Path(directory)
+    verify_artifact(directory)
+    if not isinstance(repo_id, str) or repo_id.count("/") != 1 or not all(repo_id.split("/")):
+        raise ValueError(f"repo_id must look like 'owner/name', got {repo_id!r}.")
+    if api is None:
+        from huggingface_hub import HfApi
+
+        api = HfApi(token=token)
+    api.create_repo(repo_id=repo_id, repo_type="model", private=private, exist_ok=True)
+    info = api.upload_folder(folder_path=str(directory), repo_id=repo_id, repo_type="model",
+                             commit_message=commit_message)
+    return str(getattr(info, "commit_url", info))

@@ -1,0 +1,148 @@
+"""The base class every actedit intervention derives from.
+
+It encodes the pyvene facts that make an edit save and load with the stock
+``pyvene.IntervenableModel.save/load``:
+
+* it is ``SourcelessIntervention`` (applied without sources) **and** ``TrainableIntervention``
+  (``save()`` writes a ``.bin`` only for trainable interventions; a non-trainable class with
+  fitted buffers would reload re-initialised, silently);
+* every constructor kwarg has a default, and every hyperparameter lives in a parameter or
+  buffer, because ``load()`` rebuilds the class as ``cls(**representation_fields,
+  embed_dim=..., use_fast=False)`` and then calls ``load_state_dict``;
+* buffers whose shape depends on the fit (SEA's ranks, ITI's head count, ActAdd's prompt
+  length, HPR's widths) are resized from the incoming state dict before it is loaded;
+* ``state_dict()`` returns CPU tensors, so an artifact saved from a GPU loads on a CPU-only
+  machine (pyvene's ``load`` calls ``torch.load`` without ``map_location``);
+* the output is cast back to the input dtype (pyvene's bf16 scatter needs it).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import pyvene as pv
+import torch
+
+from .positions import PositionPolicy, position_mask
+
+ACTEDIT_ARTIFACT_VERSION = 1
+
+
+class ActEditIntervention(pv.SourcelessIntervention, pv.TrainableIntervention):
+    """Base of all actedit interventions: position policy, dtype handling, resizable buffers.
+
+    Subclasses implement :meth:`edit`, which maps activations ``(batch, seq, d)`` to edited
+    activations of the same shape; the base applies it only where the position policy says so.
+
+    Args:
+        embed_dim: width ``d`` of the hooked activation (pyvene passes it).
+        position_policy: a :class:`~actedit.interventions.positions.PositionPolicy`, its name or
+            id; defaults to the class's :attr:`default_policy`.
+        position_start: the ``start`` of :attr:`PositionPolicy.FROM_POSITION`.
+    """
+
+    default_policy: PositionPolicy = PositionPolicy.ALL
+    method_name: str = "base"
+
+    def __init__(self, embed_dim: Optional[int] = None, position_policy=None, position_start: int = 0, **kwargs):
+        kwargs.pop("keep_last_dim", None)
+        super().__init__(embed_dim=embed_dim, **kwargs, keep_last_dim=True)
+        policy = PositionPolicy.parse(self.default_policy if position_policy is None else position_policy)
+        self.register_buffer("position_policy", torch.tensor(int(policy), dtype=torch.long))
+        self.register_buffer("position_start", torch.tensor(int(position_start), dtype=torch.long))
+        self.register_buffer("artifact_version", torch.tensor(ACTEDIT_ARTIFACT_VERSION, dtype=torch.long))
+
+    # ----------------------------------------------------------------------------- properties
+    @property
+    def d(self) -> int:
+        """The activation width this intervention was built for."""
+        if self.embed_dim is None:
+            raise ValueError(
+                f"{type(self).__name__} needs embed_dim (the hidden size of the hooked site); "
+                "pyvene passes it when it builds the intervention from a config."
+            )
+        return int(self.embed_dim)
+
+    @property
+    def policy(self) -> PositionPolicy:
+        return PositionPolicy(int(self.position_policy))
+
+    def set_position_policy(self, policy, start: Optional[int] = None) -> "ActEditIntervention":
+        """Change which positions are edited (in place); returns ``self``."""
+        self.position_policy.fill_(int(PositionPolicy.parse(policy)))
+        if start is not None:
+            self.position_start.fill_(int(start))
+        return self
+
+    def extra_repr(self) -> str:
+        return f"d={self.embed_dim.item() if self.embed_dim is not None else None}, policy={self.policy.name.lower()}"
+
+    def __str__(self) -> str:  # pyvene prints interventions with str()
+        return f"{type(self).__name__}({self.extra_repr()})"
+
+    # ------------------------------------------------------------------------------- forward
+    def edit(self, h: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Edited activations for ``h`` of shape ``(batch, seq, d)``.
+
+        ``mask`` (``(batch, seq)`` bool) marks the positions that will be kept from the result;
+        most methods ignore it, statistics over tokens (SEA's per-feature norm) use it.
+        """
+        raise NotImplementedError
+
+    def forward(self, base: torch.Tensor, source=None, subspaces=None, **kwargs) -> torch.Tensor:
+        squeeze = base.dim() == 2
+        h = base.unsqueeze(1) if squeeze else base
+        if h.shape[-1] != self.d:
+            raise ValueError(
+                f"{type(self).__name__} was built for activations of width {self.d} but received "
+                f"width {h.shape[-1]}: the artifact does not match this model or site."
+            )
+        batch, seq = h.shape[0], h.shape[1]
+        mask = position_mask(self.policy, int(self.position_start), batch, seq, device=h.device)
+        if not bool(mask.any()):
+            return base
+        edited = self.edit(h, mask)
+        out = torch.where(mask[..., None], edited.to(h.dtype), h)
+        out = out.squeeze(1) if squeeze else out
+        return out.to(base.dtype)
+
+    # --------------------------------------------------------------------------- save / load
+    def resizable_buffers(self) -> tuple:
+        """Names of buffers whose shape is set by the fit and read from a loaded state dict."""
+        return ()
+
+    def _prepare_load(self, state_dict: dict, prefix: str) -> None:
+        """Hook for subclasses: rebuild submodules whose shape a state dict decides."""
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):
+        saved_dim = state_dict.get(prefix + "embed_dim")
+        if saved_dim is not None and self.embed_dim is not None and int(saved_dim) != int(self.embed_dim):
+            raise ValueError(
+                f"{type(self).__name__}: the saved edit was fitted on activations of width "
+                f"{int(saved_dim)}, but this model's site has width {int(self.embed_dim)}. Load the "
+                "artifact into the model family and size it was made for."
+            )
+        version = state_dict.get(prefix + "artifact_version")
+        if version is not None and int(version) > ACTEDIT_ARTIFACT_VERSION:
+            raise ValueError(
+                f"This artifact uses actedit format {int(version)}, newer than the installed "
+                f"actedit understands ({ACTEDIT_ARTIFACT_VERSION}); upgrade actedit."
+            )
+        self._prepare_load(state_dict, prefix)
+        for name in self.resizable_buffers():
+            incoming = state_dict.get(prefix + name)
+            if incoming is not None:
+                current = getattr(self, name)
+                self._buffers[name] = torch.empty(incoming.shape, dtype=incoming.dtype, device=current.device)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
+
+    def state_dict(self, *args, destination=None, prefix="", keep_vars=False):
+        result = super().state_dict(*args, destination=destination, prefix=prefix, keep_vars=keep_vars)
+        if destination is None and not keep_vars:
+            # CPU copies: pyvene's load() calls torch.load without map_location.
+            for key, value in list(result.items()):
+                if isinstance(value, torch.Tensor) and value.device.type != "cpu":
+                    result[key] = value.detach().cpu()
+        return result

@@ -1,0 +1,240 @@
+"""Every workaround for pyvene 0.1.8 lives here, each next to the pyvene behaviour it covers.
+
+:func:`apply` is idempotent and runs when :mod:`actedit.interventions` is imported. pyvene
+imports that package itself while loading an artifact (it re-imports intervention classes by
+their dotted path), so a user who only calls ``pyvene.IntervenableModel.load(dir, model)``
+gets the fixes too.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import logging
+from typing import Optional
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+_APPLIED = False
+
+# Components whose size pyvene derives from the head size.
+_HEAD_COMPONENTS = {
+    "head_attention_value_output",
+    "head_query_output",
+    "head_key_output",
+    "head_value_output",
+}
+
+
+def head_dim(model_config) -> int:
+    """The attention head size of a model config.
+
+    Some configs carry an explicit ``head_dim`` that differs from ``hidden_size /
+    num_attention_heads`` (Gemma, Llama variants); some lack the attribute (Qwen2).
+    """
+    explicit = getattr(model_config, "head_dim", None)
+    if isinstance(explicit, int) and explicit > 0:
+        return explicit
+    return model_config.hidden_size // model_config.num_attention_heads
+
+
+def _is_pyvene_hook(hook) -> bool:
+    target = getattr(hook, "__wrapped__", hook)
+    return getattr(target, "__module__", "").startswith("pyvene.")
+
+
+def remove_pyvene_hooks(main_module: torch.nn.Module) -> None:
+    """Remove only the hooks pyvene registered.
+
+    pyvene behaviour covered: ``IntervenableModel._cleanup_states`` calls
+    ``remove_forward_hooks``, which pops *every* forward and pre-forward hook of every submodule
+    before and after each call. Under transformers 5 that deletes the hooks that implement
+    ``output_hidden_states``/``output_attentions`` (they silently return empty tuples for the rest
+    of the process, even on the unwrapped model), and it would delete actedit's
+    :class:`~actedit.interventions.positions.PositionTracker`. pyvene's own hooks are closures
+    defined in ``pyvene.models.intervenable_base``; only those are removed.
+    """
+    for submodule in main_module.modules():
+        for hooks in (submodule._forward_hooks, submodule._forward_pre_hooks):
+            for hook_id in [k for k, h in hooks.items() if _is_pyvene_hook(h)]:
+                hooks.pop(hook_id)
+                submodule._forward_hooks_with_kwargs.pop(hook_id, None)
+                submodule._forward_hooks_always_called.pop(hook_id, None)
+                submodule._forward_pre_hooks_with_kwargs.pop(hook_id, None)
+
+
+def _dimension_with_head_fix(original):
+    """Wrap ``get_dimension_by_component`` so head-related sizes come from the real head size.
+
+    pyvene behaviour covered: its tables size head components as ``hidden_size /
+    num_attention_heads`` (wrong for configs with an explicit ``head_dim``, e.g. Gemma, some
+    Llama variants) or read ``config.head_dim`` (absent on Qwen2 configs: ``AttributeError``),
+    and size the o_proj input (``attention_value_output``) as ``hidden_size`` although it is
+    ``num_attention_heads * head_dim``.
+    """
+
+    @functools.wraps(original)
+    def get_dimension_by_component(model_type, model_config, component):
+        has_heads = hasattr(model_config, "num_attention_heads") and hasattr(model_config, "hidden_size")
+        if has_heads and component in _HEAD_COMPONENTS:
+            return head_dim(model_config)
+        if has_heads and component == "attention_value_output":
+            return model_config.num_attention_heads * head_dim(model_config)
+        return original(model_type, model_config, component)
+
+    get_dimension_by_component._actedit_patched = True
+    return get_dimension_by_component
+
+
+def _llama_like_tables(prefix: str, drop: tuple = ()):
+    """pyvene's Llama module/dimension tables with the layer stack under ``prefix``."""
+    from pyvene.models.llama.modelings_intervenable_llama import (
+        llama_type_to_dimension_mapping,
+        llama_type_to_module_mapping,
+    )
+
+    modules = {
+        k: (f"{prefix}{v[0]}",) + tuple(v[1:])
+        for k, v in llama_type_to_module_mapping.items()
+        if k not in drop
+    }
+    dims = {k: v for k, v in llama_type_to_dimension_mapping.items() if k not in drop}
+    return modules, dims
+
+
+def _missing_families():
+    """(model class, layer prefix, components to drop) for families pyvene 0.1.8 lacks."""
+    families = []
+    specs = [
+        ("qwen3", ["Qwen3Model", "Qwen3ForCausalLM"], ()),
+        ("gemma3", ["Gemma3TextModel", "Gemma3ForCausalLM"], ()),
+        # Phi-3 fuses q/k/v into qkv_proj: no separate query/key/value modules to hook.
+        ("phi3", ["Phi3Model", "Phi3ForCausalLM"],
+         ("query_output", "key_output", "value_output",
+          "head_query_output", "head_key_output", "head_value_output")),
+    ]
+    import importlib
+
+    for family, class_names, drop in specs:
+        try:
+            module = importlib.import_module(f"transformers.models.{family}.modeling_{family}")
+        except ImportError:  # an older transformers without this family
+            continue
+        for name in class_names:
+            cls = getattr(module, name, None)
+            if cls is not None:
+                prefix = "" if name.endswith("Model") else "model."
+                families.append((cls, prefix, drop))
+    return families
+
+
+def register_model_family(model_class, layer_prefix: str = "model.", drop_components: tuple = ()) -> None:
+    """Teach pyvene the component names of a Llama-like family it does not know.
+
+    pyvene behaviour covered: ``IntervenableModel`` looks components up in
+    ``type_to_module_mapping``/``type_to_dimension_mapping`` keyed by model class and raises
+    ``KeyError`` for classes missing there (Gemma-3, Phi-3, Qwen3 in 0.1.8).
+    """
+    from pyvene.models import intervenable_modelcard as card
+
+    modules, dims = _llama_like_tables(layer_prefix, drop_components)
+    card.type_to_module_mapping.setdefault(model_class, modules)
+    card.type_to_dimension_mapping.setdefault(model_class, dims)
+
+
+def _attach_tracker_on_init(original_init):
+    """Attach actedit's position tracker to every model wrapped by ``IntervenableModel``.
+
+    pyvene behaviour covered: interventions only see the activation tensor of one forward call,
+    never the attention mask or the cache state, so position policies need this side channel.
+    """
+
+    @functools.wraps(original_init)
+    def __init__(self, config, model, **kwargs):
+        original_init(self, config, model, **kwargs)
+        from .positions import attach_tracker
+
+        attach_tracker(model)
+
+    __init__._actedit_patched = True
+    return __init__
+
+
+@contextlib.contextmanager
+def cpu_map_location():
+    """Make ``torch.load`` map storages to the CPU while pyvene loads an artifact.
+
+    pyvene behaviour covered: ``IntervenableModel.load`` calls ``torch.load`` without
+    ``map_location`` (and ``load_intervention`` hard-codes ``'cuda:0'``), so an artifact whose
+    tensors were saved on a GPU fails on a CPU-only machine. actedit saves CPU tensors, this
+    covers artifacts written by other tools.
+    """
+    original = torch.load
+
+    @functools.wraps(original)
+    def load(*args, **kwargs):
+        kwargs.setdefault("map_location", "cpu")
+        return original(*args, **kwargs)
+
+    torch.load = load
+    try:
+        yield
+    finally:
+        torch.load = original
+
+
+def apply() -> None:
+    """Install every fix once."""
+    global _APPLIED
+    if _APPLIED:
+        return
+    from pyvene.models import intervenable_base, modeling_utils
+
+    # Hook wipe (see remove_pyvene_hooks).
+    modeling_utils.remove_forward_hooks = remove_pyvene_hooks
+    intervenable_base.remove_forward_hooks = remove_pyvene_hooks
+
+    # Head sizes (see _dimension_with_head_fix).
+    if not getattr(modeling_utils.get_dimension_by_component, "_actedit_patched", False):
+        patched = _dimension_with_head_fix(modeling_utils.get_dimension_by_component)
+        modeling_utils.get_dimension_by_component = patched
+        intervenable_base.get_dimension_by_component = patched
+
+    # Families pyvene lacks.
+    for model_class, prefix, drop in _missing_families():
+        register_model_family(model_class, prefix, drop)
+
+    # Position tracker.
+    cls = intervenable_base.IntervenableModel
+    if not getattr(cls.__init__, "_actedit_patched", False):
+        cls.__init__ = _attach_tracker_on_init(cls.__init__)
+
+    _APPLIED = True
+
+
+def supported_model_classes() -> list:
+    """Model classes pyvene (with actedit's registrations) can wrap."""
+    from pyvene.models import intervenable_modelcard as card
+
+    return list(card.type_to_module_mapping)
+
+
+def check_model_supported(model, component: Optional[str] = None) -> None:
+    """Raise a clear error when pyvene cannot place a component on ``model``."""
+    from pyvene.models import intervenable_modelcard as card
+
+    cls = type(model)
+    if cls not in card.type_to_module_mapping:
+        known = sorted({c.__name__ for c in card.type_to_module_mapping})
+        raise ValueError(
+            f"pyvene does not know the model class {cls.__name__}. Supported classes: "
+            f"{', '.join(known)}. Register a Llama-like family with "
+            "actedit.interventions.compat.register_model_family(ModelClass)."
+        )
+    if component is not None and component not in card.type_to_module_mapping[cls]:
+        raise ValueError(
+            f"Component {component!r} is not available on {cls.__name__}; available: "
+            f"{', '.join(sorted(card.type_to_module_mapping[cls]))}."
+        )

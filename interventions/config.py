@@ -1,0 +1,185 @@
+"""Declarative configs: methods × layers → ``pyvene.IntervenableConfig``, and composition.
+
+Each method module exposes a builder (``build_hpr_config``, ``build_sea_config``, ...) that
+returns an ``IntervenableConfig`` whose representations hold ready intervention instances and
+whose extra keyword ``actedit`` holds the artifact metadata (method, base model, layers,
+hyperparameters, actedit version). pyvene writes that dict into ``config.json`` on save and
+reads it back on load.
+
+Composition (:func:`compose`) concatenates representations. When two edits share a site (same
+layer and component), pyvene runs their hooks in representation order, and actedit sorts them
+in :data:`METHOD_ORDER`: additive steering first (ActAdd, CAA), then ITI, then the projection
+(SEA), and HPR last, so that the norm-preserving rotation sees the final activation.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import asdict, dataclass, field
+from typing import Any, Dict, Mapping, Optional, Sequence
+
+import pyvene as pv
+import torch
+
+from . import compat
+
+METHOD_ORDER = ("actadd", "caa", "iti", "sea", "hpr")
+"""Application order of edits that share a site."""
+
+DEFAULT_COMPONENTS = {
+    "hpr": "block_output",
+    "sea": "mlp_output",
+    "iti": "attention_value_output",
+    "caa": "block_output",
+    "actadd": "block_input",
+}
+"""The site each method edits by default (the seeds' choices)."""
+
+
+def actedit_version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("actedit")
+    except Exception:  # running from a source tree that is not installed
+        return "0+unknown"
+
+
+def model_id(model) -> Optional[str]:
+    """The Hub id or local path a model was loaded from, if transformers recorded it."""
+    name = getattr(getattr(model, "config", None), "_name_or_path", None) or getattr(model, "name_or_path", None)
+    return name or None
+
+
+def model_signature(model) -> Dict[str, Any]:
+    """What an artifact records about its base model, to refuse a wrong model on load."""
+    cfg = model.config
+    return {
+        "name_or_path": model_id(model),
+        "model_class": type(model).__name__,
+        "model_type": getattr(cfg, "model_type", None),
+        "hidden_size": getattr(cfg, "hidden_size", None),
+        "num_hidden_layers": getattr(cfg, "num_hidden_layers", None),
+        "num_attention_heads": getattr(cfg, "num_attention_heads", None),
+        "head_dim": compat.head_dim(cfg) if hasattr(cfg, "num_attention_heads") else None,
+    }
+
+
+def site_width(model, component: str) -> int:
+    """The width pyvene gives an intervention at ``component`` of ``model``."""
+    compat.apply()
+    compat.check_model_supported(model, component)
+    from pyvene.models import modeling_utils
+
+    width = modeling_utils.get_dimension_by_component(type(model), model.config, component)
+    if width is None:
+        raise ValueError(f"pyvene cannot size component {component!r} on {type(model).__name__}.")
+    return int(width)
+
+
+def check_layers(model, layers: Sequence[int]) -> list:
+    """Validate layer indices against the model's depth; returns them as a sorted list."""
+    n_layers = getattr(model.config, "num_hidden_layers", None)
+    out = []
+    for layer in layers:
+        if not isinstance(layer, (int,)) or isinstance(layer, bool):
+            raise ValueError(f"layer indices must be integers, got {layer!r}.")
+        if n_layers is not None and not 0 <= layer < n_layers:
+            raise ValueError(f"layer {layer} is out of range: the model has {n_layers} layers (0..{n_layers - 1}).")
+        out.append(int(layer))
+    if not out:
+        raise ValueError("at least one layer is needed.")
+    if len(set(out)) != len(out):
+        raise ValueError(f"duplicate layers in {list(layers)}.")
+    return sorted(out)
+
+
+@dataclass
+class EditRecord:
+    """Metadata of one method's edit inside an artifact.
+
+    Attributes:
+        method: method name (``hpr``, ``sea``, ``iti``, ``caa``, ``actadd``).
+        component: pyvene component (site) edited.
+        layers: edited layer indices.
+        hyperparameters: the method's hyperparameters (JSON-serialisable).
+    """
+
+    method: str
+    component: str
+    layers: list
+    hyperparameters: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.method not in METHOD_ORDER:
+            raise ValueError(f"unknown method {self.method!r}; known: {', '.join(METHOD_ORDER)}.")
+
+
+def edit_config(model, method: str, interventions: Mapping[int, "torch.nn.Module"],
+                component: Optional[str] = None, hyperparameters: Optional[dict] = None,
+                **metadata) -> pv.IntervenableConfig:
+    """An ``IntervenableConfig`` placing one intervention instance per layer.
+
+    ``metadata`` (e.g. ``data=...``, ``metrics=...``) is stored under ``config.actedit``.
+    """
+    component = component or DEFAULT_COMPONENTS[method]
+    layers = check_layers(model, list(interventions))
+    width = site_width(model, component)
+    representations = []
+    for layer in layers:
+        intervention = interventions[layer]
+        if int(intervention.embed_dim) != width:
+            raise ValueError(
+                f"{method} intervention for layer {layer} has width {int(intervention.embed_dim)} but "
+                f"{component} of {type(model).__name__} has width {width}."
+            )
+        representations.append({"layer": layer, "component": component, "unit": "pos",
+                                "intervention": intervention})
+    record = EditRecord(method, component, layers, dict(hyperparameters or {}))
+    info = {
+        "format": 1,
+        "actedit_version": actedit_version(),
+        "base_model": model_signature(model),
+        "edits": [asdict(record)],
+        **metadata,
+    }
+    return pv.IntervenableConfig(representations=representations, actedit=info)
+
+
+def _sort_key(rep) -> tuple:
+    method = getattr(rep.intervention, "method_name", "")
+    order = METHOD_ORDER.index(method) if method in METHOD_ORDER else len(METHOD_ORDER)
+    return (int(rep.layer), rep.component, order)
+
+
+def compose(*configs: pv.IntervenableConfig, **metadata) -> pv.IntervenableConfig:
+    """Merge several edit configs into one; edits sharing a site run in :data:`METHOD_ORDER`.
+
+    All configs must describe the same base model.
+    """
+    if not configs:
+        raise ValueError("compose() needs at least one config.")
+    infos = [getattr(c, "actedit", None) or {} for c in configs]
+    bases = {str(i.get("base_model")) for i in infos if i.get("base_model")}
+    if len(bases) > 1:
+        raise ValueError("cannot compose edits made for different base models: " + "; ".join(sorted(bases)))
+    representations = []
+    for config in configs:
+        for rep in config.representations:
+            if rep.intervention is None:
+                raise ValueError("compose() needs configs holding intervention instances "
+                                 "(built with the actedit builders).")
+            representations.append(rep)
+    representations.sort(key=_sort_key)
+    info = copy.deepcopy(infos[0])
+    info["edits"] = [edit for i in infos for edit in i.get("edits", [])]
+    info.update(metadata)
+    return pv.IntervenableConfig(representations=[r._asdict() for r in representations], actedit=info)
+
+
+def intervenable(model, config: pv.IntervenableConfig) -> pv.IntervenableModel:
+    """Wrap ``model`` with ``config`` (position tracker attached, model in eval mode)."""
+    compat.apply()
+    pvm = pv.IntervenableModel(config, model)
+    model.eval()
+    return pvm

@@ -1,0 +1,192 @@
+"""HPR — Householder Pseudo-Rotation (Pham & Nguyen, EMNLP 2024; VinAIResearch/HPR).
+
+For an activation h ∈ R^d at the residual stream after decoder layer k (``block_output``):
+
+* probe (no bias): s = round(σ(wᵀh)); s = 1 marks a *positive* activation, kept as is;
+* reflection about the probe hyperplane (Householder): h' = h − 2 (wᵀh / ‖w‖²) w (w is not
+  normalised);
+* θ' = ∠(h, h'), θ̂ = α · π · σ(f(h)) with f the angle network (paper: 4 linear layers
+  d → d/2 → d/4 → d/8 → 1 with GELU between);
+* pseudo-rotation (paper Eq. 21): h_rot = sin θ̂ / sin θ' · h' + sin(θ' − θ̂) / sin θ' · h, which
+  turns h by exactly θ̂ towards h' in the plane of h and h', keeping ‖h_rot‖ = ‖h‖;
+* output: s · h + (1 − s) · h_rot.
+
+Numerics: Eq. 21 as written divides by sin θ', which is ill-conditioned in fp32 when h lies close
+to the hyperplane (errors of 1e-2 relative were measured). The default computation
+(``stable=True``) evaluates the same rotation in an orthonormal basis of that plane:
+u = h/‖h‖, v = −sign(wᵀh) · (w − (wᵀu)u)/‖w − (wᵀu)u‖ (the direction in which the reflection moves
+h), h_rot = ‖h‖ (cos θ̂ u + sin θ̂ v). ``stable=False`` evaluates Eq. 21 literally, with cos θ'
+clipped to ±(1 − 1e-7) as in the official code.
+
+Training loss (per layer, batch of pairs; X = [h⁺; h⁻], targets T = [h⁺; h⁺], labels [1; 0]):
+BCE(σ(wᵀX), y) + MSE(θ̂(X), arccos(clip(cos(X, T)))), see :meth:`HPRIntervention.loss`.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence
+
+import torch
+from torch import nn
+import torch.nn.functional as F
+
+from .base import ActEditIntervention
+from .positions import PositionPolicy
+
+COS_CLIP = 1.0 - 1e-7
+
+
+def default_angle_widths(d: int) -> tuple:
+    """The paper's hidden widths of the angle network: d/2, d/4, d/8."""
+    return (max(d // 2, 1), max(d // 4, 1), max(d // 8, 1))
+
+
+def _angle_net(d: int, hidden: Sequence[int]) -> nn.Sequential:
+    layers: list = []
+    width = d
+    for h in hidden:
+        layers += [nn.Linear(width, int(h)), nn.GELU()]
+        width = int(h)
+    layers.append(nn.Linear(width, 1))
+    return nn.Sequential(*layers)
+
+
+class HPRIntervention(ActEditIntervention):
+    """Householder Pseudo-Rotation at ``block_output``; see the module docstring for the math.
+
+    Args:
+        embed_dim: hidden size d.
+        alpha: scale α of the predicted angle (default 1, the paper's setting).
+        angle_hidden_widths: hidden widths of the angle network; default (d/2, d/4, d/8).
+        stable: evaluate the rotation in an orthonormal basis (default) or literally as Eq. 21.
+        position_policy: default ``all`` (the published numbers edit every position);
+            the official demo generates with ``last``.
+
+    Public state (artifact format): ``probe`` (``nn.Linear(d, 1, bias=False)``), ``angle_net``
+    (logits; θ̂ = α·π·σ(angle_net(h))), buffers ``alpha``, ``angle_widths``, ``stable``.
+    """
+
+    default_policy = PositionPolicy.ALL
+    method_name = "hpr"
+
+    def __init__(self, embed_dim: Optional[int] = None, alpha: float = 1.0,
+                 angle_hidden_widths: Optional[Sequence[int]] = None, stable: bool = True, **kwargs):
+        super().__init__(embed_dim=embed_dim, **kwargs)
+        d = self.d
+        widths = tuple(angle_hidden_widths) if angle_hidden_widths is not None else default_angle_widths(d)
+        if any(int(w) <= 0 for w in widths):
+            raise ValueError(f"angle_hidden_widths must be positive integers, got {widths}.")
+        self.probe = nn.Linear(d, 1, bias=False)
+        self.angle_net = _angle_net(d, widths)
+        self.register_buffer("alpha", torch.tensor(float(alpha)))
+        self.register_buffer("angle_widths", torch.tensor([int(w) for w in widths], dtype=torch.long))
+        self.register_buffer("stable", torch.tensor(bool(stable)))
+
+    # ------------------------------------------------------------------------------ pieces
+    def probe_logits(self, h: torch.Tensor) -> torch.Tensor:
+        """wᵀh, shape ``h.shape[:-1]``."""
+        return self.probe(h).squeeze(-1)
+
+    def raw_angle(self, h: torch.Tensor) -> torch.Tensor:
+        """π·σ(f(h)) ∈ (0, π), without α (what the loss trains)."""
+        return math.pi * torch.sigmoid(self.angle_net(h).squeeze(-1))
+
+    def angle(self, h: torch.Tensor) -> torch.Tensor:
+        """θ̂ = α·π·σ(f(h))."""
+        return self.alpha * self.raw_angle(h)
+
+    def rotate(self, h: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
+        """Turn each h by ``theta`` towards its Householder reflection, keeping its norm."""
+        w = self.probe.weight.reshape(-1).to(h.dtype)
+        wh = h @ w
+        if bool(self.stable):
+            h_norm = h.norm(dim=-1, keepdim=True)
+            u = h / h_norm.clamp_min(torch.finfo(h.dtype).tiny)
+            w_perp = w - (u @ w).unsqueeze(-1) * u
+            v = w_perp / w_perp.norm(dim=-1, keepdim=True).clamp_min(torch.finfo(h.dtype).tiny)
+            v = -torch.sign(wh).unsqueeze(-1) * v
+            t = theta.unsqueeze(-1)
+            return h_norm * (torch.cos(t) * u + torch.sin(t) * v)
+        reflected = h - (2 * wh / (w @ w)).unsqueeze(-1) * w
+        cos = F.cosine_similarity(h, reflected, dim=-1).clamp(-COS_CLIP, COS_CLIP)
+        theta_ref = torch.arccos(cos)
+        beta1 = torch.sin(theta) / torch.sin(theta_ref)
+        beta2 = torch.sin(theta_ref - theta) / torch.sin(theta_ref)
+        return beta1.unsqueeze(-1) * reflected + beta2.unsqueeze(-1) * h
+
+    def edit(self, h: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        work = h.float() if h.dtype in (torch.float16, torch.bfloat16) else h
+        keep = self.probe_logits(work) > 0  # s = round(σ(wᵀh)) = 1
+        rotated = self.rotate(work, self.angle(work))
+        return torch.where(keep.unsqueeze(-1), work, rotated)
+
+    # -------------------------------------------------------------------------------- loss
+    def loss(self, h_pos: torch.Tensor, h_neg: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+        """The paper's training loss on a batch of aligned pairs ``(n, d)`` each.
+
+        BCE(σ(wᵀX), y) + MSE(θ̂(X), arccos(clip(cos(X, T)))) with X = [h⁺; h⁻], T = [h⁺; h⁺],
+        y = [1; 0]; θ̂ here is π·σ(f(X)) (α is an inference-time scale and is not trained).
+        """
+        if h_pos.shape != h_neg.shape:
+            raise ValueError(f"h_pos {tuple(h_pos.shape)} and h_neg {tuple(h_neg.shape)} must have the same shape.")
+        x = torch.cat([h_pos, h_neg], dim=0)
+        target = torch.cat([h_pos, h_pos], dim=0)
+        labels = torch.cat([torch.ones(len(h_pos)), torch.zeros(len(h_neg))]).to(x)
+        bce = F.binary_cross_entropy_with_logits(self.probe_logits(x), labels, reduction=reduction)
+        target_angle = torch.arccos(F.cosine_similarity(x, target, dim=-1).clamp(-COS_CLIP, COS_CLIP))
+        mse = F.mse_loss(self.raw_angle(x), target_angle, reduction=reduction)
+        return bce + mse
+
+    # -------------------------------------------------------------------------- save/load
+    def _prepare_load(self, state_dict: dict, prefix: str) -> None:
+        widths = state_dict.get(prefix + "angle_widths")
+        if widths is not None and widths.tolist() != self.angle_widths.tolist():
+            device = self.probe.weight.device
+            self.angle_net = _angle_net(self.d, widths.tolist()).to(device)
+            self._buffers["angle_widths"] = widths.clone().to(device)
+
+    @property
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+
+def hpr_parameter_count(d: int, angle_hidden_widths: Optional[Sequence[int]] = None) -> int:
+    """Parameters of one HPR module (probe + angle net) at hidden size ``d``."""
+    widths = list(angle_hidden_widths or default_angle_widths(d))
+    count = d  # probe, no bias
+    width = d
+    for w in widths + [1]:
+        count += width * w + w
+        width = w
+    return count
+
+
+def build_hpr_config(model, layers: Sequence[int], *, modules: Optional[dict] = None, alpha: float = 1.0,
+                     angle_hidden_widths: Optional[Sequence[int]] = None, stable: bool = True,
+                     position_policy=None, component: str = "block_output", **metadata):
+    """An ``IntervenableConfig`` with one HPR module per layer.
+
+    ``modules`` maps layer → trained :class:`HPRIntervention`; without it fresh (untrained)
+    modules are created with the given hyperparameters, ready for training.
+    """
+    from .config import edit_config, site_width
+
+    width = site_width(model, component)
+    if modules is None:
+        modules = {layer: HPRIntervention(embed_dim=width, alpha=alpha, angle_hidden_widths=angle_hidden_widths,
+                                          stable=stable, position_policy=position_policy)
+                   for layer in layers}
+    else:
+        missing = [layer for layer in layers if layer not in modules]
+        if missing:
+            raise ValueError(f"no trained HPR module for layers {missing}; trained layers: {sorted(modules)}.")
+        modules = {layer: modules[layer] for layer in layers}
+        for module in modules.values():
+            module.alpha.fill_(float(alpha))
+            if position_policy is not None:
+                module.set_position_policy(position_policy)
+    first = next(iter(modules.values()))
+    hyper = {"alpha": float(alpha), "angle_hidden_widths": first.angle_widths.tolist(), "stable": bool(first.stable),
+             "position_policy": first.policy.name.lower()}
+    return edit_config(model, "hpr", modules, component=component, hyperparameters=hyper, **metadata)

@@ -1,0 +1,279 @@
+"""Position policies: which token positions an intervention edits, shared by every method.
+
+pyvene hands an intervention the activations of *one forward call*: the whole prompt on the
+first call of ``generate`` and one new token per later call (KV cache), or a whole scored
+sequence. Position rules that span prompt and generated tokens (CAA "from the end of the
+instruction on", ITI "answer tokens only") therefore cannot be expressed with pyvene's
+``unit_locations`` (they select prompt *or* decode steps, never both). Instead every actedit
+intervention is called with ``unit_locations=None`` and decides itself, per position, through a
+:class:`PositionPolicy` stored in its buffers (so it survives save/load).
+
+To decide, a policy needs to know, for the tokens of the current call, their index among the
+real (non-padding) tokens of their row, how long each row's prompt is, and whether the call is
+the prompt pass or a decode step. :class:`PositionTracker` reads this from the keyword arguments
+of the model's own forward call (``attention_mask``, ``past_key_values``) through a forward
+pre-hook, so the answer is identical with and without KV cache and with left padding. The
+tracker is attached automatically to every model wrapped by ``pyvene.IntervenableModel`` once
+actedit is imported (see :mod:`actedit.interventions.compat`); without a tracker (an
+intervention called directly on a tensor) the call is taken as a single un-padded prompt pass.
+
+Scorers mark where the answer starts in a scored sequence with :func:`mark_answer_starts`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from dataclasses import dataclass
+from enum import IntEnum
+from typing import Iterator, Optional
+
+import torch
+
+
+class PositionPolicy(IntEnum):
+    """Which positions of a forward call an intervention edits.
+
+    The integer values are stored in artifacts; never renumber them.
+    """
+
+    ALL = 0
+    """Every real (non-padding) token of every call: the prompt and each generated token.
+    HPR's published numbers edit every position of the scored sequence."""
+
+    PROMPT = 1
+    """Only tokens of the prompt pass (the first forward call of a generation, or a plain
+    forward); decode steps are left untouched."""
+
+    GENERATED = 2
+    """Only generated tokens: positions at or after the prompt length of their row. A plain
+    forward (prompt pass) is left untouched."""
+
+    FROM_POSITION = 3
+    """Tokens whose index among the row's real tokens is ``>= start``; a negative ``start``
+    counts from the end of the prompt (``-1`` = the last prompt token and everything after it).
+    CAA's "from the end of the instruction on" is ``start = instruction length``; generated
+    tokens are always included when ``start`` lies inside the prompt."""
+
+    ANSWER = 4
+    """Answer tokens when scoring: positions at or after the answer start that the scorer marked
+    with :func:`mark_answer_starts` (ITI's multiple-choice protocol). With no mark (plain
+    generation) it falls back to :attr:`LAST`, which is what ITI's official generation code does
+    (it edits the last position of each forward call)."""
+
+    LAST = 5
+    """The last real position of each forward call: the last prompt token, then every new token
+    (HPR's demo and ITI's generation)."""
+
+    @classmethod
+    def parse(cls, value: "PositionPolicy | str | int") -> "PositionPolicy":
+        """Accept a policy, its name (case-insensitive, ``-`` or ``_``) or its integer id."""
+        if isinstance(value, PositionPolicy):
+            return value
+        if isinstance(value, int) or (isinstance(value, torch.Tensor) and value.numel() == 1):
+            try:
+                return cls(int(value))
+            except ValueError:
+                pass
+        elif isinstance(value, str):
+            key = value.strip().upper().replace("-", "_")
+            if key in cls.__members__:
+                return cls[key]
+        names = ", ".join(m.lower() for m in cls.__members__)
+        raise ValueError(f"Unknown position policy {value!r}; choose one of: {names}.")
+
+
+@dataclass
+class CallPositions:
+    """Where the tokens of one forward call sit in their sequences.
+
+    Attributes:
+        positions: ``(batch, seq)`` index of each token among the real tokens of its row
+            (0 = first real token); ``-1`` marks padding.
+        prompt_lengths: ``(batch,)`` number of real tokens in each row's prompt.
+        is_prompt_pass: True when no earlier tokens are cached (first call of a generation or a
+            plain forward).
+        answer_starts: ``(batch,)`` index of the first answer token per row when a scorer marked
+            it, else None.
+    """
+
+    positions: torch.Tensor
+    prompt_lengths: torch.Tensor
+    is_prompt_pass: bool
+    answer_starts: Optional[torch.Tensor] = None
+
+    @property
+    def seq_len(self) -> int:
+        return self.positions.shape[1]
+
+    @classmethod
+    def unpadded(cls, batch: int, seq: int, device=None) -> "CallPositions":
+        """The fallback when nothing is known: one un-padded prompt pass."""
+        pos = torch.arange(seq, device=device).expand(batch, seq)
+        return cls(pos, torch.full((batch,), seq, device=device), True, None)
+
+
+_state = threading.local()
+
+
+def _stack() -> list:
+    if not hasattr(_state, "calls"):
+        _state.calls = []
+        _state.answer_starts = None
+    return _state.calls
+
+
+def current_call() -> Optional[CallPositions]:
+    """The :class:`CallPositions` of the innermost model forward now running, if tracked."""
+    calls = _stack()
+    return calls[-1] if calls else None
+
+
+@contextlib.contextmanager
+def mark_answer_starts(answer_starts) -> Iterator[None]:
+    """Mark, for the forward calls inside this block, where each row's answer begins.
+
+    ``answer_starts`` holds one index per batch row, counted among the row's real tokens (the
+    length of the context the answer continues). Used by multiple-choice scorers so that the
+    :attr:`PositionPolicy.ANSWER` policy edits only the scored continuation.
+    """
+    _stack()
+    previous = _state.answer_starts
+    _state.answer_starts = torch.as_tensor(answer_starts, dtype=torch.long)
+    try:
+        yield
+    finally:
+        _state.answer_starts = previous
+
+
+def _past_length(kwargs: dict, seq: int) -> int:
+    cache_position = kwargs.get("cache_position")
+    if isinstance(cache_position, torch.Tensor) and cache_position.numel() > 0:
+        return int(cache_position.reshape(-1)[0])
+    past = kwargs.get("past_key_values")
+    if past is None:
+        return 0
+    if hasattr(past, "get_seq_length"):
+        return int(past.get_seq_length())
+    try:  # legacy tuple-of-tuples cache: (batch, heads, past, head_dim)
+        return int(past[0][0].shape[-2])
+    except (TypeError, IndexError, AttributeError):
+        return 0
+
+
+class PositionTracker:
+    """Forward pre-/post-hooks on a model that publish :class:`CallPositions` for each call.
+
+    Attach once with :func:`attach_tracker`; the hooks survive pyvene's hook removal thanks to
+    the fix in :mod:`actedit.interventions.compat`.
+    """
+
+    def __init__(self) -> None:
+        self._prompt_lengths: Optional[torch.Tensor] = None
+        self._handles: list = []
+
+    def pre_hook(self, module, args, kwargs) -> None:
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        embeds = kwargs.get("inputs_embeds")
+        ref = ids if isinstance(ids, torch.Tensor) else embeds
+        if not isinstance(ref, torch.Tensor) or ref.dim() < 2:
+            _stack().append(None)
+            return
+        batch, seq = ref.shape[0], ref.shape[1]
+        device = ref.device
+        past = _past_length(kwargs, seq)
+        mask = kwargs.get("attention_mask")
+        if isinstance(mask, torch.Tensor) and mask.dim() == 2 and mask.shape[0] == batch:
+            mask = mask.to(device=device, dtype=torch.long)
+            if mask.shape[1] < seq:  # unusual: mask only for new tokens; assume no past padding
+                mask = torch.cat([mask.new_ones(batch, seq - mask.shape[1]), mask], dim=1)
+            real_index = mask.cumsum(-1) - 1
+            positions = torch.where(mask[:, -seq:] > 0, real_index[:, -seq:], -1)
+        else:
+            positions = torch.arange(past, past + seq, device=device).expand(batch, seq)
+        is_prompt = past == 0
+        if is_prompt or self._prompt_lengths is None or self._prompt_lengths.shape[0] != batch:
+            prompt_lengths = positions.max(dim=1).values + 1
+            self._prompt_lengths = prompt_lengths
+        prompt_lengths = self._prompt_lengths.to(device)
+        answer_starts = getattr(_state, "answer_starts", None)
+        if answer_starts is not None:
+            answer_starts = answer_starts.to(device)
+            if answer_starts.dim() == 0:
+                answer_starts = answer_starts.expand(batch)
+            if answer_starts.shape[0] != batch:
+                raise ValueError(
+                    f"mark_answer_starts got {answer_starts.shape[0]} rows but the forward call "
+                    f"has batch size {batch}; pass one answer start per row."
+                )
+        _stack().append(CallPositions(positions, prompt_lengths, is_prompt, answer_starts))
+
+    def post_hook(self, module, args, kwargs, output) -> None:
+        calls = _stack()
+        if calls:
+            calls.pop()
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+
+_TRACKER_ATTR = "_actedit_position_tracker"
+
+
+def attach_tracker(model: torch.nn.Module) -> PositionTracker:
+    """Attach (once) a :class:`PositionTracker` to ``model``'s top-level forward."""
+    tracker = getattr(model, _TRACKER_ATTR, None)
+    if tracker is not None and tracker._handles:
+        return tracker
+    tracker = PositionTracker()
+    tracker._handles = [
+        model.register_forward_pre_hook(tracker.pre_hook, with_kwargs=True),
+        # always_call: pop the record even when the forward raises.
+        model.register_forward_hook(tracker.post_hook, with_kwargs=True, always_call=True),
+    ]
+    object.__setattr__(model, _TRACKER_ATTR, tracker)
+    return tracker
+
+
+def position_mask(
+    policy: PositionPolicy,
+    start: int,
+    batch: int,
+    seq: int,
+    device=None,
+    call: Optional[CallPositions] = None,
+) -> torch.Tensor:
+    """Boolean ``(batch, seq)`` mask of the positions ``policy`` edits in the current call.
+
+    ``call`` defaults to the tracked current call; if none is tracked, or its shape differs from
+    ``(batch, seq)`` (the caller passed explicit pyvene ``unit_locations``), every given position
+    is edited: explicit unit locations then act as the policy.
+    """
+    if call is None:
+        call = current_call()
+    if call is None:
+        call = CallPositions.unpadded(batch, seq, device)
+    elif tuple(call.positions.shape) != (batch, seq):
+        return torch.ones(batch, seq, dtype=torch.bool, device=device)
+    pos = call.positions.to(device)
+    real = pos >= 0
+    prompt_len = call.prompt_lengths.to(device)[:, None]
+    if policy == PositionPolicy.ALL:
+        mask = real
+    elif policy == PositionPolicy.PROMPT:
+        mask = real & (pos < prompt_len)
+    elif policy == PositionPolicy.GENERATED:
+        mask = real & (pos >= prompt_len)
+    elif policy == PositionPolicy.FROM_POSITION:
+        threshold = prompt_len + start if start < 0 else torch.full_like(prompt_len, start)
+        mask = real & (pos >= threshold)
+    elif policy == PositionPolicy.ANSWER and call.answer_starts is not None:
+        mask = real & (pos >= call.answer_starts.to(device)[:, None])
+    elif policy in (PositionPolicy.LAST, PositionPolicy.ANSWER):
+        last = pos.max(dim=1, keepdim=True).values
+        mask = real & (pos == last)
+    else:  # pragma: no cover - parse() rejects anything else
+        raise ValueError(f"Unknown position policy {policy!r}")
+    return mask
