@@ -1,0 +1,82 @@
+"""Shared fixtures: tiny random causal LMs built from configs (never downloaded)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import actedit.interventions  # noqa: E402,F401  (applies the pyvene fixes)
+
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "truthfulqa"
+
+VOCAB = 97
+
+
+def tiny_config(family: str, **overrides):
+    """A 3-layer config of ``family`` small enough for CPU tests."""
+    import transformers as tf
+
+    common = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                  pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    if family == "gpt2":
+        cfg = tf.GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=3, n_head=4, n_positions=128,
+                            pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    elif family == "llama":
+        cfg = tf.LlamaConfig(**common)
+    elif family == "llama_head_dim":  # explicit head_dim != hidden / heads
+        cfg = tf.LlamaConfig(**{**common, "head_dim": 16})
+    elif family == "mistral":
+        cfg = tf.MistralConfig(**common, sliding_window=None)
+    elif family == "qwen2":
+        cfg = tf.Qwen2Config(**common)
+    elif family == "qwen3":
+        cfg = tf.Qwen3Config(**common, head_dim=8)
+    elif family == "gemma":
+        cfg = tf.GemmaConfig(**common, head_dim=8)
+    elif family == "gemma3":
+        cfg = tf.Gemma3TextConfig(**{**common, "head_dim": 8, "sliding_window": 16, "layer_types": None})
+    elif family == "phi3":
+        cfg = tf.Phi3Config(**{**common, "num_key_value_heads": 4})
+    else:
+        raise ValueError(family)
+    for key, value in overrides.items():
+        setattr(cfg, key, value)
+    return cfg
+
+
+def tiny_model(family: str, seed: int = 0, **overrides):
+    """A tiny random model of ``family`` in eval mode, fp32, deterministic weights."""
+    import transformers as tf
+
+    cfg = tiny_config(family, **overrides)
+    torch.manual_seed(seed)
+    if family == "gpt2":
+        model = tf.GPT2LMHeadModel(cfg)
+    elif family == "gemma3":
+        model = tf.Gemma3ForCausalLM(cfg)
+    else:
+        model = tf.AutoModelForCausalLM.from_config(cfg)
+    return model.float().eval()
+
+
+FAMILIES = ["llama", "mistral", "qwen2", "gemma", "gpt2"]
+
+
+@pytest.fixture
+def llama():
+    return tiny_model("llama")
+
+
+@pytest.fixture
+def padded_batch():
+    """Two rows, the first left-padded by 2 (pad id 0)."""
+    ids = torch.tensor([[0, 0, 5, 6, 7, 8], [3, 9, 4, 11, 12, 13]])
+    mask = torch.tensor([[0, 0, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1]])
+    return {"input_ids": ids, "attention_mask": mask}
