@@ -162,6 +162,25 @@ def _attach_tracker_on_init(original_init):
     return __init__
 
 
+def _generate_in_generation_context(original_generate):
+    """Run ``IntervenableModel.generate`` inside :func:`positions.generation`.
+
+    pyvene behaviour covered: interventions cannot tell a decode step from a new prompt when
+    generation runs without a KV cache (every call then starts at position 0); the mark makes
+    position policies identical with and without cache.
+    """
+
+    @functools.wraps(original_generate)
+    def generate(self, *args, **kwargs):
+        from .positions import generation
+
+        with generation():
+            return original_generate(self, *args, **kwargs)
+
+    generate._actedit_patched = True
+    return generate
+
+
 @contextlib.contextmanager
 def cpu_map_location():
     """Make ``torch.load`` map storages to the CPU while pyvene loads an artifact.
@@ -210,6 +229,8 @@ def apply() -> None:
     cls = intervenable_base.IntervenableModel
     if not getattr(cls.__init__, "_actedit_patched", False):
         cls.__init__ = _attach_tracker_on_init(cls.__init__)
+    if not getattr(cls.generate, "_actedit_patched", False):
+        cls.generate = _generate_in_generation_context(cls.generate)
 
     _APPLIED = True
 

@@ -62,8 +62,10 @@ class PositionPolicy(IntEnum):
     (it edits the last position of each forward call)."""
 
     LAST = 5
-    """The last real position of each forward call: the last prompt token, then every new token
-    (HPR's demo and ITI's generation)."""
+    """The last prompt token and every generated token: with a KV cache, exactly the last real
+    position of each forward call (HPR's demo and ITI's generation edit ``[:, -1]`` of every call);
+    defined on positions so that it is the same without a cache. A plain forward edits its last
+    real token."""
 
     @classmethod
     def parse(cls, value: "PositionPolicy | str | int") -> "PositionPolicy":
@@ -120,6 +122,7 @@ def _stack() -> list:
     if not hasattr(_state, "calls"):
         _state.calls = []
         _state.answer_starts = None
+        _state.generation = None
     return _state.calls
 
 
@@ -144,6 +147,23 @@ def mark_answer_starts(answer_starts) -> Iterator[None]:
         yield
     finally:
         _state.answer_starts = previous
+
+
+@contextlib.contextmanager
+def generation() -> Iterator[None]:
+    """Mark a generation: its first forward call is the prompt pass, every later one a decode step.
+
+    With a KV cache this is also what the cache says; without one (``use_cache=False``), each
+    decode step re-runs the whole sequence and only this mark tells the prompt from the generated
+    tokens. actedit wraps ``pyvene.IntervenableModel.generate`` in it (see ``compat``).
+    """
+    _stack()
+    previous = getattr(_state, "generation", None)
+    _state.generation = {"prompt_lengths": None}
+    try:
+        yield
+    finally:
+        _state.generation = previous
 
 
 def _past_length(kwargs: dict, seq: int) -> int:
@@ -191,11 +211,17 @@ class PositionTracker:
             positions = torch.where(mask[:, -seq:] > 0, real_index[:, -seq:], -1)
         else:
             positions = torch.arange(past, past + seq, device=device).expand(batch, seq)
-        is_prompt = past == 0
-        if is_prompt or self._prompt_lengths is None or self._prompt_lengths.shape[0] != batch:
-            prompt_lengths = positions.max(dim=1).values + 1
-            self._prompt_lengths = prompt_lengths
-        prompt_lengths = self._prompt_lengths.to(device)
+        gen = getattr(_state, "generation", None)
+        if gen is not None:  # inside generate(): the first call is the prompt pass
+            is_prompt = gen["prompt_lengths"] is None
+            if is_prompt:
+                gen["prompt_lengths"] = positions.max(dim=1).values + 1
+            prompt_lengths = gen["prompt_lengths"].to(device)
+        else:
+            is_prompt = past == 0
+            if is_prompt or self._prompt_lengths is None or self._prompt_lengths.shape[0] != batch:
+                self._prompt_lengths = positions.max(dim=1).values + 1
+            prompt_lengths = self._prompt_lengths.to(device)
         answer_starts = getattr(_state, "answer_starts", None)
         if answer_starts is not None:
             answer_starts = answer_starts.to(device)
@@ -272,8 +298,7 @@ def position_mask(
     elif policy == PositionPolicy.ANSWER and call.answer_starts is not None:
         mask = real & (pos >= call.answer_starts.to(device)[:, None])
     elif policy in (PositionPolicy.LAST, PositionPolicy.ANSWER):
-        last = pos.max(dim=1, keepdim=True).values
-        mask = real & (pos == last)
+        mask = real & (pos >= prompt_len - 1)
     else:  # pragma: no cover - parse() rejects anything else
         raise ValueError(f"Unknown position policy {policy!r}")
     return mask

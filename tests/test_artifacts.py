@@ -1,0 +1,257 @@
+"""Artifacts: save -> stock ``pyvene.IntervenableModel.load`` in a fresh process reproduces the
+logits and greedy generations bit for bit, per method and composed, on five model families; and
+the documented errors for bad artifacts."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+import actedit.interventions as ai
+from actedit.interventions import ArtifactError, load_artifact, push_to_hub, save_artifact
+from actedit.interventions.config import site_width
+
+from conftest import FAMILIES, tiny_model
+
+INPUTS = {"input_ids": torch.tensor([[0, 0, 5, 6, 7, 8], [3, 9, 4, 11, 12, 13]]),
+          "attention_mask": torch.tensor([[0, 0, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1]])}
+GEN_KWARGS = dict(unit_locations=None, intervene_on_prompt=True, max_new_tokens=6, do_sample=False, pad_token_id=0)
+
+
+def randomise(module, std=0.3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * std)
+    return module
+
+
+def method_configs(model):
+    """One config per method (random but fixed fitted values) and a composed one."""
+    g = torch.Generator().manual_seed(1)
+    d = model.config.hidden_size
+    heads = model.config.num_attention_heads
+    head_dim = site_width(model, "attention_value_output") // heads
+    mlp_width = site_width(model, "mlp_output")
+    hpr = ai.build_hpr_config(model, [2])
+    randomise(hpr.representations[0].intervention)
+    q, _ = torch.linalg.qr(torch.randn(mlp_width, mlp_width, generator=g))
+    sea = ai.build_sea_config(model, {1: (q[:, :4], q[:, 4:10])})
+    iti = ai.build_iti_config(model, {0: {"directions": torch.nn.functional.normalize(
+        torch.randn(heads, head_dim, generator=g), dim=-1), "sigmas": torch.rand(heads, generator=g) + 0.5,
+        "heads": [0, heads - 1]}}, alpha=5.0, position_policy="all")
+    caa = ai.build_caa_config(model, {1: torch.randn(d, generator=g)}, multiplier=3.0)
+    actadd = ai.build_actadd_config(model, {1: torch.randn(3, d, generator=g) * 2})
+    configs = {"hpr": hpr, "sea": sea, "iti": iti, "caa": caa, "actadd": actadd}
+    fresh = {k: v for k, v in method_configs_fresh(model, configs).items()}
+    configs["composed"] = ai.compose(*fresh.values())
+    return configs
+
+
+def method_configs_fresh(model, configs):
+    """Deep copies, so that the composed config owns its own intervention instances."""
+    import copy
+
+    return {k: copy.deepcopy(v) for k, v in configs.items()}
+
+
+def reference_outputs(model, config):
+    pvm = ai.intervenable(model, config)
+    with torch.no_grad():
+        _, out = pvm(dict(INPUTS))
+        _, gen = pvm.generate(dict(INPUTS), **GEN_KWARGS)
+    return pvm, out.logits, gen
+
+
+CHILD = textwrap.dedent("""
+    import json, sys, torch
+    import pyvene as pv
+    from transformers import AutoModelForCausalLM
+    root = sys.argv[1]
+    model = AutoModelForCausalLM.from_pretrained(root + "/model").float().eval()
+    ref = torch.load(root + "/reference.pt")
+    assert not any(m.startswith("actedit") for m in sys.modules), "the child must not import actedit itself"
+    results = {}
+    for name in ref["names"]:
+        pvm = pv.IntervenableModel.load(root + "/artifacts/" + name, model)
+        with torch.no_grad():
+            _, out = pvm(dict(ref["inputs"]))
+            _, gen = pvm.generate(dict(ref["inputs"]), unit_locations=None, intervene_on_prompt=True,
+                                  max_new_tokens=6, do_sample=False, pad_token_id=0)
+        results[name] = {"logits": torch.equal(out.logits, ref["logits"][name]),
+                         "generate": torch.equal(gen, ref["generate"][name])}
+    results["imported_by_pyvene"] = any(m.startswith("actedit.interventions") for m in sys.modules)
+    print(json.dumps(results))
+""")
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_save_then_stock_pyvene_load_in_fresh_process(family, tmp_path):
+    model = tiny_model(family)
+    configs = method_configs(model)
+    with torch.no_grad():
+        base_logits = model(**INPUTS).logits
+    logits, generations = {}, {}
+    for name, config in configs.items():
+        pvm, logits[name], generations[name] = reference_outputs(model, config)
+        assert not torch.allclose(logits[name], base_logits), f"{name} edit changes nothing"
+        save_artifact(pvm, tmp_path / "artifacts" / name)
+    model.save_pretrained(tmp_path / "model")
+    torch.save({"names": list(configs), "inputs": INPUTS, "logits": logits, "generate": generations},
+               tmp_path / "reference.pt")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    proc = subprocess.run([sys.executable, "-c", CHILD, str(tmp_path)], capture_output=True, text=True,
+                          env=env, cwd=tmp_path, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert results.pop("imported_by_pyvene")
+    assert results == {name: {"logits": True, "generate": True} for name in configs}
+
+
+def test_composed_same_site_order(llama):
+    """CAA and HPR on the same site: CAA first, then HPR (METHOD_ORDER), whatever the argument order."""
+    hpr = ai.build_hpr_config(llama, [1])
+    randomise(hpr.representations[0].intervention)
+    caa = ai.build_caa_config(llama, {1: torch.randn(32)}, multiplier=2.0)
+    composed = ai.compose(hpr, caa)
+    assert [r.intervention.method_name for r in composed.representations] == ["caa", "hpr"]
+    seen = []
+    handle = llama.model.layers[2].register_forward_pre_hook(lambda m, a: seen.append(a[0].clone()))
+    try:
+        with torch.no_grad():
+            llama(**INPUTS)
+            ai.intervenable(llama, composed)(dict(INPUTS))
+    finally:
+        handle.remove()
+    h = seen[0]
+    caa_mod, hpr_mod = (r.intervention for r in composed.representations)
+    with torch.no_grad():
+        expected = hpr_mod.edit(caa_mod.edit(h, None), None)
+    real = INPUTS["attention_mask"].bool()
+    assert torch.allclose(seen[1][real], expected[real], atol=1e-5)
+    meta = composed.actedit
+    assert [e["method"] for e in meta["edits"]] == ["hpr", "caa"]
+
+
+def test_config_metadata_and_model_card(llama, tmp_path):
+    config = ai.build_caa_config(llama, {0: torch.randn(32), 2: torch.randn(32)}, multiplier=4.0,
+                                 data={"name": "toy"})
+    pvm = ai.intervenable(llama, config)
+    path = save_artifact(pvm, tmp_path / "caa", metrics={"mc1": 0.5})
+    info = json.loads((path / "config.json").read_text())["actedit"]
+    assert info["edits"][0]["method"] == "caa" and info["edits"][0]["layers"] == [0, 2]
+    assert info["edits"][0]["hyperparameters"]["multiplier"] == 4.0
+    assert info["base_model"]["model_type"] == "llama" and info["base_model"]["hidden_size"] == 32
+    assert info["metrics"] == {"mc1": 0.5} and info["data"] == {"name": "toy"}
+    assert info["actedit_version"]
+    card = (path / "README.md").read_text()
+    assert "caa" in card and "pv.IntervenableModel.load" in card and "0.5" in card
+    manifest = json.loads((path / "actedit_manifest.json").read_text())["files"]
+    assert set(manifest) == {p.name for p in path.iterdir()} - {"actedit_manifest.json"}
+
+
+@pytest.fixture
+def saved_hpr(llama, tmp_path):
+    pvm = ai.intervenable(llama, ai.build_hpr_config(llama, [1]))
+    return save_artifact(pvm, tmp_path / "hpr")
+
+
+def test_wrong_family_or_size_is_refused(saved_hpr):
+    with pytest.raises(ArtifactError, match="model_type"):
+        load_artifact(saved_hpr, tiny_model("gpt2"))
+    with pytest.raises(ArtifactError, match="hidden_size"):
+        load_artifact(saved_hpr, tiny_model("llama", hidden_size=48, intermediate_size=64))
+
+
+def test_stock_load_into_wrong_size_gives_clear_error(saved_hpr):
+    import pyvene as pv
+
+    bigger = tiny_model("llama", hidden_size=48)
+    with pytest.raises(ValueError, match="width 32"):
+        pv.IntervenableModel.load(str(saved_hpr), bigger)
+
+
+def test_missing_and_truncated_bin(saved_hpr, llama):
+    binary = next(saved_hpr.glob("intkey_*.bin"))
+    data = binary.read_bytes()
+    binary.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ArtifactError, match="truncated"):
+        load_artifact(saved_hpr, llama)
+    binary.unlink()
+    with pytest.raises(ArtifactError, match="missing"):
+        load_artifact(saved_hpr, llama)
+
+
+def test_mistyped_local_path_does_not_go_to_the_hub(saved_hpr, llama):
+    for typo in [str(saved_hpr) + "x", "./artifacts/hpr", "runs/a/b"]:
+        with pytest.raises(FileNotFoundError, match="No artifact directory"):
+            load_artifact(typo, llama)
+
+
+def test_not_an_artifact(tmp_path, llama):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ArtifactError, match="config.json"):
+        load_artifact(tmp_path / "empty", llama)
+
+
+def test_interrupted_save_leaves_nothing_loadable(llama, tmp_path, monkeypatch):
+    pvm = ai.intervenable(llama, ai.build_hpr_config(llama, [1]))
+
+    def crash(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(type(pvm.config), "save_pretrained", crash)
+    with pytest.raises(KeyboardInterrupt):
+        save_artifact(pvm, tmp_path / "art")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_resave_replaces_atomically(llama, tmp_path):
+    first = save_artifact(ai.intervenable(llama, ai.build_caa_config(llama, {0: torch.ones(32)})), tmp_path / "a")
+    save_artifact(ai.intervenable(llama, ai.build_caa_config(llama, {1: torch.ones(32)})), tmp_path / "a")
+    assert json.loads((first / "config.json").read_text())["actedit"]["edits"][0]["layers"] == [1]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a"]
+
+
+def test_state_dict_is_on_cpu_and_loads_with_cpu_mapping(saved_hpr, llama):
+    pvm = load_artifact(saved_hpr, llama)
+    for intervention in pvm.interventions.values():
+        assert all(t.device.type == "cpu" for t in intervention.state_dict().values())
+
+
+class FakeHubApi:
+    def __init__(self):
+        self.calls = []
+
+    def create_repo(self, **kwargs):
+        self.calls.append(("create_repo", kwargs))
+
+    def upload_folder(self, **kwargs):
+        self.calls.append(("upload_folder", kwargs))
+        return type("CommitInfo", (), {"commit_url": "https://hub/commit/1"})()
+
+
+def test_push_to_hub_uploads_the_directory(saved_hpr):
+    api = FakeHubApi()
+    url = push_to_hub(saved_hpr, "someone/hpr-edit", api=api)
+    assert url == "https://hub/commit/1"
+    assert api.calls[0] == ("create_repo", {"repo_id": "someone/hpr-edit", "repo_type": "model",
+                                            "private": False, "exist_ok": True})
+    assert api.calls[1][1]["folder_path"] == str(saved_hpr)
+    with pytest.raises(ValueError, match="owner/name"):
+        push_to_hub(saved_hpr, "no-owner", api=api)
+
+
+def test_unknown_method_name():
+    with pytest.raises(ValueError, match="unknown method"):
+        ai.intervention_class("rome")
+
+
+def test_layer_out_of_range(llama):
+    with pytest.raises(ValueError, match="out of range"):
+        ai.build_caa_config(llama, {7: torch.zeros(32)})

@@ -1,0 +1,119 @@
+"""Each pyvene workaround in ``actedit.interventions.compat``, on a tiny model of the family it fixes."""
+
+import pytest
+import pyvene as pv
+import torch
+
+import actedit.interventions as ai
+from actedit.interventions import compat, load_artifact, save_artifact
+from actedit.interventions.config import site_width
+
+from conftest import tiny_model
+
+INPUTS = {"input_ids": torch.tensor([[1, 5, 6, 7, 8]])}
+
+
+def test_hidden_states_survive_pyvene_calls(llama):
+    """pyvene removes every hook of the model; under transformers 5 that breaks output_hidden_states."""
+    before = llama(**INPUTS, output_hidden_states=True).hidden_states
+    assert len(before) == llama.config.num_hidden_layers + 1
+    pvm = ai.intervenable(llama, ai.build_caa_config(llama, {1: torch.ones(32)}))
+    pvm(dict(INPUTS))
+    pvm.generate(dict(INPUTS), unit_locations=None, intervene_on_prompt=True, max_new_tokens=2, do_sample=False)
+    after = llama(**INPUTS, output_hidden_states=True).hidden_states
+    assert len(after) == len(before)
+    assert all(torch.equal(a, b) for a, b in zip(before, after))
+
+
+def test_only_pyvene_hooks_are_removed(llama):
+    seen = []
+    handle = llama.model.layers[0].register_forward_hook(lambda m, a, o: seen.append(1))
+    pvm = ai.intervenable(llama, ai.build_caa_config(llama, {0: torch.ones(32)}))
+    pvm(dict(INPUTS))
+    pvm(dict(INPUTS))
+    assert len(seen) == 2  # the user's hook is still there
+    pyvene_hooks = [h for m in llama.modules() for h in list(m._forward_hooks.values()) + list(
+        m._forward_pre_hooks.values()) if compat._is_pyvene_hook(h)]
+    assert pyvene_hooks == []  # and pyvene's own hooks are gone after the call
+    handle.remove()
+
+
+def test_qwen2_head_components_size_from_hidden_over_heads():
+    model = tiny_model("qwen2")
+    assert site_width(model, "head_attention_value_output") == 8
+    config = pv.IntervenableConfig(representations=[{"layer": 1, "component": "head_attention_value_output",
+                                                     "unit": "h.pos", "intervention_type": pv.VanillaIntervention}])
+    pvm = pv.IntervenableModel(config, model)  # raised AttributeError (no head_dim) before the fix
+    assert int(pvm.interventions[pvm.sorted_keys[0]].embed_dim) == 8
+
+
+def test_llama_with_explicit_head_dim():
+    model = tiny_model("llama_head_dim")  # 4 heads of 16 = 64 != hidden 32
+    assert site_width(model, "attention_value_output") == 64
+    assert site_width(model, "head_attention_value_output") == 16
+    directions = torch.nn.functional.normalize(torch.randn(4, 16), dim=-1)
+    config = ai.build_iti_config(model, {1: {"directions": directions, "heads": [2]}}, position_policy="all")
+    pvm = ai.intervenable(model, config)
+    _, out = pvm(dict(INPUTS))
+    assert not torch.allclose(out.logits, model(**INPUTS).logits)
+
+
+@pytest.mark.parametrize("family", ["qwen3", "gemma3", "phi3"])
+def test_families_missing_from_pyvene(family, tmp_path):
+    model = tiny_model(family)
+    compat.check_model_supported(model, "block_output")
+    hpr = ai.build_hpr_config(model, [1])
+    with torch.no_grad():
+        for p in hpr.representations[0].intervention.parameters():
+            p.normal_(std=0.3)
+    heads = model.config.num_attention_heads
+    head_dim = site_width(model, "attention_value_output") // heads
+    iti = ai.build_iti_config(model, {0: {"directions": torch.nn.functional.normalize(torch.randn(heads, head_dim),
+                                                                                     dim=-1), "heads": [1]}},
+                              position_policy="all")
+    sea = ai.build_sea_config(model, {2: (torch.eye(32)[:, :3], torch.eye(32)[:, 3:5])})
+    pvm = ai.intervenable(model, ai.compose(hpr, iti, sea))
+    with torch.no_grad():
+        _, out = pvm(dict(INPUTS))
+    assert not torch.allclose(out.logits, model(**INPUTS).logits)
+    path = save_artifact(pvm, tmp_path / family)
+    reloaded = load_artifact(path, model)
+    with torch.no_grad():
+        _, again = reloaded(dict(INPUTS))
+    assert torch.equal(again.logits, out.logits)
+
+
+def test_unsupported_model_class_message():
+    class Unknown(torch.nn.Module):
+        pass
+
+    with pytest.raises(ValueError, match="register_model_family"):
+        compat.check_model_supported(Unknown())
+
+
+def test_cpu_map_location_sets_default(tmp_path):
+    path = tmp_path / "t.pt"
+    torch.save({"x": torch.ones(2)}, path)
+    calls = []
+    original = torch.load
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs.get("map_location"))
+        return original(*args, **kwargs)
+
+    torch.load = spy
+    try:
+        with compat.cpu_map_location():
+            torch.load(path)
+        assert calls == ["cpu"]
+    finally:
+        torch.load = original
+    assert torch.load is original
+
+
+def test_apply_is_idempotent():
+    before = pv.IntervenableModel.__init__
+    compat.apply()
+    compat._APPLIED = False
+    compat.apply()
+    assert pv.IntervenableModel.__init__ is before
