@@ -255,3 +255,27 @@ def test_unknown_method_name():
 def test_layer_out_of_range(llama):
     with pytest.raises(ValueError, match="out of range"):
         ai.build_caa_config(llama, {7: torch.zeros(32)})
+
+
+@pytest.mark.parametrize("cls", [ai.HPRIntervention, ai.SEAIntervention, ai.ITIIntervention, ai.CAAIntervention,
+                                 ai.ActAddIntervention])
+def test_constructible_by_pyvene_alone(cls, llama):
+    """pyvene builds each class from a plain config with default hyperparameters."""
+    import pyvene as pv
+
+    config = pv.IntervenableConfig(representations=[{"layer": 1, "component": "block_output",
+                                                     "intervention_type": cls}])
+    pvm = pv.IntervenableModel(config, llama)
+    intervention = pvm.interventions[pvm.sorted_keys[0]]
+    assert isinstance(intervention, cls) and int(intervention.embed_dim) == 32
+    _, out = pvm(dict(INPUTS))
+    assert out.logits.shape == (2, 6, llama.config.vocab_size)
+
+
+def test_nan_fitted_values_rejected():
+    with pytest.raises(ValueError, match="NaN"):
+        ai.CAAIntervention(embed_dim=4, vector=torch.tensor([0.0, float("nan"), 0.0, 0.0]))
+    with pytest.raises(ValueError, match="NaN"):
+        ai.ActAddIntervention(embed_dim=2, steering=torch.tensor([[float("inf"), 0.0]]))
+    with pytest.raises(ValueError, match="NaN"):
+        ai.ITIIntervention(embed_dim=4, num_heads=2, directions=torch.full((2, 2), float("nan")))
