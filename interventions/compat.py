@@ -163,17 +163,26 @@ def _attach_tracker_on_init(original_init):
 
 
 def _generate_in_generation_context(original_generate):
-    """Run ``IntervenableModel.generate`` inside :func:`positions.generation`.
+    """Run ``IntervenableModel.generate`` inside :func:`positions.generation`, policies deciding.
 
-    pyvene behaviour covered: interventions cannot tell a decode step from a new prompt when
+    pyvene behaviours covered: (1) interventions cannot tell a decode step from a new prompt when
     generation runs without a KV cache (every call then starts at position 0); the mark makes
-    position policies identical with and without cache.
+    position policies identical with and without cache. (2) ``generate`` defaults to
+    ``intervene_on_prompt=False``, which with ``unit_locations=None`` silently skips the prompt
+    pass and edits only position 0 of each decode step; when every intervention is an actedit one
+    and the caller gave neither argument, actedit's position policies decide instead
+    (``intervene_on_prompt=True``).
     """
 
     @functools.wraps(original_generate)
     def generate(self, *args, **kwargs):
+        from .base import ActEditIntervention
         from .positions import generation
 
+        if ("unit_locations" not in kwargs and "intervene_on_prompt" not in kwargs and len(args) <= 1
+                and len(self.interventions) > 0
+                and all(isinstance(i, ActEditIntervention) for i in self.interventions.values())):
+            kwargs["intervene_on_prompt"] = True
         with generation():
             return original_generate(self, *args, **kwargs)
 

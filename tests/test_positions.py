@@ -180,3 +180,16 @@ def test_policy_parsing():
 
 def test_actadd_default_is_prompt_pass_only():
     assert ActAddIntervention(embed_dim=4).policy == PositionPolicy.PROMPT
+
+
+def test_stock_generate_defaults_follow_the_policy():
+    """pyvene's defaults (intervene_on_prompt=False) would skip the prompt pass; actedit's policies decide."""
+    model = tiny_model("llama", seed=3)
+    config = build_caa_config(model, {1: torch.randn(32) * 4}, position_policy="prompt")
+    pvm = intervenable(model, config)
+    inputs = {"input_ids": IDS[:, :N_PROMPT], "attention_mask": MASK[:, :N_PROMPT]}
+    _, default = pvm.generate(inputs, max_new_tokens=5, do_sample=False, pad_token_id=0)
+    _, explicit = pvm.generate(inputs, unit_locations=None, intervene_on_prompt=True, max_new_tokens=5,
+                               do_sample=False, pad_token_id=0)
+    base = model.generate(**inputs, max_new_tokens=5, do_sample=False, pad_token_id=0)
+    assert torch.equal(default, explicit) and not torch.equal(default, base)
