@@ -105,7 +105,8 @@ class HPRIntervention(ActEditIntervention):
             u = h / h_norm.clamp_min(torch.finfo(h.dtype).tiny)
             w_perp = w - (u @ w).unsqueeze(-1) * u
             v = w_perp / w_perp.norm(dim=-1, keepdim=True).clamp_min(torch.finfo(h.dtype).tiny)
-            v = -torch.sign(wh).unsqueeze(-1) * v
+            # towards the positive side; a point on the hyperplane (wᵀh = 0) is gated negative
+            v = torch.where(wh > 0, -1.0, 1.0).to(h.dtype).unsqueeze(-1) * v
             t = theta.unsqueeze(-1)
             return h_norm * (torch.cos(t) * u + torch.sin(t) * v)
         reflected = h - (2 * wh / (w @ w)).unsqueeze(-1) * w
