@@ -1,0 +1,382 @@
+"""The training loop: HPR on cached pairs (vectorised and per layer), end-to-end LM-loss training
+through pyvene, best-epoch restore, schedules, checkpoints and resume."""
+
+import math
+import os
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from actedit.interventions import ActEditIntervention, HPRIntervention, build_hpr_config, edit_config, intervenable
+from actedit.train.select import probe_accuracy
+from actedit.train.trainer import (
+    CHECKPOINT_NAME,
+    PairedActivations,
+    TrainConfig,
+    epoch_permutation,
+    evaluate_lm,
+    lm_examples,
+    lr_factor,
+    train_hpr,
+    train_lm,
+    train_pairs,
+    trainable_parameters,
+)
+
+from conftest import tiny_model
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Small matrices: one thread is faster and immune to other processes on the machine."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+def separable_pairs(n, seed, layers=3, d=32, margin=2.0, noise=0.2):
+    """Pairs (h⁺_i, h⁻_i) = (c_i + m·u_l + ε, c_i − m·u_l + ε') with c_i ⊥ u_l: separable
+    through the origin along a random direction u_l per layer (the same u_l in every split)."""
+    g = torch.Generator().manual_seed(seed)
+    pos, neg = {}, {}
+    for layer in range(layers):
+        u = F.normalize(torch.randn(d, generator=torch.Generator().manual_seed(100 + layer)), dim=0)
+        c = torch.randn(n, d, generator=g)
+        c = c - (c @ u)[:, None] * u
+        pos[layer] = c + margin * u + noise * torch.randn(n, d, generator=g)
+        neg[layer] = c - margin * u + noise * torch.randn(n, d, generator=g)
+    return PairedActivations(pos, neg)
+
+
+def fast(**overrides):
+    base = dict(learning_rate=1e-2, progress=False)
+    base.update(overrides)
+    return TrainConfig(**base)
+
+
+def weights(modules):
+    return {(layer, name): p.detach().clone() for layer, m in modules.items() for name, p in m.named_parameters()}
+
+
+# ------------------------------------------------------------------------------ HPR on pairs
+def test_hpr_separates_and_edits_negatives_toward_positives():
+    train, evald = separable_pairs(1024, 0), separable_pairs(256, 1)
+    result = train_hpr(train, evald, config=fast())
+    assert result.metric == "probe_accuracy" and len(result.history) == 5
+    assert result.best_score >= 0.95
+    accuracy = probe_accuracy(result.modules, evald)  # independent of the trainer's bookkeeping
+    assert min(accuracy.values()) >= 0.95
+    assert accuracy == pytest.approx(result.layer_scores)
+    assert result.history[-1].train_loss < 0.5 * result.history[0].train_loss
+    for layer, module in result.modules.items():
+        assert isinstance(module, HPRIntervention)
+        hp, hn = evald.positive[layer], evald.negative[layer]
+        with torch.no_grad():
+            edited = module(hn[None])[0]
+            untouched = module(hp[None])[0]
+        before = F.cosine_similarity(hn, hp, dim=-1)
+        after = F.cosine_similarity(edited, hp, dim=-1)
+        assert float(after.mean()) > float(before.mean()) + 0.1
+        assert float((after > before).double().mean()) > 0.9
+        assert torch.allclose(edited.norm(dim=-1), hn.norm(dim=-1), rtol=1e-4)  # rotation keeps norms
+        assert float((untouched == hp).all(-1).double().mean()) > 0.95  # positives are kept
+
+
+def test_vectorised_equals_per_layer_loop():
+    train, evald = separable_pairs(200, 2), separable_pairs(64, 3)
+    runs = {vec: train_hpr(train, evald, config=fast(vectorize=vec, epochs=3, batch_size=16)) for vec in (True, False)}
+    a, b = weights(runs[True].modules), weights(runs[False].modules)
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.allclose(a[key], b[key], atol=1e-5, rtol=0), key
+    for ra, rb in zip(runs[True].history, runs[False].history):
+        assert ra.train_loss == pytest.approx(rb.train_loss, rel=1e-5)
+        assert ra.layer_scores == rb.layer_scores
+    assert runs[True].best_epoch == runs[False].best_epoch
+
+
+def test_vectorised_training_equals_independent_reference():
+    """Per-layer training written out with torch.optim directly (same init, batches, schedule)."""
+    train = separable_pairs(96, 4, layers=2, d=16)
+    config = fast(epochs=2, batch_size=16, select_best=False, max_grad_norm=None, dtype="float64")
+    result = train_hpr(train, None, config=config)
+    torch.manual_seed(config.seed)
+    reference = {layer: HPRIntervention(embed_dim=16).double() for layer in (0, 1)}
+    steps = math.ceil(96 / 16) * 2
+    warmup = math.ceil(0.05 * steps)
+    for layer, module in reference.items():
+        opt = torch.optim.AdamW(module.parameters(), lr=1e-2, weight_decay=0.0)
+        step = 0
+        for epoch in range(2):
+            order = torch.from_numpy(np.random.default_rng([0, epoch]).permutation(96))
+            for s in range(6):
+                idx = order[s * 16:(s + 1) * 16]
+                for group in opt.param_groups:  # linear warmup then linear decay
+                    group["lr"] = 1e-2 * (step / warmup if step < warmup else (steps - step) / (steps - warmup))
+                opt.zero_grad()
+                module.loss(train.positive[layer][idx].double(), train.negative[layer][idx].double()).backward()
+                opt.step()
+                step += 1
+    for layer in (0, 1):
+        got = dict(result.modules[layer].named_parameters())
+        for name, p in reference[layer].named_parameters():
+            assert torch.allclose(got[name].double(), p, atol=1e-6), (layer, name)
+
+
+def test_shared_bank_with_pair_index_equals_explicit_pairs():
+    bank = separable_pairs(40, 5, layers=2, d=16)
+    acts = {layer: torch.cat([bank.positive[layer], bank.negative[layer]]) for layer in (0, 1)}
+    rng = np.random.default_rng(0)
+    index = np.stack([rng.integers(0, 40, 60), 40 + rng.integers(0, 40, 60)], axis=1)
+    indexed = PairedActivations(acts, acts, index=index)
+    explicit = PairedActivations({k: acts[k][index[:, 0]] for k in acts}, {k: acts[k][index[:, 1]] for k in acts})
+    a = train_hpr(indexed, None, config=fast(epochs=2))
+    b = train_hpr(explicit, None, config=fast(epochs=2))
+    wa, wb = weights(a.modules), weights(b.modules)
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_best_epoch_weights_are_restored():
+    train, evald = separable_pairs(128, 6), separable_pairs(64, 7)
+    for best_by in ("mean", "layer"):
+        # the loop trains the modules in place: snapshot them after every epoch
+        torch.manual_seed(0)
+        modules = {layer: HPRIntervention(embed_dim=32) for layer in range(3)}
+        snapshots = {}
+        config = fast(learning_rate=3e-2, epochs=4, best_by=best_by, vectorize=False)
+        result = train_pairs(modules, train, evald, config,
+                             callbacks=[lambda r: snapshots.__setitem__(r.epoch, weights(modules))])
+        scores = [r.score for r in result.history]
+        final = weights(result.modules)
+        if best_by == "mean":
+            assert result.best_epoch == int(np.argmax(scores)) + 1 < 4  # ties keep the earlier epoch
+            assert result.best_score == scores[result.best_epoch - 1]
+            assert all(torch.equal(final[k], snapshots[result.best_epoch][k]) for k in final)
+            assert not all(torch.equal(final[k], snapshots[4][k]) for k in final)
+            expected = result.history[result.best_epoch - 1].layer_scores
+        else:
+            epochs = result.layer_best_epochs
+            assert len(set(epochs.values())) > 1  # layers keep different epochs
+            for (layer, name), value in final.items():
+                assert torch.equal(value, snapshots[epochs[layer]][(layer, name)])
+            expected = {layer: max(r.layer_scores[layer] for r in result.history) for layer in range(3)}
+        assert probe_accuracy(result.modules, evald) == pytest.approx(expected)
+        assert result.layer_scores == pytest.approx(expected)
+        # the vectorised run restores the same weights
+        vec = train_hpr(train, evald, config=fast(learning_rate=3e-2, epochs=4, best_by=best_by))
+        assert vec.best_epoch == result.best_epoch and vec.layer_best_epochs == result.layer_best_epochs
+        for key, value in weights(vec.modules).items():
+            assert torch.allclose(value, final[key], atol=1e-5, rtol=0)
+
+
+def test_without_eval_data_the_last_epoch_is_kept():
+    train = separable_pairs(64, 8, layers=1, d=16)
+    result = train_hpr(train, None, config=fast(epochs=2))
+    assert result.best_epoch is None and result.history[-1].score is None
+    assert result.steps == 2 * 4
+    summary = result.summary()
+    assert summary["epochs"] == 2 and summary["config"]["learning_rate"] == 1e-2
+
+
+def test_modules_that_cannot_be_stacked_train_in_a_loop():
+    train = separable_pairs(48, 9, layers=2, d=16)
+    torch.manual_seed(0)
+    modules = {0: HPRIntervention(embed_dim=16), 1: HPRIntervention(embed_dim=16, angle_hidden_widths=(4,))}
+    with pytest.warns(UserWarning, match="loop over layers"):
+        result = train_pairs(modules, train, None, fast(epochs=1))
+    assert result.modules[1].angle_widths.tolist() == [4]
+
+
+# --------------------------------------------------------------------------------- schedules
+@pytest.mark.parametrize("schedule", ["linear", "cosine"])
+def test_schedule_matches_transformers(schedule):
+    import transformers
+
+    total, warmup = 37, math.ceil(0.05 * 37)
+    opt = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=1.0)
+    make = {"linear": transformers.get_linear_schedule_with_warmup,
+            "cosine": transformers.get_cosine_schedule_with_warmup}[schedule]
+    sched = make(opt, warmup, total)
+    for step in range(total):
+        assert lr_factor(step, total, warmup, schedule) == pytest.approx(opt.param_groups[0]["lr"], abs=1e-12)
+        opt.step()
+        sched.step()
+
+
+def test_epoch_order_depends_on_seed_and_epoch_only():
+    a = epoch_permutation(50, 3, 1)
+    assert torch.equal(a, epoch_permutation(50, 3, 1))
+    assert not torch.equal(a, epoch_permutation(50, 3, 2))
+    assert sorted(a.tolist()) == list(range(50))
+
+
+# ---------------------------------------------------------------------------- checkpoint/resume
+class Interrupt(Exception):
+    pass
+
+
+def test_resume_after_interruption_gives_the_same_weights(tmp_path):
+    train, evald = separable_pairs(96, 10, layers=2, d=16), separable_pairs(32, 11, layers=2, d=16)
+    full = train_hpr(train, evald, config=fast(epochs=4, checkpoint_dir=str(tmp_path / "full")))
+
+    def stop_after_two(record):
+        if record.epoch == 2:
+            raise Interrupt
+
+    config = fast(epochs=4, checkpoint_dir=str(tmp_path / "cut"))
+    with pytest.raises(Interrupt):
+        train_hpr(train, evald, config=config, callbacks=[stop_after_two])
+    assert (tmp_path / "cut" / CHECKPOINT_NAME).is_file()
+    resumed = train_hpr(train, evald, config=config)
+    assert resumed.resumed_from_epoch == 2 and len(resumed.history) == 4
+    wa, wb = weights(full.modules), weights(resumed.modules)
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    assert [r.score for r in full.history] == [r.score for r in resumed.history]
+    assert resumed.best_epoch == full.best_epoch and resumed.steps == full.steps
+    assert not [p for p in os.listdir(tmp_path / "cut") if p.endswith(".partial")]
+    # a finished run resumes to its result without training again
+    again = train_hpr(train, evald, config=config)
+    assert again.resumed_from_epoch == 4 and all(torch.equal(wa[k], v) for k, v in weights(again.modules).items())
+
+
+def test_resume_refuses_a_checkpoint_of_another_training(tmp_path):
+    train = separable_pairs(32, 12, layers=1, d=16)
+    train_hpr(train, None, config=fast(epochs=1, checkpoint_dir=str(tmp_path)))
+    with pytest.raises(ValueError, match="different training"):
+        train_hpr(train, None, config=fast(epochs=1, learning_rate=3e-3, checkpoint_dir=str(tmp_path)))
+    # resume=False starts over in the same directory
+    train_hpr(train, None, config=fast(epochs=1, learning_rate=3e-3, checkpoint_dir=str(tmp_path), resume=False))
+
+
+# ------------------------------------------------------------------------------ end to end (LM)
+def lm_data(n, seed, prompt_len=6, completion_len=5):
+    g = torch.Generator().manual_seed(seed)
+    prompts = [torch.randint(3, 97, (prompt_len + i % 3,), generator=g).tolist() for i in range(n)]
+    # a learnable rule: the completion repeats a fixed token pattern
+    completions = [[7, 8, 9, 10, 11][:completion_len] for _ in range(n)]
+    return lm_examples(prompts, completions, pad_token_id=0)
+
+
+def test_lm_examples_mask_labels_to_completions():
+    data = lm_examples([[5, 6, 7], [5]], [[8, 9], [10, 11, 12]], pad_token_id=0)
+    assert data["input_ids"].tolist() == [[5, 6, 7, 8, 9], [5, 10, 11, 12, 0]]
+    assert data["attention_mask"].tolist() == [[1, 1, 1, 1, 1], [1, 1, 1, 1, 0]]
+    assert data["labels"].tolist() == [[-100, -100, -100, 8, 9], [-100, 10, 11, 12, -100]]
+    with pytest.raises(ValueError, match="empty completion"):
+        lm_examples([[1]], [[]], pad_token_id=0)
+
+
+def test_end_to_end_lm_training_of_hpr_reduces_the_loss():
+    model = tiny_model("llama")
+    torch.manual_seed(0)
+    pvm = intervenable(model, build_hpr_config(model, [0, 1, 2]))
+    train, evald = lm_data(32, 0), lm_data(16, 1)
+    before = evaluate_lm(pvm, evald)
+    frozen = {n: p.detach().clone() for n, p in model.named_parameters()}
+    result = train_lm(pvm, train, evald, fast(epochs=5, batch_size=8, learning_rate=2e-2))
+    after = evaluate_lm(pvm, evald)
+    assert result.metric == "neg_eval_loss" and result.modules is None
+    assert after < before - 0.1
+    assert result.best_score == pytest.approx(-after, rel=1e-5)
+    assert all(torch.equal(p, frozen[n]) for n, p in model.named_parameters())  # the base model stays frozen
+
+
+class LearnedShift(ActEditIntervention):
+    """A new trainable intervention (a learned additive vector), defined only in this test."""
+
+    method_name = "caa"
+
+    def __init__(self, embed_dim=None, **kwargs):
+        super().__init__(embed_dim=embed_dim, **kwargs)
+        self.shift = nn.Parameter(torch.zeros(self.d))
+
+    def edit(self, h, mask):
+        return h + self.shift.to(h.dtype)
+
+
+def test_new_trainable_intervention_plugs_in_and_linked_parameters_count_once():
+    model = tiny_model("llama")
+    shared = LearnedShift(embed_dim=32)
+    config = edit_config(model, "caa", {0: shared, 2: shared, 1: LearnedShift(embed_dim=32)}, component="block_output")
+    pvm = intervenable(model, config)
+    listed = pvm.get_trainable_parameters()
+    named = trainable_parameters(pvm)
+    assert len(listed) == 3 and len(named) == 2  # pyvene repeats the linked one
+    assert len({id(p) for _, p in named}) == 2
+    train = lm_data(24, 2)
+    before = evaluate_lm(pvm, train)
+    result = train_lm(pvm, train, None, fast(epochs=3, batch_size=8, learning_rate=5e-2))
+    assert evaluate_lm(pvm, train) < before - 0.1
+    assert float(shared.shift.detach().abs().sum()) > 0
+    assert result.history[-1].train_loss < result.history[0].train_loss
+
+
+def test_lm_resume_after_interruption(tmp_path):
+    def run(directory, callbacks=()):
+        model = tiny_model("llama")
+        torch.manual_seed(0)
+        pvm = intervenable(model, build_hpr_config(model, [1], angle_hidden_widths=(8,)))
+        cfg = fast(epochs=3, batch_size=8, checkpoint_dir=str(directory))
+        train_lm(pvm, lm_data(16, 3), lm_data(8, 4), cfg, callbacks)
+        return {n: p.detach().clone() for n, p in trainable_parameters(pvm)}
+
+    full = run(tmp_path / "full")
+
+    def stop(record):
+        if record.epoch == 1:
+            raise Interrupt
+
+    with pytest.raises(Interrupt):
+        run(tmp_path / "cut", [stop])
+    resumed = run(tmp_path / "cut")
+    assert full.keys() == resumed.keys() and all(torch.equal(full[k], resumed[k]) for k in full)
+
+
+# ------------------------------------------------------------------------------------ validation
+def test_bad_configs_and_data_raise():
+    for kwargs, match in [({"learning_rate": 0}, "learning_rate"), ({"epochs": 0}, "epochs"),
+                          ({"batch_size": 2.5}, "batch_size"), ({"warmup_ratio": 1.0}, "warmup_ratio"),
+                          ({"schedule": "step"}, "schedule"), ({"max_grad_norm": -1.0}, "max_grad_norm"),
+                          ({"best_by": "median"}, "best_by"), ({"dtype": "bfloat16"}, "dtype"),
+                          ({"adam_betas": (0.9, 1.0)}, "adam_betas"), ({"seed": -1}, "seed")]:
+        with pytest.raises(ValueError, match=match):
+            TrainConfig(**kwargs)
+    x = torch.randn(8, 4)
+    with pytest.raises(ValueError, match="NaN"):
+        PairedActivations({0: x}, {0: torch.full((8, 4), float("nan"))})
+    with pytest.raises(ValueError, match="every layer needs both"):
+        PairedActivations({0: x}, {1: x})
+    with pytest.raises(ValueError, match="rows must be paired"):
+        PairedActivations({0: x}, {0: x[:5]})
+    with pytest.raises(ValueError, match="width"):
+        PairedActivations({0: x, 1: torch.randn(8, 5)}, {0: x, 1: torch.randn(8, 5)})
+    with pytest.raises(ValueError, match="outside"):
+        PairedActivations({0: x}, {0: x}, index=[[0, 8]])
+    with pytest.raises(ValueError, match="empty"):
+        PairedActivations({0: x[:0]}, {0: x[:0]})
+    data = PairedActivations({0: x}, {0: x})
+    with pytest.raises(ValueError, match="no layers"):
+        train_hpr(data, None, layers=[3], config=fast())
+    with pytest.raises(ValueError, match="width"):
+        train_pairs({0: HPRIntervention(embed_dim=8)}, data, None, fast())
+    with pytest.raises(ValueError, match="TrainableIntervention"):
+        train_pairs({0: nn.Linear(4, 4)}, data, None, fast())
+    with pytest.raises(ValueError, match="best_by='layer'"):
+        model = tiny_model("llama")
+        train_lm(intervenable(model, build_hpr_config(model, [0])), lm_data(4, 0), None, fast(best_by="layer"))
+    with pytest.raises(ValueError, match="no completion tokens"):
+        model = tiny_model("llama")
+        bad = lm_data(4, 0)
+        bad["labels"][:] = -100
+        train_lm(intervenable(model, build_hpr_config(model, [0])), bad, None, fast())
+
+
+def test_progress_bar_runs(capsys):
+    train, evald = separable_pairs(32, 13, layers=1, d=16), separable_pairs(16, 14, layers=1, d=16)
+    train_hpr(train, evald, config=TrainConfig(epochs=1, progress=True))
+    err = capsys.readouterr().err
+    assert "epoch 1/1" in err and "loss=" in err and "acc=" in err

@@ -1,0 +1,1122 @@
+"""One training loop for every trainable intervention: HPR over cached activations, vectorised
+across layers, and any intervention end-to-end through ``pyvene.IntervenableModel``.
+
+The loop (:func:`run_training`) is the released HPR recipe (HF ``Trainer`` defaults of
+``train_guidance_householder.sh``):
+
+* AdamW (β = (0.9, 0.999), ε = 1e-8, weight decay 0; torch's fused kernel where available),
+  learning rate 5e-4, fp32;
+* T = ⌈N / B⌉ · E optimiser steps (B = 16 pairs, E = 5 epochs), warmup W = ⌈0.05 · T⌉ steps;
+  learning-rate factor f(t) = t / W for t < W, then (T − t) / (T − W) (``linear``, the released
+  script), ½(1 + cos(π (t − W) / (T − W))) (``cosine``, what the paper states) or 1 (``constant``);
+* gradient-norm clipping at 1.0 (HF default), applied **per layer** so that layers stay
+  independent (the released script clipped the joint gradient of all layers);
+* each epoch draws a fresh permutation of the examples from ``(seed, epoch)`` only, so a resumed
+  run replays the same batches;
+* after each epoch: evaluation, the best epoch so far (by the mean over layers of the eval probe
+  accuracy, the released ``lr_acc``; or per layer), and an atomic checkpoint; at the end the best
+  epoch's weights are restored.
+
+**Cached activations** (:func:`train_pairs`, :func:`train_hpr`). The data are aligned pairs
+(h⁺, h⁻) of every layer (:class:`PairedActivations`). Every layer l has its own module with its
+own loss ℓ_l = ``module.loss(h⁺_l, h⁻_l)`` on the same batch of pairs; the reported loss is
+(1/L) Σ_l ℓ_l, and each layer's parameters θ_l receive exactly ∂ℓ_l/∂θ_l (the gradient of
+Σ_l ℓ_l), i.e. what training that layer alone would give. With ``vectorize=True`` (default) the
+per-layer parameters are stacked into tensors with a leading layer axis and the module's own
+``loss`` is evaluated for all layers at once with ``torch.func.functional_call`` under
+``torch.func.vmap`` (batched matrix products instead of a Python loop over layers); the trained
+weights are written back into one module per layer. ``vectorize=False`` runs the same steps with
+a Python loop over layers; both give the same weights (up to float rounding).
+
+**End-to-end** (:func:`train_lm`). The interventions of a ``pyvene.IntervenableModel`` are
+trained with the language-model loss −(1/|C|) Σ_{t∈C} log p(x_t | x_<t) over the completion
+tokens C (labels = −100 elsewhere), the base model frozen. Parameters come from
+``IntervenableModel.get_trainable_parameters()``, de-duplicated (it lists linked parameters once
+per use). Any ``pyvene.TrainableIntervention`` plugs in without a new loop.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import os
+import tempfile
+import time
+import warnings
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
+
+import numpy as np
+import pyvene as pv
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+SCHEDULES = ("linear", "cosine", "constant")
+"""Learning-rate schedules after warmup."""
+
+BEST_BY = ("mean", "layer")
+"""How the best epoch is chosen: one epoch for all layers by the mean score, or one per layer."""
+
+CHECKPOINT_NAME = "trainer_state.pt"
+CHECKPOINT_FORMAT = 1
+IGNORE_INDEX = -100
+
+
+# ------------------------------------------------------------------------------------- configs
+@dataclass
+class TrainConfig:
+    """Hyperparameters of :func:`run_training` (defaults: HPR's released training script).
+
+    Attributes:
+        learning_rate: peak AdamW learning rate (5e-4).
+        epochs: passes over the training examples (5).
+        batch_size: examples (pairs of activations, or sequences) per optimiser step (16).
+        warmup_ratio: fraction of the optimiser steps with a linear warmup from 0 (0.05; the
+            warmup length is ⌈ratio · total steps⌉, as HF's Trainer).
+        schedule: ``linear`` decay to 0 after warmup (default, the released script), ``cosine``
+            (the paper) or ``constant``.
+        weight_decay: AdamW decoupled weight decay (0, HF's default).
+        adam_betas: AdamW (β₁, β₂).
+        adam_eps: AdamW ε.
+        max_grad_norm: clip the gradient norm of each layer's parameters (cached activations)
+            or of all parameters (end-to-end) to this value; None disables clipping (1.0).
+        seed: seeds module initialisation (:func:`train_hpr`) and the per-epoch batch order.
+        select_best: restore the weights of the best epoch at the end (needs eval data).
+        best_by: ``mean`` (one epoch for all layers, by the mean eval score) or ``layer``
+            (each layer keeps its own best epoch; cached activations only).
+        eval_batch_size: examples per evaluation chunk.
+        vectorize: train all layers at once (stacked parameters, vmap); False loops over layers.
+        checkpoint_dir: directory for an atomic checkpoint after every epoch; None disables.
+        resume: continue from the checkpoint in ``checkpoint_dir`` when one exists.
+        progress: show a tqdm progress bar with loss and accuracy.
+        device: where to train cached-activation modules (``cpu``, ``cuda``, ...); None = the
+            modules' device. End-to-end training runs where the model is.
+        dtype: ``float32`` (default) or ``float64`` for the parameters and activations of
+            cached-activation training (end-to-end training keeps the model's dtype).
+    """
+
+    learning_rate: float = 5e-4
+    epochs: int = 5
+    batch_size: int = 16
+    warmup_ratio: float = 0.05
+    schedule: str = "linear"
+    weight_decay: float = 0.0
+    adam_betas: Tuple[float, float] = (0.9, 0.999)
+    adam_eps: float = 1e-8
+    max_grad_norm: Optional[float] = 1.0
+    seed: int = 0
+    select_best: bool = True
+    best_by: str = "mean"
+    eval_batch_size: int = 1024
+    vectorize: bool = True
+    checkpoint_dir: Optional[str] = None
+    resume: bool = True
+    progress: bool = True
+    device: Optional[str] = None
+    dtype: str = "float32"
+
+    def __post_init__(self) -> None:
+        def positive_int(name: str) -> None:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}.")
+
+        if not (isinstance(self.learning_rate, (int, float)) and math.isfinite(self.learning_rate)
+                and self.learning_rate > 0):
+            raise ValueError(f"learning_rate must be a positive number, got {self.learning_rate!r}.")
+        for name in ("epochs", "batch_size", "eval_batch_size"):
+            positive_int(name)
+        if not 0.0 <= float(self.warmup_ratio) < 1.0:
+            raise ValueError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio!r}.")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}.")
+        if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
+            raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay!r}.")
+        betas = tuple(self.adam_betas)
+        if len(betas) != 2 or not all(0.0 <= float(b) < 1.0 for b in betas):
+            raise ValueError(f"adam_betas must be two numbers in [0, 1), got {self.adam_betas!r}.")
+        self.adam_betas = (float(betas[0]), float(betas[1]))
+        if not self.adam_eps > 0:
+            raise ValueError(f"adam_eps must be positive, got {self.adam_eps!r}.")
+        if self.max_grad_norm is not None and not (math.isfinite(self.max_grad_norm) and self.max_grad_norm > 0):
+            raise ValueError(f"max_grad_norm must be positive or None, got {self.max_grad_norm!r}.")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, (int, np.integer)) or self.seed < 0:
+            raise ValueError(f"seed must be a non-negative integer, got {self.seed!r}.")
+        if self.best_by not in BEST_BY:
+            raise ValueError(f"best_by must be one of {BEST_BY}, got {self.best_by!r}.")
+        if self.dtype not in ("float32", "float64"):
+            raise ValueError(f"dtype must be 'float32' or 'float64', got {self.dtype!r}.")
+        if self.checkpoint_dir is not None:
+            self.checkpoint_dir = str(self.checkpoint_dir)
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return torch.float64 if self.dtype == "float64" else torch.float32
+
+    def fingerprint(self) -> dict:
+        """The settings a resumed run must share with the interrupted one."""
+        keep = ("learning_rate", "epochs", "batch_size", "warmup_ratio", "schedule", "weight_decay", "adam_betas",
+                "adam_eps", "max_grad_norm", "seed", "best_by", "select_best", "vectorize", "dtype")
+        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(self).items() if k in keep}
+
+
+@dataclass
+class EpochRecord:
+    """What one epoch did.
+
+    Attributes:
+        epoch: 1-based epoch number.
+        step: optimiser steps done at the end of the epoch.
+        train_loss: mean over the epoch's steps of the batch loss (mean over layers).
+        train_accuracy: mean probe accuracy on the training batches (modules with a probe).
+        eval_loss: mean loss on the eval data (None without eval data).
+        score: the model-selection score (higher is better; None without eval data).
+        metric: the name of ``score`` (``probe_accuracy`` or ``neg_eval_loss``).
+        layer_scores: layer → score (cached-activation training).
+        learning_rate: learning rate of the epoch's last step.
+        seconds: wall-clock time of the epoch (training and evaluation).
+    """
+
+    epoch: int
+    step: int
+    train_loss: float
+    train_accuracy: Optional[float] = None
+    eval_loss: Optional[float] = None
+    score: Optional[float] = None
+    metric: Optional[str] = None
+    layer_scores: Optional[Dict[int, float]] = None
+    learning_rate: float = 0.0
+    seconds: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.epoch < 1:
+            raise ValueError(f"epoch numbers start at 1, got {self.epoch}.")
+
+
+@dataclass
+class TrainResult:
+    """Outcome of a training run.
+
+    Attributes:
+        modules: layer → trained module (cached activations; None for end-to-end training,
+            whose interventions are trained in place inside the ``IntervenableModel``).
+        history: one :class:`EpochRecord` per epoch.
+        best_epoch: the epoch whose weights were restored (None when nothing was selected; with
+            ``best_by='layer'`` the epoch of the best mean score, see ``layer_best_epochs``).
+        best_score: the selection score of the restored weights (mean over layers).
+        metric: name of the score.
+        layer_scores: layer → eval score of the restored weights.
+        layer_best_epochs: layer → epoch restored for that layer (``best_by='layer'``).
+        steps: optimiser steps done (in total, over all runs of a resumed training).
+        seconds: wall-clock seconds of this call.
+        resumed_from_epoch: the epoch a resumed run started after (None: a fresh run).
+        config: the configuration used.
+    """
+
+    modules: Optional[Dict[int, nn.Module]]
+    history: List[EpochRecord]
+    best_epoch: Optional[int]
+    best_score: Optional[float]
+    metric: Optional[str]
+    layer_scores: Optional[Dict[int, float]]
+    layer_best_epochs: Optional[Dict[int, int]]
+    steps: int
+    seconds: float
+    resumed_from_epoch: Optional[int]
+    config: TrainConfig
+
+    def __post_init__(self) -> None:
+        if self.steps < 0:
+            raise ValueError(f"steps must be >= 0, got {self.steps}.")
+        if self.best_epoch is not None and not 1 <= self.best_epoch <= len(self.history):
+            raise ValueError(f"best_epoch {self.best_epoch} is not one of the {len(self.history)} epochs run.")
+
+    def summary(self) -> dict:
+        """JSON-serialisable summary for artifact metadata (``save_artifact(..., training=...)``)."""
+        out = {
+            "epochs": len(self.history),
+            "steps": self.steps,
+            "best_epoch": self.best_epoch,
+            "metric": self.metric,
+            "best_score": self.best_score,
+            "config": self.config.fingerprint(),
+            "history": [{k: v for k, v in asdict(r).items() if k != "layer_scores"} for r in self.history],
+        }
+        if self.layer_scores is not None:
+            out["layer_scores"] = {str(k): float(v) for k, v in self.layer_scores.items()}
+        if self.layer_best_epochs is not None:
+            out["layer_best_epochs"] = {str(k): int(v) for k, v in self.layer_best_epochs.items()}
+        return out
+
+
+# ---------------------------------------------------------------------------------------- data
+def _is_int(x: Any) -> bool:
+    return not isinstance(x, bool) and isinstance(x, (int, np.integer))
+
+
+@dataclass
+class PairedActivations:
+    """Aligned (positive, negative) activation pairs of several layers.
+
+    Attributes:
+        positive: layer → (N⁺, d) activations (torch tensor or numpy array / memmap, any float
+            dtype; converted batch by batch).
+        negative: layer → (N⁻, d) activations; may be the same mapping as ``positive`` (one
+            bank of activations that ``index`` points into).
+        index: optional (P, 2) integer array: pair p is (positive[l][index[p, 0]],
+            negative[l][index[p, 1]]) in every layer l. None: row i of ``positive`` pairs with
+            row i of ``negative`` (then N⁺ = N⁻).
+        check_finite: scan every matrix for NaN/inf when constructed (reads all of it).
+    """
+
+    positive: Mapping[int, Any]
+    negative: Mapping[int, Any]
+    index: Optional[Any] = None
+    check_finite: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("positive", "negative"):
+            acts = getattr(self, name)
+            if not isinstance(acts, Mapping) or not acts:
+                raise ValueError(f"{name} must be a non-empty mapping layer -> (N, d) activations.")
+            for layer in acts:
+                if not _is_int(layer) or int(layer) < 0:
+                    raise ValueError(f"{name}: layer keys must be non-negative integers, got {layer!r}.")
+        if sorted(self.positive) != sorted(self.negative):
+            raise ValueError(f"positive holds layers {sorted(self.positive)} but negative holds "
+                             f"{sorted(self.negative)}; every layer needs both.")
+        width = None
+        rows = {}
+        for name in ("positive", "negative"):
+            acts = getattr(self, name)
+            for layer in sorted(acts):
+                x = acts[layer]
+                shape = tuple(getattr(x, "shape", ()))
+                if len(shape) != 2:
+                    raise ValueError(f"{name}[{layer}] must be a 2-D (N, d) array, got shape {shape}.")
+                if shape[0] == 0 or shape[1] == 0:
+                    raise ValueError(f"{name}[{layer}] is empty (shape {shape}).")
+                if width is None:
+                    width = shape[1]
+                if shape[1] != width:
+                    raise ValueError(f"{name}[{layer}] has width {shape[1]} but other layers have {width}.")
+                if name in rows and rows[name] != shape[0]:
+                    raise ValueError(f"{name}[{layer}] has {shape[0]} rows but other layers have {rows[name]}.")
+                rows[name] = shape[0]
+                if self.check_finite and not _all_finite(x):
+                    raise ValueError(f"{name}[{layer}] contains NaN or inf values; check the collected activations.")
+        if self.index is None:
+            if rows["positive"] != rows["negative"]:
+                raise ValueError(f"positive has {rows['positive']} rows but negative has {rows['negative']}: "
+                                 "rows must be paired (or give an index of pairs).")
+            self._n = rows["positive"]
+        else:
+            index = torch.as_tensor(np.asarray(self.index))
+            if index.dim() != 2 or index.shape[1] != 2 or index.shape[0] == 0:
+                raise ValueError(f"index must be a non-empty (P, 2) integer array, got shape {tuple(index.shape)}.")
+            if index.is_floating_point() or index.dtype == torch.bool:
+                raise ValueError(f"index must hold integers, got dtype {index.dtype}.")
+            index = index.long()
+            for col, name in ((0, "positive"), (1, "negative")):
+                lo, hi = int(index[:, col].min()), int(index[:, col].max())
+                if lo < 0 or hi >= rows[name]:
+                    raise ValueError(f"index column {col} points outside {name} (rows 0..{rows[name] - 1}, "
+                                     f"got {lo}..{hi}).")
+            self.index = index
+            self._n = index.shape[0]
+        self._width = int(width)
+
+    @property
+    def layers(self) -> List[int]:
+        return sorted(int(layer) for layer in self.positive)
+
+    @property
+    def num_pairs(self) -> int:
+        return int(self._n)
+
+    @property
+    def width(self) -> int:
+        return self._width
+
+    def rows(self, idx: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Row indices into ``positive`` and ``negative`` of the pairs ``idx``."""
+        if self.index is None:
+            return idx, idx
+        return self.index[idx, 0], self.index[idx, 1]
+
+    def gather(self, layers: Sequence[int], idx: torch.Tensor, device=None,
+               dtype: torch.dtype = torch.float32) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(h⁺, h⁻) of the pairs ``idx`` in ``layers``, each (len(layers), len(idx), d)."""
+        pos_rows, neg_rows = self.rows(idx)
+        hp = torch.stack([_take(self.positive[layer], pos_rows) for layer in layers])
+        hn = torch.stack([_take(self.negative[layer], neg_rows) for layer in layers])
+        return hp.to(device=device, dtype=dtype), hn.to(device=device, dtype=dtype)
+
+
+def _all_finite(x: Any) -> bool:
+    if isinstance(x, torch.Tensor):
+        return bool(torch.isfinite(x).all()) if x.is_floating_point() else True
+    arr = np.asarray(x)
+    return bool(np.isfinite(arr).all()) if np.issubdtype(arr.dtype, np.floating) else True
+
+
+def _take(x: Any, rows: torch.Tensor) -> torch.Tensor:
+    if isinstance(x, torch.Tensor):
+        return x[rows.to(x.device)]
+    return torch.from_numpy(np.ascontiguousarray(np.asarray(x)[rows.numpy()]))
+
+
+# --------------------------------------------------------------------------------------- tasks
+class TrainTask:
+    """What :func:`run_training` needs from a kind of training (cached pairs, end-to-end LM)."""
+
+    name = "task"
+    per_layer = False
+
+    @property
+    def num_examples(self) -> int:
+        raise NotImplementedError
+
+    def parameters(self) -> List[torch.Tensor]:
+        """Leaf tensors the optimiser updates."""
+        raise NotImplementedError
+
+    def loss(self, idx: torch.Tensor) -> Tuple[Optional[torch.Tensor], Dict[str, float]]:
+        """(tensor to back-propagate, display metrics incl. ``loss``) for the examples ``idx``;
+        the tensor is None when the task has already back-propagated (loop over layers)."""
+        raise NotImplementedError
+
+    def clip_(self, max_norm: float) -> None:
+        raise NotImplementedError
+
+    def evaluate(self) -> Optional[Dict[str, Any]]:
+        """``{"metric", "score", "eval_loss", "layer_scores"}`` or None without eval data."""
+        return None
+
+    def state_dict(self) -> Dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
+        raise NotImplementedError
+
+    def layer_keys(self, layer: int) -> List[str]:
+        raise NotImplementedError
+
+    def fingerprint(self) -> dict:
+        raise NotImplementedError
+
+    def train_mode(self, training: bool) -> None:
+        pass
+
+    def finalize(self) -> Optional[Dict[int, nn.Module]]:
+        return None
+
+    def close(self) -> None:
+        pass
+
+
+class _MethodCall(nn.Module):
+    """Calls ``module.<method>`` as ``forward`` so ``torch.func.functional_call`` can swap its weights."""
+
+    def __init__(self, module: nn.Module, method: str) -> None:
+        super().__init__()
+        self.module = module
+        self.method = method
+
+    def forward(self, *args):
+        return getattr(self.module, self.method)(*args)
+
+
+def _same_buffers(modules: Sequence[nn.Module]) -> bool:
+    """Whether the modules hold equal buffers and frozen parameters (the vectorised path takes
+    both from the first module)."""
+
+    def fixed(module: nn.Module) -> Dict[str, torch.Tensor]:
+        out = dict(module.named_buffers())
+        out.update({f"param:{n}": p.detach() for n, p in module.named_parameters() if not p.requires_grad})
+        return out
+
+    first = fixed(modules[0])
+    for module in modules[1:]:
+        other = fixed(module)
+        if other.keys() != first.keys():
+            return False
+        for key, value in first.items():
+            if other[key].shape != value.shape or not torch.equal(other[key].cpu(), value.cpu()):
+                return False
+    return True
+
+
+class PairTask(TrainTask):
+    """Train one module per layer on cached (h⁺, h⁻) pairs with each module's ``loss``."""
+
+    name = "pairs"
+    per_layer = True
+
+    def __init__(self, modules: Mapping[int, nn.Module], train: PairedActivations,
+                 eval_data: Optional[PairedActivations], config: TrainConfig) -> None:
+        if not isinstance(modules, Mapping) or not modules:
+            raise ValueError("modules must be a non-empty mapping layer -> trainable intervention.")
+        if not isinstance(train, PairedActivations):
+            raise ValueError(f"train must be PairedActivations, got {type(train).__name__}.")
+        if eval_data is not None and not isinstance(eval_data, PairedActivations):
+            raise ValueError(f"eval_data must be PairedActivations or None, got {type(eval_data).__name__}.")
+        self.layers = sorted(int(layer) for layer in modules)
+        self.modules = {layer: modules[layer] for layer in self.layers}
+        for name, data in (("train", train), ("eval", eval_data)):
+            if data is None:
+                continue
+            missing = [layer for layer in self.layers if layer not in data.positive]
+            if missing:
+                raise ValueError(f"the {name} activations hold no layers {missing} (they hold {data.layers}).")
+        for layer, module in self.modules.items():
+            if not isinstance(module, pv.TrainableIntervention):
+                raise ValueError(f"layer {layer}: {type(module).__name__} is not a pyvene TrainableIntervention.")
+            if not callable(getattr(module, "loss", None)):
+                raise ValueError(f"layer {layer}: {type(module).__name__} has no loss(h_pos, h_neg) method.")
+            if not any(p.requires_grad for p in module.parameters()):
+                raise ValueError(f"layer {layer}: {type(module).__name__} has no trainable parameters.")
+            width = getattr(module, "embed_dim", None)
+            if width is not None and int(width) != train.width:
+                raise ValueError(f"layer {layer}: the module was built for width {int(width)} but the "
+                                 f"activations have width {train.width}.")
+        self.train_data, self.eval_data, self.config = train, eval_data, config
+        self.dtype = config.torch_dtype
+        first = self.modules[self.layers[0]]
+        self.home = next(first.parameters()).device
+        self.home_dtype = next(first.parameters()).dtype
+        self.device = torch.device(config.device) if config.device is not None else self.home
+        self.has_probe = all(callable(getattr(m, "probe_logits", None)) for m in self.modules.values())
+        self.names_by_layer = {layer: [n for n, p in m.named_parameters() if p.requires_grad]
+                               for layer, m in self.modules.items()}
+        self.names = self.names_by_layer[self.layers[0]]
+        self.vectorized = bool(config.vectorize)
+        if self.vectorized:
+            shapes = {n: p.shape for n, p in first.named_parameters()}
+            same = all(type(m) is type(first) and {n: p.shape for n, p in m.named_parameters()} == shapes
+                       for m in self.modules.values())
+            if not same or not _same_buffers(list(self.modules.values())):
+                warnings.warn("the modules differ in class, parameter shapes, buffers or frozen parameters: "
+                              "training them with a loop over layers instead of vectorised.", stacklevel=3)
+                self.vectorized = False
+        if self.vectorized:
+            template = copy.deepcopy(first).to(device=self.device, dtype=self.dtype)
+            self._loss_call = _MethodCall(template, "loss")
+            self._probe_call = _MethodCall(template, "probe_logits")
+            # Matrices are stored transposed, (L, in, out): vmap's batched linear then multiplies
+            # by the stored layout directly and its weight gradient lands in that layout, instead
+            # of a transposing copy of every (L, out, in) gradient per step (~20 % of a step at
+            # d = 576). Views with the module's (out, in) layout are handed to functional_call.
+            self.transposed = {n: dict(first.named_parameters())[n].dim() == 2 for n in self.names}
+            with torch.no_grad():
+                self.stacked = {}
+                for n in self.names:
+                    per_layer = [dict(self.modules[layer].named_parameters())[n].detach() for layer in self.layers]
+                    if self.transposed[n]:
+                        per_layer = [p.T for p in per_layer]
+                    self.stacked[n] = (torch.stack(per_layer).to(device=self.device, dtype=self.dtype)
+                                       .contiguous().requires_grad_(True))
+            loss_call, probe_call = self._loss_call, self._probe_call
+
+            def one_loss(params, hp, hn):
+                return torch.func.functional_call(loss_call, params, (hp, hn))
+
+            def one_probe(params, h):
+                return torch.func.functional_call(probe_call, params, (h,))
+
+            self._vloss = torch.func.vmap(one_loss)
+            self._vprobe = torch.func.vmap(one_probe)
+        else:
+            for module in self.modules.values():
+                module.to(device=self.device, dtype=self.dtype)
+
+    # -- parameters
+    def _params(self) -> Dict[str, torch.Tensor]:
+        """The stacked parameters in the module's layout (views of the stored tensors)."""
+        return {f"module.{n}": t.transpose(-1, -2) if self.transposed[n] else t for n, t in self.stacked.items()}
+
+    def _stacked_view(self, n: str, i: int) -> torch.Tensor:
+        """Layer i's slice of parameter n, in the module's layout (a view: writes go through)."""
+        t = self.stacked[n][i]
+        return t.transpose(-1, -2) if self.transposed[n] else t
+
+    def _layer_params(self, layer: int) -> List[torch.Tensor]:
+        named = dict(self.modules[layer].named_parameters())
+        return [named[n] for n in self.names_by_layer[layer]]
+
+    @property
+    def num_examples(self) -> int:
+        return self.train_data.num_pairs
+
+    def parameters(self) -> List[torch.Tensor]:
+        if self.vectorized:
+            return [self.stacked[n] for n in self.names]
+        return [p for layer in self.layers for p in self._layer_params(layer)]
+
+    def train_mode(self, training: bool) -> None:
+        modules = [self._loss_call] if self.vectorized else list(self.modules.values())
+        for module in modules:
+            module.train(training)
+
+    # -- steps
+    def _accuracy(self, logits: torch.Tensor, n_pos: int) -> torch.Tensor:
+        """Per-layer probe accuracy of logits (L, 2n) for [h⁺; h⁻]: w·h > 0 ⇔ positive."""
+        labels = torch.zeros(logits.shape[-1], dtype=torch.bool, device=logits.device)
+        labels[:n_pos] = True
+        return ((logits > 0) == labels).to(torch.float64).mean(-1)
+
+    def loss(self, idx: torch.Tensor) -> Tuple[torch.Tensor, Dict[str, float]]:
+        hp, hn = self.train_data.gather(self.layers, idx, self.device, self.dtype)
+        shown: Dict[str, float] = {}
+        if self.vectorized:
+            params = self._params()
+            losses = self._vloss(params, hp, hn)
+            total = losses.sum()
+            shown["loss"] = float(losses.detach().mean())
+            if self.has_probe:
+                with torch.no_grad():
+                    logits = self._vprobe({k: v.detach() for k, v in params.items()}, torch.cat([hp, hn], 1))
+                shown["acc"] = float(self._accuracy(logits, hp.shape[1]).mean())
+            return total, shown
+        # Loop over layers: back-propagate layer by layer (same gradients as the vectorised sum).
+        values, accs = [], []
+        for i, layer in enumerate(self.layers):
+            module = self.modules[layer]
+            loss = module.loss(hp[i], hn[i])
+            loss.backward()
+            values.append(float(loss.detach()))
+            if self.has_probe:
+                with torch.no_grad():
+                    logits = module.probe_logits(torch.cat([hp[i], hn[i]]))
+                accs.append(float(self._accuracy(logits[None], hp.shape[1])[0]))
+        shown["loss"] = float(np.mean(values))
+        if accs:
+            shown["acc"] = float(np.mean(accs))
+        return None, shown  # type: ignore[return-value]  (already back-propagated)
+
+    def clip_(self, max_norm: float) -> None:
+        """Scale each layer's gradient to norm ≤ max_norm: g ← g · min(1, max_norm / (‖g‖ + 1e-6))."""
+        if self.vectorized:
+            grads = [self.stacked[n].grad for n in self.names if self.stacked[n].grad is not None]
+            if not grads:
+                return
+            norms = torch.stack([torch.linalg.vector_norm(g.reshape(g.shape[0], -1), dim=1) for g in grads])
+            total = torch.linalg.vector_norm(norms, dim=0)
+            coef = (max_norm / (total + 1e-6)).clamp(max=1.0)
+            for g in grads:
+                g.mul_(coef.reshape(-1, *([1] * (g.dim() - 1))).to(g.dtype))
+            return
+        for layer in self.layers:
+            grads = [p.grad for p in self._layer_params(layer) if p.grad is not None]
+            if not grads:
+                continue
+            norms = torch.stack([torch.linalg.vector_norm(g.reshape(-1)) for g in grads])
+            total = torch.linalg.vector_norm(norms)
+            coef = (max_norm / (total + 1e-6)).clamp(max=1.0)
+            for g in grads:
+                g.mul_(coef.to(g.dtype))
+
+    # -- evaluation
+    @torch.no_grad()
+    def evaluate(self) -> Optional[Dict[str, Any]]:
+        data = self.eval_data
+        if data is None:
+            return None
+        n = data.num_pairs
+        chunk = self.config.eval_batch_size
+        loss_sum = torch.zeros(len(self.layers), dtype=torch.float64)
+        correct = torch.zeros(len(self.layers), dtype=torch.float64)
+        for start in range(0, n, chunk):
+            idx = torch.arange(start, min(start + chunk, n))
+            hp, hn = data.gather(self.layers, idx, self.device, self.dtype)
+            b = len(idx)
+            if self.vectorized:
+                params = self._params()
+                loss_sum += self._vloss(params, hp, hn).double().cpu() * b
+                if self.has_probe:
+                    logits = self._vprobe(params, torch.cat([hp, hn], 1))
+                    correct += self._accuracy(logits, b).cpu() * 2 * b
+            else:
+                for i, layer in enumerate(self.layers):
+                    module = self.modules[layer]
+                    loss_sum[i] += float(module.loss(hp[i], hn[i])) * b
+                    if self.has_probe:
+                        logits = module.probe_logits(torch.cat([hp[i], hn[i]]))
+                        correct[i] += float(self._accuracy(logits[None], b)[0]) * 2 * b
+        losses = loss_sum / n
+        if self.has_probe:
+            scores = correct / (2 * n)
+            metric = "probe_accuracy"
+        else:
+            scores = -losses
+            metric = "neg_eval_loss"
+        return {"metric": metric, "score": float(scores.mean()), "eval_loss": float(losses.mean()),
+                "layer_scores": {layer: float(scores[i]) for i, layer in enumerate(self.layers)}}
+
+    # -- state
+    def state_dict(self) -> Dict[str, torch.Tensor]:
+        out = {}
+        for i, layer in enumerate(self.layers):
+            for n, p in zip(self.names_by_layer[layer], self._layer_tensors(i, layer)):
+                out[f"{layer}.{n}"] = p.detach().cpu().clone(memory_format=torch.contiguous_format)
+        return out
+
+    def _layer_tensors(self, i: int, layer: int) -> List[torch.Tensor]:
+        if self.vectorized:
+            return [self._stacked_view(n, i) for n in self.names]
+        return self._layer_params(layer)
+
+    @torch.no_grad()
+    def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
+        for i, layer in enumerate(self.layers):
+            for n, target in zip(self.names_by_layer[layer], self._layer_tensors(i, layer)):
+                key = f"{layer}.{n}"
+                if key in state:
+                    target.copy_(state[key])
+
+    def layer_keys(self, layer: int) -> List[str]:
+        return [f"{layer}.{n}" for n in self.names_by_layer[layer]]
+
+    def fingerprint(self) -> dict:
+        shapes = {f"{layer}.{n}": list(p.shape) for layer, m in self.modules.items()
+                  for n, p in m.named_parameters() if n in self.names_by_layer[layer]}
+        return {"task": self.name, "layers": self.layers, "num_pairs": self.num_examples,
+                "width": self.train_data.width, "modules": sorted({type(m).__name__ for m in self.modules.values()}),
+                "vectorized": self.vectorized, "parameters": shapes}
+
+    @torch.no_grad()
+    def finalize(self) -> Dict[int, nn.Module]:
+        """Write the trained weights back into one module per layer (on the modules' device)."""
+        for i, layer in enumerate(self.layers):
+            module = self.modules[layer]
+            if self.vectorized:
+                named = dict(module.named_parameters())
+                for n in self.names:
+                    named[n].copy_(self._stacked_view(n, i))
+            else:
+                module.to(device=self.home, dtype=self.home_dtype)
+        return self.modules
+
+
+def trainable_parameters(pvm: pv.IntervenableModel) -> List[Tuple[str, torch.Tensor]]:
+    """``pvm.get_trainable_parameters()`` de-duplicated, with names.
+
+    pyvene lists a parameter once per intervention that uses it (linked interventions share
+    modules) and appends the base model's parameters that require gradients. Names are
+    ``<intervention key>.<parameter name>`` (first use) or ``model.<name>``.
+    """
+    names: Dict[int, str] = {}
+    for key, intervention in pvm.interventions.items():
+        for name, p in intervention.named_parameters():
+            names.setdefault(id(p), f"{key}.{name}")
+    for name, p in pvm.model.named_parameters():
+        names.setdefault(id(p), f"model.{name}")
+    seen, out = set(), []
+    for p in pvm.get_trainable_parameters():
+        if id(p) in seen or not p.requires_grad:
+            continue
+        seen.add(id(p))
+        out.append((names.get(id(p), f"param{len(out)}"), p))
+    return out
+
+
+def lm_examples(prompts: Sequence[Sequence[int]], completions: Sequence[Sequence[int]], *,
+                pad_token_id: int) -> Dict[str, torch.Tensor]:
+    """Right-padded ``input_ids``, ``attention_mask`` and ``labels`` for prompt + completion pairs.
+
+    ``labels`` equal the completion's token ids and −100 on the prompt and padding, so the
+    language-model loss covers the completion tokens only.
+    """
+    if len(prompts) != len(completions) or not prompts:
+        raise ValueError(f"need one completion per prompt and at least one example, got {len(prompts)} prompts "
+                         f"and {len(completions)} completions.")
+    rows = []
+    for i, (p, c) in enumerate(zip(prompts, completions)):
+        p, c = [int(t) for t in p], [int(t) for t in c]
+        if not c:
+            raise ValueError(f"example {i} has an empty completion; nothing to train on.")
+        rows.append((p, c))
+    length = max(len(p) + len(c) for p, c in rows)
+    ids = torch.full((len(rows), length), int(pad_token_id), dtype=torch.long)
+    mask = torch.zeros(len(rows), length, dtype=torch.long)
+    labels = torch.full((len(rows), length), IGNORE_INDEX, dtype=torch.long)
+    for i, (p, c) in enumerate(rows):
+        n = len(p) + len(c)
+        ids[i, :n] = torch.tensor(p + c, dtype=torch.long)
+        mask[i, :n] = 1
+        labels[i, len(p):n] = torch.tensor(c, dtype=torch.long)
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def _check_lm_data(data: Any, name: str) -> Dict[str, torch.Tensor]:
+    if not isinstance(data, Mapping):
+        raise ValueError(f"{name} must be a mapping with input_ids, attention_mask and labels (see lm_examples).")
+    missing = [k for k in ("input_ids", "attention_mask", "labels") if k not in data]
+    if missing:
+        raise ValueError(f"{name} lacks {missing}; build it with lm_examples().")
+    out = {k: torch.as_tensor(data[k]).long() for k in ("input_ids", "attention_mask", "labels")}
+    shape = out["input_ids"].shape
+    if len(shape) != 2 or shape[0] == 0 or shape[1] < 2:
+        raise ValueError(f"{name}['input_ids'] must be (N >= 1, T >= 2), got {tuple(shape)}.")
+    for k, v in out.items():
+        if v.shape != shape:
+            raise ValueError(f"{name}['{k}'] has shape {tuple(v.shape)} but input_ids has {tuple(shape)}.")
+    if not bool((out["labels"][:, 1:] != IGNORE_INDEX).any()):
+        raise ValueError(f"{name} has no completion tokens to score (every label is -100 after the first position).")
+    return out
+
+
+def _trim(batch: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """Drop columns that are padding in every row."""
+    used = batch["attention_mask"].bool().any(0)
+    if bool(used.all()) or not bool(used.any()):
+        return batch
+    cols = torch.nonzero(used).flatten()
+    lo, hi = int(cols[0]), int(cols[-1]) + 1
+    return {k: v[:, lo:hi] for k, v in batch.items()}
+
+
+def lm_loss(pvm: pv.IntervenableModel, batch: Mapping[str, torch.Tensor], reduction: str = "mean") -> torch.Tensor:
+    """Language-model loss of the intervened model on the labelled tokens of ``batch``.
+
+    −(1/|C|) Σ_{t∈C} log p(x_t | x_<t) with C the positions whose label is not −100 (next-token
+    targets: the logits at t − 1 predict the label at t). ``reduction='sum'`` returns the sum.
+    """
+    _, out = pvm({"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]})
+    logits = out.logits[:, :-1]
+    targets = batch["labels"][:, 1:].to(logits.device)
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1),
+                           ignore_index=IGNORE_INDEX, reduction=reduction)
+
+
+@torch.no_grad()
+def evaluate_lm(pvm: pv.IntervenableModel, data: Mapping[str, Any], batch_size: int = 16) -> float:
+    """Token-weighted mean LM loss of the intervened model over the completion tokens of ``data``."""
+    data = _check_lm_data(data, "data")
+    device = next(pvm.model.parameters()).device
+    total, count = 0.0, 0
+    n = data["input_ids"].shape[0]
+    for start in range(0, n, batch_size):
+        batch = _trim({k: v[start:start + batch_size].to(device) for k, v in data.items()})
+        total += float(lm_loss(pvm, batch, reduction="sum"))
+        count += int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+    return total / max(count, 1)
+
+
+class LMTask(TrainTask):
+    """Train the interventions of an ``IntervenableModel`` with the LM loss on completions."""
+
+    name = "lm"
+
+    def __init__(self, pvm: pv.IntervenableModel, train: Mapping[str, Any], eval_data: Optional[Mapping[str, Any]],
+                 config: TrainConfig) -> None:
+        if not isinstance(pvm, pv.IntervenableModel):
+            raise ValueError(f"pvm must be a pyvene.IntervenableModel, got {type(pvm).__name__}.")
+        self.pvm, self.config = pvm, config
+        self.train_data = _check_lm_data(train, "train")
+        self.eval_data = None if eval_data is None else _check_lm_data(eval_data, "eval_data")
+        self.named = trainable_parameters(pvm)
+        if not self.named:
+            raise ValueError("the IntervenableModel has no trainable parameters: its interventions must be "
+                             "pyvene TrainableInterventions with parameters.")
+        self.device = next(pvm.model.parameters()).device  # batches follow the model
+
+    @property
+    def num_examples(self) -> int:
+        return int(self.train_data["input_ids"].shape[0])
+
+    def parameters(self) -> List[torch.Tensor]:
+        return [p for _, p in self.named]
+
+    def train_mode(self, training: bool) -> None:
+        for intervention in self.pvm.interventions.values():
+            if isinstance(intervention, nn.Module):
+                intervention.train(training)
+
+    def loss(self, idx: torch.Tensor) -> Tuple[torch.Tensor, Dict[str, float]]:
+        batch = _trim({k: v[idx].to(self.device) for k, v in self.train_data.items()})
+        loss = lm_loss(self.pvm, batch)
+        return loss, {"loss": float(loss.detach())}
+
+    def clip_(self, max_norm: float) -> None:
+        torch.nn.utils.clip_grad_norm_(self.parameters(), max_norm)
+
+    def evaluate(self) -> Optional[Dict[str, Any]]:
+        if self.eval_data is None:
+            return None
+        loss = evaluate_lm(self.pvm, self.eval_data, self.config.eval_batch_size)
+        return {"metric": "neg_eval_loss", "score": -loss, "eval_loss": loss, "layer_scores": None}
+
+    def state_dict(self) -> Dict[str, torch.Tensor]:
+        return {name: p.detach().cpu().clone() for name, p in self.named}
+
+    @torch.no_grad()
+    def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
+        for name, p in self.named:
+            if name in state:
+                p.copy_(state[name])
+
+    def layer_keys(self, layer: int) -> List[str]:
+        raise ValueError("best_by='layer' needs per-layer scores; end-to-end training has one score.")
+
+    def fingerprint(self) -> dict:
+        return {"task": self.name, "num_examples": self.num_examples,
+                "seq_len": int(self.train_data["input_ids"].shape[1]),
+                "parameters": {name: list(p.shape) for name, p in self.named}}
+
+
+# ---------------------------------------------------------------------------------------- loop
+def lr_factor(step: int, total: int, warmup: int, schedule: str) -> float:
+    """Learning-rate multiplier at optimiser step ``step`` (0-based) of ``total``."""
+    if step < warmup:
+        return step / max(1, warmup)
+    progress = (step - warmup) / max(1, total - warmup)
+    if schedule == "linear":
+        return max(0.0, (total - step) / max(1, total - warmup))
+    if schedule == "cosine":
+        return max(0.0, 0.5 * (1.0 + math.cos(math.pi * progress)))
+    return 1.0
+
+
+def make_optimizer(params: Sequence[torch.Tensor], config: TrainConfig) -> torch.optim.AdamW:
+    """AdamW over ``params``; the fused kernel where torch has one for them (one pass over each
+    tensor: ~5x faster than the default on CPU for HPR's 6.5 M parameters at d = 576 x 30 layers),
+    else the default implementation. The update is elementwise, so stacking layers changes nothing."""
+    kwargs = dict(lr=config.learning_rate, betas=config.adam_betas, eps=config.adam_eps,
+                  weight_decay=config.weight_decay)
+    try:
+        return torch.optim.AdamW(params, fused=True, **kwargs)
+    except (RuntimeError, TypeError, ValueError):
+        return torch.optim.AdamW(params, **kwargs)
+
+
+def epoch_permutation(n: int, seed: int, epoch: int) -> torch.Tensor:
+    """The order of the examples in ``epoch`` (0-based): a function of (seed, epoch) only."""
+    return torch.from_numpy(np.random.default_rng([int(seed), int(epoch)]).permutation(n))
+
+
+def _atomic_save(obj: Any, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            torch.save(obj, handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+
+
+def _progress(total: int, desc: str, enabled: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, disable=not enabled, leave=True, dynamic_ncols=True)
+
+
+def run_training(task: TrainTask, config: TrainConfig,
+                 callbacks: Sequence[Callable[[EpochRecord], None]] = ()) -> TrainResult:
+    """Run the training loop described in the module docstring on ``task``.
+
+    ``callbacks`` are called with each epoch's :class:`EpochRecord` after its checkpoint is
+    written (an exception raised there stops training; the run resumes from that checkpoint).
+    """
+    started = time.perf_counter()
+    n = task.num_examples
+    steps_per_epoch = math.ceil(n / config.batch_size)
+    total = steps_per_epoch * config.epochs
+    warmup = math.ceil(total * config.warmup_ratio)
+    if config.best_by == "layer" and not task.per_layer:
+        raise ValueError("best_by='layer' needs per-layer scores (cached-activation training).")
+    optimizer = make_optimizer(task.parameters(), config)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: lr_factor(step, total, warmup, config.schedule))
+    fingerprint = {"config": config.fingerprint(), "task": task.fingerprint()}
+
+    history: List[EpochRecord] = []
+    best: Dict[str, Any] = {"score": None, "epoch": None, "state": None, "layer_scores": None, "layer_epochs": {}}
+    start_epoch, step, resumed_from = 0, 0, None
+    ckpt_path = Path(config.checkpoint_dir) / CHECKPOINT_NAME if config.checkpoint_dir else None
+    if ckpt_path is not None and config.resume and ckpt_path.is_file():
+        saved = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+        if saved.get("format") != CHECKPOINT_FORMAT or saved.get("fingerprint") != fingerprint:
+            raise ValueError(
+                f"the checkpoint in {config.checkpoint_dir} belongs to a different training (other data, modules "
+                "or hyperparameters); use another checkpoint_dir or resume=False to start over."
+            )
+        task.load_state_dict(saved["task"])
+        optimizer.load_state_dict(saved["optimizer"])
+        scheduler.load_state_dict(saved["scheduler"])
+        torch.set_rng_state(saved["rng"])
+        history = [EpochRecord(**r) for r in saved["history"]]
+        best = saved["best"]
+        start_epoch = resumed_from = int(saved["epoch"])
+        step = int(saved["step"])
+
+    bar = None
+    try:
+        for epoch in range(start_epoch, config.epochs):
+            t0 = time.perf_counter()
+            task.train_mode(True)
+            order = epoch_permutation(n, config.seed, epoch)
+            bar = _progress(steps_per_epoch, f"{task.name} epoch {epoch + 1}/{config.epochs}", config.progress)
+            loss_sum, acc_sum, acc_count = 0.0, 0.0, 0
+            for s in range(steps_per_epoch):
+                idx = order[s * config.batch_size:(s + 1) * config.batch_size]
+                optimizer.zero_grad(set_to_none=True)
+                loss, shown = task.loss(idx)
+                if loss is not None:
+                    loss.backward()
+                if config.max_grad_norm is not None:
+                    task.clip_(config.max_grad_norm)
+                optimizer.step()
+                scheduler.step()
+                step += 1
+                loss_sum += shown["loss"]
+                if "acc" in shown:
+                    acc_sum += shown["acc"]
+                    acc_count += 1
+                postfix = {"loss": f"{loss_sum / (s + 1):.4f}"}
+                if acc_count:
+                    postfix["acc"] = f"{acc_sum / acc_count:.3f}"
+                bar.set_postfix(postfix, refresh=False)
+                bar.update(1)
+            task.train_mode(False)
+            metrics = task.evaluate()
+            if metrics is not None:
+                postfix[f"eval_{metrics['metric']}"] = f"{metrics['score']:.4f}"
+                bar.set_postfix(postfix, refresh=True)
+            bar.close()
+            bar = None
+            record = EpochRecord(
+                epoch=epoch + 1, step=step, train_loss=loss_sum / steps_per_epoch,
+                train_accuracy=acc_sum / acc_count if acc_count else None,
+                eval_loss=None if metrics is None else metrics["eval_loss"],
+                score=None if metrics is None else metrics["score"],
+                metric=None if metrics is None else metrics["metric"],
+                layer_scores=None if metrics is None else metrics["layer_scores"],
+                learning_rate=float(optimizer.param_groups[0]["lr"]), seconds=time.perf_counter() - t0,
+            )
+            history.append(record)
+            if metrics is not None and config.select_best:
+                _update_best(best, record, task, config)
+            if ckpt_path is not None:
+                _atomic_save({
+                    "format": CHECKPOINT_FORMAT, "fingerprint": fingerprint, "epoch": epoch + 1, "step": step,
+                    "task": task.state_dict(), "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(), "rng": torch.get_rng_state(),
+                    "history": [asdict(r) for r in history], "best": best,
+                }, ckpt_path)
+            for callback in callbacks:
+                callback(record)
+        # Restore the selected weights.
+        layer_scores = history[-1].layer_scores if history else None
+        best_epoch, best_score = None, None
+        layer_best_epochs = None
+        if best["state"] is not None:
+            task.load_state_dict(best["state"])
+            best_epoch, best_score, layer_scores = best["epoch"], best["score"], best["layer_scores"]
+            if config.best_by == "layer":
+                layer_best_epochs = {int(k): int(v) for k, v in best["layer_epochs"].items()}
+        modules = task.finalize()
+    finally:
+        if bar is not None:
+            bar.close()
+        task.close()
+    return TrainResult(modules=modules, history=history, best_epoch=best_epoch, best_score=best_score,
+                       metric=history[-1].metric if history else None, layer_scores=layer_scores,
+                       layer_best_epochs=layer_best_epochs, steps=step, seconds=time.perf_counter() - started,
+                       resumed_from_epoch=resumed_from, config=config)
+
+
+def _update_best(best: Dict[str, Any], record: EpochRecord, task: TrainTask, config: TrainConfig) -> None:
+    """Keep the weights of the best epoch so far (strictly better score; ties keep the earlier)."""
+    if config.best_by == "mean":
+        if best["score"] is None or record.score > best["score"]:
+            best.update(score=record.score, epoch=record.epoch, state=task.state_dict(),
+                        layer_scores=dict(record.layer_scores) if record.layer_scores else None)
+        return
+    state = task.state_dict()
+    if best["state"] is None:
+        best["state"] = {}
+        best["layer_scores"] = {}
+    for layer, score in record.layer_scores.items():
+        previous = best["layer_scores"].get(layer)
+        if previous is None or score > previous:
+            best["layer_scores"][layer] = score
+            best["layer_epochs"][layer] = record.epoch
+            for key in task.layer_keys(layer):
+                best["state"][key] = state[key]
+    best["score"] = float(np.mean(list(best["layer_scores"].values())))
+    best["epoch"] = max(best["layer_epochs"].values())
+
+
+# --------------------------------------------------------------------------------- entry points
+def train_pairs(modules: Mapping[int, nn.Module], train: PairedActivations,
+                eval_data: Optional[PairedActivations] = None, config: Optional[TrainConfig] = None,
+                callbacks: Sequence[Callable[[EpochRecord], None]] = ()) -> TrainResult:
+    """Train one trainable intervention per layer (each with a ``loss(h_pos, h_neg)`` method) on
+    cached activation pairs; see the module docstring. Modules are updated in place and returned
+    in ``TrainResult.modules``."""
+    config = config or TrainConfig()
+    return run_training(PairTask(modules, train, eval_data, config), config, callbacks)
+
+
+def train_hpr(train: PairedActivations, eval_data: Optional[PairedActivations] = None, *,
+              layers: Optional[Sequence[int]] = None, config: Optional[TrainConfig] = None, alpha: float = 1.0,
+              angle_hidden_widths: Optional[Sequence[int]] = None, stable: bool = True, position_policy=None,
+              modules: Optional[Mapping[int, nn.Module]] = None,
+              callbacks: Sequence[Callable[[EpochRecord], None]] = ()) -> TrainResult:
+    """Train one :class:`~actedit.interventions.HPRIntervention` per layer on cached pairs.
+
+    Modules (unless given) are created for ``layers`` (default: every layer of ``train``) in
+    ascending layer order right after ``torch.manual_seed(config.seed)`` (the global RNG state is
+    restored afterwards). Per layer and batch of pairs the loss is the paper's
+    BCE(σ(wᵀX), y) + MSE(θ̂(X), ∠(X, T)) with X = [h⁺; h⁻], T = [h⁺; h⁺], y = [1; 0].
+    Select layers afterwards with :func:`actedit.train.select.select_layers` and build the edit
+    with :func:`~actedit.interventions.build_hpr_config` (``modules=result.modules``).
+    """
+    from actedit.interventions import HPRIntervention
+
+    config = config or TrainConfig()
+    if not isinstance(train, PairedActivations):
+        raise ValueError(f"train must be PairedActivations, got {type(train).__name__}.")
+    if modules is None:
+        layers = sorted(train.layers if layers is None else [int(x) for x in layers])
+        if not layers or len(set(layers)) != len(layers):
+            raise ValueError(f"layers must be distinct layer indices, got {layers}.")
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(config.seed)
+            modules = {layer: HPRIntervention(embed_dim=train.width, alpha=alpha,
+                                              angle_hidden_widths=angle_hidden_widths, stable=stable,
+                                              position_policy=position_policy)
+                       for layer in layers}
+    elif layers is not None:
+        modules = {int(layer): modules[int(layer)] for layer in layers}
+    return train_pairs(modules, train, eval_data, config, callbacks)
+
+
+def train_lm(pvm: pv.IntervenableModel, train: Mapping[str, Any], eval_data: Optional[Mapping[str, Any]] = None,
+             config: Optional[TrainConfig] = None,
+             callbacks: Sequence[Callable[[EpochRecord], None]] = ()) -> TrainResult:
+    """Train ``pvm``'s interventions end-to-end with the LM loss on completion tokens.
+
+    ``train`` / ``eval_data``: ``{"input_ids", "attention_mask", "labels"}`` tensors (N, T) as
+    built by :func:`lm_examples` (labels −100 outside the completions). The base model stays
+    frozen (pyvene freezes it when wrapping); the best epoch is the one with the lowest eval loss.
+    """
+    config = config or TrainConfig()
+    return run_training(LMTask(pvm, train, eval_data, config), config, callbacks)
+
+
+__all__ = [
+    "BEST_BY", "CHECKPOINT_NAME", "EpochRecord", "LMTask", "PairTask", "PairedActivations", "SCHEDULES",
+    "TrainConfig", "TrainResult", "TrainTask", "epoch_permutation", "evaluate_lm", "lm_examples", "lm_loss",
+    "lr_factor", "make_optimizer", "run_training", "train_hpr", "train_lm", "train_pairs", "trainable_parameters",
+]
