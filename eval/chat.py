@@ -1,0 +1,278 @@
+"""An interactive session with an edited model whose edited layers can be re-selected live.
+
+Like the HPR repository's ``cli_demo.py``: type a prompt and the edited model answers; a line
+
+    ### target layers: 13,14,15     edit only these of the artifact's layers
+    ### target layers: all          edit every layer of the artifact
+    ### target layers: none         the base model, unedited
+
+changes which layers are edited; ``### status`` shows them, ``### help`` lists the commands,
+and an empty line (or end of input) ends the session. Input is read from stdin and answers are
+written to stdout, so a session can be scripted by piping lines in.
+
+How layers are switched: the artifact is loaded once with
+:func:`actedit.interventions.load_artifact`; its interventions are kept keyed by layer (an
+artifact composing several methods may hold several per layer, kept in the artifact's order).
+Selecting layers builds a new ``pyvene.IntervenableConfig`` from those interventions and a new
+``IntervenableModel`` on the same base model, after removing any pyvene hook left on it; ``none``
+uses the base model directly. Generation follows :mod:`actedit.eval.generate` (greedy by default,
+chat template when the tokenizer has one, ``pvm.generate(..., unit_locations=None,
+intervene_on_prompt=True)``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+from typing import Dict, Iterable, List, Mapping, Optional, Sequence, TextIO, Tuple, Union
+
+PROMPT_LINE = "Enter your input prompt (Leave empty to end program):"
+
+HELP = """Commands:
+  ### target layers: 13,14,15   edit only these layers (ranges like 10-12 work too)
+  ### target layers: all        edit every layer of the artifact
+  ### target layers: none       no edit (the base model)
+  ### status                    show the edited layers
+  ### help                      show this help
+  (empty line)                  end the session
+Any other line is a prompt for the model."""
+
+_TARGET = re.compile(r"^###\s*target[\s_-]*layers?\s*:?\s*(.*)$", re.IGNORECASE)
+_COMMAND = re.compile(r"^###\s*(\w+)\s*$")
+
+
+def parse_layer_selection(text: Union[str, Iterable[int], None], available: Sequence[int]) -> List[int]:
+    """Layers selected by ``text``: ``"all"``, ``"none"`` (or empty), or indices like ``"13,14,15"`` / ``"10-12"``.
+
+    Raises:
+        ValueError: for a malformed list or layers the artifact does not edit.
+    """
+    available = sorted(int(x) for x in available)
+    if text is None:
+        return list(available)
+    if not isinstance(text, str):
+        chosen = [int(x) for x in text]
+    else:
+        spec = text.strip().lower()
+        if spec == "all":
+            return list(available)
+        if spec in ("none", ""):
+            return []
+        chosen = []
+        for part in re.split(r"[,\s]+", spec):
+            if not part:
+                continue
+            match = re.fullmatch(r"(-?\d+)(?:-(\d+))?", part)
+            if not match:
+                raise ValueError(f"cannot read layer {part!r}: use e.g. '13,14,15', '10-12', 'all' or 'none'.")
+            lo = int(match.group(1))
+            hi = int(match.group(2)) if match.group(2) is not None else lo
+            if hi < lo:
+                raise ValueError(f"empty layer range {part!r}.")
+            chosen += list(range(lo, hi + 1))
+    unknown = sorted(set(chosen) - set(available))
+    if unknown:
+        raise ValueError(f"layer(s) {_fmt(unknown)} are not edited by this artifact; "
+                         f"available: {_fmt(available)}.")
+    return sorted(set(chosen))
+
+
+def _fmt(layers: Sequence[int]) -> str:
+    return ",".join(str(x) for x in layers)
+
+
+class ChatSession:
+    """A model, its tokenizer and an edit whose active layers can be changed.
+
+    Args:
+        model: the base model.
+        tokenizer: its tokenizer.
+        edits: layer → list of ``(RepresentationConfig, intervention)`` at that layer.
+        info: the artifact's ``actedit`` metadata (kept in rebuilt configs).
+        settings: :class:`~actedit.eval.generate.GenerationSettings` (default: greedy, 100 new
+            tokens, like the HPR demo).
+        layers: initially active layers (a selection string or list; default all).
+    """
+
+    def __init__(self, model, tokenizer, edits: Mapping[int, Sequence[Tuple[object, object]]], *,
+                 info: Optional[dict] = None, settings=None, layers: Union[str, Iterable[int], None] = "all"):
+        from .generate import GenerationSettings
+
+        if not edits:
+            raise ValueError("the edit holds no interventions.")
+        self.model = model
+        self.tokenizer = tokenizer
+        self.edits: Dict[int, List[Tuple[object, object]]] = {int(k): list(v) for k, v in edits.items()}
+        self.info = dict(info or {})
+        self.settings = settings or GenerationSettings(max_new_tokens=100, batch_size=1)
+        self.pvm = None
+        self.active: List[int] = []
+        self.select(layers)
+
+    # ---------------------------------------------------------------------- construction
+    @classmethod
+    def from_pvm(cls, pvm, tokenizer, **kwargs) -> "ChatSession":
+        """A session over the interventions of a ``pyvene.IntervenableModel`` (keyed by layer)."""
+        edits: Dict[int, List[Tuple[object, object]]] = {}
+        for key in pvm.sorted_keys:
+            rep = pvm.representations[key]
+            module = pvm.interventions[key]
+            module = module[0] if isinstance(module, tuple) else module
+            edits.setdefault(int(rep.layer), []).append((rep, module))
+        info = getattr(pvm.config, "actedit", None) or {}
+        return cls(pvm.model, tokenizer, edits, info=info, **kwargs)
+
+    @classmethod
+    def from_artifact(cls, path_or_repo, model, tokenizer, **kwargs) -> "ChatSession":
+        """Load an artifact (directory or Hub repo id) onto ``model`` and open a session."""
+        from actedit.interventions import load_artifact
+
+        pvm = load_artifact(path_or_repo, model)
+        return cls.from_pvm(pvm, tokenizer, **kwargs)
+
+    # ------------------------------------------------------------------------- layers
+    @property
+    def available_layers(self) -> List[int]:
+        return sorted(self.edits)
+
+    def select(self, layers: Union[str, Iterable[int], None]) -> List[int]:
+        """Make ``layers`` the edited layers (see :func:`parse_layer_selection`); returns them."""
+        chosen = parse_layer_selection(layers, self.available_layers)
+        self._rebuild(chosen)
+        return chosen
+
+    def _rebuild(self, layers: List[int]) -> None:
+        import pyvene as pv
+
+        from actedit.interventions import compat
+        from actedit.interventions.config import intervenable
+
+        self.pvm = None
+        compat.apply()
+        compat.remove_pyvene_hooks(self.model)  # no hook of an earlier wrapper may stay on the model
+        self.active = list(layers)
+        if not layers:
+            return
+        representations = [rep._replace(intervention=module)._asdict()
+                           for layer in layers for rep, module in self.edits[layer]]
+        config = pv.IntervenableConfig(representations=representations, actedit=self.info)
+        self.pvm = intervenable(self.model, config)
+
+    def describe(self) -> str:
+        if not self.active:
+            return "none (base model)"
+        if self.active == self.available_layers:
+            return f"all ({_fmt(self.active)})"
+        return _fmt(self.active)
+
+    # ---------------------------------------------------------------------- generation
+    def respond(self, prompt: str) -> str:
+        """The answer of the model with the active layers edited (base model when none)."""
+        from .generate import build_prompt, generate_texts, uses_chat_template
+
+        text = build_prompt(self.tokenizer, prompt, self.settings)
+        chat = uses_chat_template(self.tokenizer, self.settings)
+        target = self.pvm if self.pvm is not None else self.model
+        return generate_texts(target, self.tokenizer, [text], self.settings, add_special_tokens=not chat)[0]
+
+    def handle(self, line: str) -> Optional[str]:
+        """The reply to one input line; ``None`` ends the session (empty line)."""
+        text = line.rstrip("\r\n")
+        if not text.strip():
+            return None
+        stripped = text.strip()
+        target = _TARGET.match(stripped)
+        if target:
+            if not target.group(1).strip():
+                return f"Targeting layers: {self.describe()} (available: {_fmt(self.available_layers)})"
+            try:
+                self.select(target.group(1))
+            except ValueError as exc:
+                return f"Error: {exc} Still targeting layers: {self.describe()}"
+            return f"Targeting layers: {self.describe()}"
+        command = _COMMAND.match(stripped)
+        if command:
+            name = command.group(1).lower()
+            if name == "help":
+                return HELP
+            if name == "status":
+                return f"Targeting layers: {self.describe()} (available: {_fmt(self.available_layers)})"
+            return f"Unknown command {stripped!r}.\n{HELP}"
+        if stripped.startswith("###"):
+            return f"Unknown command {stripped!r}.\n{HELP}"
+        return self.respond(text)
+
+    def run(self, stdin: Optional[TextIO] = None, stdout: Optional[TextIO] = None) -> int:
+        """Read lines from ``stdin`` until an empty line or end of input, write replies to ``stdout``."""
+        stdin = stdin or sys.stdin
+        stdout = stdout or sys.stdout
+        echo = not (hasattr(stdin, "isatty") and stdin.isatty())
+        while True:
+            stdout.write(PROMPT_LINE + "\n>>> ")
+            stdout.flush()
+            line = stdin.readline()
+            if echo:
+                stdout.write(line if line.endswith("\n") or not line else line + "\n")
+            reply = self.handle(line) if line else None
+            if reply is None:
+                if not line:
+                    stdout.write("\n")
+                stdout.write("<CLOSED>\n")
+                stdout.flush()
+                return 0
+            stdout.write(reply + "\n")
+            stdout.flush()
+
+
+# ----------------------------------------------------------------------------------- CLI
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options of ``actedit chat``."""
+    parser.add_argument("--intervention", "-i", required=True, metavar="DIR",
+                        help="artifact directory (or Hub repo id owner/name) saved by actedit / pyvene")
+    parser.add_argument("--model", "-m", default=None, metavar="SPEC",
+                        help="base model: alias (e.g. smollm2-135m-instruct), .gguf file, directory or Hub id; "
+                             "default: the base model recorded in the artifact")
+    parser.add_argument("--max-new-tokens", type=int, default=100, help="new tokens per answer (default 100)")
+    parser.add_argument("--layers", default="all",
+                        help="layers edited at start: 'all' (default), 'none' or e.g. '13,14,15'")
+    parser.add_argument("--position-policy", default=None,
+                        help="override every intervention's position policy (e.g. 'last' as the HPR demo, 'all')")
+    parser.add_argument("--system", default=None, help="system prompt (chat template only)")
+    parser.add_argument("--no-chat-template", action="store_true", help="feed prompts as plain text")
+    parser.add_argument("--device", default="cpu", help="torch device (default cpu)")
+
+
+def run(args, stdin: Optional[TextIO] = None, stdout: Optional[TextIO] = None) -> int:
+    """``actedit chat``: load the model and the artifact, then run a session on stdin/stdout."""
+    from actedit.interventions.artifacts import resolve_artifact, verify_artifact
+
+    from .generate import GenerationSettings
+    from .models import load_model
+
+    stdout = stdout or sys.stdout
+    directory = resolve_artifact(args.intervention)
+    info = verify_artifact(directory)
+    spec = args.model or (info.get("base_model") or {}).get("name_or_path")
+    if not spec:
+        raise ValueError("the artifact does not record its base model; pass --model.")
+    stdout.write(f"-----> Loading {spec}\n")
+    stdout.flush()
+    model, tokenizer = load_model(spec, device=args.device)
+    settings = GenerationSettings(max_new_tokens=args.max_new_tokens, batch_size=1, system_prompt=args.system,
+                                  use_chat_template=False if args.no_chat_template else None)
+    session = ChatSession.from_artifact(directory, model, tokenizer, settings=settings, layers=args.layers)
+    if args.position_policy is not None:
+        from actedit.interventions.base import ActEditIntervention
+
+        for items in session.edits.values():
+            for _, module in items:
+                if isinstance(module, ActEditIntervention):
+                    module.set_position_policy(args.position_policy)
+    methods = sorted({e.get("method", "?") for e in info.get("edits", [])})
+    stdout.write(f"-----> Edit: {', '.join(methods) or '?'} at layers {_fmt(session.available_layers)}; "
+                 f"targeting layers: {session.describe()}. Type '### help' for commands.\n")
+    return session.run(stdin, stdout)
+
+
+__all__ = ["ChatSession", "HELP", "add_arguments", "parse_layer_selection", "run"]
