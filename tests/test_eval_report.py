@@ -1,0 +1,58 @@
+"""``actedit eval`` end to end on a tiny local model: results.json, report.md, plots, errors."""
+
+import json
+
+import pytest
+import torch
+
+import actedit.interventions as ai
+from actedit.cli import main
+from actedit.eval import mc
+
+from conftest import SHARED_DATA, tiny_model
+from test_eval_mc import build_tokenizer
+
+
+@pytest.fixture(scope="module")
+def local_model(tmp_path_factory):
+    if not (SHARED_DATA / "mc_task.json").is_file():
+        pytest.skip(f"TruthfulQA data not found at {SHARED_DATA}")
+    from actedit.train.truthfulqa import load_truthfulqa, load_split, select
+
+    questions = select(load_truthfulqa(SHARED_DATA), "test", load_split(SHARED_DATA), limit=3)
+    tokenizer = build_tokenizer([mc.TRUTHFULQA_PRIMER] + [q.question for q in questions]
+                                + [c for q in questions for c in q.mc2_choices])
+    model = tiny_model("llama", vocab_size=len(tokenizer), max_position_embeddings=1024)
+    root = tmp_path_factory.mktemp("model")
+    model.save_pretrained(root / "model")
+    tokenizer.save_pretrained(root / "model")
+    caa = ai.build_caa_config(model, {1: torch.randn(32) * 3})
+    ai.save_artifact(ai.intervenable(model, caa), root / "caa")
+    return root, questions
+
+
+def test_eval_with_and_without_edit(local_model, tmp_path):
+    root, questions = local_model
+    args = ["eval", "--model", str(root / "model"), "--data", str(SHARED_DATA), "--split", "test", "--limit", "3"]
+    assert main(args + ["--out", str(tmp_path / "base")]) == 0
+    base = json.loads((tmp_path / "base" / "results.json").read_text())
+    assert base["n_questions"] == 3 and 0 <= base["mc1"] <= 1 and 0 <= base["mc2"] <= 1
+    assert [r["index"] for r in base["base"]["per_question"]] == [q.index for q in questions]
+    assert main(args + ["--intervention", str(root / "caa"), "--out", str(tmp_path / "caa")]) == 0
+    edited = json.loads((tmp_path / "caa" / "results.json").read_text())
+    assert edited["mc2"] == edited["edited"]["mc2"] and edited["base"]["mc2"] == pytest.approx(base["mc2"])
+    assert edited["mc2"] != pytest.approx(base["mc2"])
+    assert {"flips", "side_effects", "norms"} <= set(edited)
+    assert edited["side_effects"]["kl"] > 0
+    assert (tmp_path / "caa" / "norms.png").stat().st_size > 0 and (tmp_path / "caa" / "flips.png").is_file()
+    report = (tmp_path / "caa" / "report.md").read_text()
+    assert "| edited |" in report and "False→True" in report
+
+
+def test_eval_errors(local_model, tmp_path, capsys):
+    root, _ = local_model
+    assert main(["eval", "--model", str(root / "model"), "--data", str(tmp_path / "nothing"),
+                 "--out", str(tmp_path / "o")]) == 1
+    assert "No TruthfulQA data" in capsys.readouterr().err
+    assert main(["eval", "--model", "./no/such/model", "--data", str(SHARED_DATA), "--out", str(tmp_path / "o")]) == 1
+    assert "No model at" in capsys.readouterr().err
