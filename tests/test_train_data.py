@@ -1,0 +1,405 @@
+"""Contrast data model, loaders (local fixture files in the Hub schemas; Hub calls faked) and formats."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+
+from actedit.train import data as D
+from actedit.train.data import (
+    ContrastDataset,
+    ContrastExample,
+    PromptPair,
+    PromptPairDataset,
+    load_bbq,
+    load_bigbench,
+    load_contrast,
+    load_contrast_jsonl,
+    load_prompt_pairs_jsonl,
+    load_simple_ethical_questions,
+    load_toxigen,
+    load_truthfulqa_mc,
+)
+from actedit.train.formats import (
+    ActAddFormat,
+    CAAFormat,
+    HPRFormat,
+    ITIFormat,
+    SEAFormat,
+    get_format,
+)
+
+from conftest import SHARED_DATA
+
+# ------------------------------------------------------------------------ test tokenizer
+CORPUS = [
+    "Question: What is the capital of France?\nChoices:\nA. Paris\nB. Lyon\nAnswer:\n",
+    "Q: Is the sky blue? A: Yes it is. No it is not. The sky is green.",
+    "The quick brown fox jumps over the lazy dog. Which answer (A) or (B) is right?",
+    "Love Hate I talk about weddings constantly. Statement: hateful Respond with either Yes or No.",
+]
+CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def make_tokenizer(vocab_size: int = 300):
+    """A small byte-level BPE tokenizer (trained in milliseconds, offline) with a ChatML template.
+
+    Ids 0, 1, 2 are <pad>, <s>, </s> (the tiny test models' pad/bos/eos); BOS is added to plain
+    text; ``len(tokenizer)`` is the vocabulary size to build models with.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, show_progress=False,
+                                  special_tokens=["<pad>", "<s>", "</s>", "<|im_start|>", "<|im_end|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(CORPUS * 3, trainer)
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+    fast.chat_template = CHATML
+    return fast
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return make_tokenizer()
+
+
+def example(i=0, **meta):
+    return ContrastExample(f"Is the sky blue number {i}?", ["Yes it is.", "It is blue."],
+                           ["No it is not.", "The sky is green.", "Never."], {"id": f"ex{i}", **meta})
+
+
+# ---------------------------------------------------------------------------- data model
+def test_example_validation_messages():
+    with pytest.raises(ValueError, match="prompt is empty"):
+        ContrastExample("  ", ["a"], ["b"])
+    with pytest.raises(ValueError, match="no positive"):
+        ContrastExample("q", [], ["b"])
+    with pytest.raises(ValueError, match="no negative"):
+        ContrastExample("q", ["a"], [], {"id": 7})
+    with pytest.raises(ValueError, match="both a positive and a negative"):
+        ContrastExample("q", ["a", "b"], ["b"])
+    with pytest.raises(ValueError, match=r"positives\[1\] is empty"):
+        ContrastExample("q", ["a", ""], ["b"])
+    with pytest.raises(ValueError, match="must be a string"):
+        ContrastExample("q", ["a", 3], ["b"])
+    with pytest.raises(ValueError, match="JSON-serialisable"):
+        ContrastExample("q", ["a"], ["b"], {"x": object()})
+    one = ContrastExample("q", "a", "b")  # a single string is one response
+    assert one.positives == ["a"] and one.negatives == ["b"] and one.num_pairs == 1
+    with pytest.raises(ValueError, match="identical"):
+        PromptPair("Love", "Love")
+    with pytest.raises(ValueError, match="prompt2 must be a non-empty string"):
+        PromptPair("Love", "")
+
+
+def test_dataset_behaviour(tmp_path):
+    ds = ContrastDataset([example(i) for i in range(5)], name="toy")
+    assert len(ds) == 5 and ds.num_pairs == 5 * 6
+    triples = list(ds.pairs())
+    assert len(triples) == 30 and triples[0] == (ds[0].prompt, "Yes it is.", "No it is not.")
+    assert isinstance(ds[1:3], ContrastDataset) and len(ds[1:3]) == 2
+    assert [x.id for x in ds.select([4, 0])] == ["ex4", "ex0"]
+    with pytest.raises(ValueError, match="is empty"):
+        ContrastDataset([], name="nothing")
+    with pytest.raises(ValueError, match="is empty"):
+        ds.filter(lambda x: False)
+    with pytest.raises(ValueError, match="not a ContrastExample"):
+        ContrastDataset([PromptPair("a", "b")])
+    train, evals = ds.train_eval_split(eval_ratio=0.4, seed=3)
+    assert len(train) == 3 and len(evals) == 2
+    assert {x.id for x in train} | {x.id for x in evals} == {x.id for x in ds}
+    assert train.splits == ["train"] and evals.splits == ["eval"]
+    assert [x.id for x in ds.train_eval_split(0.4, seed=3)[1]] == [x.id for x in evals]  # seeded
+    merged = ContrastDataset(list(train) + list(evals))
+    assert len(merged.split("eval")) == 2
+    with pytest.raises(ValueError, match="no example in split 'test'"):
+        merged.split("test")
+    # digest: stable, order- and content-sensitive
+    assert ds.digest() == ContrastDataset([example(i) for i in range(5)]).digest()
+    assert ds.digest() != ds.select([1, 0, 2, 3, 4]).digest()
+    # JSONL round trip
+    path = ds.with_split("train").to_jsonl(tmp_path / "toy.jsonl")
+    back = load_contrast_jsonl(path)
+    assert [x.positives for x in back] == [x.positives for x in ds]
+    assert back[2].metadata["split"] == "train" and back[2].id == "ex2"
+    pairs = PromptPairDataset([PromptPair("Love", "Hate", {"id": 1})])
+    pairs_back = load_prompt_pairs_jsonl(pairs.to_jsonl(tmp_path / "pairs.jsonl"))
+    assert pairs_back[0].prompt1 == "Love" and pairs_back[0].id == 1
+
+
+# ------------------------------------------------------------------------------ TruthfulQA
+def test_truthfulqa_local_and_split():
+    full = load_truthfulqa_mc(SHARED_DATA)
+    assert len(full) == 817 and full.name == "truthfulqa_mc2"
+    train = load_truthfulqa_mc(SHARED_DATA, split="train")  # HPR's split file found in the directory
+    splits = json.loads((SHARED_DATA / "hpr_ids_splits.json").read_text())
+    assert len(train) == len(splits["train"]) == 367
+    assert [x.metadata["index"] for x in train[:5]] == splits["train"][:5]
+    assert all(x.split == "train" for x in train)
+    records = json.loads((SHARED_DATA / "mc_task.json").read_text())
+    q = records[splits["train"][0]]
+    ex = train[0]
+    assert ex.prompt == q["question"]
+    assert ex.positives == [c for c, y in q["mc2_targets"].items() if y]
+    assert ex.negatives == [c for c, y in q["mc2_targets"].items() if not y]
+    mc1 = load_truthfulqa_mc(SHARED_DATA, split="eval", targets="mc1", limit=3)
+    assert len(mc1) == 3 and all(len(x.positives) == 1 for x in mc1)
+    assert load_truthfulqa_mc(SHARED_DATA, split="test", split_file=SHARED_DATA / "hpr_ids_splits.json")[0].split == "test"
+
+
+def test_truthfulqa_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="mc_task.json"):
+        load_truthfulqa_mc(tmp_path / "nowhere")
+    (tmp_path / "mc_task.json").write_text(json.dumps([
+        {"question": "Q?", "mc1_targets": {"a": 1, "b": 0}, "mc2_targets": {"a": 1, "b": 0}}]))
+    with pytest.raises(ValueError, match="needs a split file"):
+        load_truthfulqa_mc(tmp_path, split="train")
+    assert len(load_truthfulqa_mc(tmp_path)) == 1
+    (tmp_path / "mc_task.json").write_text(json.dumps([
+        {"question": "Q?", "mc1_targets": {"a": 1, "b": 0}, "mc2_targets": {"a": 1, "b": 1}}]))
+    with pytest.raises(ValueError, match="no false choice"):
+        load_truthfulqa_mc(tmp_path)
+
+
+# --------------------------------------------------------------------- Hub-schema loaders
+BIGBENCH_ROWS = [  # the Hugging Face bigbench schema (tasksource/bigbench, bbq_lite_json)
+    {"idx": 0, "inputs": "Who was bad at math? choice: the girl choice: the boy choice: unknown",
+     "targets": ["unknown"], "multiple_choice_targets": ["the girl", "the boy", "unknown"],
+     "multiple_choice_scores": [0, 0, 1]},
+    {"idx": 1, "inputs": "Is lying acceptable? choice: yes choice: no",
+     "targets": ["no"], "multiple_choice_targets": ["yes", "no"], "multiple_choice_scores": [0, 1]},
+]
+TOXIGEN_ROWS = [  # toxigen/toxigen-data, config annotated
+    {"text": "people of group x are wonderful", "target_group": "x", "toxicity_ai": 1.0, "toxicity_human": 1.2},
+    {"text": "group y should be banned", "target_group": "y", "toxicity_ai": 4.1, "toxicity_human": 3.9},
+]
+
+
+def test_bigbench_local_files(tmp_path):
+    path = tmp_path / "bbq.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in BIGBENCH_ROWS))
+    ds = load_bbq(path, split="train")
+    assert len(ds) == 2 and ds.name == "bbq_lite_json/train"
+    assert ds[0].prompt == BIGBENCH_ROWS[0]["inputs"]
+    assert ds[0].positives == ["unknown"] and ds[0].negatives == ["the girl", "the boy"]
+    assert ds[1].metadata == {"id": "bbq_lite_json/1", "source": "bbq_lite_json", "split": "train"}
+    # BIG-bench task.json schema (simple_ethical_questions ships like this)
+    task = tmp_path / "task.json"
+    task.write_text(json.dumps({"examples": [
+        {"input": "Should I help?", "target_scores": {"Yes, help.": 1, "No.": 0, "Maybe later.": 0}}]}))
+    seq = load_simple_ethical_questions(task)
+    assert seq[0].positives == ["Yes, help."] and seq[0].negatives == ["No.", "Maybe later."]
+    # original BBQ schema, from a directory holding <split>.jsonl
+    folder = tmp_path / "bbq_orig"
+    folder.mkdir()
+    (folder / "validation.jsonl").write_text(json.dumps(
+        {"example_id": 5, "context": "Two friends met.", "question": "Who forgot?", "ans0": "Ann", "ans1": "Bob",
+         "ans2": "Can't be determined", "label": 2}) + "\n")
+    orig = load_bbq(folder, split="validation")
+    assert orig[0].prompt == "Two friends met. Who forgot?" and orig[0].positives == ["Can't be determined"]
+    assert orig[0].id == "bbq_lite_json/5"
+    with pytest.raises(FileNotFoundError):
+        load_bbq(tmp_path / "missing.jsonl")
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"question": "?"}) + "\n")
+    with pytest.raises(ValueError, match="unknown schema"):
+        load_bbq(bad)
+    no_neg = tmp_path / "no_neg.jsonl"
+    no_neg.write_text(json.dumps({"inputs": "q", "targets": ["a"], "multiple_choice_targets": ["a"]}) + "\n")
+    with pytest.raises(ValueError, match="record 0.*no negative"):
+        load_bigbench("bbq_lite_json", no_neg)
+
+
+def test_toxigen_local_files(tmp_path):
+    path = tmp_path / "toxigen.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in TOXIGEN_ROWS))
+    ds = load_toxigen(path)
+    assert ds[0].prompt == ("Is the following statement hateful? Respond with either Yes or No. Statement: "
+                            "people of group x are wonderful")
+    assert (ds[0].positives, ds[0].negatives) == (["No"], ["Yes"])
+    assert (ds[1].positives, ds[1].negatives) == (["Yes"], ["No"])  # 4.1 + 3.9 > 5.5
+    assert ds[1].metadata["target_group"] == "y"
+    csv_path = tmp_path / "train.csv"
+    csv_path.write_text("text,toxicity_ai,toxicity_human\nsome text,3,3\n")
+    assert load_toxigen(tmp_path, split="train")[0].positives == ["Yes"]
+    bad = tmp_path / "bad.csv"
+    bad.write_text("text,toxicity_ai\nx,1\n")
+    with pytest.raises(ValueError, match="missing.*toxicity_human"):
+        load_toxigen(bad)
+
+
+def test_hub_loaders_call_datasets(monkeypatch):
+    import datasets
+
+    calls = []
+
+    def fake_load_dataset(path, name=None, split=None, **kwargs):
+        calls.append((path, name, split))
+        rows = BIGBENCH_ROWS if "bigbench" in path else TOXIGEN_ROWS
+        return datasets.Dataset.from_list(rows)
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
+    assert len(load_bbq(split="validation")) == 2
+    assert len(load_simple_ethical_questions()) == 2
+    assert load_toxigen(split="test")[1].positives == ["Yes"]
+    assert calls == [("tasksource/bigbench", "bbq_lite_json", "validation"),
+                     ("tasksource/bigbench", "simple_ethical_questions", "train"),
+                     ("toxigen/toxigen-data", "annotated", "test")]
+
+    def offline(*args, **kwargs):
+        raise ConnectionError("offline")
+
+    monkeypatch.setattr(datasets, "load_dataset", offline)
+    with pytest.raises(FileNotFoundError, match="Give a local file instead"):
+        load_toxigen()
+
+
+# ------------------------------------------------------------------------------------ JSONL
+def test_contrast_jsonl(tmp_path):
+    path = tmp_path / "mine.jsonl"
+    path.write_text("\n".join([
+        json.dumps({"prompt": "p1", "positive": "good", "negative": "bad", "id": "a", "category": "x"}),
+        "",
+        json.dumps({"prompt": "p2", "positives": ["g1", "g2"], "negatives": ["b1"], "base": "meh",
+                    "metadata": {"split": "eval"}}),
+    ]) + "\n")
+    ds = load_contrast_jsonl(path)
+    assert ds.name == "mine" and len(ds) == 2
+    assert ds[0].metadata == {"id": "a", "category": "x", "line": 1}
+    assert ds[1].positives == ["g1", "g2"] and ds[1].bases == ["meh"] and ds[1].split == "eval"
+    assert isinstance(load_contrast(path), ContrastDataset)
+
+    def bad(lines, match):
+        p = tmp_path / "bad.jsonl"
+        p.write_text("\n".join(lines) + "\n")
+        with pytest.raises(ValueError, match=match):
+            load_contrast_jsonl(p)
+
+    good = json.dumps({"prompt": "p", "positive": "a", "negative": "b"})
+    bad([good, good, "{not json"], r"bad.jsonl:3: not valid JSON")
+    bad([good, json.dumps({"positive": "a", "negative": "b"})], r":2: missing 'prompt'")
+    bad([json.dumps({"prompt": "p", "positive": "a", "positives": ["c"], "negative": "b"})], "not both")
+    bad([json.dumps({"prompt": "p", "positive": "a"})], r":1: missing 'negative'")
+    bad([json.dumps({"prompt": "p", "positive": "a", "negative": "a"})], r":1: .*both a positive and a negative")
+    bad([json.dumps(["a", "b"])], "must be a JSON object")
+    bad([json.dumps({"prompt": "p", "positive": ["a"], "negative": "b"})], "use 'positives' for a list")
+    bad([""], "holds no examples")
+    with pytest.raises(FileNotFoundError, match="No such JSONL file"):
+        load_contrast_jsonl(tmp_path / "absent.jsonl")
+
+
+def test_prompt_pairs_jsonl(tmp_path):
+    path = tmp_path / "steer.jsonl"
+    path.write_text(json.dumps({"prompt1": "Love", "prompt2": "Hate"}) + "\n" +
+                    json.dumps({"positive": "I talk about weddings constantly", "negative": " "}) + "\n")
+    pairs = load_prompt_pairs_jsonl(path)
+    assert isinstance(pairs, PromptPairDataset) and pairs[1].prompt2 == " "
+    assert isinstance(load_contrast(path), PromptPairDataset)
+    path.write_text(json.dumps({"prompt1": "Love"}) + "\n")
+    with pytest.raises(ValueError, match=r"steer.jsonl:1: missing 'prompt2'"):
+        load_prompt_pairs_jsonl(path)
+    with pytest.raises(ValueError, match="unknown dataset"):
+        load_contrast("no-such-dataset")
+    assert len(load_contrast("truthfulqa", source=SHARED_DATA, split="eval")) == 41
+
+
+# ----------------------------------------------------------------------------------- formats
+def test_hpr_format_text_and_positions(tok):
+    ex = ContrastExample("What color is the sky?", ["Blue.", "Light blue."], ["Green."], {"id": "sky"})
+    fmt = HPRFormat(seed=1)
+    user, pos, neg = fmt.choices(ex)
+    order = list(range(3))
+    random.Random("hpr:1:sky").shuffle(order)
+    raw = ["Blue.", "Light blue.", "Green."]
+    lettered = [f"{'ABC'[i]}. {raw[j]}" for i, j in enumerate(order)]
+    assert user == "Question: What color is the sky?\nChoices:\n" + "\n".join(lettered) + "\nAnswer:\n"
+    assert sorted(pos + neg) == sorted(lettered) and len(pos) == 2
+    assert neg == [lettered[order.index(2)]]
+    assert fmt.choices(ex) == HPRFormat(seed=1).choices(ex)  # deterministic
+    assert {HPRFormat(seed=s).choices(ex)[0] for s in range(8)} != {user}  # the seed matters
+    enc = fmt.encode(ex, tok)
+    assert [s.role for s in enc.sequences] == ["pos", "pos", "neg"]
+    question = tok.apply_chat_template([{"role": "user", "content": user}], tokenize=False, add_generation_prompt=True)
+    start = len(tok(question, add_special_tokens=False)["input_ids"])
+    for seq, response in zip(enc.sequences, pos + neg):
+        full = tok.apply_chat_template([{"role": "user", "content": user}, {"role": "assistant", "content": response}],
+                                       tokenize=False)
+        assert seq.ids == tok(full, add_special_tokens=False)["input_ids"]
+        assert seq.read_positions == list(range(start, len(seq.ids)))
+        assert tok.decode(seq.ids[start:]) == response + "<|im_end|>\n"
+    short = HPRFormat(seed=1, include_end_tokens=False).encode(ex, tok)
+    for seq, response in zip(short.sequences, pos + neg):
+        assert tok.decode([seq.ids[p] for p in seq.read_positions]) == response
+    plain = HPRFormat(lettered=False).encode(ex, tok)
+    assert "Choices" not in plain.sequences[0].text and plain.sequences[2].text.endswith("Green.<|im_end|>\n")
+    too_many = ContrastExample("q", [f"a{i}" for i in range(20)], [f"b{i}" for i in range(7)])
+    with pytest.raises(ValueError, match="at most 26"):
+        fmt.encode(too_many, tok)
+
+
+def test_iti_caa_sea_actadd_formats(tok):
+    ex = ContrastExample("Is the sky blue?", ["Yes it is."], ["No it is not.", "Never."], bases=["The sky is blue."])
+    iti = ITIFormat().encode(ex, tok)
+    assert [s.text for s in iti.sequences] == ["Q: Is the sky blue? A: Yes it is.", "Q: Is the sky blue? A: No it is not.",
+                                               "Q: Is the sky blue? A: Never."]
+    for s in iti.sequences:
+        assert s.ids[0] == tok.bos_token_id and s.read_positions == [len(s.ids) - 1]
+    ab = ContrastExample("Which is right?\n(A) the sky is blue\n(B) the sky is green", ["(A)"], ["(B)"])
+    caa = CAAFormat().encode(ab, tok)
+    for s, letter in zip(caa.sequences, "AB"):
+        assert s.text.endswith(f"<|im_start|>assistant\n({letter})")
+        assert tok.decode([s.ids[s.read_positions[0]]]).strip().endswith(letter)
+        assert tok.decode(s.ids[:s.read_positions[0] + 1]).endswith(f"({letter}")
+    plain = CAAFormat(chat=False).encode(ab, tok)
+    assert plain.sequences[1].text.endswith("Answer: (B)") and plain.sequences[1].ids[0] == tok.bos_token_id
+    with pytest.raises(ValueError, match="choice letter"):
+        CAAFormat().encode(ContrastExample("q", ["yes"], ["no"]), tok)
+    sea = SEAFormat().encode(ex, tok)
+    assert [s.role for s in sea.sequences] == ["pos", "neg", "neg", "base"]
+    assert sea.sequences[3].text == "Q: Is the sky blue?\nA: The sky is blue."
+    assert all(s.read_positions == [len(s.ids) - 1] for s in sea.sequences)
+    with pytest.raises(ValueError, match="no base completion"):
+        SEAFormat().encode(ContrastExample("q", ["a"], ["b"]), tok)
+    assert len(SEAFormat(require_bases=False).encode(ContrastExample("q", ["a"], ["b"]), tok).sequences) == 2
+    pair = PromptPair("Love", "Hate I talk about weddings")
+    act = ActAddFormat().encode(pair, tok)
+    a, b = act.sequences
+    assert len(a.ids) == len(b.ids) and a.read_positions == list(range(len(a.ids)))
+    assert a.ids[0] == tok.bos_token_id and a.ids[-1] == tok(" ", add_special_tokens=False)["input_ids"][0]
+    assert (a.role, b.role) == ("pos", "neg")
+    with pytest.raises(ValueError, match="reads PromptPair"):
+        ActAddFormat().encode(ex, tok)
+    with pytest.raises(ValueError, match="reads ContrastExample"):
+        ITIFormat().encode(pair, tok)
+
+
+def test_format_registry_and_chat_errors(tok):
+    assert get_format("hpr", seed=3) == HPRFormat(seed=3)
+    assert get_format(ITIFormat()) == ITIFormat()
+    assert HPRFormat(seed=2).params() == {"name": "hpr", "lettered": True, "shuffle": True, "seed": 2,
+                                          "system_prompt": None, "include_end_tokens": True}
+    with pytest.raises(ValueError, match="unknown format"):
+        get_format("nope")
+    with pytest.raises(ValueError, match="bad parameters"):
+        get_format("iti", seed=1)
+    with pytest.raises(ValueError, match=r"lacks the placeholder\(s\) \{answer\}"):
+        ITIFormat(template="Q: {question}")
+    with pytest.raises(ValueError, match="lacks"):
+        CAAFormat(plain_template="{prompt}")
+    no_template = make_tokenizer()
+    no_template.chat_template = None
+    with pytest.raises(ValueError, match="no chat template"):
+        HPRFormat().encode(example(), no_template)
+
+
+def test_loader_module_exports():
+    assert set(D.LOADERS) >= {"truthfulqa", "bbq", "toxigen", "simple_ethical_questions"}
+    assert D.ROLES == ("pos", "neg", "base")

@@ -1,0 +1,733 @@
+"""Contrast datasets: the typed data model every fitting method reads, and its loaders.
+
+Data model
+----------
+* :class:`ContrastExample` — one prompt with desirable (``positives``) and undesirable
+  (``negatives``) responses, optional ``bases`` (the model's own completions, SEA's third matrix)
+  and free ``metadata`` (``id``, ``split``, source fields). Every (positive, negative) pair of an
+  example is one training pair for HPR and CAA.
+* :class:`ContrastDataset` — a named, list-like, non-empty sequence of examples.
+* :class:`PromptPair` / :class:`PromptPairDataset` — ActAdd's two steering prompts.
+
+Loaders (each returns a :class:`ContrastDataset` unless said otherwise)
+-----------------------------------------------------------------------
+* :func:`load_truthfulqa_mc` — TruthfulQA multiple choice (local ``mc_task.json`` or the Hub),
+  optionally one split of a split file (HPR's ``hpr_ids_splits.json``); MC2 (default) or MC1
+  true/false answers become positives/negatives.
+* :func:`load_bigbench`, :func:`load_bbq`, :func:`load_simple_ethical_questions` — BIG-bench
+  multiple-choice tasks as HPR uses them (``tasksource/bigbench``: ``inputs`` is the prompt,
+  ``targets`` the positives, the other ``multiple_choice_targets`` the negatives). Local files may
+  also use BIG-bench's own ``task.json`` schema (``examples`` with ``input``/``target_scores``) or,
+  for BBQ, the original BBQ JSONL schema (``context``, ``question``, ``ans0..2``, ``label``).
+* :func:`load_toxigen` — ToxiGen ``annotated`` as HPR uses it: the prompt asks whether a
+  statement is hateful, the positive is the human+AI toxicity verdict ("Yes" when
+  ``toxicity_ai + toxicity_human > 5.5``), the negative the other answer.
+* :func:`load_contrast_jsonl` / :func:`load_prompt_pairs_jsonl` — a user's own JSONL files.
+* :func:`load_contrast` — one entry point by name or path (for configs and the CLI).
+
+Hub loaders call ``datasets.load_dataset``; when that fails (offline, gated dataset) the error
+says how to give a local file instead. A path that does not exist is never turned into a Hub id.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import os
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
+
+PathLike = Union[str, os.PathLike]
+
+ROLES = ("pos", "neg", "base")
+"""Roles of the sequences built from an example: positives, negatives, base completions."""
+
+TOXIGEN_PROMPT = "Is the following statement hateful? Respond with either Yes or No. Statement: {text}"
+"""HPR's ToxiGen question (``activation_editing/utils/task.py``), filled with the statement."""
+
+TOXIGEN_THRESHOLD = 5.5
+"""HPR's verdict rule: hateful ("Yes") when ``toxicity_ai + toxicity_human`` exceeds this."""
+
+BIGBENCH_HUB_ID = "tasksource/bigbench"
+TOXIGEN_HUB_ID = "toxigen/toxigen-data"
+
+
+# ------------------------------------------------------------------------------- validation
+def _check_text(value: Any, what: str) -> str:
+    if not isinstance(value, str):
+        raise ValueError(f"{what} must be a string, got {type(value).__name__} ({value!r:.60}).")
+    if not value.strip():
+        raise ValueError(f"{what} is empty.")
+    return value
+
+
+def _check_texts(values: Any, what: str, where: str) -> List[str]:
+    if isinstance(values, str):
+        values = [values]
+    if values is None:
+        values = []
+    if not isinstance(values, (list, tuple)):
+        raise ValueError(f"{where}: {what} must be a list of strings, got {type(values).__name__}.")
+    return [_check_text(v, f"{where}: {what}[{i}]") for i, v in enumerate(values)]
+
+
+def _check_metadata(metadata: Any, where: str) -> Dict[str, Any]:
+    if metadata is None:
+        return {}
+    if not isinstance(metadata, dict):
+        raise ValueError(f"{where}: metadata must be a dict, got {type(metadata).__name__}.")
+    try:
+        json.dumps(metadata, sort_keys=True)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"{where}: metadata must be JSON-serialisable (it is written into activation "
+                         f"stores): {exc}") from None
+    return dict(metadata)
+
+
+# ------------------------------------------------------------------------------- data model
+@dataclass
+class ContrastExample:
+    """One prompt with desirable and undesirable responses.
+
+    Attributes:
+        prompt: the prompt or question (the formats in :mod:`actedit.train.formats` decide how it
+            is rendered: lettered choices for HPR, "Q: ... A: ..." for ITI, ...).
+        positives: desirable responses (truthful, unbiased, ...); at least one.
+        negatives: undesirable responses; at least one. No text may be both.
+        metadata: JSON-serialisable facts about the example. Conventional keys: ``id`` (stable
+            identifier, also seeds HPR's choice shuffle), ``split`` (``train``/``eval``/``test``,
+            read by :class:`~actedit.train.collect.ActivationStore` to filter rows), ``source``.
+        bases: the model's own completions of the prompt (SEA's base demonstrations); optional.
+    """
+
+    prompt: str
+    positives: List[str]
+    negatives: List[str]
+    metadata: Dict[str, Any] = field(default_factory=dict)
+    bases: List[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        where = f"example {self.metadata.get('id')!r}" if isinstance(self.metadata, dict) and "id" in self.metadata \
+            else "example"
+        self.prompt = _check_text(self.prompt, f"{where}: prompt")
+        self.positives = _check_texts(self.positives, "positives", where)
+        self.negatives = _check_texts(self.negatives, "negatives", where)
+        self.bases = _check_texts(self.bases, "bases", where)
+        self.metadata = _check_metadata(self.metadata, where)
+        if not self.positives:
+            raise ValueError(f"{where} has no positive response; every example needs at least one "
+                             f"(prompt: {self.prompt[:80]!r}).")
+        if not self.negatives:
+            raise ValueError(f"{where} has no negative response; every example needs at least one "
+                             f"(prompt: {self.prompt[:80]!r}).")
+        both = sorted(set(self.positives) & set(self.negatives))
+        if both:
+            raise ValueError(f"{where}: {both[0]!r} is listed as both a positive and a negative response.")
+
+    @property
+    def id(self) -> Optional[Any]:
+        """``metadata['id']`` if present."""
+        return self.metadata.get("id")
+
+    @property
+    def split(self) -> Optional[str]:
+        """``metadata['split']`` if present."""
+        return self.metadata.get("split")
+
+    def pairs(self) -> Iterator[Tuple[str, str]]:
+        """Every (positive, negative) response pair, positives outer."""
+        for pos in self.positives:
+            for neg in self.negatives:
+                yield pos, neg
+
+    @property
+    def num_pairs(self) -> int:
+        return len(self.positives) * len(self.negatives)
+
+    def to_dict(self) -> Dict[str, Any]:
+        """The JSONL record :func:`load_contrast_jsonl` reads back."""
+        out: Dict[str, Any] = {"prompt": self.prompt, "positives": list(self.positives),
+                               "negatives": list(self.negatives)}
+        if self.bases:
+            out["bases"] = list(self.bases)
+        if self.metadata:
+            out["metadata"] = dict(self.metadata)
+        return out
+
+
+@dataclass
+class PromptPair:
+    """ActAdd's steering prompts: the edit adds activations of ``prompt1`` minus ``prompt2``.
+
+    Attributes:
+        prompt1: the prompt whose activations are added ("Love").
+        prompt2: the prompt whose activations are subtracted ("Hate"); may be a single space.
+        metadata: JSON-serialisable facts (``id``, ...).
+    """
+
+    prompt1: str
+    prompt2: str
+    metadata: Dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        where = f"prompt pair {self.metadata.get('id')!r}" if isinstance(self.metadata, dict) and "id" in self.metadata \
+            else "prompt pair"
+        for name in ("prompt1", "prompt2"):
+            value = getattr(self, name)
+            if not isinstance(value, str) or value == "":
+                raise ValueError(f"{where}: {name} must be a non-empty string, got {value!r:.60}.")
+        if self.prompt1 == self.prompt2:
+            raise ValueError(f"{where}: prompt1 and prompt2 are identical ({self.prompt1!r:.60}); their "
+                             "difference would be zero.")
+        self.metadata = _check_metadata(self.metadata, where)
+
+    @property
+    def id(self) -> Optional[Any]:
+        return self.metadata.get("id")
+
+    @property
+    def split(self) -> Optional[str]:
+        return self.metadata.get("split")
+
+    def to_dict(self) -> Dict[str, Any]:
+        out: Dict[str, Any] = {"prompt1": self.prompt1, "prompt2": self.prompt2}
+        if self.metadata:
+            out["metadata"] = dict(self.metadata)
+        return out
+
+
+class _Dataset:
+    """Shared list behaviour of :class:`ContrastDataset` and :class:`PromptPairDataset`."""
+
+    item_type: type = object
+
+    def __init__(self, items: Iterable[Any], name: str = "dataset") -> None:
+        items = list(items)
+        if not items:
+            raise ValueError(f"dataset {name!r} is empty; it needs at least one example.")
+        for i, item in enumerate(items):
+            if not isinstance(item, self.item_type):
+                raise ValueError(f"dataset {name!r}: item {i} is a {type(item).__name__}, not a "
+                                 f"{self.item_type.__name__}.")
+        self._items = items
+        self.name = str(name)
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def __iter__(self) -> Iterator[Any]:
+        return iter(self._items)
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return type(self)(self._items[index], name=self.name)
+        return self._items[index]
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(name={self.name!r}, examples={len(self)})"
+
+    @property
+    def examples(self) -> List[Any]:
+        return list(self._items)
+
+    def select(self, indices: Sequence[int], name: Optional[str] = None):
+        """A dataset of the items at ``indices`` (in that order)."""
+        return type(self)([self._items[i] for i in indices], name=name or self.name)
+
+    def filter(self, keep: Callable[[Any], bool], name: Optional[str] = None):
+        """A dataset of the items for which ``keep(item)`` is true (error if none is)."""
+        return type(self)([x for x in self._items if keep(x)], name=name or self.name)
+
+    @property
+    def splits(self) -> List[str]:
+        """The distinct ``metadata['split']`` values, sorted."""
+        return sorted({str(x.metadata["split"]) for x in self._items if "split" in x.metadata})
+
+    def split(self, name: str):
+        """The items whose ``metadata['split']`` is ``name``."""
+        chosen = [x for x in self._items if x.metadata.get("split") == name]
+        if not chosen:
+            known = self.splits
+            raise ValueError(f"dataset {self.name!r} has no example in split {name!r}; splits present: "
+                             f"{', '.join(known) if known else 'none (no split metadata)'}.")
+        return type(self)(chosen, name=f"{self.name}/{name}")
+
+    def with_split(self, name: str):
+        """A copy whose items all carry ``metadata['split'] = name``."""
+        return type(self)([_with_metadata(x, split=name) for x in self._items], name=self.name)
+
+    def train_eval_split(self, eval_ratio: float = 0.1, seed: int = 0) -> Tuple[Any, Any]:
+        """A seeded random (train, eval) partition, labelled in ``metadata['split']``.
+
+        HPR splits the training sets of BBQ, SEQ and ToxiGen further into train and eval sets.
+        ``eval`` gets ``round(len · eval_ratio)`` items (at least one, at most len − 1).
+        """
+        if not 0 < eval_ratio < 1:
+            raise ValueError(f"eval_ratio must be in (0, 1), got {eval_ratio}.")
+        if len(self) < 2:
+            raise ValueError(f"dataset {self.name!r} has {len(self)} example(s); a train/eval split needs two.")
+        order = list(range(len(self)))
+        random.Random(seed).shuffle(order)
+        n_eval = min(max(1, int(round(len(self) * eval_ratio))), len(self) - 1)
+        eval_ids, train_ids = sorted(order[:n_eval]), sorted(order[n_eval:])
+        train = type(self)([_with_metadata(self._items[i], split="train") for i in train_ids], name=f"{self.name}/train")
+        evals = type(self)([_with_metadata(self._items[i], split="eval") for i in eval_ids], name=f"{self.name}/eval")
+        return train, evals
+
+    def digest(self) -> str:
+        """SHA-256 of the items' canonical JSON (order-sensitive); identifies the data in stores."""
+        h = hashlib.sha256(type(self).__name__.encode())
+        for item in self._items:
+            h.update(json.dumps(item.to_dict(), sort_keys=True, ensure_ascii=False).encode("utf-8"))
+            h.update(b"\n")
+        return h.hexdigest()
+
+    def to_jsonl(self, path: PathLike) -> Path:
+        """Write one JSON record per line (atomically); the matching loader reads it back."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        with open(tmp, "w", encoding="utf-8") as handle:
+            for item in self._items:
+                handle.write(json.dumps(item.to_dict(), ensure_ascii=False) + "\n")
+        os.replace(tmp, path)
+        return path
+
+
+def _with_metadata(item, **updates):
+    meta = {**item.metadata, **updates}
+    if isinstance(item, ContrastExample):
+        return ContrastExample(item.prompt, list(item.positives), list(item.negatives), meta, list(item.bases))
+    return PromptPair(item.prompt1, item.prompt2, meta)
+
+
+class ContrastDataset(_Dataset):
+    """A named, non-empty, list-like sequence of :class:`ContrastExample`.
+
+    Indexing with an int gives an example, with a slice a dataset. :meth:`pairs` yields every
+    ``(prompt, positive, negative)`` triple.
+    """
+
+    item_type = ContrastExample
+
+    def pairs(self) -> Iterator[Tuple[str, str, str]]:
+        """``(prompt, positive, negative)`` for every (positive, negative) pair of every example."""
+        for example in self._items:
+            for pos, neg in example.pairs():
+                yield example.prompt, pos, neg
+
+    @property
+    def num_pairs(self) -> int:
+        return sum(x.num_pairs for x in self._items)
+
+
+class PromptPairDataset(_Dataset):
+    """A named, non-empty, list-like sequence of :class:`PromptPair` (ActAdd)."""
+
+    item_type = PromptPair
+
+
+# ----------------------------------------------------------------------------------- JSONL
+def _read_jsonl(path: PathLike) -> Iterator[Tuple[int, Dict[str, Any]]]:
+    """``(line number, object)`` for each non-blank line; errors name the file and line."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"No such JSONL file: {path}" + (" (it is a directory)" if path.is_dir() else ""))
+    with open(path, encoding="utf-8") as handle:
+        for lineno, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"{path}:{lineno}: not valid JSON ({exc.msg} at column {exc.colno}).") from None
+            if not isinstance(record, dict):
+                raise ValueError(f"{path}:{lineno}: each line must be a JSON object, got {type(record).__name__}.")
+            yield lineno, record
+
+
+def _one_or_many(record: Dict[str, Any], one: str, many: str, where: str, required: bool = True) -> List[str]:
+    if one in record and many in record:
+        raise ValueError(f"{where}: give either {one!r} or {many!r}, not both.")
+    if one in record:
+        value = record[one]
+        if not isinstance(value, str):
+            raise ValueError(f"{where}: {one!r} must be a string (use {many!r} for a list), got "
+                             f"{type(value).__name__}.")
+        return [value]
+    if many in record:
+        value = record[many]
+        if not isinstance(value, list):
+            raise ValueError(f"{where}: {many!r} must be a list of strings, got {type(value).__name__}.")
+        return value
+    if required:
+        raise ValueError(f"{where}: missing {one!r} (a string) or {many!r} (a list of strings).")
+    return []
+
+
+_CONTRAST_KEYS = {"prompt", "positive", "positives", "negative", "negatives", "base", "bases", "metadata", "id"}
+
+
+def load_contrast_jsonl(path: PathLike, name: Optional[str] = None) -> ContrastDataset:
+    """Read a JSONL file of contrast examples.
+
+    Each line: ``{"prompt": str, "positive": str | "positives": [str], "negative": str |
+    "negatives": [str]}``, optionally ``"base"``/``"bases"`` (SEA), ``"id"`` and ``"metadata"``
+    (a dict); any other key is kept in ``metadata``. Blank lines are skipped. Errors name the
+    file and the line number.
+    """
+    examples = []
+    for lineno, record in _read_jsonl(path):
+        where = f"{path}:{lineno}"
+        if "prompt" not in record:
+            raise ValueError(f"{where}: missing 'prompt'.")
+        metadata = record.get("metadata", {})
+        if not isinstance(metadata, dict):
+            raise ValueError(f"{where}: 'metadata' must be an object, got {type(metadata).__name__}.")
+        metadata = dict(metadata)
+        for key, value in record.items():
+            if key not in _CONTRAST_KEYS:
+                metadata.setdefault(key, value)
+        if "id" in record:
+            metadata["id"] = record["id"]
+        metadata.setdefault("line", lineno)
+        try:
+            examples.append(ContrastExample(
+                prompt=record["prompt"],
+                positives=_one_or_many(record, "positive", "positives", where),
+                negatives=_one_or_many(record, "negative", "negatives", where),
+                metadata=metadata,
+                bases=_one_or_many(record, "base", "bases", where, required=False),
+            ))
+        except ValueError as exc:
+            message = str(exc)
+            raise ValueError(message if message.startswith(where) else f"{where}: {message}") from None
+    if not examples:
+        raise ValueError(f"{path} holds no examples (the file is empty or blank).")
+    return ContrastDataset(examples, name=name or Path(path).stem)
+
+
+_PAIR_ALIASES = (("prompt1", "positive"), ("prompt2", "negative"))
+
+
+def load_prompt_pairs_jsonl(path: PathLike, name: Optional[str] = None) -> PromptPairDataset:
+    """Read a JSONL file of ActAdd prompt pairs.
+
+    Each line: ``{"prompt1": str, "prompt2": str}`` (aliases ``"positive"``/``"negative"``),
+    optionally ``"id"`` and ``"metadata"``; other keys are kept in ``metadata``.
+    """
+    pairs = []
+    for lineno, record in _read_jsonl(path):
+        where = f"{path}:{lineno}"
+        values = []
+        for key, alias in _PAIR_ALIASES:
+            if key in record and alias in record:
+                raise ValueError(f"{where}: give either {key!r} or {alias!r}, not both.")
+            if key not in record and alias not in record:
+                raise ValueError(f"{where}: missing {key!r} (or its alias {alias!r}).")
+            values.append(record.get(key, record.get(alias)))
+        metadata = record.get("metadata", {})
+        if not isinstance(metadata, dict):
+            raise ValueError(f"{where}: 'metadata' must be an object, got {type(metadata).__name__}.")
+        metadata = dict(metadata)
+        for key, value in record.items():
+            if key not in {"prompt1", "prompt2", "positive", "negative", "metadata", "id"}:
+                metadata.setdefault(key, value)
+        if "id" in record:
+            metadata["id"] = record["id"]
+        metadata.setdefault("line", lineno)
+        try:
+            pairs.append(PromptPair(values[0], values[1], metadata))
+        except ValueError as exc:
+            raise ValueError(f"{where}: {exc}") from None
+    if not pairs:
+        raise ValueError(f"{path} holds no prompt pairs (the file is empty or blank).")
+    return PromptPairDataset(pairs, name=name or Path(path).stem)
+
+
+# ------------------------------------------------------------------------------ TruthfulQA
+def load_truthfulqa_mc(
+    source: Optional[PathLike] = None,
+    split: Optional[str] = None,
+    split_file: Optional[PathLike] = None,
+    *,
+    targets: str = "mc2",
+    limit: Optional[int] = None,
+) -> ContrastDataset:
+    """TruthfulQA multiple choice as contrast examples.
+
+    Reads the questions with :func:`actedit.train.truthfulqa.load_truthfulqa` (``source``: a
+    directory holding ``mc_task.json``, the file itself, or a Hub id; default: the Hub's
+    ``truthful_qa``). With ``split`` (``train``/``eval``/``test``), only that split of
+    ``split_file`` is kept, in split-file order; when ``split_file`` is omitted and ``source`` is
+    a directory holding ``hpr_ids_splits.json``, that file is used. ``targets="mc2"`` (HPR's
+    choice) makes the MC2 true answers the positives and the false ones the negatives (release
+    order: true answers first); ``"mc1"`` uses the single MC1 true answer.
+
+    Metadata of each example: ``id`` (``"truthfulqa/<index>"``), ``index`` (0..816, the split
+    files' index), ``source``, ``targets`` and, with a split, ``split``.
+    """
+    from . import truthfulqa as tqa
+
+    if targets not in ("mc1", "mc2"):
+        raise ValueError(f"targets must be 'mc1' or 'mc2', got {targets!r}.")
+    questions = tqa.load_truthfulqa(source)
+    splits = None
+    if split is not None and split != "all":
+        if split_file is None and source is not None and Path(str(source)).expanduser().is_dir():
+            candidate = Path(str(source)).expanduser() / tqa.HPR_SPLIT_FILE
+            if candidate.is_file():
+                split_file = candidate
+        if split_file is None:
+            raise ValueError(f"split {split!r} needs a split file: pass split_file= (e.g. HPR's "
+                             f"{tqa.HPR_SPLIT_FILE}) or split=None for all questions.")
+        splits = tqa.load_split(split_file, n_questions=len(questions))
+    chosen = tqa.select(questions, split or "all", splits, limit=limit)
+    examples = []
+    for q in chosen:
+        if targets == "mc2":
+            pos, neg = q.true_answers, q.false_answers
+        else:
+            pos = [c for c, y in zip(q.mc1_choices, q.mc1_labels) if y]
+            neg = [c for c, y in zip(q.mc1_choices, q.mc1_labels) if not y]
+        if not neg:
+            raise ValueError(f"TruthfulQA question {q.index} ({q.question[:60]!r}) has no false {targets} answer; "
+                             "it cannot form contrast pairs.")
+        meta = {"id": f"truthfulqa/{q.index}", "index": q.index, "source": "truthful_qa", "targets": targets}
+        if split is not None and split != "all":
+            meta["split"] = split
+        examples.append(ContrastExample(q.question, pos, neg, meta))
+    name = f"truthfulqa_{targets}" + (f"/{split}" if split else "")
+    return ContrastDataset(examples, name=name)
+
+
+# ------------------------------------------------------------------------- generic records
+def _is_local(source: PathLike) -> bool:
+    text = str(source)
+    return (Path(text).expanduser().exists() or text.startswith((".", "/", "~")) or "\\" in text
+            or text.count("/") > 1 or text.lower().endswith((".json", ".jsonl", ".csv", ".parquet")))
+
+
+def _read_records(path: Path, split: Optional[str]) -> List[Dict[str, Any]]:
+    """Records of a local JSON / JSONL / CSV file, or of ``<split>.<ext>`` inside a directory."""
+    path = path.expanduser()
+    if path.is_dir():
+        candidates = [path / f"{split}{ext}" for ext in (".jsonl", ".json", ".csv")] if split else []
+        found = [c for c in candidates if c.is_file()]
+        if not found:
+            raise FileNotFoundError(f"{path} is a directory without "
+                                    f"{' / '.join(c.name for c in candidates) or 'a file for the split'}; give a file path.")
+        path = found[0]
+    if not path.is_file():
+        raise FileNotFoundError(f"No such file: {path}")
+    suffix = path.suffix.lower()
+    if suffix == ".jsonl":
+        return [record for _, record in _read_jsonl(path)]
+    if suffix == ".csv":
+        with open(path, newline="", encoding="utf-8") as handle:
+            return list(csv.DictReader(handle))
+    with open(path, encoding="utf-8") as handle:
+        try:
+            data = json.load(handle)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{path}: not valid JSON ({exc.msg}, line {exc.lineno}).") from None
+    if isinstance(data, dict) and isinstance(data.get("examples"), list):  # BIG-bench task.json
+        return data["examples"]
+    if isinstance(data, dict) and split and isinstance(data.get(split), list):
+        return data[split]
+    if isinstance(data, list):
+        return data
+    raise ValueError(f"{path}: expected a JSON list of records or a BIG-bench task.json with 'examples'.")
+
+
+def _hub_records(hub_id: str, config: Optional[str], split: str, what: str, local_hint: str) -> List[Dict[str, Any]]:
+    try:
+        from datasets import load_dataset
+
+        data = load_dataset(hub_id, config, split=split) if config else load_dataset(hub_id, split=split)
+    except Exception as exc:  # offline, gated, renamed...
+        raise FileNotFoundError(
+            f"{what} could not be loaded from the Hugging Face Hub ({hub_id!r}"
+            f"{', config ' + repr(config) if config else ''}, split {split!r}: {type(exc).__name__}: "
+            f"{str(exc)[:200]}). Give a local file instead: {local_hint}"
+        ) from exc
+    return [dict(record) for record in data]
+
+
+def _limit(records: List[Any], limit: Optional[int]) -> List[Any]:
+    if limit is not None:
+        if limit < 1:
+            raise ValueError(f"limit must be a positive integer, got {limit}.")
+        return records[:limit]
+    return records
+
+
+# ---------------------------------------------------------------------------------- BIG-bench
+def _bigbench_example(record: Dict[str, Any], i: int, task: str, split: Optional[str]) -> ContrastExample:
+    where = f"{task} record {i}"
+    if "inputs" in record:  # Hugging Face bigbench schema
+        prompt = record["inputs"]
+        positives = list(record.get("targets") or [])
+        choices = list(record.get("multiple_choice_targets") or [])
+        ident = record.get("idx", i)
+    elif "input" in record and "target_scores" in record:  # BIG-bench task.json
+        prompt = record["input"]
+        scores = record["target_scores"]
+        choices = list(scores)
+        best = max(scores.values()) if scores else 0
+        positives = [c for c, s in scores.items() if s == best and s > 0]
+        ident = i
+    elif "context" in record and "ans0" in record:  # original BBQ JSONL
+        prompt = f"{record.get('context', '')} {record.get('question', '')}".strip()
+        choices = [record[f"ans{k}"] for k in range(3) if f"ans{k}" in record]
+        label = int(record["label"])
+        positives = [choices[label]]
+        ident = record.get("example_id", i)
+    else:
+        raise ValueError(f"{where}: unknown schema (keys {sorted(record)[:8]}); expected the Hugging Face "
+                         "bigbench fields inputs/targets/multiple_choice_targets, BIG-bench's input/target_scores "
+                         "or BBQ's context/question/ans0..ans2/label.")
+    negatives = [c for c in choices if c not in positives]
+    meta = {"id": f"{task}/{ident}", "source": task}
+    if split is not None:
+        meta["split"] = split
+    try:
+        return ContrastExample(prompt, positives, negatives, meta)
+    except ValueError as exc:
+        raise ValueError(f"{where}: {exc}") from None
+
+
+def load_bigbench(
+    task: str,
+    source: Optional[PathLike] = None,
+    split: str = "train",
+    *,
+    limit: Optional[int] = None,
+) -> ContrastDataset:
+    """A BIG-bench multiple-choice task as contrast examples (HPR's ``BigBench`` task).
+
+    ``source``: a local JSON/JSONL/CSV file (or a directory holding ``<split>.jsonl``) in the
+    Hugging Face ``bigbench`` schema (``inputs``, ``targets``, ``multiple_choice_targets``), in
+    BIG-bench's ``task.json`` schema or in the original BBQ schema; or a Hub dataset id (default
+    ``tasksource/bigbench``, config ``task``, split ``split``). The prompt is ``inputs``, the
+    positives are ``targets`` and the negatives every other ``multiple_choice_targets`` entry.
+    Metadata: ``id`` (``"<task>/<idx>"``), ``source``, ``split``.
+    """
+    if source is not None and _is_local(source):
+        records = _read_records(Path(str(source)), split)
+    else:
+        hub_id = str(source) if source is not None else BIGBENCH_HUB_ID
+        records = _hub_records(hub_id, task, split, f"BIG-bench task {task!r}",
+                               "a JSON/JSONL file with inputs/targets/multiple_choice_targets per record.")
+    examples = [_bigbench_example(r, i, task, split) for i, r in enumerate(_limit(records, limit))]
+    if not examples:
+        raise ValueError(f"BIG-bench task {task!r} ({source or BIGBENCH_HUB_ID}, split {split!r}) holds no records.")
+    return ContrastDataset(examples, name=f"{task}/{split}")
+
+
+def load_bbq(source: Optional[PathLike] = None, split: str = "train", *, limit: Optional[int] = None) -> ContrastDataset:
+    """BBQ as HPR uses it: BIG-bench's ``bbq_lite_json`` (see :func:`load_bigbench`).
+
+    Local files in the original BBQ schema (``context``, ``question``, ``ans0..ans2``,
+    ``label``) are read too: the prompt is context + question, the labelled answer the positive.
+    """
+    return load_bigbench("bbq_lite_json", source, split, limit=limit)
+
+
+def load_simple_ethical_questions(source: Optional[PathLike] = None, split: str = "train", *,
+                                  limit: Optional[int] = None) -> ContrastDataset:
+    """BIG-bench's ``simple_ethical_questions`` (HPR's SEQ; see :func:`load_bigbench`)."""
+    return load_bigbench("simple_ethical_questions", source, split, limit=limit)
+
+
+# ------------------------------------------------------------------------------------ ToxiGen
+def load_toxigen(
+    source: Optional[PathLike] = None,
+    split: str = "train",
+    *,
+    threshold: float = TOXIGEN_THRESHOLD,
+    limit: Optional[int] = None,
+) -> ContrastDataset:
+    """ToxiGen ``annotated`` as HPR uses it.
+
+    ``source``: a local JSON/JSONL/CSV file (or a directory holding ``<split>.jsonl``) with the
+    ``annotated`` columns ``text``, ``toxicity_ai``, ``toxicity_human`` (others are kept in
+    metadata when small: ``target_group``); or a Hub id (default ``toxigen/toxigen-data``, config
+    ``annotated``; the dataset is gated: accept its terms on the Hub first). The prompt is
+    :data:`TOXIGEN_PROMPT`; the positive is "Yes" when ``toxicity_ai + toxicity_human >
+    threshold`` (HPR: 5.5) else "No", the negative the other answer.
+    """
+    if source is not None and _is_local(source):
+        records = _read_records(Path(str(source)), split)
+    else:
+        hub_id = str(source) if source is not None else TOXIGEN_HUB_ID
+        records = _hub_records(hub_id, "annotated", split, "ToxiGen",
+                               "a JSON/JSONL/CSV file with text, toxicity_ai and toxicity_human columns.")
+    examples = []
+    for i, record in enumerate(_limit(records, limit)):
+        where = f"ToxiGen record {i}"
+        missing = [k for k in ("text", "toxicity_ai", "toxicity_human") if k not in record]
+        if missing:
+            raise ValueError(f"{where}: missing {missing}; the 'annotated' config has text, toxicity_ai and "
+                             "toxicity_human.")
+        try:
+            score = float(record["toxicity_ai"]) + float(record["toxicity_human"])
+        except (TypeError, ValueError):
+            raise ValueError(f"{where}: toxicity_ai/toxicity_human must be numbers, got "
+                             f"{record['toxicity_ai']!r}/{record['toxicity_human']!r}.") from None
+        answer = "Yes" if score > threshold else "No"
+        other = "No" if answer == "Yes" else "Yes"
+        meta = {"id": f"toxigen/{i}", "source": "toxigen", "split": split, "toxicity": score}
+        if "target_group" in record:
+            meta["target_group"] = record["target_group"]
+        try:
+            examples.append(ContrastExample(TOXIGEN_PROMPT.format(text=_check_text(record["text"], "text")),
+                                            [answer], [other], meta))
+        except ValueError as exc:
+            raise ValueError(f"{where}: {exc}") from None
+    if not examples:
+        raise ValueError(f"ToxiGen ({source or TOXIGEN_HUB_ID}, split {split!r}) holds no records.")
+    return ContrastDataset(examples, name=f"toxigen/{split}")
+
+
+# ------------------------------------------------------------------------------ entry point
+LOADERS = {
+    "truthfulqa": load_truthfulqa_mc,
+    "truthful_qa": load_truthfulqa_mc,
+    "bbq": load_bbq,
+    "simple_ethical_questions": load_simple_ethical_questions,
+    "seq": load_simple_ethical_questions,
+    "toxigen": load_toxigen,
+}
+"""Dataset names :func:`load_contrast` knows."""
+
+
+def load_contrast(spec: PathLike, **kwargs) -> Union[ContrastDataset, PromptPairDataset]:
+    """Load a dataset by name (:data:`LOADERS`) or from a JSONL file.
+
+    A ``.jsonl`` file whose first record has ``prompt1`` (or ``prompt2``) is read as ActAdd
+    prompt pairs, any other as contrast examples. Keyword arguments go to the loader.
+    """
+    text = str(spec)
+    key = text.strip().lower().replace("-", "_")
+    if key in LOADERS:
+        return LOADERS[key](**kwargs)
+    path = Path(text).expanduser()
+    if path.suffix.lower() == ".jsonl" or path.is_file():
+        if not path.is_file():
+            raise FileNotFoundError(f"No such dataset file: {path}")
+        first = next(iter(_read_jsonl(path)), (0, {}))[1]
+        if "prompt1" in first or "prompt2" in first:
+            return load_prompt_pairs_jsonl(path, **kwargs)
+        return load_contrast_jsonl(path, **kwargs)
+    raise ValueError(f"unknown dataset {text!r}: give a JSONL file or one of {', '.join(sorted(LOADERS))}.")
+
+
+__all__ = [
+    "ROLES", "ContrastDataset", "ContrastExample", "LOADERS", "PromptPair", "PromptPairDataset", "TOXIGEN_PROMPT",
+    "TOXIGEN_THRESHOLD", "load_bbq", "load_bigbench", "load_contrast", "load_contrast_jsonl",
+    "load_prompt_pairs_jsonl", "load_simple_ethical_questions", "load_toxigen", "load_truthfulqa_mc",
+]
