@@ -70,6 +70,18 @@ def _register_evaluation() -> None:
              "('### target layers: 13,14,15 / all / none')", chat.add_arguments, chat.run)
 
 
+def _register_training() -> None:
+    from actedit.train import pipeline
+
+    register("collect", "collect the activations a method needs (sharded, resumable)", pipeline.add_arguments,
+             pipeline.run_collect)
+    register("fit", "fit a closed-form edit (CAA, ITI, SEA, ActAdd) and write its artifact", pipeline.add_arguments,
+             pipeline.run_fit)
+    register("train", "train HPR on collected activations, select layers, write the artifact",
+             pipeline.add_arguments, pipeline.run_train)
+
+
+_register_training()
 _register_evaluation()
 
 

@@ -1,0 +1,71 @@
+"""``actedit collect / fit / train`` from YAML configs on a tiny local model and TruthfulQA."""
+
+import json
+
+import pytest
+import torch
+
+from actedit.cli import main
+from actedit.interventions import load_artifact
+from actedit.train.pipeline import load_config
+
+from conftest import SHARED_DATA, tiny_model
+from test_train_data import make_tokenizer
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    if not (SHARED_DATA / "mc_task.json").is_file():
+        pytest.skip(f"TruthfulQA data not found at {SHARED_DATA}")
+    tokenizer = make_tokenizer()
+    model = tiny_model("llama", vocab_size=len(tokenizer), max_position_embeddings=1024)
+    root = tmp_path_factory.mktemp("pipeline")
+    model.save_pretrained(root / "model")
+    tokenizer.save_pretrained(root / "model")
+    return root
+
+
+def common(root, method):
+    return ["--model", str(root / "model"), "--data", str(SHARED_DATA), "--method", method,
+            "--set", "data.limit=3", "--set", f"collect.dir={root / method / 'acts'}",
+            "--out", str(root / method / "artifact")]
+
+
+def test_train_hpr_end_to_end(model_dir):
+    args = common(model_dir, "hpr") + ["--set", "train.epochs=1", "--set", "train.progress=false",
+                                       "--set", "select.k=2"]
+    assert main(["collect", *args]) == 0
+    assert main(["train", *args]) == 0
+    info = json.loads((model_dir / "hpr" / "artifact" / "config.json").read_text())["actedit"]
+    selection = info["layer_selection"]
+    assert len(selection["selected"]) == 2 and info["edits"][0]["layers"] == selection["selected"]
+    assert (model_dir / "hpr" / "artifact_probe_accuracy.png").is_file()
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir / "model")
+    pvm = load_artifact(model_dir / "hpr" / "artifact", model)
+    _, out = pvm({"input_ids": torch.tensor([[1, 5, 6, 7]])})
+    assert torch.isfinite(out.logits).all()
+
+
+@pytest.mark.parametrize("method", ["caa", "iti"])
+def test_fit_closed_form_end_to_end(model_dir, method):
+    extra = ["--set", "fit.top_k=4"] if method == "iti" else []
+    assert main(["fit", *common(model_dir, method), *extra]) == 0  # collects on the way
+    info = json.loads((model_dir / method / "artifact" / "config.json").read_text())["actedit"]
+    assert info["edits"][0]["method"] == method and info["data"]["limit"] == 3
+
+
+def test_config_errors(tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("method: hpr\ncolect: {}\n")
+    with pytest.raises(ValueError, match="unknown key"):
+        load_config(str(bad))
+    with pytest.raises(ValueError, match="valid keys of collect"):
+        load_config(None, ["collect.batchsize=4"])
+    with pytest.raises(ValueError, match="unknown method"):
+        load_config(None, ["method=rome"])
+    assert main(["fit", "--method", "hpr"]) == 1
+    assert "use `actedit train`" in capsys.readouterr().err
+    assert main(["train", str(tmp_path / "missing.yaml")]) == 1
+    assert "No config file" in capsys.readouterr().err
