@@ -9,7 +9,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+
+# Idle OpenMP threads yield instead of spinning: on a shared 2-core machine spinning threads made
+# torch 10-50x slower whenever another process held a core. Must be set before torch is imported.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 from typing import Callable, Dict, Optional, Sequence, Tuple
 
 COMMANDS: Dict[str, Tuple[str, Callable, Callable]] = {}

@@ -116,8 +116,8 @@ def evaluate(args) -> Dict[str, Any]:
 
 def markdown_report(results: Dict[str, Any], rows) -> str:
     lines = [f"# TruthfulQA ({results['split']} split, {results['n_questions']} questions)", "",
-             f"Model: `{results['model']}`. Protocol: lm-eval truthfulqa_mc1/mc2 "
-             f"(BOS: {results['protocol'].get('add_bos_token', results['protocol'].get('bos'))}).", "",
+             f"Model: `{results['model']}`. Protocol: {results['protocol'].get('name')}; "
+             f"MC2 rule: {results['protocol'].get('mc2_rule')}; BOS token: {results['protocol'].get('bos')}.", "",
              "| model | MC1 | MC2 | mean norm drift | KL to base |", "|---|---|---|---|---|"]
     for name, result, drift, kl in rows:
         fmt = lambda x: "—" if x is None else f"{x:.4f}"  # noqa: E731

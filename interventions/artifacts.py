@@ -32,7 +32,8 @@ class ArtifactError(ValueError):
     """An artifact cannot be used: missing, incomplete, corrupted, or for another model."""
 
 
-def _sha256(path: Path) -> str:
+def file_sha256(path) -> str:
+    """SHA-256 hex digest of a file, read in 1 MiB blocks."""
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
         for chunk in iter(lambda: handle.read(1 << 20), b""):
@@ -67,7 +68,7 @@ def save_artifact(pvm: pv.IntervenableModel, directory, *, card: bool = True, **
             (tmp / CARD).write_text(model_card(info, pvm))
         files = {}
         for path in sorted(tmp.iterdir()):
-            files[path.name] = {"bytes": path.stat().st_size, "sha256": _sha256(path)}
+            files[path.name] = {"bytes": path.stat().st_size, "sha256": file_sha256(path)}
         (tmp / MANIFEST).write_text(json.dumps({"format": 1, "files": files}, indent=2))
         if directory.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{directory.name}.old-", dir=directory.parent))
@@ -145,7 +146,7 @@ def verify_artifact(directory) -> Dict[str, Any]:
                     f"{name} in {directory} has {size} bytes but the manifest records {expected['bytes']}: "
                     "the file is truncated or was modified; save or download the artifact again."
                 )
-            if _sha256(path) != expected["sha256"]:
+            if file_sha256(path) != expected["sha256"]:
                 raise ArtifactError(f"{name} in {directory} does not match its recorded SHA-256: the file is corrupted.")
     return config.get("actedit") or {}
 

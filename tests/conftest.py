@@ -69,6 +69,19 @@ def tiny_model(family: str, seed: int = 0, **overrides):
 FAMILIES = ["llama", "mistral", "qwen2", "gemma", "gpt2"]
 
 
+@pytest.fixture(autouse=True, scope="session")
+def one_torch_thread():
+    """Run the suite on one torch thread (restored afterwards).
+
+    On a shared 2-core machine two OpenMP threads wait on each other whenever another process
+    holds a core (tests then ran up to 50x slower); one thread is as fast for tiny models.
+    """
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 @pytest.fixture
 def llama():
     return tiny_model("llama")

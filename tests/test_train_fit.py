@@ -10,13 +10,6 @@ from actedit.train.fit import ActAddFit, CAAFit, SEAFit, fit_actadd, fit_caa, fi
 from conftest import tiny_model
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Small matrices: one thread is faster and immune to other processes on the machine."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 def low_rank_acts(n, d, seed, layers=(0, 2)):

@@ -29,13 +29,6 @@ from actedit.train.trainer import (
 from conftest import tiny_model
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Small matrices: one thread is faster and immune to other processes on the machine."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 def separable_pairs(n, seed, layers=3, d=32, margin=2.0, noise=0.2):

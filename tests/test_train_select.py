@@ -19,12 +19,6 @@ from actedit.train.trainer import PairedActivations
 from conftest import tiny_model
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 def pairs(n=200, d=32, layers=3, seed=0):

@@ -75,6 +75,7 @@ import torch
 
 from .data import ROLES, ContrastDataset, ContrastExample, PromptPair, PromptPairDataset
 from .formats import EncodedExample, PromptFormat, get_format, tokenizer_fingerprint
+from actedit.interventions.artifacts import file_sha256
 
 SITES = ("block_output", "block_input", "mlp_output", "attention_value_output")
 """Sites activations can be collected at (pyvene component names)."""
@@ -525,14 +526,6 @@ def _write_manifest(directory: Path, manifest: Dict[str, Any]) -> None:
     _fsync_write(directory / MANIFEST, (json.dumps(manifest, indent=1, sort_keys=True) + "\n").encode())
 
 
-def _file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _shard_name(index: int) -> str:
     return f"{_SHARD_PREFIX}{index:05d}.safetensors"
 
@@ -593,7 +586,7 @@ def _prepare_directory(directory: Path, run: Dict[str, Any], fingerprint: str, r
             path = directory / entry["file"]
             ok = path.is_file() and path.stat().st_size == entry["bytes"]
             if ok and verify:
-                ok = _file_sha256(path) == entry["sha256"]
+                ok = file_sha256(path) == entry["sha256"]
             if not ok:
                 break
             kept.append(entry)
