@@ -135,6 +135,9 @@ def main(argv=None) -> dict:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     parser.add_argument("--skip-naive", action="store_true", help="time only the scorer")
+    parser.add_argument("--lm-eval", action="store_true",
+                        help="also time lm-eval's own truthfulqa_mc1/mc2 (ActEditLM, local task files)")
+    parser.add_argument("--lm-eval-batch-size", type=int, default=8)
     parser.add_argument("--out", default="runs/bench_scoring.json", help="JSON output path")
     args = parser.parse_args(argv)
 
@@ -154,6 +157,8 @@ def main(argv=None) -> dict:
     naive = None
     if not args.skip_naive:
         naive, naive_wall, naive_cpu = timed(lambda: naive_score(target, tokenizer, questions))
+    if args.lm_eval:
+        report_lm_eval = time_lm_eval(model, tokenizer, questions, args, target)
     load_after = os.getloadavg()
 
     report = {
@@ -182,12 +187,38 @@ def main(argv=None) -> dict:
                                 "same_mc1_decisions": same_mc1,
                                 "identical": bool(same_mc1 and max(diffs) < 1e-3 and max_mc2 < 1e-4)}
 
+    if args.lm_eval:
+        report["lm_eval"] = report_lm_eval
     print_table(report)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2))
     print(f"\nwritten: {out}")
     return report
+
+
+def time_lm_eval(model, tokenizer, questions, args, target) -> dict:
+    """lm-eval 0.4's truthfulqa_mc1/mc2 (task files pointed at the same questions) vs our scorer
+    with lm-eval's MC2 rule (task v3.0: every choice labelled 1 is true)."""
+    import tempfile
+
+    from actedit.eval.lmeval import ActEditLM, evaluate_truthfulqa
+
+    intervention = None
+    if args.edit != "none":
+        from actedit.interventions import save_artifact
+
+        intervention = save_artifact(target, Path(tempfile.mkdtemp()) / "edit")
+    lm = ActEditLM(pretrained=model, tokenizer=tokenizer, intervention=intervention,
+                   batch_size=args.lm_eval_batch_size)
+    theirs, wall, cpu = timed(lambda: evaluate_truthfulqa(lm, questions, Path(tempfile.mkdtemp())))
+    ours, our_wall, our_cpu = timed(lambda: mc.score_mc(target, tokenizer, questions, batch_size=args.batch_size,
+                                                        progress=False, mc2_rule="labels"))
+    return {"wall_s": wall, "cpu_s": cpu, "mc1": theirs["mc1"], "mc2": theirs["mc2"],
+            "extrapolated_817_wall_s": wall / len(questions) * N_TOTAL,
+            "scorer_labels_rule": {"wall_s": our_wall, "mc1": ours.mc1, "mc2": ours.mc2},
+            "speedup_wall": wall / our_wall,
+            "identical": bool(abs(ours.mc1 - theirs["mc1"]) < 1e-9 and abs(ours.mc2 - theirs["mc2"]) < 1e-4)}
 
 
 def print_table(report: dict) -> None:
@@ -203,6 +234,8 @@ def print_table(report: dict) -> None:
     rows = [("actedit score_mc (cached)", report["scorer"])]
     if "naive" in report:
         rows.append(("naive per-sequence", report["naive"]))
+    if "lm_eval" in report:
+        rows.append(("lm-eval 0.4 (HFLM)", report["lm_eval"]))
     for name, row in rows:
         print(f"{name:<28}{row['wall_s']:>9.2f}{row['cpu_s']:>9.2f}{row['extrapolated_817_wall_s'] / 60:>13.2f}"
               f"{row['mc1']:>8.4f}{row['mc2']:>8.4f}")
@@ -212,6 +245,11 @@ def print_table(report: dict) -> None:
         print(f"speed-up  : {c['speedup_wall']:.1f}x wall, {c['speedup_cpu']:.1f}x cpu")
         print(f"identical : {'yes' if c['identical'] else 'NO'} (max |score diff| {c['max_abs_score_diff']:.2e}, "
               f"max |mc2 diff| {c['max_abs_mc2_diff']:.2e}, same MC1 decisions: {c['same_mc1_decisions']})")
+    if "lm_eval" in report:
+        le = report["lm_eval"]
+        print(f"vs lm-eval: {le['speedup_wall']:.1f}x wall; MC1/MC2 identical (mc2 rule 'labels', task v3.0): "
+              f"{'yes' if le['identical'] else 'NO'} (ours {le['scorer_labels_rule']['mc1']:.4f}/"
+              f"{le['scorer_labels_rule']['mc2']:.4f}, lm-eval {le['mc1']:.4f}/{le['mc2']:.4f})")
 
 
 if __name__ == "__main__":

@@ -21,8 +21,11 @@ starts, so the ``answer`` position policy falls back to ``last`` here; use acted
 
 from __future__ import annotations
 
+import json
+import shutil
 import sys
-from typing import Optional
+from pathlib import Path
+from typing import List, Optional, Sequence
 
 import torch
 
@@ -93,6 +96,49 @@ class ActEditLM(HFLM):
             return super()._model_generate(context, max_length, stop, **generation_kwargs)
         finally:
             self._model = model
+
+
+def local_truthfulqa_tasks(directory, questions: Sequence, prefix: str = "local_") -> List[str]:
+    """Write lm-eval task files for TruthfulQA MC1/MC2 that read ``questions`` from a local JSONL.
+
+    The task files are lm-eval's own installed ``truthfulqa_mc1/mc2.yaml`` (same primer, same
+    metrics), with the Hub dataset replaced by a JSONL in the Hub's schema: for offline machines
+    and for scoring a split. Returns the task names; pass ``directory`` as lm-eval's include path.
+    """
+    import lm_eval
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    rows = [{"question": q.question,
+             "mc1_targets": {"choices": list(q.mc1_choices), "labels": list(q.mc1_labels)},
+             "mc2_targets": {"choices": list(q.mc2_choices), "labels": list(q.mc2_labels)}} for q in questions]
+    data = directory / "truthfulqa.jsonl"
+    data.write_text("\n".join(json.dumps(r) for r in rows))
+    source = Path(lm_eval.__file__).parent / "tasks" / "truthfulqa"
+    mc1 = (source / "truthfulqa_mc1.yaml").read_text()
+    hub_lines = ("dataset_path: truthfulqa/truthful_qa\n", "dataset_name: multiple_choice\n")
+    if not all(line in mc1 for line in hub_lines):
+        raise RuntimeError(f"lm-eval's {source / 'truthfulqa_mc1.yaml'} has an unexpected layout; "
+                           "this lm-eval version is not supported by local_truthfulqa_tasks.")
+    mc1 = mc1.replace(hub_lines[0], f"dataset_path: json\ndataset_kwargs:\n  data_files:\n    validation: {data}\n")
+    mc1 = mc1.replace(hub_lines[1], "").replace("tag:\n  - truthfulqa\n", "")
+    mc1 = mc1.replace("task: truthfulqa_mc1", f"task: {prefix}truthfulqa_mc1")
+    (directory / "truthfulqa_mc1.yaml").write_text(mc1)
+    mc2 = (source / "truthfulqa_mc2.yaml").read_text().replace("task: truthfulqa_mc2", f"task: {prefix}truthfulqa_mc2")
+    (directory / "truthfulqa_mc2.yaml").write_text(mc2)
+    shutil.copy(source / "utils.py", directory / "utils.py")
+    return [f"{prefix}truthfulqa_mc1", f"{prefix}truthfulqa_mc2"]
+
+
+def evaluate_truthfulqa(lm, questions: Sequence, directory) -> dict:
+    """lm-eval's MC1/MC2 of ``lm`` on ``questions`` (local task files in ``directory``)."""
+    from lm_eval import simple_evaluate
+    from lm_eval.tasks import TaskManager
+
+    tasks = local_truthfulqa_tasks(directory, questions)
+    out = simple_evaluate(model=lm, tasks=tasks, task_manager=TaskManager(include_path=str(directory)),
+                          num_fewshot=0, bootstrap_iters=0)
+    return {"mc1": out["results"][tasks[0]]["acc,none"], "mc2": out["results"][tasks[1]]["acc,none"]}
 
 
 def main(argv=None) -> None:
