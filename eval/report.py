@@ -36,6 +36,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--mc2-rule", default="split", choices=["split", "labels"],
                         help="lm-eval truthfulqa_mc2 v2.0 ('split', default) or v3.0 ('labels')")
     parser.add_argument("--no-analyses", action="store_true", help="skip norms, side effects and plots")
+    parser.add_argument("--layer-curve", action="store_true",
+                        help="also score the edit restricted to its top-1..K layers (HPR Fig. 6; K scorings)")
 
 
 def _questions(args):
@@ -102,6 +104,7 @@ def evaluate(args) -> Dict[str, Any]:
             drift = sum(layer_drift.values()) / max(len(layer_drift), 1)
             plots.plot_norms(comparison, out_dir / "norms.png")
             plots.plot_flips({"edited": flips}, out_dir / "flips.png")
+            _layer_analyses(args, pvm, tokenizer, questions, results, out_dir)
         rows.append(("edited", edited, drift, kl))
         final = edited
     else:
@@ -112,6 +115,33 @@ def evaluate(args) -> Dict[str, Any]:
     _write_json(out_dir / "results.json", results)
     (out_dir / "report.md").write_text(markdown_report(results, rows))
     return results
+
+
+def _layer_analyses(args, pvm, tokenizer, questions, results: Dict[str, Any], out_dir: Path) -> None:
+    """Probe accuracy per layer (from the artifact's layer selection) and, with --layer-curve,
+    MC1/MC2 of the edit restricted to its best 1..K layers."""
+    from actedit.eval import analysis, plots
+    from actedit.eval.mc import score_mc
+
+    info = results["intervention"]["metadata"]
+    selection = info.get("layer_selection") or {}
+    if selection.get("accuracy"):
+        accuracy = {int(k): float(v) for k, v in selection["accuracy"].items()}
+        plots.plot_per_layer(accuracy, "eval probe accuracy", out_dir / "probe_accuracy.png",
+                             highlight=selection.get("selected"))
+    if not args.layer_curve:
+        return
+    layers = sorted({layer for edit in info.get("edits", []) for layer in edit.get("layers", [])})
+    ranked = [int(x) for x in selection.get("ranking", []) if int(x) in layers] or layers
+
+    def score(chosen):
+        result = score_mc(analysis.restrict_layers(pvm, chosen), tokenizer, questions,
+                          batch_size=args.batch_size, progress=False, mc2_rule=args.mc2_rule)
+        return {"mc1": result.mc1, "mc2": result.mc2}
+
+    curve = analysis.accuracy_vs_num_layers(score, ranked, max_k=len(ranked), progress=True)
+    results["layer_curve"] = curve.to_dict()
+    plots.plot_layer_count(curve, out_dir / "layer_curve.png")
 
 
 def markdown_report(results: Dict[str, Any], rows) -> str:

@@ -28,6 +28,14 @@ def local_model(tmp_path_factory):
     tokenizer.save_pretrained(root / "model")
     caa = ai.build_caa_config(model, {1: torch.randn(32) * 3})
     ai.save_artifact(ai.intervenable(model, caa), root / "caa")
+    hpr = ai.build_hpr_config(model, [0, 2])
+    with torch.no_grad():
+        for rep in hpr.representations:
+            for p in rep.intervention.parameters():
+                p.normal_(std=0.3)
+    selection = {"metric": "probe_accuracy", "accuracy": {"0": 0.7, "1": 0.6, "2": 0.9}, "ranking": [2, 0, 1],
+                 "selected": [0, 2]}
+    ai.save_artifact(ai.intervenable(model, hpr), root / "hpr", layer_selection=selection)
     return root, questions
 
 
@@ -47,6 +55,19 @@ def test_eval_with_and_without_edit(local_model, tmp_path):
     assert (tmp_path / "caa" / "norms.png").stat().st_size > 0 and (tmp_path / "caa" / "flips.png").is_file()
     report = (tmp_path / "caa" / "report.md").read_text()
     assert "| edited |" in report and "False→True" in report
+
+
+def test_layer_curve_and_probe_plot(local_model, tmp_path):
+    root, _ = local_model
+    assert main(["eval", "--model", str(root / "model"), "--data", str(SHARED_DATA), "--limit", "3",
+                 "--intervention", str(root / "hpr"), "--layer-curve", "--out", str(tmp_path / "o")]) == 0
+    results = json.loads((tmp_path / "o" / "results.json").read_text())
+    curve = results["layer_curve"]
+    assert curve["ranked_layers"] == [2, 0] and curve["ks"] == [1, 2]
+    assert set(curve["scores"]) == {"mc1", "mc2"} and len(curve["scores"]["mc2"]) == 2
+    # k = 2 restricts to every edited layer: the full edit's score
+    assert curve["scores"]["mc2"][-1] == pytest.approx(results["edited"]["mc2"])
+    assert (tmp_path / "o" / "layer_curve.png").is_file() and (tmp_path / "o" / "probe_accuracy.png").is_file()
 
 
 def test_eval_errors(local_model, tmp_path, capsys):
