@@ -88,8 +88,24 @@ def _check_metadata(metadata: Any, where: str) -> Dict[str, Any]:
 
 
 # ------------------------------------------------------------------------------- data model
+class _MetadataFields:
+    """``id`` and ``split`` read from an item's ``metadata`` dict."""
+
+    metadata: Dict[str, Any]
+
+    @property
+    def id(self) -> Optional[Any]:
+        """``metadata['id']`` if present."""
+        return self.metadata.get("id")
+
+    @property
+    def split(self) -> Optional[str]:
+        """``metadata['split']`` if present."""
+        return self.metadata.get("split")
+
+
 @dataclass
-class ContrastExample:
+class ContrastExample(_MetadataFields):
     """One prompt with desirable and undesirable responses.
 
     Attributes:
@@ -127,16 +143,6 @@ class ContrastExample:
         if both:
             raise ValueError(f"{where}: {both[0]!r} is listed as both a positive and a negative response.")
 
-    @property
-    def id(self) -> Optional[Any]:
-        """``metadata['id']`` if present."""
-        return self.metadata.get("id")
-
-    @property
-    def split(self) -> Optional[str]:
-        """``metadata['split']`` if present."""
-        return self.metadata.get("split")
-
     def pairs(self) -> Iterator[Tuple[str, str]]:
         """Every (positive, negative) response pair, positives outer."""
         for pos in self.positives:
@@ -159,7 +165,7 @@ class ContrastExample:
 
 
 @dataclass
-class PromptPair:
+class PromptPair(_MetadataFields):
     """ActAdd's steering prompts: the edit adds activations of ``prompt1`` minus ``prompt2``.
 
     Attributes:
@@ -183,14 +189,6 @@ class PromptPair:
             raise ValueError(f"{where}: prompt1 and prompt2 are identical ({self.prompt1!r:.60}); their "
                              "difference would be zero.")
         self.metadata = _check_metadata(self.metadata, where)
-
-    @property
-    def id(self) -> Optional[Any]:
-        return self.metadata.get("id")
-
-    @property
-    def split(self) -> Optional[str]:
-        return self.metadata.get("split")
 
     def to_dict(self) -> Dict[str, Any]:
         out: Dict[str, Any] = {"prompt1": self.prompt1, "prompt2": self.prompt2}
