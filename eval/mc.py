@@ -301,7 +301,6 @@ class _Runner:
         self.device = next(self.model.parameters()).device
         self._gather: Optional[Tuple[torch.Tensor, torch.Tensor]] = None
         self._gathered_in_head = False
-        self._prompt_lengths: Optional[torch.Tensor] = None
         self._handles: list = []
 
     # hooks ---------------------------------------------------------------------------------
@@ -315,22 +314,6 @@ class _Runner:
         self._gathered_in_head = True
         return (hidden[rows, cols].unsqueeze(0),) + tuple(args[1:])
 
-    def _calls_pre_hook(self, module, args, kwargs):
-        # Runs right after actedit's PositionTracker (registered before it on the same module):
-        # the whole scored sequence is the prompt of this call.
-        if self._prompt_lengths is None:
-            return None
-        from actedit.interventions.positions import current_call
-
-        call = current_call()
-        ids = kwargs.get("input_ids", args[0] if args else None)
-        if (call is not None and isinstance(ids, torch.Tensor)
-                and tuple(call.positions.shape) == tuple(ids.shape[:2])
-                and call.positions.shape[0] == self._prompt_lengths.shape[0]):
-            call.prompt_lengths = self._prompt_lengths.to(call.positions.device)
-            call.is_prompt_pass = True
-        return None
-
     @contextlib.contextmanager
     def active(self) -> Iterator["_Runner"]:
         was_training = self.model.training
@@ -340,9 +323,8 @@ class _Runner:
             from actedit.interventions import compat
             from actedit.interventions.positions import attach_tracker
 
-            compat.apply()  # pyvene must not wipe the hooks below
+            compat.apply()  # pyvene must not wipe the tracker's hooks
             attach_tracker(self.model)  # no-op when pyvene's wrapper already attached it
-            self._handles.append(self.model.register_forward_pre_hook(self._calls_pre_hook, with_kwargs=True))
         try:
             with torch.inference_mode():
                 yield self
@@ -357,7 +339,7 @@ class _Runner:
                 rows: torch.Tensor, cols: torch.Tensor, targets: torch.Tensor,
                 prompt_lengths: Sequence[int], answer_starts: Sequence[int]):
         """One forward call; returns (log-probs of ``targets`` at (rows, cols), cache)."""
-        from actedit.interventions.positions import mark_answer_starts
+        from actedit.interventions.positions import mark_answer_starts, mark_prompt_lengths
 
         base = {"input_ids": input_ids.to(self.device), "attention_mask": attention_mask.to(self.device),
                 "use_cache": True}
@@ -366,9 +348,9 @@ class _Runner:
         rows, cols, targets = rows.to(self.device), cols.to(self.device), targets.to(self.device)
         self._gather = (rows, cols)
         self._gathered_in_head = False
-        self._prompt_lengths = torch.as_tensor(list(prompt_lengths), dtype=torch.long)
         try:
-            with mark_answer_starts(list(answer_starts)):
+            # positions are those of the whole scored sequence, as in one plain forward
+            with mark_answer_starts(list(answer_starts)), mark_prompt_lengths(list(prompt_lengths)):
                 if self.pvm is not None:
                     first, second = self.pvm(base, unit_locations=None)
                     output = second if second is not None else first
@@ -376,7 +358,6 @@ class _Runner:
                     output = self.model(**base)
         finally:
             self._gather = None
-            self._prompt_lengths = None
         logits = output.logits
         logits = logits[0] if self._gathered_in_head else logits[rows, cols]
         logprobs = F.log_softmax(logits.double(), dim=-1)

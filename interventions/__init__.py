@@ -22,7 +22,7 @@ from .caa import CAAIntervention, build_caa_config, mean_difference  # noqa: E40
 from .config import DEFAULT_COMPONENTS, METHOD_ORDER, compose, edit_config, intervenable  # noqa: E402
 from .hpr import HPRIntervention, build_hpr_config, hpr_parameter_count  # noqa: E402
 from .iti import ITIIntervention, build_iti_config, mass_mean_directions  # noqa: E402
-from .positions import PositionPolicy, attach_tracker, mark_answer_starts  # noqa: E402
+from .positions import PositionPolicy, attach_tracker, mark_answer_starts, mark_prompt_lengths  # noqa: E402
 from .sea import SEAIntervention, build_sea_config, fit_sea_factors  # noqa: E402
 
 INTERVENTIONS = {
@@ -48,6 +48,6 @@ __all__ = [
     "HPRIntervention", "INTERVENTIONS", "ITIIntervention", "METHOD_ORDER", "PositionPolicy", "SEAIntervention",
     "artifact_metadata", "attach_tracker", "build_actadd_config", "build_caa_config", "build_hpr_config",
     "build_iti_config", "build_sea_config", "compose", "edit_config", "fit_sea_factors", "hpr_parameter_count",
-    "intervenable", "intervention_class", "load_artifact", "mark_answer_starts", "mass_mean_directions",
+    "intervenable", "intervention_class", "load_artifact", "mark_answer_starts", "mark_prompt_lengths", "mass_mean_directions",
     "mean_difference", "push_to_hub", "save_artifact", "x_vector",
 ]

@@ -122,6 +122,7 @@ def _stack() -> list:
     if not hasattr(_state, "calls"):
         _state.calls = []
         _state.answer_starts = None
+        _state.prompt_lengths = None
         _state.generation = None
     return _state.calls
 
@@ -150,6 +151,23 @@ def mark_answer_starts(answer_starts) -> Iterator[None]:
 
 
 @contextlib.contextmanager
+def mark_prompt_lengths(prompt_lengths) -> Iterator[None]:
+    """Mark, for the forward calls inside this block, each row's prompt length.
+
+    ``prompt_lengths`` holds one count of real tokens per batch row; a marked call counts as the
+    prompt pass. Used by scorers that feed a sequence in pieces (cached primer, then context,
+    then choices) but define positions on the whole scored sequence, as one plain forward would.
+    """
+    _stack()
+    previous = _state.prompt_lengths
+    _state.prompt_lengths = torch.as_tensor(prompt_lengths, dtype=torch.long)
+    try:
+        yield
+    finally:
+        _state.prompt_lengths = previous
+
+
+@contextlib.contextmanager
 def generation() -> Iterator[None]:
     """Mark a generation: its first forward call is the prompt pass, every later one a decode step.
 
@@ -164,6 +182,19 @@ def generation() -> Iterator[None]:
         yield
     finally:
         _state.generation = previous
+
+
+def _per_row(values: Optional[torch.Tensor], batch: int, device, name: str) -> Optional[torch.Tensor]:
+    """A marked per-row value (``mark_*``) broadcast to and checked against the call's batch."""
+    if values is None:
+        return None
+    values = values.to(device)
+    if values.dim() == 0:
+        values = values.expand(batch)
+    if values.shape[0] != batch:
+        raise ValueError(f"{name} got {values.shape[0]} rows but the forward call has batch size {batch}; "
+                         "pass one value per row.")
+    return values
 
 
 def _past_length(kwargs: dict, seq: int) -> int:
@@ -222,16 +253,10 @@ class PositionTracker:
             if is_prompt or self._prompt_lengths is None or self._prompt_lengths.shape[0] != batch:
                 self._prompt_lengths = positions.max(dim=1).values + 1
             prompt_lengths = self._prompt_lengths.to(device)
-        answer_starts = getattr(_state, "answer_starts", None)
-        if answer_starts is not None:
-            answer_starts = answer_starts.to(device)
-            if answer_starts.dim() == 0:
-                answer_starts = answer_starts.expand(batch)
-            if answer_starts.shape[0] != batch:
-                raise ValueError(
-                    f"mark_answer_starts got {answer_starts.shape[0]} rows but the forward call "
-                    f"has batch size {batch}; pass one answer start per row."
-                )
+        marked_prompt = _per_row(getattr(_state, "prompt_lengths", None), batch, device, "mark_prompt_lengths")
+        if marked_prompt is not None:
+            prompt_lengths, is_prompt = marked_prompt, True
+        answer_starts = _per_row(getattr(_state, "answer_starts", None), batch, device, "mark_answer_starts")
         _stack().append(CallPositions(positions, prompt_lengths, is_prompt, answer_starts))
 
     def post_hook(self, module, args, kwargs, output) -> None:

@@ -13,6 +13,7 @@ from actedit.interventions import (
     build_caa_config,
     intervenable,
     mark_answer_starts,
+    mark_prompt_lengths,
 )
 from actedit.interventions.positions import CallPositions, generation, position_mask
 
@@ -130,6 +131,29 @@ def test_answer_policy_with_marked_answer_starts():
         handle.remove()
     diff = seen[1] - seen[0]
     mask = (REAL_INDEX >= 0) & (REAL_INDEX >= starts[:, None])
+    assert torch.allclose(diff[mask], v.expand(int(mask.sum()), 32), atol=1e-5)
+    assert torch.equal(diff[~mask], torch.zeros_like(diff[~mask]))
+
+
+def test_marked_prompt_lengths_define_the_prompt():
+    """A scorer feeding a sequence in one call marks where its prompt ends; generated = after it."""
+    model = tiny_model("llama")
+    v = torch.ones(32)
+    config = build_caa_config(model, {1: v}, position_policy="generated")
+    seen, handle = capture(model.model.layers[2])
+    lengths = torch.tensor([2, 5])  # real tokens of each row's prompt
+    try:
+        with torch.no_grad():
+            model(input_ids=IDS, attention_mask=MASK)
+            pvm = intervenable(model, config)
+            with mark_prompt_lengths(lengths):
+                pvm({"input_ids": IDS, "attention_mask": MASK})
+            with pytest.raises(ValueError, match="one value per row"), mark_prompt_lengths([1, 2, 3]):
+                pvm({"input_ids": IDS, "attention_mask": MASK})
+    finally:
+        handle.remove()
+    diff = seen[1] - seen[0]
+    mask = (REAL_INDEX >= 0) & (REAL_INDEX >= lengths[:, None])
     assert torch.allclose(diff[mask], v.expand(int(mask.sum()), 32), atol=1e-5)
     assert torch.equal(diff[~mask], torch.zeros_like(diff[~mask]))
 
