@@ -31,6 +31,8 @@ from typing import Optional, Tuple, Union
 
 import torch
 
+from actedit.interventions.artifacts import looks_like_local_path
+
 
 @dataclass(frozen=True)
 class ModelAlias:
@@ -74,15 +76,6 @@ class ModelPackageMissing(ImportError):
 
 def _alias_key(spec: str) -> str:
     return spec.strip().lower().replace("_", "-")
-
-
-def _looks_like_path(spec: str) -> bool:
-    return (
-        spec.startswith((".", "/", "~"))
-        or "\\" in spec
-        or spec.count("/") > 1
-        or spec.lower().endswith(".gguf")
-    )
 
 
 def _package_folder(alias_name: str, alias: ModelAlias) -> Path:
@@ -145,7 +138,7 @@ def resolve_spec(spec: Union[str, os.PathLike]) -> Tuple[str, dict]:
                 f"{path} is a directory without config.json: not a transformers model directory."
             )
         return "local", {"path": str(path)}
-    if _looks_like_path(text):
+    if looks_like_local_path(text, suffixes=(".gguf",)):
         raise FileNotFoundError(
             f"No model at {text!r}: the path does not exist (it is not downloaded from the Hub: a Hub "
             "id looks like 'owner/name'). Check the path."

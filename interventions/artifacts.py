@@ -85,9 +85,18 @@ def save_artifact(pvm: pv.IntervenableModel, directory, *, card: bool = True, **
     return directory
 
 
-def _looks_local(path: str) -> bool:
-    """A Hub repo id is exactly ``owner/name``; anything else is meant as a local path."""
-    return path.startswith((".", "/", "~")) or "\\" in path or path.count("/") != 1
+def looks_like_local_path(text: str, *, suffixes: tuple = (), hub_needs_owner: bool = False) -> bool:
+    """Whether ``text`` is meant as a local path rather than a Hugging Face Hub id.
+
+    A Hub id is ``name`` or ``owner/name`` (only ``owner/name`` with ``hub_needs_owner``); text
+    starting with ``.``, ``/`` or ``~``, holding a backslash or more slashes, or ending in one of
+    ``suffixes`` (case-insensitive) is a path. Callers use it to refuse a missing path instead
+    of silently trying a Hub download.
+    """
+    slashes = text.count("/")
+    return (text.startswith((".", "/", "~")) or "\\" in text
+            or (slashes != 1 if hub_needs_owner else slashes > 1)
+            or text.lower().endswith(tuple(suffixes)))
 
 
 def resolve_artifact(path_or_repo, revision: Optional[str] = None) -> Path:
@@ -102,7 +111,7 @@ def resolve_artifact(path_or_repo, revision: Optional[str] = None) -> Path:
         if not candidate.is_dir():
             raise ArtifactError(f"{candidate} is a file; an artifact is a directory holding config.json.")
         return candidate
-    if _looks_local(text):
+    if looks_like_local_path(text, hub_needs_owner=True):
         raise FileNotFoundError(
             f"No artifact directory at {text!r}. Check the path (pyvene would have tried to download "
             f"{text!r} from the Hugging Face Hub instead); Hub repo ids look like 'owner/name'."

@@ -505,8 +505,10 @@ def load_truthfulqa_mc(
 # ------------------------------------------------------------------------- generic records
 def _is_local(source: PathLike) -> bool:
     text = str(source)
-    return (Path(text).expanduser().exists() or text.startswith((".", "/", "~")) or "\\" in text
-            or text.count("/") > 1 or text.lower().endswith((".json", ".jsonl", ".csv", ".parquet")))
+    from actedit.interventions.artifacts import looks_like_local_path
+
+    return Path(text).expanduser().exists() or looks_like_local_path(
+        text, suffixes=(".json", ".jsonl", ".csv", ".parquet"))
 
 
 def _read_records(path: Path, split: Optional[str]) -> List[Dict[str, Any]]:

@@ -96,8 +96,9 @@ def load_truthfulqa(source: Optional[Union[str, Path]] = None) -> List[MCQuestio
         if path.is_file():
             with open(path) as handle:
                 return _from_records(json.load(handle))
-        text = str(source)
-        if text.startswith((".", "/", "~")) or path.suffix == ".json" or text.count("/") > 1:
+        from actedit.interventions.artifacts import looks_like_local_path
+
+        if looks_like_local_path(str(source), suffixes=(".json",)):
             raise FileNotFoundError(
                 f"No TruthfulQA data at {source!r}: expected a directory holding mc_task.json (the original "
                 "release) or the file itself."
