@@ -143,6 +143,12 @@ class ContrastExample(_MetadataFields):
         if both:
             raise ValueError(f"{where}: {both[0]!r} is listed as both a positive and a negative response.")
 
+    def responses(self) -> Iterator[Tuple[str, int, str]]:
+        """``(role, index, text)`` of every positive (role ``"pos"``), then every negative (``"neg"``)."""
+        for role, texts in (("pos", self.positives), ("neg", self.negatives)):
+            for index, text in enumerate(texts):
+                yield role, index, text
+
     def pairs(self) -> Iterator[Tuple[str, str]]:
         """Every (positive, negative) response pair, positives outer."""
         for pos in self.positives:

@@ -285,11 +285,10 @@ class ITIFormat(PromptFormat):
     def encode(self, example, tokenizer, index: int = 0) -> EncodedExample:
         self.check(example)
         sequences = []
-        for role, answers in (("pos", example.positives), ("neg", example.negatives)):
-            for r, answer in enumerate(answers):
-                text = self.template.format(question=example.prompt, answer=answer)
-                ids = encode_text(tokenizer, text, add_special_tokens=True)
-                sequences.append(EncodedSequence(ids, [len(ids) - 1], role, r, text))
+        for role, r, answer in example.responses():
+            text = self.template.format(question=example.prompt, answer=answer)
+            ids = encode_text(tokenizer, text, add_special_tokens=True)
+            sequences.append(EncodedSequence(ids, [len(ids) - 1], role, r, text))
         return EncodedExample(sequences)
 
 
@@ -321,24 +320,23 @@ class CAAFormat(PromptFormat):
     def encode(self, example, tokenizer, index: int = 0) -> EncodedExample:
         self.check(example)
         sequences = []
-        for role, answers in (("pos", example.positives), ("neg", example.negatives)):
-            for r, answer in enumerate(answers):
-                letter = next((i for i, ch in enumerate(answer) if ch in LETTERS), None)
-                if letter is None:
-                    raise ValueError(f"example {example.id or index}: CAA answers name a choice letter, like '(A)'; "
-                                     f"got {answer!r}.")
-                if self.chat:
-                    head = chat_text(tokenizer, _messages(self.system_prompt, example.prompt), add_generation_prompt=True)
-                    text, special = head + answer, False
-                    char = len(head) + letter
-                else:
-                    head, _, _ = self.plain_template.partition("{answer}")
-                    head = head.format(prompt=example.prompt)
-                    text, special = self.plain_template.format(prompt=example.prompt, answer=answer), True
-                    char = len(head) + letter
-                ids = encode_text(tokenizer, text, add_special_tokens=special)
-                position = token_at_char(tokenizer, text, char, special, ids)
-                sequences.append(EncodedSequence(ids, [position], role, r, text))
+        for role, r, answer in example.responses():
+            letter = next((i for i, ch in enumerate(answer) if ch in LETTERS), None)
+            if letter is None:
+                raise ValueError(f"example {example.id or index}: CAA answers name a choice letter, like '(A)'; "
+                                 f"got {answer!r}.")
+            if self.chat:
+                head = chat_text(tokenizer, _messages(self.system_prompt, example.prompt), add_generation_prompt=True)
+                text, special = head + answer, False
+                char = len(head) + letter
+            else:
+                head, _, _ = self.plain_template.partition("{answer}")
+                head = head.format(prompt=example.prompt)
+                text, special = self.plain_template.format(prompt=example.prompt, answer=answer), True
+                char = len(head) + letter
+            ids = encode_text(tokenizer, text, add_special_tokens=special)
+            position = token_at_char(tokenizer, text, char, special, ids)
+            sequences.append(EncodedSequence(ids, [position], role, r, text))
         return EncodedExample(sequences)
 
 
