@@ -134,37 +134,35 @@ def current_call() -> Optional[CallPositions]:
 
 
 @contextlib.contextmanager
-def mark_answer_starts(answer_starts) -> Iterator[None]:
+def _marked(name: str, per_row) -> Iterator[None]:
+    """Set the per-row mark ``name`` (read by :class:`PositionTracker`) for the block."""
+    _stack()
+    previous = getattr(_state, name)
+    setattr(_state, name, torch.as_tensor(per_row, dtype=torch.long))
+    try:
+        yield
+    finally:
+        setattr(_state, name, previous)
+
+
+def mark_answer_starts(answer_starts) -> contextlib.AbstractContextManager:
     """Mark, for the forward calls inside this block, where each row's answer begins.
 
     ``answer_starts`` holds one index per batch row, counted among the row's real tokens (the
     length of the context the answer continues). Used by multiple-choice scorers so that the
     :attr:`PositionPolicy.ANSWER` policy edits only the scored continuation.
     """
-    _stack()
-    previous = _state.answer_starts
-    _state.answer_starts = torch.as_tensor(answer_starts, dtype=torch.long)
-    try:
-        yield
-    finally:
-        _state.answer_starts = previous
+    return _marked("answer_starts", answer_starts)
 
 
-@contextlib.contextmanager
-def mark_prompt_lengths(prompt_lengths) -> Iterator[None]:
+def mark_prompt_lengths(prompt_lengths) -> contextlib.AbstractContextManager:
     """Mark, for the forward calls inside this block, each row's prompt length.
 
     ``prompt_lengths`` holds one count of real tokens per batch row; a marked call counts as the
     prompt pass. Used by scorers that feed a sequence in pieces (cached primer, then context,
     then choices) but define positions on the whole scored sequence, as one plain forward would.
     """
-    _stack()
-    previous = _state.prompt_lengths
-    _state.prompt_lengths = torch.as_tensor(prompt_lengths, dtype=torch.long)
-    try:
-        yield
-    finally:
-        _state.prompt_lengths = previous
+    return _marked("prompt_lengths", prompt_lengths)
 
 
 @contextlib.contextmanager
