@@ -45,11 +45,15 @@ fp32: MC1 0.2534 ± 0.0152, MC2 0.4476 ± 0.0151 (``mc2_rule="split"``).
 How it is computed (equal to scoring every ``ctx + continuation`` sequence on its own with one
 full forward each, to float rounding):
 
-1. the token prefix shared by every context (the primer) is run **once**; its KV cache is copied
-   for each question (``copy.deepcopy``; the original is never mutated);
-2. each question's remaining context tokens are run once on that copy, batch 1;
-3. the cache is repeated over the question's distinct choices and all continuations run in one
-   right-padded batch (``batch_size`` rows at most per forward);
+1. the token prefix shared by every context (the primer) is run **once**; its KV cache is
+   shared by every question (rows are selected into new tensors; the original is never mutated);
+2. questions are scored in groups of up to ``batch_size`` continuations: one call runs the
+   group's own context tokens (one right-padded row per question);
+3. all continuations of the group run in right-padded batches (``batch_size`` rows at most per
+   forward), each row on its own question's cache rows, with explicit position ids and an
+   attention mask that skip the padding between context and continuation (batching across
+   questions: the per-question version ran forward calls of ~30 rows, half as fast per token
+   on a 2-core CPU);
 4. the vocabulary projection (the model's output-embedding module) is applied only to the
    positions whose log-probabilities are needed: a forward pre-hook on that module gathers them,
    so models that post-process logits (soft-capping, scaling) keep doing so.
@@ -73,7 +77,6 @@ not actedit's are assumed to act position by position (pass ``mode="full"`` othe
 from __future__ import annotations
 
 import contextlib
-import copy
 import hashlib
 import math
 import time
@@ -83,6 +86,8 @@ from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+from actedit.train.collect import select_cache_rows
 
 TRUTHFULQA_PRIMER = (
     "Q: What is human life expectancy in the United States?\n"
@@ -337,7 +342,8 @@ class _Runner:
     # forward -------------------------------------------------------------------------------
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, past=None, *,
                 rows: torch.Tensor, cols: torch.Tensor, targets: torch.Tensor,
-                prompt_lengths: Sequence[int], answer_starts: Sequence[int]):
+                prompt_lengths: Sequence[int], answer_starts: Sequence[int],
+                position_ids: Optional[torch.Tensor] = None):
         """One forward call; returns (log-probs of ``targets`` at (rows, cols), cache)."""
         from actedit.interventions.positions import mark_answer_starts, mark_prompt_lengths
 
@@ -345,6 +351,8 @@ class _Runner:
                 "use_cache": True}
         if past is not None:
             base["past_key_values"] = past
+        if position_ids is not None:
+            base["position_ids"] = position_ids.to(self.device)
         rows, cols, targets = rows.to(self.device), cols.to(self.device), targets.to(self.device)
         self._gather = (rows, cols)
         self._gathered_in_head = False
@@ -363,16 +371,6 @@ class _Runner:
         logprobs = F.log_softmax(logits.double(), dim=-1)
         picked = logprobs.gather(-1, targets.view(-1, 1)).squeeze(-1) if targets.numel() else logprobs[:0, 0]
         return picked, output.past_key_values
-
-
-def _repeat_cache(cache, n: int):
-    """Repeat a batch-1 KV cache ``n`` times along the batch (in place for ``Cache`` objects)."""
-    if hasattr(cache, "batch_repeat_interleave"):
-        cache.batch_repeat_interleave(n)
-        return cache
-    if isinstance(cache, (tuple, list)):  # legacy tuple-of-tuples cache
-        return tuple(tuple(t.repeat_interleave(n, dim=0) for t in layer) for layer in cache)
-    raise TypeError(f"cannot repeat a KV cache of type {type(cache).__name__}; use mode='full'.")
 
 
 def _common_prefix_length(sequences: Sequence[Sequence[int]]) -> int:
@@ -499,67 +497,110 @@ def loglikelihoods(
                     prompt_lengths=[prefix_len + 1], answer_starts=[prefix_len])
         if info is not None:
             info["shared_prefix_tokens"] = prefix_len
-        for ctx, conts in tqdm(encoded, desc=desc, disable=not progress):
-            if mode == "cached":
-                results.append(_score_cached(runner, ctx, conts, prefix_len, prefix_cache, batch_size, pad))
-            else:
+        bar = tqdm(total=len(encoded), desc=desc, disable=not progress, unit="q")
+        if mode == "cached":
+            for group in _group_requests(encoded, batch_size):
+                results.extend(_score_cached(runner, [encoded[i] for i in group], prefix_len, prefix_cache,
+                                             batch_size, pad))
+                bar.update(len(group))
+        else:
+            for ctx, conts in encoded:
                 results.append(_score_full(runner, ctx, conts, batch_size, pad))
+                bar.update(1)
+        bar.close()
     return results
 
 
-def _score_cached(runner: _Runner, ctx: List[int], conts: List[List[int]], prefix_len: int,
-                  prefix_cache, batch_size: int, pad: int) -> List[float]:
-    n_ctx = len(ctx)
-    own = torch.tensor([ctx[prefix_len:]])
-    cache = copy.deepcopy(prefix_cache) if prefix_cache is not None else None
-    # The context pass: its last position's distribution scores every first continuation token.
-    last = torch.tensor([0]), torch.tensor([own.shape[1] - 1])
-    firsts = sorted({c[0] for c in conts if c})
-    first_targets = torch.tensor(firsts, dtype=torch.long)
-    picked, cache = runner.forward(
-        own, torch.ones(1, n_ctx, dtype=torch.long), cache,
-        rows=last[0].repeat(len(firsts)), cols=last[1].repeat(len(firsts)), targets=first_targets,
-        prompt_lengths=[n_ctx + 1], answer_starts=[n_ctx])
-    first_lp_t = {tok: picked[i] for i, tok in enumerate(firsts)}
-    scores: List[Optional[float]] = [None] * len(conts)
-    chunks = _plan_batches([len(c) for c in conts], batch_size)
-    for chunk_no, chunk in enumerate(chunks):
+def _group_requests(encoded: Sequence[Tuple[List[int], List[List[int]]]], max_rows: int) -> List[List[int]]:
+    """Consecutive request indices, grouped so a group has at most ``max_rows`` continuations
+    (a request with more continuations forms its own group)."""
+    groups: List[List[int]] = []
+    rows = 0
+    for i, (_, conts) in enumerate(encoded):
+        if groups and rows + len(conts) <= max_rows:
+            groups[-1].append(i)
+            rows += len(conts)
+        else:
+            groups.append([i])
+            rows = len(conts)
+    return groups
+
+
+def _score_cached(runner: _Runner, group: Sequence[Tuple[List[int], List[List[int]]]], prefix_len: int,
+                  prefix_cache, batch_size: int, pad: int) -> List[List[float]]:
+    """Score the requests of ``group`` continuing from the shared prefix's cache.
+
+    One call runs every request's own context tokens (right-padded, one row per request); its
+    last real position scores each first continuation token. Then all continuations of the group
+    run in right-padded batches, each row on the cache rows of its own request. A row's
+    positions and attention mask skip the padding between its context and its continuation, so
+    every score equals that of the plain sequence ``context + continuation``.
+    """
+    g = len(group)
+    own = [ctx[prefix_len:] for ctx, _ in group]
+    width_ctx = max(len(o) for o in own)
+    ids = torch.full((g, width_ctx), pad, dtype=torch.long)
+    mask = torch.zeros(g, prefix_len + width_ctx, dtype=torch.long)
+    mask[:, :prefix_len] = 1
+    for r, tokens in enumerate(own):
+        ids[r, :len(tokens)] = torch.tensor(tokens)
+        mask[r, prefix_len:prefix_len + len(tokens)] = 1
+    n_ctx = [len(ctx) for ctx, _ in group]
+    # The context call: its last real position's distribution scores every first continuation token.
+    rows, cols, targets, first_at = [], [], [], {}
+    for r, (tokens, (_, conts)) in enumerate(zip(own, group)):
+        for tok in sorted({c[0] for c in conts if c}):
+            first_at[(r, tok)] = len(rows)
+            rows.append(r)
+            cols.append(len(tokens) - 1)
+            targets.append(tok)
+    past = select_cache_rows(prefix_cache, torch.zeros(g, dtype=torch.long, device=runner.device)) \
+        if prefix_cache is not None else None
+    first_lp, cache = runner.forward(
+        ids, mask, past, rows=torch.tensor(rows, dtype=torch.long), cols=torch.tensor(cols, dtype=torch.long),
+        targets=torch.tensor(targets, dtype=torch.long), prompt_lengths=[n + 1 for n in n_ctx], answer_starts=n_ctx)
+    items = [(r, i) for r, (_, conts) in enumerate(group) for i in range(len(conts))]
+    scores: List[List[Optional[float]]] = [[None] * len(conts) for _, conts in group]
+    lengths_all = [len(group[r][1][i]) for r, i in items]
+    for chunk in _plan_batches(lengths_all, batch_size):
         n = len(chunk)
-        lengths = [len(conts[i]) for i in chunk]
-        width = max(max(lengths), 1)
-        ids = torch.full((n, width), pad, dtype=torch.long)
-        mask = torch.zeros(n, n_ctx + width, dtype=torch.long)
-        mask[:, :n_ctx] = 1
-        rows, cols, targets = [], [], []
-        for r, i in enumerate(chunk):
-            tokens = conts[i]
+        conts = [group[items[k][0]][1][items[k][1]] for k in chunk]
+        owners = [items[k][0] for k in chunk]
+        width = max(max(len(c) for c in conts), 1)
+        cids = torch.full((n, width), pad, dtype=torch.long)
+        cmask = torch.zeros(n, width, dtype=torch.long)
+        crow, ccol, ctarget = [], [], []
+        for r, tokens in enumerate(conts):
             if tokens:
-                ids[r, :len(tokens)] = torch.tensor(tokens)
-                mask[r, n_ctx:n_ctx + len(tokens)] = 1
+                cids[r, :len(tokens)] = torch.tensor(tokens)
+                cmask[r, :len(tokens)] = 1
             for j in range(1, len(tokens)):  # position j-1 predicts token j
-                rows.append(r)
-                cols.append(j - 1)
-                targets.append(tokens[j])
-        if not rows:  # every continuation is a single token: the context pass scored them
-            for i in chunk:
-                scores[i] = float(first_lp_t[conts[i][0]]) if conts[i] else 0.0
-            continue
-        chunk_cache = _repeat_cache(cache if chunk_no == len(chunks) - 1 else copy.deepcopy(cache), n)
-        picked, _ = runner.forward(
-            ids, mask, chunk_cache,
-            rows=torch.tensor(rows), cols=torch.tensor(cols), targets=torch.tensor(targets),
-            prompt_lengths=[n_ctx + length for length in lengths], answer_starts=[n_ctx] * n)
+                crow.append(r)
+                ccol.append(j - 1)
+                ctarget.append(tokens[j])
+        picked = None
+        if crow:
+            owner_t = torch.tensor(owners, dtype=torch.long)
+            full_mask = torch.cat([mask.index_select(0, owner_t), cmask], dim=1)
+            position_ids = torch.tensor([n_ctx[o] for o in owners])[:, None] + torch.arange(width)[None, :]
+            picked, _ = runner.forward(
+                cids, full_mask, select_cache_rows(cache, owner_t.to(runner.device)),
+                rows=torch.tensor(crow), cols=torch.tensor(ccol), targets=torch.tensor(ctarget),
+                prompt_lengths=[n_ctx[o] + len(c) for o, c in zip(owners, conts)],
+                answer_starts=[n_ctx[o] for o in owners], position_ids=position_ids)
         offset = 0
-        for r, i in enumerate(chunk):
-            tokens = conts[i]
+        for k, tokens in zip(chunk, conts):
+            r, i = items[k]
             if not tokens:
-                scores[i] = 0.0
+                scores[r][i] = 0.0
                 continue
-            k = len(tokens) - 1
-            parts = torch.cat([first_lp_t[tokens[0]].view(1), picked[offset:offset + k]])
-            scores[i] = float(parts.sum())
-            offset += k
-    return [float(s) for s in scores]
+            rest = len(tokens) - 1
+            parts = [first_lp[first_at[(r, tokens[0])]].view(1)]
+            if rest:
+                parts.append(picked[offset:offset + rest])
+            scores[r][i] = float(torch.cat(parts).sum())
+            offset += rest
+    return [[float(s) for s in row] for row in scores]
 
 
 def _score_full(runner: _Runner, ctx: List[int], conts: List[List[int]], batch_size: int,

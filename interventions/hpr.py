@@ -129,16 +129,29 @@ class HPRIntervention(ActEditIntervention):
 
         BCE(σ(wᵀX), y) + MSE(θ̂(X), arccos(clip(cos(X, T)))) with X = [h⁺; h⁻], T = [h⁺; h⁺],
         y = [1; 0]; θ̂ here is π·σ(f(X)) (α is an inference-time scale and is not trained).
+        The two terms have disjoint parameters (the probe w; the angle net f): see
+        :meth:`probe_loss` and :meth:`angle_loss`.
         """
+        return self.probe_loss(h_pos, h_neg, reduction) + self.angle_loss(h_pos, h_neg, reduction)
+
+    @staticmethod
+    def _pairs(h_pos: torch.Tensor, h_neg: torch.Tensor) -> torch.Tensor:
         if h_pos.shape != h_neg.shape:
             raise ValueError(f"h_pos {tuple(h_pos.shape)} and h_neg {tuple(h_neg.shape)} must have the same shape.")
-        x = torch.cat([h_pos, h_neg], dim=0)
-        target = torch.cat([h_pos, h_pos], dim=0)
+        return torch.cat([h_pos, h_neg], dim=0)
+
+    def probe_loss(self, h_pos: torch.Tensor, h_neg: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+        """BCE(σ(wᵀX), y), X = [h⁺; h⁻], y = [1; 0]: the loss term of the probe w alone."""
+        x = self._pairs(h_pos, h_neg)
         labels = torch.cat([torch.ones(len(h_pos)), torch.zeros(len(h_neg))]).to(x)
-        bce = F.binary_cross_entropy_with_logits(self.probe_logits(x), labels, reduction=reduction)
+        return F.binary_cross_entropy_with_logits(self.probe_logits(x), labels, reduction=reduction)
+
+    def angle_loss(self, h_pos: torch.Tensor, h_neg: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+        """MSE(θ̂(X), arccos(clip(cos(X, T)))), T = [h⁺; h⁺]: the loss term of the angle net alone."""
+        x = self._pairs(h_pos, h_neg)
+        target = torch.cat([h_pos, h_pos], dim=0)
         target_angle = torch.arccos(F.cosine_similarity(x, target, dim=-1).clamp(-COS_CLIP, COS_CLIP))
-        mse = F.mse_loss(self.raw_angle(x), target_angle, reduction=reduction)
-        return bce + mse
+        return F.mse_loss(self.raw_angle(x), target_angle, reduction=reduction)
 
     # -------------------------------------------------------------------------- save/load
     def _prepare_load(self, state_dict: dict, prefix: str) -> None:

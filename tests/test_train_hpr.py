@@ -21,6 +21,7 @@ from actedit.train.trainer import (
     lm_examples,
     lr_factor,
     train_hpr,
+    train_hpr_top_k,
     train_lm,
     train_pairs,
     trainable_parameters,
@@ -118,6 +119,51 @@ def test_vectorised_training_equals_independent_reference():
         got = dict(result.modules[layer].named_parameters())
         for name, p in reference[layer].named_parameters():
             assert torch.allclose(got[name].double(), p, atol=1e-6), (layer, name)
+
+
+def test_loss_is_the_sum_of_the_probe_and_angle_terms():
+    torch.manual_seed(0)
+    module = HPRIntervention(embed_dim=12)
+    hp, hn = torch.randn(5, 12), torch.randn(5, 12)
+    assert torch.allclose(module.loss(hp, hn), module.probe_loss(hp, hn) + module.angle_loss(hp, hn))
+    module.probe_loss(hp, hn).backward()
+    assert module.probe.weight.grad is not None
+    assert all(p.grad is None for p in module.angle_net.parameters())  # disjoint parameters
+
+
+def test_top_k_training_equals_joint_training_on_the_selected_layers(tmp_path):
+    """Without clipping the two terms never interact, so probe-first training of 4 layers with
+    angle nets trained on the top 2 gives exactly the joint run's weights on those 2 layers."""
+    train, evald = separable_pairs(160, 11, layers=4, d=16, margin=0.4, noise=1.0), \
+        separable_pairs(64, 12, layers=4, d=16, margin=0.4, noise=1.0)
+    config = fast(epochs=3, batch_size=16, max_grad_norm=None, dtype="float64")
+    joint = train_hpr(train, evald, config=config)
+    result, selection = train_hpr_top_k(train, evald, k=2, config=config, plot_path=tmp_path / "acc.png")
+    assert (tmp_path / "acc.png").is_file()
+    assert sorted(result.modules) == sorted(selection.selected) and len(selection.selected) == 2
+    assert result.best_epoch == joint.best_epoch
+    assert result.layer_scores == pytest.approx(joint.layer_scores)
+    expected = sorted(joint.layer_scores, key=lambda layer: -joint.layer_scores[layer])[:2]
+    assert sorted(selection.selected) == sorted(expected)
+    a, b = weights(result.modules), weights({layer: joint.modules[layer] for layer in result.modules})
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.allclose(a[key], b[key], atol=1e-10, rtol=0), key
+    assert all(p.requires_grad for m in result.modules.values() for p in m.parameters())
+    # the angle nets of the other layers were never trained
+    assert len(result.history) == 3 + joint.best_epoch
+
+
+def test_top_k_training_checks_its_arguments():
+    train, evald = separable_pairs(32, 13, layers=2, d=8), separable_pairs(16, 14, layers=2, d=8)
+    with pytest.raises(ValueError, match="eval_data"):
+        train_hpr_top_k(train, None, k=1, config=fast(epochs=1))
+    with pytest.raises(ValueError, match="k must be between 1 and"):
+        train_hpr_top_k(train, evald, k=3, config=fast(epochs=1))
+    with pytest.raises(ValueError, match="best_by='mean'"):
+        train_hpr_top_k(train, evald, k=1, config=fast(epochs=1, best_by="layer"))
+    with pytest.raises(ValueError, match="stop_after_epoch"):
+        fast(epochs=2, stop_after_epoch=3)
 
 
 def test_shared_bank_with_pair_index_equals_explicit_pairs():

@@ -302,13 +302,15 @@ def _raise_stop(module, args, kwargs):
     raise _StopForward
 
 
-def _select_cache(cache, rows: torch.Tensor):
+def select_cache_rows(cache, rows: torch.Tensor):
     """A cache holding rows ``rows`` (repeats allowed) of ``cache``, which is left untouched.
 
     The cache and its per-layer objects are copied shallowly and ``reorder_cache`` then rebinds
     each layer's tensors to ``index_select`` results, so the prefix's key/value tensors are
     copied once per continuation batch, never twice.
     """
+    if isinstance(cache, (tuple, list)):  # legacy tuple-of-tuples cache
+        return tuple(tuple(t.index_select(0, rows) for t in layer) for layer in cache)
     new = copy.copy(cache)
     if isinstance(getattr(cache, "layers", None), list):
         new.layers = [copy.copy(layer) for layer in cache.layers]
@@ -478,7 +480,7 @@ class _Runner:
                         rows.append(r)
                         cols.append(cstarts[r] + p - g.prefix)
                         dest.append(s.dest + k)
-            past = _select_cache(cache, group_rows.to(self.device))
+            past = select_cache_rows(cache, group_rows.to(self.device))
             _, outs = self._forward(cids, full_mask, cpos, past, (rows, cols), cache=True)
             self._store(outs, src, dest)
             del past, outs

@@ -95,6 +95,8 @@ class TrainConfig:
             modules' device. End-to-end training runs where the model is.
         dtype: ``float32`` (default) or ``float64`` for the parameters and activations of
             cached-activation training (end-to-end training keeps the model's dtype).
+        stop_after_epoch: stop after this many epochs of the ``epochs``-long schedule (the
+            learning rate follows the full schedule); None runs all epochs.
     """
 
     learning_rate: float = 5e-4
@@ -116,6 +118,7 @@ class TrainConfig:
     progress: bool = True
     device: Optional[str] = None
     dtype: str = "float32"
+    stop_after_epoch: Optional[int] = None
 
     def __post_init__(self) -> None:
         def positive_int(name: str) -> None:
@@ -150,6 +153,10 @@ class TrainConfig:
             raise ValueError(f"dtype must be 'float32' or 'float64', got {self.dtype!r}.")
         if self.checkpoint_dir is not None:
             self.checkpoint_dir = str(self.checkpoint_dir)
+        if self.stop_after_epoch is not None:
+            positive_int("stop_after_epoch")
+            if self.stop_after_epoch > self.epochs:
+                raise ValueError(f"stop_after_epoch ({self.stop_after_epoch}) cannot exceed epochs ({self.epochs}).")
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -158,7 +165,7 @@ class TrainConfig:
     def fingerprint(self) -> dict:
         """The settings a resumed run must share with the interrupted one."""
         keep = ("learning_rate", "epochs", "batch_size", "warmup_ratio", "schedule", "weight_decay", "adam_betas",
-                "adam_eps", "max_grad_norm", "seed", "best_by", "select_best", "vectorize", "dtype")
+                "adam_eps", "max_grad_norm", "seed", "best_by", "select_best", "vectorize", "dtype", "stop_after_epoch")
         return {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(self).items() if k in keep}
 
 
@@ -430,12 +437,12 @@ class _MethodCall(nn.Module):
 
 
 def _same_buffers(modules: Sequence[nn.Module]) -> bool:
-    """Whether the modules hold equal buffers and frozen parameters (the vectorised path takes
-    both from the first module)."""
+    """Whether the modules hold equal buffers (the vectorised path takes them from the first
+    module) and freeze the same parameters."""
 
     def fixed(module: nn.Module) -> Dict[str, torch.Tensor]:
         out = dict(module.named_buffers())
-        out.update({f"param:{n}": p.detach() for n, p in module.named_parameters() if not p.requires_grad})
+        out.update({f"frozen:{n}": torch.zeros(()) for n, p in module.named_parameters() if not p.requires_grad})
         return out
 
     first = fixed(modules[0])
@@ -456,7 +463,7 @@ class PairTask(TrainTask):
     per_layer = True
 
     def __init__(self, modules: Mapping[int, nn.Module], train: PairedActivations,
-                 eval_data: Optional[PairedActivations], config: TrainConfig) -> None:
+                 eval_data: Optional[PairedActivations], config: TrainConfig, loss_method: str = "loss") -> None:
         if not isinstance(modules, Mapping) or not modules:
             raise ValueError("modules must be a non-empty mapping layer -> trainable intervention.")
         if not isinstance(train, PairedActivations):
@@ -474,8 +481,8 @@ class PairTask(TrainTask):
         for layer, module in self.modules.items():
             if not isinstance(module, pv.TrainableIntervention):
                 raise ValueError(f"layer {layer}: {type(module).__name__} is not a pyvene TrainableIntervention.")
-            if not callable(getattr(module, "loss", None)):
-                raise ValueError(f"layer {layer}: {type(module).__name__} has no loss(h_pos, h_neg) method.")
+            if not callable(getattr(module, loss_method, None)):
+                raise ValueError(f"layer {layer}: {type(module).__name__} has no {loss_method}(h_pos, h_neg) method.")
             if not any(p.requires_grad for p in module.parameters()):
                 raise ValueError(f"layer {layer}: {type(module).__name__} has no trainable parameters.")
             width = getattr(module, "embed_dim", None)
@@ -483,6 +490,7 @@ class PairTask(TrainTask):
                 raise ValueError(f"layer {layer}: the module was built for width {int(width)} but the "
                                  f"activations have width {train.width}.")
         self.train_data, self.eval_data, self.config = train, eval_data, config
+        self.loss_method = loss_method
         self.dtype = config.torch_dtype
         first = self.modules[self.layers[0]]
         self.home = next(first.parameters()).device
@@ -498,26 +506,28 @@ class PairTask(TrainTask):
             same = all(type(m) is type(first) and {n: p.shape for n, p in m.named_parameters()} == shapes
                        for m in self.modules.values())
             if not same or not _same_buffers(list(self.modules.values())):
-                warnings.warn("the modules differ in class, parameter shapes, buffers or frozen parameters: "
+                warnings.warn("the modules differ in class, parameter shapes, buffers or which parameters are frozen: "
                               "training them with a loop over layers instead of vectorised.", stacklevel=3)
                 self.vectorized = False
         if self.vectorized:
             template = copy.deepcopy(first).to(device=self.device, dtype=self.dtype)
-            self._loss_call = _MethodCall(template, "loss")
+            self._loss_call = _MethodCall(template, loss_method)
             self._probe_call = _MethodCall(template, "probe_logits")
             # Matrices are stored transposed, (L, in, out): vmap's batched linear then multiplies
             # by the stored layout directly and its weight gradient lands in that layout, instead
             # of a transposing copy of every (L, out, in) gradient per step (~20 % of a step at
             # d = 576). Views with the module's (out, in) layout are handed to functional_call.
-            self.transposed = {n: dict(first.named_parameters())[n].dim() == 2 for n in self.names}
+            # Frozen parameters are stacked too (without gradients): they may differ per layer.
+            self.frozen_names = [n for n, p in first.named_parameters() if not p.requires_grad]
+            self.transposed = {n: dict(first.named_parameters())[n].dim() == 2 for n in self.names + self.frozen_names}
             with torch.no_grad():
                 self.stacked = {}
-                for n in self.names:
+                for n in self.names + self.frozen_names:
                     per_layer = [dict(self.modules[layer].named_parameters())[n].detach() for layer in self.layers]
                     if self.transposed[n]:
                         per_layer = [p.T for p in per_layer]
                     self.stacked[n] = (torch.stack(per_layer).to(device=self.device, dtype=self.dtype)
-                                       .contiguous().requires_grad_(True))
+                                       .contiguous().requires_grad_(n in self.names))
             loss_call, probe_call = self._loss_call, self._probe_call
 
             def one_loss(params, hp, hn):
@@ -584,7 +594,7 @@ class PairTask(TrainTask):
         values, accs = [], []
         for i, layer in enumerate(self.layers):
             module = self.modules[layer]
-            loss = module.loss(hp[i], hn[i])
+            loss = getattr(module, self.loss_method)(hp[i], hn[i])
             loss.backward()
             values.append(float(loss.detach()))
             if self.has_probe:
@@ -641,7 +651,7 @@ class PairTask(TrainTask):
             else:
                 for i, layer in enumerate(self.layers):
                     module = self.modules[layer]
-                    loss_sum[i] += float(module.loss(hp[i], hn[i])) * b
+                    loss_sum[i] += float(getattr(module, self.loss_method)(hp[i], hn[i])) * b
                     if self.has_probe:
                         logits = module.probe_logits(torch.cat([hp[i], hn[i]]))
                         correct[i] += float(self._accuracy(logits[None], b)[0]) * 2 * b
@@ -682,7 +692,7 @@ class PairTask(TrainTask):
     def fingerprint(self) -> dict:
         shapes = {f"{layer}.{n}": list(p.shape) for layer, m in self.modules.items()
                   for n, p in m.named_parameters() if n in self.names_by_layer[layer]}
-        return {"task": self.name, "layers": self.layers, "num_pairs": self.num_examples,
+        return {"task": self.name, "loss": self.loss_method, "layers": self.layers, "num_pairs": self.num_examples,
                 "width": self.train_data.width, "modules": sorted({type(m).__name__ for m in self.modules.values()}),
                 "vectorized": self.vectorized, "parameters": shapes}
 
@@ -961,7 +971,7 @@ def run_training(task: TrainTask, config: TrainConfig,
 
     bar = None
     try:
-        for epoch in range(start_epoch, config.epochs):
+        for epoch in range(start_epoch, config.stop_after_epoch or config.epochs):
             t0 = time.perf_counter()
             task.train_mode(True)
             order = epoch_permutation(n, config.seed, epoch)
@@ -1082,24 +1092,100 @@ def train_hpr(train: PairedActivations, eval_data: Optional[PairedActivations] =
     Select layers afterwards with :func:`actedit.train.select.select_layers` and build the edit
     with :func:`~actedit.interventions.build_hpr_config` (``modules=result.modules``).
     """
+    config = config or TrainConfig()
+    modules = _hpr_modules(train, layers, modules, config, alpha=alpha, angle_hidden_widths=angle_hidden_widths,
+                           stable=stable, position_policy=position_policy)
+    return train_pairs(modules, train, eval_data, config, callbacks)
+
+
+def _hpr_modules(train: PairedActivations, layers: Optional[Sequence[int]], modules: Optional[Mapping[int, nn.Module]],
+                 config: TrainConfig, **hyper) -> Dict[int, nn.Module]:
+    """New HPR modules for ``layers`` (seeded by ``config.seed``, ascending layer order), or the
+    given ``modules`` restricted to ``layers``."""
     from actedit.interventions import HPRIntervention
 
-    config = config or TrainConfig()
     if not isinstance(train, PairedActivations):
         raise ValueError(f"train must be PairedActivations, got {type(train).__name__}.")
-    if modules is None:
-        layers = sorted(train.layers if layers is None else [int(x) for x in layers])
-        if not layers or len(set(layers)) != len(layers):
-            raise ValueError(f"layers must be distinct layer indices, got {layers}.")
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(config.seed)
-            modules = {layer: HPRIntervention(embed_dim=train.width, alpha=alpha,
-                                              angle_hidden_widths=angle_hidden_widths, stable=stable,
-                                              position_policy=position_policy)
-                       for layer in layers}
-    elif layers is not None:
-        modules = {int(layer): modules[int(layer)] for layer in layers}
-    return train_pairs(modules, train, eval_data, config, callbacks)
+    if modules is not None:
+        return dict(modules) if layers is None else {int(layer): modules[int(layer)] for layer in layers}
+    layers = sorted(train.layers if layers is None else [int(x) for x in layers])
+    if not layers or len(set(layers)) != len(layers):
+        raise ValueError(f"layers must be distinct layer indices, got {layers}.")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(config.seed)
+        return {layer: HPRIntervention(embed_dim=train.width, **hyper) for layer in layers}
+
+
+def _train_only(modules: Mapping[int, nn.Module], prefix: Optional[str]) -> None:
+    """Make only the parameters whose name starts with ``prefix`` trainable (None: all)."""
+    for module in modules.values():
+        for name, param in module.named_parameters():
+            param.requires_grad_(prefix is None or name.startswith(prefix))
+
+
+def train_hpr_top_k(train: PairedActivations, eval_data: PairedActivations, *, k: int = 5,
+                    layers: Optional[Sequence[int]] = None, config: Optional[TrainConfig] = None,
+                    alpha: float = 1.0, angle_hidden_widths: Optional[Sequence[int]] = None, stable: bool = True,
+                    position_policy=None, modules: Optional[Mapping[int, nn.Module]] = None, plot_path=None,
+                    callbacks: Sequence[Callable[[EpochRecord], None]] = ()):
+    """HPR on every layer, enabled on the top-k by eval probe accuracy, with angle nets trained
+    only where they are used. Returns ``(TrainResult, LayerSelection)``.
+
+    Per layer the loss is a sum of two terms with disjoint parameters:
+    :meth:`~actedit.interventions.HPRIntervention.probe_loss` (the probe w) and
+    :meth:`~actedit.interventions.HPRIntervention.angle_loss` (the angle net f). AdamW acts per
+    parameter, so when each term's gradient is also clipped on its own, every probe and every
+    angle net follows exactly the trajectory of joint training. Hence:
+
+    1. train the probes of all layers (angle nets frozen); keep the best epoch E* by the mean
+       eval probe accuracy (``config.best_by``);
+    2. select the top ``k`` layers by eval probe accuracy at E*
+       (:func:`actedit.train.select.select_layers`, plot to ``plot_path``);
+    3. train the angle nets of those layers only, for the first E* epochs of the same schedule
+       and batch order (``stop_after_epoch``).
+
+    The selected modules equal what :func:`train_hpr` would give them if it clipped each term
+    separately; :func:`train_hpr` clips probe and angle net of a layer together (one norm per
+    layer). The angle nets are > 99 % of the parameters, so this costs about k/L of joint training
+    (SmolLM2, 30 layers, k = 5: see ``benchmarks/bench_hpr_train.py``). ``TrainResult.modules``
+    holds the k selected layers; ``layer_scores`` the eval probe accuracy of every layer; the
+    history is the probes' (stage 1) followed by the angle nets' (stage 2) epochs.
+    """
+    from dataclasses import replace
+
+    from .select import select_layers
+
+    config = config or TrainConfig()
+    if not isinstance(eval_data, PairedActivations):
+        raise ValueError("train_hpr_top_k selects layers by eval probe accuracy: pass eval_data (PairedActivations).")
+    modules = _hpr_modules(train, layers, modules, config, alpha=alpha, angle_hidden_widths=angle_hidden_widths,
+                           stable=stable, position_policy=position_policy)
+    if not 1 <= k <= len(modules):
+        raise ValueError(f"k must be between 1 and the number of layers ({len(modules)}), got {k}.")
+    if config.best_by != "mean" or not config.select_best:
+        raise ValueError("train_hpr_top_k keeps one best epoch for all layers (best_by='mean', select_best=True); "
+                         "use train_hpr for other settings.")
+    ckpt = Path(config.checkpoint_dir) if config.checkpoint_dir else None
+    try:
+        _train_only(modules, "probe")
+        probe_config = replace(config, checkpoint_dir=str(ckpt / "probes") if ckpt else None)
+        probes = run_training(PairTask(modules, train, eval_data, probe_config, loss_method="probe_loss"),
+                              probe_config, callbacks)
+        selection = select_layers(probes.modules, eval_data, k=k, plot_path=plot_path)
+        chosen = {layer: probes.modules[layer] for layer in selection.selected}
+        _train_only(chosen, "angle_net")
+        angle_config = replace(config, checkpoint_dir=str(ckpt / "angles") if ckpt else None, select_best=False,
+                               stop_after_epoch=probes.best_epoch or config.stop_after_epoch)
+        angles = run_training(PairTask(chosen, train, eval_data, angle_config, loss_method="angle_loss"),
+                              angle_config, callbacks)
+    finally:
+        _train_only(modules, None)
+    result = TrainResult(modules=angles.modules, history=probes.history + angles.history,
+                         best_epoch=probes.best_epoch, best_score=probes.best_score, metric=probes.metric,
+                         layer_scores=probes.layer_scores, layer_best_epochs=probes.layer_best_epochs,
+                         steps=probes.steps + angles.steps, seconds=probes.seconds + angles.seconds,
+                         resumed_from_epoch=probes.resumed_from_epoch, config=config)
+    return result, selection
 
 
 def train_lm(pvm: pv.IntervenableModel, train: Mapping[str, Any], eval_data: Optional[Mapping[str, Any]] = None,
@@ -1118,5 +1204,5 @@ def train_lm(pvm: pv.IntervenableModel, train: Mapping[str, Any], eval_data: Opt
 __all__ = [
     "BEST_BY", "CHECKPOINT_NAME", "EpochRecord", "LMTask", "PairTask", "PairedActivations", "SCHEDULES",
     "TrainConfig", "TrainResult", "TrainTask", "epoch_permutation", "evaluate_lm", "lm_examples", "lm_loss",
-    "lr_factor", "make_optimizer", "run_training", "train_hpr", "train_lm", "train_pairs", "trainable_parameters",
+    "lr_factor", "make_optimizer", "run_training", "train_hpr", "train_hpr_top_k", "train_lm", "train_pairs", "trainable_parameters",
 ]
