@@ -67,8 +67,10 @@ register("push", "upload an artifact directory to the Hugging Face Hub", _push_a
 
 
 def _register_evaluation() -> None:
-    from actedit.eval import chat, report
+    from actedit.eval import chat, report, study
 
+    register("run", "run a whole study from a YAML file: collect, fit/train every method, compose, evaluate, "
+             "report (default: configs/default.yaml)", study.add_arguments, study.run)
     register("eval", "TruthfulQA MC1/MC2 of a model and an edit (lm-eval protocol), with analyses and plots",
              report.add_arguments, report.run)
     register("chat", "chat with an edited model; re-select edited layers live "

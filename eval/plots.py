@@ -197,3 +197,31 @@ def plot_drift(comparison, path: PathLike, title: Optional[str] = None) -> Path:
 
 
 __all__ = ["plot_drift", "plot_flips", "plot_layer_count", "plot_norms", "plot_per_layer"]
+
+
+def plot_scores(methods: Mapping[str, Mapping[str, float]], path: PathLike, title: Optional[str] = None) -> Path:
+    """Grouped bars of MC1 and MC2 (%) per model with ± stderr whiskers (the study's headline).
+
+    ``methods`` maps a name (``base``, each edit) to a dict with ``mc1``, ``mc2``,
+    ``mc1_stderr`` and ``mc2_stderr`` (fractions).
+    """
+    if not methods:
+        raise ValueError("plot_scores() needs at least one model's scores.")
+    names = list(methods)
+    fig = _figure(max(5.0, 1.1 * len(names) + 2.0), 3.6)
+    ax = fig.add_subplot(1, 1, 1)
+    width = 0.38
+    for offset, metric, color in ((-width / 2, "mc1", "#4C72B0"), (width / 2, "mc2", "#DD8452")):
+        values = [100 * methods[n][metric] for n in names]
+        errors = [100 * methods[n][f"{metric}_stderr"] for n in names]
+        xs = [i + offset for i in range(len(names))]
+        ax.bar(xs, values, width=width, yerr=errors, capsize=3, color=color, label=metric.upper())
+        for x, v in zip(xs, values):
+            ax.text(x, v + 1.0, f"{v:.1f}", ha="center", va="bottom", fontsize=7)
+    ax.set_xticks(range(len(names)))
+    ax.set_xticklabels(names)
+    ax.set_ylabel("TruthfulQA (%)")
+    ax.set_ylim(0, 100)
+    ax.set_title(title or "TruthfulQA MC1 / MC2 per model (± stderr)")
+    ax.legend(fontsize=8)
+    return _save(fig, path)

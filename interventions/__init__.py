@@ -19,7 +19,7 @@ from .artifacts import (  # noqa: E402
 )
 from .base import ActEditIntervention  # noqa: E402
 from .caa import CAAIntervention, build_caa_config, mean_difference  # noqa: E402
-from .config import DEFAULT_COMPONENTS, METHOD_ORDER, compose, edit_config, intervenable  # noqa: E402
+from .config import DEFAULT_COMPONENTS, METHOD_ORDER, compose, config_of, edit_config, intervenable  # noqa: E402
 from .hpr import HPRIntervention, build_hpr_config, hpr_parameter_count  # noqa: E402
 from .iti import ITIIntervention, build_iti_config, mass_mean_directions  # noqa: E402
 from .positions import PositionPolicy, attach_tracker, mark_answer_starts, mark_prompt_lengths  # noqa: E402
@@ -47,7 +47,7 @@ __all__ = [
     "ActAddIntervention", "ActEditIntervention", "ArtifactError", "CAAIntervention", "DEFAULT_COMPONENTS",
     "HPRIntervention", "INTERVENTIONS", "ITIIntervention", "METHOD_ORDER", "PositionPolicy", "SEAIntervention",
     "artifact_metadata", "attach_tracker", "build_actadd_config", "build_caa_config", "build_hpr_config",
-    "build_iti_config", "build_sea_config", "compose", "edit_config", "fit_sea_factors", "hpr_parameter_count",
+    "build_iti_config", "build_sea_config", "compose", "config_of", "edit_config", "fit_sea_factors", "hpr_parameter_count",
     "intervenable", "intervention_class", "load_artifact", "mark_answer_starts", "mark_prompt_lengths", "mass_mean_directions",
     "mean_difference", "push_to_hub", "save_artifact", "x_vector",
 ]

@@ -177,6 +177,20 @@ def compose(*configs: pv.IntervenableConfig, **metadata) -> pv.IntervenableConfi
     return pv.IntervenableConfig(representations=[r._asdict() for r in representations], actedit=info)
 
 
+def config_of(pvm: pv.IntervenableModel) -> pv.IntervenableConfig:
+    """The edit config of a pyvene model, holding its intervention instances (what
+    :func:`compose` takes), also for one loaded from an artifact, whose config names the
+    interventions but holds none (pyvene keeps the instances in ``pvm.interventions``, in the
+    order of the representations)."""
+    modules = [m[0] if isinstance(m, tuple) else m for m in pvm.interventions.values()]
+    reps = list(pvm.config.representations)
+    if len(modules) != len(reps):
+        raise ValueError(f"the model holds {len(modules)} interventions for {len(reps)} representations.")
+    info = copy.deepcopy(getattr(pvm.config, "actedit", None) or {})
+    return pv.IntervenableConfig(representations=[r._replace(intervention=m)._asdict() for r, m in zip(reps, modules)],
+                                 actedit=info)
+
+
 def intervenable(model, config: pv.IntervenableConfig) -> pv.IntervenableModel:
     """Wrap ``model`` with ``config`` (position tracker attached, model in eval mode)."""
     compat.apply()

@@ -399,3 +399,30 @@ def test_bad_inputs(tmp_path, tok):
     with pytest.raises(FileNotFoundError, match="No activation store"):
         ActivationStore(tmp_path / "nothing")
     assert not (tmp_path / "a").exists()  # validation happens before anything is written
+
+
+# ---------------------------------------------------------------------------- base completions
+def test_generate_bases_are_the_models_greedy_answers_and_are_cached(tmp_path, tok):
+    from actedit.eval.generate import GenerationSettings, generate_texts
+    from actedit.train.collect import generate_bases
+
+    model = model_for("llama", tok)
+    ds = ContrastDataset([ContrastExample(f"question {i}", [f"yes {i}"], [f"no {i}"], {"id": i}) for i in range(3)])
+    fmt = SEAFormat()
+    cache = tmp_path / "bases.json"
+    based = generate_bases(model, tok, ds, fmt, max_new_tokens=5, cache_path=cache, progress=False)
+    expected = generate_texts(model, tok, [fmt.template.format(prompt=ex.prompt) for ex in ds],
+                              GenerationSettings(max_new_tokens=5, use_chat_template=False))
+    for ex, answer in zip(based, expected):
+        assert len(ex.bases) == 1 and ex.bases[0] == (answer.split("\n", 1)[0].strip() or answer.strip() or ".")
+        assert ex.positives and ex.negatives
+    assert cache.is_file()
+    saved = cache.read_text()
+    again = generate_bases(model_for("llama", tok, seed=1), tok, ds, fmt, max_new_tokens=5, cache_path=cache,
+                           progress=False)  # other weights: the cache does not apply
+    assert cache.read_text() != saved or [e.bases for e in again] == [e.bases for e in based]
+    reused = generate_bases(model_for("llama", tok, seed=1), tok, ds, fmt, max_new_tokens=5, cache_path=cache,
+                            progress=False)
+    assert [e.bases for e in reused] == [e.bases for e in again]
+    with pytest.raises(ValueError, match="SEA's format"):
+        generate_bases(model, tok, ds, ITIFormat())

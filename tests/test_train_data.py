@@ -403,3 +403,43 @@ def test_format_registry_and_chat_errors(tok):
 def test_loader_module_exports():
     assert set(D.LOADERS) >= {"truthfulqa", "bbq", "toxigen", "simple_ethical_questions"}
     assert D.ROLES == ("pos", "neg", "base")
+
+
+# ------------------------------------------------------------------------------- conversions
+def test_ab_questions_hold_one_true_and_one_false_choice_in_seeded_order():
+    ds = D.ContrastDataset([D.ContrastExample(f"Question {i}?", [f"true {i}", f"also true {i}"],
+                                              [f"false {i}a", f"false {i}b", f"false {i}c"], {"id": f"q{i}"})
+                            for i in range(40)])
+    ab = D.to_ab_questions(ds, seed=3)
+    assert len(ab) == 40 and ab.name.endswith("/ab")
+    letters = []
+    for ex, src in zip(ab, ds):
+        assert ex.prompt.startswith(src.prompt + "\n\n(A) ")
+        true_letter = ex.positives[0][1]
+        assert ex.positives[0] in ("(A)", "(B)") and ex.negatives[0] in ("(A)", "(B)") and ex.positives != ex.negatives
+        lines = dict(line.split(" ", 1) for line in ex.prompt.split("\n\n", 1)[1].splitlines())
+        assert lines[f"({true_letter})"] == src.positives[0]  # the best answer against ...
+        other = "B" if true_letter == "A" else "A"
+        assert lines[f"({other})"] in src.negatives  # ... one false answer
+        assert ex.metadata["ab_true"] == true_letter and ex.id == src.id
+        letters.append(true_letter)
+    assert 10 <= letters.count("A") <= 30  # both orders occur
+    assert [e.prompt for e in D.to_ab_questions(ds, seed=3)] == [e.prompt for e in ab]  # seeded
+    assert D.to_ab_questions(ds.select(range(5, 10)), seed=3)[0].prompt == ab[5].prompt  # per example
+    several = D.to_ab_questions(ds, seed=3, pairs_per_example=3)
+    assert len(several) == 120 and several[0].id == "q0/ab0"
+    assert len({e.prompt for e in several.examples[:3]}) == 3  # three different false answers
+    with pytest.raises(ValueError, match="pairs_per_example"):
+        D.to_ab_questions(ds, pairs_per_example=0)
+    with pytest.raises(ValueError, match=r"\{b\}"):
+        D.to_ab_questions(ds, template="{prompt} {a}")
+
+
+def test_first_responses_and_with_bases():
+    ds = D.ContrastDataset([D.ContrastExample("Q?", ["t1", "t2"], ["f1", "f2"], {"id": 1})])
+    first = D.first_responses(ds)
+    assert first[0].positives == ["t1"] and first[0].negatives == ["f1"] and first[0].id == 1
+    based = D.with_bases(first, ["my own answer"])
+    assert based[0].bases == ["my own answer"] and first[0].bases == []
+    with pytest.raises(ValueError, match="1 examples"):
+        D.with_bases(first, ["a", "b"])

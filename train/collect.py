@@ -63,7 +63,6 @@ import hashlib
 import inspect
 import json
 import os
-import platform
 import struct
 import time
 from dataclasses import dataclass, field
@@ -774,24 +773,9 @@ def collect_activations(
 
 
 def _environment(model) -> Dict[str, Any]:
-    import transformers
+    from actedit.eval.environment import environment
 
-    try:
-        import pyvene
-
-        pv_version = getattr(pyvene, "__version__", None)
-    except ImportError:  # pragma: no cover
-        pv_version = None
-    if pv_version is None:
-        try:
-            from importlib.metadata import version
-
-            pv_version = version("pyvene")
-        except Exception:  # pragma: no cover
-            pv_version = None
-    return {"torch": torch.__version__, "transformers": transformers.__version__, "pyvene": pv_version,
-            "python": platform.python_version(), "device": str(next(model.parameters()).device),
-            "model_dtype": str(next(model.parameters()).dtype)}
+    return environment(model)
 
 
 # --------------------------------------------------------------------------------- reader
@@ -1195,7 +1179,57 @@ class ActivationStore:
         return {r: self.load_layers(site, layers, rows=keyed[r][0], dtype=dtype) for r in roles}
 
 
+# ------------------------------------------------------------------------ base completions
+def generate_bases(model, tokenizer, dataset: ContrastDataset, format: Union[str, PromptFormat] = "sea", *,
+                   max_new_tokens: int = 32, batch_size: int = 16, cache_path: Optional[Union[str, os.PathLike]] = None,
+                   progress: bool = True) -> ContrastDataset:
+    """SEA's base demonstrations: the model's own greedy completion of each example's prompt.
+
+    The prompt is what ``format`` (a :class:`~actedit.train.formats.SEAFormat`) puts before the
+    separator; the completion is cut at its first newline and stripped, and becomes the example's
+    only base (:func:`actedit.train.data.with_bases`). With ``cache_path`` the completions are
+    written there atomically (JSON, keyed by the model, tokenizer, format, settings and dataset)
+    and reused by a later call with the same inputs.
+    """
+    from actedit.eval.generate import GenerationSettings, generate_texts
+    from actedit.interventions.config import model_signature
+
+    from .data import with_bases
+    from .formats import SEAFormat, chat_text
+
+    fmt = get_format(format)
+    if not isinstance(fmt, SEAFormat):
+        raise ValueError(f"base completions are generated for SEA's format, got {fmt.name!r}.")
+    data = _as_dataset(dataset)
+    settings = GenerationSettings(max_new_tokens=max_new_tokens, batch_size=batch_size, use_chat_template=False)
+    key = {"model": model_signature(model), "weights_sha256": weights_digest(model),
+           "tokenizer": tokenizer_fingerprint(tokenizer), "format": fmt.params(),
+           "max_new_tokens": max_new_tokens, "dataset": data.digest()}
+    path = Path(cache_path).expanduser() if cache_path is not None else None
+    if path is not None and path.is_file():
+        try:
+            saved = json.loads(path.read_text())
+        except json.JSONDecodeError:
+            saved = {}
+        if saved.get("key") == key and len(saved.get("bases", [])) == len(data):
+            return with_bases(data, saved["bases"])
+    prompts = []
+    for example in data:
+        prompt = fmt.preamble + fmt.template.format(prompt=example.prompt)
+        if fmt.chat:
+            prompt = chat_text(tokenizer, [{"role": "user", "content": prompt}], add_generation_prompt=True)
+        prompts.append(prompt)
+    answers = generate_texts(model, tokenizer, prompts, settings, add_special_tokens=not fmt.chat,
+                             progress=progress, desc="base completions")
+    bases = [answer.split("\n", 1)[0].strip() or answer.strip() or "." for answer in answers]
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        _fsync_write(path, json.dumps({"key": key, "bases": bases}, indent=1, ensure_ascii=False).encode())
+    return with_bases(data, bases)
+
+
 __all__ = [
     "COLUMNS", "DTYPES", "HEAD_SITES", "SITES", "ActivationCollector", "ActivationStore", "LabeledActivations",
-    "PairIndex", "ShardView", "check_dtype", "check_sites", "collect_activations", "weights_digest",
+    "PairIndex", "ShardView", "check_dtype", "check_sites", "collect_activations", "generate_bases",
+    "select_cache_rows", "weights_digest",
 ]

@@ -700,6 +700,70 @@ def load_toxigen(
 
 
 # ------------------------------------------------------------------------------ entry point
+# ----------------------------------------------------------------------------- conversions
+AB_TEMPLATE = "{prompt}\n\n(A) {a}\n(B) {b}"
+"""CAA's two-choice question (Rimsky et al.'s A/B datasets): the prompt, then the lettered choices."""
+
+
+def _example_seed(seed: int, example: ContrastExample, index: int) -> int:
+    key = f"{seed}/{example.id if example.id is not None else index}"
+    return int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "little")
+
+
+def to_ab_questions(dataset: ContrastDataset, *, seed: int = 0, pairs_per_example: int = 1,
+                    template: str = AB_TEMPLATE) -> ContrastDataset:
+    """CAA's A/B format from any contrast dataset.
+
+    Each example gives ``pairs_per_example`` two-choice questions: its first positive (TruthfulQA:
+    the best answer) against negatives drawn without replacement, the letters of the two choices
+    in random order; the positive response is the true choice's letter, e.g. ``"(B)"``, the
+    negative the other one. Draws are seeded by ``(seed, example id)``, so a question converts the
+    same way whatever else is in the dataset. Metadata is kept (the ``id`` gets ``/ab<j>``
+    appended when an example gives several questions), plus ``ab_true`` (the true letter).
+    """
+    if not isinstance(pairs_per_example, int) or isinstance(pairs_per_example, bool) or pairs_per_example < 1:
+        raise ValueError(f"pairs_per_example must be a positive integer, got {pairs_per_example!r}.")
+    for name in ("prompt", "a", "b"):
+        if "{" + name + "}" not in template:
+            raise ValueError(f"the A/B template must contain {{{name}}}, got {template!r}.")
+    out = []
+    for i, example in enumerate(dataset):
+        if not isinstance(example, ContrastExample):
+            raise ValueError(f"to_ab_questions converts contrast examples, got {type(example).__name__}.")
+        rng = random.Random(_example_seed(seed, example, i))
+        negatives = rng.sample(list(example.negatives), min(pairs_per_example, len(example.negatives)))
+        for j, negative in enumerate(negatives):
+            true_first = rng.random() < 0.5
+            a, b = (example.positives[0], negative) if true_first else (negative, example.positives[0])
+            letters = ("(A)", "(B)") if true_first else ("(B)", "(A)")
+            meta = dict(example.metadata, ab_true=letters[0][1])
+            if len(negatives) > 1 and example.id is not None:
+                meta["id"] = f"{example.id}/ab{j}"
+            out.append(ContrastExample(template.format(prompt=example.prompt, a=a, b=b), [letters[0]], [letters[1]], meta))
+    return ContrastDataset(out, name=f"{dataset.name}/ab")
+
+
+def first_responses(dataset: ContrastDataset) -> ContrastDataset:
+    """Each example with only its first positive and first negative (TruthfulQA: the best
+    answer and the first incorrect answer): one completion of each role per prompt, as SEA's
+    aligned matrices H⁺, H⁻ need."""
+    return ContrastDataset([ContrastExample(ex.prompt, [ex.positives[0]], [ex.negatives[0]], dict(ex.metadata),
+                                            list(ex.bases)) for ex in dataset], name=f"{dataset.name}/first")
+
+
+def with_bases(dataset: ContrastDataset, bases: Sequence[Union[str, Sequence[str]]]) -> ContrastDataset:
+    """The dataset with each example's ``bases`` (SEA's base completions, e.g. the model's own
+    answers from :func:`actedit.train.collect.generate_bases`) replaced by ``bases[i]``."""
+    if len(bases) != len(dataset):
+        raise ValueError(f"{len(bases)} base completions for {len(dataset)} examples; give one (or a list) per example.")
+    out = []
+    for example, base in zip(dataset, bases):
+        texts = [base] if isinstance(base, str) else list(base)
+        out.append(ContrastExample(example.prompt, list(example.positives), list(example.negatives),
+                                   dict(example.metadata), texts))
+    return ContrastDataset(out, name=dataset.name)
+
+
 LOADERS = {
     "truthfulqa": load_truthfulqa_mc,
     "truthful_qa": load_truthfulqa_mc,
@@ -733,7 +797,8 @@ def load_contrast(spec: PathLike, **kwargs) -> Union[ContrastDataset, PromptPair
 
 
 __all__ = [
-    "ROLES", "ContrastDataset", "ContrastExample", "LOADERS", "PromptPair", "PromptPairDataset", "TOXIGEN_PROMPT",
+    "AB_TEMPLATE", "ROLES", "ContrastDataset", "ContrastExample", "LOADERS", "PromptPair", "PromptPairDataset", "TOXIGEN_PROMPT",
     "TOXIGEN_THRESHOLD", "load_bbq", "load_bigbench", "load_contrast", "load_contrast_jsonl",
     "load_prompt_pairs_jsonl", "load_simple_ethical_questions", "load_toxigen", "load_truthfulqa_mc",
+    "first_responses", "to_ab_questions", "with_bases",
 ]

@@ -20,7 +20,7 @@ Keys::
     collect:   {dir: runs/hpr/activations, site: null, layers: null, dtype: float32, batch_size: 16, format: {}}
     fit:       {}                      # method hyperparameters (e.g. multiplier, alpha, top_k, energy_ratio)
     train:     {}                      # actedit.train.trainer.TrainConfig fields
-    select:    {k: 5}
+    select:    {k: 5, strategy: probe_first}   # HPR: probe_first | joint
     out: runs/hpr/artifact
 """
 
@@ -73,7 +73,7 @@ class CollectConfig:
     Attributes:
         dir: activation store directory (resumed if it exists).
         site: pyvene component; default the method's (:data:`DEFAULT_COMPONENTS`).
-        layers: layer indices; default all.
+        layers: layer indices (a list, or an inclusive range ``"10-29"``); default all.
         dtype: stored precision, ``float32`` or ``float16``.
         batch_size: sequences per forward.
         format: parameters of the method's prompt format (:mod:`actedit.train.formats`).
@@ -91,6 +91,12 @@ class CollectConfig:
             raise ValueError(f"collect.dtype must be float32, float16 or bfloat16, got {self.dtype!r}.")
         if self.batch_size <= 0:
             raise ValueError("collect.batch_size must be positive.")
+        if isinstance(self.layers, str):  # "10-29": an inclusive range
+            lo, sep, hi = self.layers.partition("-")
+            if not sep or not lo.strip().isdigit() or not hi.strip().isdigit() or int(lo) > int(hi):
+                raise ValueError(f"collect.layers must be a list of layer indices or a range like '10-29', "
+                                 f"got {self.layers!r}.")
+            self.layers = list(range(int(lo), int(hi) + 1))
 
 
 @dataclass
@@ -119,9 +125,11 @@ class PipelineConfig:
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise ValueError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}.")
-        unknown = set(self.select) - {"k"}
+        unknown = set(self.select) - {"k", "strategy"}
         if unknown:
-            raise ValueError(f"unknown select keys {sorted(unknown)}; valid: k.")
+            raise ValueError(f"unknown select keys {sorted(unknown)}; valid: k, strategy.")
+        if self.select.get("strategy", "probe_first") not in ("probe_first", "joint"):
+            raise ValueError(f"select.strategy must be 'probe_first' or 'joint', got {self.select['strategy']!r}.")
 
     @property
     def site(self) -> str:
@@ -179,21 +187,36 @@ def load_config(path: Optional[str], overrides: Sequence[str] = ()) -> PipelineC
 
 # ------------------------------------------------------------------------------------ data
 def load_dataset(cfg: PipelineConfig):
-    """The contrast (or prompt-pair) dataset with ``train``/``eval`` split metadata."""
+    """The contrast (or prompt-pair) dataset with ``train``/``eval`` split metadata, in the shape
+    the method reads: CAA gets A/B questions (:func:`~actedit.train.data.to_ab_questions`) and
+    SEA one positive and one negative per prompt (:func:`~actedit.train.data.first_responses`)
+    unless the data already is so."""
     from . import data as data_mod
 
     d = cfg.data
     if d.name.strip().lower().replace("-", "_") == "truthfulqa_mc":
         parts = [data_mod.load_truthfulqa_mc(d.source, split=s, split_file=d.split_file, limit=d.limit)
                  for s in ("train", "eval")]
-        return data_mod.ContrastDataset([x for p in parts for x in p], name="truthfulqa_mc/train+eval")
-    dataset = data_mod.load_contrast(d.name, **({"source": d.source} if d.source else {}))
-    if not dataset.splits and d.eval_ratio > 0:
-        train, evaluation = dataset.train_eval_split(d.eval_ratio, seed=d.seed)
-        dataset = type(dataset)(list(train) + list(evaluation), name=dataset.name)
-    if d.limit:
-        dataset = dataset.select(range(min(d.limit, len(dataset))))
+        dataset = data_mod.ContrastDataset([x for p in parts for x in p], name="truthfulqa_mc/train+eval")
+    else:
+        dataset = data_mod.load_contrast(d.name, **({"source": d.source} if d.source else {}))
+        if not dataset.splits and d.eval_ratio > 0:
+            train, evaluation = dataset.train_eval_split(d.eval_ratio, seed=d.seed)
+            dataset = type(dataset)(list(train) + list(evaluation), name=dataset.name)
+        if d.limit:
+            dataset = dataset.select(range(min(d.limit, len(dataset))))
+    if isinstance(dataset, data_mod.ContrastDataset):
+        if cfg.method == "caa" and not all(_is_letter_answer(t) for ex in dataset for t in ex.positives + ex.negatives):
+            dataset = data_mod.to_ab_questions(dataset, seed=d.seed)
+        elif cfg.method == "sea" and any(len(ex.positives) > 1 or len(ex.negatives) > 1 for ex in dataset):
+            dataset = data_mod.first_responses(dataset)
     return dataset
+
+
+def _is_letter_answer(text: str) -> bool:
+    """``"(A)"``-style answers (CAA's A/B data)."""
+    t = text.strip()
+    return len(t) <= 4 and any(ch.isupper() for ch in t)
 
 
 def _load_model(cfg: PipelineConfig):
@@ -211,8 +234,15 @@ def collect(cfg: PipelineConfig, model=None, tokenizer=None):
     if model is None:
         model, tokenizer = _load_model(cfg)
     dataset = load_dataset(cfg)
+    fmt = get_format(cfg.method, **cfg.collect.format)
+    if cfg.method == "sea" and not all(ex.bases for ex in dataset):
+        from .collect import generate_bases
+
+        directory = Path(cfg.collect.dir)
+        dataset = generate_bases(model, tokenizer, dataset, fmt, max_new_tokens=int(cfg.fit.get("base_tokens", 32)),
+                                 cache_path=directory.parent / f"{directory.name}_bases.json")
     return collect_activations(model, tokenizer, dataset, cfg.collect.dir,
-                               format=get_format(cfg.method, **cfg.collect.format), sites=cfg.site,
+                               format=fmt, sites=cfg.site,
                                layers=cfg.collect.layers, dtype=cfg.collect.dtype,
                                batch_size=cfg.collect.batch_size)
 
@@ -260,6 +290,7 @@ def fit(cfg: PipelineConfig, model=None, tokenizer=None) -> Path:
         config = result.config(model, position_policy=params.get("position_policy"))
     elif cfg.method == "sea":
         roles = store.aligned(("base", "pos", "neg"), cfg.site, split="train")
+        params.pop("base_tokens", None)
         fit_args = {k: params.pop(k) for k in ("energy_ratio", "feature_function") if k in params}
         result = fit_mod.fit_sea(roles["base"], roles["pos"], roles["neg"], **fit_args)
         config = result.config(model, **params)
@@ -274,12 +305,17 @@ def fit(cfg: PipelineConfig, model=None, tokenizer=None) -> Path:
 
 
 def train(cfg: PipelineConfig, model=None, tokenizer=None) -> Path:
-    """Train HPR on the store (all layers at once), select the top-k layers by eval probe
-    accuracy, write the artifact (only the selected layers) and the accuracy plot."""
+    """Train HPR on the store, select the top-k layers by eval probe accuracy, write the artifact
+    (only the selected layers) and the accuracy plot.
+
+    ``select.strategy``: ``probe_first`` (default; :func:`~actedit.train.trainer.train_hpr_top_k`:
+    all probes, then angle nets on the selected layers only) or ``joint`` (every layer's probe and
+    angle net together, :func:`~actedit.train.trainer.train_hpr`, then selection).
+    """
     from actedit.interventions import build_hpr_config, intervenable, save_artifact
 
     from .select import select_layers
-    from .trainer import TrainConfig, train_hpr
+    from .trainer import TrainConfig, train_hpr, train_hpr_top_k
 
     if cfg.method != "hpr":
         raise ValueError(f"`actedit train` trains HPR; '{cfg.method}' is closed-form: use `actedit fit`.")
@@ -292,11 +328,15 @@ def train(cfg: PipelineConfig, model=None, tokenizer=None) -> Path:
     eval_pairs = store.paired_activations(cfg.site, split="eval")
     hyper = dict(cfg.fit)
     train_cfg = TrainConfig(**{"checkpoint_dir": str(out.parent / f".{out.name}.training"), **cfg.train})
+    k = int(cfg.select.get("k", 5))
+    plot = out.parent / f"{out.name}_probe_accuracy.png"
     started = time.time()
-    result = train_hpr(train_pairs, eval_pairs, config=train_cfg, **hyper)
+    if cfg.select.get("strategy", "probe_first") == "probe_first":
+        result, selection = train_hpr_top_k(train_pairs, eval_pairs, k=k, config=train_cfg, plot_path=plot, **hyper)
+    else:
+        result = train_hpr(train_pairs, eval_pairs, config=train_cfg, **hyper)
+        selection = select_layers(result.modules, eval_pairs, k=k, plot_path=plot)
     seconds = time.time() - started
-    selection = select_layers(result.modules, eval_pairs, k=int(cfg.select.get("k", 5)),
-                              plot_path=out.parent / f"{out.name}_probe_accuracy.png")
     config = build_hpr_config(model, selection.selected, modules=result.modules,
                               **{k: v for k, v in hyper.items() if k in ("alpha", "position_policy")})
     return save_artifact(intervenable(model, config), out, data=_data_record(cfg),

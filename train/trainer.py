@@ -97,6 +97,9 @@ class TrainConfig:
             cached-activation training (end-to-end training keeps the model's dtype).
         stop_after_epoch: stop after this many epochs of the ``epochs``-long schedule (the
             learning rate follows the full schedule); None runs all epochs.
+        cpu_threads: torch threads while training on cached activations on the CPU (1: a step
+            multiplies a few dozen rows, and more threads only add synchronisation; measured 1.5–2×
+            faster per step than 2 threads on a 2-core machine); None keeps torch's setting.
     """
 
     learning_rate: float = 5e-4
@@ -119,6 +122,7 @@ class TrainConfig:
     device: Optional[str] = None
     dtype: str = "float32"
     stop_after_epoch: Optional[int] = None
+    cpu_threads: Optional[int] = 1
 
     def __post_init__(self) -> None:
         def positive_int(name: str) -> None:
@@ -153,6 +157,8 @@ class TrainConfig:
             raise ValueError(f"dtype must be 'float32' or 'float64', got {self.dtype!r}.")
         if self.checkpoint_dir is not None:
             self.checkpoint_dir = str(self.checkpoint_dir)
+        if self.cpu_threads is not None:
+            positive_int("cpu_threads")
         if self.stop_after_epoch is not None:
             positive_int("stop_after_epoch")
             if self.stop_after_epoch > self.epochs:
@@ -937,6 +943,17 @@ def run_training(task: TrainTask, config: TrainConfig,
     ``callbacks`` are called with each epoch's :class:`EpochRecord` after its checkpoint is
     written (an exception raised there stops training; the run resumes from that checkpoint).
     """
+    threads = torch.get_num_threads()
+    on_cpu = isinstance(task, PairTask) and task.device.type == "cpu"
+    if on_cpu and config.cpu_threads is not None:
+        torch.set_num_threads(config.cpu_threads)
+    try:
+        return _run_training(task, config, callbacks)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run_training(task: TrainTask, config: TrainConfig, callbacks: Sequence[Callable[[EpochRecord], None]]) -> TrainResult:
     started = time.perf_counter()
     n = task.num_examples
     steps_per_epoch = math.ceil(n / config.batch_size)

@@ -1,0 +1,476 @@
+"""``actedit run``: the whole study from one YAML file.
+
+Loads the model and the data, then for every method listed: collects its activations, fits or
+trains it (layer selection included) and saves its artifact; composes the methods' edits into
+one more artifact; scores the base model and every edit on the test split (lm-eval's TruthfulQA
+MC1/MC2, :mod:`actedit.eval.mc`); measures side effects (norm drift, KL to the base model on
+neutral text, prediction flips); writes ``OUT/results.json``, ``OUT/report.md`` and the plots.
+
+Everything a step produces is written atomically and reused by a rerun with the same settings:
+activation stores resume from their last shard, HPR training from its last epoch, finished
+artifacts and scores are loaded instead of recomputed. So an interrupted study continues where
+it stopped.
+
+Keys (``configs/default.yaml`` is the embedded default)::
+
+    model: smollm2-135m-instruct   # anything actedit.eval.models.load_model takes
+    dtype: float32                 # float32 | bfloat16 | float16: the model's precision
+    data: {name: truthfulqa_mc, source: null, split_file: null, limit: null}
+    out: runs/study
+    methods:                       # any of hpr, sea, iti, caa, actadd; each like one pipeline config
+      hpr: {collect: {...}, fit: {...}, train: {...}, select: {k: 5}}
+      iti: {fit: {top_k: 48, alpha: 15}}
+      actadd: {data: {name: pairs.jsonl}, fit: {coefficient: 5}}   # ActAdd needs prompt pairs
+    compose: all                   # all | none | a list of method names
+    eval: {split: test, limit: null, batch_size: 64, mc2_rule: split, analyses: true}
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Union
+
+import yaml
+
+from actedit.train.pipeline import METHODS, DataConfig, PipelineConfig, apply_overrides
+
+STUDY_ORDER = ("hpr", "sea", "iti", "caa", "actadd")
+"""The order in which a study fits its methods and lists them in the report."""
+
+METHOD_KEYS = ("collect", "fit", "train", "select", "data")
+"""What a method's block in ``methods`` may hold (``data`` overrides the study's data)."""
+
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+@dataclass
+class EvalSettings:
+    """How the study evaluates.
+
+    Attributes:
+        split: TruthfulQA split scored (``test``: HPR's 409 questions).
+        limit: score only the first N questions of the split (quick runs).
+        batch_size: continuation rows per forward call of the scorer.
+        mc2_rule: ``split`` (lm-eval truthfulqa_mc2 v2.0) or ``labels`` (v3.0).
+        analyses: measure norm drift, KL to base and flips (a few seconds per method).
+        norm_texts: test questions whose residual-stream norms are compared.
+    """
+
+    split: str = "test"
+    limit: Optional[int] = None
+    batch_size: int = 64
+    mc2_rule: str = "split"
+    analyses: bool = True
+    norm_texts: int = 32
+
+    def __post_init__(self) -> None:
+        if self.split not in ("train", "eval", "test", "all"):
+            raise ValueError(f"eval.split must be train, eval, test or all, got {self.split!r}.")
+        if self.limit is not None and (not isinstance(self.limit, int) or self.limit < 1):
+            raise ValueError(f"eval.limit must be a positive integer or null, got {self.limit!r}.")
+        if not isinstance(self.batch_size, int) or self.batch_size < 1:
+            raise ValueError(f"eval.batch_size must be a positive integer, got {self.batch_size!r}.")
+        if self.mc2_rule not in ("split", "labels"):
+            raise ValueError(f"eval.mc2_rule must be 'split' or 'labels', got {self.mc2_rule!r}.")
+
+
+@dataclass
+class StudyConfig:
+    """A whole study (see the module docstring).
+
+    Attributes:
+        model: model spec for :func:`actedit.eval.models.load_model`.
+        dtype: the model's precision for collection and evaluation.
+        data: the contrast data (TruthfulQA with HPR's split by default).
+        out: output directory.
+        methods: method name → its block (``collect``, ``fit``, ``train``, ``select``, ``data``),
+            with the keys of :class:`~actedit.train.pipeline.PipelineConfig`.
+        compose: methods whose edits are composed into one more artifact (``all``, ``none`` or
+            a list).
+        eval: see :class:`EvalSettings`.
+    """
+
+    model: str = "smollm2-135m-instruct"
+    dtype: str = "float32"
+    data: DataConfig = field(default_factory=DataConfig)
+    out: str = "runs/study"
+    methods: Dict[str, Dict[str, Any]] = field(default_factory=lambda: {m: {} for m in ("hpr", "sea", "iti", "caa")})
+    compose: Union[str, List[str]] = "all"
+    eval: EvalSettings = field(default_factory=EvalSettings)
+
+    def __post_init__(self) -> None:
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}.")
+        if not isinstance(self.methods, dict) or not self.methods:
+            raise ValueError("methods must map at least one method name to its settings, e.g. {iti: {}}.")
+        for name, block in self.methods.items():
+            if name not in METHODS:
+                raise ValueError(f"unknown method {name!r} in methods; choose from {', '.join(METHODS)}.")
+            if block is None:
+                self.methods[name] = block = {}
+            if not isinstance(block, dict):
+                raise ValueError(f"methods.{name} must be a mapping, got {type(block).__name__}.")
+            unknown = sorted(set(block) - set(METHOD_KEYS))
+            if unknown:
+                raise ValueError(f"unknown key(s) {', '.join('methods.' + name + '.' + k for k in unknown)}; "
+                                 f"valid: {', '.join(METHOD_KEYS)}.")
+        if "actadd" in self.methods and not (self.methods["actadd"].get("data") or {}).get("name"):
+            raise ValueError("methods.actadd needs prompt pairs: set methods.actadd.data.name to a JSONL file of "
+                             "{prompt1, prompt2} records (or drop actadd).")
+        if isinstance(self.compose, str):
+            if self.compose not in ("all", "none"):
+                raise ValueError(f"compose must be 'all', 'none' or a list of methods, got {self.compose!r}.")
+        else:
+            missing = [m for m in self.compose if m not in self.methods]
+            if missing:
+                raise ValueError(f"compose lists {missing}, which are not in methods ({', '.join(self.methods)}).")
+
+    @property
+    def method_names(self) -> List[str]:
+        return [m for m in STUDY_ORDER if m in self.methods]
+
+    @property
+    def composed_methods(self) -> List[str]:
+        if self.compose == "none":
+            return []
+        chosen = self.method_names if self.compose == "all" else [m for m in STUDY_ORDER if m in self.compose]
+        return chosen if len(chosen) > 1 else []
+
+    def pipeline(self, method: str) -> PipelineConfig:
+        """The one-method pipeline config of ``method`` inside this study."""
+        from actedit.train.pipeline import CollectConfig
+
+        block = self.methods[method]
+        data = {**asdict(self.data), **(block.get("data") or {})}
+        collect = {"dir": str(Path(self.out) / "activations" / method), **(block.get("collect") or {})}
+        return PipelineConfig(model=self.model, method=method, data=DataConfig(**data),
+                              collect=CollectConfig(**collect), fit=dict(block.get("fit") or {}),
+                              train=dict(block.get("train") or {}), select=dict(block.get("select") or {"k": 5}),
+                              out=str(Path(self.out) / "artifacts" / method))
+
+
+def load_study(path: Optional[str], overrides: Sequence[str] = ()) -> StudyConfig:
+    """Read a study YAML (or the defaults when ``path`` is None) and apply ``key.sub=value`` overrides."""
+    raw: Dict[str, Any] = {}
+    if path is not None:
+        p = Path(path).expanduser()
+        if not p.is_file():
+            raise FileNotFoundError(f"No study config at {path!r}; the embedded default is configs/default.yaml.")
+        raw = yaml.safe_load(p.read_text()) or {}
+        if not isinstance(raw, dict):
+            raise ValueError(f"{path} must hold a YAML mapping.")
+    raw = apply_overrides(raw, overrides)
+    valid = {f.name for f in fields(StudyConfig)}
+    unknown = sorted(set(raw) - valid)
+    if unknown:
+        raise ValueError(f"unknown key(s) {', '.join(unknown)}; valid keys: {', '.join(sorted(valid))}.")
+    data = raw.pop("data", None) or {}
+    evals = raw.pop("eval", None) or {}
+    for where, values, cls in (("data", data, DataConfig), ("eval", evals, EvalSettings)):
+        bad = sorted(set(values) - {f.name for f in fields(cls)})
+        if bad:
+            raise ValueError(f"unknown key(s) {', '.join(where + '.' + k for k in bad)}; valid: "
+                             f"{', '.join(f.name for f in fields(cls))}.")
+    return StudyConfig(data=DataConfig(**data), eval=EvalSettings(**evals), **raw)
+
+
+# ------------------------------------------------------------------------------------ files
+def _write_json(path: Path, data: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=1, default=float))
+    os.replace(tmp, path)
+
+
+def _read_json(path: Path) -> Optional[Dict[str, Any]]:
+    try:
+        return json.loads(path.read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+
+
+def _artifact_ready(path: Path) -> bool:
+    from actedit.interventions.artifacts import ArtifactError, verify_artifact
+
+    if not path.is_dir():
+        return False
+    try:
+        verify_artifact(path)
+    except (ArtifactError, ValueError, FileNotFoundError):
+        return False
+    return True
+
+
+def _mc_result(data: Dict[str, Any]):
+    from actedit.eval.mc import MCRecord, MCResult
+
+    records = [MCRecord(**r) for r in data["records"]]
+    return MCResult(records=records, **{k: v for k, v in data.items() if k != "records"})
+
+
+class _Steps:
+    """Numbered step headers and per-step timings."""
+
+    def __init__(self, total: int, quiet: bool) -> None:
+        self.total, self.done, self.quiet = total, 0, quiet
+        self.seconds: Dict[str, float] = {}
+
+    def run(self, name: str, fn, *args, **kwargs):
+        self.done += 1
+        if not self.quiet:
+            print(f"[{self.done}/{self.total}] {name}", flush=True)
+        t0 = time.perf_counter()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            self.seconds[name] = round(time.perf_counter() - t0, 2)
+
+
+# ------------------------------------------------------------------------------------ study
+def run_study(cfg: StudyConfig, *, quiet: bool = False) -> Dict[str, Any]:
+    """Run (or resume) the study ``cfg``; returns the results written to ``OUT/results.json``."""
+    import torch
+
+    from actedit.eval import analysis, plots
+    from actedit.eval.mc import score_mc
+    from actedit.eval.models import load_model
+    from actedit.interventions import compose, config_of, intervenable, load_artifact, save_artifact
+    from actedit.train import pipeline
+    from actedit.train.data import load_truthfulqa_mc  # noqa: F401  (fails early when data is missing)
+    from actedit.train.truthfulqa import load_split, load_truthfulqa, select
+
+    started = time.perf_counter()
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    methods = cfg.method_names
+    composed = cfg.composed_methods
+    edits = methods + (["composed"] if composed else [])
+    steps = _Steps(2 + 2 * len(methods) + bool(composed) + 1 + len(edits) + 1, quiet)
+
+    # data first: a missing dataset should fail before the model loads
+    def questions():
+        qs = load_truthfulqa(cfg.data.source)
+        if cfg.eval.split == "all":
+            return qs[:cfg.eval.limit] if cfg.eval.limit else qs
+        split_file = cfg.data.split_file
+        if split_file is None:
+            if cfg.data.source is None or not Path(str(cfg.data.source)).expanduser().is_dir():
+                raise ValueError("the study scores HPR's test split: set data.split_file (e.g. "
+                                 "hpr_ids_splits.json) or give data.source as a directory holding it.")
+            split_file = Path(str(cfg.data.source)).expanduser() / "hpr_ids_splits.json"
+        return select(qs, cfg.eval.split, load_split(split_file, n_questions=len(qs)), limit=cfg.eval.limit)
+
+    test = steps.run("load TruthfulQA", questions)
+    model, tokenizer = steps.run(f"load model {cfg.model} ({cfg.dtype})", load_model, cfg.model)
+    if cfg.dtype != "float32":
+        model.to(getattr(torch, cfg.dtype))
+
+    artifacts: Dict[str, Path] = {}
+    step_seconds: Dict[str, Dict[str, float]] = {}
+    for method in methods:
+        pcfg = cfg.pipeline(method)
+        path = Path(pcfg.out)
+        record = step_seconds.setdefault(method, {})
+        if _artifact_ready(path):
+            steps.run(f"{method}: collect (reused)", lambda: None)
+            steps.run(f"{method}: fit (reused)", lambda: None)
+            previous = (_read_json(out / "results.json") or {}).get("methods", {}).get(method, {})
+            record.update({k: v for k, v in previous.get("seconds", {}).items() if k in ("collect", "fit")})
+        else:
+            t0 = time.perf_counter()
+            steps.run(f"{method}: collect activations", pipeline.collect, pcfg, model, tokenizer)
+            record["collect"] = round(time.perf_counter() - t0, 2)
+            t0 = time.perf_counter()
+            step = pipeline.train if method == "hpr" else pipeline.fit
+            steps.run(f"{method}: {'train' if method == 'hpr' else 'fit'}", step, pcfg, model, tokenizer)
+            record["fit"] = round(time.perf_counter() - t0, 2)
+        artifacts[method] = path
+
+    if composed:
+        path = out / "artifacts" / "composed"
+
+        def build_composed():
+            if _artifact_ready(path):
+                return
+            configs = [config_of(load_artifact(artifacts[m], model)) for m in composed]
+            save_artifact(intervenable(model, compose(*configs, composed_of=composed)), path)
+
+        steps.run(f"compose {' + '.join(composed)}", build_composed)
+        artifacts["composed"] = path
+
+    # ---------------------------------------------------------------- evaluation
+    eval_dir = out / "eval"
+    key = {"questions": [q.index for q in test], "mc2_rule": cfg.eval.mc2_rule, "dtype": cfg.dtype,
+           "model": cfg.model}
+
+    def score(name: str, target):
+        cached = _read_json(eval_dir / f"{name}.json")
+        if cached and cached.get("key") == key and (name == "base" or cached.get("artifact_sha") == _sha(artifacts[name])):
+            return _mc_result(cached["result"])
+        result = score_mc(target(), tokenizer, test, batch_size=cfg.eval.batch_size, mc2_rule=cfg.eval.mc2_rule)
+        _write_json(eval_dir / f"{name}.json", {"key": key, "artifact_sha": None if name == "base" else
+                                                _sha(artifacts[name]), "result": result.to_dict()})
+        return result
+
+    results: Dict[str, Any] = {"base": steps.run("score base model", score, "base", lambda: model)}
+    pvms = {}
+    for name in edits:
+        pvms[name] = load_artifact(artifacts[name], model)
+        results[name] = steps.run(f"score {name}", score, name, lambda n=name: pvms[n])
+
+    analyses: Dict[str, Dict[str, Any]] = {name: {} for name in edits}
+
+    def run_analyses():
+        if not cfg.eval.analyses:
+            return
+        for name in edits:
+            flips = analysis.flips_from_records(results["base"].records, results[name].records)
+            effects = analysis.side_effects(pvms[name], tokenizer, base=model)
+            analyses[name].update(flips=flips, side_effects=effects)
+        inputs = analysis.encode_texts(tokenizer, [q.question for q in test[:cfg.eval.norm_texts]])
+        comparison = analysis.activation_norms(model, inputs, pvms, skip_first=1)
+        drift = comparison.drift()
+        for name in edits:
+            layer_drift = drift[name]
+            analyses[name]["norm_drift"] = sum(layer_drift.values()) / max(len(layer_drift), 1)
+        analyses["_norms"] = comparison
+        plots.plot_norms(comparison, out / "norms.png")
+        plots.plot_flips({name: analyses[name]["flips"] for name in edits}, out / "flips.png")
+
+    if edits:
+        steps.run("analyses (flips, KL, norm drift)", run_analyses)
+    norms = analyses.pop("_norms", None)
+
+    def write_report():
+        summary = _summarise(cfg, test, results, analyses, artifacts, step_seconds, steps.seconds, edits,
+                             norms, time.perf_counter() - started, model)
+        plots.plot_scores({name: summary["methods"][name] for name in ["base"] + edits}, out / "scores.png")
+        _write_json(out / "results.json", summary)
+        (out / "report.md").write_text(markdown_report(summary))
+        return summary
+
+    summary = steps.run("write report", write_report)
+    summary["seconds"]["total"] = round(time.perf_counter() - started, 2)
+    _write_json(out / "results.json", summary)
+    return summary
+
+
+def _sha(path: Path) -> Optional[str]:
+    """Identity of an artifact: the hash of its manifest (which lists every file's SHA-256)."""
+    from actedit.interventions.artifacts import MANIFEST, file_sha256
+
+    manifest = path / MANIFEST
+    return file_sha256(manifest) if manifest.is_file() else None
+
+
+def _summarise(cfg, test, results, analyses, artifacts, step_seconds, steps_seconds, edits, norms, total, model):
+    from actedit.eval.environment import environment
+    from actedit.interventions import artifact_metadata
+
+    methods: Dict[str, Any] = {}
+    for name in ["base"] + edits:
+        r = results[name]
+        entry: Dict[str, Any] = {"mc1": r.mc1, "mc2": r.mc2, "mc1_stderr": r.mc1_stderr, "mc2_stderr": r.mc2_stderr,
+                                 "score_seconds": round(r.seconds, 2)}
+        if name != "base":
+            info = artifact_metadata(artifacts[name])
+            entry["artifact"] = str(artifacts[name])
+            entry["layers"] = sorted({int(layer) for e in info.get("edits", []) for layer in e.get("layers", [])})
+            entry["edits"] = [{k: e.get(k) for k in ("method", "component", "layers")} for e in info.get("edits", [])]
+            a = analyses.get(name, {})
+            if "flips" in a:
+                entry["flips"] = a["flips"].to_dict()
+                entry["kl_to_base"] = a["side_effects"].kl
+                entry["lm_loss"] = a["side_effects"].edited_loss
+                entry["base_lm_loss"] = a["side_effects"].base_loss
+                entry["norm_drift"] = a.get("norm_drift")
+            entry["seconds"] = {**step_seconds.get(name, {}), "score": round(r.seconds, 2)}
+        methods[name] = entry
+    return {
+        "study": {"model": cfg.model, "dtype": cfg.dtype, "data": asdict(cfg.data), "eval": asdict(cfg.eval),
+                  "methods": cfg.methods, "compose": cfg.composed_methods, "out": cfg.out},
+        "n_questions": len(test),
+        "protocol": results["base"].protocol,
+        "methods": methods,
+        "seconds": {"steps": steps_seconds, "total": round(total, 2)},
+        "environment": environment(model),
+    }
+
+
+def markdown_report(summary: Dict[str, Any]) -> str:
+    """The study's Markdown report: one row per model, then flips and timings."""
+    s = summary["study"]
+    env = summary["environment"]
+    lines = [f"# actedit study: {s['model']} on TruthfulQA ({s['eval']['split']} split, "
+             f"{summary['n_questions']} questions)", "",
+             f"Protocol: {summary['protocol'].get('name')} (lm-eval truthfulqa_mc1/mc2, MC2 rule "
+             f"{summary['protocol'].get('mc2_rule')}), model dtype {s['dtype']}. Machine: {env['machine'].get('cpu')}, "
+             f"{env['machine'].get('cores')} cores, {env['machine'].get('torch_threads')} torch threads; "
+             f"torch {env.get('torch')}, transformers {env.get('transformers')}, pyvene {env.get('pyvene')}.", "",
+             "| model | layers | MC1 (%) | MC2 (%) | norm drift | KL to base | LM loss |",
+             "|---|---|---|---|---|---|---|"]
+
+    def num(x, digits=4):
+        return "—" if x is None else f"{x:.{digits}f}"
+
+    for name, m in summary["methods"].items():
+        layers = m.get("layers")
+        shown = "—" if not layers else (f"{layers[0]}–{layers[-1]} ({len(layers)})" if len(layers) > 6
+                                         else ", ".join(map(str, layers)))
+        lines.append(f"| {name} | {shown} | {100 * m['mc1']:.2f} ± {100 * m['mc1_stderr']:.2f} | "
+                     f"{100 * m['mc2']:.2f} ± {100 * m['mc2_stderr']:.2f} | {num(m.get('norm_drift'))} | "
+                     f"{num(m.get('kl_to_base'))} | {num(m.get('lm_loss', m.get('base_lm_loss')), 3)} |")
+    flips = {n: m["flips"] for n, m in summary["methods"].items() if "flips" in m}
+    if flips:
+        lines += ["", "MC1 prediction flips against the base model (% of questions, HPR Table 3):", "",
+                  "| edit | False→True | True→False | remains True | remains False |", "|---|---|---|---|---|"]
+        for n, f in flips.items():
+            lines.append(f"| {n} | {f['false_to_true']:.2f} | {f['true_to_false']:.2f} | {f['remains_true']:.2f} | "
+                         f"{f['remains_false']:.2f} |")
+    lines += ["", "Seconds per step:", "", "| step | seconds |", "|---|---|"]
+    for step, sec in summary["seconds"]["steps"].items():
+        lines.append(f"| {step} | {sec:.1f} |")
+    lines += ["", f"Total: {summary['seconds']['total']:.0f} s. Plots: scores.png, flips.png, norms.png, "
+              "artifacts/hpr_probe_accuracy.png.", ""]
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------ CLI
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("config", nargs="?", default=None,
+                        help="study YAML (default: the embedded configs/default.yaml)")
+    parser.add_argument("--data", default=None, help="directory with mc_task.json and hpr_ids_splits.json "
+                        "(overrides data.source; default: the Hub)")
+    parser.add_argument("--out", default=None, help="output directory (overrides out)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config entry, e.g. --set eval.limit=20 (repeatable)")
+    parser.add_argument("--quiet", action="store_true", help="no step headers")
+
+
+def default_config_path() -> Path:
+    """``configs/default.yaml`` of the installed package."""
+    return Path(__file__).resolve().parent.parent / "configs" / "default.yaml"
+
+
+def run(args) -> int:
+    overrides = list(args.overrides)
+    if args.data is not None:
+        overrides.append(f"data.source={args.data}")
+    if args.out is not None:
+        overrides.append(f"out={args.out}")
+    cfg = load_study(args.config or str(default_config_path()), overrides)
+    summary = run_study(cfg, quiet=args.quiet)
+    m = summary["methods"]
+    best = max((n for n in m if n != "base"), key=lambda n: m[n]["mc2"], default=None)
+    line = (f"done in {summary['seconds']['total']:.0f} s: base MC1/MC2 {100 * m['base']['mc1']:.1f}/"
+            f"{100 * m['base']['mc2']:.1f}")
+    if best:
+        line += f", best edit {best} {100 * m[best]['mc1']:.1f}/{100 * m[best]['mc2']:.1f}"
+    print(f"{line}; report {Path(cfg.out) / 'report.md'}, results {Path(cfg.out) / 'results.json'}, "
+          f"artifacts {Path(cfg.out) / 'artifacts'}")
+    return 0

@@ -1,0 +1,150 @@
+"""``actedit run``: the whole study from a YAML file on a tiny local model and TruthfulQA."""
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import yaml
+
+from actedit.cli import main
+from actedit.eval.study import default_config_path, load_study
+
+from conftest import SHARED_DATA, tiny_model
+from test_train_data import make_tokenizer
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    if not (SHARED_DATA / "mc_task.json").is_file():
+        pytest.skip(f"TruthfulQA data not found at {SHARED_DATA}")
+    tokenizer = make_tokenizer()
+    model = tiny_model("llama", vocab_size=len(tokenizer), max_position_embeddings=1024)
+    root = tmp_path_factory.mktemp("study")
+    model.save_pretrained(root / "model")
+    tokenizer.save_pretrained(root / "model")
+    return root / "model"
+
+
+def tiny_study(model_dir, path):
+    config = {
+        "model": str(model_dir), "dtype": "float32",
+        "data": {"name": "truthfulqa_mc", "limit": 3},
+        "methods": {
+            "hpr": {"train": {"epochs": 1, "progress": False}, "select": {"k": 2}},
+            "sea": {"collect": {"layers": "1-2"}, "fit": {"base_tokens": 4}},
+            "iti": {"fit": {"top_k": 4, "alpha": 2.0}},
+            "caa": {"fit": {"layer": 1, "position_policy": "answer"}},
+        },
+        "compose": "all",
+        "eval": {"limit": 4, "norm_texts": 4},
+    }
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def test_default_config_is_the_embedded_default_study():
+    cfg = load_study(str(default_config_path()))
+    assert cfg.model == "smollm2-135m-instruct"
+    assert cfg.method_names == ["hpr", "sea", "iti", "caa"] and cfg.composed_methods == cfg.method_names
+    assert cfg.eval.split == "test" and cfg.eval.limit is None and cfg.data.limit is None
+    sea = cfg.pipeline("sea")
+    assert sea.collect.layers == list(range(10, 30)) and sea.site == "mlp_output"
+    hpr = cfg.pipeline("hpr")
+    assert hpr.select == {"k": 5, "strategy": "probe_first"} and hpr.site == "block_output"
+    assert cfg.pipeline("iti").out.endswith("artifacts/iti")
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["methods.foo={}"], "unknown method 'foo'"),
+    (["colour=red"], "unknown key"),
+    (["eval.splitt=test"], "eval.splitt"),
+    (["methods.iti.fitt={}"], "methods.iti.fitt"),
+    (["methods.actadd={}"], "prompt pairs"),
+    (["compose=[hpr, actadd]"], "not in methods"),
+    (["dtype=int8"], "dtype must be one of"),
+    (["eval.limit=0"], "eval.limit"),
+])
+def test_bad_study_configs_are_explained(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        load_study(str(default_config_path()), overrides)
+
+
+def test_missing_config_file_and_split_file(tmp_path, capsys):
+    assert main(["run", str(tmp_path / "nope.yaml")]) == 1
+    assert "No study config" in capsys.readouterr().err
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "mc_task.json").write_text((SHARED_DATA / "mc_task.json").read_text())
+    assert main(["run", str(default_config_path()), "--data", str(data), "--out", str(tmp_path / "o")]) == 1
+    assert "hpr_ids_splits.json" in capsys.readouterr().err
+
+
+def test_study_end_to_end_then_resumes_without_recomputing(model_dir, tmp_path, capsys):
+    config = tiny_study(model_dir, tmp_path / "study.yaml")
+    out = tmp_path / "out"
+    assert main(["run", str(config), "--data", str(SHARED_DATA), "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "done in" in printed and str(out / "report.md") in printed
+    results = json.loads((out / "results.json").read_text())
+    names = ["base", "hpr", "sea", "iti", "caa", "composed"]
+    assert list(results["methods"]) == names and results["n_questions"] == 4
+    for name in names:
+        m = results["methods"][name]
+        assert 0 <= m["mc1"] <= 1 and 0 <= m["mc2"] <= 1 and m["mc1_stderr"] >= 0
+        if name != "base":
+            assert m["layers"] and m["kl_to_base"] >= 0 and m["norm_drift"] is not None
+            assert set(m["flips"]) >= {"false_to_true", "true_to_false"}
+            assert (out / "artifacts" / name / "actedit_manifest.json").is_file()
+    assert results["methods"]["hpr"]["layers"] == sorted(results["methods"]["hpr"]["layers"])
+    assert len(results["methods"]["hpr"]["layers"]) == 2
+    assert results["methods"]["sea"]["layers"] == [1, 2]
+    assert results["methods"]["caa"]["layers"] == [1]
+    composed = {e["method"] for e in results["methods"]["composed"]["edits"]}
+    assert composed == {"hpr", "sea", "iti", "caa"}
+    report = (out / "report.md").read_text()
+    for name in names:
+        assert f"| {name} |" in report
+    for plot in ("scores.png", "flips.png", "norms.png"):
+        assert (out / plot).stat().st_size > 1000
+    assert (out / "activations" / "sea_bases.json").is_file()
+
+    # A rerun reuses every artifact and score.
+    assert main(["run", str(config), "--data", str(SHARED_DATA), "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert printed.count("(reused)") == 8
+    again = json.loads((out / "results.json").read_text())
+    for name in names:
+        assert again["methods"][name]["mc2"] == results["methods"][name]["mc2"]
+
+    # An interrupted run (no ITI artifact, no composed scores) redoes only what is missing.
+    import shutil
+
+    shutil.rmtree(out / "artifacts" / "iti")
+    (out / "eval" / "composed.json").unlink()
+    assert main(["run", str(config), "--data", str(SHARED_DATA), "--out", str(out), "--set", "eval.analyses=false"]) == 0
+    printed = capsys.readouterr().out
+    assert "iti: fit" in printed and "iti: fit (reused)" not in printed and "hpr: fit (reused)" in printed
+    final = json.loads((out / "results.json").read_text())
+    assert final["methods"]["iti"]["mc2"] == pytest.approx(results["methods"]["iti"]["mc2"], abs=1e-6)
+
+
+def test_study_artifacts_load_with_stock_pyvene_in_a_fresh_process(model_dir, tmp_path):
+    config = tiny_study(model_dir, tmp_path / "study.yaml")
+    out = tmp_path / "out"
+    assert main(["run", str(config), "--data", str(SHARED_DATA), "--out", str(out), "--quiet",
+                 "--set", "methods={iti: {fit: {top_k: 4}}, caa: {fit: {layer: 1}}}",
+                 "--set", "eval.analyses=false"]) == 0
+    script = textwrap.dedent(f"""
+        import torch, pyvene as pv
+        from transformers import AutoModelForCausalLM
+        model = AutoModelForCausalLM.from_pretrained({str(model_dir)!r})
+        pvm = pv.IntervenableModel.load({str(out / 'artifacts' / 'composed')!r}, model)
+        _, edited = pvm({{"input_ids": torch.tensor([[1, 5, 6, 7]])}}, unit_locations=None)
+        assert torch.isfinite(edited.logits).all()
+        print(len(pvm.interventions))
+    """)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert int(done.stdout.strip().splitlines()[-1]) >= 2  # ITI's layer(s) + CAA's one
