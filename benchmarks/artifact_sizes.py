@@ -1,7 +1,10 @@
 """Artifact size per method and layer, measured by serialising each intervention's state dict.
 
 Usage: python benchmarks/artifact_sizes.py [--d 4096] [--heads 32] [--sea-rank K] [--actadd-len N]
-       [--json OUT]
+       [--study runs/default/artifacts] [--json OUT]
+
+With ``--study`` it first lists the artifacts a study wrote (bytes on disk, edited layers, bytes
+per layer, and for SEA the fitted ranks k⁺/k⁻), then the per-layer sizes at ``--d``.
 
 Compares with the official releases: HPR ~11 M parameters per layer (44 MB in fp32); SEA stores
 two dense d x d projectors per layer (64 MiB each in fp32 at d = 4096).
@@ -46,14 +49,49 @@ def measure(d: int, heads: int, sea_rank: int, actadd_len: int) -> list:
     return rows
 
 
+def study_sizes(root: str) -> list:
+    """Bytes on disk of each artifact directory under ``root`` and per edited layer."""
+    from pathlib import Path
+
+    rows = []
+    for directory in sorted(Path(root).iterdir()):
+        config = directory / "config.json"
+        if not config.is_file():
+            continue
+        info = json.loads(config.read_text()).get("actedit", {})
+        layers = sorted({int(l) for e in info.get("edits", []) for l in e.get("layers", [])})
+        size = sum(f.stat().st_size for f in directory.iterdir() if f.is_file())
+        weights = sum(f.stat().st_size for f in directory.glob("*.bin"))
+        ranks = ""
+        if any(e.get("method") == "sea" for e in info.get("edits", [])):
+            ks = []
+            for f in sorted(directory.glob("*.bin")):
+                state = torch.load(f, map_location="cpu", weights_only=True)
+                if "U_pos" in state:
+                    ks.append(f"{state['U_pos'].shape[1]}/{state['U_neg'].shape[1]}")
+            ranks = "k+/k- per layer: " + ", ".join(ks)
+        rows.append({"artifact": directory.name, "layers": len(layers), "bytes": size, "weight_bytes": weights,
+                     "bytes_per_layer": weights / max(len(layers), 1), "note": ranks})
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--d", type=int, default=4096)
     parser.add_argument("--heads", type=int, default=32)
     parser.add_argument("--sea-rank", type=int, default=None, help="rank k of each SEA factor (default d/2)")
     parser.add_argument("--actadd-len", type=int, default=8)
+    parser.add_argument("--study", default=None, help="a study's artifacts directory, e.g. runs/default/artifacts")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
+    study = study_sizes(args.study) if args.study else []
+    if study:
+        print(f"# artifacts of {args.study} (on disk)")
+        print("| artifact | edited layers | total | weights per layer | note |")
+        print("|---|---|---|---|---|")
+        for r in study:
+            print(f"| {r['artifact']} | {r['layers']} | {r['bytes'] / 2**20:.3f} MiB | "
+                  f"{r['bytes_per_layer'] / 2**20:.3f} MiB | {r['note']} |")
     sea_rank = args.sea_rank if args.sea_rank is not None else args.d // 2
     rows = measure(args.d, args.heads, sea_rank, args.actadd_len)
     print(f"# artifact size per layer, d = {args.d} (fp32) — {platform.machine()}, torch {torch.__version__}")
@@ -63,8 +101,8 @@ def main() -> None:
         print(f"| {method} | {what} | {numbers:,} | {size / 2**20:.3f} MiB | {official} |")
     if args.json:
         with open(args.json, "w") as handle:
-            json.dump([dict(zip(("method", "stored", "numbers", "bytes", "official"), r)) for r in rows], handle,
-                      indent=2)
+            json.dump({"study": study, "per_layer": [dict(zip(("method", "stored", "numbers", "bytes", "official"), r))
+                                                     for r in rows]}, handle, indent=2)
 
 
 if __name__ == "__main__":

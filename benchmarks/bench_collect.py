@@ -13,6 +13,8 @@ lettered shuffled choices, every response token read), ``block_output`` of all 3
 * ``plain forward (full logits)``: the model's own forward over every response sequence in
   padded batches (sorted by length), as ``output_hidden_states``-style collection would run it;
 * ``plain forward (logits_to_keep=1)``: the same without the 49k-vocabulary projection;
+* ``output_hidden_states (logits_to_keep=1)``: the same with ``output_hidden_states=True`` and
+  every real token's hidden state of every layer copied out (the usual way to collect);
 * ``collect (no prefix sharing)``: :func:`actedit.train.collect.collect_activations` with
   ``share_prefix=False`` — the same tokens through pyvene with 30 collectors, gathered, written;
 * ``collect (shared prefixes)``: the default, each question's prompt run once.
@@ -116,10 +118,15 @@ def hpr_dataset(data_dir: Path, n: int):
 
 
 # ------------------------------------------------------------------------- plain forward
-def plain_forward(model, sequences: List[List[int]], batch_size: int, pad_id: int, keep_one: bool) -> float:
-    """Seconds to run every sequence through the model in right-padded, length-sorted batches."""
+def plain_forward(model, sequences: List[List[int]], batch_size: int, pad_id: int, keep_one: bool,
+                  hidden_states: bool = False) -> float:
+    """Seconds to run every sequence through the model in right-padded, length-sorted batches
+    (with ``hidden_states``: ``output_hidden_states=True`` and every real token's hidden states of
+    all layers copied out, as a collector built on it would)."""
     order = sorted(range(len(sequences)), key=lambda i: -len(sequences[i]))
     extra = {"logits_to_keep": 1} if keep_one else {}
+    if hidden_states:
+        extra["output_hidden_states"] = True
     start = time.perf_counter()
     with torch.inference_mode():
         for lo in range(0, len(order), batch_size):
@@ -130,8 +137,11 @@ def plain_forward(model, sequences: List[List[int]], batch_size: int, pad_id: in
             for r, s in enumerate(chunk):
                 ids[r, :len(s)] = torch.tensor(s)
                 mask[r, :len(s)] = 1
-            model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
-                  use_cache=False, **extra)
+            out = model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
+                        use_cache=False, **extra)
+            if hidden_states:
+                real = mask.bool()
+                _ = [h[real].clone() for h in out.hidden_states[1:]]
     return time.perf_counter() - start
 
 
@@ -148,6 +158,8 @@ def throughput(model, tokenizer, data, batch_size: int) -> Dict[str, object]:
     rows.append({"run": "plain forward (full logits)", "seconds": t, "computed_tokens": total_tokens})
     t = plain_forward(model, sequences, batch_size, pad_id, keep_one=True)
     rows.append({"run": "plain forward (logits_to_keep=1)", "seconds": t, "computed_tokens": total_tokens})
+    t = plain_forward(model, sequences, batch_size, pad_id, keep_one=True, hidden_states=True)
+    rows.append({"run": "output_hidden_states (logits_to_keep=1)", "seconds": t, "computed_tokens": total_tokens})
     for share in (False, True):
         with tempfile.TemporaryDirectory() as tmp:
             start = time.perf_counter()

@@ -7,11 +7,12 @@ Usage:
 
 Target workload (the issue): SmolLM2-135M-Instruct (hidden 576, 30 layers) on TruthfulQA's HPR
 train split. Measured with the model's own tokenizer on the 367 train questions: 4,911
-(true, false) response pairs, 49,852 aligned response-token pairs ("X. {choice}" responses,
-positions up to the shorter response); the eval split has 615 response pairs, 6,415 token pairs.
-Five epochs at batch 16 are 5 x 3,116 = 15,580 optimiser steps. The benchmark times ``--epochs``
-over ``--pairs`` pairs (default 2,048: a few minutes on 2 CPU cores) and extrapolates the full
-run from the time per step (the step cost does not depend on N).
+(true, false) response pairs, 59,674 aligned response-token pairs ("X. {choice}" responses,
+positions up to the shorter response, end-of-turn tokens included, the collection default); the
+eval split has 615 response pairs, 7,645 token pairs. Five epochs at batch 16 are 5 x 3,730 =
+18,650 optimiser steps. The benchmark times ``--epochs`` over ``--pairs`` pairs (default 2,048: a
+few minutes on 2 CPU cores) and extrapolates the full run from the time per step (the step cost
+does not depend on N); with ``--store`` the full run is the store's own number of pairs.
 
 ``--synthetic`` draws pairs of that shape (per layer: a random content vector orthogonal to a
 random direction u, the pair at ±margin along u, plus noise). ``--store DIR`` reads collected
@@ -43,8 +44,8 @@ import torch.nn.functional as F
 from actedit.train.trainer import PairedActivations, TrainConfig, train_hpr
 from _env import machine_info, versions  # benchmarks/_env.py (the script's folder is on sys.path)
 
-FULL_TRAIN_PAIRS = 49_852
-FULL_EVAL_PAIRS = 6_415
+FULL_TRAIN_PAIRS = 59_674
+FULL_EVAL_PAIRS = 7_645
 FULL_EPOCHS = 5
 
 
@@ -62,8 +63,9 @@ def synthetic_pairs(layers: int, d: int, n: int, seed: int = 0, margin: float = 
     return PairedActivations(pos, neg, check_finite=False)
 
 
-def store_pairs(directory: str, split: str, layers: Optional[int], max_pairs: Optional[int]) -> PairedActivations:
-    """Pairs from a collected activation store, optionally the first ``max_pairs`` of them."""
+def store_pairs(directory: str, split: str, layers: Optional[int], max_pairs: Optional[int]):
+    """Pairs from a collected activation store, optionally the first ``max_pairs`` of them, and
+    the store's total number of pairs."""
     try:
         from actedit.train.collect import ActivationStore
     except ImportError as exc:
@@ -77,7 +79,7 @@ def store_pairs(directory: str, split: str, layers: Optional[int], max_pairs: Op
     pos_rows, neg_rows = data.rows(rows)
     index = torch.stack([pos_rows, neg_rows], 1)
     return PairedActivations({k: data.positive[k] for k in keep}, {k: data.negative[k] for k in keep}, index=index,
-                             check_finite=False)
+                             check_finite=False), data.num_pairs
 
 
 def run(data: PairedActivations, mode: str, epochs: int, batch_size: int, seed: int, device: Optional[str]) -> dict:
@@ -117,13 +119,14 @@ def main(argv=None) -> dict:
     if not modes or any(m not in ("vectorized", "loop") for m in modes):
         parser.error("--modes takes vectorized and/or loop")
     if args.store:
-        data = store_pairs(args.store, args.split, args.layers, args.pairs)
+        data, full_pairs = store_pairs(args.store, args.split, args.layers, args.pairs)
         source_name = f"store {args.store} ({args.split})"
     else:
         data = synthetic_pairs(args.layers, args.d, args.pairs, args.seed)
         source_name = "synthetic"
+        full_pairs = FULL_TRAIN_PAIRS
     n_layers, d, n = len(data.layers), data.width, data.num_pairs
-    full_steps = math.ceil(FULL_TRAIN_PAIRS / args.batch_size) * FULL_EPOCHS
+    full_steps = math.ceil(full_pairs / args.batch_size) * FULL_EPOCHS
     info_machine, info_versions = machine_info(), versions("torch", "numpy", "pyvene", "actedit")
 
     results = [run(data, mode, args.epochs, args.batch_size, args.seed, args.device) for mode in modes]
@@ -141,7 +144,7 @@ def main(argv=None) -> dict:
           f"torch threads {info_machine['torch_threads']}, load average {info_machine['load_average']}"
           + (f", GPU {info_machine['cuda']}" if info_machine["cuda"] else ""))
     print("# versions: " + ", ".join(f"{k} {v}" for k, v in info_versions.items()))
-    print(f"| mode | steps | seconds | ms/step | est. full run ({FULL_TRAIN_PAIRS:,} pairs x {FULL_EPOCHS} epochs "
+    print(f"| mode | steps | seconds | ms/step | est. full run ({full_pairs:,} pairs x {FULL_EPOCHS} epochs "
           f"= {full_steps:,} steps) |")
     print("|---|---|---|---|---|")
     for r in results:
@@ -153,7 +156,7 @@ def main(argv=None) -> dict:
         print(f"speed-up vectorized over loop: {ratio:.2f}x; largest weight difference between modes: {diff:.2e}")
     out = {
         "source": source_name, "layers": n_layers, "d": d, "pairs": n, "epochs": args.epochs,
-        "batch_size": args.batch_size, "device": args.device or "cpu", "full_train_pairs": FULL_TRAIN_PAIRS,
+        "batch_size": args.batch_size, "device": args.device or "cpu", "full_train_pairs": full_pairs,
         "full_eval_pairs": FULL_EVAL_PAIRS, "full_steps": full_steps, "machine": info_machine,
         "versions": info_versions, "ratio_loop_over_vectorized": ratio, "max_abs_weight_diff": diff,
         "results": [{k: v for k, v in r.items() if k != "modules"} for r in results],

@@ -15,6 +15,7 @@ Keys (``configs/default.yaml`` is the embedded default)::
 
     model: smollm2-135m-instruct   # anything actedit.eval.models.load_model takes
     dtype: float32                 # float32 | bfloat16 | float16: the model's precision
+    device: null                   # cpu | cuda | cuda:N (default: CUDA when available)
     data: {name: truthfulqa_mc, source: null, split_file: null, limit: null}
     out: runs/study
     methods:                       # any of hpr, sea, iti, caa, actadd; each like one pipeline config
@@ -35,9 +36,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Union
 
-import yaml
-
-from actedit.train.pipeline import METHODS, DataConfig, PipelineConfig, apply_overrides
+from actedit.train.pipeline import METHODS, DataConfig, PipelineConfig, read_config
 
 STUDY_ORDER = ("hpr", "sea", "iti", "caa", "actadd")
 """The order in which a study fits its methods and lists them in the report."""
@@ -86,6 +85,7 @@ class StudyConfig:
     Attributes:
         model: model spec for :func:`actedit.eval.models.load_model`.
         dtype: the model's precision for collection and evaluation.
+        device: where the model runs (``cpu``, ``cuda``, ``cuda:1``; default: CUDA when available).
         data: the contrast data (TruthfulQA with HPR's split by default).
         out: output directory.
         methods: method name → its block (``collect``, ``fit``, ``train``, ``select``, ``data``),
@@ -97,6 +97,7 @@ class StudyConfig:
 
     model: str = "smollm2-135m-instruct"
     dtype: str = "float32"
+    device: Optional[str] = None
     data: DataConfig = field(default_factory=DataConfig)
     out: str = "runs/study"
     methods: Dict[str, Dict[str, Any]] = field(default_factory=lambda: {m: {} for m in ("hpr", "sea", "iti", "caa")})
@@ -156,15 +157,7 @@ class StudyConfig:
 
 def load_study(path: Optional[str], overrides: Sequence[str] = ()) -> StudyConfig:
     """Read a study YAML (or the defaults when ``path`` is None) and apply ``key.sub=value`` overrides."""
-    raw: Dict[str, Any] = {}
-    if path is not None:
-        p = Path(path).expanduser()
-        if not p.is_file():
-            raise FileNotFoundError(f"No study config at {path!r}; the embedded default is configs/default.yaml.")
-        raw = yaml.safe_load(p.read_text()) or {}
-        if not isinstance(raw, dict):
-            raise ValueError(f"{path} must hold a YAML mapping.")
-    raw = apply_overrides(raw, overrides)
+    raw = read_config(path, overrides, "No study config at {path!r}; the embedded default is configs/default.yaml.")
     valid = {f.name for f in fields(StudyConfig)}
     unknown = sorted(set(raw) - valid)
     if unknown:
@@ -266,9 +259,9 @@ def run_study(cfg: StudyConfig, *, quiet: bool = False) -> Dict[str, Any]:
         return select(qs, cfg.eval.split, load_split(split_file, n_questions=len(qs)), limit=cfg.eval.limit)
 
     test = steps.run("load TruthfulQA", questions)
-    model, tokenizer = steps.run(f"load model {cfg.model} ({cfg.dtype})", load_model, cfg.model)
-    if cfg.dtype != "float32":
-        model.to(getattr(torch, cfg.dtype))
+    device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model, tokenizer = steps.run(f"load model {cfg.model} ({cfg.dtype}, {device})", load_model, cfg.model,
+                                 dtype=getattr(torch, cfg.dtype), device=device)
 
     artifacts: Dict[str, Path] = {}
     step_seconds: Dict[str, Dict[str, float]] = {}

@@ -93,3 +93,15 @@ def padded_batch():
     ids = torch.tensor([[0, 0, 5, 6, 7, 8], [3, 9, 4, 11, 12, 13]])
     mask = torch.tensor([[0, 0, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1]])
     return {"input_ids": ids, "attention_mask": mask}
+
+
+def save_tiny_chat_model(root):
+    """A tiny llama with the tests' ChatML tokenizer (room for TruthfulQA's primer) saved to
+    ``root/model`` for ``load_model``; returns that directory."""
+    from test_train_data import make_tokenizer
+
+    tokenizer = make_tokenizer()
+    model = tiny_model("llama", vocab_size=len(tokenizer), max_position_embeddings=1024)
+    model.save_pretrained(root / "model")
+    tokenizer.save_pretrained(root / "model")
+    return root / "model"

@@ -11,19 +11,15 @@ import yaml
 from actedit.cli import main
 from actedit.eval.study import default_config_path, load_study
 
-from conftest import SHARED_DATA, tiny_model
-from test_train_data import make_tokenizer
+from conftest import SHARED_DATA, save_tiny_chat_model
 
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
     if not (SHARED_DATA / "mc_task.json").is_file():
         pytest.skip(f"TruthfulQA data not found at {SHARED_DATA}")
-    tokenizer = make_tokenizer()
-    model = tiny_model("llama", vocab_size=len(tokenizer), max_position_embeddings=1024)
     root = tmp_path_factory.mktemp("study")
-    model.save_pretrained(root / "model")
-    tokenizer.save_pretrained(root / "model")
+    save_tiny_chat_model(root)
     return root / "model"
 
 
@@ -79,6 +75,19 @@ def test_missing_config_file_and_split_file(tmp_path, capsys):
     (data / "mc_task.json").write_text((SHARED_DATA / "mc_task.json").read_text())
     assert main(["run", str(default_config_path()), "--data", str(data), "--out", str(tmp_path / "o")]) == 1
     assert "hpr_ids_splits.json" in capsys.readouterr().err
+
+
+def test_without_data_or_hub_the_error_says_how_to_fix_it(tmp_path, monkeypatch, capsys):
+    import datasets
+
+    def offline(*args, **kwargs):
+        raise ConnectionError("no internet")
+
+    monkeypatch.setattr(datasets, "load_dataset", offline)
+    assert main(["run", str(default_config_path()), "--out", str(tmp_path / "o")]) == 1
+    err = capsys.readouterr().err
+    assert "Hugging Face Hub" in err and "--data" in err and "mc_task.json" in err
+    assert not (tmp_path / "o" / "artifacts").exists()  # nothing was started
 
 
 def test_study_end_to_end_then_resumes_without_recomputing(model_dir, tmp_path, capsys):

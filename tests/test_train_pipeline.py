@@ -9,19 +9,15 @@ from actedit.cli import main
 from actedit.interventions import load_artifact
 from actedit.train.pipeline import load_config
 
-from conftest import SHARED_DATA, tiny_model
-from test_train_data import make_tokenizer
+from conftest import SHARED_DATA, save_tiny_chat_model
 
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
     if not (SHARED_DATA / "mc_task.json").is_file():
         pytest.skip(f"TruthfulQA data not found at {SHARED_DATA}")
-    tokenizer = make_tokenizer()
-    model = tiny_model("llama", vocab_size=len(tokenizer), max_position_embeddings=1024)
     root = tmp_path_factory.mktemp("pipeline")
-    model.save_pretrained(root / "model")
-    tokenizer.save_pretrained(root / "model")
+    save_tiny_chat_model(root)
     return root
 
 

@@ -168,17 +168,24 @@ def apply_overrides(raw: Dict[str, Any], overrides: Sequence[str]) -> Dict[str, 
     return raw
 
 
-def load_config(path: Optional[str], overrides: Sequence[str] = ()) -> PipelineConfig:
-    """Read a YAML config (or start from defaults when ``path`` is None) and apply overrides."""
+def read_config(path: Optional[str], overrides: Sequence[str] = (), missing: str = "No config file at {path!r}.") \
+        -> Dict[str, Any]:
+    """The mapping a YAML file holds (empty when ``path`` is None), with ``key.sub=value``
+    overrides applied; ``missing`` is the error message for a path that is not a file."""
     raw: Dict[str, Any] = {}
     if path is not None:
         p = Path(path).expanduser()
         if not p.is_file():
-            raise FileNotFoundError(f"No config file at {path!r}.")
+            raise FileNotFoundError(missing.format(path=path))
         raw = yaml.safe_load(p.read_text()) or {}
         if not isinstance(raw, dict):
             raise ValueError(f"{path} must hold a YAML mapping.")
-    raw = apply_overrides(raw, overrides)
+    return apply_overrides(raw, overrides)
+
+
+def load_config(path: Optional[str], overrides: Sequence[str] = ()) -> PipelineConfig:
+    """Read a YAML config (or start from defaults when ``path`` is None) and apply overrides."""
+    raw = read_config(path, overrides)
     _typed(PipelineConfig, raw, "")
     data = DataConfig(**_typed(DataConfig, raw.pop("data", None), "data"))
     collect = CollectConfig(**_typed(CollectConfig, raw.pop("collect", None), "collect"))
