@@ -41,7 +41,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from actedit.train.trainer import PairedActivations, TrainConfig, train_hpr
+from actedit.train.trainer import PairedActivations, TrainConfig, train_hpr, train_hpr_top_k
 from _env import machine_info, versions  # benchmarks/_env.py (the script's folder is on sys.path)
 
 FULL_TRAIN_PAIRS = 59_674
@@ -82,13 +82,17 @@ def store_pairs(directory: str, split: str, layers: Optional[int], max_pairs: Op
                              check_finite=False), data.num_pairs
 
 
-def run(data: PairedActivations, mode: str, epochs: int, batch_size: int, seed: int, device: Optional[str]) -> dict:
-    config = TrainConfig(epochs=epochs, batch_size=batch_size, seed=seed, vectorize=(mode == "vectorized"),
-                         progress=False, select_best=False, device=device)
+def run(data: PairedActivations, mode: str, epochs: int, batch_size: int, seed: int, device: Optional[str],
+        k: int = 5) -> dict:
+    config = TrainConfig(epochs=epochs, batch_size=batch_size, seed=seed, vectorize=(mode != "loop"),
+                         progress=False, select_best=(mode == "probe_first"), device=device)
     if device and device.startswith("cuda"):
         torch.cuda.synchronize()
     start = time.perf_counter()
-    result = train_hpr(data, None, config=config)
+    if mode == "probe_first":  # probes of all layers, then angle nets of the top k (selected on the train pairs)
+        result, _ = train_hpr_top_k(data, data, k=k, config=config)
+    else:
+        result = train_hpr(data, None, config=config)
     if device and device.startswith("cuda"):
         torch.cuda.synchronize()
     seconds = time.perf_counter() - start
@@ -110,14 +114,16 @@ def main(argv=None) -> dict:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     parser.add_argument("--device", default=None, help="cpu (default) or cuda")
-    parser.add_argument("--modes", default="vectorized,loop")
+    parser.add_argument("--modes", default="vectorized,loop",
+                        help="vectorized (joint, all layers), loop (joint, per layer) and/or probe_first (top --k)")
+    parser.add_argument("--k", type=int, default=5, help="layers whose angle nets probe_first trains")
     parser.add_argument("--json", default=None, help="write the results as JSON here")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
-    if not modes or any(m not in ("vectorized", "loop") for m in modes):
-        parser.error("--modes takes vectorized and/or loop")
+    if not modes or any(m not in ("vectorized", "loop", "probe_first") for m in modes):
+        parser.error("--modes takes vectorized, loop and/or probe_first")
     if args.store:
         data, full_pairs = store_pairs(args.store, args.split, args.layers, args.pairs)
         source_name = f"store {args.store} ({args.split})"
@@ -129,14 +135,17 @@ def main(argv=None) -> dict:
     full_steps = math.ceil(full_pairs / args.batch_size) * FULL_EPOCHS
     info_machine, info_versions = machine_info(), versions("torch", "numpy", "pyvene", "actedit")
 
-    results = [run(data, mode, args.epochs, args.batch_size, args.seed, args.device) for mode in modes]
+    results = [run(data, mode, args.epochs, args.batch_size, args.seed, args.device, args.k) for mode in modes]
     diff = None
-    if len(results) == 2:
+    if {r["mode"] for r in results} == {"vectorized", "loop"}:
         a, b = results[0]["modules"], results[1]["modules"]
         diff = max(float((pa - dict(b[layer].named_parameters())[name]).detach().abs().max())
                    for layer in a for name, pa in a[layer].named_parameters())
     by_mode = {r["mode"]: r for r in results}
-    ratio = by_mode["loop"]["seconds"] / by_mode["vectorized"]["seconds"] if len(by_mode) == 2 else None
+    ratio = by_mode["loop"]["seconds"] / by_mode["vectorized"]["seconds"] \
+        if {"loop", "vectorized"} <= set(by_mode) else None
+    ratio_pf = by_mode["vectorized"]["seconds"] / by_mode["probe_first"]["seconds"] \
+        if {"probe_first", "vectorized"} <= set(by_mode) else None
 
     print(f"# HPR training, {source_name}: {n_layers} layers x d={d}, {n:,} pairs, {args.epochs} epoch(s), "
           f"batch {args.batch_size}, fp32, {args.device or 'cpu'}")
@@ -148,17 +157,21 @@ def main(argv=None) -> dict:
           f"= {full_steps:,} steps) |")
     print("|---|---|---|---|---|")
     for r in results:
-        est = r["ms_per_step"] * full_steps / 1e3
+        # scale by the training schedule's steps (probe_first runs two stages over the same schedule)
+        est = r["seconds"] * full_steps / (math.ceil(n / args.batch_size) * args.epochs)
         r["estimated_full_run_seconds"] = est
         print(f"| {r['mode']} | {r['steps']:,} | {r['seconds']:.1f} | {r['ms_per_step']:.1f} | "
               f"{est / 60:.1f} min |")
     if ratio is not None:
         print(f"speed-up vectorized over loop: {ratio:.2f}x; largest weight difference between modes: {diff:.2e}")
+    if ratio_pf is not None:
+        print(f"speed-up probe_first (angle nets of {args.k} layers) over joint vectorized training: {ratio_pf:.2f}x")
     out = {
         "source": source_name, "layers": n_layers, "d": d, "pairs": n, "epochs": args.epochs,
         "batch_size": args.batch_size, "device": args.device or "cpu", "full_train_pairs": full_pairs,
         "full_eval_pairs": FULL_EVAL_PAIRS, "full_steps": full_steps, "machine": info_machine,
         "versions": info_versions, "ratio_loop_over_vectorized": ratio, "max_abs_weight_diff": diff,
+        "ratio_vectorized_over_probe_first": ratio_pf,
         "results": [{k: v for k, v in r.items() if k != "modules"} for r in results],
     }
     if args.json:

@@ -243,7 +243,7 @@ def run_study(cfg: StudyConfig, *, quiet: bool = False) -> Dict[str, Any]:
     methods = cfg.method_names
     composed = cfg.composed_methods
     edits = methods + (["composed"] if composed else [])
-    steps = _Steps(2 + 2 * len(methods) + bool(composed) + 1 + len(edits) + 1, quiet)
+    steps = _Steps(2 + 2 * len(methods) + bool(composed) + 1 + len(edits) + bool(edits) + 1, quiet)
 
     # data first: a missing dataset should fail before the model loads
     def questions():
@@ -384,6 +384,9 @@ def _summarise(cfg, test, results, analyses, artifacts, step_seconds, steps_seco
                 entry["norm_drift"] = a.get("norm_drift")
             entry["seconds"] = {**step_seconds.get(name, {}), "score": round(r.seconds, 2)}
         methods[name] = entry
+    base_losses = [m["base_lm_loss"] for m in methods.values() if "base_lm_loss" in m]
+    if base_losses:
+        methods["base"]["lm_loss"] = base_losses[0]
     return {
         "study": {"model": cfg.model, "dtype": cfg.dtype, "data": asdict(cfg.data), "eval": asdict(cfg.eval),
                   "methods": cfg.methods, "compose": cfg.composed_methods, "out": cfg.out},
@@ -418,6 +421,10 @@ def markdown_report(summary: Dict[str, Any]) -> str:
         lines.append(f"| {name} | {shown} | {100 * m['mc1']:.2f} ± {100 * m['mc1_stderr']:.2f} | "
                      f"{100 * m['mc2']:.2f} ± {100 * m['mc2_stderr']:.2f} | {num(m.get('norm_drift'))} | "
                      f"{num(m.get('kl_to_base'))} | {num(m.get('lm_loss', m.get('base_lm_loss')), 3)} |")
+    lines += ["", "Norm drift: mean over layers of |‖h′‖ − ‖h‖| / ‖h‖ of the residual stream on the first "
+              f"{s['eval']['norm_texts']} test questions. KL to base and LM loss: on neutral text "
+              "(`actedit.eval.analysis.NEUTRAL_TEXTS`), where edits with the `answer` policy (ITI, CAA) have no "
+              "marked answer and edit only the last position."]
     flips = {n: m["flips"] for n, m in summary["methods"].items() if "flips" in m}
     if flips:
         lines += ["", "MC1 prediction flips against the base model (% of questions, HPR Table 3):", "",

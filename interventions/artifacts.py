@@ -62,6 +62,9 @@ def save_artifact(pvm: pv.IntervenableModel, directory, *, card: bool = True, **
     original_info = getattr(pvm.config, "actedit", None)
     pvm.config.actedit = info
     tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.partial-", dir=directory.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    tmp.chmod(0o777 & ~umask)  # mkdtemp makes it private (0700); a saved artifact is shared like any directory
     try:
         pvm.save(str(tmp))
         if card:
