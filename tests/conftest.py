@@ -105,3 +105,14 @@ def save_tiny_chat_model(root):
     model.save_pretrained(root / "model")
     tokenizer.save_pretrained(root / "model")
     return root / "model"
+
+
+@pytest.fixture(scope="module")
+def chat_model_root(tmp_path_factory):
+    """A directory whose ``model/`` holds :func:`save_tiny_chat_model` (skips without TruthfulQA,
+    which the tests using it read)."""
+    if not (SHARED_DATA / "mc_task.json").is_file():
+        pytest.skip(f"TruthfulQA data not found at {SHARED_DATA}")
+    root = tmp_path_factory.mktemp("chat_model")
+    save_tiny_chat_model(root)
+    return root

@@ -11,16 +11,12 @@ import yaml
 from actedit.cli import main
 from actedit.eval.study import default_config_path, load_study
 
-from conftest import SHARED_DATA, save_tiny_chat_model
+from conftest import SHARED_DATA
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    if not (SHARED_DATA / "mc_task.json").is_file():
-        pytest.skip(f"TruthfulQA data not found at {SHARED_DATA}")
-    root = tmp_path_factory.mktemp("study")
-    save_tiny_chat_model(root)
-    return root / "model"
+def model_dir(chat_model_root):
+    return chat_model_root / "model"
 
 
 def tiny_study(model_dir, path):

@@ -9,16 +9,12 @@ from actedit.cli import main
 from actedit.interventions import load_artifact
 from actedit.train.pipeline import load_config
 
-from conftest import SHARED_DATA, save_tiny_chat_model
+from conftest import SHARED_DATA
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    if not (SHARED_DATA / "mc_task.json").is_file():
-        pytest.skip(f"TruthfulQA data not found at {SHARED_DATA}")
-    root = tmp_path_factory.mktemp("pipeline")
-    save_tiny_chat_model(root)
-    return root
+def model_dir(chat_model_root):
+    return chat_model_root
 
 
 def common(root, method):
