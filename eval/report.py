@@ -41,18 +41,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _questions(args):
-    questions = truthfulqa.load_truthfulqa(args.data)
-    splits = None
-    if args.split != "all":
-        split_file = args.split_file
-        if split_file is None:
-            if args.data is None or not Path(args.data).expanduser().is_dir():
-                raise FileNotFoundError(
-                    f"--split {args.split} needs a split file: pass --split-file (e.g. HPR's "
-                    "hpr_ids_splits.json) or a --data directory that holds one, or use --split all.")
-            split_file = Path(args.data).expanduser() / truthfulqa.HPR_SPLIT_FILE
-        splits = truthfulqa.load_split(split_file, n_questions=len(questions))
-    chosen = truthfulqa.select(questions, args.split, splits, limit=args.limit)
+    chosen = truthfulqa.split_questions(args.data, args.split, args.split_file, limit=args.limit)
     if not chosen:
         raise ValueError(f"no questions to score in split {args.split!r} (limit {args.limit}).")
     return chosen

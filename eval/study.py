@@ -234,8 +234,7 @@ def run_study(cfg: StudyConfig, *, quiet: bool = False) -> Dict[str, Any]:
     from actedit.eval.models import load_model
     from actedit.interventions import compose, config_of, intervenable, load_artifact, save_artifact
     from actedit.train import pipeline
-    from actedit.train.data import load_truthfulqa_mc  # noqa: F401  (fails early when data is missing)
-    from actedit.train.truthfulqa import load_split, load_truthfulqa, select
+    from actedit.train.truthfulqa import split_questions
 
     started = time.perf_counter()
     out = Path(cfg.out)
@@ -246,19 +245,8 @@ def run_study(cfg: StudyConfig, *, quiet: bool = False) -> Dict[str, Any]:
     steps = _Steps(2 + 2 * len(methods) + bool(composed) + 1 + len(edits) + bool(edits) + 1, quiet)
 
     # data first: a missing dataset should fail before the model loads
-    def questions():
-        qs = load_truthfulqa(cfg.data.source)
-        if cfg.eval.split == "all":
-            return qs[:cfg.eval.limit] if cfg.eval.limit else qs
-        split_file = cfg.data.split_file
-        if split_file is None:
-            if cfg.data.source is None or not Path(str(cfg.data.source)).expanduser().is_dir():
-                raise ValueError("the study scores HPR's test split: set data.split_file (e.g. "
-                                 "hpr_ids_splits.json) or give data.source as a directory holding it.")
-            split_file = Path(str(cfg.data.source)).expanduser() / "hpr_ids_splits.json"
-        return select(qs, cfg.eval.split, load_split(split_file, n_questions=len(qs)), limit=cfg.eval.limit)
-
-    test = steps.run("load TruthfulQA", questions)
+    test = steps.run("load TruthfulQA", split_questions, cfg.data.source, cfg.eval.split, cfg.data.split_file,
+                     limit=cfg.eval.limit)
     device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
     model, tokenizer = steps.run(f"load model {cfg.model} ({cfg.dtype}, {device})", load_model, cfg.model,
                                  dtype=getattr(torch, cfg.dtype), device=device)
@@ -275,13 +263,11 @@ def run_study(cfg: StudyConfig, *, quiet: bool = False) -> Dict[str, Any]:
             previous = (_read_json(out / "results.json") or {}).get("methods", {}).get(method, {})
             record.update({k: v for k, v in previous.get("seconds", {}).items() if k in ("collect", "fit")})
         else:
-            t0 = time.perf_counter()
-            steps.run(f"{method}: collect activations", pipeline.collect, pcfg, model, tokenizer)
-            record["collect"] = round(time.perf_counter() - t0, 2)
-            t0 = time.perf_counter()
-            step = pipeline.train if method == "hpr" else pipeline.fit
-            steps.run(f"{method}: {'train' if method == 'hpr' else 'fit'}", step, pcfg, model, tokenizer)
-            record["fit"] = round(time.perf_counter() - t0, 2)
+            collect_step = f"{method}: collect activations"
+            fit_step = f"{method}: {'train' if method == 'hpr' else 'fit'}"
+            steps.run(collect_step, pipeline.collect, pcfg, model, tokenizer)
+            steps.run(fit_step, pipeline.train if method == "hpr" else pipeline.fit, pcfg, model, tokenizer)
+            record.update(collect=steps.seconds[collect_step], fit=steps.seconds[fit_step])
         artifacts[method] = path
 
     if composed:
@@ -331,17 +317,15 @@ def run_study(cfg: StudyConfig, *, quiet: bool = False) -> Dict[str, Any]:
         for name in edits:
             layer_drift = drift[name]
             analyses[name]["norm_drift"] = sum(layer_drift.values()) / max(len(layer_drift), 1)
-        analyses["_norms"] = comparison
         plots.plot_norms(comparison, out / "norms.png")
         plots.plot_flips({name: analyses[name]["flips"] for name in edits}, out / "flips.png")
 
     if edits:
         steps.run("analyses (flips, KL, norm drift)", run_analyses)
-    norms = analyses.pop("_norms", None)
 
     def write_report():
         summary = _summarise(cfg, test, results, analyses, artifacts, step_seconds, steps.seconds, edits,
-                             norms, time.perf_counter() - started, model)
+                             time.perf_counter() - started, model)
         plots.plot_scores({name: summary["methods"][name] for name in ["base"] + edits}, out / "scores.png")
         _write_json(out / "results.json", summary)
         (out / "report.md").write_text(markdown_report(summary))
@@ -361,7 +345,7 @@ def _sha(path: Path) -> Optional[str]:
     return file_sha256(manifest) if manifest.is_file() else None
 
 
-def _summarise(cfg, test, results, analyses, artifacts, step_seconds, steps_seconds, edits, norms, total, model):
+def _summarise(cfg, test, results, analyses, artifacts, step_seconds, steps_seconds, edits, total, model):
     from actedit.eval.environment import environment
     from actedit.interventions import artifact_metadata
 

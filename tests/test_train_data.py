@@ -435,6 +435,15 @@ def test_ab_questions_hold_one_true_and_one_false_choice_in_seeded_order():
         D.to_ab_questions(ds, template="{prompt} {a}")
 
 
+def test_choice_letters_are_told_from_free_text():
+    from actedit.train.formats import choice_letter_index
+
+    for answer, index in (("(A)", 1), ("A", 0), ("B.", 0), (" (C) the sky is blue", 2), ("D)", 0), ("E:", 0)):
+        assert choice_letter_index(answer) == index, answer
+    for answer in ("The sky", "A cat", "yes", "(a)", ""):
+        assert choice_letter_index(answer) is None, answer
+
+
 def test_first_responses_and_with_bases():
     ds = D.ContrastDataset([D.ContrastExample("Q?", ["t1", "t2"], ["f1", "f2"], {"id": 1})])
     first = D.first_responses(ds)

@@ -478,18 +478,7 @@ def load_truthfulqa_mc(
 
     if targets not in ("mc1", "mc2"):
         raise ValueError(f"targets must be 'mc1' or 'mc2', got {targets!r}.")
-    questions = tqa.load_truthfulqa(source)
-    splits = None
-    if split is not None and split != "all":
-        if split_file is None and source is not None and Path(str(source)).expanduser().is_dir():
-            candidate = Path(str(source)).expanduser() / tqa.HPR_SPLIT_FILE
-            if candidate.is_file():
-                split_file = candidate
-        if split_file is None:
-            raise ValueError(f"split {split!r} needs a split file: pass split_file= (e.g. HPR's "
-                             f"{tqa.HPR_SPLIT_FILE}) or split=None for all questions.")
-        splits = tqa.load_split(split_file, n_questions=len(questions))
-    chosen = tqa.select(questions, split or "all", splits, limit=limit)
+    chosen = tqa.split_questions(source, split or "all", split_file, limit=limit)
     examples = []
     for q in chosen:
         if targets == "mc2":

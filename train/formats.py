@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import hashlib
 import random
+import re
 import string
 from dataclasses import asdict, dataclass, field
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
@@ -292,12 +293,23 @@ class ITIFormat(PromptFormat):
         return EncodedExample(sequences)
 
 
+_CHOICE_LETTER = re.compile(r"\s*\(?([A-Z])(?:[).:]|$)")
+
+
+def choice_letter_index(answer: str) -> Optional[int]:
+    """Index of the choice letter in an answer that names one (``"(A)"``, ``"A"``, ``"B."``,
+    ``"(B) the sky is blue"``), or None for free text (``"The sky"``, ``"A cat"``)."""
+    match = _CHOICE_LETTER.match(answer)
+    return match.start(1) if match else None
+
+
 @dataclass(frozen=True)
 class CAAFormat(PromptFormat):
     """CAA's format: an A/B question answered with a letter; activation at the letter token.
 
     The example's prompt is the question with its lettered choices; each positive/negative is an
-    answer such as ``"(A)"`` (the first upper-case letter in it is the choice letter). With
+    answer such as ``"(A)"`` that names a choice letter (:func:`choice_letter_index`; free text is
+    refused: convert it with :func:`actedit.train.data.to_ab_questions`). With
     ``chat=True`` the text is the chat template's rendering of the question with
     ``add_generation_prompt=True`` followed directly by the answer (no end-of-turn token, as in
     Rimsky et al.'s ``[/INST] (A``); with ``chat=False`` it is ``plain_template``.
@@ -321,7 +333,7 @@ class CAAFormat(PromptFormat):
         self.check(example)
         sequences = []
         for role, r, answer in example.responses():
-            letter = next((i for i, ch in enumerate(answer) if ch in LETTERS), None)
+            letter = choice_letter_index(answer)
             if letter is None:
                 raise ValueError(f"example {example.id or index}: CAA answers name a choice letter, like '(A)'; "
                                  f"got {answer!r}.")
@@ -443,5 +455,6 @@ def get_format(spec: Union[str, PromptFormat], **params) -> PromptFormat:
 
 __all__ = [
     "ActAddFormat", "CAAFormat", "EncodedExample", "EncodedSequence", "FORMATS", "HPRFormat", "ITIFormat",
-    "PromptFormat", "SEAFormat", "chat_text", "encode_text", "get_format", "token_at_char", "tokenizer_fingerprint",
+    "PromptFormat", "SEAFormat", "chat_text", "choice_letter_index", "encode_text", "get_format", "token_at_char",
+    "tokenizer_fingerprint",
 ]

@@ -199,6 +199,7 @@ def load_dataset(cfg: PipelineConfig):
     SEA one positive and one negative per prompt (:func:`~actedit.train.data.first_responses`)
     unless the data already is so."""
     from . import data as data_mod
+    from .formats import choice_letter_index
 
     d = cfg.data
     if d.name.strip().lower().replace("-", "_") == "truthfulqa_mc":
@@ -213,17 +214,12 @@ def load_dataset(cfg: PipelineConfig):
         if d.limit:
             dataset = dataset.select(range(min(d.limit, len(dataset))))
     if isinstance(dataset, data_mod.ContrastDataset):
-        if cfg.method == "caa" and not all(_is_letter_answer(t) for ex in dataset for t in ex.positives + ex.negatives):
+        if cfg.method == "caa" and not all(choice_letter_index(t) is not None
+                                           for ex in dataset for t in ex.positives + ex.negatives):
             dataset = data_mod.to_ab_questions(dataset, seed=d.seed)
         elif cfg.method == "sea" and any(len(ex.positives) > 1 or len(ex.negatives) > 1 for ex in dataset):
             dataset = data_mod.first_responses(dataset)
     return dataset
-
-
-def _is_letter_answer(text: str) -> bool:
-    """``"(A)"``-style answers (CAA's A/B data)."""
-    t = text.strip()
-    return len(t) <= 4 and any(ch.isupper() for ch in t)
 
 
 def _load_model(cfg: PipelineConfig):

@@ -181,3 +181,22 @@ def select(questions: Sequence[MCQuestion], split: str, splits: Optional[Dict[st
             raise ValueError(f"the split indexes question {max(splits[split])} but only {len(questions)} are loaded.")
         chosen = [questions[i] for i in splits[split]]
     return chosen[:limit] if limit is not None else chosen
+
+
+def split_questions(source: Optional[Union[str, Path]] = None, split: str = "all",
+                    split_file: Optional[Union[str, Path]] = None, *, limit: Optional[int] = None) -> List[MCQuestion]:
+    """The questions of ``split`` (``train``/``eval``/``test``/``all``) from ``source`` (see
+    :func:`load_truthfulqa`), in split-file order. ``split_file`` defaults to ``source``'s
+    :data:`HPR_SPLIT_FILE` when ``source`` is a directory holding one."""
+    questions = load_truthfulqa(source)
+    if split == "all":
+        return select(questions, "all", limit=limit)
+    if split_file is None:
+        candidate = Path(str(source)).expanduser() / HPR_SPLIT_FILE if source is not None else None
+        if candidate is None or not candidate.is_file():
+            raise ValueError(f"split {split!r} needs a split file: give one (--split-file / data.split_file, e.g. "
+                             f"HPR's {HPR_SPLIT_FILE}) or a TruthfulQA directory that holds it (--data), or use "
+                             "split 'all'.")
+        split_file = candidate
+    return select(questions, split, load_split(split_file, n_questions=len(questions)), limit=limit)
+
