@@ -92,11 +92,12 @@ class CallPositions:
     Attributes:
         positions: ``(batch, seq)`` index of each token among the real tokens of its row
             (0 = first real token); ``-1`` marks padding.
-        prompt_lengths: ``(batch,)`` number of real tokens in each row's prompt.
+        prompt_lengths: ``(batch,)`` number of real tokens in each row's prompt, or ``(batch, seq)``
+            per token when a row packs several sequences (:func:`mark_packed`).
         is_prompt_pass: True when no earlier tokens are cached (first call of a generation or a
             plain forward).
-        answer_starts: ``(batch,)`` index of the first answer token per row when a scorer marked
-            it, else None.
+        answer_starts: ``(batch,)`` (or per token, ``(batch, seq)``) index of the first answer
+            token when a scorer marked it, else None.
     """
 
     positions: torch.Tensor
@@ -124,6 +125,7 @@ def _stack() -> list:
         _state.answer_starts = None
         _state.prompt_lengths = None
         _state.generation = None
+        _state.packed = None
     return _state.calls
 
 
@@ -163,6 +165,25 @@ def mark_prompt_lengths(prompt_lengths) -> contextlib.AbstractContextManager:
     then choices) but define positions on the whole scored sequence, as one plain forward would.
     """
     return _marked("prompt_lengths", prompt_lengths)
+
+
+@contextlib.contextmanager
+def mark_packed(positions: torch.Tensor, prompt_lengths: torch.Tensor,
+                answer_starts: Optional[torch.Tensor] = None) -> Iterator[None]:
+    """Mark, for the forward calls inside this block, per-token positions of packed rows.
+
+    A packed row (:mod:`actedit.interventions.packing`) holds several sequences, so positions,
+    prompt lengths and answer starts are given per token, each ``(batch, seq)``: the token's
+    index in its own sequence (-1 for padding), the length of that sequence's prompt, and where
+    its answer starts. Calls whose shape differs are tracked as usual.
+    """
+    _stack()
+    previous = getattr(_state, "packed", None)
+    _state.packed = (positions, prompt_lengths, answer_starts)
+    try:
+        yield
+    finally:
+        _state.packed = previous
 
 
 @contextlib.contextmanager
@@ -230,6 +251,11 @@ class PositionTracker:
             return
         batch, seq = ref.shape[0], ref.shape[1]
         device = ref.device
+        packed = getattr(_state, "packed", None)
+        if packed is not None and tuple(packed[0].shape) == (batch, seq):
+            positions, prompt_lengths, answer_starts = (t.to(device) if t is not None else None for t in packed)
+            _stack().append(CallPositions(positions, prompt_lengths, True, answer_starts))
+            return
         past = _past_length(kwargs, seq)
         mask = kwargs.get("attention_mask")
         if isinstance(mask, torch.Tensor) and mask.dim() == 2 and mask.shape[0] == batch:
@@ -286,6 +312,12 @@ def attach_tracker(model: torch.nn.Module) -> PositionTracker:
     return tracker
 
 
+def _per_token(values: torch.Tensor, device) -> torch.Tensor:
+    """A per-row ``(batch,)`` value as ``(batch, 1)``; per-token ``(batch, seq)`` values as they are."""
+    values = values.to(device)
+    return values[:, None] if values.dim() == 1 else values
+
+
 def position_mask(
     policy: PositionPolicy,
     start: int,
@@ -308,7 +340,7 @@ def position_mask(
         return torch.ones(batch, seq, dtype=torch.bool, device=device)
     pos = call.positions.to(device)
     real = pos >= 0
-    prompt_len = call.prompt_lengths.to(device)[:, None]
+    prompt_len = _per_token(call.prompt_lengths, device)
     if policy == PositionPolicy.ALL:
         mask = real
     elif policy == PositionPolicy.PROMPT:
@@ -319,7 +351,7 @@ def position_mask(
         threshold = prompt_len + start if start < 0 else torch.full_like(prompt_len, start)
         mask = real & (pos >= threshold)
     elif policy == PositionPolicy.ANSWER and call.answer_starts is not None:
-        mask = real & (pos >= call.answer_starts.to(device)[:, None])
+        mask = real & (pos >= _per_token(call.answer_starts, device))
     elif policy in (PositionPolicy.LAST, PositionPolicy.ANSWER):
         mask = real & (pos >= prompt_len - 1)
     else:  # pragma: no cover - parse() rejects anything else

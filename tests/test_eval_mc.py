@@ -210,7 +210,7 @@ def test_batch_plan_covers_every_row_once():
 def test_base_model_matches_reference(tokenizer, questions, family):
     model = make_model(tokenizer, family)
     result = mc.score_mc(model, tokenizer, questions, progress=False)
-    assert result.protocol["mode"] == "cached"
+    assert result.protocol["mode"] == "packed"
     assert result.protocol["shared_prefix_tokens"] > 100  # the primer is computed once
     assert result.protocol["bos"] is False
     assert_matches(result, reference_result(model, tokenizer, questions))
@@ -224,7 +224,10 @@ def test_modes_batches_and_bos(corpus, questions):
     assert cached.protocol["bos"] is True
     assert_matches(cached, reference)
     assert_matches(mc.score_mc(model, tok, questions, progress=False, mode="full"), reference)
-    assert_matches(mc.score_mc(model, tok, questions, progress=False, batch_size=3), reference)
+    assert_matches(mc.score_mc(model, tok, questions, progress=False, mode="cached"), reference)
+    assert_matches(mc.score_mc(model, tok, questions, progress=False, mode="cached", batch_size=3), reference)
+    # rows smaller than one question: every question gets a row of its own
+    assert_matches(mc.score_mc(model, tok, questions, progress=False, pack_tokens=8), reference)
     no_bos = mc.score_mc(model, tok, questions[:2], progress=False, add_bos_token=False)
     assert no_bos.protocol["bos"] is False
     assert no_bos.records[0].mc2_scores != cached.records[0].mc2_scores
@@ -304,7 +307,7 @@ def test_hpr_all_positions_matches_reference(tokenizer, questions):
     model = make_model(tokenizer)
     pvm = hpr_pvm(model)
     result = mc.score_mc(pvm, tokenizer, questions, progress=False)
-    assert result.protocol["mode"] == "cached" and result.protocol["interventions"] == ["HPRIntervention"] * 2
+    assert result.protocol["mode"] == "packed" and result.protocol["interventions"] == ["HPRIntervention"] * 2
     reference = reference_result(pvm, tokenizer, questions)
     assert_matches(result, reference)
     base = reference_result(model, tokenizer, questions[:1])
@@ -338,7 +341,7 @@ def test_every_position_policy_matches_reference(tokenizer, questions, model64, 
     pvm = as_dtype(intervenable(model64, caa_config(model64, policy, start, layers=(0, 2), multiplier=3.0)),
                    torch.float64)
     result = mc.score_mc(pvm, tokenizer, questions[:3], progress=False)
-    expected_mode = "full" if (policy == "from_position" and start < -1) else "cached"
+    expected_mode = "full" if (policy == "from_position" and start < -1) else "packed"
     assert result.protocol["mode"] == expected_mode
     assert_matches(result, reference_result(pvm, tokenizer, questions[:3]))
 
@@ -347,11 +350,11 @@ def test_sea_feature_norm_uses_full_sequences(tokenizer, questions, model64):
     torch.manual_seed(4)
     d = model64.config.hidden_size
     factors = {1: (torch.linalg.qr(torch.randn(d, 4))[0], torch.linalg.qr(torch.randn(d, 3))[0])}
-    for norm_mode, mode in (("feature", "full"), ("token", "cached")):
+    for norm_mode, mode in (("feature", "full"), ("token", "packed")):
         pvm = as_dtype(intervenable(model64, build_sea_config(model64, factors, norm_mode=norm_mode)), torch.float64)
         result = mc.score_mc(pvm, tokenizer, questions[:2], progress=False)
         assert result.protocol["mode"] == mode
-        assert mc.needs_full_sequences(pvm) == ([] if mode == "cached" else mc.needs_full_sequences(pvm))
+        assert mc.needs_full_sequences(pvm) == ([] if mode == "packed" else mc.needs_full_sequences(pvm))
         assert_matches(result, reference_result(pvm, tokenizer, questions[:2]))
 
 

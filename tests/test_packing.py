@@ -1,0 +1,124 @@
+"""Packed rows: layout, the block mask against its definition, and packed forwards equal to
+plain forwards of every sequence (with and without a cached prefix, several model families)."""
+
+import pytest
+import torch
+from transformers import DynamicCache
+
+from actedit.interventions import CAAIntervention, build_caa_config, intervenable
+from actedit.interventions.packing import Tree, pack_trees, supports_packing
+from actedit.interventions.positions import mark_packed
+from actedit.train.collect import select_cache_rows
+
+from conftest import tiny_model
+
+TREES = [
+    Tree([5, 6, 7], [[8, 9], [10], []]),
+    Tree([11], [[12, 13, 14]]),
+    Tree([], [[15, 16, 17, 18]]),
+    Tree([19, 20], [[21], [22, 23]]),
+]
+
+
+def sequences(tree):
+    return [list(tree.trunk) + list(b) for b in tree.branches] or [list(tree.trunk)]
+
+
+def test_layout_and_mask_follow_the_definition():
+    (batch,) = pack_trees(TREES, max_tokens=100)
+    assert batch.shape == (1, sum(t.num_tokens for t in TREES))
+    assert batch.trees == [0, 1, 2, 3]
+    # every sequence can be read back from the layout
+    for k, tree in enumerate(TREES):
+        r, c = batch.trunk_at[k]
+        assert batch.input_ids[r, c:c + len(tree.trunk)].tolist() == list(tree.trunk)
+        for (br, bc), branch in zip(batch.branch_at[k], tree.branches):
+            assert batch.input_ids[br, bc:bc + len(branch)].tolist() == list(branch)
+            assert batch.position_ids[br, bc:bc + len(branch)].tolist() == \
+                list(range(len(tree.trunk), len(tree.trunk) + len(branch)))
+    mask = batch.attention_mask(past_length=2)[0, 0] == 0
+    tree, branch = batch.tree[0], batch.branch[0]
+    for i in range(batch.shape[1]):
+        assert mask[i, :2].all()  # the cached prefix is visible to every token
+        for j in range(batch.shape[1]):
+            expected = (j <= i and tree[i] == tree[j] and (branch[j] == -1 or branch[j] == branch[i]))
+            assert bool(mask[i, 2 + j]) == expected, (i, j)
+
+
+def test_rows_batches_and_padding():
+    batches = pack_trees(TREES, max_tokens=6, max_rows=2, pad_id=99)
+    assert [b.trees for b in batches] == [[0, 1], [2, 3]]
+    first = batches[0]
+    assert first.shape == (2, 6)  # tree 0 (6 tokens) alone; tree 1 (4) padded to 6
+    assert first.input_ids[1, 4:].tolist() == [99, 99] and not first.real[1, 4:].any()
+    mask = first.attention_mask()[:, 0] == 0
+    assert mask[1, 4, 4] and mask[1, 4].sum() == 1  # padding sees only itself: no NaN rows
+    assert pack_trees([Tree([1] * 10, [[2]])], max_tokens=4)[0].shape == (1, 11)  # too long: own row
+    with pytest.raises(ValueError, match="exactly one branch"):
+        Tree([], [[1], [2]])
+    with pytest.raises(ValueError, match="at least 1"):
+        pack_trees(TREES, max_tokens=0)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "gpt2", "gemma", "mistral"])
+def test_packed_forward_equals_plain_forwards(family):
+    model = tiny_model(family).double()
+    assert supports_packing(model) is None
+    prefix = torch.tensor([[1, 2, 3, 4]])
+    with torch.no_grad():
+        cache = model(prefix, use_cache=True).past_key_values
+        trees = [Tree(t.trunk, t.branches, offset=4) if t.trunk else Tree([25], t.branches, offset=4) for t in TREES]
+        (batch,) = pack_trees(trees, max_tokens=9, max_rows=3)
+        packed = model(input_ids=batch.input_ids, position_ids=batch.position_ids,
+                       attention_mask=batch.attention_mask(4, torch.float64),
+                       past_key_values=select_cache_rows(cache, torch.zeros(batch.shape[0], dtype=torch.long)),
+                       use_cache=True).logits
+        for k, tree in enumerate(trees):
+            for (r, c), branch in zip(batch.branch_at[k], tree.branches):
+                if not branch:
+                    continue
+                plain = model(torch.tensor([[1, 2, 3, 4] + list(tree.trunk) + list(branch)])).logits[0]
+                n = len(branch)
+                torch.testing.assert_close(packed[r, c:c + n], plain[-n:], rtol=0, atol=1e-10)
+            r, c = batch.trunk_at[k]
+            plain = model(torch.tensor([[1, 2, 3, 4] + list(tree.trunk)])).logits[0]
+            torch.testing.assert_close(packed[r, c:c + len(tree.trunk)], plain[4:], rtol=0, atol=1e-10)
+
+
+def test_marked_positions_drive_the_policies():
+    """A CAA edit with the answer policy, on packed rows: equal to each sequence on its own."""
+    model = tiny_model("llama").double()
+    torch.manual_seed(0)
+    config = build_caa_config(model, {1: torch.randn(model.config.hidden_size)}, multiplier=2.0,
+                              position_policy="answer")
+    pvm = intervenable(model, config)
+    for module in pvm.interventions.values():
+        (module[0] if isinstance(module, tuple) else module).double()
+    tree = Tree([5, 6, 7], [[8, 9], [10, 11, 12]])
+    (batch,) = pack_trees([tree], max_tokens=50)
+    answer = torch.where(batch.real, torch.tensor(3), -1)
+    prompt = torch.tensor([[4, 4, 4, 5, 5, 6, 6, 6]])
+    with torch.no_grad(), mark_packed(batch.position_ids, prompt, answer):
+        _, out = pvm({"input_ids": batch.input_ids, "position_ids": batch.position_ids,
+                      "attention_mask": batch.attention_mask(0, torch.float64)}, unit_locations=None)
+    from actedit.interventions import mark_answer_starts
+
+    for (r, c), branch in zip(batch.branch_at[0], tree.branches):
+        ids = torch.tensor([[5, 6, 7] + branch])
+        with torch.no_grad(), mark_answer_starts([3]):
+            _, plain = pvm({"input_ids": ids, "attention_mask": torch.ones_like(ids)}, unit_locations=None)
+        torch.testing.assert_close(out.logits[r, c:c + len(branch)], plain.logits[0, 3:], rtol=0, atol=1e-10)
+        with torch.no_grad():
+            unedited = model(ids).logits[0, 3:]
+        assert (unedited - plain.logits[0, 3:]).abs().max() > 1e-3  # the edit acts on the answer
+
+
+def test_supports_packing_names_the_reason():
+    model = tiny_model("llama")
+
+    class OwnMaskModel(torch.nn.Module):  # a model whose module does not use masking_utils
+        config = model.config
+
+    assert "masking_utils" in supports_packing(OwnMaskModel())
+    model.config._attn_implementation = "flash_attention_2"
+    assert "flash_attention_2" in supports_packing(model)
