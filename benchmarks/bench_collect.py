@@ -15,9 +15,13 @@ lettered shuffled choices, every response token read), ``block_output`` of all 3
 * ``plain forward (logits_to_keep=1)``: the same without the 49k-vocabulary projection;
 * ``output_hidden_states (logits_to_keep=1)``: the same with ``output_hidden_states=True`` and
   every real token's hidden state of every layer copied out (the usual way to collect);
-* ``collect (no prefix sharing)``: :func:`actedit.train.collect.collect_activations` with
-  ``share_prefix=False`` — the same tokens through pyvene with 30 collectors, gathered, written;
-* ``collect (shared prefixes)``: the default, each question's prompt run once.
+* ``collect (no prefix sharing, padded batches)``: :func:`actedit.train.collect.collect_activations`
+  with ``share_prefix=False, pack_tokens=None`` — the same tokens through pyvene with 30
+  collectors, gathered, written;
+* ``collect (shared prefixes, padded batches)``: each question's prompt run once, the responses
+  in padded batches on copies of its KV cache (``pack_tokens=None``);
+* ``collect (shared prefixes, packed rows: default)``: each question's prompt and responses
+  packed into rows of 512 tokens with a block mask.
 
 Ratios are against ``plain forward (logits_to_keep=1)``; "tokens/s" counts the tokens of the full
 sequences (the same work for every row), "computed" the tokens each run actually fed the model.
@@ -146,6 +150,7 @@ def plain_forward(model, sequences: List[List[int]], batch_size: int, pad_id: in
 
 
 def throughput(model, tokenizer, data, batch_size: int) -> Dict[str, object]:
+    from actedit.interventions.packing import DEFAULT_PACK_TOKENS
     from actedit.train.collect import collect_activations
     from actedit.train.formats import HPRFormat
 
@@ -160,15 +165,18 @@ def throughput(model, tokenizer, data, batch_size: int) -> Dict[str, object]:
     rows.append({"run": "plain forward (logits_to_keep=1)", "seconds": t, "computed_tokens": total_tokens})
     t = plain_forward(model, sequences, batch_size, pad_id, keep_one=True, hidden_states=True)
     rows.append({"run": "output_hidden_states (logits_to_keep=1)", "seconds": t, "computed_tokens": total_tokens})
-    for share in (False, True):
+    runs = [("collect (no prefix sharing, padded batches)", False, None),
+            ("collect (shared prefixes, padded batches)", True, None),
+            ("collect (shared prefixes, packed rows: default)", True, DEFAULT_PACK_TOKENS)]
+    for name, share, pack in runs:
         with tempfile.TemporaryDirectory() as tmp:
             start = time.perf_counter()
             store = collect_activations(model, tokenizer, data, tmp, format=fmt, sites="block_output",
-                                        batch_size=batch_size, share_prefix=share, progress=False)
+                                        batch_size=batch_size, share_prefix=share, pack_tokens=pack, progress=False)
             seconds = time.perf_counter() - start
             computed = sum(s["tokens"] for s in store.manifest["shards"])
             stored = sum(s["bytes"] for s in store.manifest["shards"])
-            rows.append({"run": f"collect ({'shared prefixes' if share else 'no prefix sharing'})",
+            rows.append({"run": name,
                          "seconds": seconds, "computed_tokens": computed, "rows": store.num_rows,
                          "store_mib": stored / 2 ** 20})
     reference = rows[1]["seconds"]

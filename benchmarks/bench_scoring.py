@@ -2,15 +2,20 @@
 
 The naive implementation scores every ``context + " " + choice`` sequence with its own full
 forward and the full vocabulary projection, batch 1 (what lm-eval does with ``batch_size=1``);
-the scorer (:func:`actedit.eval.mc.score_mc`) computes the primer once, each question's context
-once, all of a question's choices in right-padded batches from the cached context, and projects
-only the needed positions. Both score the distinct choices of each question (MC1's choices are
-among MC2's in TruthfulQA).
+the scorer (:func:`actedit.eval.mc.score_mc`) computes the primer once, packs each question's
+context and all its choices into rows with a block mask (``--compare-modes`` also times the
+older cached mode: right-padded batches on copied KV caches), and projects only the needed
+positions. Both score the distinct choices of each question (MC1's choices are among MC2's in
+TruthfulQA). ``--artifacts`` times a study's base model and edits scored one by one against
+:func:`actedit.eval.mc.score_mc_many`, where the edits skip the base model's unedited lower
+layers.
 
 Usage::
 
     python benchmarks/bench_scoring.py            # 20 questions, SmolLM2-135M-Instruct (alias)
     python benchmarks/bench_scoring.py --n 50 --edit hpr --out runs/bench.json
+    python benchmarks/bench_scoring.py --n 60 --compare-modes --skip-naive      # packed vs cached
+    python benchmarks/bench_scoring.py --n 60 --artifacts runs/default/artifacts --skip-naive
 
 Prints a table (machine, versions, seconds, ratio, whether the scores agree) and writes JSON.
 CPU time is reported next to wall time, and the load average before and after: on a shared
@@ -117,6 +122,11 @@ def main(argv=None) -> dict:
     parser.add_argument("--lm-eval", action="store_true",
                         help="also time lm-eval's own truthfulqa_mc1/mc2 (ActEditLM, local task files)")
     parser.add_argument("--lm-eval-batch-size", type=int, default=8)
+    parser.add_argument("--compare-modes", action="store_true",
+                        help="also time the scorer's cached mode (padded batches on copied caches) against packed rows")
+    parser.add_argument("--artifacts", default=None,
+                        help="a study's OUT/artifacts: time base + every edit scored one by one against "
+                             "score_mc_many (edits sharing the base model's lower layers)")
     parser.add_argument("--out", default="runs/bench_scoring.json", help="JSON output path")
     args = parser.parse_args(argv)
 
@@ -138,6 +148,8 @@ def main(argv=None) -> dict:
         naive, naive_wall, naive_cpu = timed(lambda: naive_score(target, tokenizer, questions))
     if args.lm_eval:
         report_lm_eval = time_lm_eval(model, tokenizer, questions, args, target)
+    modes = time_modes(target, tokenizer, questions, args, result, fast_wall) if args.compare_modes else None
+    many = time_many(model, tokenizer, questions, args) if args.artifacts else None
     load_after = os.getloadavg()
 
     report = {
@@ -168,12 +180,57 @@ def main(argv=None) -> dict:
 
     if args.lm_eval:
         report["lm_eval"] = report_lm_eval
+    if modes is not None:
+        report["modes"] = modes
+    if many is not None:
+        report["many"] = many
     print_table(report)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2))
     print(f"\nwritten: {out}")
     return report
+
+
+def _same_scores(a, b, atol: float = 1e-3) -> dict:
+    diff = max(abs(x - y) for ra, rb in zip(a.records, b.records)
+               for x, y in zip(ra.mc2_scores + ra.mc1_scores, rb.mc2_scores + rb.mc1_scores))
+    same_mc1 = all(ra.mc1_correct == rb.mc1_correct for ra, rb in zip(a.records, b.records))
+    return {"max_abs_score_diff": diff, "same_mc1_decisions": same_mc1,
+            "identical": bool(same_mc1 and diff < atol and abs(a.mc2 - b.mc2) < 1e-4)}
+
+
+def time_modes(target, tokenizer, questions, args, packed, packed_wall) -> dict:
+    """The cached mode (padded batches on copied KV caches) against the default packed rows."""
+    cached, wall, cpu = timed(lambda: mc.score_mc(target, tokenizer, questions, batch_size=args.batch_size,
+                                                  progress=False, mode="cached"))
+    return {"cached": {"wall_s": wall, "cpu_s": cpu, "mc1": cached.mc1, "mc2": cached.mc2,
+                       "extrapolated_817_wall_s": wall / len(questions) * N_TOTAL},
+            "packed_mode": packed.protocol.get("mode"), "speedup_wall": wall / packed_wall,
+            **_same_scores(packed, cached)}
+
+
+def time_many(model, tokenizer, questions, args) -> dict:
+    """Base + each artifact of ``--artifacts`` scored one by one, then all together."""
+    from actedit.interventions import load_artifact
+
+    root = Path(args.artifacts)
+    names = [p.name for p in sorted(root.iterdir()) if (p / "config.json").is_file()]
+    order = [n for n in ("hpr", "sea", "iti", "caa", "actadd", "composed") if n in names]
+    order += [n for n in names if n not in order]
+    targets = {"base": model, **{n: load_artifact(root / n, model) for n in order}}
+    alone, alone_wall = {}, {}
+    for name, target in targets.items():
+        alone[name], alone_wall[name], _ = timed(lambda t=target: mc.score_mc(
+            t, tokenizer, questions, batch_size=args.batch_size, progress=False))
+    together, wall, cpu = timed(lambda: mc.score_mc_many(targets, tokenizer, questions,
+                                                         batch_size=args.batch_size, progress=False))
+    rows = {name: {"alone_s": alone_wall[name], "together_s": together[name].seconds,
+                   "skipped_layers": together[name].protocol.get("shared_lower_layers", 0),
+                   **_same_scores(together[name], alone[name], atol=1e-9)} for name in targets}
+    total_alone = sum(alone_wall.values())
+    return {"models": rows, "alone_wall_s": total_alone, "together_wall_s": wall, "together_cpu_s": cpu,
+            "speedup_wall": total_alone / wall, "identical": all(r["identical"] for r in rows.values())}
 
 
 def time_lm_eval(model, tokenizer, questions, args, target) -> dict:
@@ -210,7 +267,9 @@ def print_table(report: dict) -> None:
     print(f"questions : {report['n_questions']} ({report['n_sequences']} distinct choice sequences)")
     print()
     print(f"{'method':<28}{'wall s':>9}{'cpu s':>9}{'817 q (min)':>13}{'MC1':>8}{'MC2':>8}")
-    rows = [("actedit score_mc (cached)", report["scorer"])]
+    rows = [(f"actedit score_mc ({report['scorer']['protocol'].get('mode')})", report["scorer"])]
+    if "modes" in report:
+        rows.append(("actedit score_mc (cached)", report["modes"]["cached"]))
     if "naive" in report:
         rows.append(("naive per-sequence", report["naive"]))
     if "lm_eval" in report:
@@ -224,6 +283,20 @@ def print_table(report: dict) -> None:
         print(f"speed-up  : {c['speedup_wall']:.1f}x wall, {c['speedup_cpu']:.1f}x cpu")
         print(f"identical : {'yes' if c['identical'] else 'NO'} (max |score diff| {c['max_abs_score_diff']:.2e}, "
               f"max |mc2 diff| {c['max_abs_mc2_diff']:.2e}, same MC1 decisions: {c['same_mc1_decisions']})")
+    if "modes" in report:
+        md = report["modes"]
+        print(f"packed vs cached mode: {md['speedup_wall']:.2f}x wall; identical: {'yes' if md['identical'] else 'NO'} "
+              f"(max |score diff| {md['max_abs_score_diff']:.2e})")
+    if "many" in report:
+        many = report["many"]
+        print()
+        print(f"{'model':<12}{'alone s':>10}{'together s':>12}{'layers skipped':>16}{'identical':>11}")
+        for name, row in many["models"].items():
+            print(f"{name:<12}{row['alone_s']:>10.2f}{row['together_s']:>12.2f}{row['skipped_layers']:>16}"
+                  f"{'yes' if row['identical'] else 'NO':>11}")
+        print(f"{'all':<12}{many['alone_wall_s']:>10.2f}{many['together_wall_s']:>12.2f}")
+        print(f"score_mc_many vs one by one: {many['speedup_wall']:.2f}x wall; scores bit-identical: "
+              f"{'yes' if many['identical'] else 'NO'}")
     if "lm_eval" in report:
         le = report["lm_eval"]
         print(f"vs lm-eval: {le['speedup_wall']:.1f}x wall; MC1/MC2 identical (mc2 rule 'labels', task v3.0): "

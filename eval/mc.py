@@ -92,7 +92,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from actedit.interventions.packing import PackedBatch, Tree, pack_trees, supports_packing
+from actedit.interventions.packing import DEFAULT_PACK_TOKENS, PackedBatch, Tree, pack_trees, supports_packing
 from actedit.train.collect import select_cache_rows
 
 TRUTHFULQA_PRIMER = (
@@ -116,8 +116,6 @@ CONTEXT_TEMPLATE = "{primer}\n\nQ: {question}\nA:"
 TARGET_DELIMITER = " "
 PROTOCOL_NAME = "lm-eval truthfulqa_mc1 v2.0 / truthfulqa_mc2 (6-shot QA primer, sum of continuation log-probs)"
 MODES = ("auto", "packed", "cached", "full")
-PACK_TOKENS = 512
-"""Tokens per packed row (measured on a 2-core CPU: 512 was faster than 1024 and 2048)."""
 
 
 def primer_sha256(primer: str = TRUTHFULQA_PRIMER) -> str:
@@ -459,7 +457,7 @@ def loglikelihoods(
     progress: bool = False,
     desc: str = "scoring",
     info: Optional[Dict[str, Any]] = None,
-    pack_tokens: int = PACK_TOKENS,
+    pack_tokens: int = DEFAULT_PACK_TOKENS,
 ) -> List[List[float]]:
     """Summed continuation log-probabilities, lm-eval's ``loglikelihood`` for causal models.
 
@@ -484,71 +482,182 @@ def loglikelihoods(
     Returns:
         One list of floats per request, in the order of its continuations.
     """
+    infos: Dict[str, Dict[str, Any]] = {}
+    scores = loglikelihoods_many({"model": model_or_pvm}, tokenizer, requests, batch_size=batch_size,
+                                 add_bos_token=add_bos_token, mode=mode, progress=progress, desc=desc,
+                                 info=infos, pack_tokens=pack_tokens)["model"]
+    if info is not None:
+        info.update({k: v for k, v in infos["model"].items() if k != "seconds"})
+    return scores
+
+
+def loglikelihoods_many(
+    models: Dict[str, Any],
+    tokenizer,
+    requests: Sequence[Tuple[str, Sequence[str]]],
+    *,
+    batch_size: int = 32,
+    add_bos_token: Optional[bool] = None,
+    mode: str = "auto",
+    progress: bool = False,
+    desc: str = "scoring",
+    info: Optional[Dict[str, Dict[str, Any]]] = None,
+    pack_tokens: int = DEFAULT_PACK_TOKENS,
+    share_lower_layers: bool = True,
+) -> Dict[str, List[List[float]]]:
+    """:func:`loglikelihoods` of several models (or edits of one model) on the same requests.
+
+    Models scored in ``packed`` mode run batch by batch together. When ``share_lower_layers``
+    is set and one entry is a plain model that the pyvene models wrap, each packed batch runs
+    that model first, keeping the residual stream that leaves the decoder layer below each edit's
+    lowest edited layer; every edit then skips its unedited lower layers and starts from it.
+    The skipped layers would compute exactly the same tensors (same model, same inputs, same
+    shapes), so the scores are those of separate runs; on TruthfulQA with the default study's
+    edits this saves the lower layers' share of five of the six scoring passes.
+
+    Args:
+        models: name → model or pyvene model, scored in this order.
+        info: if given, filled per name with what was done (mode, shared prefix length, BOS,
+            seconds spent in that model's forward calls, layers skipped).
+        share_lower_layers: reuse the plain model's lower layers for the edits (see above).
+        Others: as in :func:`loglikelihoods`.
+
+    Returns:
+        name → one list of floats per request, in the order of its continuations.
+    """
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}.")
     if batch_size < 1:
         raise ValueError("batch_size must be at least 1.")
-    reasons = needs_full_sequences(model_or_pvm)
-    runner = _Runner(model_or_pvm)
-    no_packing = supports_packing(runner.model)
-    if mode == "auto":
-        mode = "full" if reasons else "cached" if no_packing else "packed"
-    elif mode == "packed" and no_packing:
-        raise ValueError(f"mode='packed' is not available for this model: {no_packing}; use mode='cached'.")
+    if not models:
+        raise ValueError("loglikelihoods_many needs at least one model.")
     encoded = []
     for context, continuations in requests:
         if not continuations:
             raise ValueError("every request needs at least one continuation.")
         encoded.append(_encode_request(tokenizer, context, continuations, add_bos_token))
-    if info is not None:
-        bos = getattr(tokenizer, "bos_token_id", None)
-        info.update(mode=mode, full_sequence_reasons=reasons,
-                    bos=bool(encoded and bos is not None and encoded[0][0][:1] == [bos]))
+    runners, modes = {}, {}
+    info = info if info is not None else {}
+    bos = getattr(tokenizer, "bos_token_id", None)
+    for name, model_or_pvm in models.items():
+        reasons = needs_full_sequences(model_or_pvm)
+        runner = runners[name] = _Runner(model_or_pvm)
+        no_packing = supports_packing(runner.model)
+        chosen = mode
+        if mode == "auto":
+            chosen = "full" if reasons else "cached" if no_packing else "packed"
+        elif mode == "packed" and no_packing:
+            raise ValueError(f"mode='packed' is not available for this model: {no_packing}; use mode='cached'.")
+        modes[name] = chosen
+        info[name] = dict(mode=chosen, full_sequence_reasons=reasons, seconds=0.0, skipped_layers=0,
+                          bos=bool(encoded and bos is not None and encoded[0][0][:1] == [bos]))
+        max_len = getattr(getattr(runner.model, "config", None), "max_position_embeddings", None)
+        if max_len and encoded:
+            longest = max(len(ctx) + max(len(c) for c in conts) for ctx, conts in encoded)
+            if longest > max_len:
+                raise ValueError(f"a scored sequence has {longest} tokens, more than the model's {max_len} "
+                                 "positions (lm-eval would truncate it from the left; not supported).")
     if not encoded:
-        return []
-    max_len = getattr(getattr(runner.model, "config", None), "max_position_embeddings", None)
-    if max_len:
-        longest = max(len(ctx) + max(len(c) for c in conts) for ctx, conts in encoded)
-        if longest > max_len:
-            raise ValueError(f"a scored sequence has {longest} tokens, more than the model's {max_len} "
-                             "positions (lm-eval would truncate it from the left; not supported).")
+        return {name: [] for name in models}
     pad = _pad_id(tokenizer)
-    results: List[List[float]] = []
+    # Keep at least one context token per request for its own pass: its last position predicts
+    # the first continuation token.
+    prefix_len = max(0, min(_common_prefix_length([ctx for ctx, _ in encoded]), min(len(ctx) for ctx, _ in encoded) - 1))
+    results: Dict[str, List[List[float]]] = {name: [] for name in models}
     from tqdm.auto import tqdm
 
-    with runner.active():
-        prefix_len, prefix_cache = 0, None
-        if mode in ("cached", "packed"):
-            # Keep at least one context token per request for its own pass: its last position
-            # predicts the first continuation token.
-            prefix_len = max(0, min(_common_prefix_length([ctx for ctx, _ in encoded]),
-                                    min(len(ctx) for ctx, _ in encoded) - 1))
-            if prefix_len > 0:
-                ids = torch.tensor([encoded[0][0][:prefix_len]])
-                empty = torch.zeros(0, dtype=torch.long)
-                _, prefix_cache = runner.forward(
-                    ids, torch.ones_like(ids), None, rows=empty, cols=empty, targets=empty,
-                    prompt_lengths=[prefix_len + 1], answer_starts=[prefix_len])
-        if info is not None:
-            info["shared_prefix_tokens"] = prefix_len
-        bar = tqdm(total=len(encoded), desc=desc, disable=not progress, unit="q")
-        if mode == "packed":
-            trees = [Tree(ctx[prefix_len:], conts, offset=prefix_len) for ctx, conts in encoded]
-            for batch in pack_trees(trees, pack_tokens, pad_id=pad):
-                results.extend(_score_packed(runner, batch, [encoded[i] for i in batch.trees],
-                                               prefix_len, prefix_cache))
-                bar.update(len(batch.trees))
-        elif mode == "cached":
-            for group in _group_requests(encoded, batch_size):
-                results.extend(_score_cached(runner, [encoded[i] for i in group], prefix_len, prefix_cache,
-                                             batch_size, pad))
-                bar.update(len(group))
-        else:
-            for ctx, conts in encoded:
-                results.append(_score_full(runner, ctx, conts, batch_size, pad))
-                bar.update(1)
-        bar.close()
+    packed = [name for name in models if modes[name] == "packed"]
+    bar = tqdm(total=len(encoded) * len(models), desc=desc, disable=not progress, unit="q")
+    with contextlib.ExitStack() as stack:
+        for name in packed:
+            stack.enter_context(runners[name].active())
+        if packed:
+            _score_packed_models({n: runners[n] for n in packed}, encoded, prefix_len, pack_tokens, pad,
+                                 share_lower_layers, results, info, bar)
+    for name in models:
+        if modes[name] == "packed":
+            continue
+        runner, t0 = runners[name], time.perf_counter()
+        with runner.active():
+            prefix_cache = _prefix_cache(runner, encoded, prefix_len) if modes[name] == "cached" else None
+            if modes[name] == "cached":
+                for group in _group_requests(encoded, batch_size):
+                    results[name].extend(_score_cached(runner, [encoded[i] for i in group], prefix_len,
+                                                       prefix_cache, batch_size, pad))
+                    bar.update(len(group))
+            else:
+                for ctx, conts in encoded:
+                    results[name].append(_score_full(runner, ctx, conts, batch_size, pad))
+                    bar.update(1)
+        info[name]["seconds"] += time.perf_counter() - t0
+    bar.close()
+    for name in models:
+        info[name]["shared_prefix_tokens"] = prefix_len if modes[name] != "full" else 0
     return results
+
+
+def _prefix_cache(runner: "_Runner", encoded, prefix_len: int):
+    """The KV cache of the prefix shared by every context (None when there is none)."""
+    if prefix_len <= 0:
+        return None
+    ids = torch.tensor([encoded[0][0][:prefix_len]])
+    empty = torch.zeros(0, dtype=torch.long)
+    _, cache = runner.forward(ids, torch.ones_like(ids), None, rows=empty, cols=empty, targets=empty,
+                              prompt_lengths=[prefix_len + 1], answer_starts=[prefix_len])
+    return cache
+
+
+def lowest_edited_layer(model_or_pvm) -> Optional[int]:
+    """The lowest decoder layer an intervention of ``model_or_pvm`` acts in (None: no interventions).
+
+    Every pyvene component of a layer (``block_input``, ``mlp_output``, heads, ...) is computed
+    inside or at the entry of that decoder layer, so the layers below it run unedited.
+    """
+    if not _is_intervenable(model_or_pvm):
+        return None
+    layers = [int(rep.layer) for rep in getattr(model_or_pvm.config, "representations", [])]
+    return min(layers) if layers else None
+
+
+def _score_packed_models(runners: Dict[str, "_Runner"], encoded, prefix_len: int, pack_tokens: int, pad: int,
+                         share_lower_layers: bool, results, info, bar) -> None:
+    """Packed scoring of several models, batch by batch (see :func:`loglikelihoods_many`)."""
+    from actedit.interventions.packing import capture_layer_outputs, skip_layers
+
+    reference = None
+    if share_lower_layers:
+        plain = [n for n, r in runners.items() if r.pvm is None]
+        reference = plain[0] if plain else None
+    starts: Dict[str, int] = {}
+    if reference is not None:
+        for name, runner in runners.items():
+            first = lowest_edited_layer(runner.pvm) if runner.pvm is not None else None
+            if first and runner.model is runners[reference].model:
+                starts[name] = first
+    order = ([reference] if reference is not None else []) + [n for n in runners if n != reference]
+    caches = {}
+    for name in order:
+        t0 = time.perf_counter()
+        caches[name] = _prefix_cache(runners[name], encoded, prefix_len)
+        info[name]["seconds"] += time.perf_counter() - t0
+    trees = [Tree(ctx[prefix_len:], conts, offset=prefix_len) for ctx, conts in encoded]
+    for batch in pack_trees(trees, pack_tokens, pad_id=pad):
+        group = [encoded[i] for i in batch.trees]
+        kept: Dict[int, Any] = {}
+        for name in order:
+            runner, t0 = runners[name], time.perf_counter()
+            if name == reference and starts:
+                with capture_layer_outputs(runner.model, sorted({s - 1 for s in starts.values()}), kept):
+                    scores = _score_packed(runner, batch, group, prefix_len, caches[name])
+            elif name in starts:
+                with skip_layers(runner.model, starts[name], kept[starts[name] - 1]):
+                    scores = _score_packed(runner, batch, group, prefix_len, caches[name])
+                info[name]["skipped_layers"] = starts[name]
+            else:
+                scores = _score_packed(runner, batch, group, prefix_len, caches[name])
+            results[name].extend(scores)
+            info[name]["seconds"] += time.perf_counter() - t0
+            bar.update(len(batch.trees))
 
 
 def _group_requests(encoded: Sequence[Tuple[List[int], List[List[int]]]], max_rows: int) -> List[List[int]]:
@@ -745,7 +854,7 @@ def score_mc(
     mode: str = "auto",
     primer: str = TRUTHFULQA_PRIMER,
     mc2_rule: str = "split",
-    pack_tokens: int = PACK_TOKENS,
+    pack_tokens: int = DEFAULT_PACK_TOKENS,
 ) -> MCResult:
     """TruthfulQA MC1 and MC2 with lm-eval's protocol (see the module docstring).
 
@@ -769,7 +878,32 @@ def score_mc(
     Returns:
         An :class:`MCResult`.
     """
-    start = time.perf_counter()
+    return score_mc_many({"model": model_or_pvm}, tokenizer, questions, batch_size=batch_size, progress=progress,
+                         add_bos_token=add_bos_token, mode=mode, primer=primer, mc2_rule=mc2_rule,
+                         pack_tokens=pack_tokens)["model"]
+
+
+def score_mc_many(
+    models: Dict[str, Any],
+    tokenizer,
+    questions: Sequence,
+    *,
+    batch_size: int = 32,
+    progress: bool = True,
+    add_bos_token: Optional[bool] = None,
+    mode: str = "auto",
+    primer: str = TRUTHFULQA_PRIMER,
+    mc2_rule: str = "split",
+    pack_tokens: int = DEFAULT_PACK_TOKENS,
+    share_lower_layers: bool = True,
+) -> Dict[str, MCResult]:
+    """:func:`score_mc` for several models or edits of one model, run together.
+
+    Put the plain model first and its pyvene edits after it: every edit then skips the decoder
+    layers below its lowest edited layer and starts from the plain model's residual stream
+    (:func:`loglikelihoods_many`); the scores equal those of separate :func:`score_mc` calls.
+    ``MCResult.seconds`` is each model's own share of the time.
+    """
     if mc2_rule not in MC2_RULES:
         raise ValueError(f"mc2_rule must be one of {sorted(MC2_RULES)}, got {mc2_rule!r}.")
     questions = list(questions)
@@ -779,19 +913,29 @@ def score_mc(
     for q in questions:
         if len(q.mc1_choices) != len(q.mc1_labels) or len(q.mc2_choices) != len(q.mc2_labels):
             raise ValueError(f"question {q.index}: one label per choice is needed.")
+        if list(q.mc1_labels).index(1) != 0:
+            raise ValueError(f"question {q.index}: lm-eval's MC1 expects the true choice first.")
         choices = _unique_choices(q)
         choice_lists.append(choices)
         requests.append((truthfulqa_context(q.question, primer), [TARGET_DELIMITER + c for c in choices]))
-    info: Dict[str, Any] = {}
-    scores = loglikelihoods(model_or_pvm, tokenizer, requests, batch_size=batch_size, add_bos_token=add_bos_token,
-                            mode=mode, progress=progress, desc="TruthfulQA MC", info=info, pack_tokens=pack_tokens)
+    start = time.perf_counter()
+    infos: Dict[str, Dict[str, Any]] = {}
+    scores = loglikelihoods_many(models, tokenizer, requests, batch_size=batch_size, add_bos_token=add_bos_token,
+                                 mode=mode, progress=progress, desc="TruthfulQA MC", info=infos,
+                                 pack_tokens=pack_tokens, share_lower_layers=share_lower_layers)
+    overhead = (time.perf_counter() - start - sum(i["seconds"] for i in infos.values())) / len(models)
+    return {name: _mc_result(model_or_pvm, questions, choice_lists, scores[name], infos[name], overhead,
+                             primer=primer, mc2_rule=mc2_rule, add_bos_token=add_bos_token)
+            for name, model_or_pvm in models.items()}
+
+
+def _mc_result(model_or_pvm, questions, choice_lists, scores, info: Dict[str, Any], overhead: float, *,
+               primer: str, mc2_rule: str, add_bos_token: Optional[bool]) -> MCResult:
     records = []
     for q, choices, values in zip(questions, choice_lists, scores):
         by_choice = dict(zip(choices, values))
         mc1_scores = [by_choice[c] for c in q.mc1_choices]
         mc2_scores = [by_choice[c] for c in q.mc2_choices]
-        if list(q.mc1_labels).index(1) != 0:
-            raise ValueError(f"question {q.index}: lm-eval's MC1 expects the true choice first.")
         records.append(MCRecord(index=int(q.index), mc1_scores=mc1_scores, mc2_scores=mc2_scores,
                                 mc1_correct=mc1_correct(mc1_scores), mc2=mc2_value(mc2_scores, q.mc2_labels, mc2_rule)))
     mc1_values = [float(r.mc1_correct) for r in records]
@@ -810,6 +954,7 @@ def score_mc(
         "mode": info.get("mode"),
         "full_sequence_reasons": info.get("full_sequence_reasons", []),
         "shared_prefix_tokens": info.get("shared_prefix_tokens"),
+        "shared_lower_layers": info.get("skipped_layers", 0),
         "n_questions": len(records),
         "model": _model_name(model_or_pvm),
         "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
@@ -823,13 +968,13 @@ def score_mc(
         mc2=float(np.mean(mc2_values)),
         mc1_stderr=mean_stderr(mc1_values),
         mc2_stderr=mean_stderr(mc2_values),
-        seconds=time.perf_counter() - start,
+        seconds=info.get("seconds", 0.0) + overhead,
         protocol=protocol,
     )
 
 
 __all__ = [
     "CONTEXT_TEMPLATE", "MC2_RULES", "MCRecord", "MCResult", "PROTOCOL_NAME", "TRUTHFULQA_PRIMER", "encode", "encode_pair",
-    "loglikelihoods", "mc1_correct", "mc2_value", "mean_stderr", "needs_full_sequences", "primer_sha256",
-    "score_mc", "truthfulqa_context",
+    "loglikelihoods", "loglikelihoods_many", "lowest_edited_layer", "mc1_correct", "mc2_value", "mean_stderr", "needs_full_sequences", "primer_sha256",
+    "score_mc", "score_mc_many", "truthfulqa_context",
 ]

@@ -230,7 +230,7 @@ def run_study(cfg: StudyConfig, *, quiet: bool = False) -> Dict[str, Any]:
     import torch
 
     from actedit.eval import analysis, plots
-    from actedit.eval.mc import score_mc
+    from actedit.eval.mc import score_mc_many
     from actedit.eval.models import load_model
     from actedit.interventions import compose, config_of, intervenable, load_artifact, save_artifact
     from actedit.train import pipeline
@@ -242,7 +242,7 @@ def run_study(cfg: StudyConfig, *, quiet: bool = False) -> Dict[str, Any]:
     methods = cfg.method_names
     composed = cfg.composed_methods
     edits = methods + (["composed"] if composed else [])
-    steps = _Steps(2 + 2 * len(methods) + bool(composed) + 1 + len(edits) + bool(edits) + 1, quiet)
+    steps = _Steps(2 + 2 * len(methods) + bool(composed) + 1 + bool(edits) + 1, quiet)
 
     # data first: a missing dataset should fail before the model loads
     test = steps.run("load TruthfulQA", split_questions, cfg.data.source, cfg.eval.split, cfg.data.split_file,
@@ -287,20 +287,32 @@ def run_study(cfg: StudyConfig, *, quiet: bool = False) -> Dict[str, Any]:
     key = {"questions": [q.index for q in test], "mc2_rule": cfg.eval.mc2_rule, "dtype": cfg.dtype,
            "model": cfg.model}
 
-    def score(name: str, target):
-        cached = _read_json(eval_dir / f"{name}.json")
-        if cached and cached.get("key") == key and (name == "base" or cached.get("artifact_sha") == _sha(artifacts[name])):
-            return _mc_result(cached["result"])
-        result = score_mc(target(), tokenizer, test, batch_size=cfg.eval.batch_size, mc2_rule=cfg.eval.mc2_rule)
-        _write_json(eval_dir / f"{name}.json", {"key": key, "artifact_sha": None if name == "base" else
-                                                _sha(artifacts[name]), "result": result.to_dict()})
-        return result
+    pvms = {name: load_artifact(artifacts[name], model) for name in edits}
 
-    results: Dict[str, Any] = {"base": steps.run("score base model", score, "base", lambda: model)}
-    pvms = {}
-    for name in edits:
-        pvms[name] = load_artifact(artifacts[name], model)
-        results[name] = steps.run(f"score {name}", score, name, lambda n=name: pvms[n])
+    def score_all() -> Dict[str, Any]:
+        """Scores read from OUT/eval/<name>.json when their key and artifact match; the rest
+        scored together, the edits sharing the base model's unedited lower layers."""
+        done: Dict[str, Any] = {}
+        for name in ["base"] + edits:
+            cached = _read_json(eval_dir / f"{name}.json")
+            if cached and cached.get("key") == key and (name == "base" or
+                                                        cached.get("artifact_sha") == _sha(artifacts[name])):
+                done[name] = _mc_result(cached["result"])
+        todo = [name for name in edits if name not in done]
+        if todo or "base" not in done:  # the base model runs whenever an edit does: it carries their lower layers
+            targets = {"base": model, **{name: pvms[name] for name in todo}}
+            scored = score_mc_many(targets, tokenizer, test, batch_size=cfg.eval.batch_size,
+                                   mc2_rule=cfg.eval.mc2_rule)
+            for name, result in scored.items():
+                if name in done:
+                    continue
+                _write_json(eval_dir / f"{name}.json", {"key": key, "artifact_sha": None if name == "base" else
+                                                        _sha(artifacts[name]), "result": result.to_dict()})
+                done[name] = result
+        return {name: done[name] for name in ["base"] + edits}
+
+    results: Dict[str, Any] = steps.run(f"score base model{' + ' + ', '.join(edits) if edits else ''} "
+                                        f"on {len(test)} questions", score_all)
 
     analyses: Dict[str, Dict[str, Any]] = {name: {} for name in edits}
 

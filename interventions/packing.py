@@ -28,11 +28,17 @@ sequence, so position policies give the same edits as in a plain forward.
 
 from __future__ import annotations
 
+import contextlib
 import sys
 from dataclasses import dataclass, field
-from typing import List, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
+
+DEFAULT_PACK_TOKENS = 512
+"""Tokens per packed row. On a 2-core CPU (SmolLM2-135M, fp32) TruthfulQA scoring took 13.0 s
+with 512, 14.4 s with 384, 13.7 s with 1024 and 17.6 s with 768 (one run each, 60 questions):
+big enough for efficient matrix products, small enough that the dense mask wastes little."""
 
 PACKING_ATTENTION = ("sdpa", "eager")
 """Attention implementations that take an arbitrary additive 4-D mask."""
@@ -192,4 +198,60 @@ def supports_packing(model) -> Optional[str]:
     return None
 
 
-__all__ = ["PACKING_ATTENTION", "PackedBatch", "Tree", "pack_trees", "supports_packing"]
+def decoder_layer(model, layer: int) -> torch.nn.Module:
+    """Decoder layer ``layer`` of ``model``, found through pyvene's module table."""
+    from pyvene.models import intervenable_modelcard as card
+
+    path = card.type_to_module_mapping[type(model)]["block_output"][0] % layer
+    module = model
+    for part in path.split("."):
+        name, _, index = part.partition("[")
+        module = getattr(module, name)
+        if index:
+            module = module[int(index.rstrip("]"))]
+    return module
+
+
+@contextlib.contextmanager
+def capture_layer_outputs(model, layers: Sequence[int], kept: Dict[int, Any]) -> Iterator[None]:
+    """Keep, in ``kept[layer]``, what each decoder layer in ``layers`` returns during the block."""
+    def keeper(layer):
+        def hook(module, args, output):
+            kept[layer] = output
+        return hook
+
+    handles = [decoder_layer(model, layer).register_forward_hook(keeper(layer)) for layer in layers]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+@contextlib.contextmanager
+def skip_layers(model, first: int, output: Any) -> Iterator[None]:
+    """Decoder layers ``0 .. first-1`` do not run during the block; each returns ``output``.
+
+    ``output`` must be what layer ``first - 1`` returned for the very same forward call of the
+    unedited model (:func:`capture_layer_outputs`): layer ``first`` then receives exactly the
+    hidden states it would have computed. The skipped layers add nothing to a KV cache, so this
+    is only for calls whose later calls do not attend to these positions (packed scoring).
+    """
+    modules = [decoder_layer(model, layer) for layer in range(first)]
+
+    def passthrough(*args, **kwargs):
+        # a copy: pyvene may write an edit into its input in place (block_input of layer `first`)
+        if isinstance(output, tuple):
+            return (output[0].clone(),) + output[1:]
+        return output.clone()
+
+    for module in modules:
+        module.forward = passthrough  # an instance attribute shadows the class's forward
+    try:
+        yield
+    finally:
+        for module in modules:
+            del module.forward
+
+
+__all__ = ["DEFAULT_PACK_TOKENS", "PACKING_ATTENTION", "capture_layer_outputs", "decoder_layer", "skip_layers", "PackedBatch", "Tree", "pack_trees", "supports_packing"]

@@ -388,3 +388,36 @@ def test_loglikelihoods_generic_requests(model64, tokenizer):
             assert value == pytest.approx(expected, abs=ATOL)
     with pytest.raises(ValueError, match="mode"):
         mc.loglikelihoods(model64, tokenizer, requests, mode="fast")
+
+
+# ------------------------------------------------------------------- several models together
+def test_many_models_share_lower_layers_and_equal_separate_runs(tokenizer, questions):
+    model = make_model(tokenizer, dtype=torch.float32)
+    torch.manual_seed(5)
+    d = model.config.hidden_size
+    edits = {
+        "hpr": hpr_pvm(model, layers=(1, 2)),  # layer 0 shared with the base model
+        "iti": iti_pvm(model),  # heads in layer 0: nothing to share
+        # block_input of layer 2: pyvene writes into the shared layer-1 output; the others must not see it
+        "caa_in": as_dtype(intervenable(model, build_caa_config(model, {2: torch.randn(d)}, multiplier=4.0,
+                                                                position_policy="all", component="block_input")),
+                           torch.float32),
+        "caa": as_dtype(intervenable(model, caa_config(model, "answer", layers=(2,), multiplier=3.0)), torch.float32),
+    }
+    subset = questions[:6]
+    together = mc.score_mc_many({"base": model, **edits}, tokenizer, subset, progress=False, pack_tokens=300)
+    assert {n: r.protocol["shared_lower_layers"] for n, r in together.items()} == \
+        {"base": 0, "hpr": 1, "iti": 0, "caa_in": 2, "caa": 2}
+    for name, target in {"base": model, **edits}.items():
+        alone = mc.score_mc(target, tokenizer, subset, progress=False, pack_tokens=300)
+        for a, b in zip(together[name].records, alone.records):
+            assert a.mc2_scores == b.mc2_scores and a.mc1_scores == b.mc1_scores, name  # bit for bit
+        assert together[name].seconds > 0
+    # and the edits do change the scores
+    assert together["caa_in"].records[0].mc2_scores != together["base"].records[0].mc2_scores
+    # without a plain model nothing is shared, and the scores stay the same
+    no_base = mc.score_mc_many(edits, tokenizer, subset, progress=False, pack_tokens=300)
+    assert all(r.protocol["shared_lower_layers"] == 0 for r in no_base.values())
+    assert no_base["hpr"].records[1].mc2_scores == together["hpr"].records[1].mc2_scores
+    with pytest.raises(ValueError, match="at least one model"):
+        mc.score_mc_many({}, tokenizer, subset, progress=False)

@@ -119,13 +119,17 @@ def check_against_reference(store, model, tok, data, fmt, sites, layers, atol=2e
 
 # ------------------------------------------------------------------------ correctness
 @pytest.mark.parametrize("family", ["llama", "gpt2", "qwen2", "gemma", "mistral"])
-@pytest.mark.parametrize("padding_side,share_prefix", [("right", True), ("left", True), ("left", False)])
-def test_hpr_rows_equal_hooked_forward(tmp_path, tok, family, padding_side, share_prefix):
+@pytest.mark.parametrize("padding_side,share_prefix,pack_tokens", [
+    ("right", True, None), ("left", True, None), ("left", False, None),  # padded batches
+    ("right", True, 512), ("right", True, 7), ("right", False, 64),  # packed rows (7: each tree alone)
+])
+def test_hpr_rows_equal_hooked_forward(tmp_path, tok, family, padding_side, share_prefix, pack_tokens):
     model = model_for(family, tok)
     data = dataset(4)
     fmt = HPRFormat(seed=0)
     store = collect_activations(model, tok, data, tmp_path / "store", format=fmt, sites=list(SITES), layers=[0, 2],
-                                batch_size=3, padding_side=padding_side, share_prefix=share_prefix, progress=False)
+                                batch_size=3, padding_side=padding_side, share_prefix=share_prefix,
+                                pack_tokens=pack_tokens, progress=False)
     assert store.complete and store.sites == list(SITES) and store.layers == [0, 2]
     computed = sum(entry["tokens"] for entry in store.manifest["shards"])
     every = sum(len(s.ids) for i, ex in enumerate(data) for s in fmt.encode(ex, tok, i).sequences)
@@ -136,8 +140,8 @@ def test_hpr_rows_equal_hooked_forward(tmp_path, tok, family, padding_side, shar
 @pytest.mark.parametrize("fmt,items", [
     (ITIFormat(), "contrast"), (CAAFormat(), "ab"), (SEAFormat(), "contrast"), (ActAddFormat(), "pairs"),
 ])
-@pytest.mark.parametrize("padding_side", ["left", "right"])
-def test_formats_rows_equal_hooked_forward(tmp_path, tok, fmt, items, padding_side):
+@pytest.mark.parametrize("padding_side,pack_tokens", [("left", None), ("right", None), ("right", 512)])
+def test_formats_rows_equal_hooked_forward(tmp_path, tok, fmt, items, padding_side, pack_tokens):
     model = model_for("llama", tok, seed=1)
     if items == "contrast":
         data = dataset(3)
@@ -148,7 +152,7 @@ def test_formats_rows_equal_hooked_forward(tmp_path, tok, fmt, items, padding_si
         data = PromptPairDataset([PromptPair("Love", "Hate"), PromptPair("I talk about weddings constantly", " ")])
     sites = ["block_input", "attention_value_output"]
     store = collect_activations(model, tok, data, tmp_path / "store", format=fmt, sites=sites, layers=[1],
-                                batch_size=2, padding_side=padding_side, progress=False)
+                                batch_size=2, padding_side=padding_side, pack_tokens=pack_tokens, progress=False)
     check_against_reference(store, model, tok, data, fmt, sites, [1])
 
 

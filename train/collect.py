@@ -21,6 +21,12 @@ How collection works
   shared, the prefix runs once (prefix batches of up to ``batch_size`` examples) and every
   sequence's remainder runs as a continuation batch over a copy of the prefix's KV cache.
   Positions read inside the prefix are read once and copied to each sequence's rows.
+* **Packing** (default, ``pack_tokens``; models that take a 4-D mask, see
+  :func:`~actedit.interventions.packing.supports_packing`). Each example becomes a tree, its
+  shared prefix the trunk and each sequence's remainder a branch, and consecutive trees fill
+  rows of ``pack_tokens`` tokens with a block mask and explicit positions: no padding, no KV
+  cache copies, larger matrix products. Otherwise (``pack_tokens=None``) the padded batches
+  below run.
 * **Padding.** Batches are padded on ``padding_side`` (default: the tokenizer's). Position ids
   are computed from the attention mask, so a padded row gives the activations of the unpadded
   sequence (up to float rounding), whether the padding is left, right, or between a prefix and
@@ -75,6 +81,7 @@ import torch
 from .data import ROLES, ContrastDataset, ContrastExample, PromptPair, PromptPairDataset
 from .formats import EncodedExample, PromptFormat, get_format, tokenizer_fingerprint
 from actedit.interventions.artifacts import file_sha256
+from actedit.interventions.packing import DEFAULT_PACK_TOKENS, decoder_layer, supports_packing
 
 SITES = ("block_output", "block_input", "mlp_output", "attention_value_output")
 """Sites activations can be collected at (pyvene component names)."""
@@ -283,20 +290,6 @@ class _StopForward(Exception):
     """Raised after the deepest collected layer: the rest of the forward pass is not needed."""
 
 
-def _block_module(model, layer: int) -> torch.nn.Module:
-    """The decoder layer ``layer`` of ``model``, found through pyvene's module table."""
-    from pyvene.models import intervenable_modelcard as card
-
-    path = card.type_to_module_mapping[type(model)]["block_output"][0] % layer
-    module = model
-    for part in path.split("."):
-        name, _, index = part.partition("[")
-        module = getattr(module, name)
-        if index:
-            module = module[int(index.rstrip("]"))]
-    return module
-
-
 def _raise_stop(module, args, kwargs):
     raise _StopForward
 
@@ -324,7 +317,7 @@ class _Runner:
     """Forward passes of padded batches through a pyvene model holding collectors."""
 
     def __init__(self, model, sites: List[str], layers: List[int], pad_id: int, padding_side: str,
-                 store_dtype: torch.dtype, widths: Dict[str, int]):
+                 store_dtype: torch.dtype, widths: Dict[str, int], pack_tokens: Optional[int] = None):
         import pyvene as pv
 
         from actedit.interventions import compat
@@ -350,11 +343,12 @@ class _Runner:
         elif "num_logits_to_keep" in params:
             self.extra["num_logits_to_keep"] = 1
         self.tokens = 0
+        self.pack_tokens = pack_tokens
         self.buffers: Dict[Tuple[str, int], torch.Tensor] = {}
         # Stop each forward pass when the layer after the deepest collected one starts.
         deepest = max(layers)
         n_layers = int(getattr(model.config, "num_hidden_layers", deepest + 1))
-        self.stop_module = _block_module(model, deepest + 1) if deepest + 1 < n_layers else None
+        self.stop_module = decoder_layer(model, deepest + 1) if deepest + 1 < n_layers else None
 
     def _new_cache(self):
         """An empty cache the model fills in place (kept even when the pass stops early)."""
@@ -378,7 +372,8 @@ class _Runner:
             starts.append(start)
         return ids, mask, starts
 
-    def _forward(self, ids, mask, position_ids, past, reads: Tuple[List[int], List[int]], cache: bool):
+    def _forward(self, ids, mask, position_ids, past, reads: Tuple[List[int], List[int]], cache: bool,
+                 n_tokens: Optional[int] = None):
         rows = torch.as_tensor(reads[0], dtype=torch.long, device=self.device) if reads[0] else None
         cols = torch.as_tensor(reads[1], dtype=torch.long, device=self.device) if reads[0] else None
         for collector in self.collectors.values():
@@ -401,7 +396,7 @@ class _Runner:
             outs = {key: c.out for key, c in self.collectors.items()}
             for collector in self.collectors.values():
                 collector.rows = collector.cols = collector.out = None
-        self.tokens += int(mask[:, -ids.shape[1]:].sum())
+        self.tokens += int(mask[:, -ids.shape[1]:].sum()) if n_tokens is None else n_tokens
         if rows is not None:
             for key, out in outs.items():
                 if out is None:
@@ -484,11 +479,62 @@ class _Runner:
             self._store(outs, src, dest)
             del past, outs
 
+    def run_packed(self, groups: List[_Group], on_groups: Callable[[int], None]) -> List[int]:
+        """Every group as one tree (its shared prefix as the trunk, each sequence's rest as a
+        branch; a group without a shared prefix as one tree per sequence), packed into rows of
+        ``pack_tokens`` tokens with a block mask (:mod:`actedit.interventions.packing`).
+        Returns the store rows written."""
+        from actedit.interventions.packing import Tree, pack_trees
+
+        items: List[Tuple[int, Tree, List[_Seq]]] = []  # (group, tree, the sequences it holds)
+        for k, g in enumerate(groups):
+            if g.prefix > 0:
+                items.append((k, Tree(g.seqs[0].ids[:g.prefix], [s.ids[g.prefix:] for s in g.seqs]), g.seqs))
+            else:
+                items.extend((k, Tree(s.ids), [s]) for s in g.seqs)
+        last_item = {group: i for i, (group, _, _) in enumerate(items)}
+        dtype = next(self.model.parameters()).dtype
+        mask_dtype = dtype if dtype.is_floating_point else torch.float32
+        filled: List[int] = []
+        for batch in pack_trees([tree for _, tree, _ in items], self.pack_tokens, pad_id=self.pad_id):
+            rows, cols, src, dest = [], [], [], []
+            read_at: Dict[Tuple[int, int], int] = {}
+            for k, i in enumerate(batch.trees):
+                _, tree, seqs = items[i]
+                trunk_row, trunk_col = batch.trunk_at[k]
+                n_trunk = len(tree.trunk)
+                for b, s in enumerate(seqs):
+                    for j, p in enumerate(s.reads):
+                        if p < n_trunk:
+                            at = (trunk_row, trunk_col + p)
+                        else:
+                            row, col = batch.branch_at[k][b]
+                            at = (row, col + p - n_trunk)
+                        if at not in read_at:  # a trunk token read by several sequences runs once
+                            read_at[at] = len(rows)
+                            rows.append(at[0])
+                            cols.append(at[1])
+                        src.append(read_at[at])
+                        dest.append(s.dest + j)
+            mask = batch.attention_mask(0, dtype=mask_dtype)
+            _, outs = self._forward(batch.input_ids, mask, batch.position_ids, None, (rows, cols), cache=False,
+                                    n_tokens=int(batch.real.sum()))
+            self._store(outs, src, dest)
+            del outs
+            filled.extend(dest)
+            on_groups(sum(1 for i in batch.trees if last_item[items[i][0]] == i))
+        return filled
+
     def run_shard(self, plan: _ShardPlan, batch_size: int, on_groups: Callable[[int], None]) -> Dict[str, torch.Tensor]:
         n = plan.num_rows
         self.buffers = {key: torch.empty((n, self.widths[key[0]]), dtype=self.store_dtype) for key in self.keys}
         filled = torch.zeros(n, dtype=torch.bool)
-        shared = [g for g in plan.groups if g.prefix > 0]
+        if self.pack_tokens is not None:
+            filled[torch.as_tensor(self.run_packed(plan.groups, on_groups), dtype=torch.long)] = True
+            plan_groups = []
+        else:
+            plan_groups = plan.groups
+        shared = [g for g in plan_groups if g.prefix > 0]
         for lo in range(0, len(shared), batch_size):
             chunk = shared[lo:lo + batch_size]
             self.run_shared(chunk, batch_size)
@@ -496,14 +542,15 @@ class _Runner:
                 for s in g.seqs:
                     filled[s.dest:s.dest + len(s.reads)] = True
             on_groups(len(chunk))
-        plain = [s for g in plan.groups if g.prefix == 0 for s in g.seqs]
+        plain = [s for g in plan_groups if g.prefix == 0 for s in g.seqs]
         plain.sort(key=lambda s: -len(s.ids))
         for lo in range(0, len(plain), batch_size):
             chunk = plain[lo:lo + batch_size]
             self.run_plain(chunk)
             for s in chunk:
                 filled[s.dest:s.dest + len(s.reads)] = True
-        on_groups(len(plan.groups) - len(shared))
+        if plan_groups:
+            on_groups(len(plan_groups) - len(shared))
         if not bool(filled.all()):  # pragma: no cover - a planning bug
             raise RuntimeError(f"shard {plan.index}: {int((~filled).sum())} rows were not collected.")
         tensors = {f"act.{site}.{layer}": buf for (site, layer), buf in self.buffers.items()}
@@ -616,6 +663,7 @@ def collect_activations(
     batch_size: int = 16,
     padding_side: Optional[str] = None,
     share_prefix: bool = True,
+    pack_tokens: Optional[int] = DEFAULT_PACK_TOKENS,
     shard_rows: Optional[int] = None,
     shard_mb: float = 256.0,
     resume: bool = True,
@@ -641,6 +689,10 @@ def collect_activations(
         batch_size: sequences per forward call (and examples per shared-prefix batch).
         padding_side: ``left`` or ``right`` (default: the tokenizer's, else ``right``).
         share_prefix: run each example's common prefix once (exact up to float rounding).
+        pack_tokens: lay the examples' sequences out in packed rows of this many tokens with a
+            block mask (:mod:`actedit.interventions.packing`; exact up to float rounding; the
+            default where the model supports it); ``None``: right-padded batches of
+            ``batch_size`` sequences, prefixes on copied KV caches.
         shard_rows: rows per shard (default: as many as fit in ``shard_mb`` MiB).
         shard_mb: target shard size when ``shard_rows`` is not given.
         resume: continue a store left incomplete by an interrupted run with the same arguments.
@@ -669,6 +721,10 @@ def collect_activations(
     dtype_name, store_dtype = check_dtype(dtype)
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}.")
+    if pack_tokens is not None and (isinstance(pack_tokens, bool) or not isinstance(pack_tokens, int) or pack_tokens < 1):
+        raise ValueError(f"pack_tokens must be a positive integer or None, got {pack_tokens!r}.")
+    if pack_tokens is not None and supports_packing(model) is not None:
+        pack_tokens = None  # the model cannot take a block mask: padded batches
     side = padding_side or getattr(tokenizer, "padding_side", None) or "right"
     if side not in ("left", "right"):
         raise ValueError(f"padding_side must be 'left' or 'right', got {side!r}.")
@@ -735,7 +791,7 @@ def collect_activations(
 
     was_training = model.training
     model.eval()
-    runner = _Runner(model, site_list, layer_list, pad_id, side, store_dtype, widths)
+    runner = _Runner(model, site_list, layer_list, pad_id, side, store_dtype, widths, pack_tokens)
     start = shards[-1]["examples"][1] if shards else 0
     from tqdm.auto import tqdm
 
@@ -1181,7 +1237,7 @@ class ActivationStore:
 
 # ------------------------------------------------------------------------ base completions
 def generate_bases(model, tokenizer, dataset: ContrastDataset, format: Union[str, PromptFormat] = "sea", *,
-                   max_new_tokens: int = 32, batch_size: int = 16, cache_path: Optional[Union[str, os.PathLike]] = None,
+                   max_new_tokens: int = 32, batch_size: int = 128, cache_path: Optional[Union[str, os.PathLike]] = None,
                    progress: bool = True) -> ContrastDataset:
     """SEA's base demonstrations: the model's own greedy completion of each example's prompt.
 

@@ -583,6 +583,12 @@ class PairTask(TrainTask):
         labels[:n_pos] = True
         return ((logits > 0) == labels).to(torch.float64).mean(-1)
 
+    @property
+    def _shows_accuracy(self) -> bool:
+        """Whether steps report the probes' accuracy: only while a probe is trained (HPR's
+        second stage trains angle nets with frozen probes; measured 17 % of its step time)."""
+        return self.has_probe and any(n.startswith("probe") for n in self.names)
+
     def loss(self, idx: torch.Tensor) -> Tuple[torch.Tensor, Dict[str, float]]:
         hp, hn = self.train_data.gather(self.layers, idx, self.device, self.dtype)
         shown: Dict[str, float] = {}
@@ -591,7 +597,7 @@ class PairTask(TrainTask):
             losses = self._vloss(params, hp, hn)
             total = losses.sum()
             shown["loss"] = float(losses.detach().mean())
-            if self.has_probe:
+            if self._shows_accuracy:
                 with torch.no_grad():
                     logits = self._vprobe({k: v.detach() for k, v in params.items()}, torch.cat([hp, hn], 1))
                 shown["acc"] = float(self._accuracy(logits, hp.shape[1]).mean())
@@ -603,7 +609,7 @@ class PairTask(TrainTask):
             loss = getattr(module, self.loss_method)(hp[i], hn[i])
             loss.backward()
             values.append(float(loss.detach()))
-            if self.has_probe:
+            if self._shows_accuracy:
                 with torch.no_grad():
                     logits = module.probe_logits(torch.cat([hp[i], hn[i]]))
                 accs.append(float(self._accuracy(logits[None], hp.shape[1])[0]))
