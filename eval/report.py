@@ -56,7 +56,7 @@ def _block(result) -> Dict[str, Any]:
 def evaluate(args) -> Dict[str, Any]:
     """Run the evaluation described by parsed ``args``; returns the results dict it wrote."""
     from actedit.eval import analysis, plots
-    from actedit.eval.mc import score_mc
+    from actedit.eval.mc import score_mc_many
     from actedit.eval.models import load_model
 
     out_dir = Path(args.out)
@@ -64,18 +64,25 @@ def evaluate(args) -> Dict[str, Any]:
     questions = _questions(args)
     started = time.time()
     model, tokenizer = load_model(args.model)
-    base = score_mc(model, tokenizer, questions, batch_size=args.batch_size, mc2_rule=args.mc2_rule)
+    pvm = None
+    if args.intervention:
+        from actedit.interventions import load_artifact
+
+        pvm = load_artifact(args.intervention, model)
+    # base and edit together: the edit starts from the base model's unedited lower layers
+    scored = score_mc_many({"base": model, **({"edited": pvm} if pvm is not None else {})}, tokenizer, questions,
+                           batch_size=args.batch_size, mc2_rule=args.mc2_rule)
+    base = scored["base"]
     results: Dict[str, Any] = {
         "model": args.model, "data": args.data, "split": args.split, "n_questions": len(questions),
         "protocol": base.protocol, "base": _block(base),
     }
     rows = [("base", base, None, None)]
     if args.intervention:
-        from actedit.interventions import artifact_metadata, load_artifact
+        from actedit.interventions import artifact_metadata
         from actedit.interventions.artifacts import resolve_artifact
 
-        pvm = load_artifact(args.intervention, model)
-        edited = score_mc(pvm, tokenizer, questions, batch_size=args.batch_size, mc2_rule=args.mc2_rule)
+        edited = scored["edited"]
         results["intervention"] = {"path": str(args.intervention),
                                    "metadata": artifact_metadata(resolve_artifact(args.intervention))}
         results["edited"] = _block(edited)

@@ -15,9 +15,13 @@ and gives the model a 4-D attention mask in which a token sees
 
 with explicit ``position_ids`` that continue each trunk into each of its branches. Every token's
 hidden states are therefore those of the plain sequence ``cache + trunk + branch`` (to float
-rounding: the sums run over a different set of masked entries). On SmolLM2-135M on a 2-core CPU,
-TruthfulQA scoring ran 1.4× faster than the padded, cache-copying batches it replaces
-(``benchmarks/bench_scoring.py``).
+rounding: the sums run over a different set of masked entries). On SmolLM2-135M on a 2-core CPU
+(fp32), TruthfulQA scoring ran 1.7× faster than the padded, cache-copying batches it replaces
+(``benchmarks/bench_scoring.py --compare-modes``) and HPR's activation collection 1.31× faster
+(``benchmarks/bench_collect.py``).
+
+:func:`capture_layer_outputs` and :func:`skip_layers` let several edits of one model share the
+unedited layers below their lowest edited layer (see :func:`actedit.eval.mc.score_mc_many`).
 
 Requirements: the model builds its mask with transformers' ``masking_utils`` (which passes a 4-D
 mask through unchanged) and uses ``sdpa`` or ``eager`` attention; :func:`supports_packing`

@@ -421,3 +421,13 @@ def test_many_models_share_lower_layers_and_equal_separate_runs(tokenizer, quest
     assert no_base["hpr"].records[1].mc2_scores == together["hpr"].records[1].mc2_scores
     with pytest.raises(ValueError, match="at least one model"):
         mc.score_mc_many({}, tokenizer, subset, progress=False)
+
+
+def test_packed_mode_refused_where_the_model_cannot_take_a_block_mask(tokenizer, questions):
+    model = make_model(tokenizer, dtype=torch.float32)
+    model.config._attn_implementation = "flash_attention_2"
+    try:
+        with pytest.raises(ValueError, match="mode='packed' is not available.*flash_attention_2.*mode='cached'"):
+            mc.score_mc(model, tokenizer, questions[:1], progress=False, mode="packed")
+    finally:
+        model.config._attn_implementation = "sdpa"

@@ -392,6 +392,8 @@ def test_bad_inputs(tmp_path, tok):
         collect_activations(model, tok, data, tmp_path / "a", format="hpr", batch_size=0)
     with pytest.raises(ValueError, match="padding_side"):
         collect_activations(model, tok, data, tmp_path / "a", format="hpr", padding_side="middle")
+    with pytest.raises(ValueError, match="pack_tokens must be a positive integer or None"):
+        collect_activations(model, tok, data, tmp_path / "a", format="hpr", pack_tokens=0)
     with pytest.raises(ValueError, match="unknown format"):
         collect_activations(model, tok, data, tmp_path / "a", format="xyz")
     with pytest.raises(ValueError, match="example 0 of dataset 'toy'.*no base completion"):
