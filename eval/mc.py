@@ -874,6 +874,7 @@ def score_mc(
         primer: the few-shot primer (lm-eval's by default; changing it leaves the protocol).
         mc2_rule: ``"split"`` (lm-eval ``truthfulqa_mc2`` v2.0, default) or ``"labels"`` (v3.0);
             see the module docstring.
+        pack_tokens: most tokens per packed row (``packed`` mode).
 
     Returns:
         An :class:`MCResult`.
