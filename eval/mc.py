@@ -539,10 +539,11 @@ def loglikelihoods_many(
     runners, modes = {}, {}
     info = info if info is not None else {}
     bos = getattr(tokenizer, "bos_token_id", None)
+    longest = max((len(ctx) + max(len(c) for c in conts) for ctx, conts in encoded), default=0)
     for name, model_or_pvm in models.items():
         reasons = needs_full_sequences(model_or_pvm)
         runner = runners[name] = _Runner(model_or_pvm)
-        no_packing = supports_packing(runner.model)
+        no_packing = supports_packing(runner.model, longest)
         chosen = mode
         if mode == "auto":
             chosen = "full" if reasons else "cached" if no_packing else "packed"
@@ -553,7 +554,6 @@ def loglikelihoods_many(
                           bos=bool(encoded and bos is not None and encoded[0][0][:1] == [bos]))
         max_len = getattr(getattr(runner.model, "config", None), "max_position_embeddings", None)
         if max_len and encoded:
-            longest = max(len(ctx) + max(len(c) for c in conts) for ctx, conts in encoded)
             if longest > max_len:
                 raise ValueError(f"a scored sequence has {longest} tokens, more than the model's {max_len} "
                                  "positions (lm-eval would truncate it from the left; not supported).")

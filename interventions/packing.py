@@ -185,12 +185,14 @@ def _build(trees: Sequence[Tree], rows: List[List[int]], pad_id: int) -> PackedB
     return batch
 
 
-def supports_packing(model) -> Optional[str]:
+def supports_packing(model, longest: Optional[int] = None) -> Optional[str]:
     """None when ``model`` can run packed rows; otherwise the reason it cannot.
 
     Packing needs the model to build its attention mask with transformers' ``masking_utils``
     (which passes a ready 4-D mask through) and an attention implementation that applies an
-    arbitrary additive mask (``sdpa``, ``eager``).
+    arbitrary additive mask (``sdpa``, ``eager``). A ready mask also replaces sliding-window
+    masks, so a model with a sliding window packs only sequences no longer than the window
+    (``longest``: the longest sequence, when known).
     """
     config = getattr(model, "config", None)
     attn = getattr(config, "_attn_implementation", None)
@@ -199,6 +201,10 @@ def supports_packing(model) -> Optional[str]:
     module = sys.modules.get(type(model).__module__)
     if module is None or not hasattr(module, "create_causal_mask"):
         return f"{type(model).__name__} does not build its mask with transformers' masking_utils"
+    window = getattr(config, "sliding_window", None)
+    if isinstance(window, int) and window > 0 and (longest is None or longest > window):
+        return (f"sliding-window attention ({window} tokens) and sequences of "
+                f"{'unknown length' if longest is None else f'{longest} tokens'}")
     return None
 
 

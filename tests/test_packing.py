@@ -122,3 +122,10 @@ def test_supports_packing_names_the_reason():
     assert "masking_utils" in supports_packing(OwnMaskModel())
     model.config._attn_implementation = "flash_attention_2"
     assert "flash_attention_2" in supports_packing(model)
+
+
+def test_sliding_window_models_pack_only_sequences_inside_the_window():
+    model = tiny_model("mistral", sliding_window=16)
+    assert supports_packing(model, longest=16) is None
+    assert "sliding-window attention (16 tokens)" in supports_packing(model, longest=17)
+    assert "unknown length" in supports_packing(model)

@@ -529,7 +529,8 @@ class _Runner:
         n = plan.num_rows
         self.buffers = {key: torch.empty((n, self.widths[key[0]]), dtype=self.store_dtype) for key in self.keys}
         filled = torch.zeros(n, dtype=torch.bool)
-        if self.pack_tokens is not None:
+        longest = max(len(seq.ids) for g in plan.groups for seq in g.seqs)
+        if self.pack_tokens is not None and supports_packing(self.model, longest) is None:
             filled[torch.as_tensor(self.run_packed(plan.groups, on_groups), dtype=torch.long)] = True
             plan_groups = []
         else:
@@ -723,7 +724,8 @@ def collect_activations(
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}.")
     if pack_tokens is not None and (isinstance(pack_tokens, bool) or not isinstance(pack_tokens, int) or pack_tokens < 1):
         raise ValueError(f"pack_tokens must be a positive integer or None, got {pack_tokens!r}.")
-    if pack_tokens is not None and supports_packing(model) is not None:
+    # (a sliding window is checked per shard, against the shard's longest sequence)
+    if pack_tokens is not None and supports_packing(model, longest=0) is not None:
         pack_tokens = None  # the model cannot take a block mask: padded batches
     side = padding_side or getattr(tokenizer, "padding_side", None) or "right"
     if side not in ("left", "right"):
