@@ -553,9 +553,8 @@ def loglikelihoods_many(
         info[name] = dict(mode=chosen, full_sequence_reasons=reasons, seconds=0.0, skipped_layers=0,
                           bos=bool(encoded and bos is not None and encoded[0][0][:1] == [bos]))
         max_len = getattr(getattr(runner.model, "config", None), "max_position_embeddings", None)
-        if max_len and encoded:
-            if longest > max_len:
-                raise ValueError(f"a scored sequence has {longest} tokens, more than the model's {max_len} "
+        if max_len and longest > max_len:
+            raise ValueError(f"a scored sequence has {longest} tokens, more than the model's {max_len} "
                                  "positions (lm-eval would truncate it from the left; not supported).")
     if not encoded:
         return {name: [] for name in models}
@@ -643,18 +642,19 @@ def _score_packed_models(runners: Dict[str, "_Runner"], encoded, prefix_len: int
     trees = [Tree(ctx[prefix_len:], conts, offset=prefix_len) for ctx, conts in encoded]
     for batch in pack_trees(trees, pack_tokens, pad_id=pad):
         group = [encoded[i] for i in batch.trees]
+        call = _packed_call(batch, group, prefix_len)  # laid out once, used by every model
         kept: Dict[int, Any] = {}
         for name in order:
             runner, t0 = runners[name], time.perf_counter()
             if name == reference and starts:
                 with capture_layer_outputs(runner.model, sorted({s - 1 for s in starts.values()}), kept):
-                    scores = _score_packed(runner, batch, group, prefix_len, caches[name])
+                    scores = _score_packed(runner, call, group, caches[name])
             elif name in starts:
                 with skip_layers(runner.model, starts[name], kept[starts[name] - 1]):
-                    scores = _score_packed(runner, batch, group, prefix_len, caches[name])
+                    scores = _score_packed(runner, call, group, caches[name])
                 info[name]["skipped_layers"] = starts[name]
             else:
-                scores = _score_packed(runner, batch, group, prefix_len, caches[name])
+                scores = _score_packed(runner, call, group, caches[name])
             results[name].extend(scores)
             info[name]["seconds"] += time.perf_counter() - t0
             bar.update(len(batch.trees))
@@ -752,9 +752,34 @@ def _score_cached(runner: _Runner, group: Sequence[Tuple[List[int], List[List[in
     return [[float(s) for s in row] for row in scores]
 
 
-def _score_packed(runner: _Runner, batch: PackedBatch, requests: Sequence[Tuple[List[int], List[List[int]]]],
-                  prefix_len: int, prefix_cache) -> List[List[float]]:
-    """Score the requests packed in ``batch`` in one forward call on the shared prefix's cache.
+@dataclass
+class _PackedCall:
+    """What one packed forward needs besides the model: the same for every model scored on it.
+
+    ``rows``/``cols``/``targets``: where each continuation token is predicted; ``positions``,
+    ``prompt``, ``answer``: per-token marks for the position policies (:func:`mark_packed`);
+    ``masks``: the attention mask per model dtype, built on first use.
+    """
+
+    batch: PackedBatch
+    rows: torch.Tensor
+    cols: torch.Tensor
+    targets: torch.Tensor
+    positions: torch.Tensor
+    prompt: torch.Tensor
+    answer: torch.Tensor
+    past_length: int
+    masks: Dict[torch.dtype, torch.Tensor] = field(default_factory=dict)
+
+    def mask(self, dtype: torch.dtype) -> torch.Tensor:
+        if dtype not in self.masks:
+            self.masks[dtype] = self.batch.attention_mask(self.past_length, dtype=dtype)
+        return self.masks[dtype]
+
+
+def _packed_call(batch: PackedBatch, requests: Sequence[Tuple[List[int], List[List[int]]]],
+                 past_length: int) -> _PackedCall:
+    """The layout of ``requests`` packed in ``batch`` (cached prefix of ``past_length`` tokens).
 
     Continuation token j of a choice is predicted at the position before it: the last context
     token for j = 0, else the choice's own token j - 1. Positions for the interventions are
@@ -777,16 +802,20 @@ def _score_packed(runner: _Runner, batch: PackedBatch, requests: Sequence[Tuple[
                 rows.append(br)
                 cols.append(last_ctx if j == 0 else bc + j - 1)
                 targets.append(token)
-    past_length = prefix_len if prefix_cache is not None else 0
+    positions = torch.where(batch.real, batch.position_ids, torch.full_like(batch.position_ids, -1))
+    as_long = lambda values: torch.tensor(values, dtype=torch.long)  # noqa: E731
+    return _PackedCall(batch, as_long(rows), as_long(cols), as_long(targets), positions, prompt, answer, past_length)
+
+
+def _score_packed(runner: _Runner, call: _PackedCall, requests: Sequence[Tuple[List[int], List[List[int]]]],
+                  prefix_cache) -> List[List[float]]:
+    """Score the requests laid out in ``call`` with one forward call on the shared prefix's cache."""
+    batch = call.batch
     past = select_cache_rows(prefix_cache, torch.zeros(batch.shape[0], dtype=torch.long, device=runner.device)) \
         if prefix_cache is not None else None
-    dtype = next(runner.model.parameters()).dtype
-    mask = batch.attention_mask(past_length, dtype=dtype if dtype.is_floating_point else torch.float32)
-    positions = torch.where(batch.real, batch.position_ids, torch.full_like(batch.position_ids, -1))
     picked, _ = runner.forward(
-        batch.input_ids, mask, past, rows=torch.tensor(rows, dtype=torch.long),
-        cols=torch.tensor(cols, dtype=torch.long), targets=torch.tensor(targets, dtype=torch.long),
-        position_ids=batch.position_ids, packed=(positions, prompt, answer))
+        batch.input_ids, call.mask(next(runner.model.parameters()).dtype), past, rows=call.rows, cols=call.cols,
+        targets=call.targets, position_ids=batch.position_ids, packed=(call.positions, call.prompt, call.answer))
     picked = picked.cpu()
     scores, offset = [], 0
     for _, conts in requests:

@@ -110,8 +110,11 @@ class PackedBatch:
         """The additive ``(rows, 1, width, past_length + width)`` mask (0 = attend, dtype min = not).
 
         Cached positions are visible to every real token; a padding token sees only itself (a
-        row with nothing visible would give NaN in attention).
+        row with nothing visible would give NaN in attention). ``dtype`` is the model's; a
+        non-floating one (quantised weights) gives a float32 mask.
         """
+        if not dtype.is_floating_point:
+            dtype = torch.float32
         tree, branch = self.tree, self.branch
         width = tree.shape[1]
         col = torch.arange(width)

@@ -494,7 +494,6 @@ class _Runner:
                 items.extend((k, Tree(s.ids), [s]) for s in g.seqs)
         last_item = {group: i for i, (group, _, _) in enumerate(items)}
         dtype = next(self.model.parameters()).dtype
-        mask_dtype = dtype if dtype.is_floating_point else torch.float32
         filled: List[int] = []
         for batch in pack_trees([tree for _, tree, _ in items], self.pack_tokens, pad_id=self.pad_id):
             rows, cols, src, dest = [], [], [], []
@@ -516,7 +515,7 @@ class _Runner:
                             cols.append(at[1])
                         src.append(read_at[at])
                         dest.append(s.dest + j)
-            mask = batch.attention_mask(0, dtype=mask_dtype)
+            mask = batch.attention_mask(0, dtype=dtype)
             _, outs = self._forward(batch.input_ids, mask, batch.position_ids, None, (rows, cols), cache=False,
                                     n_tokens=int(batch.real.sum()))
             self._store(outs, src, dest)
@@ -529,6 +528,8 @@ class _Runner:
         n = plan.num_rows
         self.buffers = {key: torch.empty((n, self.widths[key[0]]), dtype=self.store_dtype) for key in self.keys}
         filled = torch.zeros(n, dtype=torch.bool)
+        # packed rows where the model takes a block mask and the shard's longest sequence fits
+        # its sliding window (if any); otherwise the padded batches below
         longest = max(len(seq.ids) for g in plan.groups for seq in g.seqs)
         if self.pack_tokens is not None and supports_packing(self.model, longest) is None:
             filled[torch.as_tensor(self.run_packed(plan.groups, on_groups), dtype=torch.long)] = True
@@ -724,9 +725,6 @@ def collect_activations(
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}.")
     if pack_tokens is not None and (isinstance(pack_tokens, bool) or not isinstance(pack_tokens, int) or pack_tokens < 1):
         raise ValueError(f"pack_tokens must be a positive integer or None, got {pack_tokens!r}.")
-    # (a sliding window is checked per shard, against the shard's longest sequence)
-    if pack_tokens is not None and supports_packing(model, longest=0) is not None:
-        pack_tokens = None  # the model cannot take a block mask: padded batches
     side = padding_side or getattr(tokenizer, "padding_side", None) or "right"
     if side not in ("left", "right"):
         raise ValueError(f"padding_side must be 'left' or 'right', got {side!r}.")
