@@ -42,6 +42,18 @@ def default_angle_widths(d: int) -> tuple:
     return (max(d // 2, 1), max(d // 4, 1), max(d // 8, 1))
 
 
+def _stacked_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """x (L, n, in) times weight (L, in, out) plus bias (L, out), per layer. A single output
+    column is a multiply-and-sum: torch's CPU ``bmm`` takes ~0.6 ms for (30, 32, 576) × (30, 576, 1),
+    seven times as long as the elementwise form."""
+    if weight.shape[-1] == 1:
+        out = (x * weight.transpose(-1, -2)).sum(-1, keepdim=True)
+        return out if bias is None else out + bias.unsqueeze(1)
+    if bias is None:
+        return torch.bmm(x, weight)
+    return torch.baddbmm(bias.unsqueeze(1), x, weight)
+
+
 def _angle_net(d: int, hidden: Sequence[int]) -> nn.Sequential:
     layers: list = []
     width = d
@@ -152,6 +164,52 @@ class HPRIntervention(ActEditIntervention):
         target = torch.cat([h_pos, h_pos], dim=0)
         target_angle = torch.arccos(F.cosine_similarity(x, target, dim=-1).clamp(-COS_CLIP, COS_CLIP))
         return F.mse_loss(self.raw_angle(x), target_angle, reduction=reduction)
+
+    # ------------------------------------------------------------ stacked (all layers at once)
+    # The same losses for L modules at once, written out with batched matrix products: the
+    # trainer calls these instead of vmap over ``loss`` (a step of HPR training multiplies a
+    # few dozen rows, so the time is dispatch, and vmap + functional_call took most of it).
+    # ``weights`` maps parameter names to tensors with a leading layer axis, matrices stored
+    # (L, in, out), i.e. each layer's ``nn.Linear.weight`` transposed; activations are (L, n, d).
+
+    @staticmethod
+    def stacked_probe_logits(weights: dict, h: torch.Tensor) -> torch.Tensor:
+        """wₗᵀh for every layer l: (L, n) from h (L, n, d)."""
+        return _stacked_linear(h, weights["probe.weight"]).squeeze(-1)
+
+    @staticmethod
+    def stacked_raw_angle(weights: dict, h: torch.Tensor) -> torch.Tensor:
+        """π·σ(fₗ(h)) for every layer l: (L, n) from h (L, n, d)."""
+        out, i = h, 0
+        while f"angle_net.{i}.weight" in weights:
+            out = _stacked_linear(out, weights[f"angle_net.{i}.weight"], weights[f"angle_net.{i}.bias"])
+            if f"angle_net.{i + 2}.weight" in weights:
+                out = F.gelu(out)
+            i += 2
+        return math.pi * torch.sigmoid(out.squeeze(-1))
+
+    @staticmethod
+    def stacked_probe_loss(weights: dict, h_pos: torch.Tensor, h_neg: torch.Tensor) -> torch.Tensor:
+        """:meth:`probe_loss` of every layer: (L,) from h⁺, h⁻ (L, n, d)."""
+        x = torch.cat([h_pos, h_neg], dim=1)
+        logits = HPRIntervention.stacked_probe_logits(weights, x)
+        labels = torch.zeros_like(logits)
+        labels[:, :h_pos.shape[1]] = 1.0
+        return F.binary_cross_entropy_with_logits(logits, labels, reduction="none").mean(-1)
+
+    @staticmethod
+    def stacked_angle_loss(weights: dict, h_pos: torch.Tensor, h_neg: torch.Tensor) -> torch.Tensor:
+        """:meth:`angle_loss` of every layer: (L,) from h⁺, h⁻ (L, n, d)."""
+        x = torch.cat([h_pos, h_neg], dim=1)
+        target = torch.cat([h_pos, h_pos], dim=1)
+        target_angle = torch.arccos(F.cosine_similarity(x, target, dim=-1).clamp(-COS_CLIP, COS_CLIP))
+        return (HPRIntervention.stacked_raw_angle(weights, x) - target_angle).square().mean(-1)
+
+    @staticmethod
+    def stacked_loss(weights: dict, h_pos: torch.Tensor, h_neg: torch.Tensor) -> torch.Tensor:
+        """:meth:`loss` of every layer: (L,) from h⁺, h⁻ (L, n, d)."""
+        return (HPRIntervention.stacked_probe_loss(weights, h_pos, h_neg)
+                + HPRIntervention.stacked_angle_loss(weights, h_pos, h_neg))
 
     # -------------------------------------------------------------------------- save/load
     def _prepare_load(self, state_dict: dict, prefix: str) -> None:

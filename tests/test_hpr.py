@@ -145,3 +145,35 @@ def test_wrong_width_is_rejected():
 def test_bad_widths_rejected():
     with pytest.raises(ValueError, match="positive"):
         HPRIntervention(embed_dim=8, angle_hidden_widths=(4, 0))
+
+
+def _stack(modules):
+    """Stacked weights in the trainer's layout: leading layer axis, matrices (L, in, out)."""
+    out = {}
+    for name, _ in modules[0].named_parameters():
+        per_layer = [dict(m.named_parameters())[name] for m in modules]
+        out[name] = torch.stack([p.T if p.dim() == 2 else p for p in per_layer]).detach().requires_grad_(True)
+    return out
+
+
+@pytest.mark.parametrize("method", ["loss", "probe_loss", "angle_loss"])
+def test_stacked_losses_equal_each_layers_own_loss_and_gradients(method):
+    """The all-layers form the trainer uses equals each module's loss, and so do the gradients."""
+    modules = [make_hpr(d=12, seed=s, angle_hidden_widths=(6, 3)) for s in range(3)]
+    hp, hn = torch.randn(3, 5, 12, dtype=torch.float64), torch.randn(3, 5, 12, dtype=torch.float64)
+    stacked = _stack(modules)
+    got = getattr(HPRIntervention, f"stacked_{method}")(stacked, hp, hn)
+    got.sum().backward()
+    for layer, module in enumerate(modules):
+        expected = getattr(module, method)(hp[layer], hn[layer])
+        expected.backward()
+        assert torch.allclose(got[layer], expected, atol=1e-12, rtol=0)
+        for name, p in module.named_parameters():
+            if p.grad is None:  # the other term's parameters get no gradient
+                assert stacked[name].grad is None, name
+            else:
+                grad = stacked[name].grad[layer]
+                assert torch.allclose(grad.T if p.dim() == 2 else grad, p.grad, atol=1e-12, rtol=0), name
+    logits = HPRIntervention.stacked_probe_logits(stacked, hp)
+    for layer, module in enumerate(modules):
+        assert torch.allclose(logits[layer], module.probe_logits(hp[layer]), atol=1e-12, rtol=0)

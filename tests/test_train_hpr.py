@@ -15,7 +15,9 @@ from actedit.train.select import probe_accuracy
 from actedit.train.trainer import (
     CHECKPOINT_NAME,
     PairedActivations,
+    PairTask,
     TrainConfig,
+    _hpr_modules,
     epoch_permutation,
     evaluate_lm,
     lm_examples,
@@ -419,3 +421,41 @@ def test_progress_bar_runs(capsys):
     train_hpr(train, evald, config=TrainConfig(epochs=1, progress=True))
     err = capsys.readouterr().err
     assert "epoch 1/1" in err and "loss=" in err and "acc=" in err
+
+
+def test_stacked_losses_are_used_only_where_the_class_defines_them():
+    """HPR's hand-batched losses replace vmap; a subclass that overrides ``loss`` alone trains
+    with its own loss under vmap, not with the inherited stacked one."""
+
+    class DoubledLoss(HPRIntervention):
+        def loss(self, h_pos, h_neg, reduction="mean"):
+            return 2 * super().loss(h_pos, h_neg, reduction)
+
+    train = separable_pairs(64, 6, layers=2, d=16)
+    config = fast(epochs=1, select_best=False)
+    task = PairTask(_hpr_modules(train, None, None, config), train, None, config)
+    assert task.stacked_calls
+    torch.manual_seed(0)
+    doubled = {layer: DoubledLoss(embed_dim=16) for layer in (0, 1)}
+    other = PairTask(doubled, train, None, config)
+    assert not other.stacked_calls
+    idx = torch.arange(16)
+    hp, hn = train.gather([0, 1], idx)
+    loss, _ = other.loss(idx)
+    assert torch.allclose(loss, sum(doubled[layer].loss(hp[i], hn[i]) for i, layer in enumerate((0, 1))))
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+@pytest.mark.parametrize("as_numpy", [False, True])
+def test_one_non_finite_entry_is_found_in_a_shared_bank(bad, as_numpy):
+    bank = torch.randn(50, 6)
+    bank[37, 2] = bad
+    banks = {0: torch.randn(50, 6), 1: bank.numpy() if as_numpy else bank}
+    with pytest.raises(ValueError, match=r"positive\[1\] contains NaN or inf"):
+        PairedActivations(banks, banks, index=[[0, 1], [2, 3]])
+
+
+def test_finite_values_whose_sum_overflows_are_accepted():
+    big = torch.full((4, 3), 1e308, dtype=torch.float64)  # the sum overflows, every entry is finite
+    pairs = PairedActivations({0: big}, {0: -big})
+    assert pairs.num_pairs == 4

@@ -1109,10 +1109,13 @@ class ActivationStore:
             for k in np.unique(which):
                 shard = self._shards[int(k)]
                 sel = np.flatnonzero(which == k)
-                block = np.asarray(shard.array(name)[rows[sel] - shard.row_start])
+                array = shard.array(name)
                 if result is None:
-                    result = np.empty((rows.size, width), dtype=block.dtype)
-                result[sel] = block
+                    result = np.empty((rows.size, width), dtype=array.dtype)
+                if sel[-1] - sel[0] + 1 == sel.size:  # sorted rows (the usual case): copy straight in
+                    np.take(array, rows[sel] - shard.row_start, axis=0, out=result[sel[0]:sel[-1] + 1])
+                else:
+                    result[sel] = array[rows[sel] - shard.row_start]
             if result is None:
                 result = np.empty((0, width), dtype=np.float32)
             out = torch.from_numpy(result)
