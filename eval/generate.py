@@ -46,6 +46,9 @@ class GenerationSettings:
             ``True`` = require one; ``False`` = never.
         system_prompt: optional system turn (chat template only).
         prompt_format: how a question becomes the user's text; must contain ``{question}``.
+        cache_implementation: passed to ``generate`` (None: the model's default, a dynamic KV
+            cache that grows by concatenation; ``"static"`` preallocates it, see
+            :func:`actedit.train.collect.generate_bases`).
     """
 
     max_new_tokens: int = 64
@@ -57,6 +60,7 @@ class GenerationSettings:
     use_chat_template: Optional[bool] = None
     system_prompt: Optional[str] = None
     prompt_format: str = "{question}"
+    cache_implementation: Optional[str] = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
@@ -71,6 +75,9 @@ class GenerationSettings:
             raise ValueError(f"prompt_format must contain '{{question}}', got {self.prompt_format!r}.")
         if self.use_chat_template not in (None, True, False):
             raise ValueError(f"use_chat_template must be None, True or False, got {self.use_chat_template!r}.")
+        if self.cache_implementation is not None and not isinstance(self.cache_implementation, str):
+            raise ValueError(f"cache_implementation must be None or a string such as 'static', "
+                             f"got {self.cache_implementation!r}.")
 
 
 @dataclass
@@ -207,6 +214,8 @@ def _generate_kwargs(settings: GenerationSettings, pad_id: int) -> Dict[str, Any
         kwargs.update(temperature=settings.temperature, top_p=settings.top_p, top_k=0)
     else:  # silence the "sampling flags set but do_sample=False" warnings of models' generation configs
         kwargs.update(temperature=None, top_p=None, top_k=None)
+    if settings.cache_implementation is not None:
+        kwargs["cache_implementation"] = settings.cache_implementation
     return kwargs
 
 
@@ -240,14 +249,26 @@ def _decode(tokenizer, new_ids: torch.Tensor, eos: set) -> str:
 
 
 def generate_texts(model_or_pvm, tokenizer, prompts: Sequence[str], settings: Optional[GenerationSettings] = None,
-                   *, add_special_tokens: bool = True, progress: bool = False, desc: str = "generating") -> List[str]:
+                   *, add_special_tokens: bool = True, progress: bool = False, desc: str = "generating",
+                   sort_by_length: bool = False) -> List[str]:
     """Answers of one model (plain, or a ``pyvene.IntervenableModel`` with its edits) to ready prompts.
 
     ``prompts`` are final texts (see :func:`build_prompt`); ``add_special_tokens`` should be
-    False for prompts rendered by a chat template.
+    False for prompts rendered by a chat template. ``sort_by_length``: batch prompts of similar
+    token length together (less left padding to run; answers come back in the given order, and a
+    prompt's answer may then differ in float rounding from the one it gets in another batch).
     """
     settings = settings or GenerationSettings()
     prompts = list(prompts)
+    if sort_by_length and len(prompts) > settings.batch_size:
+        lengths = [len(tokenizer(p, add_special_tokens=add_special_tokens)["input_ids"]) for p in prompts]
+        order = sorted(range(len(prompts)), key=lambda i: lengths[i])
+        answers = generate_texts(model_or_pvm, tokenizer, [prompts[i] for i in order], settings,
+                                 add_special_tokens=add_special_tokens, progress=progress, desc=desc)
+        result: List[str] = [""] * len(prompts)
+        for answer, i in zip(answers, order):
+            result[i] = answer
+        return result
     model = model_or_pvm.model if _is_intervenable(model_or_pvm) else model_or_pvm
     model.eval()
     pad = _pad_id(tokenizer)

@@ -150,6 +150,17 @@ def test_settings_validation():
         GenerationSettings(top_p=0)
 
 
+def test_length_sorted_batches_with_a_static_cache_keep_order_and_answers(model, tok):
+    """Prompts of mixed lengths, batched by length with a preallocated cache: each answer is the
+    one-prompt reference, in the order the prompts were given."""
+    prompts = [q + " and more words" * (i % 3) for i, q in enumerate(QUESTIONS)]
+    settings = GenerationSettings(max_new_tokens=MAX_NEW, batch_size=2, cache_implementation="static")
+    answers = generate_texts(model, tok, prompts, settings, sort_by_length=True)
+    assert answers == [reference(model, tok, p) for p in prompts]
+    with pytest.raises(ValueError, match="cache_implementation"):
+        GenerationSettings(cache_implementation=1)
+
+
 def test_sampling_is_seeded(model, tok):
     settings = GenerationSettings(max_new_tokens=4, do_sample=True, seed=3, batch_size=2)
     first = generate_texts(model, tok, QUESTIONS[:3], settings)

@@ -61,3 +61,17 @@ def test_config_errors(tmp_path, capsys):
     assert "use `actedit train`" in capsys.readouterr().err
     assert main(["train", str(tmp_path / "missing.yaml")]) == 1
     assert "No config file" in capsys.readouterr().err
+
+
+def test_caa_with_a_fixed_layer_collects_that_layer_only(model_dir, capsys):
+    from actedit.train.collect import ActivationStore
+
+    args = common(model_dir, "caa") + ["--set", f"collect.dir={model_dir / 'caa1' / 'acts'}",
+                                       "--out", str(model_dir / "caa1" / "artifact"), "--set", "fit.layer=1"]
+    assert main(["fit", *args]) == 0
+    assert ActivationStore(model_dir / "caa1" / "acts").layers == [1]
+    info = json.loads((model_dir / "caa1" / "artifact" / "config.json").read_text())["actedit"]
+    assert info["edits"][0]["layers"] == [1]
+    other = args[:-2] + ["--set", "fit.layer=0"]  # the store holds layer 1 only
+    assert main(["fit", *other]) == 1
+    assert "fit.layer 0 is not in the activation store" in capsys.readouterr().err

@@ -246,8 +246,16 @@ def collect(cfg: PipelineConfig, model=None, tokenizer=None):
                                  cache_path=directory.parent / f"{directory.name}_bases.json")
     return collect_activations(model, tokenizer, dataset, cfg.collect.dir,
                                format=fmt, sites=cfg.site,
-                               layers=cfg.collect.layers, dtype=cfg.collect.dtype,
+                               layers=_collect_layers(cfg), dtype=cfg.collect.dtype,
                                batch_size=cfg.collect.batch_size)
+
+
+def _collect_layers(cfg: PipelineConfig) -> Optional[List[int]]:
+    """``collect.layers``; unset for CAA with a fixed ``fit.layer``: that layer alone (the forward
+    pass stops there: 13 of SmolLM2's 30 layers for the default layer 12)."""
+    if cfg.collect.layers is None and cfg.method == "caa" and cfg.fit.get("layer") is not None:
+        return [int(cfg.fit["layer"])]
+    return cfg.collect.layers
 
 
 def _store(cfg: PipelineConfig, model, tokenizer):
@@ -282,6 +290,9 @@ def fit(cfg: PipelineConfig, model=None, tokenizer=None) -> Path:
         result = fit_mod.fit_caa({l: pos[i] for i, l in enumerate(layers)}, {l: neg[i] for i, l in enumerate(layers)})
         layer = params.pop("layer", None)
         if layer is not None:
+            if int(layer) not in result.vectors:
+                raise ValueError(f"fit.layer {layer} is not in the activation store {cfg.collect.dir} (it holds "
+                                 f"layers {layers}); collect that layer or pick one of these.")
             result.vectors = {int(layer): result.vectors[int(layer)]}
         config = result.config(model, **params)
     elif cfg.method == "iti":
