@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 
-# Idle OpenMP threads yield instead of spinning: on a shared 2-core machine spinning threads made
-# torch 10-50x slower whenever another process held a core. Must be set before torch is imported.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# OpenMP's wait policy is left to the user. PASSIVE (idle threads sleep at once) protects a
+# machine shared with other busy processes, where spinning threads waiting for a descheduled peer
+# slowed torch down many times over; on a machine of its own it costs the study: collection 5-10%,
+# generation ~10%, and twice the time per HPR training step (each of a step's ~100 small
+# operations wakes the sleeping thread). Set OMP_WAIT_POLICY=PASSIVE before running on a shared
+# machine (the HPR trainer then uses one thread).
 from typing import Callable, Dict, Optional, Sequence, Tuple
 
 COMMANDS: Dict[str, Tuple[str, Callable, Callable]] = {}

@@ -14,7 +14,7 @@ it stopped.
 Keys (``configs/default.yaml`` is the embedded default)::
 
     model: smollm2-135m-instruct   # anything actedit.eval.models.load_model takes
-    dtype: float32                 # float32 | bfloat16 | float16: the model's precision
+    dtype: auto                    # auto | float32 | bfloat16 | float16: the model's precision
     device: null                   # cpu | cuda | cuda:N (default: CUDA when available)
     data: {name: truthfulqa_mc, source: null, split_file: null, limit: null}
     out: runs/study
@@ -44,7 +44,23 @@ STUDY_ORDER = ("hpr", "sea", "iti", "caa", "actadd")
 METHOD_KEYS = ("collect", "fit", "train", "select", "data")
 """What a method's block in ``methods`` may hold (``data`` overrides the study's data)."""
 
-DTYPES = ("float32", "bfloat16", "float16")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+def resolve_dtype(dtype: str, device: str) -> str:
+    """The model precision ``dtype`` stands for on ``device``: itself, or for ``auto`` bfloat16
+    where the hardware multiplies bf16 natively (a CUDA GPU with bf16 support; a CPU with
+    AVX512-BF16 or AMX) and float32 elsewhere (emulated bf16 is slower than fp32)."""
+    if dtype != "auto":
+        return dtype
+    import torch
+
+    if str(device).startswith("cuda"):
+        return "bfloat16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "float32"
+    cpu = getattr(torch, "cpu", None)
+    native = any(bool(getattr(cpu, probe, lambda: False)()) for probe in
+                 ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
+    return "bfloat16" if native else "float32"
 
 
 @dataclass
@@ -84,7 +100,9 @@ class StudyConfig:
 
     Attributes:
         model: model spec for :func:`actedit.eval.models.load_model`.
-        dtype: the model's precision for collection and evaluation.
+        dtype: the model's precision for collection and evaluation: ``float32``, ``bfloat16``,
+            ``float16`` or ``auto`` (:func:`resolve_dtype`: bf16 where the hardware has native bf16
+            matrix products, else fp32).
         device: where the model runs (``cpu``, ``cuda``, ``cuda:1``; default: CUDA when available).
         data: the contrast data (TruthfulQA with HPR's split by default).
         out: output directory.
@@ -248,8 +266,9 @@ def run_study(cfg: StudyConfig, *, quiet: bool = False) -> Dict[str, Any]:
     test = steps.run("load TruthfulQA", split_questions, cfg.data.source, cfg.eval.split, cfg.data.split_file,
                      limit=cfg.eval.limit)
     device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model, tokenizer = steps.run(f"load model {cfg.model} ({cfg.dtype}, {device})", load_model, cfg.model,
-                                 dtype=getattr(torch, cfg.dtype), device=device)
+    dtype = resolve_dtype(cfg.dtype, device)
+    model, tokenizer = steps.run(f"load model {cfg.model} ({dtype}, {device})", load_model, cfg.model,
+                                 dtype=getattr(torch, dtype), device=device)
 
     artifacts: Dict[str, Path] = {}
     step_seconds: Dict[str, Dict[str, float]] = {}
@@ -284,7 +303,7 @@ def run_study(cfg: StudyConfig, *, quiet: bool = False) -> Dict[str, Any]:
 
     # ---------------------------------------------------------------- evaluation
     eval_dir = out / "eval"
-    key = {"questions": [q.index for q in test], "mc2_rule": cfg.eval.mc2_rule, "dtype": cfg.dtype,
+    key = {"questions": [q.index for q in test], "mc2_rule": cfg.eval.mc2_rule, "dtype": dtype,
            "model": cfg.model}
 
     pvms = {name: load_artifact(artifacts[name], model) for name in edits}
@@ -384,7 +403,8 @@ def _summarise(cfg, test, results, analyses, artifacts, step_seconds, steps_seco
     if base_losses:
         methods["base"]["lm_loss"] = base_losses[0]
     return {
-        "study": {"model": cfg.model, "dtype": cfg.dtype, "data": asdict(cfg.data), "eval": asdict(cfg.eval),
+        "study": {"model": cfg.model, "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
+                  "dtype_requested": cfg.dtype, "data": asdict(cfg.data), "eval": asdict(cfg.eval),
                   "methods": cfg.methods, "compose": cfg.composed_methods, "out": cfg.out},
         "n_questions": len(test),
         "protocol": results["base"].protocol,

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
+import os
 from typing import Optional
 
 import torch
@@ -213,6 +214,17 @@ def cpu_map_location():
         torch.load = original
 
 
+def _create_directory_quietly(path) -> None:
+    """Create ``path`` (and its parents) if missing, printing nothing.
+
+    pyvene behaviour covered: ``IntervenableModel.save`` calls ``create_directory``, which prints
+    "Directory '...' created successfully." or "... already exists." on stdout. actedit saves
+    every artifact into a fresh temporary directory it has just made, so each save printed a
+    line about a path the user never chose, in the middle of progress bars.
+    """
+    os.makedirs(path, exist_ok=True)
+
+
 def apply() -> None:
     """Install every fix once."""
     global _APPLIED
@@ -233,6 +245,9 @@ def apply() -> None:
     # Families pyvene lacks.
     for model_class, prefix, drop in _missing_families():
         register_model_family(model_class, prefix, drop)
+
+    # Save messages (see _create_directory_quietly).
+    intervenable_base.create_directory = _create_directory_quietly
 
     # Position tracker.
     cls = intervenable_base.IntervenableModel

@@ -83,6 +83,17 @@ def test_families_missing_from_pyvene(family, tmp_path):
     assert torch.equal(again.logits, out.logits)
 
 
+def test_saving_prints_nothing(llama, tmp_path, capsys):
+    """pyvene's save announces the (temporary) directory on stdout; actedit silences it, and
+    stock pyvene saves still create missing directories."""
+    pvm = ai.intervenable(llama, ai.build_caa_config(llama, {1: torch.ones(site_width(llama, "block_output"))}))
+    capsys.readouterr()
+    save_artifact(pvm, tmp_path / "caa")
+    pvm.save(str(tmp_path / "plain" / "nested"))
+    assert capsys.readouterr().out == ""
+    assert (tmp_path / "plain" / "nested").is_dir() and any((tmp_path / "plain" / "nested").iterdir())
+
+
 def test_unsupported_model_class_message():
     class Unknown(torch.nn.Module):
         pass

@@ -6,6 +6,7 @@ import sys
 import textwrap
 
 import pytest
+import torch
 import yaml
 
 from actedit.cli import main
@@ -61,6 +62,19 @@ def test_default_config_is_the_embedded_default_study():
 def test_bad_study_configs_are_explained(overrides, message):
     with pytest.raises(ValueError, match=message):
         load_study(str(default_config_path()), overrides)
+
+
+@pytest.mark.parametrize("avx512_bf16, amx, expected", [(True, False, "bfloat16"), (False, True, "bfloat16"),
+                                                       (False, False, "float32")])
+def test_auto_dtype_is_bf16_only_where_the_cpu_multiplies_bf16_natively(monkeypatch, avx512_bf16, amx, expected):
+    from actedit.eval.study import resolve_dtype
+
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16, raising=False)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx, raising=False)
+    assert resolve_dtype("auto", "cpu") == expected
+    assert resolve_dtype("float32", "cpu") == "float32" and resolve_dtype("float16", "cpu") == "float16"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_dtype("auto", "cuda") == "float32"
 
 
 def test_missing_config_file_and_split_file(tmp_path, capsys):

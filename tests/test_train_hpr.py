@@ -459,3 +459,17 @@ def test_finite_values_whose_sum_overflows_are_accepted():
     big = torch.full((4, 3), 1e308, dtype=torch.float64)  # the sum overflows, every entry is finite
     pairs = PairedActivations({0: big}, {0: -big})
     assert pairs.num_pairs == 4
+
+
+@pytest.mark.parametrize("policy, cpu_threads, expected", [("PASSIVE", None, 1), ("", None, "torch"), ("PASSIVE", 2, 2)])
+def test_training_threads_follow_the_openmp_wait_policy(monkeypatch, policy, cpu_threads, expected):
+    """Under OMP_WAIT_POLICY=PASSIVE cached-activation training runs on one thread unless told
+    otherwise; the caller's thread count is restored afterwards."""
+    monkeypatch.setenv("OMP_WAIT_POLICY", policy)
+    train = separable_pairs(32, 7, layers=2, d=16)
+    seen = []
+    before = torch.get_num_threads()
+    train_hpr(train, None, config=fast(epochs=1, cpu_threads=cpu_threads, select_best=False),
+              callbacks=[lambda record: seen.append(torch.get_num_threads())])
+    assert seen == [before if expected == "torch" else expected]
+    assert torch.get_num_threads() == before

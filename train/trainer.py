@@ -97,11 +97,12 @@ class TrainConfig:
             cached-activation training (end-to-end training keeps the model's dtype).
         stop_after_epoch: stop after this many epochs of the ``epochs``-long schedule (the
             learning rate follows the full schedule); None runs all epochs.
-        cpu_threads: torch threads while training on cached activations on the CPU; None (default)
-            keeps torch's setting. With HPR's stacked losses, 2 threads on a 2-core machine took
-            1.8 ms per probe step and 4.4 ms per angle-net step (5 layers) against 2.2 and 6.0–6.8
-            ms for 1 thread; under vmap 1 thread had been faster. On a machine shared with other
-            busy processes 1 thread can be the faster setting.
+        cpu_threads: torch threads while training on cached activations on the CPU. None
+            (default): 1 where idle OpenMP threads sleep (``OMP_WAIT_POLICY=PASSIVE``, advised on a
+            shared machine), else torch's setting. A step runs ~100 small operations,
+            and under PASSIVE each wakes the sleeping thread: HPR's angle-net step (5 layers, 2
+            cores) took 7.7–8.8 ms with 2 threads, 5.7 ms with 1, and 4.4–5.4 ms with 2 threads
+            under OpenMP's default policy (idle threads spin a while).
     """
 
     learning_rate: float = 5e-4
@@ -987,8 +988,11 @@ def run_training(task: TrainTask, config: TrainConfig,
     """
     threads = torch.get_num_threads()
     on_cpu = isinstance(task, PairTask) and task.device.type == "cpu"
-    if on_cpu and config.cpu_threads is not None:
-        torch.set_num_threads(config.cpu_threads)
+    wanted = config.cpu_threads
+    if wanted is None and os.environ.get("OMP_WAIT_POLICY", "").upper() == "PASSIVE":
+        wanted = 1
+    if on_cpu and wanted is not None:
+        torch.set_num_threads(wanted)
     try:
         return _run_training(task, config, callbacks)
     finally:
