@@ -136,13 +136,12 @@ def main(argv=None) -> dict:
     info_machine, info_versions = machine_info(), versions("torch", "numpy", "pyvene", "actedit")
 
     results = [run(data, mode, args.epochs, args.batch_size, args.seed, args.device, args.k) for mode in modes]
+    by_mode = {r["mode"]: r for r in results}
     diff = None
-    found = {r["mode"]: r for r in results}
-    if {"vectorized", "loop"} <= set(found):
-        a, b = found["vectorized"]["modules"], found["loop"]["modules"]
+    if {"vectorized", "loop"} <= set(by_mode):
+        a, b = by_mode["vectorized"]["modules"], by_mode["loop"]["modules"]
         diff = max(float((pa - dict(b[layer].named_parameters())[name]).detach().abs().max())
                    for layer in a for name, pa in a[layer].named_parameters())
-    by_mode = {r["mode"]: r for r in results}
     ratio = by_mode["loop"]["seconds"] / by_mode["vectorized"]["seconds"] \
         if {"loop", "vectorized"} <= set(by_mode) else None
     ratio_pf = by_mode["vectorized"]["seconds"] / by_mode["probe_first"]["seconds"] \

@@ -560,7 +560,7 @@ def loglikelihoods_many(
         max_len = getattr(getattr(runner.model, "config", None), "max_position_embeddings", None)
         if max_len and longest > max_len:
             raise ValueError(f"a scored sequence has {longest} tokens, more than the model's {max_len} "
-                                 "positions (lm-eval would truncate it from the left; not supported).")
+                             "positions (lm-eval would truncate it from the left; not supported).")
     if not encoded:
         return {name: [] for name in models}
     pad = _pad_id(tokenizer)

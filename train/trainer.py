@@ -572,18 +572,33 @@ class PairTask(TrainTask):
             def one_probe(params, h):
                 return torch.func.functional_call(probe_call, params, (h,))
 
+            self._vloss = torch.func.vmap(one_loss)
+            self._vprobe = torch.func.vmap(one_probe)
             # A module class may write its loss for all layers at once (``stacked_<method>``,
             # weights in the stored (L, in, out) layout): used instead of vmap when it does.
-            stacked_loss = _stacked_method(type(first), loss_method)
-            stacked_probe = _stacked_method(type(first), "probe_logits") if self.has_probe else None
-            self._vloss = ((lambda params, hp, hn: stacked_loss(self.stacked, hp, hn)) if stacked_loss is not None
-                           else torch.func.vmap(one_loss))
-            self._vprobe = ((lambda params, h: stacked_probe(self.stacked, h)) if stacked_probe is not None
-                            else torch.func.vmap(one_probe))
-            self.stacked_calls = stacked_loss is not None
+            self._stacked_loss = _stacked_method(type(first), loss_method)
+            self._stacked_probe = _stacked_method(type(first), "probe_logits") if self.has_probe else None
         else:
             for module in self.modules.values():
                 module.to(device=self.device, dtype=self.dtype)
+
+    @property
+    def stacked_calls(self) -> bool:
+        """Whether the loss runs through the module class's ``stacked_<method>`` (not vmap)."""
+        return self.vectorized and self._stacked_loss is not None
+
+    def _layer_losses(self, hp: torch.Tensor, hn: torch.Tensor) -> torch.Tensor:
+        """Every layer's loss, (L,), from h⁺, h⁻ (L, n, d) (vectorised mode)."""
+        if self._stacked_loss is not None:
+            return self._stacked_loss(self.stacked, hp, hn)
+        return self._vloss(self._params(), hp, hn)
+
+    def _layer_probe_logits(self, h: torch.Tensor) -> torch.Tensor:
+        """Every layer's probe logits, (L, n), from h (L, n, d) (vectorised mode; call it
+        without gradients)."""
+        if self._stacked_probe is not None:
+            return self._stacked_probe(self.stacked, h)
+        return self._vprobe(self._params(), h)
 
     # -- parameters
     def _params(self) -> Dict[str, torch.Tensor]:
@@ -630,13 +645,12 @@ class PairTask(TrainTask):
         hp, hn = self.train_data.gather(self.layers, idx, self.device, self.dtype)
         shown: Dict[str, float] = {}
         if self.vectorized:
-            params = self._params()
-            losses = self._vloss(params, hp, hn)
+            losses = self._layer_losses(hp, hn)
             total = losses.sum()
             shown["loss"] = float(losses.detach().mean())
             if self._shows_accuracy:
                 with torch.no_grad():
-                    logits = self._vprobe({k: v.detach() for k, v in params.items()}, torch.cat([hp, hn], 1))
+                    logits = self._layer_probe_logits(torch.cat([hp, hn], 1))
                 shown["acc"] = float(self._accuracy(logits, hp.shape[1]).mean())
             return total, shown
         # Loop over layers: back-propagate layer by layer (same gradients as the vectorised sum).
@@ -692,10 +706,9 @@ class PairTask(TrainTask):
             hp, hn = data.gather(self.layers, idx, self.device, self.dtype)
             b = len(idx)
             if self.vectorized:
-                params = self._params()
-                loss_sum += self._vloss(params, hp, hn).double().cpu() * b
+                loss_sum += self._layer_losses(hp, hn).double().cpu() * b
                 if self.has_probe:
-                    logits = self._vprobe(params, torch.cat([hp, hn], 1))
+                    logits = self._layer_probe_logits(torch.cat([hp, hn], 1))
                     correct += self._accuracy(logits, b).cpu() * 2 * b
             else:
                 for i, layer in enumerate(self.layers):
