@@ -92,6 +92,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from actedit.interventions import compat
 from actedit.interventions.packing import DEFAULT_PACK_TOKENS, PackedBatch, Tree, pack_trees, supports_packing
 from actedit.train.collect import select_cache_rows
 
@@ -331,11 +332,8 @@ class _Runner:
         self.model.eval()
         self._handles.append(self.head.register_forward_pre_hook(self._head_pre_hook))
         if self.pvm is not None:
-            from actedit.interventions import compat
-            from actedit.interventions.positions import attach_tracker
-
             compat.apply()  # pyvene must not wipe the tracker's hooks
-            attach_tracker(self.model)  # no-op when pyvene's wrapper already attached it
+            compat.attach_tracker(self.model)  # no-op when pyvene's wrapper already attached it
         try:
             with torch.inference_mode():
                 yield self
@@ -361,7 +359,7 @@ class _Runner:
         base = {"input_ids": input_ids.to(self.device), "attention_mask": attention_mask.to(self.device),
                 "use_cache": True}
         if past is not None:
-            base["past_key_values"] = past
+            base[compat.cache_keyword(self.model)] = past
         if position_ids is not None:
             base["position_ids"] = position_ids.to(self.device)
         rows, cols, targets = rows.to(self.device), cols.to(self.device), targets.to(self.device)
@@ -385,7 +383,7 @@ class _Runner:
         logits = output.logits
         logits = logits[0] if self._gathered_in_head else logits[rows, cols]
         if not targets.numel():
-            return logits.new_zeros(0, dtype=torch.float64), output.past_key_values
+            return logits.new_zeros(0, dtype=torch.float64), compat.returned_cache(output)
         # log p(target) = logit − logsumexp(logits): the normaliser in the logits' dtype, at least
         # float32 (lm-eval takes the whole log-softmax in the model's dtype; a float64 log-softmax
         # over the vocabulary took 11% of the scoring time), the difference and sums in float64
@@ -395,7 +393,7 @@ class _Runner:
         # (max, subtract, exp, sum), 1.7x faster than one call over (1,400 x 49,152) logits
         normaliser = torch.cat([torch.logsumexp(block, dim=-1) for block in logits.split(LOGSUMEXP_ROWS)])
         picked = logits.gather(-1, targets.view(-1, 1)).squeeze(-1).double() - normaliser.double()
-        return picked, output.past_key_values
+        return picked, compat.returned_cache(output)
 
 
 def _common_prefix_length(sequences: Sequence[Sequence[int]]) -> int:

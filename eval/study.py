@@ -36,7 +36,8 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Union
 
-from actedit.train.pipeline import METHODS, DataConfig, PipelineConfig, read_config
+from actedit.interventions.settings import Settings, check_keys
+from actedit.train.pipeline import METHODS, CollectConfig, DataConfig, PipelineConfig, read_config
 
 STUDY_ORDER = ("hpr", "sea", "iti", "caa", "actadd")
 """The order in which a study fits its methods and lists them in the report."""
@@ -64,7 +65,7 @@ def resolve_dtype(dtype: str, device: str) -> str:
 
 
 @dataclass
-class EvalSettings:
+class EvalSettings(Settings):
     """How the study evaluates.
 
     Attributes:
@@ -134,10 +135,7 @@ class StudyConfig:
                 self.methods[name] = block = {}
             if not isinstance(block, dict):
                 raise ValueError(f"methods.{name} must be a mapping, got {type(block).__name__}.")
-            unknown = sorted(set(block) - set(METHOD_KEYS))
-            if unknown:
-                raise ValueError(f"unknown key(s) {', '.join('methods.' + name + '.' + k for k in unknown)}; "
-                                 f"valid: {', '.join(METHOD_KEYS)}.")
+            check_keys(block, METHOD_KEYS, f"methods.{name}")
         if "actadd" in self.methods and not (self.methods["actadd"].get("data") or {}).get("name"):
             raise ValueError("methods.actadd needs prompt pairs: set methods.actadd.data.name to a JSONL file of "
                              "{prompt1, prompt2} records (or drop actadd).")
@@ -148,6 +146,8 @@ class StudyConfig:
             missing = [m for m in self.compose if m not in self.methods]
             if missing:
                 raise ValueError(f"compose lists {missing}, which are not in methods ({', '.join(self.methods)}).")
+        for name in self.methods:  # every block's settings are checked now, before any model loads
+            self.pipeline(name)
 
     @property
     def method_names(self) -> List[str]:
@@ -162,32 +162,23 @@ class StudyConfig:
 
     def pipeline(self, method: str) -> PipelineConfig:
         """The one-method pipeline config of ``method`` inside this study."""
-        from actedit.train.pipeline import CollectConfig
-
         block = self.methods[method]
-        data = {**asdict(self.data), **(block.get("data") or {})}
-        collect = {"dir": str(Path(self.out) / "activations" / method), **(block.get("collect") or {})}
-        return PipelineConfig(model=self.model, method=method, data=DataConfig(**data),
-                              collect=CollectConfig(**collect), fit=dict(block.get("fit") or {}),
-                              train=dict(block.get("train") or {}), select=dict(block.get("select") or {"k": 5}),
-                              out=str(Path(self.out) / "artifacts" / method))
+        where = f"methods.{method}"
+        data = DataConfig.from_mapping({**asdict(self.data), **(block.get("data") or {})}, f"{where}.data")
+        collect = CollectConfig.from_mapping({"dir": str(Path(self.out) / "activations" / method),
+                                              **(block.get("collect") or {})}, f"{where}.collect")
+        return PipelineConfig(model=self.model, method=method, data=data, collect=collect, fit=block.get("fit"),
+                              train=block.get("train"), select=block.get("select"),
+                              out=str(Path(self.out) / "artifacts" / method), where=where)
 
 
 def load_study(path: Optional[str], overrides: Sequence[str] = ()) -> StudyConfig:
     """Read a study YAML (or the defaults when ``path`` is None) and apply ``key.sub=value`` overrides."""
     raw = read_config(path, overrides, "No study config at {path!r}; the embedded default is configs/default.yaml.")
-    valid = {f.name for f in fields(StudyConfig)}
-    unknown = sorted(set(raw) - valid)
-    if unknown:
-        raise ValueError(f"unknown key(s) {', '.join(unknown)}; valid keys: {', '.join(sorted(valid))}.")
-    data = raw.pop("data", None) or {}
-    evals = raw.pop("eval", None) or {}
-    for where, values, cls in (("data", data, DataConfig), ("eval", evals, EvalSettings)):
-        bad = sorted(set(values) - {f.name for f in fields(cls)})
-        if bad:
-            raise ValueError(f"unknown key(s) {', '.join(where + '.' + k for k in bad)}; valid: "
-                             f"{', '.join(f.name for f in fields(cls))}.")
-    return StudyConfig(data=DataConfig(**data), eval=EvalSettings(**evals), **raw)
+    check_keys(raw, [f.name for f in fields(StudyConfig)], "")
+    data = DataConfig.from_mapping(raw.pop("data", None), "data")
+    evals = EvalSettings.from_mapping(raw.pop("eval", None), "eval")
+    return StudyConfig(data=data, eval=evals, **raw)
 
 
 # ------------------------------------------------------------------------------------ files
@@ -269,11 +260,13 @@ def run_study(cfg: StudyConfig, *, quiet: bool = False) -> Dict[str, Any]:
     dtype = resolve_dtype(cfg.dtype, device)
     model, tokenizer = steps.run(f"load model {cfg.model} ({dtype}, {device})", load_model, cfg.model,
                                  dtype=getattr(torch, dtype), device=device)
+    # every method's layer specs against this model's depth, before any work
+    pipelines = {method: cfg.pipeline(method).for_model(model) for method in methods}
 
     artifacts: Dict[str, Path] = {}
     step_seconds: Dict[str, Dict[str, float]] = {}
     for method in methods:
-        pcfg = cfg.pipeline(method)
+        pcfg = pipelines[method]
         path = Path(pcfg.out)
         record = step_seconds.setdefault(method, {})
         if _artifact_ready(path):
@@ -296,7 +289,7 @@ def run_study(cfg: StudyConfig, *, quiet: bool = False) -> Dict[str, Any]:
             if _artifact_ready(path):
                 return
             configs = [config_of(load_artifact(artifacts[m], model)) for m in composed]
-            save_artifact(intervenable(model, compose(*configs, composed_of=composed)), path)
+            save_artifact(intervenable(model, compose(*configs, metadata={"composed_of": composed})), path)
 
         steps.run(f"compose {' + '.join(composed)}", build_composed)
         artifacts["composed"] = path

@@ -22,7 +22,8 @@ from .caa import CAAIntervention, build_caa_config, mean_difference  # noqa: E40
 from .config import DEFAULT_COMPONENTS, METHOD_ORDER, compose, config_of, edit_config, intervenable  # noqa: E402
 from .hpr import HPRIntervention, build_hpr_config, hpr_parameter_count  # noqa: E402
 from .iti import ITIIntervention, build_iti_config, mass_mean_directions  # noqa: E402
-from .positions import PositionPolicy, attach_tracker, mark_answer_starts, mark_prompt_lengths  # noqa: E402
+from .compat import attach_tracker  # noqa: E402
+from .positions import PositionPolicy, mark_answer_starts, mark_prompt_lengths  # noqa: E402
 from .sea import SEAIntervention, build_sea_config, fit_sea_factors  # noqa: E402
 
 INTERVENTIONS = {

@@ -14,12 +14,41 @@ Buffer ``steering`` (n × d, c already applied; resized on load). Position polic
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
 
 from .base import ActEditIntervention
-from .positions import PositionPolicy, current_call, CallPositions
+from .layers import LayerSpec, check_layer_spec
+from .positions import CallPositions, PositionPolicy, current_call
+from .settings import Settings, keyword_checked
+
+
+@dataclass
+class ActAddConfig(Settings):
+    """ActAdd's hyperparameters (a study's ``methods.actadd.fit`` block).
+
+    Attributes:
+        layer: the block whose input is steered (Turner et al.: one layer, e.g. 6 of GPT-2-XL's
+            48); a layer spec of :mod:`actedit.interventions.layers`. Required unless exactly
+            one layer was collected; it never defaults to every layer.
+        coefficient: c in X = c · (a(prompt₁) − a(prompt₂)).
+        position_policy: ``prompt`` (the paper: the prompt pass only).
+    """
+
+    layer: Optional[LayerSpec] = None
+    coefficient: float = 1.0
+    position_policy: str = "prompt"
+
+    def __post_init__(self) -> None:
+        check_layer_spec(self.layer, "ActAdd layer", single=True)
+        c = self.coefficient
+        if isinstance(c, bool) or not isinstance(c, (int, float)) or not math.isfinite(c):
+            raise ValueError(f"ActAdd coefficient must be a finite number, got {c!r}.")
+        self.coefficient = float(c)
+        self.position_policy = PositionPolicy.parse(self.position_policy).name.lower()
 
 
 class ActAddIntervention(ActEditIntervention):
@@ -76,8 +105,9 @@ def x_vector(acts_prompt1: torch.Tensor, acts_prompt2: torch.Tensor, coefficient
     return (coefficient * (pad(a1) - pad(a2))).float()
 
 
+@keyword_checked
 def build_actadd_config(model, steering: dict, *, coefficient: Optional[float] = None, position_policy=None,
-                        component: str = "block_input", **metadata):
+                        component: str = "block_input", metadata: Optional[dict] = None):
     """An ``IntervenableConfig`` with one ActAdd module per layer; ``steering`` maps layer → (n, d)
     x-vector with the coefficient applied (``coefficient`` is recorded as metadata only)."""
     from .config import edit_config, site_width
@@ -87,4 +117,4 @@ def build_actadd_config(model, steering: dict, *, coefficient: Optional[float] =
                for layer, x in steering.items()}
     first = next(iter(modules.values()))
     hyper = {"coefficient": coefficient, "length": first.length, "position_policy": first.policy.name.lower()}
-    return edit_config(model, "actadd", modules, component=component, hyperparameters=hyper, **metadata)
+    return edit_config(model, "actadd", modules, component=component, hyperparameters=hyper, metadata=metadata)

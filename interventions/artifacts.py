@@ -23,6 +23,7 @@ import pyvene as pv
 
 from . import compat
 from .config import model_signature
+from .settings import keyword_checked
 
 MANIFEST = "actedit_manifest.json"
 CARD = "README.md"
@@ -47,16 +48,18 @@ def artifact_metadata(directory) -> Dict[str, Any]:
         return json.load(handle).get("actedit") or {}
 
 
-def save_artifact(pvm: pv.IntervenableModel, directory, *, card: bool = True, **metadata) -> Path:
+@keyword_checked
+def save_artifact(pvm: pv.IntervenableModel, directory, *, card: bool = True,
+                  metadata: Optional[Dict[str, Any]] = None) -> Path:
     """Save ``pvm``'s interventions to ``directory`` atomically, with model card and manifest.
 
-    Extra keyword arguments (``data=``, ``metrics=``, ...) are merged into the artifact's
-    ``actedit`` metadata. An existing directory is replaced only once the new one is complete.
+    ``metadata`` (``{"data": ..., "metrics": ...}``) is merged into the artifact's ``actedit``
+    metadata. An existing directory is replaced only once the new one is complete.
     """
     directory = Path(directory).expanduser().resolve()
     directory.parent.mkdir(parents=True, exist_ok=True)
     info = dict(getattr(pvm.config, "actedit", None) or {})
-    info.update(metadata)
+    info.update(metadata or {})
     if not info.get("base_model"):
         info["base_model"] = model_signature(pvm.model)
     original_info = getattr(pvm.config, "actedit", None)

@@ -14,12 +14,46 @@ Buffers: ``vector`` (d), ``multiplier``.
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
 
 from .base import ActEditIntervention
+from .layers import LayerSpec, check_layer_spec
 from .positions import PositionPolicy
+from .settings import Settings, keyword_checked
+
+
+@dataclass
+class CAAConfig(Settings):
+    """CAA's hyperparameters (a study's ``methods.caa.fit`` block).
+
+    Attributes:
+        layer: the layer steered (Rimsky et al. steer one; a layer spec of
+            :mod:`actedit.interventions.layers`, e.g. ``12`` or ``0.4`` of the depth). Unset, the
+            collected layer is used when exactly one was collected; it is never "every layer".
+        multiplier: m in h ← h + m·v.
+        position_policy: ``from_position`` (default: from ``position_start`` on, generated tokens
+            included) or e.g. ``answer`` (the scored continuation).
+        position_start: the start of ``from_position`` (negative: counted from the prompt's end).
+    """
+
+    layer: Optional[LayerSpec] = None
+    multiplier: float = 1.0
+    position_policy: str = "from_position"
+    position_start: int = 0
+
+    def __post_init__(self) -> None:
+        check_layer_spec(self.layer, "CAA layer", single=True)
+        m = self.multiplier
+        if isinstance(m, bool) or not isinstance(m, (int, float)) or not math.isfinite(m):
+            raise ValueError(f"CAA multiplier must be a finite number, got {m!r}.")
+        self.multiplier = float(m)
+        self.position_policy = PositionPolicy.parse(self.position_policy).name.lower()
+        if isinstance(self.position_start, bool) or not isinstance(self.position_start, int):
+            raise ValueError(f"CAA position_start must be an integer, got {self.position_start!r}.")
 
 
 class CAAIntervention(ActEditIntervention):
@@ -59,8 +93,9 @@ def mean_difference(h_pos: torch.Tensor, h_neg: torch.Tensor) -> torch.Tensor:
     return (h_pos.double() - h_neg.double()).mean(0).float()
 
 
+@keyword_checked
 def build_caa_config(model, vectors: dict, *, multiplier: float = 1.0, position_policy=None,
-                     position_start: int = 0, component: str = "block_output", **metadata):
+                     position_start: int = 0, component: str = "block_output", metadata: Optional[dict] = None):
     """An ``IntervenableConfig`` with one CAA module per layer; ``vectors`` maps layer → v."""
     from .config import edit_config, site_width
 
@@ -71,4 +106,4 @@ def build_caa_config(model, vectors: dict, *, multiplier: float = 1.0, position_
     first = next(iter(modules.values()))
     hyper = {"multiplier": float(multiplier), "position_policy": first.policy.name.lower(),
              "position_start": int(position_start)}
-    return edit_config(model, "caa", modules, component=component, hyperparameters=hyper, **metadata)
+    return edit_config(model, "caa", modules, component=component, hyperparameters=hyper, metadata=metadata)

@@ -10,11 +10,15 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import inspect
 import logging
 import os
 from typing import Optional
 
 import torch
+
+from .base import ActEditIntervention
+from .positions import PositionTracker, generation
 
 logger = logging.getLogger(__name__)
 
@@ -145,6 +149,110 @@ def register_model_family(model_class, layer_prefix: str = "model.", drop_compon
     card.type_to_dimension_mapping.setdefault(model_class, dims)
 
 
+# ----------------------------------------------------------------- transformers' forward arguments
+CACHE_ARGUMENTS = ("cache", "past_key_values")
+"""Names under which transformers passes the KV cache to a model's forward.
+
+transformers behaviour covered: up to 5.23 the cache is ``past_key_values``; 5.24 renamed it to
+``cache`` (``past_key_values`` is deprecated, with a warning, until 5.40) and ``generate`` passes
+it only as ``cache``. Code that read ``past_key_values`` saw no cache on decode steps and took
+every new token for a fresh prompt (seen on 5.24.0: single-prompt cached generation edited the
+wrong positions)."""
+
+
+def _is_cache(value) -> bool:
+    if isinstance(value, (tuple, list)):  # legacy tuple-of-tuples cache (transformers 4.x)
+        return bool(value) and isinstance(value[0], (tuple, list)) and bool(value[0]) \
+            and isinstance(value[0][0], torch.Tensor)
+    return callable(getattr(value, "get_seq_length", None))
+
+
+def forward_cache(kwargs: dict):
+    """The KV cache a forward call received, or None: under any name of :data:`CACHE_ARGUMENTS`,
+    else any argument that is a cache object (so a future rename is still found)."""
+    for name in CACHE_ARGUMENTS:
+        value = kwargs.get(name)
+        if value is not None and _is_cache(value):
+            return value
+    for value in kwargs.values():
+        if value is not None and not isinstance(value, torch.Tensor) and _is_cache(value):
+            return value
+    return None
+
+
+def cached_length(kwargs: dict) -> Optional[int]:
+    """How many earlier tokens a forward call continues, or None when the call does not say.
+
+    transformers behaviour covered: 4.x passes ``cache_position`` (the index of the first new
+    token); 5.24 passes none and the cache must be asked (``get_seq_length()`` before the call
+    appends to it). A legacy tuple cache holds (batch, heads, past, head_dim) tensors.
+    """
+    cache_position = kwargs.get("cache_position")
+    if isinstance(cache_position, torch.Tensor) and cache_position.numel() > 0:
+        return int(cache_position.reshape(-1)[0])
+    cache = forward_cache(kwargs)
+    if cache is None:
+        return None
+    if isinstance(cache, (tuple, list)):
+        return int(cache[0][0].shape[-2])
+    return int(cache.get_seq_length())
+
+
+def cache_keyword(model) -> str:
+    """The keyword under which ``model``'s forward takes a KV cache (``cache`` from transformers
+    5.24 on, ``past_key_values`` before; see :data:`CACHE_ARGUMENTS`)."""
+    try:
+        params = inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):  # pragma: no cover - builtins without a signature
+        params = {}
+    return "cache" if "cache" in params else "past_key_values"
+
+
+def returned_cache(output):
+    """The KV cache a forward call returned (``output.cache`` from 5.24, ``past_key_values`` before)."""
+    cache = getattr(output, "cache", None)
+    return cache if cache is not None else getattr(output, "past_key_values", None)
+
+
+def _tracker_pre_hook(tracker: PositionTracker):
+    def pre_hook(module, args, kwargs) -> None:
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        ref = ids if isinstance(ids, torch.Tensor) else kwargs.get("inputs_embeds")
+        if not isinstance(ref, torch.Tensor) or ref.dim() < 2:
+            tracker.begin_untracked()
+            return
+        tracker.begin(ref.shape[0], ref.shape[1], ref.device, past_length=cached_length(kwargs),
+                      attention_mask=kwargs.get("attention_mask"))
+
+    return pre_hook
+
+
+def _tracker_post_hook(tracker: PositionTracker):
+    def post_hook(module, args, kwargs, output) -> None:
+        tracker.end()
+
+    return post_hook
+
+
+_TRACKER_ATTR = "_actedit_position_tracker"
+
+
+def attach_tracker(model: torch.nn.Module) -> PositionTracker:
+    """Attach (once) a :class:`~actedit.interventions.positions.PositionTracker` to ``model``'s
+    top-level forward, fed with what each call receives (see :func:`cached_length`)."""
+    tracker = getattr(model, _TRACKER_ATTR, None)
+    if tracker is not None and tracker.handles:
+        return tracker
+    tracker = PositionTracker()
+    tracker.handles = [
+        model.register_forward_pre_hook(_tracker_pre_hook(tracker), with_kwargs=True),
+        # always_call: pop the record even when the forward raises.
+        model.register_forward_hook(_tracker_post_hook(tracker), with_kwargs=True, always_call=True),
+    ]
+    object.__setattr__(model, _TRACKER_ATTR, tracker)
+    return tracker
+
+
 def _attach_tracker_on_init(original_init):
     """Attach actedit's position tracker to every model wrapped by ``IntervenableModel``.
 
@@ -155,8 +263,6 @@ def _attach_tracker_on_init(original_init):
     @functools.wraps(original_init)
     def __init__(self, config, model, **kwargs):
         original_init(self, config, model, **kwargs)
-        from .positions import attach_tracker
-
         attach_tracker(model)
 
     __init__._actedit_patched = True
@@ -177,9 +283,6 @@ def _generate_in_generation_context(original_generate):
 
     @functools.wraps(original_generate)
     def generate(self, *args, **kwargs):
-        from .base import ActEditIntervention
-        from .positions import generation
-
         if ("unit_locations" not in kwargs and "intervene_on_prompt" not in kwargs and len(args) <= 1
                 and len(self.interventions) > 0
                 and all(isinstance(i, ActEditIntervention) for i in self.interventions.values())):

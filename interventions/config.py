@@ -117,10 +117,10 @@ class EditRecord:
 
 def edit_config(model, method: str, interventions: Mapping[int, "torch.nn.Module"],
                 component: Optional[str] = None, hyperparameters: Optional[dict] = None,
-                **metadata) -> pv.IntervenableConfig:
+                metadata: Optional[Mapping[str, Any]] = None) -> pv.IntervenableConfig:
     """An ``IntervenableConfig`` placing one intervention instance per layer.
 
-    ``metadata`` (e.g. ``data=...``, ``metrics=...``) is stored under ``config.actedit``.
+    ``metadata`` (e.g. ``{"data": ..., "metrics": ...}``) is stored under ``config.actedit``.
     """
     component = component or DEFAULT_COMPONENTS[method]
     layers = check_layers(model, list(interventions))
@@ -141,7 +141,7 @@ def edit_config(model, method: str, interventions: Mapping[int, "torch.nn.Module
         "actedit_version": actedit_version(),
         "base_model": model_signature(model),
         "edits": [asdict(record)],
-        **metadata,
+        **dict(metadata or {}),
     }
     return pv.IntervenableConfig(representations=representations, actedit=info)
 
@@ -152,10 +152,11 @@ def _sort_key(rep) -> tuple:
     return (int(rep.layer), rep.component, order)
 
 
-def compose(*configs: pv.IntervenableConfig, **metadata) -> pv.IntervenableConfig:
+def compose(*configs: pv.IntervenableConfig, metadata: Optional[Mapping[str, Any]] = None) -> pv.IntervenableConfig:
     """Merge several edit configs into one; edits sharing a site run in :data:`METHOD_ORDER`.
 
-    All configs must describe the same base model.
+    All configs must describe the same base model. ``metadata`` is merged into the result's
+    ``actedit`` metadata.
     """
     if not configs:
         raise ValueError("compose() needs at least one config.")
@@ -173,7 +174,7 @@ def compose(*configs: pv.IntervenableConfig, **metadata) -> pv.IntervenableConfi
     representations.sort(key=_sort_key)
     info = copy.deepcopy(infos[0])
     info["edits"] = [edit for i in infos for edit in i.get("edits", [])]
-    info.update(metadata)
+    info.update(metadata or {})
     return pv.IntervenableConfig(representations=[r._asdict() for r in representations], actedit=info)
 
 

@@ -25,7 +25,8 @@ BCE(σ(wᵀX), y) + MSE(θ̂(X), arccos(clip(cos(X, T)))), see :meth:`HPRInterve
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence
+from dataclasses import dataclass
+from typing import List, Optional, Sequence
 
 import torch
 from torch import nn
@@ -33,8 +34,40 @@ import torch.nn.functional as F
 
 from .base import ActEditIntervention
 from .positions import PositionPolicy
+from .settings import Settings, keyword_checked
 
 COS_CLIP = 1.0 - 1e-7
+
+
+@dataclass
+class HPRConfig(Settings):
+    """HPR's hyperparameters (a study's ``methods.hpr.fit`` block).
+
+    Attributes:
+        alpha: scale α of the predicted angle θ̂ at inference (the paper's setting: 1).
+        angle_hidden_widths: hidden widths of the angle network; None: the paper's d/2, d/4, d/8.
+        stable: evaluate the rotation in an orthonormal basis (default) or literally as Eq. 21.
+        position_policy: positions edited; ``all`` reproduces the published numbers (every
+            position of the scored sequence), the official demo generates with ``last``.
+    """
+
+    alpha: float = 1.0
+    angle_hidden_widths: Optional[List[int]] = None
+    stable: bool = True
+    position_policy: str = "all"
+
+    def __post_init__(self) -> None:
+        if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) or not math.isfinite(self.alpha):
+            raise ValueError(f"HPR alpha must be a finite number, got {self.alpha!r}.")
+        self.alpha = float(self.alpha)
+        if self.angle_hidden_widths is not None:
+            widths = list(self.angle_hidden_widths)
+            if not widths or any(isinstance(w, bool) or not isinstance(w, int) or w <= 0 for w in widths):
+                raise ValueError(f"HPR angle_hidden_widths must be a list of positive integers, got {widths!r}.")
+            self.angle_hidden_widths = widths
+        if not isinstance(self.stable, bool):
+            raise ValueError(f"HPR stable must be true or false, got {self.stable!r}.")
+        self.position_policy = PositionPolicy.parse(self.position_policy).name.lower()
 
 
 def default_angle_widths(d: int) -> tuple:
@@ -235,9 +268,10 @@ def hpr_parameter_count(d: int, angle_hidden_widths: Optional[Sequence[int]] = N
     return count
 
 
+@keyword_checked
 def build_hpr_config(model, layers: Sequence[int], *, modules: Optional[dict] = None, alpha: float = 1.0,
                      angle_hidden_widths: Optional[Sequence[int]] = None, stable: bool = True,
-                     position_policy=None, component: str = "block_output", **metadata):
+                     position_policy=None, component: str = "block_output", metadata: Optional[dict] = None):
     """An ``IntervenableConfig`` with one HPR module per layer.
 
     ``modules`` maps layer → trained :class:`HPRIntervention`; without it fresh (untrained)
@@ -262,4 +296,4 @@ def build_hpr_config(model, layers: Sequence[int], *, modules: Optional[dict] = 
     first = next(iter(modules.values()))
     hyper = {"alpha": float(alpha), "angle_hidden_widths": first.angle_widths.tolist(), "stable": bool(first.stable),
              "position_policy": first.policy.name.lower()}
-    return edit_config(model, "hpr", modules, component=component, hyperparameters=hyper, **metadata)
+    return edit_config(model, "hpr", modules, component=component, hyperparameters=hyper, metadata=metadata)

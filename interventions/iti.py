@@ -21,12 +21,54 @@ repository's newer ``bias = δ`` is a different edit.
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
 from typing import Optional, Sequence
 
 import torch
 
 from .base import ActEditIntervention
 from .positions import PositionPolicy
+from .settings import Settings, keyword_checked
+
+ITI_DIRECTIONS = ("mass_mean", "probe")
+"""How a head's direction θ̂ is chosen: the normalised mass-mean shift or the probe's weight."""
+
+
+@dataclass
+class ITIConfig(Settings):
+    """ITI's hyperparameters (a study's ``methods.iti.fit`` block; defaults of honest_llama).
+
+    Attributes:
+        top_k: heads intervened on, ranked by validation accuracy of their probes (48).
+        alpha: strength α of x_h ← x_h + α σ_h θ̂_h (15).
+        direction: ``mass_mean`` (mean(true) − mean(false); the paper's best) or ``probe``.
+        seed: ``random_state`` of every probe's ``LogisticRegression``.
+        max_iter: iterations of each ``LogisticRegression`` (1000).
+        position_policy: ``answer`` (the continuation when scoring; the last position of each
+            forward call in generation, as the official code).
+    """
+
+    top_k: int = 48
+    alpha: float = 15.0
+    direction: str = "mass_mean"
+    seed: int = 0
+    max_iter: int = 1000
+    position_policy: str = "answer"
+
+    def __post_init__(self) -> None:
+        for name in ("top_k", "max_iter"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"ITI {name} must be a positive integer, got {value!r}.")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
+            raise ValueError(f"ITI seed must be a non-negative integer, got {self.seed!r}.")
+        if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) or not math.isfinite(self.alpha):
+            raise ValueError(f"ITI alpha must be a finite number, got {self.alpha!r}.")
+        self.alpha = float(self.alpha)
+        if self.direction not in ITI_DIRECTIONS:
+            raise ValueError(f"ITI direction must be one of {', '.join(ITI_DIRECTIONS)}, got {self.direction!r}.")
+        self.position_policy = PositionPolicy.parse(self.position_policy).name.lower()
 
 
 class ITIIntervention(ActEditIntervention):
@@ -122,8 +164,9 @@ def mass_mean_directions(acts: torch.Tensor, labels: torch.Tensor, num_heads: in
     return directions.float(), sigmas.float()
 
 
+@keyword_checked
 def build_iti_config(model, heads: dict, *, alpha: float = 15.0, position_policy=None,
-                     component: str = "attention_value_output", **metadata):
+                     component: str = "attention_value_output", metadata: Optional[dict] = None):
     """An ``IntervenableConfig`` with one ITI module per layer.
 
     ``heads`` maps layer → ``{"directions": (n_heads, head_dim), "sigmas": (n_heads,),
@@ -143,4 +186,4 @@ def build_iti_config(model, heads: dict, *, alpha: float = 15.0, position_policy
     first = next(iter(modules.values()))
     hyper = {"alpha": float(alpha), "heads": {str(layer): m.selected_heads for layer, m in modules.items()},
              "position_policy": first.policy.name.lower()}
-    return edit_config(model, "iti", modules, component=component, hyperparameters=hyper, **metadata)
+    return edit_config(model, "iti", modules, component=component, hyperparameters=hyper, metadata=metadata)

@@ -10,12 +10,16 @@ intervention is called with ``unit_locations=None`` and decides itself, per posi
 
 To decide, a policy needs to know, for the tokens of the current call, their index among the
 real (non-padding) tokens of their row, how long each row's prompt is, and whether the call is
-the prompt pass or a decode step. :class:`PositionTracker` reads this from the keyword arguments
-of the model's own forward call (``attention_mask``, ``past_key_values``) through a forward
-pre-hook, so the answer is identical with and without KV cache and with left padding. The
-tracker is attached automatically to every model wrapped by ``pyvene.IntervenableModel`` once
-actedit is imported (see :mod:`actedit.interventions.compat`); without a tracker (an
-intervention called directly on a tensor) the call is taken as a single un-padded prompt pass.
+the prompt pass or a decode step. :class:`PositionTracker` derives this from three facts about
+the model's own forward call: how many new tokens it runs, how many tokens its KV cache already
+holds, and its attention mask (:func:`real_positions`), so the answer is identical with and
+without KV cache, for one row or a left-padded batch. Which keyword arguments carry those facts
+differs between transformers releases (the cache arrives as ``past_key_values`` up to 5.23 and
+as ``cache`` from 5.24, ``cache_position`` only in 4.x, the mask is dropped when it is all
+ones); reading them is :mod:`actedit.interventions.compat`'s job, which attaches the tracker to
+every model wrapped by ``pyvene.IntervenableModel`` once actedit is imported. Without a tracker
+(an intervention called directly on a tensor) the call is taken as a single un-padded prompt
+pass.
 
 Scorers mark where the answer starts in a scored sequence with :func:`mark_answer_starts`.
 """
@@ -26,7 +30,7 @@ import contextlib
 import threading
 from dataclasses import dataclass
 from enum import IntEnum
-from typing import Iterator, Optional
+from typing import Iterator, Optional, Tuple
 
 import torch
 
@@ -216,56 +220,61 @@ def _per_row(values: Optional[torch.Tensor], batch: int, device, name: str) -> O
     return values
 
 
-def _past_length(kwargs: dict, seq: int) -> int:
-    cache_position = kwargs.get("cache_position")
-    if isinstance(cache_position, torch.Tensor) and cache_position.numel() > 0:
-        return int(cache_position.reshape(-1)[0])
-    past = kwargs.get("past_key_values")
-    if past is None:
-        return 0
-    if hasattr(past, "get_seq_length"):
-        return int(past.get_seq_length())
-    try:  # legacy tuple-of-tuples cache: (batch, heads, past, head_dim)
-        return int(past[0][0].shape[-2])
-    except (TypeError, IndexError, AttributeError):
-        return 0
+def real_positions(batch: int, seq: int, device, past_length: Optional[int],
+                   attention_mask: Optional[torch.Tensor]) -> Tuple[torch.Tensor, int]:
+    """Index of each token of a forward call among the real tokens of its row, and the past length.
+
+    ``past_length`` is the number of earlier tokens the call continues (from its cache), or None
+    when the call did not say. ``attention_mask`` is the call's 2-D mask, covering the past and
+    the new tokens, or None (no padding anywhere). A mask shorter than past + new tokens is taken
+    to cover the newest columns (no padding in the rest); a mask longer than ``seq`` with no known
+    past says how many tokens came before. Returns ``(positions (batch, seq), past)``, ``-1``
+    marking padding.
+    """
+    mask = attention_mask
+    if not (isinstance(mask, torch.Tensor) and mask.dim() == 2 and mask.shape[0] == batch):
+        mask = None
+    if past_length is None:
+        past_length = mask.shape[1] - seq if mask is not None and mask.shape[1] > seq else 0
+    if mask is None:
+        positions = torch.arange(past_length, past_length + seq, device=device).expand(batch, seq)
+        return positions, past_length
+    mask = mask.to(device=device, dtype=torch.long)
+    total = past_length + seq
+    if mask.shape[1] < total:
+        mask = torch.cat([mask.new_ones(batch, total - mask.shape[1]), mask], dim=1)
+    real_index = mask.cumsum(-1) - 1
+    positions = torch.where(mask[:, -seq:] > 0, real_index[:, -seq:], -1)
+    return positions, past_length
 
 
 class PositionTracker:
-    """Forward pre-/post-hooks on a model that publish :class:`CallPositions` for each call.
+    """Publishes the :class:`CallPositions` of each forward call of one model.
 
-    Attach once with :func:`attach_tracker`; the hooks survive pyvene's hook removal thanks to
-    the fix in :mod:`actedit.interventions.compat`.
+    :func:`actedit.interventions.compat.attach_tracker` registers hooks on the model that read
+    what the call received (input shape, the cache's length, the attention mask; under whatever
+    names the installed transformers passes them) and call :meth:`begin` before and :meth:`end`
+    after the forward. Everything here is about positions, nothing about argument names.
     """
 
     def __init__(self) -> None:
         self._prompt_lengths: Optional[torch.Tensor] = None
-        self._handles: list = []
+        self.handles: list = []
 
-    def pre_hook(self, module, args, kwargs) -> None:
-        ids = kwargs.get("input_ids", args[0] if args else None)
-        embeds = kwargs.get("inputs_embeds")
-        ref = ids if isinstance(ids, torch.Tensor) else embeds
-        if not isinstance(ref, torch.Tensor) or ref.dim() < 2:
-            _stack().append(None)
-            return
-        batch, seq = ref.shape[0], ref.shape[1]
-        device = ref.device
+    def begin_untracked(self) -> None:
+        """A call whose inputs are not token sequences: no positions are known."""
+        _stack().append(None)
+
+    def begin(self, batch: int, seq: int, device, *, past_length: Optional[int],
+              attention_mask: Optional[torch.Tensor]) -> CallPositions:
+        """Record the positions of a call of ``batch`` rows of ``seq`` new tokens."""
         packed = getattr(_state, "packed", None)
         if packed is not None and tuple(packed[0].shape) == (batch, seq):
             positions, prompt_lengths, answer_starts = (t.to(device) if t is not None else None for t in packed)
-            _stack().append(CallPositions(positions, prompt_lengths, True, answer_starts))
-            return
-        past = _past_length(kwargs, seq)
-        mask = kwargs.get("attention_mask")
-        if isinstance(mask, torch.Tensor) and mask.dim() == 2 and mask.shape[0] == batch:
-            mask = mask.to(device=device, dtype=torch.long)
-            if mask.shape[1] < seq:  # unusual: mask only for new tokens; assume no past padding
-                mask = torch.cat([mask.new_ones(batch, seq - mask.shape[1]), mask], dim=1)
-            real_index = mask.cumsum(-1) - 1
-            positions = torch.where(mask[:, -seq:] > 0, real_index[:, -seq:], -1)
-        else:
-            positions = torch.arange(past, past + seq, device=device).expand(batch, seq)
+            call = CallPositions(positions, prompt_lengths, True, answer_starts)
+            _stack().append(call)
+            return call
+        positions, past = real_positions(batch, seq, device, past_length, attention_mask)
         gen = getattr(_state, "generation", None)
         if gen is not None:  # inside generate(): the first call is the prompt pass
             is_prompt = gen["prompt_lengths"] is None
@@ -281,35 +290,19 @@ class PositionTracker:
         if marked_prompt is not None:
             prompt_lengths, is_prompt = marked_prompt, True
         answer_starts = _per_row(getattr(_state, "answer_starts", None), batch, device, "mark_answer_starts")
-        _stack().append(CallPositions(positions, prompt_lengths, is_prompt, answer_starts))
+        call = CallPositions(positions, prompt_lengths, is_prompt, answer_starts)
+        _stack().append(call)
+        return call
 
-    def post_hook(self, module, args, kwargs, output) -> None:
+    def end(self) -> None:
         calls = _stack()
         if calls:
             calls.pop()
 
     def remove(self) -> None:
-        for handle in self._handles:
+        for handle in self.handles:
             handle.remove()
-        self._handles = []
-
-
-_TRACKER_ATTR = "_actedit_position_tracker"
-
-
-def attach_tracker(model: torch.nn.Module) -> PositionTracker:
-    """Attach (once) a :class:`PositionTracker` to ``model``'s top-level forward."""
-    tracker = getattr(model, _TRACKER_ATTR, None)
-    if tracker is not None and tracker._handles:
-        return tracker
-    tracker = PositionTracker()
-    tracker._handles = [
-        model.register_forward_pre_hook(tracker.pre_hook, with_kwargs=True),
-        # always_call: pop the record even when the forward raises.
-        model.register_forward_hook(tracker.post_hook, with_kwargs=True, always_call=True),
-    ]
-    object.__setattr__(model, _TRACKER_ATTR, tracker)
-    return tracker
+        self.handles = []
 
 
 def _per_token(values: torch.Tensor, device) -> torch.Tensor:

@@ -30,6 +30,8 @@ sign(x)·sqrt(−2 log φ)), tanh (inverse atanh) and elu (inverse log1p for neg
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
 from enum import IntEnum
 from typing import Optional
 
@@ -37,6 +39,7 @@ import torch
 
 from .base import ActEditIntervention
 from .positions import PositionPolicy
+from .settings import Settings, keyword_checked
 
 _EPS = 1e-6
 
@@ -112,6 +115,38 @@ def inverse_feature_map(y: torch.Tensor, fn: FeatureFunction, reference: Optiona
     if fn == FeatureFunction.ELU:
         return torch.where(y > 0, y, torch.log1p(y.clamp_min(-1 + _EPS)))
     raise ValueError(f"Unknown feature function {fn!r}")
+
+
+@dataclass
+class SEAConfig(Settings):
+    """SEA's hyperparameters (a study's ``methods.sea.fit`` block).
+
+    Attributes:
+        energy_ratio: r, the share of spectral energy kept by each projection (official: 0.998).
+        feature_function: φ of non-linear SEA: ``linear`` (default), ``squared_exponential``,
+            ``tanh`` or ``elu``.
+        norm_mode: ``token`` (default; the paper's reading, identical with and without KV cache)
+            or ``feature`` (the official code); see the module docstring.
+        base_tokens: new tokens of each base completion (the model's own greedy answer).
+        position_policy: positions edited (official: every position, ``all``).
+    """
+
+    energy_ratio: float = 0.998
+    feature_function: str = "linear"
+    norm_mode: str = "token"
+    base_tokens: int = 32
+    position_policy: str = "all"
+
+    def __post_init__(self) -> None:
+        ratio = self.energy_ratio
+        if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0.0 < float(ratio) <= 1.0:
+            raise ValueError(f"SEA energy_ratio must be in (0, 1], got {ratio!r}.")
+        self.energy_ratio = float(ratio)
+        self.feature_function = FeatureFunction.parse(self.feature_function).name.lower()
+        self.norm_mode = NormMode.parse(self.norm_mode).name.lower()
+        if isinstance(self.base_tokens, bool) or not isinstance(self.base_tokens, int) or self.base_tokens < 1:
+            raise ValueError(f"SEA base_tokens must be a positive integer, got {self.base_tokens!r}.")
+        self.position_policy = PositionPolicy.parse(self.position_policy).name.lower()
 
 
 class SEAIntervention(ActEditIntervention):
@@ -216,8 +251,9 @@ def fit_sea_factors(H: torch.Tensor, H_pos: torch.Tensor, H_neg: torch.Tensor, e
     return tuple(factors)
 
 
+@keyword_checked
 def build_sea_config(model, factors: dict, *, norm_mode="token", feature_function="linear",
-                     position_policy=None, component: str = "mlp_output", **metadata):
+                     position_policy=None, component: str = "mlp_output", metadata: Optional[dict] = None):
     """An ``IntervenableConfig`` with one SEA module per layer; ``factors`` maps layer → (U⁺, U⁻)."""
     from .config import edit_config, site_width
 
@@ -230,4 +266,4 @@ def build_sea_config(model, factors: dict, *, norm_mode="token", feature_functio
              "feature_function": FeatureFunction(int(first.feature_function)).name.lower(),
              "ranks": {str(layer): list(m.ranks) for layer, m in modules.items()},
              "position_policy": first.policy.name.lower()}
-    return edit_config(model, "sea", modules, component=component, hyperparameters=hyper, **metadata)
+    return edit_config(model, "sea", modules, component=component, hyperparameters=hyper, metadata=metadata)

@@ -140,9 +140,9 @@ def test_composed_same_site_order(llama):
 
 def test_config_metadata_and_model_card(llama, tmp_path):
     config = ai.build_caa_config(llama, {0: torch.randn(32), 2: torch.randn(32)}, multiplier=4.0,
-                                 data={"name": "toy"})
+                                 metadata={"data": {"name": "toy"}})
     pvm = ai.intervenable(llama, config)
-    path = save_artifact(pvm, tmp_path / "caa", metrics={"mc1": 0.5})
+    path = save_artifact(pvm, tmp_path / "caa", metadata={"metrics": {"mc1": 0.5}})
     info = json.loads((path / "config.json").read_text())["actedit"]
     assert info["edits"][0]["method"] == "caa" and info["edits"][0]["layers"] == [0, 2]
     assert info["edits"][0]["hyperparameters"]["multiplier"] == 4.0

@@ -35,7 +35,7 @@ def local_model(tmp_path_factory):
                 p.normal_(std=0.3)
     selection = {"metric": "probe_accuracy", "accuracy": {"0": 0.7, "1": 0.6, "2": 0.9}, "ranking": [2, 0, 1],
                  "selected": [0, 2]}
-    ai.save_artifact(ai.intervenable(model, hpr), root / "hpr", layer_selection=selection)
+    ai.save_artifact(ai.intervenable(model, hpr), root / "hpr", metadata={"layer_selection": selection})
     return root, questions
 
 

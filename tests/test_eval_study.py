@@ -9,6 +9,8 @@ import pytest
 import torch
 import yaml
 
+from actedit.interventions.layers import resolve_layers
+
 from actedit.cli import main
 from actedit.eval.study import default_config_path, load_study
 
@@ -43,9 +45,10 @@ def test_default_config_is_the_embedded_default_study():
     assert cfg.method_names == ["hpr", "sea", "iti", "caa"] and cfg.composed_methods == cfg.method_names
     assert cfg.eval.split == "test" and cfg.eval.limit is None and cfg.data.limit is None
     sea = cfg.pipeline("sea")
-    assert sea.collect.layers == list(range(10, 30)) and sea.site == "mlp_output"
+    assert resolve_layers(sea.collect.layers, 30) == list(range(10, 30)) and sea.site == "mlp_output"
+    assert resolve_layers(sea.collect.layers, 32) == list(range(11, 32))  # the official 21 of 32
     hpr = cfg.pipeline("hpr")
-    assert hpr.select == {"k": 5, "strategy": "probe_first"} and hpr.site == "block_output"
+    assert hpr.select.to_dict() == {"k": 5, "strategy": "probe_first"} and hpr.site == "block_output"
     assert cfg.pipeline("iti").out.endswith("artifacts/iti")
 
 

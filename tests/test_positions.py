@@ -15,6 +15,7 @@ from actedit.interventions import (
     mark_answer_starts,
     mark_prompt_lengths,
 )
+from actedit.interventions import compat
 from actedit.interventions.positions import CallPositions, generation, position_mask
 
 from conftest import tiny_model
@@ -59,11 +60,12 @@ def teacher_forced(call, cached):
     with generation():
         if cached:
             cache = DynamicCache()
+            name = compat.cache_keyword(tiny_model("llama"))
             call({"input_ids": IDS[:, :N_PROMPT], "attention_mask": MASK[:, :N_PROMPT],
-                  "past_key_values": cache, "use_cache": True})
+                  name: cache, "use_cache": True})
             for t in range(N_PROMPT, IDS.shape[1]):
                 call({"input_ids": IDS[:, t:t + 1], "attention_mask": MASK[:, :t + 1],
-                      "past_key_values": cache, "use_cache": True})
+                      name: cache, "use_cache": True})
         else:
             for t in range(N_PROMPT, IDS.shape[1] + 1):
                 call({"input_ids": IDS[:, :t], "attention_mask": MASK[:, :t], "use_cache": False})
@@ -174,15 +176,111 @@ def test_generate_same_with_and_without_cache(policy):
         assert not torch.equal(cached, base)
 
 
-def test_batch_and_single_row_agree_under_left_padding():
-    """A left-padded row is edited exactly as the same row alone."""
+def _oracle_mask(policy: str, start: int, n_tokens: int, n_prompt: int) -> torch.Tensor:
+    """Positions a policy edits in one unpadded sequence of ``n_tokens`` whose prompt has ``n_prompt``."""
+    pos = torch.arange(n_tokens)
+    if policy == "all":
+        return pos >= 0
+    if policy == "prompt":
+        return pos < n_prompt
+    if policy == "generated":
+        return pos >= n_prompt
+    if policy == "from_position":
+        return pos >= (start if start >= 0 else n_prompt + start)
+    if policy in ("last", "answer"):
+        return pos >= n_prompt - 1
+    raise ValueError(policy)
+
+
+def oracle_generate(model, prompt: torch.Tensor, layer: int, shift: torch.Tensor, policy: str, start: int,
+                    new_tokens: int) -> torch.Tensor:
+    """Greedy decoding of one unpadded prompt without pyvene, tracker or cache: every step re-runs
+    the whole sequence with ``shift`` added to the output of decoder layer ``layer`` at the
+    positions the policy edits, computed from the known prompt length."""
+    ids = prompt.clone()
+
+    def add(module, args, output):
+        hidden = output[0] if isinstance(output, tuple) else output
+        mask = _oracle_mask(policy, start, hidden.shape[1], prompt.shape[0])
+        hidden = hidden + shift * mask[None, :, None].to(hidden.dtype)
+        return (hidden,) + tuple(output[1:]) if isinstance(output, tuple) else hidden
+
+    handle = model.model.layers[layer].register_forward_hook(add)
+    try:
+        with torch.no_grad():
+            for _ in range(new_tokens):
+                logits = model(input_ids=ids[None], use_cache=False).logits
+                ids = torch.cat([ids, logits[0, -1].argmax().reshape(1)])
+    finally:
+        handle.remove()
+    return ids
+
+
+@pytest.mark.parametrize("policy,start", POLICIES)
+def test_generation_is_identical_cached_uncached_batched_and_alone(policy, start):
+    """Every policy, with and without KV cache, one prompt alone or left-padded in a batch: the
+    tokens of an oracle that re-runs each whole sequence with the edit at the policy's positions.
+
+    A single unpadded prompt is the case transformers 5.24 broke (the cache arrives as ``cache``,
+    the all-ones mask is dropped): decode steps looked like new prompts."""
     model = tiny_model("llama", seed=4)
-    config = build_caa_config(model, {1: torch.randn(32) * 4}, position_policy="from_position", position_start=1)
+    shift = torch.randn(32) * 4
+    config = build_caa_config(model, {1: shift}, position_policy=policy, position_start=start)
     pvm = intervenable(model, config)
     kwargs = dict(unit_locations=None, intervene_on_prompt=True, max_new_tokens=5, do_sample=False, pad_token_id=0)
-    _, batch = pvm.generate({"input_ids": IDS[:, :N_PROMPT], "attention_mask": MASK[:, :N_PROMPT]}, **kwargs)
-    _, alone = pvm.generate({"input_ids": IDS[:1, 2:N_PROMPT], "attention_mask": MASK[:1, 2:N_PROMPT]}, **kwargs)
-    assert torch.equal(batch[0, 2:], alone[0])
+    batch_inputs = {"input_ids": IDS[:, :N_PROMPT], "attention_mask": MASK[:, :N_PROMPT]}
+    rows = [IDS[0, 2:N_PROMPT], IDS[1, :N_PROMPT]]  # the real tokens of each row
+    expected = [oracle_generate(model, row, 1, shift, policy, start, 5) for row in rows]
+    plain = [model.generate(input_ids=row[None], max_new_tokens=5, do_sample=False, pad_token_id=0)[0]
+             for row in rows]
+    assert any(not torch.equal(e, p) for e, p in zip(expected, plain)), "the edit must change some tokens"
+    for use_cache in (True, False):
+        _, batch = pvm.generate(batch_inputs, use_cache=use_cache, **kwargs)
+        assert torch.equal(batch[0, 2:], expected[0]), (use_cache, batch[0, 2:].tolist(), expected[0].tolist())
+        assert torch.equal(batch[1], expected[1]), (use_cache, batch[1].tolist(), expected[1].tolist())
+        for row, want in zip(rows, expected):
+            _, alone = pvm.generate({"input_ids": row[None]}, use_cache=use_cache, **kwargs)
+            assert torch.equal(alone[0], want), (use_cache, alone[0].tolist(), want.tolist())
+            _, masked = pvm.generate({"input_ids": row[None], "attention_mask": torch.ones(1, len(row),
+                                                                                        dtype=torch.long)},
+                                     use_cache=use_cache, **kwargs)
+            assert torch.equal(masked[0], want)
+
+
+def test_real_positions_from_cache_length_and_mask():
+    """The three facts a call can carry, alone and together."""
+    from actedit.interventions.positions import real_positions
+
+    # decode step of one row, no mask (transformers 5.24 drops an all-ones mask): from the cache
+    pos, past = real_positions(1, 1, None, 6, None)
+    assert pos.tolist() == [[6]] and past == 6
+    # a left-padded batch: the mask covers past + new tokens
+    mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])
+    pos, past = real_positions(2, 1, None, 4, mask)
+    assert pos.tolist() == [[2], [4]] and past == 4
+    # no cache information, but a mask longer than the new tokens: it tells the past length
+    pos, past = real_positions(2, 1, None, None, mask)
+    assert pos.tolist() == [[2], [4]] and past == 4
+    # a mask covering only the new tokens: no padding assumed in the unseen past
+    pos, past = real_positions(1, 2, None, 3, torch.tensor([[1, 1]]))
+    assert pos.tolist() == [[3, 4]]
+    # a prompt pass with padding, nothing cached
+    pos, past = real_positions(2, 5, None, 0, mask)
+    assert pos.tolist() == [[-1, -1, 0, 1, 2], [0, 1, 2, 3, 4]] and past == 0
+
+
+def test_cache_is_found_under_any_name():
+    """compat finds the cache under either transformers name, or as any cache-typed argument."""
+    from actedit.interventions import compat
+
+    cache = DynamicCache()
+    for name in ("cache", "past_key_values", "kv_state"):
+        assert compat.forward_cache({name: cache, "input_ids": IDS}) is cache
+    assert compat.forward_cache({"input_ids": IDS}) is None
+    assert compat.cached_length({"cache_position": torch.tensor([7, 8])}) == 7
+    assert compat.cached_length({"input_ids": IDS}) is None
+    legacy = ((torch.zeros(1, 2, 5, 4), torch.zeros(1, 2, 5, 4)),)
+    assert compat.cached_length({"past_key_values": legacy}) == 5
 
 
 def test_position_mask_fallback_without_tracker():

@@ -385,7 +385,7 @@ def test_format_registry_and_chat_errors(tok):
     assert get_format("hpr", seed=3) == HPRFormat(seed=3)
     assert get_format(ITIFormat()) == ITIFormat()
     assert HPRFormat(seed=2).params() == {"name": "hpr", "lettered": True, "shuffle": True, "seed": 2,
-                                          "system_prompt": None, "include_end_tokens": True}
+                                          "system_prompt": None, "include_end_tokens": True, "chat": None}
     with pytest.raises(ValueError, match="unknown format"):
         get_format("nope")
     with pytest.raises(ValueError, match="bad parameters"):
@@ -397,7 +397,7 @@ def test_format_registry_and_chat_errors(tok):
     no_template = make_tokenizer()
     no_template.chat_template = None
     with pytest.raises(ValueError, match="no chat template"):
-        HPRFormat().encode(example(), no_template)
+        HPRFormat(chat=True).encode(example(), no_template)
 
 
 def test_loader_module_exports():

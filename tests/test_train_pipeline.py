@@ -42,7 +42,7 @@ def test_train_hpr_end_to_end(model_dir):
 
 @pytest.mark.parametrize("method", ["caa", "iti"])
 def test_fit_closed_form_end_to_end(model_dir, method):
-    extra = ["--set", "fit.top_k=4"] if method == "iti" else []
+    extra = ["--set", "fit.top_k=4"] if method == "iti" else ["--set", "fit.layer=-1"]
     assert main(["fit", *common(model_dir, method), *extra]) == 0  # collects on the way
     info = json.loads((model_dir / method / "artifact" / "config.json").read_text())["actedit"]
     assert info["edits"][0]["method"] == method and info["data"]["limit"] == 3

@@ -102,7 +102,7 @@ def test_selection_metadata_goes_into_the_artifact(tmp_path):
     model = tiny_model("llama")  # hidden 32, three layers
     config = build_hpr_config(model, selection.selected, modules=modules)
     pvm = intervenable(model, config)
-    directory = save_artifact(pvm, tmp_path / "hpr", **meta)
+    directory = save_artifact(pvm, tmp_path / "hpr", metadata=meta)
     stored = artifact_metadata(directory)
     assert stored["layer_selection"] == meta["layer_selection"]
     assert stored["edits"][0]["layers"] == [0, 2]

@@ -80,6 +80,7 @@ import torch
 
 from .data import ROLES, ContrastDataset, ContrastExample, PromptPair, PromptPairDataset
 from .formats import EncodedExample, PromptFormat, get_format, tokenizer_fingerprint
+from actedit.interventions import compat
 from actedit.interventions.artifacts import file_sha256
 from actedit.interventions.packing import DEFAULT_PACK_TOKENS, decoder_layer, supports_packing
 
@@ -383,7 +384,7 @@ class _Runner:
         base = {"input_ids": ids.to(self.device), "attention_mask": mask.to(self.device),
                 "position_ids": position_ids.to(self.device), "use_cache": cache, **self.extra}
         if past is not None:
-            base["past_key_values"] = past
+            base[compat.cache_keyword(self.model)] = past
         handle = self.stop_module.register_forward_pre_hook(_raise_stop, with_kwargs=True) \
             if self.stop_module is not None else None
         try:
@@ -712,7 +713,9 @@ def collect_activations(
     from actedit.interventions.config import check_layers, model_signature, site_width
 
     data = _as_dataset(dataset)
-    fmt = get_format(format)
+    fmt, note = get_format(format).for_tokenizer(tokenizer)
+    if note and progress:
+        print(f"collect: {note}", flush=True)
     first = data[0]
     if not isinstance(first, fmt.accepts):
         raise ValueError(f"format {fmt.name!r} reads {fmt.accepts.__name__} items but the dataset holds "
@@ -1260,7 +1263,7 @@ def generate_bases(model, tokenizer, dataset: ContrastDataset, format: Union[str
     from .data import with_bases
     from .formats import SEAFormat, chat_text
 
-    fmt = get_format(format)
+    fmt, _ = get_format(format).for_tokenizer(tokenizer)
     if not isinstance(fmt, SEAFormat):
         raise ValueError(f"base completions are generated for SEA's format, got {fmt.name!r}.")
     data = _as_dataset(dataset)

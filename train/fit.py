@@ -32,10 +32,8 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
+from actedit.interventions.iti import ITI_DIRECTIONS
 from actedit.interventions.sea import FeatureFunction, fit_sea_factors
-
-ITI_DIRECTIONS = ("mass_mean", "probe")
-"""How :func:`fit_iti` chooses a head's direction."""
 
 
 # ---------------------------------------------------------------------------------- validation
@@ -137,14 +135,14 @@ class SEAFit:
         return {layer: (int(u.shape[1]), int(v.shape[1])) for layer, (u, v) in self.factors.items()}
 
     def config(self, model, *, norm_mode: str = "token", position_policy=None, component: str = "mlp_output",
-               **metadata):
+               metadata: Optional[dict] = None):
         """The ``IntervenableConfig`` of this fit (one SEA module per layer)."""
         from actedit.interventions import build_sea_config
 
         fit = {"energy_ratio": self.energy_ratio, "num_examples": self.num_examples}
         return build_sea_config(model, self.factors, norm_mode=norm_mode, feature_function=self.feature_function,
                                 position_policy=position_policy, component=component,
-                                **{"fit": fit, **metadata})
+                                metadata={"fit": fit, **(metadata or {})})
 
 
 def fit_sea(H: Mapping[int, Any], H_pos: Mapping[int, Any], H_neg: Mapping[int, Any], *,
@@ -212,7 +210,7 @@ class ITIFit:
             raise ValueError(f"alpha must be finite, got {self.alpha}.")
 
     def config(self, model, *, alpha: Optional[float] = None, position_policy=None,
-               component: str = "attention_value_output", **metadata):
+               component: str = "attention_value_output", metadata: Optional[dict] = None):
         """The ``IntervenableConfig`` of this fit (one ITI module per layer with selected heads)."""
         from actedit.interventions import build_iti_config
 
@@ -222,7 +220,7 @@ class ITIFit:
         fit = {"direction": self.direction, "top_k": len(self.selected),
                "selected": [[layer, head, round(self._acc(layer, head), 6)] for layer, head in self.selected]}
         return build_iti_config(model, self.heads, alpha=self.alpha if alpha is None else float(alpha),
-                                position_policy=position_policy, component=component, **{"fit": fit, **metadata})
+                                position_policy=position_policy, component=component, metadata={"fit": fit, **(metadata or {})})
 
     def _acc(self, layer: int, head: int) -> float:
         return float(self.val_accuracy[layer][head])
@@ -357,13 +355,13 @@ class CAAFit:
             raise ValueError(f"num_pairs must be positive, got {self.num_pairs}.")
 
     def config(self, model, *, multiplier: float = 1.0, position_policy=None, position_start: int = 0,
-               component: str = "block_output", **metadata):
+               component: str = "block_output", metadata: Optional[dict] = None):
         """The ``IntervenableConfig`` of this fit (one CAA module per layer)."""
         from actedit.interventions import build_caa_config
 
         return build_caa_config(model, self.vectors, multiplier=multiplier, position_policy=position_policy,
                                 position_start=position_start, component=component,
-                                **{"fit": {"num_pairs": self.num_pairs}, **metadata})
+                                metadata={"fit": {"num_pairs": self.num_pairs}, **(metadata or {})})
 
 
 def fit_caa(pos: Mapping[int, Any], neg: Mapping[int, Any]) -> CAAFit:
@@ -409,12 +407,12 @@ class ActAddFit:
         """n, the number of steered prompt positions."""
         return int(next(iter(self.steering.values())).shape[0])
 
-    def config(self, model, *, position_policy=None, component: str = "block_input", **metadata):
+    def config(self, model, *, position_policy=None, component: str = "block_input", metadata: Optional[dict] = None):
         """The ``IntervenableConfig`` of this fit (one ActAdd module per layer)."""
         from actedit.interventions import build_actadd_config
 
         return build_actadd_config(model, self.steering, coefficient=self.coefficient,
-                                   position_policy=position_policy, component=component, **metadata)
+                                   position_policy=position_policy, component=component, metadata=metadata)
 
 
 def fit_actadd(prompt1: Mapping[int, Any], prompt2: Mapping[int, Any], *, coefficient: float = 1.0,

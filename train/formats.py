@@ -37,7 +37,7 @@ import hashlib
 import random
 import re
 import string
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 from .data import ContrastExample, PromptPair
@@ -98,13 +98,18 @@ def encode_text(tokenizer, text: str, add_special_tokens: bool) -> List[int]:
     return list(tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"])
 
 
+def has_chat_template(tokenizer) -> bool:
+    """Whether the tokenizer can render conversations (chat/instruct models; base models cannot)."""
+    return bool(getattr(tokenizer, "chat_template", None))
+
+
 def chat_text(tokenizer, messages: List[Dict[str, str]], add_generation_prompt: bool) -> str:
     """``messages`` rendered by the tokenizer's chat template, as text."""
-    if not getattr(tokenizer, "chat_template", None):
+    if not has_chat_template(tokenizer):
         raise ValueError(
             f"the tokenizer ({type(tokenizer).__name__}, {getattr(tokenizer, 'name_or_path', '')!r}) has no chat "
-            "template; use a chat/instruct model's tokenizer, set tokenizer.chat_template, or a format with "
-            "chat=False."
+            "template (a base model?); set the format's chat=false (or leave chat unset: the plain-text form is "
+            "then chosen automatically), or use a chat/instruct model's tokenizer."
         )
     text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
     if not isinstance(text, str):  # some versions return a list for a single conversation
@@ -188,6 +193,29 @@ class PromptFormat:
             raise ValueError(f"{type(self).__name__} reads {self.accepts.__name__} items, got "
                              f"{type(example).__name__}.")
 
+    def for_tokenizer(self, tokenizer) -> Tuple["PromptFormat", Optional[str]]:
+        """This format as it will run with ``tokenizer``, and a note when it had to adapt.
+
+        Formats with a ``chat`` field render through the chat template when it is True, in their
+        plain-text form when False, and choose when it is None (unset): the template when the
+        tokenizer has one, else the plain-text form, with a note saying so. ``chat=True`` with a
+        tokenizer without template is an error that names the fix.
+        """
+        chat = getattr(self, "chat", False)
+        template = has_chat_template(tokenizer)
+        if chat is None:
+            resolved = replace(self, chat=template)
+            note = None if template else (
+                f"the tokenizer ({getattr(tokenizer, 'name_or_path', '') or type(tokenizer).__name__}) has no chat "
+                f"template (a base model); the {self.name} prompts use their plain-text form instead")
+            return resolved, note
+        if chat and not template:
+            raise ValueError(f"the {self.name} format has chat=true but the tokenizer "
+                             f"({getattr(tokenizer, 'name_or_path', '') or type(tokenizer).__name__}) has no chat "
+                             "template (a base model); set collect.format.chat=false or leave it unset to use the "
+                             "plain-text form.")
+        return self, None
+
 
 @dataclass(frozen=True)
 class HPRFormat(PromptFormat):
@@ -199,12 +227,14 @@ class HPRFormat(PromptFormat):
     ``"X. {choice}"``. With ``lettered=False`` (ToxiGen, BIG-bench) the prompt is the user
     message and the responses are used as they are.
 
-    Tokens: the conversation (user, assistant) rendered by the chat template and tokenized
-    without adding special tokens; the response starts after as many tokens as the question
-    rendered with ``add_generation_prompt=True`` has. Every token from there on is read,
-    including the template's end-of-turn tokens (``<|im_end|>`` and a newline for ChatML), as in
-    the official ``get_activations.py``; ``include_end_tokens=False`` stops at the last token of
-    the response text. Pairs are aligned per position up to the shorter response when the store
+    Tokens (``chat=True``, the official setting): the conversation (user, assistant) rendered by
+    the chat template and tokenized without adding special tokens; the response starts after as
+    many tokens as the question rendered with ``add_generation_prompt=True`` has. Every token from
+    there on is read, including the template's end-of-turn tokens (``<|im_end|>`` and a newline
+    for ChatML), as in the official ``get_activations.py``; ``include_end_tokens=False`` stops at
+    the last token of the response text. Plain text (``chat=False``, for base models without a
+    template): the user message tokenized with special tokens (BOS), followed by the response's
+    own tokens, all of which are read. Pairs are aligned per position up to the shorter response when the store
     is read. (TruthfulQA train split, HPR's file, SmolLM2's tokenizer: 4,911 pairs; 59,674
     aligned token pairs with end tokens, 49,852 without.)
 
@@ -215,6 +245,8 @@ class HPRFormat(PromptFormat):
             the example's ``id`` (its dataset index when it has none).
         system_prompt: a system message (HPR uses none; templates may add their default).
         include_end_tokens: also read the template's tokens after the response text (official).
+        chat: render through the chat template (True), as plain text (False), or unset (None):
+            the template when the tokenizer has one (see :meth:`PromptFormat.for_tokenizer`).
     """
 
     lettered: bool = True
@@ -222,6 +254,7 @@ class HPRFormat(PromptFormat):
     seed: int = 0
     system_prompt: Optional[str] = None
     include_end_tokens: bool = True
+    chat: Optional[bool] = None
     name = "hpr"
 
     def choices(self, example: ContrastExample, index: int = 0) -> Tuple[str, List[str], List[str]]:
@@ -245,6 +278,20 @@ class HPRFormat(PromptFormat):
     def encode(self, example, tokenizer, index: int = 0) -> EncodedExample:
         self.check(example)
         user, pos, neg = self.choices(example, index)
+        if self.chat is None:  # unset: as for_tokenizer() resolves it
+            return replace(self, chat=has_chat_template(tokenizer)).encode(example, tokenizer, index)
+        if not self.chat:
+            prompt = encode_text(tokenizer, user, add_special_tokens=True)
+            sequences = []
+            for role, responses in (("pos", pos), ("neg", neg)):
+                for r, response in enumerate(responses):
+                    answer = encode_text(tokenizer, response, add_special_tokens=False)
+                    if not answer:
+                        raise ValueError(f"example {example.id or index}: the {role} response {response!r:.60} "
+                                         "tokenizes to no token.")
+                    ids = prompt + answer
+                    sequences.append(EncodedSequence(ids, list(range(len(prompt), len(ids))), role, r, user + response))
+            return EncodedExample(sequences)
         question = chat_text(tokenizer, _messages(self.system_prompt, user), add_generation_prompt=True)
         start = len(encode_text(tokenizer, question, add_special_tokens=False))
         sequences = []
@@ -315,13 +362,14 @@ class CAAFormat(PromptFormat):
     Rimsky et al.'s ``[/INST] (A``); with ``chat=False`` it is ``plain_template``.
 
     Attributes:
-        chat: use the tokenizer's chat template.
+        chat: use the tokenizer's chat template (True), the plain template (False), or unset
+            (None): the chat template when the tokenizer has one.
         system_prompt: an optional system message (chat only).
         plain_template: the text without chat template (``{prompt}``, ``{answer}``); tokenized with
             special tokens.
     """
 
-    chat: bool = True
+    chat: Optional[bool] = None
     system_prompt: Optional[str] = None
     plain_template: str = "{prompt}\n\nAnswer: {answer}"
     name = "caa"
@@ -337,7 +385,8 @@ class CAAFormat(PromptFormat):
             if letter is None:
                 raise ValueError(f"example {example.id or index}: CAA answers name a choice letter, like '(A)'; "
                                  f"got {answer!r}.")
-            if self.chat:
+            chat = has_chat_template(tokenizer) if self.chat is None else self.chat
+            if chat:
                 head = chat_text(tokenizer, _messages(self.system_prompt, example.prompt), add_generation_prompt=True)
                 text, special = head + answer, False
                 char = len(head) + letter
@@ -367,7 +416,8 @@ class SEAFormat(PromptFormat):
             ``"Q: {q}\\nA:"`` after a 6-shot QA preamble.
         separator: put between prompt and completion.
         preamble: text before the templated prompt (e.g. few-shot demonstrations).
-        chat: render through the chat template.
+        chat: render through the chat template (True), not (False, the default), or unset (None):
+            the template when the tokenizer has one.
         require_bases: raise when an example has no base completion (SEA needs three matrices);
             set False to collect positives and negatives only.
     """
@@ -375,7 +425,7 @@ class SEAFormat(PromptFormat):
     template: str = "Q: {prompt}\nA:"
     separator: str = " "
     preamble: str = ""
-    chat: bool = False
+    chat: Optional[bool] = False
     require_bases: bool = True
     name = "sea"
 
@@ -389,7 +439,7 @@ class SEAFormat(PromptFormat):
                              "completion of each prompt in ContrastExample.bases (or SEAFormat(require_bases=False)).")
         prompt = self.preamble + self.template.format(prompt=example.prompt)
         special = True
-        if self.chat:
+        if has_chat_template(tokenizer) if self.chat is None else self.chat:
             prompt = chat_text(tokenizer, _messages(None, prompt), add_generation_prompt=True)
             special = False
         sequences = []
@@ -455,6 +505,7 @@ def get_format(spec: Union[str, PromptFormat], **params) -> PromptFormat:
 
 __all__ = [
     "ActAddFormat", "CAAFormat", "EncodedExample", "EncodedSequence", "FORMATS", "HPRFormat", "ITIFormat",
-    "PromptFormat", "SEAFormat", "chat_text", "choice_letter_index", "encode_text", "get_format", "token_at_char",
+    "PromptFormat", "SEAFormat", "chat_text", "choice_letter_index", "encode_text", "get_format", "has_chat_template",
+    "token_at_char",
     "tokenizer_fingerprint",
 ]

@@ -53,6 +53,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from actedit.interventions.settings import Settings
+
 SCHEDULES = ("linear", "cosine", "constant")
 """Learning-rate schedules after warmup."""
 
@@ -66,7 +68,7 @@ IGNORE_INDEX = -100
 
 # ------------------------------------------------------------------------------------- configs
 @dataclass
-class TrainConfig:
+class TrainConfig(Settings):
     """Hyperparameters of :func:`run_training` (defaults: HPR's released training script).
 
     Attributes:

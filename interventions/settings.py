@@ -1,0 +1,101 @@
+"""Typed settings: dataclasses built from user mappings, with errors that name the fix.
+
+Every configuration in actedit (a method's hyperparameters, training options, a study's YAML
+blocks) is a small dataclass deriving from :class:`Settings`. :meth:`Settings.from_mapping`
+builds one from a mapping (a YAML block, ``--set`` overrides, Python keyword arguments) and
+refuses unknown keys with an :class:`UnknownSettingError` that lists the valid keys and the
+closest match; values are validated by each dataclass's ``__post_init__``. Python functions whose
+keyword arguments are settings take :func:`keyword_checked`, so that a mistyped keyword gets the
+same message.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import functools
+import inspect
+from typing import Any, Callable, Iterable, Mapping, Optional, Sequence, Type, TypeVar
+
+S = TypeVar("S", bound="Settings")
+
+
+class UnknownSettingError(ValueError, TypeError):
+    """A mistyped or unsupported setting name.
+
+    A ``ValueError`` (what the CLI reports as one line) and a ``TypeError`` (what Python raises for
+    an unexpected keyword argument), so either ``except`` catches it.
+    """
+
+
+def _suggest(unknown: Sequence[str], valid: Sequence[str], prefix: str = "") -> str:
+    parts = []
+    for key in unknown:
+        close = difflib.get_close_matches(str(key), valid, n=1, cutoff=0.6)
+        parts.append(f"{prefix}{key}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+    return ", ".join(parts)
+
+
+def unknown_keys_message(unknown: Sequence[str], valid: Iterable[str], where: str) -> str:
+    """``"unknown key(s) WHERE.KEY (did you mean ...?); valid keys of WHERE: ..."``."""
+    valid = sorted(valid)
+    return (f"unknown key{'s' if len(unknown) > 1 else ''} {_suggest(unknown, valid, where + '.' if where else '')}; "
+            f"valid keys{' of ' + where if where else ''}: {', '.join(valid) if valid else 'none'}.")
+
+
+def check_keys(given: Iterable[str], valid: Iterable[str], where: str) -> None:
+    """Raise :class:`UnknownSettingError` when ``given`` holds a key outside ``valid``."""
+    valid = set(valid)
+    unknown = [k for k in given if k not in valid]
+    if unknown:
+        raise UnknownSettingError(unknown_keys_message(unknown, valid, where))
+
+
+@dataclasses.dataclass
+class Settings:
+    """Base of actedit's typed settings (see the module docstring)."""
+
+    @classmethod
+    def field_names(cls) -> list:
+        return [f.name for f in dataclasses.fields(cls) if f.init]
+
+    @classmethod
+    def from_mapping(cls: Type[S], values: Optional[Mapping[str, Any]] = None, where: str = "", **extra) -> S:
+        """An instance from ``values`` (None: the defaults) and ``extra``; ``where`` names the
+        block in error messages (``methods.hpr.fit``)."""
+        if values is None:
+            values = {}
+        if isinstance(values, cls):
+            values = dataclasses.asdict(values)
+        if not isinstance(values, Mapping):
+            raise ValueError(f"{where or cls.__name__} must be a mapping of settings, got {type(values).__name__} "
+                             f"({values!r:.60}).")
+        merged = {**values, **extra}
+        check_keys(merged, cls.field_names(), where or cls.__name__)
+        return cls(**merged)
+
+    def to_dict(self) -> dict:
+        """The settings as plain JSON-friendly values (recorded in artifacts and reports)."""
+        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(self).items()}
+
+
+def keyword_checked(fn: Callable) -> Callable:
+    """Make ``fn`` refuse unknown keyword arguments with :class:`UnknownSettingError` (valid names
+    and the closest match listed) instead of Python's bare ``TypeError``. Functions that take
+    ``**kwargs`` themselves are left as they are."""
+    params = inspect.signature(fn).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return fn
+    valid = [name for name, p in params.items()
+             if p.kind in (inspect.Parameter.KEYWORD_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)]
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        unknown = [k for k in kwargs if k not in params]
+        if unknown:
+            raise UnknownSettingError(
+                f"{fn.__name__}() got unknown keyword argument{'s' if len(unknown) > 1 else ''} "
+                f"{_suggest(unknown, valid)}; valid: {', '.join(valid)}.")
+        return fn(*args, **kwargs)
+
+    return wrapper
