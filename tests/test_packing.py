@@ -3,6 +3,8 @@ plain forwards of every sequence (with and without a cached prefix, several mode
 
 import pytest
 import torch
+
+from actedit.interventions import compat
 from transformers import DynamicCache
 
 from actedit.interventions import CAAIntervention, build_caa_config, intervenable
@@ -66,13 +68,13 @@ def test_packed_forward_equals_plain_forwards(family):
     assert supports_packing(model) is None
     prefix = torch.tensor([[1, 2, 3, 4]])
     with torch.no_grad():
-        cache = model(prefix, use_cache=True).past_key_values
+        cache = compat.returned_cache(model(prefix, use_cache=True))
         trees = [Tree(t.trunk, t.branches, offset=4) if t.trunk else Tree([25], t.branches, offset=4) for t in TREES]
         (batch,) = pack_trees(trees, max_tokens=9, max_rows=3)
         packed = model(input_ids=batch.input_ids, position_ids=batch.position_ids,
                        attention_mask=batch.attention_mask(4, torch.float64),
-                       past_key_values=select_cache_rows(cache, torch.zeros(batch.shape[0], dtype=torch.long)),
-                       use_cache=True).logits
+                       use_cache=True, **{compat.cache_keyword(model): select_cache_rows(
+                           cache, torch.zeros(batch.shape[0], dtype=torch.long))}).logits
         for k, tree in enumerate(trees):
             for (r, c), branch in zip(batch.branch_at[k], tree.branches):
                 if not branch:

@@ -17,8 +17,7 @@ from actedit.train.collect import SITES, ActivationStore, collect_activations
 from actedit.train.data import ContrastDataset, ContrastExample, PromptPair, PromptPairDataset
 from actedit.train.formats import ActAddFormat, CAAFormat, HPRFormat, ITIFormat, SEAFormat
 
-from conftest import tiny_model
-from test_train_data import make_tokenizer
+from conftest import make_tokenizer, tiny_model
 
 TESTS = Path(__file__).resolve().parent
 
@@ -226,8 +225,7 @@ def test_killed_subprocess_resumes_byte_identical(tmp_path, tok):
         sys.path[:0] = [{str(TESTS)!r}]
         import torch
         torch.set_num_threads(1)
-        from conftest import tiny_model
-        from test_train_data import make_tokenizer
+        from conftest import make_tokenizer, tiny_model
         from test_train_collect import dataset
         from actedit.train.collect import collect_activations
         tok = make_tokenizer()

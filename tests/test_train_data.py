@@ -31,40 +31,7 @@ from actedit.train.formats import (
     get_format,
 )
 
-from conftest import SHARED_DATA
-
-# ------------------------------------------------------------------------ test tokenizer
-CORPUS = [
-    "Question: What is the capital of France?\nChoices:\nA. Paris\nB. Lyon\nAnswer:\n",
-    "Q: Is the sky blue? A: Yes it is. No it is not. The sky is green.",
-    "The quick brown fox jumps over the lazy dog. Which answer (A) or (B) is right?",
-    "Love Hate I talk about weddings constantly. Statement: hateful Respond with either Yes or No.",
-]
-CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
-
-
-def make_tokenizer(vocab_size: int = 300):
-    """A small byte-level BPE tokenizer (trained in milliseconds, offline) with a ChatML template.
-
-    Ids 0, 1, 2 are <pad>, <s>, </s> (the tiny test models' pad/bos/eos); BOS is added to plain
-    text; ``len(tokenizer)`` is the vocabulary size to build models with.
-    """
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, show_progress=False,
-                                  special_tokens=["<pad>", "<s>", "</s>", "<|im_start|>", "<|im_end|>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(CORPUS * 3, trainer)
-    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
-    fast.chat_template = CHATML
-    return fast
-
+from conftest import SHARED_DATA, make_tokenizer
 
 @pytest.fixture(scope="module")
 def tok():
