@@ -31,7 +31,7 @@ questions with small shards (``--shard-mb``, default 16 MiB); a thread samples t
 resident set size every 20 ms during collection. Flat peak RSS over growing stores means memory is
 bounded by one shard plus one batch.
 
-The model is loaded with ``actedit.eval.models.load_model`` when available, else directly with
+The model is loaded with ``actedit.train.models.load_model`` when available, else directly with
 ``AutoModelForCausalLM.from_pretrained(folder, gguf_file=...)``; the package folder is found with
 ``importlib.util.find_spec`` (never imported).
 """
@@ -97,7 +97,7 @@ class RSSSampler:
 def load_smollm2(spec: str):
     """(model, tokenizer) of the benchmark model, fp32 on the CPU."""
     try:
-        from actedit.eval.models import load_model
+        from actedit.train.models import load_model
     except ImportError:
         load_model = None
     if load_model is not None:

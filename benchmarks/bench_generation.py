@@ -94,8 +94,8 @@ def main() -> None:
     import pyvene as pv
 
     import actedit.interventions as ai
-    from actedit.eval.generate import encode_left_padded
-    from actedit.eval.models import load_model
+    from actedit.train.generate import encode_left_padded
+    from actedit.train.models import load_model
 
     model, tok = load_model(args.model)
     model.eval()

@@ -44,7 +44,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from actedit.eval import mc  # noqa: E402
-from actedit.eval.models import load_model  # noqa: E402
+from actedit.train.models import load_model  # noqa: E402
 from _env import machine_info, versions  # noqa: E402  (benchmarks/_env.py)
 
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "truthfulqa"

@@ -1,8 +1,14 @@
 """The ``actedit`` command line.
 
 Subcommands are registered with :func:`register` in :data:`COMMANDS` (name → (help,
-add_arguments, run)); each ``run(args)`` returns an exit code. Errors that are the user's (bad paths, bad configs, wrong
-models) are printed as one clear line, without a traceback (``--debug`` shows it).
+add_arguments, run)); each ``run(args)`` returns an exit code. Errors that are the user's (bad
+paths, bad configs, wrong models) are printed as one clear line, without a traceback
+(``--debug`` shows it).
+
+OpenMP's wait policy is left to the user. PASSIVE (idle threads sleep at once) protects a machine
+shared with other busy processes; on a machine of its own it slows collection, generation and
+every training step (each of a step's many small operations wakes the sleeping thread). Set
+``OMP_WAIT_POLICY=PASSIVE`` before running on a shared machine (training then uses one thread).
 """
 
 from __future__ import annotations
@@ -10,14 +16,13 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-
-# OpenMP's wait policy is left to the user. PASSIVE (idle threads sleep at once) protects a
-# machine shared with other busy processes, where spinning threads waiting for a descheduled peer
-# slowed torch down many times over; on a machine of its own it costs the study: collection 5-10%,
-# generation ~10%, and twice the time per HPR training step (each of a step's ~100 small
-# operations wakes the sleeping thread). Set OMP_WAIT_POLICY=PASSIVE before running on a shared
-# machine (the HPR trainer then uses one thread).
 from typing import Callable, Dict, Optional, Sequence, Tuple
+
+from actedit.eval import chat, report
+from actedit.interventions.artifacts import push_to_hub, resolve_artifact, verify_artifact
+from actedit.interventions.registry import method_names, methods
+from actedit.study import run as study
+from actedit.train import pipeline
 
 COMMANDS: Dict[str, Tuple[str, Callable, Callable]] = {}
 
@@ -33,8 +38,6 @@ def _info_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_info(args) -> int:
-    from actedit.interventions.artifacts import resolve_artifact, verify_artifact
-
     info = verify_artifact(resolve_artifact(args.artifact))
     if args.json:
         print(json.dumps(info, indent=2))
@@ -58,40 +61,27 @@ def _push_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_push(args) -> int:
-    from actedit.interventions.artifacts import push_to_hub
-
     print(push_to_hub(args.artifact, args.repo_id, private=args.private, token=args.token))
     return 0
 
 
+_FITTED = ", ".join(s.name for s in methods() if not s.trained)
+_TRAINED = ", ".join(s.name for s in methods() if s.trained)
+
 register("info", "show what an artifact holds (methods, layers, base model, metrics)", _info_arguments, run_info)
 register("push", "upload an artifact directory to the Hugging Face Hub", _push_arguments, run_push)
-
-
-def _register_evaluation() -> None:
-    from actedit.eval import chat, report, study
-
-    register("run", "run a whole study from a YAML file: collect, fit/train every method, compose, evaluate, "
-             "report (default: configs/default.yaml)", study.add_arguments, study.run)
-    register("eval", "TruthfulQA MC1/MC2 of a model and an edit (lm-eval protocol), with analyses and plots",
-             report.add_arguments, report.run)
-    register("chat", "chat with an edited model; re-select edited layers live "
-             "('### target layers: 13,14,15 / all / none')", chat.add_arguments, chat.run)
-
-
-def _register_training() -> None:
-    from actedit.train import pipeline
-
-    register("collect", "collect the activations a method needs (sharded, resumable)", pipeline.add_arguments,
-             pipeline.run_collect)
-    register("fit", "fit a closed-form edit (CAA, ITI, SEA, ActAdd) and write its artifact", pipeline.add_arguments,
-             pipeline.run_fit)
-    register("train", "train HPR on collected activations, select layers, write the artifact",
-             pipeline.add_arguments, pipeline.run_train)
-
-
-_register_training()
-_register_evaluation()
+register("collect", f"collect the activations a method needs (sharded, resumable; methods: {', '.join(method_names())})",
+         pipeline.add_arguments, pipeline.run_collect)
+register("fit", f"fit a closed-form edit ({_FITTED}) and write its artifact", pipeline.add_arguments,
+         pipeline.run_fit)
+register("train", f"train an edit ({_TRAINED}) on collected activations, select layers, write the artifact",
+         pipeline.add_arguments, pipeline.run_train)
+register("run", "run a whole study from a YAML file: collect, fit/train every method, compose, evaluate, "
+         "report (default: configs/default.yaml)", study.add_arguments, study.run)
+register("eval", "a task's metrics (TruthfulQA MC1/MC2 by default; lm-eval protocol) of a model and an edit, "
+         "with analyses and plots", report.add_arguments, report.run)
+register("chat", "chat with an edited model; re-select edited layers live "
+         "('### target layers: 13,14,15 / all / none')", chat.add_arguments, chat.run)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,30 +1,13 @@
-"""actedit.eval: model loading and multiple-choice scoring (lm-eval's TruthfulQA MC1/MC2 protocol).
+"""actedit.eval: multiple-choice scoring of any registered task (lm-eval's protocol), analyses of an
+edit, the lm-eval bridge, generations before and after an edit, and ``actedit eval`` / ``actedit chat``.
 
-* :func:`load_model` — a causal LM and its tokenizer from an alias, a ``.gguf`` file, a local
-  directory or a Hub id (:mod:`actedit.eval.models`);
-* :func:`score_mc` — TruthfulQA MC1/MC2 of a model or a ``pyvene.IntervenableModel``, equal to
-  lm-eval's ``truthfulqa_mc1``/``truthfulqa_mc2`` and computed from a cached primer
-  (:mod:`actedit.eval.mc`); :func:`loglikelihoods` is the engine for other context/continuation
-  tasks.
+* :func:`score_mc` / :func:`score_mc_many` — a task's metrics (TruthfulQA MC1/MC2 by default) of a
+  model or a ``pyvene.IntervenableModel``, equal to lm-eval's and computed from a cached primer
+  (:mod:`actedit.eval.mc`); :func:`loglikelihoods` is the engine for any context/continuation pairs;
+* :mod:`actedit.eval.analysis` — norms, flips, side effects, layer curves.
 """
 
-from .mc import (
-    MCRecord,
-    MCResult,
-    TRUTHFULQA_PRIMER,
-    encode_pair,
-    loglikelihoods,
-    mc1_correct,
-    mc2_value,
-    mean_stderr,
-    needs_full_sequences,
-    score_mc,
-    truthfulqa_context,
-)
-from .models import ALIASES, ModelPackageMissing, ModelSpecError, load_model, resolve_spec
+from .mc import MCRecord, MCResult, encode_pair, loglikelihoods, needs_full_sequences, score_mc, score_mc_many
 
-__all__ = [
-    "ALIASES", "MCRecord", "MCResult", "ModelPackageMissing", "ModelSpecError", "TRUTHFULQA_PRIMER", "encode_pair",
-    "load_model", "loglikelihoods", "mc1_correct", "mc2_value", "mean_stderr", "needs_full_sequences",
-    "resolve_spec", "score_mc", "truthfulqa_context",
-]
+__all__ = ["MCRecord", "MCResult", "encode_pair", "loglikelihoods", "needs_full_sequences", "score_mc",
+           "score_mc_many"]

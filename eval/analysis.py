@@ -6,7 +6,8 @@ figures are drawn by :mod:`actedit.eval.plots`. What is measured:
 * :func:`activation_norms` — the L2 norm ‖h‖ of the residual stream after each decoder block
   (pyvene component ``block_output``) at every real (non-padding) token of a fixed text sample,
   for the base model and for each edited model (HPR paper, Sec. 4.3, Fig. 3/4: "magnitude
-  consistency"). Activations are read through pyvene with :class:`ActivationCollector`, placed
+  consistency"). Activations are read through pyvene with
+  :class:`~actedit.interventions.collector.ActivationCollector`, placed
   *after* the edit at the same site, so an edited layer reports the edited activation. Summary:
   mean/std/quartiles per layer (:class:`NormStats`) and the mean relative norm drift
   |‖h'‖ − ‖h‖| / ‖h‖ per layer, token by token.
@@ -20,6 +21,8 @@ figures are drawn by :mod:`actedit.eval.plots`. What is measured:
   (cross-entropy, nats) of the base and the edited model, and the mean KL(base ‖ edited) of the
   next-token distributions, over the real tokens of a fixed sample (:data:`NEUTRAL_TEXTS` by
   default).
+* :func:`analyze_edits` — the three above for every edit scored against its base model (what
+  ``actedit run`` and ``actedit eval`` report), with the norm and flip plots.
 
 Texts are tokenised one by one (the tokenizer's own special tokens, e.g. BOS) and right-padded by
 :func:`encode_texts`, so every real token keeps the position it has without padding; padding is
@@ -30,7 +33,6 @@ policy, for instance, edits only the last real token of a plain forward.
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -39,6 +41,15 @@ from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Seque
 import pyvene as pv
 import torch
 import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from actedit.interventions import compat
+from actedit.interventions.collector import ActivationCollector
+from actedit.interventions.config import base_model_of, compose, config_of, is_intervenable, site_width
+from actedit.interventions.layers import model_depth
+from actedit.train.formats import pad_id
+
+from actedit.train import plots
 
 NEUTRAL_TEXTS: Tuple[str, ...] = (
     "The Pacific Ocean is the largest and deepest of the Earth's five oceanic divisions.",
@@ -69,29 +80,8 @@ measurements; unrelated to TruthfulQA and to any steering behaviour."""
 
 
 # ------------------------------------------------------------------------------- utilities
-def is_intervenable(obj) -> bool:
-    """True for a ``pyvene.IntervenableModel`` (or any pyvene wrapper)."""
-    from pyvene.models.intervenable_base import BaseModel
-
-    return isinstance(obj, BaseModel)
-
-
-def base_model_of(model_or_pvm) -> torch.nn.Module:
-    """The plain model: ``pvm.model`` for a pyvene wrapper, else the argument itself."""
-    return model_or_pvm.model if is_intervenable(model_or_pvm) else model_or_pvm
-
-
 def _device(model) -> torch.device:
     return next(base_model_of(model).parameters()).device
-
-
-def _n_layers(model) -> int:
-    cfg = base_model_of(model).config
-    for name in ("num_hidden_layers", "n_layer"):
-        value = getattr(cfg, name, None)
-        if isinstance(value, int):
-            return value
-    raise ValueError(f"cannot tell the number of layers of {type(base_model_of(model)).__name__}.")
 
 
 def encode_texts(tokenizer, texts: Sequence[str], max_length: Optional[int] = 256,
@@ -117,9 +107,7 @@ def encode_texts(tokenizer, texts: Sequence[str], max_length: Optional[int] = 25
         if not ids:
             raise ValueError(f"text {text!r} has no tokens.")
         rows.append(ids)
-    pad = tokenizer.pad_token_id
-    if pad is None:
-        pad = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
+    pad = pad_id(tokenizer)
     width = max(len(r) for r in rows)
     input_ids = torch.full((len(rows), width), int(pad), dtype=torch.long)
     mask = torch.zeros((len(rows), width), dtype=torch.long)
@@ -159,63 +147,6 @@ def _forward(model_or_pvm, batch: Dict[str, torch.Tensor]):
     return model_or_pvm(**batch, use_cache=False)
 
 
-def save_json(result: Any, path: Union[str, Path]) -> Path:
-    """Write an analysis result (anything with ``to_dict()``, or plain data) as indented JSON."""
-    data = result.to_dict() if hasattr(result, "to_dict") else result
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(data, indent=2))
-    return path
-
-
-# ------------------------------------------------------------------------- the collector
-class ActivationCollector(pv.SourcelessIntervention, pv.TrainableIntervention):
-    """A pyvene intervention that records its input and returns it unchanged.
-
-    With ``unit_locations=None`` pyvene hands it the whole activation ``(batch, seq, d)`` of each
-    forward call; ``keep_last_dim=True`` keeps that shape (pyvene's own ``CollectIntervention``
-    flattens several positions to ``(batch, seq·d)`` and returns only the first ``d`` columns).
-    It has no ``method_name``, so :func:`actedit.interventions.compose` places it after every
-    actedit edit at the same site: it sees the edited activation.
-
-    Args:
-        embed_dim: width of the site (informative).
-        reduce: optional function applied to each detached activation before it is stored
-            (e.g. a norm over the last dimension, to keep memory small).
-
-    Attributes:
-        records: one stored (reduced) tensor per forward call, in call order.
-    """
-
-    def __init__(self, embed_dim: Optional[int] = None, reduce: Optional[Callable] = None, **kwargs):
-        kwargs.pop("keep_last_dim", None)
-        super().__init__(embed_dim=embed_dim, **kwargs, keep_last_dim=True)
-        self.reduce = reduce
-        self.records: List[torch.Tensor] = []
-
-    def forward(self, base, source=None, subspaces=None, **kwargs):
-        value = base.detach()
-        self.records.append(self.reduce(value) if self.reduce is not None else value.clone())
-        return base
-
-    def clear(self) -> None:
-        self.records = []
-
-    def __str__(self) -> str:
-        return "ActivationCollector()"
-
-
-def _edit_config(pvm) -> pv.IntervenableConfig:
-    """An ``IntervenableConfig`` holding the intervention instances of ``pvm`` in its order."""
-    representations = []
-    for key in pvm.sorted_keys:
-        module = pvm.interventions[key]
-        module = module[0] if isinstance(module, tuple) else module
-        representations.append(pvm.representations[key]._replace(intervention=module)._asdict())
-    info = dict(getattr(pvm.config, "actedit", None) or {})
-    return pv.IntervenableConfig(representations=representations, actedit=info)
-
-
 def restrict_layers(pvm, layers: Sequence[int]):
     """The edits of ``pvm`` at ``layers`` only, as a new ``IntervenableModel`` on the same base model.
 
@@ -225,12 +156,10 @@ def restrict_layers(pvm, layers: Sequence[int]):
     gives the baseline in :func:`accuracy_vs_num_layers`. Raises ``ValueError`` for layers that
     ``pvm`` does not edit.
     """
-    from actedit.interventions import compat
-
     if not is_intervenable(pvm):
         raise ValueError(f"restrict_layers() needs a pyvene IntervenableModel, got {type(pvm).__name__}.")
     wanted = {int(layer) for layer in layers}
-    config = _edit_config(pvm)
+    config = config_of(pvm)
     edited = {int(rep.layer) for rep in config.representations}
     unknown = sorted(wanted - edited)
     if unknown:
@@ -247,9 +176,6 @@ def restrict_layers(pvm, layers: Sequence[int]):
 
 def _with_collectors(model_or_pvm, layers: Sequence[int], component: str, reduce: Optional[Callable]):
     """A fresh ``IntervenableModel``: the edits of ``model_or_pvm`` (if any) + one collector per layer."""
-    from actedit.interventions import compat
-    from actedit.interventions.config import compose, site_width
-
     model = base_model_of(model_or_pvm)
     width = site_width(model, component)
     collectors = {layer: ActivationCollector(embed_dim=width, reduce=reduce) for layer in layers}
@@ -257,7 +183,7 @@ def _with_collectors(model_or_pvm, layers: Sequence[int], component: str, reduce
         {"layer": layer, "component": component, "unit": "pos", "intervention": collectors[layer]}
         for layer in layers])
     if is_intervenable(model_or_pvm) and len(model_or_pvm.interventions) > 0:
-        config = compose(_edit_config(model_or_pvm), collect_config)
+        config = compose(config_of(model_or_pvm), collect_config)
     else:
         config = collect_config
     compat.apply()
@@ -268,7 +194,7 @@ def _with_collectors(model_or_pvm, layers: Sequence[int], component: str, reduce
 
 
 def _resolve_layers(model, layers: Optional[Sequence[int]]) -> List[int]:
-    n = _n_layers(model)
+    n = model_depth(base_model_of(model))
     if layers is None:
         return list(range(n))
     out = []
@@ -283,7 +209,7 @@ def _resolve_layers(model, layers: Optional[Sequence[int]]) -> List[int]:
 
 
 @torch.no_grad()
-def collect_activations(model_or_pvm, inputs: Mapping[str, torch.Tensor], layers: Optional[Sequence[int]] = None, *,
+def layer_activations(model_or_pvm, inputs: Mapping[str, torch.Tensor], layers: Optional[Sequence[int]] = None, *,
                         component: str = "block_output", batch_size: int = 8,
                         reduce: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
                         skip_first: int = 0) -> Dict[int, torch.Tensor]:
@@ -516,7 +442,7 @@ def collect_norms(model_or_pvm, inputs: Mapping[str, torch.Tensor], layers: Opti
                   label: str = "base", component: str = "block_output", batch_size: int = 8,
                   skip_first: int = 0) -> NormProfile:
     """:class:`NormProfile` of one model (plain or ``IntervenableModel``, edits applied) on ``inputs``."""
-    acts = collect_activations(model_or_pvm, inputs, layers, component=component, batch_size=batch_size, reduce=_l2,
+    acts = layer_activations(model_or_pvm, inputs, layers, component=component, batch_size=batch_size, reduce=_l2,
                                skip_first=skip_first)
     return NormProfile(label, component, {layer: values.tolist() for layer, values in acts.items()})
 
@@ -639,20 +565,22 @@ def prediction_flips(base_correct: Sequence[bool], edited_correct: Sequence[bool
                      counts=counts)
 
 
-def flips_from_records(base_records: Sequence, edited_records: Sequence, attribute: str = "mc1_correct") -> FlipTable:
-    """Flip table from two lists of per-question records (e.g. ``MCResult.records``), matched by ``index``.
+def flips_from_records(base_records: Sequence, edited_records: Sequence, metric: str) -> FlipTable:
+    """Flip table from two lists of per-question records (``MCResult.records``), matched by ``index``.
 
-    Records are objects or dicts with ``index`` and ``attribute`` (default ``mc1_correct``); both
+    A question counts as correct when its value of ``metric`` (a 0/1 metric such as TruthfulQA's
+    ``mc1``) is 1; records are :class:`~actedit.eval.mc.MCRecord` objects or their dicts; both
     lists must cover the same questions.
     """
     def table(records):
         out = {}
         for r in records:
-            get = r.get if isinstance(r, Mapping) else (lambda k, r=r: getattr(r, k))
-            index = get("index")
+            index, values = (r["index"], r["values"]) if isinstance(r, Mapping) else (r.index, r.values)
             if index in out:
                 raise ValueError(f"question index {index} appears twice.")
-            out[index] = get(attribute)
+            if metric not in values:
+                raise ValueError(f"the records hold no metric {metric!r} (they hold {sorted(values)}).")
+            out[index] = bool(values[metric] >= 0.5)
         return out
 
     base, edited = table(base_records), table(edited_records)
@@ -661,22 +589,6 @@ def flips_from_records(base_records: Sequence, edited_records: Sequence, attribu
         raise ValueError(f"base and edited records cover different questions (e.g. indices {missing}).")
     order = sorted(base)
     return prediction_flips([base[i] for i in order], [edited[i] for i in order])
-
-
-def format_flip_table(tables: Mapping[str, FlipTable], base_row: bool = True, digits: int = 2) -> str:
-    """Markdown table in the layout of the HPR paper's Table 3 (one row per edit)."""
-    lines = ["| Model | False to True | True to False | Remains True | Remains False | Overall Acc. |",
-             "|---|---|---|---|---|---|"]
-    tables = dict(tables)
-    if base_row and tables:
-        first = next(iter(tables.values()))
-        base_acc = first.base_accuracy
-        lines.append(f"| Base model | - | - | {base_acc:.{digits}f} | {100 - base_acc:.{digits}f} | "
-                     f"{base_acc:.{digits}f} |")
-    for name, t in tables.items():
-        lines.append(f"| {name} | {t.false_to_true:.{digits}f} | {t.true_to_false:.{digits}f} | "
-                     f"{t.remains_true:.{digits}f} | {t.remains_false:.{digits}f} | {t.accuracy:.{digits}f} |")
-    return "\n".join(lines)
 
 
 # ----------------------------------------------------------------------- layers vs accuracy
@@ -762,11 +674,7 @@ def accuracy_vs_num_layers(score: Callable[[List[int]], Union[float, Mapping[str
     base = _as_metrics(score([]), metric) if score_base else (
         _as_metrics(baseline, metric) if baseline is not None else {})
     scores: Dict[str, List[float]] = {}
-    iterator = ks
-    if progress:
-        from tqdm.auto import tqdm
-
-        iterator = tqdm(ks, desc="layers", unit="k")
+    iterator = tqdm(ks, desc="layers", unit="k", disable=not progress)
     for k in iterator:
         if not 1 <= k <= len(ranked):
             raise ValueError(f"k={k} is outside 1..{len(ranked)}.")
@@ -899,9 +807,57 @@ def side_effects(edited, tokenizer, texts: Optional[Sequence[str]] = None, *, ba
                        kl=sums["kl"] / n_kl, kl_max=kl_max)
 
 
+# ------------------------------------------------------------------------ edits vs their base
+@dataclass
+class EditAnalysis:
+    """What an edit does besides its scores (see :func:`analyze_edits`).
+
+    Attributes:
+        flips: per-question changes of the task's first metric against the base model.
+        side_effects: LM loss and KL to the base model on neutral text.
+        norms: per layer, the relative residual-stream norm drift on the norm texts.
+    """
+
+    flips: FlipTable
+    side_effects: SideEffects
+    norms: Dict[int, float]
+
+    @property
+    def norm_drift(self) -> float:
+        """The mean over layers of :attr:`norms`."""
+        return sum(self.norms.values()) / max(len(self.norms), 1)
+
+
+def analyze_edits(model, pvms: Mapping[str, Any], tokenizer, base_result, results: Mapping[str, Any],
+                  norm_texts: Sequence[str], *, metric: str, plot_dir: Optional[Union[str, Path]] = None) \
+        -> Dict[str, EditAnalysis]:
+    """Flips, side effects and norm drift of every edit against its base model.
+
+    Args:
+        model: the base model.
+        pvms: edit name → ``pyvene.IntervenableModel`` on ``model``.
+        tokenizer: the model's tokenizer.
+        base_result, results: the base model's and each edit's :class:`~actedit.eval.mc.MCResult`.
+        norm_texts: texts whose residual-stream norms are compared (e.g. the first questions).
+        metric: the 0/1 metric flips count on (the task's first metric).
+        plot_dir: where ``norms.png`` and ``flips.png`` go (None: no plots).
+    """
+    out: Dict[str, EditAnalysis] = {}
+    for name, pvm in pvms.items():
+        out[name] = EditAnalysis(flips=flips_from_records(base_result.records, results[name].records, metric),
+                                 side_effects=side_effects(pvm, tokenizer, base=model), norms={})
+    comparison = activation_norms(model, encode_texts(tokenizer, list(norm_texts)), pvms, skip_first=1)
+    for name, layer_drift in comparison.drift().items():
+        out[name].norms = layer_drift
+    if plot_dir is not None:
+        plots.plot_norms(comparison, Path(plot_dir) / "norms.png")
+        plots.plot_flips({name: a.flips for name, a in out.items()}, Path(plot_dir) / "flips.png")
+    return out
+
+
 __all__ = [
-    "ActivationCollector", "FlipTable", "LayerCountCurve", "NEUTRAL_TEXTS", "NormComparison", "NormProfile",
-    "NormStats", "SideEffects", "accuracy_vs_num_layers", "activation_norms", "base_model_of", "collect_activations",
-    "collect_norms", "encode_texts", "flips_from_records", "format_flip_table", "is_intervenable", "lm_loss",
-    "norm_statistics", "prediction_flips", "relative_drift", "restrict_layers", "save_json", "side_effects",
+    "EditAnalysis", "FlipTable", "LayerCountCurve", "NEUTRAL_TEXTS", "NormComparison", "NormProfile", "NormStats",
+    "SideEffects", "accuracy_vs_num_layers", "activation_norms", "analyze_edits", "collect_norms", "encode_texts",
+    "flips_from_records", "layer_activations", "lm_loss", "norm_statistics", "prediction_flips", "relative_drift",
+    "restrict_layers", "side_effects",
 ]

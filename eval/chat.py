@@ -15,7 +15,7 @@ How layers are switched: the artifact is loaded once with
 artifact composing several methods may hold several per layer, kept in the artifact's order).
 Selecting layers builds a new ``pyvene.IntervenableConfig`` from those interventions and a new
 ``IntervenableModel`` on the same base model, after removing any pyvene hook left on it; ``none``
-uses the base model directly. Generation follows :mod:`actedit.eval.generate` (greedy by default,
+uses the base model directly. Generation follows :mod:`actedit.train.generate` (greedy by default,
 chat template when the tokenizer has one, ``pvm.generate(..., unit_locations=None,
 intervene_on_prompt=True)``).
 """
@@ -26,6 +26,15 @@ import argparse
 import re
 import sys
 from typing import Dict, Iterable, List, Mapping, Optional, Sequence, TextIO, Tuple, Union
+
+import pyvene as pv
+
+from actedit.interventions import compat
+from actedit.interventions.artifacts import load_artifact, resolve_artifact, verify_artifact
+from actedit.interventions.base import ActEditIntervention
+from actedit.interventions.config import config_of, intervenable
+from actedit.train.generate import GenerationSettings, build_prompt, generate_texts, uses_chat_template
+from actedit.train.models import load_model
 
 PROMPT_LINE = "Enter your input prompt (Leave empty to end program):"
 
@@ -90,15 +99,13 @@ class ChatSession:
         tokenizer: its tokenizer.
         edits: layer → list of ``(RepresentationConfig, intervention)`` at that layer.
         info: the artifact's ``actedit`` metadata (kept in rebuilt configs).
-        settings: :class:`~actedit.eval.generate.GenerationSettings` (default: greedy, 100 new
+        settings: :class:`~actedit.train.generate.GenerationSettings` (default: greedy, 100 new
             tokens, like the HPR demo).
         layers: initially active layers (a selection string or list; default all).
     """
 
     def __init__(self, model, tokenizer, edits: Mapping[int, Sequence[Tuple[object, object]]], *,
                  info: Optional[dict] = None, settings=None, layers: Union[str, Iterable[int], None] = "all"):
-        from .generate import GenerationSettings
-
         if not edits:
             raise ValueError("the edit holds no interventions.")
         self.model = model
@@ -115,19 +122,14 @@ class ChatSession:
     def from_pvm(cls, pvm, tokenizer, **kwargs) -> "ChatSession":
         """A session over the interventions of a ``pyvene.IntervenableModel`` (keyed by layer)."""
         edits: Dict[int, List[Tuple[object, object]]] = {}
-        for key in pvm.sorted_keys:
-            rep = pvm.representations[key]
-            module = pvm.interventions[key]
-            module = module[0] if isinstance(module, tuple) else module
-            edits.setdefault(int(rep.layer), []).append((rep, module))
+        for rep in config_of(pvm).representations:
+            edits.setdefault(int(rep.layer), []).append((rep, rep.intervention))
         info = getattr(pvm.config, "actedit", None) or {}
         return cls(pvm.model, tokenizer, edits, info=info, **kwargs)
 
     @classmethod
     def from_artifact(cls, path_or_repo, model, tokenizer, **kwargs) -> "ChatSession":
         """Load an artifact (directory or Hub repo id) onto ``model`` and open a session."""
-        from actedit.interventions import load_artifact
-
         pvm = load_artifact(path_or_repo, model)
         return cls.from_pvm(pvm, tokenizer, **kwargs)
 
@@ -143,11 +145,6 @@ class ChatSession:
         return chosen
 
     def _rebuild(self, layers: List[int]) -> None:
-        import pyvene as pv
-
-        from actedit.interventions import compat
-        from actedit.interventions.config import intervenable
-
         self.pvm = None
         compat.apply()
         compat.remove_pyvene_hooks(self.model)  # no hook of an earlier wrapper may stay on the model
@@ -169,8 +166,6 @@ class ChatSession:
     # ---------------------------------------------------------------------- generation
     def respond(self, prompt: str) -> str:
         """The answer of the model with the active layers edited (base model when none)."""
-        from .generate import build_prompt, generate_texts, uses_chat_template
-
         text = build_prompt(self.tokenizer, prompt, self.settings)
         chat = uses_chat_template(self.tokenizer, self.settings)
         target = self.pvm if self.pvm is not None else self.model
@@ -245,11 +240,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args, stdin: Optional[TextIO] = None, stdout: Optional[TextIO] = None) -> int:
     """``actedit chat``: load the model and the artifact, then run a session on stdin/stdout."""
-    from actedit.interventions.artifacts import resolve_artifact, verify_artifact
-
-    from .generate import GenerationSettings
-    from .models import load_model
-
     stdout = stdout or sys.stdout
     directory = resolve_artifact(args.intervention)
     info = verify_artifact(directory)
@@ -263,8 +253,6 @@ def run(args, stdin: Optional[TextIO] = None, stdout: Optional[TextIO] = None) -
                                   use_chat_template=False if args.no_chat_template else None)
     session = ChatSession.from_artifact(directory, model, tokenizer, settings=settings, layers=args.layers)
     if args.position_policy is not None:
-        from actedit.interventions.base import ActEditIntervention
-
         for items in session.edits.values():
             for _, module in items:
                 if isinstance(module, ActEditIntervention):

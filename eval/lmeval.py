@@ -10,7 +10,7 @@ models, so the command line is started through actedit, with lm-eval's own argum
 
 From Python: ``lm_eval.simple_evaluate(model=ActEditLM(pretrained=..., intervention=...), ...)``.
 
-``pretrained`` takes anything :func:`actedit.eval.models.load_model` takes (local directory, Hub
+``pretrained`` takes anything :func:`actedit.train.models.load_model` takes (local directory, Hub
 id, GGUF file, alias) or a ``PreTrainedModel``; ``intervention`` is an artifact directory or Hub
 repo id, loaded with :func:`actedit.interventions.load_artifact`. Every forward call of the
 harness (log-likelihoods and generation) goes through the ``pyvene.IntervenableModel``.
@@ -29,9 +29,15 @@ from typing import List, Optional, Sequence
 
 import torch
 
-try:
+from actedit.interventions.artifacts import load_artifact
+from actedit.train.models import load_model
+
+try:  # the optional extra actedit[lmeval]
+    import lm_eval
+    from lm_eval import simple_evaluate
     from lm_eval.api.registry import register_model
     from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks import TaskManager
 except ImportError as exc:  # pragma: no cover - exercised only without the extra
     raise ImportError(
         "actedit.eval.lmeval needs lm-eval: pip install 'actedit[lmeval]' (or pip install lm-eval)."
@@ -43,7 +49,7 @@ class ActEditLM(HFLM):
     """lm-eval's ``HFLM`` with an actedit/pyvene edit applied to every forward call.
 
     Args:
-        pretrained: model spec for :func:`actedit.eval.models.load_model`, or a model instance.
+        pretrained: model spec for :func:`actedit.train.models.load_model`, or a model instance.
         intervention: artifact directory or Hub repo id; ``None`` evaluates the base model.
         tokenizer: tokenizer instance (default: the one loaded with ``pretrained``).
         **kwargs: passed to ``HFLM`` (batch_size, device, add_bos_token, ...).
@@ -52,8 +58,6 @@ class ActEditLM(HFLM):
     def __init__(self, pretrained="smollm2-135m-instruct", intervention: Optional[str] = None,
                  tokenizer=None, **kwargs):
         if isinstance(pretrained, str):
-            from actedit.eval.models import load_model
-
             dtype = kwargs.pop("dtype", None)
             model, loaded_tokenizer = load_model(pretrained, **({"dtype": getattr(torch, dtype)}
                                                                   if isinstance(dtype, str) else {}))
@@ -63,8 +67,6 @@ class ActEditLM(HFLM):
         super().__init__(pretrained=model, tokenizer=tokenizer, **kwargs)
         self.intervenable = None
         if intervention:
-            from actedit.interventions import load_artifact
-
             self.intervenable = load_artifact(intervention, self.model)
 
     def _model_call(self, inps: torch.Tensor, attn_mask=None, labels=None) -> torch.Tensor:
@@ -105,8 +107,6 @@ def local_truthfulqa_tasks(directory, questions: Sequence, prefix: str = "local_
     metrics), with the Hub dataset replaced by a JSONL in the Hub's schema: for offline machines
     and for scoring a split. Returns the task names; pass ``directory`` as lm-eval's include path.
     """
-    import lm_eval
-
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     rows = [{"question": q.question,
@@ -132,9 +132,6 @@ def local_truthfulqa_tasks(directory, questions: Sequence, prefix: str = "local_
 
 def evaluate_truthfulqa(lm, questions: Sequence, directory) -> dict:
     """lm-eval's MC1/MC2 of ``lm`` on ``questions`` (local task files in ``directory``)."""
-    from lm_eval import simple_evaluate
-    from lm_eval.tasks import TaskManager
-
     tasks = local_truthfulqa_tasks(directory, questions)
     out = simple_evaluate(model=lm, tasks=tasks, task_manager=TaskManager(include_path=str(directory)),
                           num_fewshot=0, bootstrap_iters=0)
@@ -143,7 +140,7 @@ def evaluate_truthfulqa(lm, questions: Sequence, directory) -> dict:
 
 def main(argv=None) -> None:
     """lm-eval's command line with the ``actedit`` model registered."""
-    from lm_eval.__main__ import cli_evaluate
+    from lm_eval.__main__ import cli_evaluate  # lazy: importing lm-eval's CLI module parses its task registry
 
     if argv is not None:
         sys.argv = [sys.argv[0], *argv]

@@ -14,41 +14,36 @@ Buffer ``steering`` (n × d, c already applied; resized on load). Position polic
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
-from typing import Optional
+from typing import Any, Dict, Mapping, Optional
 
 import torch
 
 from .base import ActEditIntervention
-from .layers import LayerSpec, check_layer_spec
+from .checks import check_layer_map, check_matrix, check_number
+from .config import edit_config, site_width
 from .positions import CallPositions, PositionPolicy, current_call
-from .settings import Settings, keyword_checked
+from .registry import Fit, FitContext, MethodConfig, MethodSpec, register_method
+from .settings import keyword_checked
 
 
 @dataclass
-class ActAddConfig(Settings):
-    """ActAdd's hyperparameters (a study's ``methods.actadd.fit`` block).
+class ActAddConfig(MethodConfig):
+    """ActAdd's settings (a study's ``methods.actadd.fit`` block).
 
     Attributes:
-        layer: the block whose input is steered (Turner et al.: one layer, e.g. 6 of GPT-2-XL's
-            48); a layer spec of :mod:`actedit.interventions.layers`. Required unless exactly
-            one layer was collected; it never defaults to every layer.
+        layers: the block whose input is steered (Turner et al.: one layer, e.g. 6 of GPT-2-XL's
+            48). Required: it never means every layer.
         coefficient: c in X = c · (a(prompt₁) − a(prompt₂)).
         position_policy: ``prompt`` (the paper: the prompt pass only).
     """
 
-    layer: Optional[LayerSpec] = None
     coefficient: float = 1.0
     position_policy: str = "prompt"
 
     def __post_init__(self) -> None:
-        check_layer_spec(self.layer, "ActAdd layer", single=True)
-        c = self.coefficient
-        if isinstance(c, bool) or not isinstance(c, (int, float)) or not math.isfinite(c):
-            raise ValueError(f"ActAdd coefficient must be a finite number, got {c!r}.")
-        self.coefficient = float(c)
-        self.position_policy = PositionPolicy.parse(self.position_policy).name.lower()
+        super().__post_init__()
+        self.coefficient = check_number(self.coefficient, "ActAdd coefficient")
 
 
 class ActAddIntervention(ActEditIntervention):
@@ -91,18 +86,62 @@ class ActAddIntervention(ActEditIntervention):
         return h + rows * inside.unsqueeze(-1).to(h.dtype)
 
 
-def x_vector(acts_prompt1: torch.Tensor, acts_prompt2: torch.Tensor, coefficient: float = 1.0) -> torch.Tensor:
-    """c · (a(prompt₁) − a(prompt₂)) from two per-position activation matrices ``(n_i, d)``.
+@dataclass
+class ActAddFit:
+    """Result of :func:`fit_actadd`.
 
-    The caller right-pads the shorter *prompt* (tokens) before collecting, as the paper does, so
-    both matrices normally have the same length; if not, the shorter one is zero-extended.
+    Attributes:
+        steering: layer → X (n, d), coefficient applied, float32.
+        coefficient: the coefficient c.
     """
-    a1, a2 = torch.as_tensor(acts_prompt1).double(), torch.as_tensor(acts_prompt2).double()
-    if a1.dim() != 2 or a2.dim() != 2 or a1.shape[1] != a2.shape[1]:
-        raise ValueError(f"need two (n, d) matrices of equal width, got {tuple(a1.shape)} and {tuple(a2.shape)}.")
-    n = max(a1.shape[0], a2.shape[0])
-    pad = lambda a: torch.cat([a, a.new_zeros(n - a.shape[0], a.shape[1])])  # noqa: E731
-    return (coefficient * (pad(a1) - pad(a2))).float()
+
+    steering: Dict[int, torch.Tensor]
+    coefficient: float = 1.0
+
+    def __post_init__(self) -> None:
+        if not self.steering:
+            raise ValueError("ActAddFit needs a steering matrix for at least one layer.")
+        self.coefficient = check_number(self.coefficient, "coefficient")
+
+    @property
+    def length(self) -> int:
+        """n, the number of steered prompt positions."""
+        return int(next(iter(self.steering.values())).shape[0])
+
+    def config(self, model, *, position_policy=None, component: str = "block_input", metadata: Optional[dict] = None):
+        """The ``IntervenableConfig`` of this fit (one ActAdd module per layer)."""
+        return build_actadd_config(model, self.steering, coefficient=self.coefficient,
+                                   position_policy=position_policy, component=component, metadata=metadata)
+
+
+def fit_actadd(prompt1: Mapping[int, Any], prompt2: Mapping[int, Any], *, coefficient: float = 1.0,
+               allow_length_mismatch: bool = False) -> ActAddFit:
+    """ActAdd x-vectors X = c · (A₁ − A₂) per layer.
+
+    Args:
+        prompt1, prompt2: layer → (n, d) activations at ``block_input`` of every position of each
+            steering prompt (BOS included). Pad the shorter *prompt* at tokenization (e.g. with
+            a space token, as the paper) so both have n positions.
+        coefficient: c.
+        allow_length_mismatch: zero-extend the shorter matrix instead of raising.
+    """
+    coefficient = check_number(coefficient, "coefficient")
+    layers = check_layer_map("prompt1", prompt1)
+    check_layer_map("prompt2", prompt2, layers)
+    steering = {}
+    for layer in layers:
+        a1 = check_matrix(prompt1[layer], f"prompt1[{layer}]")
+        a2 = check_matrix(prompt2[layer], f"prompt2[{layer}]", width=a1.shape[1])
+        if a1.shape[0] != a2.shape[0] and not allow_length_mismatch:
+            raise ValueError(
+                f"layer {layer}: the steering prompts have {a1.shape[0]} and {a2.shape[0]} positions. Right-pad "
+                "the shorter prompt at tokenization (e.g. with a space token) or pass allow_length_mismatch=True."
+            )
+        n = max(a1.shape[0], a2.shape[0])
+        a1 = torch.cat([a1, a1.new_zeros(n - a1.shape[0], a1.shape[1])])
+        a2 = torch.cat([a2, a2.new_zeros(n - a2.shape[0], a2.shape[1])])
+        steering[layer] = (coefficient * (a1 - a2)).to(torch.float32)
+    return ActAddFit(steering=steering, coefficient=coefficient)
 
 
 @keyword_checked
@@ -110,11 +149,23 @@ def build_actadd_config(model, steering: dict, *, coefficient: Optional[float] =
                         component: str = "block_input", metadata: Optional[dict] = None):
     """An ``IntervenableConfig`` with one ActAdd module per layer; ``steering`` maps layer → (n, d)
     x-vector with the coefficient applied (``coefficient`` is recorded as metadata only)."""
-    from .config import edit_config, site_width
-
     width = site_width(model, component)
     modules = {layer: ActAddIntervention(embed_dim=width, steering=x, position_policy=position_policy)
                for layer, x in steering.items()}
     first = next(iter(modules.values()))
     hyper = {"coefficient": coefficient, "length": first.length, "position_policy": first.policy.name.lower()}
     return edit_config(model, "actadd", modules, component=component, hyperparameters=hyper, metadata=metadata)
+
+
+def _fit(inputs: Mapping[str, Any], config: ActAddConfig, context: FitContext) -> Fit:
+    result = fit_actadd(inputs["pos"], inputs["neg"], coefficient=config.coefficient)
+    modules = {layer: ActAddIntervention(embed_dim=context.width, steering=x, position_policy=config.position_policy)
+               for layer, x in result.steering.items()}
+    return Fit(modules, {"length": result.length})
+
+
+SPEC = register_method(MethodSpec(
+    name="actadd", title="Activation Addition (Turner et al., 2023)",
+    intervention=ActAddIntervention, config=ActAddConfig, site="block_input", order=0,
+    format="actadd", reads="aligned", roles=("pos", "neg"), splits=(), fit=_fit, default_layers=None,
+))

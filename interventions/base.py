@@ -74,6 +74,20 @@ class ActEditIntervention(pv.SourcelessIntervention, pv.TrainableIntervention):
             self.position_start.fill_(int(start))
         return self
 
+    def full_sequence_reason(self) -> Optional[str]:
+        """Why a scorer must run each scored sequence whole, or None.
+
+        None when the edit of a token depends only on that token and its position in its own
+        sequence: a scorer may then cache a shared context, or pack several sequences in one row
+        (:mod:`actedit.interventions.packing`), and get the scores of one plain forward per
+        sequence. ``from_position`` with a start below -1 edits context tokens by their distance
+        to the end of each scored sequence, which a context shared by several continuations cannot
+        give; subclasses whose edit pools tokens (SEA's ``feature`` norm) add their reason.
+        """
+        if self.policy == PositionPolicy.FROM_POSITION and int(self.position_start) < -1:
+            return f"{type(self).__name__} uses from_position with start {int(self.position_start)} < -1"
+        return None
+
     def extra_repr(self) -> str:
         return f"d={self.embed_dim.item() if self.embed_dim is not None else None}, policy={self.policy.name.lower()}"
 

@@ -14,44 +14,39 @@ Buffers: ``vector`` (d), ``multiplier``.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
-from typing import Optional
+from typing import Any, Dict, Mapping, Optional
 
 import torch
 
 from .base import ActEditIntervention
-from .layers import LayerSpec, check_layer_spec
+from .checks import check_layer_map, check_matrix, check_number
+from .config import edit_config, site_width
 from .positions import PositionPolicy
-from .settings import Settings, keyword_checked
+from .registry import Fit, FitContext, MethodConfig, MethodSpec, register_method
+from .settings import keyword_checked
 
 
 @dataclass
-class CAAConfig(Settings):
-    """CAA's hyperparameters (a study's ``methods.caa.fit`` block).
+class CAAConfig(MethodConfig):
+    """CAA's settings (a study's ``methods.caa.fit`` block).
 
     Attributes:
-        layer: the layer steered (Rimsky et al. steer one; a layer spec of
-            :mod:`actedit.interventions.layers`, e.g. ``12`` or ``0.4`` of the depth). Unset, the
-            collected layer is used when exactly one was collected; it is never "every layer".
+        layers: the layer(s) steered, one vector each (Rimsky et al. steer one layer: 13 of
+            Llama-2-7B's 32, i.e. ``0.4`` of the depth). Required: it never means every layer.
         multiplier: m in h ← h + m·v.
         position_policy: ``from_position`` (default: from ``position_start`` on, generated tokens
             included) or e.g. ``answer`` (the scored continuation).
         position_start: the start of ``from_position`` (negative: counted from the prompt's end).
     """
 
-    layer: Optional[LayerSpec] = None
     multiplier: float = 1.0
     position_policy: str = "from_position"
     position_start: int = 0
 
     def __post_init__(self) -> None:
-        check_layer_spec(self.layer, "CAA layer", single=True)
-        m = self.multiplier
-        if isinstance(m, bool) or not isinstance(m, (int, float)) or not math.isfinite(m):
-            raise ValueError(f"CAA multiplier must be a finite number, got {m!r}.")
-        self.multiplier = float(m)
-        self.position_policy = PositionPolicy.parse(self.position_policy).name.lower()
+        super().__post_init__()
+        self.multiplier = check_number(self.multiplier, "CAA multiplier")
         if isinstance(self.position_start, bool) or not isinstance(self.position_start, int):
             raise ValueError(f"CAA position_start must be an integer, got {self.position_start!r}.")
 
@@ -84,21 +79,55 @@ class CAAIntervention(ActEditIntervention):
         return h + (self.multiplier * self.vector).to(h.dtype)
 
 
-def mean_difference(h_pos: torch.Tensor, h_neg: torch.Tensor) -> torch.Tensor:
-    """v = mean_i (h⁺_i − h⁻_i) over paired activations ``(N, d)`` (computed in float64)."""
-    h_pos, h_neg = torch.as_tensor(h_pos), torch.as_tensor(h_neg)
-    if h_pos.shape != h_neg.shape or h_pos.dim() != 2 or h_pos.shape[0] == 0:
-        raise ValueError(f"need two non-empty (N, d) matrices of equal shape, got {tuple(h_pos.shape)} "
-                         f"and {tuple(h_neg.shape)}.")
-    return (h_pos.double() - h_neg.double()).mean(0).float()
+@dataclass
+class CAAFit:
+    """Result of :func:`fit_caa`.
+
+    Attributes:
+        vectors: layer → v (d,), float32.
+        num_pairs: number of contrast pairs averaged.
+    """
+
+    vectors: Dict[int, torch.Tensor]
+    num_pairs: int
+
+    def __post_init__(self) -> None:
+        if not self.vectors:
+            raise ValueError("CAAFit needs a vector for at least one layer.")
+        if self.num_pairs < 1:
+            raise ValueError(f"num_pairs must be positive, got {self.num_pairs}.")
+
+    def config(self, model, *, multiplier: float = 1.0, position_policy=None, position_start: int = 0,
+               component: str = "block_output", metadata: Optional[dict] = None):
+        """The ``IntervenableConfig`` of this fit (one CAA module per layer)."""
+        return build_caa_config(model, self.vectors, multiplier=multiplier, position_policy=position_policy,
+                                position_start=position_start, component=component,
+                                metadata={"fit": {"num_pairs": self.num_pairs}, **(metadata or {})})
+
+
+def fit_caa(pos: Mapping[int, Any], neg: Mapping[int, Any]) -> CAAFit:
+    """CAA vectors v = mean_i (h⁺_i − h⁻_i) per layer (float64 accumulation).
+
+    Args:
+        pos: layer → (N, d) activations at the answer token of the positive completions.
+        neg: layer → (N, d) activations of the paired negative completions (row i ↔ row i).
+    """
+    layers = check_layer_map("pos", pos)
+    check_layer_map("neg", neg, layers)
+    vectors = {}
+    n = 0
+    for layer in layers:
+        p = check_matrix(pos[layer], f"pos[{layer}]")
+        q = check_matrix(neg[layer], f"neg[{layer}]", width=p.shape[1], rows=p.shape[0])
+        vectors[layer] = (p - q).mean(0).to(torch.float32)
+        n = p.shape[0]
+    return CAAFit(vectors=vectors, num_pairs=int(n))
 
 
 @keyword_checked
 def build_caa_config(model, vectors: dict, *, multiplier: float = 1.0, position_policy=None,
                      position_start: int = 0, component: str = "block_output", metadata: Optional[dict] = None):
     """An ``IntervenableConfig`` with one CAA module per layer; ``vectors`` maps layer → v."""
-    from .config import edit_config, site_width
-
     width = site_width(model, component)
     modules = {layer: CAAIntervention(embed_dim=width, vector=v, multiplier=multiplier,
                                       position_policy=position_policy, position_start=position_start)
@@ -107,3 +136,18 @@ def build_caa_config(model, vectors: dict, *, multiplier: float = 1.0, position_
     hyper = {"multiplier": float(multiplier), "position_policy": first.policy.name.lower(),
              "position_start": int(position_start)}
     return edit_config(model, "caa", modules, component=component, hyperparameters=hyper, metadata=metadata)
+
+
+def _fit(inputs: Mapping[str, Any], config: CAAConfig, context: FitContext) -> Fit:
+    result = fit_caa(inputs["pos"], inputs["neg"])
+    modules = {layer: CAAIntervention(embed_dim=context.width, vector=v, multiplier=config.multiplier,
+                                      position_policy=config.position_policy, position_start=config.position_start)
+               for layer, v in result.vectors.items()}
+    return Fit(modules, {"num_pairs": result.num_pairs})
+
+
+SPEC = register_method(MethodSpec(
+    name="caa", title="Contrastive Activation Addition (Rimsky et al., ACL 2024)",
+    intervention=CAAIntervention, config=CAAConfig, site="block_output", order=1,
+    format="caa", reads="pairs", splits=("train",), fit=_fit, default_layers=None,
+))

@@ -9,6 +9,7 @@ gets the fixes too.
 from __future__ import annotations
 
 import contextlib
+import copy
 import functools
 import inspect
 import io
@@ -253,6 +254,27 @@ def returned_cache(output):
     """The KV cache a forward call returned (``output.cache`` from 5.24, ``past_key_values`` before)."""
     cache = getattr(output, "cache", None)
     return cache if cache is not None else getattr(output, "past_key_values", None)
+
+
+def select_cache_rows(cache, rows: torch.Tensor):
+    """A KV cache holding rows ``rows`` (repeats allowed) of ``cache``, which is left untouched.
+
+    transformers behaviour covered: a ``Cache`` object's ``reorder_cache`` works in place, and its
+    per-layer storage differs between releases (5.x: ``cache.layers``, each layer holding
+    ``keys``/``values``; 4.x: ``key_cache``/``value_cache`` lists; legacy: tuples of tuples). The
+    cache and its per-layer objects are copied shallowly and ``reorder_cache`` then rebinds each
+    layer's tensors to ``index_select`` results, so the key/value tensors are copied once.
+    """
+    if isinstance(cache, (tuple, list)):  # legacy tuple-of-tuples cache
+        return tuple(tuple(t.index_select(0, rows) for t in layer) for layer in cache)
+    new = copy.copy(cache)
+    if isinstance(getattr(cache, "layers", None), list):
+        new.layers = [copy.copy(layer) for layer in cache.layers]
+    for attr in ("key_cache", "value_cache"):  # older transformers: per-layer tensor lists
+        if isinstance(getattr(cache, attr, None), list):
+            setattr(new, attr, list(getattr(cache, attr)))
+    new.reorder_cache(rows)
+    return new
 
 
 def gguf_special_tokens(tokenizer, gguf_path) -> None:

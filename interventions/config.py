@@ -8,40 +8,32 @@ reads it back on load.
 
 Composition (:func:`compose`) concatenates representations. When two edits share a site (same
 layer and component), pyvene runs their hooks in representation order, and actedit sorts them
-in :data:`METHOD_ORDER`: additive steering first (ActAdd, CAA), then ITI, then the projection
-(SEA), and HPR last, so that the norm-preserving rotation sees the final activation.
+by each method's ``order`` in the registry (:mod:`actedit.interventions.registry`): additive
+steering first (ActAdd, CAA), then ITI, then the projection (SEA), and HPR last, so that the
+norm-preserving rotation sees the final activation.
 """
 
 from __future__ import annotations
 
 import copy
+import importlib.metadata
 from dataclasses import asdict, dataclass, field
 from typing import Any, Dict, Mapping, Optional, Sequence
 
 import pyvene as pv
 import torch
 
+from pyvene.models import modeling_utils
+from pyvene.models.intervenable_base import BaseModel as _PyveneModel
+
 from . import compat
-
-METHOD_ORDER = ("actadd", "caa", "iti", "sea", "hpr")
-"""Application order of edits that share a site."""
-
-DEFAULT_COMPONENTS = {
-    "hpr": "block_output",
-    "sea": "mlp_output",
-    "iti": "attention_value_output",
-    "caa": "block_output",
-    "actadd": "block_input",
-}
-"""The site each method edits by default (the seeds' choices)."""
+from .registry import method_names, method_spec, spec_of
 
 
 def actedit_version() -> str:
     try:
-        from importlib.metadata import version
-
-        return version("actedit")
-    except Exception:  # running from a source tree that is not installed
+        return importlib.metadata.version("actedit")
+    except importlib.metadata.PackageNotFoundError:  # running from a source tree that is not installed
         return "0+unknown"
 
 
@@ -69,8 +61,6 @@ def site_width(model, component: str) -> int:
     """The width pyvene gives an intervention at ``component`` of ``model``."""
     compat.apply()
     compat.check_model_supported(model, component)
-    from pyvene.models import modeling_utils
-
     width = modeling_utils.get_dimension_by_component(type(model), model.config, component)
     if width is None:
         raise ValueError(f"pyvene cannot size component {component!r} on {type(model).__name__}.")
@@ -111,8 +101,8 @@ class EditRecord:
     hyperparameters: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if self.method not in METHOD_ORDER:
-            raise ValueError(f"unknown method {self.method!r}; known: {', '.join(METHOD_ORDER)}.")
+        if self.method not in method_names():
+            raise ValueError(f"unknown method {self.method!r}; known: {', '.join(method_names())}.")
 
 
 def edit_config(model, method: str, interventions: Mapping[int, "torch.nn.Module"],
@@ -122,7 +112,7 @@ def edit_config(model, method: str, interventions: Mapping[int, "torch.nn.Module
 
     ``metadata`` (e.g. ``{"data": ..., "metrics": ...}``) is stored under ``config.actedit``.
     """
-    component = component or DEFAULT_COMPONENTS[method]
+    component = component or method_spec(method).site
     layers = check_layers(model, list(interventions))
     width = site_width(model, component)
     representations = []
@@ -147,13 +137,12 @@ def edit_config(model, method: str, interventions: Mapping[int, "torch.nn.Module
 
 
 def _sort_key(rep) -> tuple:
-    method = getattr(rep.intervention, "method_name", "")
-    order = METHOD_ORDER.index(method) if method in METHOD_ORDER else len(METHOD_ORDER)
-    return (int(rep.layer), rep.component, order)
+    spec = spec_of(rep.intervention)
+    return (int(rep.layer), rep.component, spec.order if spec is not None else len(method_names()))
 
 
 def compose(*configs: pv.IntervenableConfig, metadata: Optional[Mapping[str, Any]] = None) -> pv.IntervenableConfig:
-    """Merge several edit configs into one; edits sharing a site run in :data:`METHOD_ORDER`.
+    """Merge several edit configs into one; edits sharing a site run in the registry's order.
 
     All configs must describe the same base model. ``metadata`` is merged into the result's
     ``actedit`` metadata.
@@ -178,12 +167,29 @@ def compose(*configs: pv.IntervenableConfig, metadata: Optional[Mapping[str, Any
     return pv.IntervenableConfig(representations=[r._asdict() for r in representations], actedit=info)
 
 
+def is_intervenable(obj) -> bool:
+    """Whether ``obj`` is a pyvene intervenable model (``IntervenableModel`` and its kin)."""
+    return isinstance(obj, _PyveneModel)
+
+
+def base_model_of(model_or_pvm) -> torch.nn.Module:
+    """The transformers model of a pyvene model, or the model itself."""
+    return model_or_pvm.model if is_intervenable(model_or_pvm) else model_or_pvm
+
+
+def interventions_of(model_or_pvm) -> list:
+    """The intervention instances of a pyvene model (empty for a plain model)."""
+    if not is_intervenable(model_or_pvm):
+        return []
+    return [m[0] if isinstance(m, tuple) else m for m in model_or_pvm.interventions.values()]
+
+
 def config_of(pvm: pv.IntervenableModel) -> pv.IntervenableConfig:
     """The edit config of a pyvene model, holding its intervention instances (what
     :func:`compose` takes), also for one loaded from an artifact, whose config names the
     interventions but holds none (pyvene keeps the instances in ``pvm.interventions``, in the
     order of the representations)."""
-    modules = [m[0] if isinstance(m, tuple) else m for m in pvm.interventions.values()]
+    modules = interventions_of(pvm)
     reps = list(pvm.config.representations)
     if len(modules) != len(reps):
         raise ValueError(f"the model holds {len(modules)} interventions for {len(reps)} representations.")

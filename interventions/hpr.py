@@ -33,17 +33,25 @@ from torch import nn
 import torch.nn.functional as F
 
 from .base import ActEditIntervention
+from .checks import check_number
+from .config import edit_config, site_width
 from .positions import PositionPolicy
-from .settings import Settings, keyword_checked
+from .registry import MethodSpec, TrainedMethodConfig, register_method
+from .settings import keyword_checked
 
 COS_CLIP = 1.0 - 1e-7
 
 
 @dataclass
-class HPRConfig(Settings):
-    """HPR's hyperparameters (a study's ``methods.hpr.fit`` block).
+class HPRConfig(TrainedMethodConfig):
+    """HPR's settings (a study's ``methods.hpr.fit`` block; its optimiser is ``methods.hpr.train``).
 
     Attributes:
+        layers: the layers a module is trained for (default all; the paper trains every layer).
+        top_k: layers enabled, the best by eval probe accuracy (the HPR README's example: 5).
+        strategy: ``probe_first`` (default: every layer's probe, then the angle nets of the
+            selected layers only; the same modules as joint training with each loss term clipped
+            on its own) or ``joint`` (probe and angle net of every layer together, then selection).
         alpha: scale α of the predicted angle θ̂ at inference (the paper's setting: 1).
         angle_hidden_widths: hidden widths of the angle network; None: the paper's d/2, d/4, d/8.
         stable: evaluate the rotation in an orthonormal basis (default) or literally as Eq. 21.
@@ -57,9 +65,8 @@ class HPRConfig(Settings):
     position_policy: str = "all"
 
     def __post_init__(self) -> None:
-        if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) or not math.isfinite(self.alpha):
-            raise ValueError(f"HPR alpha must be a finite number, got {self.alpha!r}.")
-        self.alpha = float(self.alpha)
+        super().__post_init__()
+        self.alpha = check_number(self.alpha, "HPR alpha")
         if self.angle_hidden_widths is not None:
             widths = list(self.angle_hidden_widths)
             if not widths or any(isinstance(w, bool) or not isinstance(w, int) or w <= 0 for w in widths):
@@ -67,7 +74,11 @@ class HPRConfig(Settings):
             self.angle_hidden_widths = widths
         if not isinstance(self.stable, bool):
             raise ValueError(f"HPR stable must be true or false, got {self.stable!r}.")
-        self.position_policy = PositionPolicy.parse(self.position_policy).name.lower()
+
+    def intervention_arguments(self) -> dict:
+        """The :class:`HPRIntervention` constructor's arguments these settings give."""
+        return {"alpha": self.alpha, "angle_hidden_widths": self.angle_hidden_widths, "stable": self.stable,
+                "position_policy": self.position_policy}
 
 
 def default_angle_widths(d: int) -> tuple:
@@ -114,6 +125,12 @@ class HPRIntervention(ActEditIntervention):
 
     default_policy = PositionPolicy.ALL
     method_name = "hpr"
+    loss_terms = {"probe_loss": "probe", "angle_loss": "angle_net"}
+    """The loss terms (method → the parameters it trains): :meth:`loss` is their sum, and the terms
+    have disjoint parameters, so :mod:`actedit.train.trainer` can train them one after the other."""
+    selection_term = "probe_loss"
+    """The term whose module selects layers: after it, the layers with the best eval
+    :meth:`probe_logits` accuracy are kept and only they train the other terms."""
 
     def __init__(self, embed_dim: Optional[int] = None, alpha: float = 1.0,
                  angle_hidden_widths: Optional[Sequence[int]] = None, stable: bool = True, **kwargs):
@@ -277,8 +294,6 @@ def build_hpr_config(model, layers: Sequence[int], *, modules: Optional[dict] = 
     ``modules`` maps layer → trained :class:`HPRIntervention`; without it fresh (untrained)
     modules are created with the given hyperparameters, ready for training.
     """
-    from .config import edit_config, site_width
-
     width = site_width(model, component)
     if modules is None:
         modules = {layer: HPRIntervention(embed_dim=width, alpha=alpha, angle_hidden_widths=angle_hidden_widths,
@@ -297,3 +312,10 @@ def build_hpr_config(model, layers: Sequence[int], *, modules: Optional[dict] = 
     hyper = {"alpha": float(alpha), "angle_hidden_widths": first.angle_widths.tolist(), "stable": bool(first.stable),
              "position_policy": first.policy.name.lower()}
     return edit_config(model, "hpr", modules, component=component, hyperparameters=hyper, metadata=metadata)
+
+
+SPEC = register_method(MethodSpec(
+    name="hpr", title="Householder Pseudo-Rotation (Pham & Nguyen, EMNLP 2024)",
+    intervention=HPRIntervention, config=HPRConfig, site="block_output", order=4,
+    format="hpr", reads="pairs", splits=("train", "eval"), trained=True,
+))

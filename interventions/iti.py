@@ -21,25 +21,29 @@ repository's newer ``bias = δ`` is a different edit.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
+import numpy as np
 import torch
 
 from .base import ActEditIntervention
+from .checks import check_int, check_labels, check_layer_map, check_matrix, check_number
+from .config import edit_config, site_width
 from .positions import PositionPolicy
-from .settings import Settings, keyword_checked
+from .registry import Fit, FitContext, MethodConfig, MethodSpec, register_method
+from .settings import keyword_checked
 
 ITI_DIRECTIONS = ("mass_mean", "probe")
 """How a head's direction θ̂ is chosen: the normalised mass-mean shift or the probe's weight."""
 
 
 @dataclass
-class ITIConfig(Settings):
-    """ITI's hyperparameters (a study's ``methods.iti.fit`` block; defaults of honest_llama).
+class ITIConfig(MethodConfig):
+    """ITI's settings (a study's ``methods.iti.fit`` block; defaults of honest_llama).
 
     Attributes:
+        layers: the layers whose heads are candidates (default all).
         top_k: heads intervened on, ranked by validation accuracy of their probes (48).
         alpha: strength α of x_h ← x_h + α σ_h θ̂_h (15).
         direction: ``mass_mean`` (mean(true) − mean(false); the paper's best) or ``probe``.
@@ -57,18 +61,13 @@ class ITIConfig(Settings):
     position_policy: str = "answer"
 
     def __post_init__(self) -> None:
-        for name in ("top_k", "max_iter"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"ITI {name} must be a positive integer, got {value!r}.")
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
-            raise ValueError(f"ITI seed must be a non-negative integer, got {self.seed!r}.")
-        if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) or not math.isfinite(self.alpha):
-            raise ValueError(f"ITI alpha must be a finite number, got {self.alpha!r}.")
-        self.alpha = float(self.alpha)
+        super().__post_init__()
+        self.top_k = check_int(self.top_k, "ITI top_k")
+        self.max_iter = check_int(self.max_iter, "ITI max_iter")
+        self.seed = check_int(self.seed, "ITI seed", low=0)
+        self.alpha = check_number(self.alpha, "ITI alpha")
         if self.direction not in ITI_DIRECTIONS:
             raise ValueError(f"ITI direction must be one of {', '.join(ITI_DIRECTIONS)}, got {self.direction!r}.")
-        self.position_policy = PositionPolicy.parse(self.position_policy).name.lower()
 
 
 class ITIIntervention(ActEditIntervention):
@@ -143,11 +142,10 @@ class ITIIntervention(ActEditIntervention):
         return o_proj_weight @ self.shift().to(o_proj_weight.dtype)
 
 
-def mass_mean_directions(acts: torch.Tensor, labels: torch.Tensor, num_heads: int) -> tuple:
-    """Mass-mean directions and σ per head from activations ``(N, d)`` and labels ``(N,)``.
+def head_directions(acts: torch.Tensor, labels: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """θ̂_h = normalised mean(true) − mean(false) on each head's slice: (n_heads, head_dim), float64.
 
-    θ̂_h = normalised mean(true) − mean(false) on head h's slice; σ_h = std of all activations of
-    head h projected on θ̂_h (as the official code: over the training activations).
+    ``acts`` (N, n_heads · head_dim) and boolean ``labels`` (N,) with both classes present.
     """
     acts = torch.as_tensor(acts, dtype=torch.float64)
     labels = torch.as_tensor(labels).bool()
@@ -155,13 +153,174 @@ def mass_mean_directions(acts: torch.Tensor, labels: torch.Tensor, num_heads: in
         raise ValueError("acts must be (N, d) with one label per row.")
     if labels.all() or (~labels).all():
         raise ValueError("mass-mean directions need both true and false examples.")
-    n, d = acts.shape
-    heads = acts.reshape(n, num_heads, d // num_heads)
+    heads = acts.reshape(acts.shape[0], num_heads, acts.shape[1] // num_heads)
     diff = heads[labels].mean(0) - heads[~labels].mean(0)
-    directions = diff / diff.norm(dim=-1, keepdim=True).clamp_min(1e-12)
-    projections = torch.einsum("nhk,hk->nh", heads, directions)
-    sigmas = projections.std(dim=0, correction=0)  # np.std (ddof=0), as the official code
-    return directions.float(), sigmas.float()
+    return diff / diff.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+
+
+def head_sigmas(acts: torch.Tensor, directions: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """σ_h = std (ddof 0, ``np.std`` as the official code) of head h's activations projected on θ̂_h."""
+    acts = torch.as_tensor(acts, dtype=torch.float64)
+    heads = acts.reshape(acts.shape[0], num_heads, acts.shape[1] // num_heads)
+    return torch.einsum("nhk,hk->nh", heads, directions.to(torch.float64)).std(dim=0, correction=0)
+
+
+def mass_mean_directions(acts: torch.Tensor, labels: torch.Tensor, num_heads: int) -> tuple:
+    """Mass-mean directions and σ of every head from activations ``(N, d)`` and labels ``(N,)``
+    (σ over all of ``acts``, as the official code over its training activations); float32."""
+    directions = head_directions(acts, labels, num_heads)
+    return directions.float(), head_sigmas(acts, directions, num_heads).float()
+
+
+@dataclass
+class ITIFit:
+    """Result of :func:`fit_iti`.
+
+    Attributes:
+        heads: layer → ``{"directions": (n_heads, head_dim), "sigmas": (n_heads,), "heads": [...]}``
+            for :func:`build_iti_config`; only layers with a selected head appear; unselected heads
+            have zero direction and σ = 0.
+        val_accuracy: layer → (n_heads,) validation accuracy of each head's probe.
+        ranking: every (layer, head, accuracy), best first (ties: lower layer, then lower head).
+        selected: the top-K (layer, head) pairs, best first.
+        num_heads: heads per layer.
+        alpha: intervention strength α.
+        direction: ``mass_mean`` or ``probe``.
+    """
+
+    heads: Dict[int, Dict[str, Any]]
+    val_accuracy: Dict[int, torch.Tensor]
+    ranking: List[Tuple[int, int, float]]
+    selected: List[Tuple[int, int]]
+    num_heads: int
+    alpha: float = 15.0
+    direction: str = "mass_mean"
+
+    def __post_init__(self) -> None:
+        if self.direction not in ITI_DIRECTIONS:
+            raise ValueError(f"direction must be one of {ITI_DIRECTIONS}, got {self.direction!r}.")
+        if not self.heads or not self.selected:
+            raise ValueError("ITIFit needs at least one selected head.")
+        self.alpha = check_number(self.alpha, "alpha")
+
+    @property
+    def record(self) -> Dict[str, Any]:
+        """How the heads were chosen (the artifact's ``fit`` metadata)."""
+        return {"direction": self.direction, "top_k": len(self.selected),
+                "selected": [[layer, head, round(float(self.val_accuracy[layer][head]), 6)]
+                             for layer, head in self.selected]}
+
+    def config(self, model, *, alpha: Optional[float] = None, position_policy=None,
+               component: str = "attention_value_output", metadata: Optional[dict] = None):
+        """The ``IntervenableConfig`` of this fit (one ITI module per layer with selected heads)."""
+        n_model = int(model.config.num_attention_heads)
+        if n_model != self.num_heads:
+            raise ValueError(f"this ITI fit has {self.num_heads} heads per layer but the model has {n_model}.")
+        return build_iti_config(model, self.heads, alpha=self.alpha if alpha is None else float(alpha),
+                                position_policy=position_policy, component=component,
+                                metadata={"fit": self.record, **(metadata or {})})
+
+
+def fit_iti(train_acts: Mapping[int, Any], train_labels: Any, val_acts: Mapping[int, Any], val_labels: Any, *,
+            num_heads: int, top_k: int = 48, direction: str = "mass_mean", alpha: float = 15.0, seed: int = 0,
+            max_iter: int = 1000, tuning_acts: Optional[Mapping[int, Any]] = None, progress: bool = False) -> ITIFit:
+    """Fit ITI: probe every (layer, head), keep the top-K heads by validation accuracy.
+
+    One scikit-learn ``LogisticRegression`` per (layer, head) on the head's slice of the o_proj
+    input, trained on the train split; heads ranked by validation accuracy over all layers; the
+    top K get θ̂_h and σ_h (:func:`head_directions`, :func:`head_sigmas`).
+
+    Args:
+        train_acts: layer → (N, n_heads·head_dim) o_proj inputs at the last token of
+            "Q: {question} A: {choice}", rows of the train questions.
+        train_labels: (N,) 1 = the choice is true.
+        val_acts, val_labels: the same for the validation questions (split by question).
+        num_heads: attention heads per layer (the width must divide evenly).
+        top_k: heads to intervene on (paper: 48), capped at the number of heads available.
+        direction: ``mass_mean`` (default: mean(true) − mean(false) over train ∪ validation, as
+            the official ``get_com_directions``) or ``probe`` (the train probe's weight).
+            Both are normalised to unit length.
+        alpha: α of the edit x_h ← x_h + α σ_h θ̂_h.
+        seed: ``random_state`` of every ``LogisticRegression``.
+        max_iter: iterations of each ``LogisticRegression`` (official: 1000).
+        tuning_acts: layer → (M, d) activations whose projections give σ (default: train ∪
+            validation; the official script used every question, test included).
+        progress: show a tqdm bar over layers.
+    """
+    # lazy: scikit-learn is imported only by the one fit that needs it (about 1 s)
+    from sklearn.linear_model import LogisticRegression
+
+    if direction not in ITI_DIRECTIONS:
+        raise ValueError(f"direction must be one of {ITI_DIRECTIONS}, got {direction!r}.")
+    top_k = check_int(top_k, "top_k")
+    num_heads = check_int(num_heads, "num_heads")
+    alpha = check_number(alpha, "alpha")
+    layers = check_layer_map("train_acts", train_acts)
+    check_layer_map("val_acts", val_acts, layers)
+    if tuning_acts is not None:
+        check_layer_map("tuning_acts", tuning_acts, layers)
+    first = check_matrix(train_acts[layers[0]], f"train_acts[{layers[0]}]")
+    width = first.shape[1]
+    if width % num_heads:
+        raise ValueError(f"the activation width {width} is not divisible by num_heads={num_heads}.")
+    head_dim = width // num_heads
+    y_train = check_labels(train_labels, first.shape[0], "train_labels")
+    if bool(y_train.all()) or not bool(y_train.any()):
+        raise ValueError("train_labels need both true and false examples to fit probes.")
+    n_val = check_matrix(val_acts[layers[0]], f"val_acts[{layers[0]}]", width=width).shape[0]
+    y_val = check_labels(val_labels, n_val, "val_labels")
+    y_train_np, y_val_np = y_train.numpy().astype(np.int64), y_val.numpy().astype(np.int64)
+    y_all = torch.cat([y_train, y_val])
+
+    accuracy: Dict[int, torch.Tensor] = {}
+    probes: Dict[Tuple[int, int], np.ndarray] = {}
+    iterator = layers
+    if progress:
+        # lazy: tqdm only when a bar is asked for
+        from tqdm.auto import tqdm
+
+        iterator = tqdm(layers, desc="ITI probes", unit="layer")
+    for layer in iterator:
+        xt = check_matrix(train_acts[layer], f"train_acts[{layer}]", width=width, rows=len(y_train))
+        xv = check_matrix(val_acts[layer], f"val_acts[{layer}]", width=width, rows=len(y_val))
+        ht = xt.reshape(len(xt), num_heads, head_dim).numpy()
+        hv = xv.reshape(len(xv), num_heads, head_dim).numpy()
+        accs = torch.zeros(num_heads, dtype=torch.float64)
+        for head in range(num_heads):
+            clf = LogisticRegression(random_state=seed, max_iter=max_iter).fit(ht[:, head], y_train_np)
+            accs[head] = float((clf.predict(hv[:, head]) == y_val_np).mean())
+            probes[(layer, head)] = clf.coef_.reshape(-1).astype(np.float64)
+        accuracy[layer] = accs
+
+    ranking = sorted(((layer, head, float(accuracy[layer][head])) for layer in layers for head in range(num_heads)),
+                     key=lambda t: (-t[2], t[0], t[1]))
+    k = min(int(top_k), len(ranking))
+    selected = [(layer, head) for layer, head, _ in ranking[:k]]
+
+    heads: Dict[int, Dict[str, Any]] = {}
+    for layer in sorted({layer for layer, _ in selected}):
+        # read again rather than keep every layer in memory (32 layers x 4096 wide in float64 is GBs)
+        xt = check_matrix(train_acts[layer], f"train_acts[{layer}]", width=width)
+        xv = check_matrix(val_acts[layer], f"val_acts[{layer}]", width=width)
+        usable = torch.cat([xt, xv])
+        tuning = usable if tuning_acts is None else check_matrix(tuning_acts[layer], f"tuning_acts[{layer}]",
+                                                                 width=width)
+        chosen = sorted(head for l_, head in selected if l_ == layer)
+        if direction == "mass_mean":
+            candidates = head_directions(usable, y_all, num_heads)
+        else:
+            candidates = torch.stack([torch.from_numpy(probes[(layer, h)]) for h in range(num_heads)])
+            candidates = candidates / candidates.norm(dim=-1, keepdim=True).clamp_min(1e-300)
+        directions = torch.zeros(num_heads, head_dim, dtype=torch.float64)
+        for head in chosen:
+            if not float(candidates[head].norm()) > 0:
+                raise ValueError(f"layer {layer} head {head}: the {direction} direction is zero; "
+                                 "true and false activations do not differ there.")
+            directions[head] = candidates[head]
+        sigmas = head_sigmas(tuning, directions, num_heads) * (directions.abs().sum(-1) > 0)
+        heads[layer] = {"directions": directions.float(), "sigmas": sigmas.float(), "heads": chosen}
+    return ITIFit(heads=heads, val_accuracy=accuracy, ranking=ranking, selected=selected, num_heads=int(num_heads),
+                  alpha=float(alpha), direction=direction)
 
 
 @keyword_checked
@@ -172,18 +331,36 @@ def build_iti_config(model, heads: dict, *, alpha: float = 15.0, position_policy
     ``heads`` maps layer → ``{"directions": (n_heads, head_dim), "sigmas": (n_heads,),
     "heads": [selected head indices]}``.
     """
-    from .config import edit_config, site_width
-
     width = site_width(model, component)
     num_heads = int(model.config.num_attention_heads)
-    modules = {}
-    for layer, spec in heads.items():
-        unknown = set(spec) - {"directions", "sigmas", "heads"}
-        if unknown:
-            raise ValueError(f"unknown ITI head spec keys {sorted(unknown)} for layer {layer}.")
-        modules[layer] = ITIIntervention(embed_dim=width, num_heads=num_heads, alpha=alpha,
-                                         position_policy=position_policy, **spec)
+    modules = {layer: _module(width, num_heads, spec, layer, alpha, position_policy) for layer, spec in heads.items()}
     first = next(iter(modules.values()))
     hyper = {"alpha": float(alpha), "heads": {str(layer): m.selected_heads for layer, m in modules.items()},
              "position_policy": first.policy.name.lower()}
     return edit_config(model, "iti", modules, component=component, hyperparameters=hyper, metadata=metadata)
+
+
+def _module(width: int, num_heads: int, spec: Mapping[str, Any], layer: int, alpha: float,
+            position_policy) -> ITIIntervention:
+    unknown = set(spec) - {"directions", "sigmas", "heads"}
+    if unknown:
+        raise ValueError(f"unknown ITI head spec keys {sorted(unknown)} for layer {layer}.")
+    return ITIIntervention(embed_dim=width, num_heads=num_heads, alpha=alpha, position_policy=position_policy,
+                           **spec)
+
+
+def _fit(inputs: Mapping[str, Any], config: ITIConfig, context: FitContext) -> Fit:
+    (train_acts, train_labels), (val_acts, val_labels) = inputs["train"], inputs["eval"]
+    result = fit_iti(train_acts, train_labels, val_acts, val_labels, num_heads=context.num_heads,
+                     top_k=config.top_k, direction=config.direction, alpha=config.alpha, seed=config.seed,
+                     max_iter=config.max_iter)
+    modules = {layer: _module(context.width, context.num_heads, spec, layer, config.alpha, config.position_policy)
+               for layer, spec in result.heads.items()}
+    return Fit(modules, result.record)
+
+
+SPEC = register_method(MethodSpec(
+    name="iti", title="Inference-Time Intervention (Li et al., NeurIPS 2023)",
+    intervention=ITIIntervention, config=ITIConfig, site="attention_value_output", order=2,
+    format="iti", reads="labeled", splits=("train", "eval"), fit=_fit,
+))

@@ -30,16 +30,18 @@ sign(x)·sqrt(−2 log φ)), tanh (inverse atanh) and elu (inverse log1p for neg
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from enum import IntEnum
-from typing import Optional
+from typing import Any, Dict, Mapping, Optional, Tuple
 
 import torch
 
 from .base import ActEditIntervention
+from .checks import check_int, check_layer_map, check_matrix, check_number
+from .config import edit_config, site_width
 from .positions import PositionPolicy
-from .settings import Settings, keyword_checked
+from .registry import Fit, FitContext, MethodConfig, MethodSpec, register_method
+from .settings import keyword_checked
 
 _EPS = 1e-6
 
@@ -118,10 +120,12 @@ def inverse_feature_map(y: torch.Tensor, fn: FeatureFunction, reference: Optiona
 
 
 @dataclass
-class SEAConfig(Settings):
-    """SEA's hyperparameters (a study's ``methods.sea.fit`` block).
+class SEAConfig(MethodConfig):
+    """SEA's settings (a study's ``methods.sea.fit`` block).
 
     Attributes:
+        layers: the layers edited (official: ``mlp_output`` of the last 21 of Llama-2-7B's 32,
+            i.e. ``"1/3:"``; default all).
         energy_ratio: r, the share of spectral energy kept by each projection (official: 0.998).
         feature_function: φ of non-linear SEA: ``linear`` (default), ``squared_exponential``,
             ``tanh`` or ``elu``.
@@ -138,15 +142,11 @@ class SEAConfig(Settings):
     position_policy: str = "all"
 
     def __post_init__(self) -> None:
-        ratio = self.energy_ratio
-        if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0.0 < float(ratio) <= 1.0:
-            raise ValueError(f"SEA energy_ratio must be in (0, 1], got {ratio!r}.")
-        self.energy_ratio = float(ratio)
+        super().__post_init__()
+        self.energy_ratio = check_number(self.energy_ratio, "SEA energy_ratio", low=0.0, high=1.0, low_open=True)
         self.feature_function = FeatureFunction.parse(self.feature_function).name.lower()
         self.norm_mode = NormMode.parse(self.norm_mode).name.lower()
-        if isinstance(self.base_tokens, bool) or not isinstance(self.base_tokens, int) or self.base_tokens < 1:
-            raise ValueError(f"SEA base_tokens must be a positive integer, got {self.base_tokens!r}.")
-        self.position_policy = PositionPolicy.parse(self.position_policy).name.lower()
+        self.base_tokens = check_int(self.base_tokens, "SEA base_tokens")
 
 
 class SEAIntervention(ActEditIntervention):
@@ -182,6 +182,11 @@ class SEAIntervention(ActEditIntervention):
 
     def resizable_buffers(self) -> tuple:
         return ("U_pos", "U_neg")
+
+    def full_sequence_reason(self) -> Optional[str]:
+        if NormMode(int(self.norm_mode)) == NormMode.FEATURE:
+            return f"{type(self).__name__} uses norm_mode='feature' (statistics over all tokens of a forward call)"
+        return super().full_sequence_reason()
 
     @property
     def ranks(self) -> tuple:
@@ -251,12 +256,79 @@ def fit_sea_factors(H: torch.Tensor, H_pos: torch.Tensor, H_neg: torch.Tensor, e
     return tuple(factors)
 
 
+@dataclass
+class SEAFit:
+    """Result of :func:`fit_sea`.
+
+    Attributes:
+        factors: layer → (U⁺ (d×k⁺), U⁻ (d×k⁻)), float32 with orthonormal columns.
+        energy_ratio: the energy ratio r that chose each k.
+        feature_function: the feature map φ (``linear``, ``squared_exponential``, ``tanh``, ``elu``).
+        num_examples: N, the number of demonstrations per layer.
+    """
+
+    factors: Dict[int, Tuple[torch.Tensor, torch.Tensor]]
+    energy_ratio: float
+    feature_function: str
+    num_examples: int
+
+    def __post_init__(self) -> None:
+        if not self.factors:
+            raise ValueError("SEAFit needs factors for at least one layer.")
+        self.feature_function = FeatureFunction.parse(self.feature_function).name.lower()
+
+    @property
+    def ranks(self) -> Dict[int, Tuple[int, int]]:
+        """layer → (k⁺, k⁻)."""
+        return {layer: (int(u.shape[1]), int(v.shape[1])) for layer, (u, v) in self.factors.items()}
+
+    @property
+    def record(self) -> Dict[str, Any]:
+        """How the factors were chosen (the artifact's ``fit`` metadata)."""
+        return {"energy_ratio": self.energy_ratio, "num_examples": self.num_examples,
+                "ranks": {str(layer): list(r) for layer, r in self.ranks.items()}}
+
+    def config(self, model, *, norm_mode: str = "token", position_policy=None, component: str = "mlp_output",
+               metadata: Optional[dict] = None):
+        """The ``IntervenableConfig`` of this fit (one SEA module per layer)."""
+        return build_sea_config(model, self.factors, norm_mode=norm_mode, feature_function=self.feature_function,
+                                position_policy=position_policy, component=component,
+                                metadata={"fit": self.record, **(metadata or {})})
+
+
+def fit_sea(H: Mapping[int, Any], H_pos: Mapping[int, Any], H_neg: Mapping[int, Any], *,
+            energy_ratio: float = 0.998, feature_function="linear") -> SEAFit:
+    """Fit SEA on every layer of ``H`` (:func:`fit_sea_factors` per layer).
+
+    Args:
+        H: layer → (N, d) activations of the base (model's own) completions, one row per
+            demonstration (last token).
+        H_pos: layer → (N, d) activations of the positive completions, row i paired with H's row i.
+        H_neg: layer → (N, d) activations of the negative completions.
+        energy_ratio: r in (0, 1]; k = the smallest rank whose cumulative energy s_i² reaches r.
+        feature_function: ``linear`` (default) or a non-linear map φ applied before the
+            covariances (``squared_exponential``, ``tanh``, ``elu``).
+    """
+    energy_ratio = check_number(energy_ratio, "energy_ratio", low=0.0, high=1.0, low_open=True)
+    fn = FeatureFunction.parse(feature_function)
+    layers = check_layer_map("H", H)
+    check_layer_map("H_pos", H_pos, layers)
+    check_layer_map("H_neg", H_neg, layers)
+    factors = {}
+    n = None
+    for layer in layers:
+        base = check_matrix(H[layer], f"H[{layer}]")
+        pos = check_matrix(H_pos[layer], f"H_pos[{layer}]", width=base.shape[1], rows=base.shape[0])
+        neg = check_matrix(H_neg[layer], f"H_neg[{layer}]", width=base.shape[1], rows=base.shape[0])
+        n = base.shape[0]
+        factors[layer] = fit_sea_factors(base, pos, neg, energy_ratio=energy_ratio, feature_function=fn)
+    return SEAFit(factors=factors, energy_ratio=energy_ratio, feature_function=fn.name.lower(), num_examples=int(n))
+
+
 @keyword_checked
 def build_sea_config(model, factors: dict, *, norm_mode="token", feature_function="linear",
                      position_policy=None, component: str = "mlp_output", metadata: Optional[dict] = None):
     """An ``IntervenableConfig`` with one SEA module per layer; ``factors`` maps layer → (U⁺, U⁻)."""
-    from .config import edit_config, site_width
-
     width = site_width(model, component)
     modules = {layer: SEAIntervention(embed_dim=width, U_pos=u_pos, U_neg=u_neg, norm_mode=norm_mode,
                                       feature_function=feature_function, position_policy=position_policy)
@@ -267,3 +339,20 @@ def build_sea_config(model, factors: dict, *, norm_mode="token", feature_functio
              "ranks": {str(layer): list(m.ranks) for layer, m in modules.items()},
              "position_policy": first.policy.name.lower()}
     return edit_config(model, "sea", modules, component=component, hyperparameters=hyper, metadata=metadata)
+
+
+def _fit(inputs: Mapping[str, Any], config: SEAConfig, context: FitContext) -> Fit:
+    result = fit_sea(inputs["base"], inputs["pos"], inputs["neg"], energy_ratio=config.energy_ratio,
+                     feature_function=config.feature_function)
+    modules = {layer: SEAIntervention(embed_dim=context.width, U_pos=u_pos, U_neg=u_neg, norm_mode=config.norm_mode,
+                                      feature_function=config.feature_function,
+                                      position_policy=config.position_policy)
+               for layer, (u_pos, u_neg) in result.factors.items()}
+    return Fit(modules, result.record)
+
+
+SPEC = register_method(MethodSpec(
+    name="sea", title="Spectral Editing of Activations (Qiu et al., NeurIPS 2024)",
+    intervention=SEAIntervention, config=SEAConfig, site="mlp_output", order=3,
+    format="sea", reads="aligned", roles=("base", "pos", "neg"), splits=("train",), fit=_fit,
+))

@@ -15,7 +15,7 @@ import dataclasses
 import difflib
 import functools
 import inspect
-from typing import Any, Callable, Iterable, Mapping, Optional, Sequence, Type, TypeVar
+from typing import Any, Callable, ClassVar, Dict, Iterable, Mapping, Optional, Sequence, Type, TypeVar
 
 S = TypeVar("S", bound="Settings")
 
@@ -53,7 +53,13 @@ def check_keys(given: Iterable[str], valid: Iterable[str], where: str) -> None:
 
 @dataclasses.dataclass
 class Settings:
-    """Base of actedit's typed settings (see the module docstring)."""
+    """Base of actedit's typed settings (see the module docstring).
+
+    ``MOVED`` maps keys an earlier release accepted to where they live now; such a key gets an
+    error saying so instead of "unknown key".
+    """
+
+    MOVED: ClassVar[Dict[str, str]] = {}
 
     @classmethod
     def field_names(cls) -> list:
@@ -71,6 +77,11 @@ class Settings:
             raise ValueError(f"{where or cls.__name__} must be a mapping of settings, got {type(values).__name__} "
                              f"({values!r:.60}).")
         merged = {**values, **extra}
+        moved = [k for k in merged if k in cls.MOVED]
+        if moved:
+            prefix = f"{where}." if where else ""
+            raise UnknownSettingError("; ".join(f"{prefix}{k} has moved: set {cls.MOVED[k]} instead" for k in moved)
+                                      + ".")
         check_keys(merged, cls.field_names(), where or cls.__name__)
         return cls(**merged)
 

@@ -67,6 +67,22 @@ def make_tokenizer(vocab_size: int = 300):
 
 
 
+def build_tokenizer(texts, vocab_size=700, add_bos=False):
+    """A byte-level BPE tokenizer trained here on ``texts`` (GPT-2 style spaces), no download."""
+    import transformers as tf
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<pad>", "<s>", "</s>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(texts, trainer)
+    if add_bos:
+        tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    return tf.PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>")
+
+
 def tiny_config(family: str, **overrides):
     """A 3-layer config of ``family`` small enough for CPU tests."""
     import transformers as tf

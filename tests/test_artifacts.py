@@ -248,8 +248,8 @@ def test_push_to_hub_uploads_the_directory(saved_hpr):
 
 
 def test_unknown_method_name():
-    with pytest.raises(ValueError, match="unknown method"):
-        ai.intervention_class("rome")
+    with pytest.raises(ValueError, match="unknown method 'rome'; known: actadd, caa, iti, sea, hpr"):
+        ai.method_spec("rome")
 
 
 def test_layer_out_of_range(llama):

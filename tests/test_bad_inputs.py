@@ -21,11 +21,12 @@ import yaml
 
 import actedit.interventions as ai
 from actedit.cli import main
-from actedit.eval.study import default_config_path, load_study
+from actedit.study import default_config_path, load_study
 from actedit.interventions.artifacts import ArtifactError, file_sha256, load_artifact, save_artifact
 from actedit.interventions.layers import resolve_layer, resolve_layers
 from actedit.interventions.settings import UnknownSettingError
-from actedit.train.pipeline import FIT_SETTINGS, METHODS, load_config
+from actedit.interventions.registry import method_names, method_spec
+from actedit.train.pipeline import load_config
 
 from conftest import SHARED_DATA, make_tokenizer, tiny_model, unavailable
 
@@ -36,10 +37,10 @@ TYPOS = {"hpr": ("alpah", "alpha"), "sea": ("energy_ration", "energy_ratio"), "i
 
 
 def test_every_method_has_a_typo_case():
-    assert set(TYPOS) == set(METHODS) == set(FIT_SETTINGS)
+    assert set(TYPOS) == set(method_names())
 
 
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("method", method_names())
 def test_fit_typo_in_yaml_lists_the_valid_keys(tmp_path, method):
     wrong, right = TYPOS[method]
     path = tmp_path / "c.yaml"
@@ -48,11 +49,11 @@ def test_fit_typo_in_yaml_lists_the_valid_keys(tmp_path, method):
         load_config(str(path))
     message = str(info.value)
     assert f"fit.{wrong}" in message and f"did you mean {right!r}" in message
-    for key in FIT_SETTINGS[method].field_names():
+    for key in method_spec(method).config.field_names():
         assert key in message
 
 
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("method", method_names())
 def test_fit_typo_through_set_in_a_study(method):
     wrong, right = TYPOS[method]
     with pytest.raises(UnknownSettingError, match=rf"methods\.{method}\.fit\.{wrong} \(did you mean {right!r}\?\)"):
@@ -65,8 +66,12 @@ def test_train_typo_and_train_block_of_a_closed_form_method():
         load_study(str(default_config_path()), ["methods.hpr.train.learnig_rate=1e-3"])
     with pytest.raises(UnknownSettingError, match=r"methods\.iti\.train: iti is closed-form.*top_k"):
         load_study(str(default_config_path()), ["methods.iti.train.epochs=3"])
-    with pytest.raises(UnknownSettingError, match=r"select: only HPR selects layers"):
+    with pytest.raises(UnknownSettingError, match=r"select has moved: set fit.top_k"):
         load_config(None, ["method=caa", "select.k=3"])
+    with pytest.raises(UnknownSettingError, match=r"collect.layers has moved: set fit.layers"):
+        load_config(None, ["method=sea", "collect.layers=1-2"])
+    with pytest.raises(UnknownSettingError, match=r"eval.mc2_rule has moved: set eval.task_options.mc2_rule"):
+        load_study(str(default_config_path()), ["eval.mc2_rule=labels"])
 
 
 def test_typo_on_the_command_line_is_one_clear_line(capsys):
@@ -94,12 +99,19 @@ def test_python_builders_refuse_mistyped_keywords(llama):
         save_artifact(pvm, "unused", metdata={})
 
 
-@pytest.mark.parametrize("method", METHODS)
+BAD_VALUES = {"hpr": {"alpha": "big"}, "sea": {"energy_ratio": 1.5}, "iti": {"direction": "pca"},
+              "caa": {"position_policy": "sometimes"}, "actadd": {"layers": "every"}}
+
+
+def test_every_method_has_a_bad_value_case():
+    assert set(BAD_VALUES) == set(method_names())
+
+
+@pytest.mark.parametrize("method", method_names())
 def test_bad_values_are_named(method):
-    bad = {"hpr": {"alpha": "big"}, "sea": {"energy_ratio": 1.5}, "iti": {"direction": "pca"},
-           "caa": {"position_policy": "sometimes"}, "actadd": {"layer": "every"}}[method]
+    bad = BAD_VALUES[method]
     with pytest.raises(ValueError) as info:
-        FIT_SETTINGS[method].from_mapping(bad, "fit")
+        method_spec(method).settings(bad, "fit")
     assert any(str(v) in str(info.value) for v in bad.values())
 
 
@@ -119,7 +131,7 @@ def _pairs(path: Path, pairs) -> Path:
 def test_actadd_fit_with_the_canonical_single_pair(tmp_path, chat_model_dir):
     data = _pairs(tmp_path / "love.jsonl", [("Love", "Hate")])
     args = ["fit", "--model", str(chat_model_dir), "--method", "actadd", "--set", f"data.name={data}",
-            "--set", f"collect.dir={tmp_path / 'acts'}", "--set", "fit.layer=1", "--set", "fit.coefficient=5",
+            "--set", f"collect.dir={tmp_path / 'acts'}", "--set", "fit.layers=1", "--set", "fit.coefficient=5",
             "--out", str(tmp_path / "artifact")]
     assert main(args) == 0
     info = json.loads((tmp_path / "artifact" / "config.json").read_text())["actedit"]
@@ -140,13 +152,13 @@ def test_actadd_refuses_several_pairs_and_an_unset_layer(tmp_path, chat_model_di
     many = _pairs(tmp_path / "many.jsonl", [("Love", "Hate"), ("Joy", "Grief"), ("Calm", "Anger")])
     base = ["fit", "--model", str(chat_model_dir), "--method", "actadd", "--set", f"collect.dir={tmp_path / 'a'}",
             "--out", str(tmp_path / "artifact")]
-    assert main(base + ["--set", f"data.name={many}", "--set", "fit.layer=1"]) == 1
+    assert main(base + ["--set", f"data.name={many}", "--set", "fit.layers=1"]) == 1
     err = capsys.readouterr().err
     assert "one prompt pair" in err and "holds 3" in err and "data.limit=1" in err
     one = _pairs(tmp_path / "one.jsonl", [("Love", "Hate")])
     assert main(base + ["--set", f"data.name={one}"]) == 1
     err = capsys.readouterr().err
-    assert "fit.layer is not set" in err and "never means every layer" in err
+    assert "fit.layers is not set" in err and "never means every layer" in err
     assert not (tmp_path / "a").exists() and not (tmp_path / "artifact").exists()
 
 
@@ -163,7 +175,7 @@ def test_base_model_without_chat_template_uses_the_plain_text_form(tmp_path, cap
     ContrastDataset([ContrastExample(f"Is the sky blue number {i}?", ["Yes it is."], ["No it is not.", "Never."],
                                      {"id": i}) for i in range(4)]).to_jsonl(data)
     cfg = load_config(None, ["method=hpr", f"data.name={data}", "data.eval_ratio=0.5",
-                             f"collect.dir={tmp_path / 'acts'}", "select.k=2"])
+                             f"collect.dir={tmp_path / 'acts'}", "fit.top_k=2"])
     store = pipeline.collect(cfg, model, tok)
     out = capsys.readouterr().out
     assert "has no chat template" in out and "plain-text form" in out
@@ -199,13 +211,13 @@ def test_a_study_refuses_layers_beyond_the_depth_before_any_work(tmp_path, chat_
     config.write_text(yaml.safe_dump({
         "model": str(chat_model_dir), "dtype": "float32", "data": {"name": "truthfulqa_mc", "limit": 2},
         "out": str(tmp_path / "out"),
-        "methods": {"hpr": {"train": {"epochs": 1}, "select": {"k": 2}}, "sea": {"collect": {"layers": "10-29"}}},
+        "methods": {"hpr": {"train": {"epochs": 1}, "fit": {"top_k": 2}}, "sea": {"fit": {"layers": "10-29"}}},
     }))
     if not (SHARED_DATA / "mc_task.json").is_file():
         unavailable(f"TruthfulQA data not found at {SHARED_DATA}")
     assert main(["run", str(config), "--data", str(SHARED_DATA)]) == 1
     err = capsys.readouterr().err
-    assert "methods.sea.collect.layers" in err and "it has 3 layers (0..2)" in err and "'1/3:'" in err
+    assert "methods.sea.fit.layers" in err and "it has 3 layers (0..2)" in err and "'1/3:'" in err
     assert not (tmp_path / "out" / "activations").exists()  # nothing was collected first
 
 
@@ -215,10 +227,10 @@ def test_default_config_runs_unchanged_on_another_depth():
     for depth in (12, 24, 30, 32):
         model = tiny_model("llama", num_hidden_layers=depth)
         resolved = {m: study.pipeline(m).for_model(model) for m in study.method_names}
-        assert resolved["sea"].collect.layers == resolve_layers("1/3:", depth)
-        assert resolved["caa"].fit.layer == resolve_layer(0.4, depth) and resolved["caa"].collect.layers == \
-            [resolved["caa"].fit.layer]
-    assert resolved["caa"].fit.layer == 13  # 32 layers: CAA's layer 13 of Llama-2-7B
+        assert resolved["sea"].fit.layers == resolve_layers("1/3:", depth)
+        assert resolved["caa"].fit.layers == [resolve_layer(0.4, depth)]
+        assert resolved["hpr"].fit.layers == list(range(depth))
+    assert resolved["caa"].fit.layers == [13]  # 32 layers: CAA's layer 13 of Llama-2-7B
 
 
 # ----------------------------------------------------------------------- pickles in artifacts

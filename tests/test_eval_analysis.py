@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from actedit.eval import analysis as A
-from actedit.eval import plots as P
+from actedit.train import plots as P
 from actedit.interventions import build_caa_config, build_hpr_config, compose, intervenable
 from conftest import tiny_model
 
@@ -70,12 +70,11 @@ def test_flip_table_toy_case():
     assert t.counts == {"false_to_true": 2, "true_to_false": 1, "remains_true": 1, "remains_false": 1}
     json.dumps(t.to_dict())
     # the same from per-question records in another order, matched by index
-    base_records = [{"index": i, "mc1_correct": b} for i, b in enumerate(base)]
-    edited_records = [{"index": i, "mc1_correct": e} for i, e in reversed(list(enumerate(edited)))]
-    assert A.flips_from_records(base_records, edited_records) == t
-    table = A.format_flip_table({"edit": t})
-    assert "| Base model | - | - | 40.00 | 60.00 | 40.00 |" in table
-    assert "| edit | 40.00 | 20.00 | 20.00 | 20.00 | 60.00 |" in table
+    base_records = [{"index": i, "values": {"mc1": float(b)}} for i, b in enumerate(base)]
+    edited_records = [{"index": i, "values": {"mc1": float(e)}} for i, e in reversed(list(enumerate(edited)))]
+    assert A.flips_from_records(base_records, edited_records, "mc1") == t
+    with pytest.raises(ValueError, match="no metric 'acc'"):
+        A.flips_from_records(base_records, edited_records, "acc")
     with pytest.raises(ValueError, match="differ in length"):
         A.prediction_flips([True], [True, False])
     with pytest.raises(ValueError, match="booleans"):
@@ -138,7 +137,7 @@ def test_edited_norms_equal_manual_edit(model, inputs):
 
     # the collector runs after an edit at the same site: it reads the rotated activations exactly
     edited = intervenable(model, hpr_config)
-    acts = A.collect_activations(edited, inputs, [1])[1]
+    acts = A.layer_activations(edited, inputs, [1])[1]
     with torch.no_grad():
         manual = hpr.edit(base_h[1])[real]
     changed = (manual - base_h[1][real]).norm(dim=-1) > 1e-4

@@ -5,10 +5,11 @@ import pytest
 import torch
 
 from actedit.eval import mc
+from actedit.train.truthfulqa import TRUTHFULQA_PRIMER
 from actedit.interventions import build_hpr_config, intervenable, load_artifact, save_artifact
 
-from conftest import SHARED_DATA, require_truthfulqa, tiny_model, unavailable
-from test_eval_mc import build_tokenizer
+from conftest import SHARED_DATA, build_tokenizer, require_truthfulqa, tiny_model, unavailable
+
 
 try:
     import lm_eval
@@ -35,7 +36,7 @@ def questions():
 def test_lm_eval_and_actedit_scorer_agree(questions, tmp_path):
     from actedit.eval.lmeval import ActEditLM, evaluate_truthfulqa
 
-    corpus = [mc.TRUTHFULQA_PRIMER] + [q.question for q in questions] + [c for q in questions for c in q.mc2_choices]
+    corpus = [TRUTHFULQA_PRIMER] + [q.question for q in questions] + [c for q in questions for c in q.mc2_choices]
     tokenizer = build_tokenizer(corpus)
     model = tiny_model("llama", seed=2, vocab_size=len(tokenizer), max_position_embeddings=1024).double()
 
@@ -53,5 +54,7 @@ def test_lm_eval_and_actedit_scorer_agree(questions, tmp_path):
         theirs = (result["mc1"], result["mc2"])
         target = model if intervention is None else load_artifact(intervention, model)
         ours = mc.score_mc(target, tokenizer, questions, progress=False, mc2_rule="labels")
-        assert abs(ours.mc1 - theirs[0]) < 1e-6 and abs(ours.mc2 - theirs[1]) < 1e-6, (intervention, ours, theirs)
-    assert ours.mc2 != pytest.approx(mc.score_mc(model, tokenizer, questions, progress=False, mc2_rule="labels").mc2)
+        assert abs(ours.metrics["mc1"] - theirs[0]) < 1e-6 and abs(ours.metrics["mc2"] - theirs[1]) < 1e-6, \
+            (intervention, ours.metrics, theirs)
+    assert ours.metrics["mc2"] != pytest.approx(
+        mc.score_mc(model, tokenizer, questions, progress=False, mc2_rule="labels").metrics["mc2"])

@@ -1,4 +1,4 @@
-"""The TruthfulQA multiple-choice scorer against a straightforward reference implementation.
+"""The multiple-choice scorer (TruthfulQA, the first task) against a straightforward reference implementation.
 
 The reference below scores every ``context + continuation`` sequence on its own with one full
 forward (no cache, no batching, full vocabulary projection). Through pyvene it calls
@@ -17,6 +17,9 @@ import pytest
 import torch
 
 from actedit.eval import mc
+from actedit.interventions.config import interventions_of
+from actedit.train import truthfulqa as tqa
+from actedit.train.tasks import mean_stderr
 from actedit.interventions import (
     build_caa_config,
     build_hpr_config,
@@ -28,7 +31,7 @@ from actedit.interventions import (
     mark_answer_starts,
     save_artifact,
 )
-from conftest import SHARED_DATA, require_truthfulqa, tiny_model
+from conftest import SHARED_DATA, build_tokenizer, require_truthfulqa, tiny_model
 
 # lm-eval's truthfulqa_mc1.yaml (task version 2.0) primer, rendered; written out here on its own so
 # that the scorer's copy is checked against an independent one.
@@ -69,22 +72,6 @@ def questions():
     return qs[:N_QUESTIONS - 1] + [qs[25]]
 
 
-def build_tokenizer(texts, vocab_size=700, add_bos=False):
-    """A byte-level BPE tokenizer trained here on ``texts`` (GPT-2 style spaces), no download."""
-    import transformers as tf
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<pad>", "<s>", "</s>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    tok.train_from_iterator(texts, trainer)
-    if add_bos:
-        tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
-    return tf.PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>")
-
-
 @pytest.fixture(scope="module")
 def corpus(questions):
     return [EXPECTED_PRIMER] + [q.question for q in questions] + [c for q in questions for c in q.mc2_choices]
@@ -106,7 +93,7 @@ def model64(tokenizer):
 
 
 def as_dtype(pvm, dtype):
-    for module in mc._interventions(pvm):
+    for module in interventions_of(pvm):
         module.to(dtype)
     return pvm
 
@@ -140,26 +127,32 @@ def reference_result(model_or_pvm, tokenizer, questions):
         s2 = reference_scores(model_or_pvm, tokenizer, q, q.mc2_choices)
         split = list(q.mc2_labels).index(0)
         p = [math.exp(s) for s in s2]
-        rows.append((s1, s2, s1.index(max(s1)) == 0, sum(p[:split]) / sum(p)))
+        rows.append((s1, s2, s1.index(max(s1)) == 0, sum(p[:split]) / sum(p), q))
     return rows
+
+
+def scores_of(record, choices):
+    """A record's scores of ``choices`` (TruthfulQA MC1 or MC2 choices), in their order."""
+    by_choice = dict(zip(record.choices, record.scores))
+    return [by_choice[" " + c] for c in choices]
 
 
 def assert_matches(result, reference, atol=ATOL):
     assert len(result.records) == len(reference)
-    for record, (s1, s2, correct, mc2_value) in zip(result.records, reference):
-        np.testing.assert_allclose(record.mc1_scores, s1, rtol=0, atol=atol)
-        np.testing.assert_allclose(record.mc2_scores, s2, rtol=0, atol=atol)
-        assert record.mc1_correct == correct
-        assert record.mc2 == pytest.approx(mc2_value, abs=atol)
-    assert result.mc1 == pytest.approx(np.mean([r[2] for r in reference]))
-    assert result.mc2 == pytest.approx(np.mean([r[3] for r in reference]), abs=atol)
+    for record, (s1, s2, correct, mc2_value, q) in zip(result.records, reference):
+        np.testing.assert_allclose(scores_of(record, q.mc1_choices), s1, rtol=0, atol=atol)
+        np.testing.assert_allclose(scores_of(record, q.mc2_choices), s2, rtol=0, atol=atol)
+        assert record.values["mc1"] == float(correct)
+        assert record.values["mc2"] == pytest.approx(mc2_value, abs=atol)
+    assert result.metrics["mc1"] == pytest.approx(np.mean([r[2] for r in reference]))
+    assert result.metrics["mc2"] == pytest.approx(np.mean([r[3] for r in reference]), abs=atol)
 
 
 # ---------------------------------------------------------------------------- protocol
 def test_primer_is_lm_eval_primer():
-    assert mc.TRUTHFULQA_PRIMER == EXPECTED_PRIMER
-    assert mc.primer_sha256() == hashlib.sha256(EXPECTED_PRIMER.encode()).hexdigest()
-    assert mc.truthfulqa_context("Why?") == EXPECTED_PRIMER + "\n\nQ: Why?\nA:"
+    assert tqa.TRUTHFULQA_PRIMER == EXPECTED_PRIMER
+    assert tqa.primer_sha256() == hashlib.sha256(EXPECTED_PRIMER.encode()).hexdigest()
+    assert tqa.truthfulqa_context("Why?") == EXPECTED_PRIMER + "\n\nQ: Why?\nA:"
 
 
 def test_encode_pair_moves_trailing_spaces(tokenizer):
@@ -178,20 +171,20 @@ def test_encode_bos_handling(corpus):
 
 
 def test_metrics_follow_lm_eval():
-    assert mc.mc1_correct([-1.0, -2.0, -1.5])
-    assert not mc.mc1_correct([-2.0, -1.0])
-    assert mc.mc1_correct([-1.0, -1.0])  # tie: argmax takes the first maximum
+    assert tqa.mc1_correct([-1.0, -2.0, -1.5])
+    assert not tqa.mc1_correct([-2.0, -1.0])
+    assert tqa.mc1_correct([-1.0, -1.0])  # tie: argmax takes the first maximum
     scores = [-1.0, -2.0, -3.0, -0.5]
     p = np.exp(scores)
     # everything from the first 0 on is false, even a later 1 (lm-eval's split)
-    assert mc.mc2_value(scores, [1, 1, 0, 1]) == pytest.approx((p[0] + p[1]) / p.sum())
+    assert tqa.mc2_value(scores, [1, 1, 0, 1]) == pytest.approx((p[0] + p[1]) / p.sum())
     # lm-eval's truthfulqa_mc2 v3.0 counts the labels instead
-    assert mc.mc2_value(scores, [1, 1, 0, 1], rule="labels") == pytest.approx((p[0] + p[1] + p[3]) / p.sum())
+    assert tqa.mc2_value(scores, [1, 1, 0, 1], rule="labels") == pytest.approx((p[0] + p[1] + p[3]) / p.sum())
     with pytest.raises(ValueError, match="rule"):
-        mc.mc2_value(scores, [1, 1, 0, 1], rule="sorted")
-    assert mc.mean_stderr([1.0, 0.0, 1.0, 1.0]) == pytest.approx(np.std([1, 0, 1, 1], ddof=1) / 2)
+        tqa.mc2_value(scores, [1, 1, 0, 1], rule="sorted")
+    assert mean_stderr([1.0, 0.0, 1.0, 1.0]) == pytest.approx(np.std([1, 0, 1, 1], ddof=1) / 2)
     with pytest.raises(ValueError):
-        mc.mc2_value([-1.0], [1])
+        tqa.mc2_value([-1.0], [1])
 
 
 def test_batch_plan_covers_every_row_once():
@@ -223,45 +216,49 @@ def test_modes_batches_and_bos(corpus, questions):
     assert cached.protocol["bos"] is True
     assert_matches(cached, reference)
     assert_matches(mc.score_mc(model, tok, questions, progress=False, mode="full"), reference)
-    assert_matches(mc.score_mc(model, tok, questions, progress=False, mode="cached"), reference)
-    assert_matches(mc.score_mc(model, tok, questions, progress=False, mode="cached", batch_size=3), reference)
+    assert_matches(mc.score_mc(model, tok, questions, progress=False, mode="full", batch_size=3), reference)
     # rows smaller than one question: every question gets a row of its own
     assert_matches(mc.score_mc(model, tok, questions, progress=False, pack_tokens=8), reference)
     no_bos = mc.score_mc(model, tok, questions[:2], progress=False, add_bos_token=False)
     assert no_bos.protocol["bos"] is False
-    assert no_bos.records[0].mc2_scores != cached.records[0].mc2_scores
+    assert no_bos.records[0].scores != cached.records[0].scores
 
 
 def test_float32_model(tokenizer, questions):
     model = make_model(tokenizer, dtype=torch.float32)
     result = mc.score_mc(model, tokenizer, questions, progress=False)
-    for record, (s1, s2, _, _) in zip(result.records, reference_result(model, tokenizer, questions)):
-        np.testing.assert_allclose(record.mc2_scores, s2, rtol=2e-6, atol=1e-5)
+    for record, (s1, s2, _, _, q) in zip(result.records, reference_result(model, tokenizer, questions)):
+        np.testing.assert_allclose(scores_of(record, q.mc2_choices), s2, rtol=2e-6, atol=1e-5)
 
 
 def test_result_fields(model64, tokenizer, questions):
     result = mc.score_mc(model64, tokenizer, questions, progress=False)
     assert [r.index for r in result.records] == [q.index for q in questions]
-    assert result.mc1_stderr == pytest.approx(np.std([r.mc1_correct for r in result.records], ddof=1)
-                                              / math.sqrt(len(questions)))
-    assert result.mc2_stderr == pytest.approx(np.std([r.mc2 for r in result.records], ddof=1)
-                                              / math.sqrt(len(questions)))
+    assert result.task == "truthfulqa" and set(result.metrics) == {"mc1", "mc2"}
+    assert result.stderr["mc1"] == pytest.approx(np.std([r.values["mc1"] for r in result.records], ddof=1)
+                                                 / math.sqrt(len(questions)))
+    assert result.stderr["mc2"] == pytest.approx(np.std([r.values["mc2"] for r in result.records], ddof=1)
+                                                 / math.sqrt(len(questions)))
     assert result.protocol["primer_sha256"] == hashlib.sha256(EXPECTED_PRIMER.encode()).hexdigest()
     assert result.protocol["n_questions"] == len(questions)
     assert result.seconds > 0
     assert "MC1" in result.summary()
     assert result.to_dict()["records"][0]["index"] == questions[0].index
+    assert mc.MCResult.from_dict(result.to_dict()) == result
     assert result.protocol["mc2_rule"] == "split"
+    with pytest.raises(ValueError, match="did you mean 'mc2_rule'"):
+        mc.score_mc(model64, tokenizer, questions, progress=False, mc2_rules="labels")
     by_labels = mc.score_mc(model64, tokenizer, questions, progress=False, mc2_rule="labels")
     for q, a, b in zip(questions, result.records, by_labels.records):
-        assert a.mc2_scores == pytest.approx(b.mc2_scores, abs=1e-9)
-        p = np.exp(np.array(a.mc2_scores) - max(a.mc2_scores))
+        assert a.scores == pytest.approx(b.scores, abs=1e-9)
+        s2 = scores_of(a, q.mc2_choices)
+        p = np.exp(np.array(s2) - max(s2))
         labels = np.array(q.mc2_labels)
-        assert b.mc2 == pytest.approx(p[labels == 1].sum() / p.sum(), abs=1e-12)
+        assert b.values["mc2"] == pytest.approx(p[labels == 1].sum() / p.sum(), abs=1e-12)
         if q.index == 25:  # a true choice after a false one: the rules differ
-            assert b.mc2 >= a.mc2 and labels[:labels.tolist().index(0)].sum() < labels.sum()
+            assert b.values["mc2"] >= a.values["mc2"] and labels[:labels.tolist().index(0)].sum() < labels.sum()
         else:
-            assert b.mc2 == pytest.approx(a.mc2, abs=1e-12)
+            assert b.values["mc2"] == pytest.approx(a.values["mc2"], abs=1e-12)
 
 
 def test_scoring_leaves_no_hooks_and_restores_mode(tokenizer, questions):
@@ -320,16 +317,16 @@ def test_iti_answer_policy_edits_only_the_continuation(tokenizer, questions):
     assert_matches(result, reference_result(pvm, tokenizer, questions))
     # Independently: the same edit from the first continuation token on, placed by position.
     for q, record in zip(questions[:2], result.records):
-        n_ctx = len(tokenizer(mc.truthfulqa_context(q.question)).input_ids)
-        for module in mc._interventions(pvm):
+        n_ctx = len(tokenizer(tqa.truthfulqa_context(q.question)).input_ids)
+        for module in interventions_of(pvm):
             module.set_position_policy("from_position", start=n_ctx)
-        np.testing.assert_allclose(record.mc2_scores, reference_scores(pvm, tokenizer, q, q.mc2_choices),
+        np.testing.assert_allclose(scores_of(record, q.mc2_choices), reference_scores(pvm, tokenizer, q, q.mc2_choices),
                                    rtol=0, atol=ATOL)
     # and it differs from editing every position
-    for module in mc._interventions(pvm):
+    for module in interventions_of(pvm):
         module.set_position_policy("all")
     everywhere = mc.score_mc(pvm, tokenizer, questions[:1], progress=False)
-    assert abs(everywhere.records[0].mc2_scores[0] - result.records[0].mc2_scores[0]) > 1e-3
+    assert abs(everywhere.records[0].scores[0] - result.records[0].scores[0]) > 1e-3
 
 
 @pytest.mark.parametrize("policy,start", [
@@ -364,13 +361,13 @@ def test_composed_edits_and_reloaded_artifact(tokenizer, questions, tmp_path):
     pvm = intervenable(model, compose(caa_config(model, "all", multiplier=0.5), iti, hpr))
     result = mc.score_mc(pvm, tokenizer, questions[:2], progress=False)
     reference = reference_result(pvm, tokenizer, questions[:2])
-    for record, (_, s2, _, _) in zip(result.records, reference):
-        np.testing.assert_allclose(record.mc2_scores, s2, rtol=2e-6, atol=1e-5)
+    for record, (_, s2, _, _, q) in zip(result.records, reference):
+        np.testing.assert_allclose(scores_of(record, q.mc2_choices), s2, rtol=2e-6, atol=1e-5)
     save_artifact(pvm, tmp_path / "edit")
     loaded = load_artifact(tmp_path / "edit", make_model(tokenizer, dtype=torch.float32))
     again = mc.score_mc(loaded, tokenizer, questions[:2], progress=False)
     for a, b in zip(result.records, again.records):
-        np.testing.assert_allclose(a.mc2_scores, b.mc2_scores, rtol=0, atol=1e-9)
+        np.testing.assert_allclose(a.scores, b.scores, rtol=0, atol=1e-9)
 
 
 def test_loglikelihoods_generic_requests(model64, tokenizer):
@@ -410,14 +407,14 @@ def test_many_models_share_lower_layers_and_equal_separate_runs(tokenizer, quest
     for name, target in {"base": model, **edits}.items():
         alone = mc.score_mc(target, tokenizer, subset, progress=False, pack_tokens=300)
         for a, b in zip(together[name].records, alone.records):
-            assert a.mc2_scores == b.mc2_scores and a.mc1_scores == b.mc1_scores, name  # bit for bit
+            assert a.scores == b.scores, name  # bit for bit
         assert together[name].seconds > 0
     # and the edits do change the scores
-    assert together["caa_in"].records[0].mc2_scores != together["base"].records[0].mc2_scores
+    assert together["caa_in"].records[0].scores != together["base"].records[0].scores
     # without a plain model nothing is shared, and the scores stay the same
     no_base = mc.score_mc_many(edits, tokenizer, subset, progress=False, pack_tokens=300)
     assert all(r.protocol["shared_lower_layers"] == 0 for r in no_base.values())
-    assert no_base["hpr"].records[1].mc2_scores == together["hpr"].records[1].mc2_scores
+    assert no_base["hpr"].records[1].scores == together["hpr"].records[1].scores
     with pytest.raises(ValueError, match="at least one model"):
         mc.score_mc_many({}, tokenizer, subset, progress=False)
 
@@ -426,7 +423,7 @@ def test_packed_mode_refused_where_the_model_cannot_take_a_block_mask(tokenizer,
     model = make_model(tokenizer, dtype=torch.float32)
     model.config._attn_implementation = "flash_attention_2"
     try:
-        with pytest.raises(ValueError, match="mode='packed' is not available.*flash_attention_2.*mode='cached'"):
+        with pytest.raises(ValueError, match="mode='packed' is not available.*flash_attention_2.*mode='full'"):
             mc.score_mc(model, tokenizer, questions[:1], progress=False, mode="packed")
     finally:
         model.config._attn_implementation = "sdpa"

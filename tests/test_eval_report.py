@@ -9,17 +9,17 @@ import actedit.interventions as ai
 from actedit.cli import main
 from actedit.eval import mc
 
-from conftest import SHARED_DATA, require_truthfulqa, tiny_model
-from test_eval_mc import build_tokenizer
+from conftest import SHARED_DATA, build_tokenizer, require_truthfulqa, tiny_model
+
 
 
 @pytest.fixture(scope="module")
 def local_model(tmp_path_factory):
     require_truthfulqa()
-    from actedit.train.truthfulqa import load_truthfulqa, load_split, select
+    from actedit.train.truthfulqa import TRUTHFULQA_PRIMER, load_split, load_truthfulqa, select
 
     questions = select(load_truthfulqa(SHARED_DATA), "test", load_split(SHARED_DATA), limit=3)
-    tokenizer = build_tokenizer([mc.TRUTHFULQA_PRIMER] + [q.question for q in questions]
+    tokenizer = build_tokenizer([TRUTHFULQA_PRIMER] + [q.question for q in questions]
                                 + [c for q in questions for c in q.mc2_choices])
     model = tiny_model("llama", vocab_size=len(tokenizer), max_position_embeddings=1024)
     root = tmp_path_factory.mktemp("model")
@@ -47,9 +47,10 @@ def test_eval_with_and_without_edit(local_model, tmp_path):
     assert [r["index"] for r in base["base"]["per_question"]] == [q.index for q in questions]
     assert main(args + ["--intervention", str(root / "caa"), "--out", str(tmp_path / "caa")]) == 0
     edited = json.loads((tmp_path / "caa" / "results.json").read_text())
-    assert edited["mc2"] == edited["edited"]["mc2"] and edited["base"]["mc2"] == pytest.approx(base["mc2"])
+    assert edited["mc2"] == edited["edited"]["metrics"]["mc2"]
+    assert edited["base"]["metrics"]["mc2"] == pytest.approx(base["mc2"])
     assert edited["mc2"] != pytest.approx(base["mc2"])
-    assert {"flips", "side_effects", "norms"} <= set(edited)
+    assert {"flips", "side_effects", "norm_drift"} <= set(edited)
     assert edited["side_effects"]["kl"] > 0
     assert (tmp_path / "caa" / "norms.png").stat().st_size > 0 and (tmp_path / "caa" / "flips.png").is_file()
     report = (tmp_path / "caa" / "report.md").read_text()
@@ -65,7 +66,7 @@ def test_layer_curve_and_probe_plot(local_model, tmp_path):
     assert curve["ranked_layers"] == [2, 0] and curve["ks"] == [1, 2]
     assert set(curve["scores"]) == {"mc1", "mc2"} and len(curve["scores"]["mc2"]) == 2
     # k = 2 restricts to every edited layer: the full edit's score
-    assert curve["scores"]["mc2"][-1] == pytest.approx(results["edited"]["mc2"])
+    assert curve["scores"]["mc2"][-1] == pytest.approx(results["edited"]["metrics"]["mc2"])
     assert (tmp_path / "o" / "layer_curve.png").is_file() and (tmp_path / "o" / "probe_accuracy.png").is_file()
 
 

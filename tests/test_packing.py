@@ -3,14 +3,11 @@ plain forwards of every sequence (with and without a cached prefix, several mode
 
 import pytest
 import torch
-
-from actedit.interventions import compat
 from transformers import DynamicCache
 
-from actedit.interventions import CAAIntervention, build_caa_config, intervenable
+from actedit.interventions import CAAIntervention, build_caa_config, compat, intervenable
 from actedit.interventions.packing import Tree, pack_trees, supports_packing
 from actedit.interventions.positions import mark_packed
-from actedit.train.collect import select_cache_rows
 
 from conftest import tiny_model
 
@@ -73,7 +70,7 @@ def test_packed_forward_equals_plain_forwards(family):
         (batch,) = pack_trees(trees, max_tokens=9, max_rows=3)
         packed = model(input_ids=batch.input_ids, position_ids=batch.position_ids,
                        attention_mask=batch.attention_mask(4, torch.float64),
-                       use_cache=True, **{compat.cache_keyword(model): select_cache_rows(
+                       use_cache=True, **{compat.cache_keyword(model): compat.select_cache_rows(
                            cache, torch.zeros(batch.shape[0], dtype=torch.long))}).logits
         for k, tree in enumerate(trees):
             for (r, c), branch in zip(batch.branch_at[k], tree.branches):

@@ -119,7 +119,7 @@ def check_against_reference(store, model, tok, data, fmt, sites, layers, atol=2e
 # ------------------------------------------------------------------------ correctness
 @pytest.mark.parametrize("family", ["llama", "gpt2", "qwen2", "gemma", "mistral"])
 @pytest.mark.parametrize("padding_side,share_prefix,pack_tokens", [
-    ("right", True, None), ("left", True, None), ("left", False, None),  # padded batches
+    ("right", True, None), ("left", True, None),  # padded batches: the reference path
     ("right", True, 512), ("right", True, 7), ("right", False, 64),  # packed rows (7: each tree alone)
 ])
 def test_hpr_rows_equal_hooked_forward(tmp_path, tok, family, padding_side, share_prefix, pack_tokens):
@@ -132,7 +132,8 @@ def test_hpr_rows_equal_hooked_forward(tmp_path, tok, family, padding_side, shar
     assert store.complete and store.sites == list(SITES) and store.layers == [0, 2]
     computed = sum(entry["tokens"] for entry in store.manifest["shards"])
     every = sum(len(s.ids) for i, ex in enumerate(data) for s in fmt.encode(ex, tok, i).sequences)
-    assert (computed < every / 2) if share_prefix else (computed == every)  # prompts ran once per question
+    shared = share_prefix and pack_tokens is not None  # packed trees run each prompt once per question
+    assert (computed < every / 2) if shared else (computed == every)
     check_against_reference(store, model, tok, data, fmt, list(SITES), [0, 2])
 
 
@@ -407,8 +408,8 @@ def test_bad_inputs(tmp_path, tok):
 
 # ---------------------------------------------------------------------------- base completions
 def test_generate_bases_are_the_models_greedy_answers_and_are_cached(tmp_path, tok):
-    from actedit.eval.generate import GenerationSettings, generate_texts
-    from actedit.train.collect import generate_bases
+    from actedit.train.generate import GenerationSettings, generate_texts
+    from actedit.train.generate import generate_bases
 
     model = model_for("llama", tok)
     ds = ContrastDataset([ContrastExample(f"question {i}", [f"yes {i}"], [f"no {i}"], {"id": i}) for i in range(3)])
@@ -430,3 +431,21 @@ def test_generate_bases_are_the_models_greedy_answers_and_are_cached(tmp_path, t
     assert [e.bases for e in reused] == [e.bases for e in again]
     with pytest.raises(ValueError, match="SEA's format"):
         generate_bases(model, tok, ds, ITIFormat())
+
+
+def test_in_memory_store_equals_the_directory_store(tmp_path, tok):
+    """out_dir=None keeps the shards in memory; every view reads the same rows as from files."""
+    model = model_for("llama", tok)
+    data = dataset(4)
+    kwargs = dict(format="hpr", layers=[0, 2], shard_rows=25, progress=False)
+    on_disk = collect_activations(model, tok, data, tmp_path / "s", **kwargs)
+    in_memory = collect_activations(model, tok, data, None, **kwargs)
+    assert in_memory.path is None and "in memory" in repr(in_memory)
+    assert len(in_memory.manifest["shards"]) == len(on_disk.manifest["shards"]) > 1
+    assert in_memory.examples == on_disk.examples and in_memory.num_rows == on_disk.num_rows
+    for layer in (0, 2):
+        assert torch.equal(in_memory.load("block_output", layer), on_disk.load("block_output", layer))
+    a, b = in_memory.paired_activations(split=None), on_disk.paired_activations(split=None)
+    assert torch.equal(a.index, b.index)
+    assert all(torch.equal(a.positive[layer], b.positive[layer]) for layer in (0, 2))
+    assert not list(tmp_path.glob("**/*.tmp"))

@@ -15,13 +15,13 @@ from actedit.train.data import (
     PromptPairDataset,
     load_bbq,
     load_bigbench,
-    load_contrast,
     load_contrast_jsonl,
     load_prompt_pairs_jsonl,
     load_simple_ethical_questions,
     load_toxigen,
-    load_truthfulqa_mc,
 )
+from actedit.train.tasks import load_contrast
+from actedit.train.truthfulqa import load_truthfulqa_mc
 from actedit.train.formats import (
     ActAddFormat,
     CAAFormat,
@@ -275,7 +275,9 @@ def test_prompt_pairs_jsonl(tmp_path):
         load_prompt_pairs_jsonl(path)
     with pytest.raises(ValueError, match="unknown dataset"):
         load_contrast("no-such-dataset")
-    assert len(load_contrast("truthfulqa", source=SHARED_DATA, split="eval")) == 41
+    both = load_contrast("truthfulqa", source=SHARED_DATA)  # the task's training data: train + eval
+    assert len(both.split("eval")) == 41 and len(both.split("train")) == 367
+    assert len(load_contrast("truthfulqa_mc", source=SHARED_DATA, limit=2)) == 4  # an alias; 2 per split
 
 
 # ----------------------------------------------------------------------------------- formats
@@ -368,7 +370,10 @@ def test_format_registry_and_chat_errors(tok):
 
 
 def test_loader_module_exports():
-    assert set(D.LOADERS) >= {"truthfulqa", "bbq", "toxigen", "simple_ethical_questions"}
+    assert set(D.LOADERS) >= {"bbq", "toxigen", "simple_ethical_questions"}
+    from actedit.train.tasks import task_names
+
+    assert "truthfulqa" in task_names()
     assert D.ROLES == ("pos", "neg", "base")
 
 

@@ -25,7 +25,7 @@ def common(root, method):
 
 def test_train_hpr_end_to_end(model_dir):
     args = common(model_dir, "hpr") + ["--set", "train.epochs=1", "--set", "train.progress=false",
-                                       "--set", "select.k=2"]
+                                       "--set", "fit.top_k=2"]
     assert main(["collect", *args]) == 0
     assert main(["train", *args]) == 0
     info = json.loads((model_dir / "hpr" / "artifact" / "config.json").read_text())["actedit"]
@@ -42,7 +42,7 @@ def test_train_hpr_end_to_end(model_dir):
 
 @pytest.mark.parametrize("method", ["caa", "iti"])
 def test_fit_closed_form_end_to_end(model_dir, method):
-    extra = ["--set", "fit.top_k=4"] if method == "iti" else ["--set", "fit.layer=-1"]
+    extra = ["--set", "fit.top_k=4"] if method == "iti" else ["--set", "fit.layers=-1"]
     assert main(["fit", *common(model_dir, method), *extra]) == 0  # collects on the way
     info = json.loads((model_dir / method / "artifact" / "config.json").read_text())["actedit"]
     assert info["edits"][0]["method"] == method and info["data"]["limit"] == 3
@@ -64,14 +64,14 @@ def test_config_errors(tmp_path, capsys):
 
 
 def test_caa_with_a_fixed_layer_collects_that_layer_only(model_dir, capsys):
-    from actedit.train.collect import ActivationStore
+    from actedit.train.store import ActivationStore
 
     args = common(model_dir, "caa") + ["--set", f"collect.dir={model_dir / 'caa1' / 'acts'}",
-                                       "--out", str(model_dir / "caa1" / "artifact"), "--set", "fit.layer=1"]
+                                       "--out", str(model_dir / "caa1" / "artifact"), "--set", "fit.layers=1"]
     assert main(["fit", *args]) == 0
     assert ActivationStore(model_dir / "caa1" / "acts").layers == [1]
     info = json.loads((model_dir / "caa1" / "artifact" / "config.json").read_text())["actedit"]
     assert info["edits"][0]["layers"] == [1]
-    other = args[:-2] + ["--set", "fit.layer=0"]  # the store holds layer 1 only
+    other = args[:-2] + ["--set", "fit.layers=0"]  # the store holds layer 1 only
     assert main(["fit", *other]) == 1
-    assert "fit.layer 0 is not in the activation store" in capsys.readouterr().err
+    assert "layers [0] are not in the activation store" in capsys.readouterr().err

@@ -1,3 +1,8 @@
-"""actedit.train: datasets, prompt formats, activation collection, closed-form fits, HPR training, layer selection."""
+"""actedit.train: data, tasks, prompt formats, activation collection and stores, fits and training.
 
-from actedit import interventions as _interventions  # noqa: F401  (pyvene imported quietly, fixes applied)
+Importing it registers the tasks (:mod:`actedit.train.tasks`): TruthfulQA.
+"""
+
+from actedit import interventions as _interventions  # noqa: F401  (pyvene imported quietly, methods registered)
+
+from . import truthfulqa  # noqa: E402,F401  (registers the task)

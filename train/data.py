@@ -11,9 +11,6 @@ Data model
 
 Loaders (each returns a :class:`ContrastDataset` unless said otherwise)
 -----------------------------------------------------------------------
-* :func:`load_truthfulqa_mc` — TruthfulQA multiple choice (local ``mc_task.json`` or the Hub),
-  optionally one split of a split file (HPR's ``hpr_ids_splits.json``); MC2 (default) or MC1
-  true/false answers become positives/negatives.
 * :func:`load_bigbench`, :func:`load_bbq`, :func:`load_simple_ethical_questions` — BIG-bench
   multiple-choice tasks as HPR uses them (``tasksource/bigbench``: ``inputs`` is the prompt,
   ``targets`` the positives, the other ``multiple_choice_targets`` the negatives). Local files may
@@ -23,7 +20,9 @@ Loaders (each returns a :class:`ContrastDataset` unless said otherwise)
   statement is hateful, the positive is the human+AI toxicity verdict ("Yes" when
   ``toxicity_ai + toxicity_human > 5.5``), the negative the other answer.
 * :func:`load_contrast_jsonl` / :func:`load_prompt_pairs_jsonl` — a user's own JSONL files.
-* :func:`load_contrast` — one entry point by name or path (for configs and the CLI).
+* :func:`load_contrast_file` — a JSONL file of either kind. Tasks (TruthfulQA:
+  :func:`actedit.train.truthfulqa.load_truthfulqa_mc`) and the loaders above are found by name
+  through :func:`actedit.train.tasks.load_contrast`.
 
 Hub loaders call ``datasets.load_dataset``; when that fails (offline, gated dataset) the error
 says how to give a local file instead. A path that does not exist is never turned into a Hub id.
@@ -39,6 +38,8 @@ import random
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
+
+from actedit.interventions.artifacts import looks_like_local_path
 
 PathLike = Union[str, os.PathLike]
 
@@ -334,6 +335,21 @@ class PromptPairDataset(_Dataset):
     item_type = PromptPair
 
 
+def as_dataset(dataset) -> Union[ContrastDataset, PromptPairDataset]:
+    """A dataset, or a list of contrast examples or prompt pairs (one kind) as one."""
+    if isinstance(dataset, (ContrastDataset, PromptPairDataset)):
+        return dataset
+    items = list(dataset) if dataset is not None else []
+    if not items:
+        raise ValueError("the dataset is empty; nothing to collect.")
+    if all(isinstance(x, ContrastExample) for x in items):
+        return ContrastDataset(items, name="contrast")
+    if all(isinstance(x, PromptPair) for x in items):
+        return PromptPairDataset(items, name="prompt_pairs")
+    raise ValueError("the dataset must hold ContrastExample or PromptPair items (one kind).")
+
+
+
 # ----------------------------------------------------------------------------------- JSONL
 def _read_jsonl(path: PathLike) -> Iterator[Tuple[int, Dict[str, Any]]]:
     """``(line number, object)`` for each non-blank line; errors name the file and line."""
@@ -452,55 +468,9 @@ def load_prompt_pairs_jsonl(path: PathLike, name: Optional[str] = None) -> Promp
     return PromptPairDataset(pairs, name=name or Path(path).stem)
 
 
-# ------------------------------------------------------------------------------ TruthfulQA
-def load_truthfulqa_mc(
-    source: Optional[PathLike] = None,
-    split: Optional[str] = None,
-    split_file: Optional[PathLike] = None,
-    *,
-    targets: str = "mc2",
-    limit: Optional[int] = None,
-) -> ContrastDataset:
-    """TruthfulQA multiple choice as contrast examples.
-
-    Reads the questions with :func:`actedit.train.truthfulqa.load_truthfulqa` (``source``: a
-    directory holding ``mc_task.json``, the file itself, or a Hub id; default: the Hub's
-    ``truthful_qa``). With ``split`` (``train``/``eval``/``test``), only that split of
-    ``split_file`` is kept, in split-file order; when ``split_file`` is omitted and ``source`` is
-    a directory holding ``hpr_ids_splits.json``, that file is used. ``targets="mc2"`` (HPR's
-    choice) makes the MC2 true answers the positives and the false ones the negatives (release
-    order: true answers first); ``"mc1"`` uses the single MC1 true answer.
-
-    Metadata of each example: ``id`` (``"truthfulqa/<index>"``), ``index`` (0..816, the split
-    files' index), ``source``, ``targets`` and, with a split, ``split``.
-    """
-    from . import truthfulqa as tqa
-
-    if targets not in ("mc1", "mc2"):
-        raise ValueError(f"targets must be 'mc1' or 'mc2', got {targets!r}.")
-    chosen = tqa.split_questions(source, split or "all", split_file, limit=limit)
-    examples = []
-    for q in chosen:
-        if targets == "mc2":
-            pos, neg = q.true_answers, q.false_answers
-        else:
-            pos = [c for c, y in zip(q.mc1_choices, q.mc1_labels) if y]
-            neg = [c for c, y in zip(q.mc1_choices, q.mc1_labels) if not y]
-        if not neg:
-            raise ValueError(f"TruthfulQA question {q.index} ({q.question[:60]!r}) has no false {targets} answer; "
-                             "it cannot form contrast pairs.")
-        meta = {"id": f"truthfulqa/{q.index}", "index": q.index, "source": "truthful_qa", "targets": targets}
-        if split is not None and split != "all":
-            meta["split"] = split
-        examples.append(ContrastExample(q.question, pos, neg, meta))
-    name = f"truthfulqa_{targets}" + (f"/{split}" if split else "")
-    return ContrastDataset(examples, name=name)
-
-
 # ------------------------------------------------------------------------- generic records
 def _is_local(source: PathLike) -> bool:
     text = str(source)
-    from actedit.interventions.artifacts import looks_like_local_path
 
     return Path(text).expanduser().exists() or looks_like_local_path(
         text, suffixes=(".json", ".jsonl", ".csv", ".parquet"))
@@ -540,7 +510,7 @@ def _read_records(path: Path, split: Optional[str]) -> List[Dict[str, Any]]:
 
 def _hub_records(hub_id: str, config: Optional[str], split: str, what: str, local_hint: str) -> List[Dict[str, Any]]:
     try:
-        from datasets import load_dataset
+        from datasets import load_dataset  # lazy: datasets takes seconds to import; only Hub loads need it
 
         data = load_dataset(hub_id, config, split=split) if config else load_dataset(hub_id, split=split)
     except Exception as exc:  # offline, gated, renamed...
@@ -754,8 +724,6 @@ def with_bases(dataset: ContrastDataset, bases: Sequence[Union[str, Sequence[str
 
 
 LOADERS = {
-    "truthfulqa": load_truthfulqa_mc,
-    "truthful_qa": load_truthfulqa_mc,
     "bbq": load_bbq,
     "simple_ethical_questions": load_simple_ethical_questions,
     "seq": load_simple_ethical_questions,
@@ -764,16 +732,11 @@ LOADERS = {
 """Dataset names :func:`load_contrast` knows."""
 
 
-def load_contrast(spec: PathLike, **kwargs) -> Union[ContrastDataset, PromptPairDataset]:
-    """Load a dataset by name (:data:`LOADERS`) or from a JSONL file.
-
-    A ``.jsonl`` file whose first record has ``prompt1`` (or ``prompt2``) is read as ActAdd
-    prompt pairs, any other as contrast examples. Keyword arguments go to the loader.
-    """
+def load_contrast_file(spec: PathLike, known: Sequence[str] = (), **kwargs) -> Union[ContrastDataset, PromptPairDataset]:
+    """A dataset from a JSONL file: one whose first record has ``prompt1`` (or ``prompt2``) is
+    read as ActAdd prompt pairs, any other as contrast examples. (Names of datasets and tasks are
+    resolved by :func:`actedit.train.tasks.load_contrast`, which lists them as ``known``.)"""
     text = str(spec)
-    key = text.strip().lower().replace("-", "_")
-    if key in LOADERS:
-        return LOADERS[key](**kwargs)
     path = Path(text).expanduser()
     if path.suffix.lower() == ".jsonl" or path.is_file():
         if not path.is_file():
@@ -782,12 +745,12 @@ def load_contrast(spec: PathLike, **kwargs) -> Union[ContrastDataset, PromptPair
         if "prompt1" in first or "prompt2" in first:
             return load_prompt_pairs_jsonl(path, **kwargs)
         return load_contrast_jsonl(path, **kwargs)
-    raise ValueError(f"unknown dataset {text!r}: give a JSONL file or one of {', '.join(sorted(LOADERS))}.")
+    raise ValueError(f"unknown dataset {text!r}: give a JSONL file or one of {', '.join(sorted(known))}.")
 
 
 __all__ = [
-    "AB_TEMPLATE", "ROLES", "ContrastDataset", "ContrastExample", "LOADERS", "PromptPair", "PromptPairDataset", "TOXIGEN_PROMPT",
-    "TOXIGEN_THRESHOLD", "load_bbq", "load_bigbench", "load_contrast", "load_contrast_jsonl",
-    "load_prompt_pairs_jsonl", "load_simple_ethical_questions", "load_toxigen", "load_truthfulqa_mc",
+    "AB_TEMPLATE", "as_dataset", "ROLES", "ContrastDataset", "ContrastExample", "LOADERS", "PromptPair", "PromptPairDataset", "TOXIGEN_PROMPT",
+    "TOXIGEN_THRESHOLD", "load_bbq", "load_bigbench", "load_contrast_file", "load_contrast_jsonl",
+    "load_prompt_pairs_jsonl", "load_simple_ethical_questions", "load_toxigen",
     "first_responses", "to_ab_questions", "with_bases",
 ]

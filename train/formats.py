@@ -40,7 +40,7 @@ import string
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
-from .data import ContrastExample, PromptPair
+from .data import ContrastDataset, ContrastExample, PromptPair, PromptPairDataset, first_responses, to_ab_questions
 
 LETTERS = string.ascii_uppercase
 
@@ -96,6 +96,14 @@ class EncodedExample:
 def encode_text(tokenizer, text: str, add_special_tokens: bool) -> List[int]:
     """Token ids of ``text`` (``add_special_tokens`` as the tokenizer defines it, e.g. BOS)."""
     return list(tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"])
+
+
+def pad_id(tokenizer) -> int:
+    """The id that pads batches: the tokenizer's pad token, else its EOS token, else 0."""
+    for value in (getattr(tokenizer, "pad_token_id", None), getattr(tokenizer, "eos_token_id", None)):
+        if value is not None:
+            return int(value)
+    return 0
 
 
 def has_chat_template(tokenizer) -> bool:
@@ -192,6 +200,19 @@ class PromptFormat:
         if not isinstance(example, self.accepts):
             raise ValueError(f"{type(self).__name__} reads {self.accepts.__name__} items, got "
                              f"{type(example).__name__}.")
+
+    def prepare(self, dataset, seed: int = 0):
+        """The dataset in the shape this format reads (the default: as it is). Formats convert
+        what they can (CAA: free-text answers to A/B questions) and refuse what they cannot read,
+        with an error naming what they need."""
+        if not isinstance(dataset, ContrastDataset):
+            raise ValueError(f"the {self.name} format reads contrast examples (prompt, positives, negatives), got "
+                             f"{type(dataset).__name__}.")
+        return dataset
+
+    def needs_bases(self, dataset) -> bool:
+        """Whether the dataset lacks the base completions this format reads (SEA)."""
+        return False
 
     def for_tokenizer(self, tokenizer) -> Tuple["PromptFormat", Optional[str]]:
         """This format as it will run with ``tokenizer``, and a note when it had to adapt.
@@ -377,6 +398,14 @@ class CAAFormat(PromptFormat):
     def __post_init__(self) -> None:
         _check_template("CAAFormat plain", self.plain_template, "prompt", "answer")
 
+    def prepare(self, dataset, seed: int = 0):
+        """A/B questions: data whose answers are not all choice letters is converted with
+        :func:`~actedit.train.data.to_ab_questions` (seeded letter order)."""
+        dataset = super().prepare(dataset, seed)
+        if all(choice_letter_index(t) is not None for ex in dataset for t in ex.positives + ex.negatives):
+            return dataset
+        return to_ab_questions(dataset, seed=seed)
+
     def encode(self, example, tokenizer, index: int = 0) -> EncodedExample:
         self.check(example)
         sequences = []
@@ -432,6 +461,17 @@ class SEAFormat(PromptFormat):
     def __post_init__(self) -> None:
         _check_template("SEAFormat", self.template, "prompt")
 
+    def prepare(self, dataset, seed: int = 0):
+        """One positive and one negative per prompt (the aligned H⁺, H⁻):
+        :func:`~actedit.train.data.first_responses` where an example has more."""
+        dataset = super().prepare(dataset, seed)
+        if any(len(ex.positives) > 1 or len(ex.negatives) > 1 for ex in dataset):
+            return first_responses(dataset)
+        return dataset
+
+    def needs_bases(self, dataset) -> bool:
+        return self.require_bases and not all(ex.bases for ex in dataset)
+
     def encode(self, example, tokenizer, index: int = 0) -> EncodedExample:
         self.check(example)
         if self.require_bases and not example.bases:
@@ -468,6 +508,18 @@ class ActAddFormat(PromptFormat):
     name = "actadd"
     accepts: type = field(default=PromptPair, init=False, repr=False, compare=False)
 
+    def prepare(self, dataset, seed: int = 0):
+        """Exactly one prompt pair: ActAdd steers with one (Turner et al.: e.g. "Love" − "Hate"),
+        and the per-position matrices of several pairs cannot be stacked into one."""
+        if not isinstance(dataset, PromptPairDataset):
+            raise ValueError(f"ActAdd reads prompt pairs ({{prompt1, prompt2}} records, e.g. [('Love', 'Hate')]), "
+                             f"got {type(dataset).__name__}.")
+        if len(dataset) != 1:
+            raise ValueError(f"ActAdd steers with one prompt pair (Turner et al.: e.g. 'Love' - 'Hate'), but "
+                             f"{dataset.name!r} holds {len(dataset)}; their per-position matrices cannot be stacked. "
+                             "Keep one pair (data.limit=1 takes the first) and fit one artifact per pair.")
+        return dataset
+
     def encode(self, example, tokenizer, index: int = 0) -> EncodedExample:
         self.check(example)
         ids1 = encode_text(tokenizer, example.prompt1, add_special_tokens=True)
@@ -484,8 +536,8 @@ class ActAddFormat(PromptFormat):
         ])
 
 
-FORMATS = {"hpr": HPRFormat, "iti": ITIFormat, "caa": CAAFormat, "sea": SEAFormat, "actadd": ActAddFormat}
-"""Format name → class (the method names of :data:`actedit.interventions.INTERVENTIONS`)."""
+FORMATS = {cls.name: cls for cls in (HPRFormat, ITIFormat, CAAFormat, SEAFormat, ActAddFormat)}
+"""Format name → class (a method's ``MethodSpec.format`` names one)."""
 
 
 def get_format(spec: Union[str, PromptFormat], **params) -> PromptFormat:
@@ -506,6 +558,6 @@ def get_format(spec: Union[str, PromptFormat], **params) -> PromptFormat:
 __all__ = [
     "ActAddFormat", "CAAFormat", "EncodedExample", "EncodedSequence", "FORMATS", "HPRFormat", "ITIFormat",
     "PromptFormat", "SEAFormat", "chat_text", "choice_letter_index", "encode_text", "get_format", "has_chat_template",
-    "token_at_char",
+    "pad_id", "token_at_char",
     "tokenizer_fingerprint",
 ]

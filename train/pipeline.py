@@ -1,26 +1,39 @@
-"""``actedit collect`` / ``fit`` / ``train``: YAML-driven steps from data to an artifact.
+"""From data to an edit, for any registered method: ``actedit collect`` / ``fit`` / ``train``.
 
-A config file (see ``configs/*.yaml``) names the model, the method, the data and each step's
-options; ``--set key.sub=value`` overrides any entry (values parsed as YAML). Unknown keys are
-errors that list the valid ones. Every step reuses what an earlier run left: collection resumes
-from its last complete shard, training from its last epoch checkpoint, and artifacts are written
-atomically.
+The steps read everything method-specific from the method's spec
+(:mod:`actedit.interventions.registry`): its settings class, site, prompt format, the store view
+its fit reads, and whether it is fitted in closed form or trained. Nothing here branches on a
+method's name.
 
-Keys::
+1. **Data** (:func:`load_dataset`): a task's contrast data (``truthfulqa``), a loader of
+   :data:`actedit.train.data.LOADERS` or a JSONL file, put in the shape the method's format reads
+   (:meth:`~actedit.train.formats.PromptFormat.prepare`), with a seeded train/eval split when the
+   method selects on eval data and the data has none.
+2. **Layers** (:meth:`PipelineConfig.for_model`): the settings' layer spec resolved against the
+   model's depth right after it loads, before any work.
+3. **Collect** (:func:`collect`): the format's activations at the method's site and layers, into a
+   resumable store directory or in memory; base completions first where the format needs them.
+4. **Fit or train** (:func:`make_edit`): the method's closed-form fit on the store view it reads,
+   or training on its loss terms (top-k layers by eval probe accuracy), giving an
+   ``IntervenableConfig``.
+5. **Save** (:func:`build`): the artifact, atomically.
 
-    model: smollm2-135m-instruct      # anything actedit.eval.models.load_model takes
-    method: hpr                        # hpr | caa | iti | sea | actadd
+A YAML config (``configs/*.yaml``) names the model, the method, the data and each step's options;
+``--set key.sub=value`` overrides any entry (values parsed as YAML). Unknown keys are errors that
+list the valid ones. Keys::
+
+    model: smollm2-135m-instruct      # anything actedit.train.models.load_model takes
+    method: hpr                        # a registered method: actadd | caa | iti | sea | hpr
     data:
-      name: truthfulqa_mc              # a loader name (actedit.train.data.LOADERS) or a .jsonl path
+      name: truthfulqa                 # a task, a loader name (actedit.train.data.LOADERS) or a .jsonl path
       source: ../shared/data/truthfulqa
       split_file: null                 # default: SOURCE/hpr_ids_splits.json
-      eval_ratio: 0.1                  # for data without split metadata: seeded train/eval split
+      eval_ratio: 0.1                  # data without split metadata: seeded train/eval split
       seed: 0
       limit: null                      # first N examples of each split (quick runs)
-    collect:   {dir: runs/hpr/activations, site: null, layers: null, dtype: float32, batch_size: 16, format: {}}
-    fit:       {}                      # method hyperparameters (e.g. multiplier, alpha, top_k, energy_ratio)
-    train:     {}                      # actedit.train.trainer.TrainConfig fields
-    select:    {k: 5, strategy: probe_first}   # HPR: probe_first | joint
+    collect:   {dir: runs/hpr/activations, dtype: float32, batch_size: 16, format: {}}
+    fit:       {layers: null, ...}     # the method's settings (HPRConfig, CAAConfig, ...)
+    train:     {}                      # trained methods: actedit.train.trainer.TrainConfig fields
     out: runs/hpr/artifact
 """
 
@@ -32,24 +45,27 @@ import dataclasses
 import time
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, Optional, Sequence, Tuple
 
+import pyvene as pv
+import torch
 import yaml
 
-from actedit.interventions.actadd import ActAddConfig
-from actedit.interventions.caa import CAAConfig
-from actedit.interventions.hpr import HPRConfig
-from actedit.interventions.iti import ITIConfig
-from actedit.interventions.layers import LayerSpec, check_layer_spec, model_depth, resolve_layer, resolve_layers
-from actedit.interventions.sea import SEAConfig
+from actedit.interventions.artifacts import save_artifact
+from actedit.interventions.config import edit_config, intervenable, site_width
+from actedit.interventions.layers import model_depth, resolve_layers
+from actedit.interventions.registry import FitContext, MethodConfig, MethodSpec, method_names, method_spec
 from actedit.interventions.settings import Settings, UnknownSettingError, check_keys
 
-from .trainer import TrainConfig
-
-METHODS = ("hpr", "caa", "iti", "sea", "actadd")
-CLOSED_FORM = ("caa", "iti", "sea", "actadd")
-FIT_SETTINGS = {"hpr": HPRConfig, "sea": SEAConfig, "iti": ITIConfig, "caa": CAAConfig, "actadd": ActAddConfig}
-"""Method name → the typed settings of its ``fit`` block."""
+from .collect import collect_activations
+from .data import ContrastDataset, PromptPair
+from .formats import PromptFormat, get_format
+from .generate import generate_bases
+from .models import load_model
+from .select import select_layers
+from .store import ActivationStore, STORE_DTYPES
+from .tasks import is_task, load_contrast
+from .trainer import TrainConfig, new_interventions, train_interventions, train_top_k
 
 
 @dataclass
@@ -57,15 +73,17 @@ class DataConfig(Settings):
     """Where the contrast data comes from.
 
     Attributes:
-        name: a loader name of :data:`actedit.train.data.LOADERS` or a ``.jsonl`` file.
+        name: a task (``truthfulqa``), a loader name of :data:`actedit.train.data.LOADERS` or a
+            ``.jsonl`` file.
         source: local directory/file or Hub id handed to the loader.
         split_file: train/eval/test split file (TruthfulQA; default: ``source``'s HPR split).
-        eval_ratio: eval share of a seeded split for data without split metadata.
-        seed: seed of that split.
+        eval_ratio: eval share of a seeded split, for data without split metadata and methods
+            that select on eval data.
+        seed: seed of that split and of format conversions (CAA's A/B letter order).
         limit: keep only the first N examples of each split (quick runs).
     """
 
-    name: str = "truthfulqa_mc"
+    name: str = "truthfulqa"
     source: Optional[str] = None
     split_file: Optional[str] = None
     eval_ratio: float = 0.1
@@ -82,72 +100,47 @@ class DataConfig(Settings):
 
 @dataclass
 class CollectConfig(Settings):
-    """Activation collection options.
+    """Activation collection options (the layers and the site are the method's settings).
 
     Attributes:
-        dir: activation store directory (resumed if it exists).
-        site: pyvene component; default the method's (:data:`DEFAULT_COMPONENTS`).
-        layers: a layer spec (:mod:`actedit.interventions.layers`: a list, ``"10-29"``,
-            ``"-20:"``, ``"1/3:"``, ...); default all layers (CAA and ActAdd: their ``fit.layer``).
-        dtype: stored precision, ``float32`` or ``float16``.
-        batch_size: sequences per forward.
+        dir: activation store directory (resumed if it exists); None: held in memory.
+        dtype: stored precision, ``float32``, ``float16`` or ``bfloat16``.
+        batch_size: sequences per padded batch (the reference path; packed rows are the default).
         format: parameters of the method's prompt format (:mod:`actedit.train.formats`).
     """
 
-    dir: str = "runs/activations"
-    site: Optional[str] = None
-    layers: Optional[LayerSpec] = None
+    MOVED = {"layers": "fit.layers", "site": "fit.site"}
+
+    dir: Optional[str] = "runs/activations"
     dtype: str = "float32"
     batch_size: int = 16
     format: Dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if self.dtype not in ("float32", "float16", "bfloat16"):
-            raise ValueError(f"collect.dtype must be float32, float16 or bfloat16, got {self.dtype!r}.")
+        if self.dtype not in STORE_DTYPES:
+            raise ValueError(f"collect.dtype must be one of {', '.join(STORE_DTYPES)}, got {self.dtype!r}.")
         if isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int) or self.batch_size <= 0:
             raise ValueError(f"collect.batch_size must be a positive integer, got {self.batch_size!r}.")
-        check_layer_spec(self.layers, "collect.layers")
         if not isinstance(self.format, dict):
             raise ValueError(f"collect.format must be a mapping of format parameters, got {self.format!r}.")
 
 
-@dataclass
-class SelectConfig(Settings):
-    """HPR's layer selection.
-
-    Attributes:
-        k: layers enabled, the top k by eval probe accuracy (the HPR README's example: 5).
-        strategy: ``probe_first`` (all probes, then angle nets of the selected layers only) or
-            ``joint`` (every layer's probe and angle net together, then selection).
-    """
-
-    k: int = 5
-    strategy: str = "probe_first"
-
-    def __post_init__(self) -> None:
-        if isinstance(self.k, bool) or not isinstance(self.k, int) or self.k < 1:
-            raise ValueError(f"select.k must be a positive integer, got {self.k!r}.")
-        if self.strategy not in ("probe_first", "joint"):
-            raise ValueError(f"select.strategy must be 'probe_first' or 'joint', got {self.strategy!r}.")
-
-
-def method_settings(method: str, fit: Any, train: Any, where: str = "") -> tuple:
-    """``(fit settings, train settings or None)`` of ``method`` from raw YAML mappings.
+def method_settings(method: str, fit: Any, train: Any, where: str = "") -> Tuple[MethodConfig, Optional[TrainConfig]]:
+    """``(the method's settings, its training settings or None)`` from raw YAML mappings.
 
     Unknown keys are errors listing the valid ones; a closed-form method has no ``train`` block.
     """
     prefix = f"{where}." if where else ""
-    if method not in FIT_SETTINGS:
-        raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}.")
-    fit_settings = FIT_SETTINGS[method].from_mapping(fit, f"{prefix}fit")
-    if method in CLOSED_FORM:
+    spec = method_spec(method)
+    settings = spec.settings(fit, f"{prefix}fit")
+    if not spec.trained:
         if train:
             keys = ", ".join(sorted(train)) if isinstance(train, dict) else repr(train)
-            raise UnknownSettingError(f"{prefix}train: {method} is closed-form and has no training settings "
+            raise UnknownSettingError(f"{prefix}train: {spec.name} is closed-form and has no training settings "
                                       f"(got {keys}); its settings go in {prefix}fit: "
-                                      f"{', '.join(FIT_SETTINGS[method].field_names())}.")
-        return fit_settings, None
-    return fit_settings, TrainConfig.from_mapping(train, f"{prefix}train")
+                                      f"{', '.join(spec.config.field_names())}.")
+        return settings, None
+    return settings, TrainConfig.from_mapping(train, f"{prefix}train")
 
 
 @dataclass
@@ -155,13 +148,13 @@ class PipelineConfig:
     """One method's steps, from a YAML file (see the module docstring).
 
     Attributes:
-        model: model spec for :func:`actedit.eval.models.load_model`.
-        method: ``hpr``, ``caa``, ``iti``, ``sea`` or ``actadd``.
+        model: model spec for :func:`actedit.train.models.load_model`.
+        method: a registered method name.
         data, collect: see :class:`DataConfig`, :class:`CollectConfig`.
-        fit: the method's typed settings (:data:`FIT_SETTINGS`; a mapping is converted).
-        train: :class:`actedit.train.trainer.TrainConfig` (HPR only; a mapping is converted).
-        select: :class:`SelectConfig` (HPR only).
-        out: artifact directory.
+        fit: the method's settings (its ``MethodSpec.config``; a mapping is converted).
+        train: :class:`~actedit.train.trainer.TrainConfig` of a trained method (a mapping is converted).
+        out: artifact directory (None: the edit is returned, not saved).
+        where: prefix of the config's blocks in error messages (``methods.hpr`` inside a study).
     """
 
     model: str = "smollm2-135m-instruct"
@@ -170,64 +163,50 @@ class PipelineConfig:
     collect: CollectConfig = field(default_factory=CollectConfig)
     fit: Any = None
     train: Any = None
-    select: Any = None
-    out: str = "runs/artifact"
+    out: Optional[str] = "runs/artifact"
     where: str = field(default="", repr=False)
-    """Prefix of the config's blocks in error messages (``methods.hpr`` inside a study)."""
 
     def __post_init__(self) -> None:
-        if self.method not in METHODS:
-            raise ValueError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}.")
-        prefix = f"{self.where}." if self.where else ""
-        if not isinstance(self.fit, Settings):
-            self.fit, train = method_settings(self.method, self.fit, self.train, self.where)
-            self.train = train
-        if not isinstance(self.select, SelectConfig):
-            if self.select and self.method != "hpr":
-                raise UnknownSettingError(f"{prefix}select: only HPR selects layers; {self.method} takes its layers "
-                                          "from collect.layers or fit.")
-            self.select = SelectConfig.from_mapping(self.select, f"{prefix}select")
+        self.method = method_spec(self.method).name
+        if not isinstance(self.fit, MethodConfig):
+            self.fit, self.train = method_settings(self.method, self.fit, self.train, self.where)
+        fmt = get_format(self.spec.format, **self.collect.format)
+        if fmt.accepts is PromptPair and is_task(self.data.name):
+            prefix = f"{self.where}." if self.where else ""
+            raise ValueError(f"{prefix}data: {self.method} reads prompt pairs ({{prompt1, prompt2}} records, e.g. "
+                             f"'Love' / 'Hate'), not the contrast questions of the task {self.data.name!r}; set "
+                             f"{prefix}data.name to a JSONL file of prompt pairs.")
+
+    @property
+    def spec(self) -> MethodSpec:
+        return method_spec(self.method)
 
     @property
     def site(self) -> str:
-        from actedit.interventions import DEFAULT_COMPONENTS
-
-        return self.collect.site or DEFAULT_COMPONENTS[self.method]
+        return self.spec.component(self.fit)
 
     def for_model(self, model) -> "PipelineConfig":
-        """A copy whose layer specs are the layer indices they mean on ``model``.
+        """A copy whose layer spec is the layer indices it means on ``model``.
 
-        Raises before any work when a spec does not fit the model's depth (the message names the
-        depth), when HPR's ``select.k`` exceeds the layers trained, or when CAA/ActAdd would not
-        know which one layer to steer.
+        Raises before any work when the spec does not fit the model's depth (the message names
+        the depth), when a method that steers chosen layers has none set, or when a trained
+        method's ``top_k`` exceeds the layers it trains.
         """
         depth = model_depth(model)
+        spec = self.spec
         prefix = f"{self.where}." if self.where else ""
-        collect = self.collect
-        layers = None if collect.layers is None else resolve_layers(collect.layers, depth, f"{prefix}collect.layers")
-        fit = self.fit
-        if self.method in ("caa", "actadd"):
-            layer = None if fit.layer is None else resolve_layer(fit.layer, depth, f"{prefix}fit.layer")
-            if layer is None and layers is not None and len(layers) == 1:
-                layer = layers[0]
-            if layer is None:
-                name = "CAA" if self.method == "caa" else "ActAdd"
-                raise ValueError(f"{prefix}fit.layer is not set: {name} steers one layer, and the model has {depth} "
-                                 f"(set e.g. fit.layer={depth * 2 // 5} or a fraction such as 0.4; it never means "
-                                 "every layer).")
-            if layers is not None and layer not in layers:
-                raise ValueError(f"{prefix}fit.layer {layer} is not among collect.layers {layers}; collect it, or "
-                                 "drop collect.layers (only fit.layer is then collected).")
-            fit = dataclasses.replace(fit, layer=layer)
-            layers = [layer]  # the forward pass stops there
-        if self.method == "hpr":
-            trained = len(layers) if layers is not None else depth
-            if self.select.k > trained:
-                raise ValueError(f"{prefix}select.k={self.select.k} exceeds the {trained} layers HPR trains on "
-                                 f"this {depth}-layer model.")
+        layers = self.fit.layers if self.fit.layers is not None else spec.default_layers
+        if layers is None:
+            raise ValueError(f"{prefix}fit.layers is not set: {spec.name} steers the layers you choose, and the "
+                             f"model has {depth} (set e.g. fit.layers={depth * 2 // 5}, or a fraction of the depth "
+                             "such as 0.4; it never means every layer).")
+        layers = resolve_layers(layers, depth, f"{prefix}fit.layers")
+        top_k = getattr(self.fit, "top_k", None)
+        if spec.trained and top_k is not None and top_k > len(layers):
+            raise ValueError(f"{prefix}fit.top_k={top_k} exceeds the {len(layers)} layers {spec.name} trains on "
+                             f"this {depth}-layer model.")
         out = copy.copy(self)
-        out.collect = dataclasses.replace(collect, layers=layers)
-        out.fit = fit
+        out.fit = dataclasses.replace(self.fit, layers=layers)
         return out
 
 
@@ -241,9 +220,9 @@ def apply_overrides(raw: Dict[str, Any], overrides: Sequence[str]) -> Dict[str, 
         node = raw
         parts = key.strip().split(".")
         for part in parts[:-1]:
-            node = node.setdefault(part, {})
-            if node is None:
-                node = {}
+            if node.get(part) is None:
+                node[part] = {}
+            node = node[part]
             if not isinstance(node, dict):
                 raise ValueError(f"override {item!r}: {part!r} is not a mapping.")
         node[parts[-1]] = yaml.safe_load(value)
@@ -268,195 +247,153 @@ def read_config(path: Optional[str], overrides: Sequence[str] = (), missing: str
 def load_config(path: Optional[str], overrides: Sequence[str] = ()) -> PipelineConfig:
     """Read a YAML config (or start from defaults when ``path`` is None) and apply overrides."""
     raw = read_config(path, overrides)
+    if "select" in raw:
+        raise UnknownSettingError("select has moved: set fit.top_k and fit.strategy instead.")
     check_keys(raw, [f.name for f in fields(PipelineConfig) if f.name != "where"], "")
     data = DataConfig.from_mapping(raw.pop("data", None), "data")
-    collect = CollectConfig.from_mapping(raw.pop("collect", None), "collect")
-    return PipelineConfig(data=data, collect=collect, **raw)
+    collect_cfg = CollectConfig.from_mapping(raw.pop("collect", None), "collect")
+    return PipelineConfig(data=data, collect=collect_cfg, **raw)
 
 
 # ------------------------------------------------------------------------------------ data
-def load_dataset(cfg: PipelineConfig):
-    """The contrast (or prompt-pair) dataset with ``train``/``eval`` split metadata, in the shape
-    the method reads: CAA gets A/B questions (:func:`~actedit.train.data.to_ab_questions`) and
-    SEA one positive and one negative per prompt (:func:`~actedit.train.data.first_responses`)
-    unless the data already is so. ActAdd reads one prompt pair and no split."""
-    from . import data as data_mod
-    from .formats import choice_letter_index
-
+def load_dataset(cfg: PipelineConfig, fmt: Optional[PromptFormat] = None):
+    """The method's data (``data.name``: :func:`actedit.train.tasks.load_contrast`), prepared by
+    :func:`prepare_dataset`."""
     d = cfg.data
-    if d.name.strip().lower().replace("-", "_") == "truthfulqa_mc":
-        parts = [data_mod.load_truthfulqa_mc(d.source, split=s, split_file=d.split_file, limit=d.limit)
-                 for s in ("train", "eval")]
-        dataset = data_mod.ContrastDataset([x for p in parts for x in p], name="truthfulqa_mc/train+eval")
-    else:
-        dataset = data_mod.load_contrast(d.name, **({"source": d.source} if d.source else {}))
-        if d.limit:
-            dataset = dataset.select(range(min(d.limit, len(dataset))))
-        if cfg.method == "actadd":
-            if not isinstance(dataset, data_mod.PromptPairDataset):
-                raise ValueError(f"ActAdd reads prompt pairs ({{prompt1, prompt2}} records); {d.name!r} holds "
-                                 f"{type(dataset).__name__} items.")
-            if len(dataset) != 1:
-                raise ValueError(f"ActAdd steers with one prompt pair (Turner et al.: e.g. 'Love' - 'Hate'), but "
-                                 f"{d.name!r} holds {len(dataset)}; their per-position matrices cannot be stacked. "
-                                 "Keep one pair (data.limit=1 takes the first) and fit one artifact per pair.")
-            return dataset
-        if not dataset.splits and d.eval_ratio > 0:
+    return prepare_dataset(cfg, load_contrast(d.name, source=d.source, split_file=d.split_file, limit=d.limit), fmt)
+
+
+def prepare_dataset(cfg: PipelineConfig, dataset, fmt: Optional[PromptFormat] = None):
+    """A dataset in the shape the method's format reads (:meth:`PromptFormat.prepare`), split
+    into train/eval where the method selects on eval data and the data says nothing
+    (``data.eval_ratio``, ``data.seed``), else read as one train split."""
+    d, spec = cfg.data, cfg.spec
+    fmt = fmt or get_format(spec.format, **cfg.collect.format)
+    dataset = fmt.prepare(dataset, seed=d.seed)
+    if spec.splits and isinstance(dataset, ContrastDataset) and not dataset.splits:
+        if "eval" in spec.splits and d.eval_ratio > 0:
             train, evaluation = dataset.train_eval_split(d.eval_ratio, seed=d.seed)
             dataset = type(dataset)(list(train) + list(evaluation), name=dataset.name)
-    if isinstance(dataset, data_mod.ContrastDataset):
-        if cfg.method == "actadd":
-            raise ValueError("ActAdd reads prompt pairs ({prompt1, prompt2} records), not contrast examples; set "
-                             "data.name to a JSONL file of prompt pairs.")
-        if cfg.method == "caa" and not all(choice_letter_index(t) is not None
-                                           for ex in dataset for t in ex.positives + ex.negatives):
-            dataset = data_mod.to_ab_questions(dataset, seed=d.seed)
-        elif cfg.method == "sea" and any(len(ex.positives) > 1 or len(ex.negatives) > 1 for ex in dataset):
-            dataset = data_mod.first_responses(dataset)
+        else:
+            dataset = dataset.with_split("train")
     return dataset
 
 
-def _load_model(cfg: PipelineConfig):
-    from actedit.eval.models import load_model
-
-    return load_model(cfg.model)
-
-
 # --------------------------------------------------------------------------------- steps
-def prompt_format(cfg: PipelineConfig, tokenizer, *, quiet: bool = False):
+def prompt_format(cfg: PipelineConfig, tokenizer, *, quiet: bool = False) -> PromptFormat:
     """The method's prompt format with ``collect.format``; a format that renders through the chat
     template falls back to its plain-text form when the tokenizer has none (a base model), and
     says so (unless ``quiet``)."""
-    from .formats import get_format
-
-    fmt, note = get_format(cfg.method, **cfg.collect.format).for_tokenizer(tokenizer)
+    fmt, note = get_format(cfg.spec.format, **cfg.collect.format).for_tokenizer(tokenizer)
     if note and not quiet:
         print(f"{cfg.method}: {note}", flush=True)
     return fmt
 
 
-def collect(cfg: PipelineConfig, model=None, tokenizer=None):
-    """Collect (or resume collecting) the activations the method needs; returns the store."""
-    from .collect import collect_activations, generate_bases
+def collect(cfg: PipelineConfig, model=None, tokenizer=None, *, dataset=None, progress: bool = True,
+            quiet: bool = False) -> ActivationStore:
+    """Collect (or resume collecting) the activations the method needs; returns the store.
 
-    if model is None:
-        model, tokenizer = _load_model(cfg)
-    cfg = cfg.for_model(model)
-    dataset = load_dataset(cfg)
-    fmt = prompt_format(cfg, tokenizer)
-    if cfg.method == "sea" and not all(ex.bases for ex in dataset):
-        directory = Path(cfg.collect.dir)
-        dataset = generate_bases(model, tokenizer, dataset, fmt, max_new_tokens=cfg.fit.base_tokens,
-                                 cache_path=directory.parent / f"{directory.name}_bases.json")
-    return collect_activations(model, tokenizer, dataset, cfg.collect.dir,
-                               format=fmt, sites=cfg.site,
-                               layers=cfg.collect.layers, dtype=cfg.collect.dtype,
-                               batch_size=cfg.collect.batch_size)
-
-
-def _store(cfg: PipelineConfig, model, tokenizer):
-    from .collect import ActivationStore
-
-    try:
-        return ActivationStore(cfg.collect.dir)
-    except (FileNotFoundError, ValueError):
-        return collect(cfg, model, tokenizer)
-
-
-def fit(cfg: PipelineConfig, model=None, tokenizer=None) -> Path:
-    """Closed-form fit (CAA, ITI, SEA, ActAdd) from the activation store; writes the artifact."""
-    import torch
-
-    from actedit.interventions import intervenable, save_artifact
-
-    from . import fit as fit_mod
-
-    if cfg.method not in CLOSED_FORM:
-        raise ValueError(f"'{cfg.method}' is trained, not fitted: use `actedit train` "
-                         f"(closed-form methods: {', '.join(CLOSED_FORM)}).")
-    if model is None:
-        model, tokenizer = _load_model(cfg)
-    cfg = cfg.for_model(model)
-    store = _store(cfg, model, tokenizer)
-    params = cfg.fit
-    started = time.time()
-    if cfg.method == "caa":
-        if params.layer not in store.layers:
-            raise ValueError(f"fit.layer {params.layer} is not in the activation store {cfg.collect.dir} (it holds "
-                             f"layers {store.layers}); collect that layer or pick one of these.")
-        pairs = store.paired_activations(cfg.site, split="train", layers=[params.layer])
-        pos, neg = pairs.gather([params.layer], torch.arange(pairs.num_pairs))
-        result = fit_mod.fit_caa({params.layer: pos[0]}, {params.layer: neg[0]})
-        config = result.config(model, multiplier=params.multiplier, position_policy=params.position_policy,
-                               position_start=params.position_start)
-    elif cfg.method == "iti":
-        train = store.labeled(cfg.site, split="train")
-        val = store.labeled(cfg.site, split="eval")
-        result = fit_mod.fit_iti(train.acts, train.labels, val.acts, val.labels,
-                                 num_heads=int(model.config.num_attention_heads), top_k=params.top_k,
-                                 direction=params.direction, alpha=params.alpha, seed=params.seed,
-                                 max_iter=params.max_iter)
-        config = result.config(model, position_policy=params.position_policy)
-    elif cfg.method == "sea":
-        roles = store.aligned(("base", "pos", "neg"), cfg.site, split="train")
-        result = fit_mod.fit_sea(roles["base"], roles["pos"], roles["neg"], energy_ratio=params.energy_ratio,
-                                 feature_function=params.feature_function)
-        config = result.config(model, norm_mode=params.norm_mode, position_policy=params.position_policy)
-    else:  # actadd
-        if params.layer not in store.layers:
-            raise ValueError(f"fit.layer {params.layer} is not in the activation store {cfg.collect.dir} (it holds "
-                             f"layers {store.layers}); collect that layer or pick one of these.")
-        roles = store.aligned(("pos", "neg"), cfg.site, layers=[params.layer])
-        result = fit_mod.fit_actadd(roles["pos"], roles["neg"], coefficient=params.coefficient)
-        config = result.config(model, position_policy=params.position_policy)
-    seconds = time.time() - started
-    pvm = intervenable(model, config)
-    return save_artifact(pvm, cfg.out, metadata={"data": _data_record(cfg), "timings": {"fit_seconds": seconds}})
-
-
-def train(cfg: PipelineConfig, model=None, tokenizer=None) -> Path:
-    """Train HPR on the store, select the top-k layers by eval probe accuracy, write the artifact
-    (only the selected layers) and the accuracy plot.
-
-    ``select.strategy``: ``probe_first`` (default; :func:`~actedit.train.trainer.train_hpr_top_k`:
-    all probes, then angle nets on the selected layers only) or ``joint`` (every layer's probe and
-    angle net together, :func:`~actedit.train.trainer.train_hpr`, then selection).
+    ``dataset`` replaces the configured data (the one-call API passes the user's examples).
     """
-    from actedit.interventions import build_hpr_config, intervenable, save_artifact
-
-    from .select import select_layers
-    from .trainer import train_hpr, train_hpr_top_k
-
-    if cfg.method != "hpr":
-        raise ValueError(f"`actedit train` trains HPR; '{cfg.method}' is closed-form: use `actedit fit`.")
     if model is None:
-        model, tokenizer = _load_model(cfg)
+        model, tokenizer = load_model(cfg.model)
     cfg = cfg.for_model(model)
-    store = _store(cfg, model, tokenizer)
-    out = Path(cfg.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    train_pairs = store.paired_activations(cfg.site, split="train")
-    eval_pairs = store.paired_activations(cfg.site, split="eval")
-    hyper = cfg.fit
-    module_args = dict(alpha=hyper.alpha, angle_hidden_widths=hyper.angle_hidden_widths, stable=hyper.stable,
-                       position_policy=hyper.position_policy)
-    train_cfg = dataclasses.replace(cfg.train, checkpoint_dir=cfg.train.checkpoint_dir
-                                    or str(out.parent / f".{out.name}.training"))
-    k = cfg.select.k
-    plot = out.parent / f"{out.name}_probe_accuracy.png"
+    fmt = prompt_format(cfg, tokenizer, quiet=quiet)
+    data = load_dataset(cfg, fmt) if dataset is None else dataset
+    directory = Path(cfg.collect.dir) if cfg.collect.dir is not None else None
+    if fmt.needs_bases(data):
+        cache = directory.parent / f"{directory.name}_bases.json" if directory is not None else None
+        data = generate_bases(model, tokenizer, data, fmt, max_new_tokens=getattr(cfg.fit, "base_tokens", 32),
+                              cache_path=cache, progress=progress)
+    return collect_activations(model, tokenizer, data, directory, format=fmt, sites=cfg.site,
+                               layers=cfg.fit.layers, dtype=cfg.collect.dtype, batch_size=cfg.collect.batch_size,
+                               progress=progress)
+
+
+def _store(cfg: PipelineConfig, model, tokenizer, progress: bool) -> ActivationStore:
+    """The complete store of ``collect.dir``, collecting (or resuming) it when needed."""
+    if cfg.collect.dir is not None:
+        try:
+            return ActivationStore(cfg.collect.dir)
+        except (FileNotFoundError, ValueError):
+            pass
+    return collect(cfg, model, tokenizer, progress=progress)
+
+
+def fit_inputs(store: ActivationStore, spec: MethodSpec, site: str, layers: Sequence[int]) -> Dict[str, Any]:
+    """What a closed-form fit reads (``spec.reads``, see :data:`~actedit.interventions.registry.VIEWS`)."""
+    layers = [layer for layer in layers]
+    missing = [layer for layer in layers if layer not in store.layers]
+    if missing:
+        where = store.path if store.path is not None else "in memory"
+        raise ValueError(f"layers {missing} are not in the activation store ({where}: it holds {store.layers}); "
+                         "collect them or choose among these.")
+    split = spec.splits[0] if spec.splits else None
+    if spec.reads == "pairs":
+        pairs = store.paired_activations(site, split=split, layers=layers)
+        pos, neg = pairs.gather(layers, torch.arange(pairs.num_pairs))
+        return {"pos": {layer: pos[i] for i, layer in enumerate(layers)},
+                "neg": {layer: neg[i] for i, layer in enumerate(layers)}}
+    if spec.reads == "labeled":
+        out = {}
+        for name in spec.splits:
+            rows = store.labeled(site, split=name, layers=layers)
+            out[name] = (rows.acts, rows.labels)
+        return out
+    return store.aligned(spec.roles, site, split=split, layers=layers)
+
+
+def make_edit(cfg: PipelineConfig, model, tokenizer, *, store: Optional[ActivationStore] = None,
+              progress: bool = True) -> Tuple[pv.IntervenableConfig, Dict[str, Any]]:
+    """The method's edit of ``model``: ``(IntervenableConfig, metadata)``, fitted in closed form
+    or trained on the store (collected first when not given)."""
+    cfg = cfg.for_model(model)
+    spec, settings = cfg.spec, cfg.fit
+    store = store if store is not None else _store(cfg, model, tokenizer, progress)
     started = time.time()
-    if cfg.select.strategy == "probe_first":
-        result, selection = train_hpr_top_k(train_pairs, eval_pairs, k=k, config=train_cfg, plot_path=plot,
-                                            **module_args)
+    if spec.trained:
+        modules, metadata = _train(cfg, store, progress)
     else:
-        result = train_hpr(train_pairs, eval_pairs, config=train_cfg, **module_args)
-        selection = select_layers(result.modules, eval_pairs, k=k, plot_path=plot)
-    seconds = time.time() - started
-    config = build_hpr_config(model, selection.selected, modules=result.modules, alpha=hyper.alpha,
-                              position_policy=hyper.position_policy)
-    return save_artifact(intervenable(model, config), out, metadata={
-        "data": _data_record(cfg), "training": result.summary(), "timings": {"train_seconds": seconds},
-        **selection.metadata()})
+        context = FitContext(width=site_width(model, cfg.site), num_heads=int(model.config.num_attention_heads),
+                             num_layers=model_depth(model), layers=tuple(settings.layers))
+        fitted = spec.fit(fit_inputs(store, spec, cfg.site, settings.layers), settings, context)
+        modules, metadata = fitted.modules, {"fit": fitted.record}
+    metadata["timings"] = {"fit_seconds": round(time.time() - started, 3)}
+    metadata["data"] = _data_record(cfg)
+    config = edit_config(model, spec.name, modules, component=cfg.site, hyperparameters=settings.to_dict(),
+                         metadata=metadata)
+    return config, metadata
+
+
+def _train(cfg: PipelineConfig, store: ActivationStore, progress: bool) -> Tuple[Dict[int, Any], Dict[str, Any]]:
+    """A trained method's modules on its top ``fit.top_k`` layers by eval probe accuracy."""
+    spec, settings = cfg.spec, cfg.fit
+    out = Path(cfg.out) if cfg.out is not None else None
+    train_pairs = store.paired_activations(cfg.site, split="train", layers=settings.layers)
+    eval_pairs = store.paired_activations(cfg.site, split="eval", layers=settings.layers)
+    train_cfg = dataclasses.replace(cfg.train, progress=cfg.train.progress and progress)
+    if out is not None and train_cfg.checkpoint_dir is None:
+        train_cfg = dataclasses.replace(train_cfg, checkpoint_dir=str(out.parent / f".{out.name}.training"))
+    plot = out.parent / f"{out.name}_probe_accuracy.png" if out is not None else None
+    modules = new_interventions(spec, train_pairs.width, settings.layers, seed=train_cfg.seed,
+                                **settings.intervention_arguments())
+    if settings.strategy == "probe_first":
+        result, selection = train_top_k(modules, train_pairs, eval_pairs, k=settings.top_k, config=train_cfg,
+                                        plot_path=plot)
+    else:
+        result = train_interventions(modules, train_pairs, eval_pairs, config=train_cfg)
+        selection = select_layers(result.modules, eval_pairs, k=settings.top_k, plot_path=plot)
+    chosen = {layer: result.modules[layer] for layer in selection.selected}
+    return chosen, {"training": result.summary(), **selection.metadata()}
+
+
+def build(cfg: PipelineConfig, model=None, tokenizer=None) -> Path:
+    """Collect (if needed), fit or train, and write the artifact to ``cfg.out``."""
+    if model is None:
+        model, tokenizer = load_model(cfg.model)
+    config, _ = make_edit(cfg, model, tokenizer)
+    return save_artifact(intervenable(model, config), cfg.out)
 
 
 def _data_record(cfg: PipelineConfig) -> Dict[str, Any]:
@@ -470,7 +407,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config entry, e.g. --set collect.batch_size=8 (repeatable)")
     parser.add_argument("--model", default=None, help="override `model`")
-    parser.add_argument("--method", default=None, help="override `method`")
+    parser.add_argument("--method", default=None, help=f"override `method` ({', '.join(method_names())})")
     parser.add_argument("--data", default=None, help="override `data.source`")
     parser.add_argument("--out", default=None, help="override `out` (artifact directory)")
 
@@ -490,11 +427,27 @@ def run_collect(args) -> int:
     return 0
 
 
-def run_fit(args) -> int:
-    print(f"artifact written to {fit(_config_from_args(args))}")
+def _run_build(args, trained: bool) -> int:
+    cfg = _config_from_args(args)
+    if cfg.spec.trained != trained:
+        kind = "trained, not fitted: use `actedit train`" if cfg.spec.trained else \
+            "closed-form, not trained: use `actedit fit`"
+        raise ValueError(f"'{cfg.method}' is {kind}.")
+    print(f"artifact written to {build(cfg)}")
     return 0
+
+
+def run_fit(args) -> int:
+    return _run_build(args, trained=False)
 
 
 def run_train(args) -> int:
-    print(f"artifact written to {train(_config_from_args(args))}")
-    return 0
+    return _run_build(args, trained=True)
+
+
+__all__ = [
+    "CollectConfig", "DataConfig", "PipelineConfig", "add_arguments", "apply_overrides", "build", "collect",
+    "fit_inputs", "load_config", "load_dataset", "make_edit", "method_settings", "prepare_dataset", "prompt_format",
+    "read_config",
+    "run_collect", "run_fit", "run_train",
+]

@@ -20,7 +20,8 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence
 
 import torch
 
-from .trainer import PairedActivations
+from .plots import plot_per_layer
+from .store import PairedActivations
 
 METRICS = ("probe_accuracy",)
 
@@ -161,45 +162,14 @@ def select_layers(modules: Mapping[int, torch.nn.Module], eval_data: PairedActiv
 
 def plot_layer_accuracy(accuracy: Mapping[int, float], path, *, selected: Sequence[int] = (),
                         title: Optional[str] = None, chance: float = 0.5) -> Path:
-    """Bar plot of accuracy per layer (selected layers highlighted, chance level dashed) as PNG.
-
-    Uses matplotlib's Agg canvas directly, so it neither needs a display nor changes the
-    process-wide pyplot backend.
-    """
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
+    """Bar plot of eval probe accuracy per layer as PNG: the selected layers highlighted, chance
+    level dashed (:func:`actedit.train.plots.plot_per_layer`)."""
     if not accuracy:
         raise ValueError("no layer accuracies to plot.")
-    path = Path(path)
-    if path.suffix.lower() != ".png":
-        raise ValueError(f"the plot is written as PNG; give a path ending in .png, got {path.name!r}.")
-    layers = sorted(int(layer) for layer in accuracy)
-    values = [float(accuracy[layer]) for layer in layers]
-    chosen = {int(layer) for layer in selected}
-    fig = Figure(figsize=(max(6.0, 0.28 * len(layers) + 2.0), 3.6), dpi=120)
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot(1, 1, 1)
-    colors = ["#d95f02" if layer in chosen else "#7570b3" for layer in layers]
-    ax.bar(layers, values, color=colors, width=0.8)
-    ax.axhline(chance, color="0.4", linestyle="--", linewidth=1, label=f"chance ({chance:g})")
-    ax.set_xlabel("layer")
-    ax.set_ylabel("eval probe accuracy")
-    low = min(values + [chance])
-    ax.set_ylim(max(0.0, low - 0.05), 1.0)
-    ax.set_xticks(layers)
-    ax.tick_params(axis="x", labelsize=7 if len(layers) > 20 else 9)
-    if chosen:
-        from matplotlib.patches import Patch
-
-        handles = [Patch(color="#d95f02", label=f"selected (k={len(chosen)})"), Patch(color="#7570b3", label="other")]
-        ax.legend(handles=handles + ax.get_legend_handles_labels()[0][:1], loc="upper left",
-                  bbox_to_anchor=(1.01, 1.0), fontsize=8, frameon=False)
-    ax.set_title(title or "Probe accuracy per layer")
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, format="png")
-    return path
+    if Path(path).suffix.lower() != ".png":
+        raise ValueError(f"the plot is written as PNG; give a path ending in .png, got {Path(path).name!r}.")
+    return plot_per_layer(accuracy, "eval probe accuracy", path, title=title or "Probe accuracy per layer",
+                          highlight=selected, baseline=chance)
 
 
 __all__ = ["LayerSelection", "METRICS", "plot_layer_accuracy", "probe_accuracy", "rank_layers", "select_layers",

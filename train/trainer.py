@@ -1,5 +1,4 @@
-"""One training loop for every trainable intervention: HPR over cached activations, vectorised
-across layers, and any intervention end-to-end through ``pyvene.IntervenableModel``.
+"""One training loop for every trainable intervention on cached activations (HPR), all layers at once.
 
 The loop (:func:`run_training`) is the released HPR recipe (HF ``Trainer`` defaults of
 ``train_guidance_householder.sh``):
@@ -17,27 +16,27 @@ The loop (:func:`run_training`) is the released HPR recipe (HF ``Trainer`` defau
   accuracy, the released ``lr_acc``; or per layer), and an atomic checkpoint; at the end the best
   epoch's weights are restored.
 
-**Cached activations** (:func:`train_pairs`, :func:`train_hpr`). The data are aligned pairs
-(h⁺, h⁻) of every layer (:class:`PairedActivations`). Every layer l has its own module with its
-own loss ℓ_l = ``module.loss(h⁺_l, h⁻_l)`` on the same batch of pairs; the reported loss is
-(1/L) Σ_l ℓ_l, and each layer's parameters θ_l receive exactly ∂ℓ_l/∂θ_l (the gradient of
-Σ_l ℓ_l), i.e. what training that layer alone would give. With ``vectorize=True`` (default) the
-per-layer parameters are stacked into tensors with a leading layer axis and the module's own
-``loss`` is evaluated for all layers at once with ``torch.func.functional_call`` under
-``torch.func.vmap`` (batched matrix products instead of a Python loop over layers); the trained
-weights are written back into one module per layer. ``vectorize=False`` runs the same steps with
-a Python loop over layers; both give the same weights (up to float rounding).
+**Cached activations** (:func:`train_interventions`, :func:`train_top_k`). The data are
+aligned pairs (h⁺, h⁻) of every layer (:class:`~actedit.train.store.PairedActivations`). Every
+layer l has its own module with its own loss ℓ_l = ``module.loss(h⁺_l, h⁻_l)`` on the same batch
+of pairs; the reported loss is (1/L) Σ_l ℓ_l, and each layer's parameters θ_l receive exactly
+∂ℓ_l/∂θ_l (the gradient of Σ_l ℓ_l), i.e. what training that layer alone would give.
 
-**End-to-end** (:func:`train_lm`). The interventions of a ``pyvene.IntervenableModel`` are
-trained with the language-model loss −(1/|C|) Σ_{t∈C} log p(x_t | x_<t) over the completion
-tokens C (labels = −100 elsewhere), the base model frozen. Parameters come from
-``IntervenableModel.get_trainable_parameters()``, de-duplicated (it lists linked parameters once
-per use). Any ``pyvene.TrainableIntervention`` plugs in without a new loop.
+Two paths compute it (:class:`PairTask`). The fast one (``vectorize=True``, the default) stacks
+the per-layer parameters into tensors with a leading layer axis and evaluates the loss of all
+layers with a few batched matrix products, through the module class's ``stacked_<loss>``
+methods (:class:`~actedit.interventions.hpr.HPRIntervention` has them); the trained weights are
+written back into one module per layer. The reference (``vectorize=False``, and any class without
+stacked losses) loops over layers and calls each module's own loss; both give the same weights
+up to float rounding, which the tests check.
+
+End-to-end training through a ``pyvene.IntervenableModel`` with the LM loss lives in
+:mod:`actedit.train.lm` and runs the same loop.
 """
 
 from __future__ import annotations
 
-import copy
+import dataclasses
 import math
 import os
 import tempfile
@@ -50,10 +49,14 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 import numpy as np
 import pyvene as pv
 import torch
-import torch.nn.functional as F
 from torch import nn
+from tqdm.auto import tqdm
 
+from actedit.interventions.registry import method_spec
 from actedit.interventions.settings import Settings
+
+from .select import LayerSelection, select_layers
+from .store import PairedActivations
 
 SCHEDULES = ("linear", "cosine", "constant")
 """Learning-rate schedules after warmup."""
@@ -63,7 +66,6 @@ BEST_BY = ("mean", "layer")
 
 CHECKPOINT_NAME = "trainer_state.pt"
 CHECKPOINT_FORMAT = 1
-IGNORE_INDEX = -100
 
 
 # ------------------------------------------------------------------------------------- configs
@@ -89,7 +91,8 @@ class TrainConfig(Settings):
         best_by: ``mean`` (one epoch for all layers, by the mean eval score) or ``layer``
             (each layer keeps its own best epoch; cached activations only).
         eval_batch_size: examples per evaluation chunk.
-        vectorize: train all layers at once (stacked parameters, vmap); False loops over layers.
+        vectorize: train all layers at once through the module class's stacked losses (the fast
+            path); False loops over layers (the reference; also used for classes without them).
         checkpoint_dir: directory for an atomic checkpoint after every epoch; None disables.
         resume: continue from the checkpoint in ``checkpoint_dir`` when one exists.
         progress: show a tqdm progress bar with loss and accuracy.
@@ -269,140 +272,6 @@ class TrainResult:
         return out
 
 
-# ---------------------------------------------------------------------------------------- data
-def _is_int(x: Any) -> bool:
-    return not isinstance(x, bool) and isinstance(x, (int, np.integer))
-
-
-@dataclass
-class PairedActivations:
-    """Aligned (positive, negative) activation pairs of several layers.
-
-    Attributes:
-        positive: layer → (N⁺, d) activations (torch tensor or numpy array / memmap, any float
-            dtype; converted batch by batch).
-        negative: layer → (N⁻, d) activations; may be the same mapping as ``positive`` (one
-            bank of activations that ``index`` points into).
-        index: optional (P, 2) integer array: pair p is (positive[l][index[p, 0]],
-            negative[l][index[p, 1]]) in every layer l. None: row i of ``positive`` pairs with
-            row i of ``negative`` (then N⁺ = N⁻).
-        check_finite: scan every matrix for NaN/inf when constructed (reads all of it).
-    """
-
-    positive: Mapping[int, Any]
-    negative: Mapping[int, Any]
-    index: Optional[Any] = None
-    check_finite: bool = True
-
-    def __post_init__(self) -> None:
-        for name in ("positive", "negative"):
-            acts = getattr(self, name)
-            if not isinstance(acts, Mapping) or not acts:
-                raise ValueError(f"{name} must be a non-empty mapping layer -> (N, d) activations.")
-            for layer in acts:
-                if not _is_int(layer) or int(layer) < 0:
-                    raise ValueError(f"{name}: layer keys must be non-negative integers, got {layer!r}.")
-        if sorted(self.positive) != sorted(self.negative):
-            raise ValueError(f"positive holds layers {sorted(self.positive)} but negative holds "
-                             f"{sorted(self.negative)}; every layer needs both.")
-        width = None
-        rows = {}
-        for name in ("positive", "negative"):
-            acts = getattr(self, name)
-            for layer in sorted(acts):
-                x = acts[layer]
-                shape = tuple(getattr(x, "shape", ()))
-                if len(shape) != 2:
-                    raise ValueError(f"{name}[{layer}] must be a 2-D (N, d) array, got shape {shape}.")
-                if shape[0] == 0 or shape[1] == 0:
-                    raise ValueError(f"{name}[{layer}] is empty (shape {shape}).")
-                if width is None:
-                    width = shape[1]
-                if shape[1] != width:
-                    raise ValueError(f"{name}[{layer}] has width {shape[1]} but other layers have {width}.")
-                if name in rows and rows[name] != shape[0]:
-                    raise ValueError(f"{name}[{layer}] has {shape[0]} rows but other layers have {rows[name]}.")
-                rows[name] = shape[0]
-                if self.check_finite and not (name == "negative" and acts is self.positive) and not _all_finite(x):
-                    raise ValueError(f"{name}[{layer}] contains NaN or inf values; check the collected activations.")
-        if self.index is None:
-            if rows["positive"] != rows["negative"]:
-                raise ValueError(f"positive has {rows['positive']} rows but negative has {rows['negative']}: "
-                                 "rows must be paired (or give an index of pairs).")
-            self._n = rows["positive"]
-        else:
-            index = torch.as_tensor(np.asarray(self.index))
-            if index.dim() != 2 or index.shape[1] != 2 or index.shape[0] == 0:
-                raise ValueError(f"index must be a non-empty (P, 2) integer array, got shape {tuple(index.shape)}.")
-            if index.is_floating_point() or index.dtype == torch.bool:
-                raise ValueError(f"index must hold integers, got dtype {index.dtype}.")
-            index = index.long()
-            for col, name in ((0, "positive"), (1, "negative")):
-                lo, hi = int(index[:, col].min()), int(index[:, col].max())
-                if lo < 0 or hi >= rows[name]:
-                    raise ValueError(f"index column {col} points outside {name} (rows 0..{rows[name] - 1}, "
-                                     f"got {lo}..{hi}).")
-            self.index = index
-            self._n = index.shape[0]
-        self._width = int(width)
-
-    @property
-    def layers(self) -> List[int]:
-        return sorted(int(layer) for layer in self.positive)
-
-    @property
-    def num_pairs(self) -> int:
-        return int(self._n)
-
-    @property
-    def width(self) -> int:
-        return self._width
-
-    def rows(self, idx: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        """Row indices into ``positive`` and ``negative`` of the pairs ``idx``."""
-        if self.index is None:
-            return idx, idx
-        return self.index[idx, 0], self.index[idx, 1]
-
-    def gather(self, layers: Sequence[int], idx: torch.Tensor, device=None,
-               dtype: torch.dtype = torch.float32) -> Tuple[torch.Tensor, torch.Tensor]:
-        """(h⁺, h⁻) of the pairs ``idx`` in ``layers``, each (len(layers), len(idx), d)."""
-        pos_rows, neg_rows = self.rows(idx)
-        banks = [self.positive[layer] for layer in layers]
-        if self.positive is self.negative and all(isinstance(b, torch.Tensor) for b in banks):
-            # One bank for both sides (ActivationStore.paired_activations): one indexed copy per
-            # layer straight into the result (a step's gather was ~20 % of an HPR probe step).
-            rows = torch.cat([pos_rows, neg_rows])
-            out = torch.empty((len(banks), len(rows), self.width), dtype=banks[0].dtype, device=banks[0].device)
-            for i, bank in enumerate(banks):
-                torch.index_select(bank, 0, rows.to(bank.device), out=out[i])
-            out = out.to(device=device, dtype=dtype)
-            return out[:, :len(pos_rows)], out[:, len(pos_rows):]
-        hp = torch.stack([_take(self.positive[layer], pos_rows) for layer in layers])
-        hn = torch.stack([_take(self.negative[layer], neg_rows) for layer in layers])
-        return hp.to(device=device, dtype=dtype), hn.to(device=device, dtype=dtype)
-
-
-def _all_finite(x: Any) -> bool:
-    """Whether every entry is finite. A finite sum settles it (NaN and ±inf make the sum
-    non-finite) in 3 ms instead of 95 ms for an elementwise test of 38,000 × 576 floats; only a
-    non-finite sum, which an overflow could also cause, is checked entry by entry."""
-    if isinstance(x, torch.Tensor):
-        if not x.is_floating_point():
-            return True
-        return bool(torch.isfinite(x.sum())) or bool(torch.isfinite(x).all())
-    arr = np.asarray(x)
-    if not np.issubdtype(arr.dtype, np.floating):
-        return True
-    return bool(np.isfinite(arr.sum())) or bool(np.isfinite(arr).all())
-
-
-def _take(x: Any, rows: torch.Tensor) -> torch.Tensor:
-    if isinstance(x, torch.Tensor):
-        return x[rows.to(x.device)]
-    return torch.from_numpy(np.ascontiguousarray(np.asarray(x)[rows.numpy()]))
-
-
 # --------------------------------------------------------------------------------------- tasks
 class TrainTask:
     """What :func:`run_training` needs from a kind of training (cached pairs, end-to-end LM)."""
@@ -452,38 +321,6 @@ class TrainTask:
         pass
 
 
-class _MethodCall(nn.Module):
-    """Calls ``module.<method>`` as ``forward`` so ``torch.func.functional_call`` can swap its weights."""
-
-    def __init__(self, module: nn.Module, method: str) -> None:
-        super().__init__()
-        self.module = module
-        self.method = method
-
-    def forward(self, *args):
-        return getattr(self.module, self.method)(*args)
-
-
-def _same_buffers(modules: Sequence[nn.Module]) -> bool:
-    """Whether the modules hold equal buffers (the vectorised path takes them from the first
-    module) and freeze the same parameters."""
-
-    def fixed(module: nn.Module) -> Dict[str, torch.Tensor]:
-        out = dict(module.named_buffers())
-        out.update({f"frozen:{n}": torch.zeros(()) for n, p in module.named_parameters() if not p.requires_grad})
-        return out
-
-    first = fixed(modules[0])
-    for module in modules[1:]:
-        other = fixed(module)
-        if other.keys() != first.keys():
-            return False
-        for key, value in first.items():
-            if other[key].shape != value.shape or not torch.equal(other[key].cpu(), value.cpu()):
-                return False
-    return True
-
-
 def _stacked_method(cls: type, method: str) -> Optional[Callable]:
     """``cls.stacked_<method>`` when the class that defines it also defines ``method`` (a
     subclass that overrides ``method`` alone must not inherit the stacked version)."""
@@ -495,7 +332,12 @@ def _stacked_method(cls: type, method: str) -> Optional[Callable]:
 
 
 class PairTask(TrainTask):
-    """Train one module per layer on cached (h⁺, h⁻) pairs with each module's ``loss``."""
+    """Train one module per layer on cached (h⁺, h⁻) pairs with each module's ``loss_method``.
+
+    The fast path stacks the layers' parameters (matrices stored transposed, (L, in, out), the
+    layout the stacked losses multiply by and their gradients land in) and calls the module
+    class's ``stacked_<loss_method>``; the reference loops over layers. See the module docstring.
+    """
 
     name = "pairs"
     per_layer = True
@@ -538,74 +380,31 @@ class PairTask(TrainTask):
         self.names_by_layer = {layer: [n for n, p in m.named_parameters() if p.requires_grad]
                                for layer, m in self.modules.items()}
         self.names = self.names_by_layer[self.layers[0]]
-        self.vectorized = bool(config.vectorize)
+        shapes = {n: p.shape for n, p in first.named_parameters()}
+        uniform = all(type(m) is type(first) and {n: p.shape for n, p in m.named_parameters()} == shapes
+                      and self.names_by_layer[layer] == self.names for layer, m in self.modules.items())
+        if config.vectorize and not uniform:
+            warnings.warn("the modules differ in class, parameter shapes or which parameters are frozen: training "
+                          "them with a loop over layers instead of all layers at once.", stacklevel=3)
+        self._stacked_loss = _stacked_method(type(first), loss_method) if uniform else None
+        self._stacked_probe = _stacked_method(type(first), "probe_logits") if self.has_probe else None
+        self.vectorized = bool(config.vectorize) and self._stacked_loss is not None \
+            and (not self.has_probe or self._stacked_probe is not None)
         if self.vectorized:
-            shapes = {n: p.shape for n, p in first.named_parameters()}
-            same = all(type(m) is type(first) and {n: p.shape for n, p in m.named_parameters()} == shapes
-                       for m in self.modules.values())
-            if not same or not _same_buffers(list(self.modules.values())):
-                warnings.warn("the modules differ in class, parameter shapes, buffers or which parameters are frozen: "
-                              "training them with a loop over layers instead of vectorised.", stacklevel=3)
-                self.vectorized = False
-        if self.vectorized:
-            template = copy.deepcopy(first).to(device=self.device, dtype=self.dtype)
-            self._loss_call = _MethodCall(template, loss_method)
-            self._probe_call = _MethodCall(template, "probe_logits")
-            # Matrices are stored transposed, (L, in, out): vmap's batched linear then multiplies
-            # by the stored layout directly and its weight gradient lands in that layout, instead
-            # of a transposing copy of every (L, out, in) gradient per step (~20 % of a step at
-            # d = 576). Views with the module's (out, in) layout are handed to functional_call.
             # Frozen parameters are stacked too (without gradients): they may differ per layer.
-            self.frozen_names = [n for n, p in first.named_parameters() if not p.requires_grad]
-            self.transposed = {n: dict(first.named_parameters())[n].dim() == 2 for n in self.names + self.frozen_names}
+            frozen = [n for n, p in first.named_parameters() if not p.requires_grad]
+            self.transposed = {n: dict(first.named_parameters())[n].dim() == 2 for n in self.names + frozen}
             with torch.no_grad():
                 self.stacked = {}
-                for n in self.names + self.frozen_names:
+                for n in self.names + frozen:
                     per_layer = [dict(self.modules[layer].named_parameters())[n].detach() for layer in self.layers]
                     if self.transposed[n]:
                         per_layer = [p.T for p in per_layer]
                     self.stacked[n] = (torch.stack(per_layer).to(device=self.device, dtype=self.dtype)
                                        .contiguous().requires_grad_(n in self.names))
-            loss_call, probe_call = self._loss_call, self._probe_call
-
-            def one_loss(params, hp, hn):
-                return torch.func.functional_call(loss_call, params, (hp, hn))
-
-            def one_probe(params, h):
-                return torch.func.functional_call(probe_call, params, (h,))
-
-            self._vloss = torch.func.vmap(one_loss)
-            self._vprobe = torch.func.vmap(one_probe)
-            # A module class may write its loss for all layers at once (``stacked_<method>``,
-            # weights in the stored (L, in, out) layout): used instead of vmap when it does.
-            self._stacked_loss = _stacked_method(type(first), loss_method)
-            self._stacked_probe = _stacked_method(type(first), "probe_logits") if self.has_probe else None
         else:
             for module in self.modules.values():
                 module.to(device=self.device, dtype=self.dtype)
-
-    @property
-    def stacked_calls(self) -> bool:
-        """Whether the loss runs through the module class's ``stacked_<method>`` (not vmap)."""
-        return self.vectorized and self._stacked_loss is not None
-
-    def _layer_losses(self, hp: torch.Tensor, hn: torch.Tensor) -> torch.Tensor:
-        """Every layer's loss, (L,), from h⁺, h⁻ (L, n, d) (vectorised mode)."""
-        if self._stacked_loss is not None:
-            return self._stacked_loss(self.stacked, hp, hn)
-        return self._vloss(self._params(), hp, hn)
-
-    def _layer_probe_logits(self, h: torch.Tensor) -> torch.Tensor:
-        """Every layer's probe logits, (L, n), from h (L, n, d) (vectorised mode; call it
-        without gradients)."""
-        if self._stacked_probe is not None:
-            return self._stacked_probe(self.stacked, h)
-        return self._vprobe(self._params(), h)
-
-    # -- parameters
-    def _params(self) -> Dict[str, torch.Tensor]:
-        """The stacked parameters in the module's layout (views of the stored tensors)."""
-        return {f"module.{n}": t.transpose(-1, -2) if self.transposed[n] else t for n, t in self.stacked.items()}
 
     def _stacked_view(self, n: str, i: int) -> torch.Tensor:
         """Layer i's slice of parameter n, in the module's layout (a view: writes go through)."""
@@ -626,8 +425,7 @@ class PairTask(TrainTask):
         return [p for layer in self.layers for p in self._layer_params(layer)]
 
     def train_mode(self, training: bool) -> None:
-        modules = [self._loss_call] if self.vectorized else list(self.modules.values())
-        for module in modules:
+        for module in self.modules.values():
             module.train(training)
 
     # -- steps
@@ -640,36 +438,30 @@ class PairTask(TrainTask):
     @property
     def _shows_accuracy(self) -> bool:
         """Whether steps report the probes' accuracy: only while a probe is trained (HPR's
-        second stage trains angle nets with frozen probes; measured 17 % of its step time)."""
+        second stage trains angle nets with frozen probes)."""
         return self.has_probe and any(n.startswith("probe") for n in self.names)
+
+    def _layer_losses(self, hp: torch.Tensor, hn: torch.Tensor) -> List[torch.Tensor]:
+        """Each layer's loss from h⁺, h⁻ (L, n, d): one stacked call, or each module's own."""
+        if self.vectorized:
+            return list(self._stacked_loss(self.stacked, hp, hn))
+        return [getattr(self.modules[layer], self.loss_method)(hp[i], hn[i]) for i, layer in enumerate(self.layers)]
+
+    @torch.no_grad()
+    def _layer_logits(self, h: torch.Tensor) -> torch.Tensor:
+        """Every layer's probe logits, (L, n), from h (L, n, d)."""
+        if self.vectorized:
+            return self._stacked_probe(self.stacked, h)
+        return torch.stack([self.modules[layer].probe_logits(h[i]) for i, layer in enumerate(self.layers)])
 
     def loss(self, idx: torch.Tensor) -> Tuple[torch.Tensor, Dict[str, float]]:
         hp, hn = self.train_data.gather(self.layers, idx, self.device, self.dtype)
-        shown: Dict[str, float] = {}
-        if self.vectorized:
-            losses = self._layer_losses(hp, hn)
-            total = losses.sum()
-            shown["loss"] = float(losses.detach().mean())
-            if self._shows_accuracy:
-                with torch.no_grad():
-                    logits = self._layer_probe_logits(torch.cat([hp, hn], 1))
-                shown["acc"] = float(self._accuracy(logits, hp.shape[1]).mean())
-            return total, shown
-        # Loop over layers: back-propagate layer by layer (same gradients as the vectorised sum).
-        values, accs = [], []
-        for i, layer in enumerate(self.layers):
-            module = self.modules[layer]
-            loss = getattr(module, self.loss_method)(hp[i], hn[i])
-            loss.backward()
-            values.append(float(loss.detach()))
-            if self._shows_accuracy:
-                with torch.no_grad():
-                    logits = module.probe_logits(torch.cat([hp[i], hn[i]]))
-                accs.append(float(self._accuracy(logits[None], hp.shape[1])[0]))
-        shown["loss"] = float(np.mean(values))
-        if accs:
-            shown["acc"] = float(np.mean(accs))
-        return None, shown  # type: ignore[return-value]  (already back-propagated)
+        losses = self._layer_losses(hp, hn)
+        shown: Dict[str, float] = {"loss": float(np.mean([float(x.detach()) for x in losses]))}
+        if self._shows_accuracy:
+            shown["acc"] = float(self._accuracy(self._layer_logits(torch.cat([hp, hn], 1)), hp.shape[1]).mean())
+        # the sum: each layer's parameters get exactly the gradient of their own layer's loss
+        return torch.stack(losses).sum(), shown
 
     def clip_(self, max_norm: float) -> None:
         """Scale each layer's gradient to norm ≤ max_norm: g ← g · min(1, max_norm / (‖g‖ + 1e-6))."""
@@ -707,18 +499,9 @@ class PairTask(TrainTask):
             idx = torch.arange(start, min(start + chunk, n))
             hp, hn = data.gather(self.layers, idx, self.device, self.dtype)
             b = len(idx)
-            if self.vectorized:
-                loss_sum += self._layer_losses(hp, hn).double().cpu() * b
-                if self.has_probe:
-                    logits = self._layer_probe_logits(torch.cat([hp, hn], 1))
-                    correct += self._accuracy(logits, b).cpu() * 2 * b
-            else:
-                for i, layer in enumerate(self.layers):
-                    module = self.modules[layer]
-                    loss_sum[i] += float(getattr(module, self.loss_method)(hp[i], hn[i])) * b
-                    if self.has_probe:
-                        logits = module.probe_logits(torch.cat([hp[i], hn[i]]))
-                        correct[i] += float(self._accuracy(logits[None], b)[0]) * 2 * b
+            loss_sum += torch.stack([x.double() for x in self._layer_losses(hp, hn)]).cpu() * b
+            if self.has_probe:
+                correct += self._accuracy(self._layer_logits(torch.cat([hp, hn], 1)), b).cpu() * 2 * b
         losses = loss_sum / n
         if self.has_probe:
             scores = correct / (2 * n)
@@ -774,173 +557,6 @@ class PairTask(TrainTask):
         return self.modules
 
 
-def trainable_parameters(pvm: pv.IntervenableModel) -> List[Tuple[str, torch.Tensor]]:
-    """``pvm.get_trainable_parameters()`` de-duplicated, with names.
-
-    pyvene lists a parameter once per intervention that uses it (linked interventions share
-    modules) and appends the base model's parameters that require gradients. Names are
-    ``<intervention key>.<parameter name>`` (first use) or ``model.<name>``.
-    """
-    names: Dict[int, str] = {}
-    for key, intervention in pvm.interventions.items():
-        for name, p in intervention.named_parameters():
-            names.setdefault(id(p), f"{key}.{name}")
-    for name, p in pvm.model.named_parameters():
-        names.setdefault(id(p), f"model.{name}")
-    seen, out = set(), []
-    for p in pvm.get_trainable_parameters():
-        if id(p) in seen or not p.requires_grad:
-            continue
-        seen.add(id(p))
-        out.append((names.get(id(p), f"param{len(out)}"), p))
-    return out
-
-
-def lm_examples(prompts: Sequence[Sequence[int]], completions: Sequence[Sequence[int]], *,
-                pad_token_id: int) -> Dict[str, torch.Tensor]:
-    """Right-padded ``input_ids``, ``attention_mask`` and ``labels`` for prompt + completion pairs.
-
-    ``labels`` equal the completion's token ids and −100 on the prompt and padding, so the
-    language-model loss covers the completion tokens only.
-    """
-    if len(prompts) != len(completions) or not prompts:
-        raise ValueError(f"need one completion per prompt and at least one example, got {len(prompts)} prompts "
-                         f"and {len(completions)} completions.")
-    rows = []
-    for i, (p, c) in enumerate(zip(prompts, completions)):
-        p, c = [int(t) for t in p], [int(t) for t in c]
-        if not c:
-            raise ValueError(f"example {i} has an empty completion; nothing to train on.")
-        rows.append((p, c))
-    length = max(len(p) + len(c) for p, c in rows)
-    ids = torch.full((len(rows), length), int(pad_token_id), dtype=torch.long)
-    mask = torch.zeros(len(rows), length, dtype=torch.long)
-    labels = torch.full((len(rows), length), IGNORE_INDEX, dtype=torch.long)
-    for i, (p, c) in enumerate(rows):
-        n = len(p) + len(c)
-        ids[i, :n] = torch.tensor(p + c, dtype=torch.long)
-        mask[i, :n] = 1
-        labels[i, len(p):n] = torch.tensor(c, dtype=torch.long)
-    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
-
-
-def _check_lm_data(data: Any, name: str) -> Dict[str, torch.Tensor]:
-    if not isinstance(data, Mapping):
-        raise ValueError(f"{name} must be a mapping with input_ids, attention_mask and labels (see lm_examples).")
-    missing = [k for k in ("input_ids", "attention_mask", "labels") if k not in data]
-    if missing:
-        raise ValueError(f"{name} lacks {missing}; build it with lm_examples().")
-    out = {k: torch.as_tensor(data[k]).long() for k in ("input_ids", "attention_mask", "labels")}
-    shape = out["input_ids"].shape
-    if len(shape) != 2 or shape[0] == 0 or shape[1] < 2:
-        raise ValueError(f"{name}['input_ids'] must be (N >= 1, T >= 2), got {tuple(shape)}.")
-    for k, v in out.items():
-        if v.shape != shape:
-            raise ValueError(f"{name}['{k}'] has shape {tuple(v.shape)} but input_ids has {tuple(shape)}.")
-    if not bool((out["labels"][:, 1:] != IGNORE_INDEX).any()):
-        raise ValueError(f"{name} has no completion tokens to score (every label is -100 after the first position).")
-    return out
-
-
-def _trim(batch: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
-    """Drop columns that are padding in every row."""
-    used = batch["attention_mask"].bool().any(0)
-    if bool(used.all()) or not bool(used.any()):
-        return batch
-    cols = torch.nonzero(used).flatten()
-    lo, hi = int(cols[0]), int(cols[-1]) + 1
-    return {k: v[:, lo:hi] for k, v in batch.items()}
-
-
-def lm_loss(pvm: pv.IntervenableModel, batch: Mapping[str, torch.Tensor], reduction: str = "mean") -> torch.Tensor:
-    """Language-model loss of the intervened model on the labelled tokens of ``batch``.
-
-    −(1/|C|) Σ_{t∈C} log p(x_t | x_<t) with C the positions whose label is not −100 (next-token
-    targets: the logits at t − 1 predict the label at t). ``reduction='sum'`` returns the sum.
-    """
-    _, out = pvm({"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]})
-    logits = out.logits[:, :-1]
-    targets = batch["labels"][:, 1:].to(logits.device)
-    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1),
-                           ignore_index=IGNORE_INDEX, reduction=reduction)
-
-
-@torch.no_grad()
-def evaluate_lm(pvm: pv.IntervenableModel, data: Mapping[str, Any], batch_size: int = 16) -> float:
-    """Token-weighted mean LM loss of the intervened model over the completion tokens of ``data``."""
-    data = _check_lm_data(data, "data")
-    device = next(pvm.model.parameters()).device
-    total, count = 0.0, 0
-    n = data["input_ids"].shape[0]
-    for start in range(0, n, batch_size):
-        batch = _trim({k: v[start:start + batch_size].to(device) for k, v in data.items()})
-        total += float(lm_loss(pvm, batch, reduction="sum"))
-        count += int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
-    return total / max(count, 1)
-
-
-class LMTask(TrainTask):
-    """Train the interventions of an ``IntervenableModel`` with the LM loss on completions."""
-
-    name = "lm"
-
-    def __init__(self, pvm: pv.IntervenableModel, train: Mapping[str, Any], eval_data: Optional[Mapping[str, Any]],
-                 config: TrainConfig) -> None:
-        if not isinstance(pvm, pv.IntervenableModel):
-            raise ValueError(f"pvm must be a pyvene.IntervenableModel, got {type(pvm).__name__}.")
-        self.pvm, self.config = pvm, config
-        self.train_data = _check_lm_data(train, "train")
-        self.eval_data = None if eval_data is None else _check_lm_data(eval_data, "eval_data")
-        self.named = trainable_parameters(pvm)
-        if not self.named:
-            raise ValueError("the IntervenableModel has no trainable parameters: its interventions must be "
-                             "pyvene TrainableInterventions with parameters.")
-        self.device = next(pvm.model.parameters()).device  # batches follow the model
-
-    @property
-    def num_examples(self) -> int:
-        return int(self.train_data["input_ids"].shape[0])
-
-    def parameters(self) -> List[torch.Tensor]:
-        return [p for _, p in self.named]
-
-    def train_mode(self, training: bool) -> None:
-        for intervention in self.pvm.interventions.values():
-            if isinstance(intervention, nn.Module):
-                intervention.train(training)
-
-    def loss(self, idx: torch.Tensor) -> Tuple[torch.Tensor, Dict[str, float]]:
-        batch = _trim({k: v[idx].to(self.device) for k, v in self.train_data.items()})
-        loss = lm_loss(self.pvm, batch)
-        return loss, {"loss": float(loss.detach())}
-
-    def clip_(self, max_norm: float) -> None:
-        torch.nn.utils.clip_grad_norm_(self.parameters(), max_norm)
-
-    def evaluate(self) -> Optional[Dict[str, Any]]:
-        if self.eval_data is None:
-            return None
-        loss = evaluate_lm(self.pvm, self.eval_data, self.config.eval_batch_size)
-        return {"metric": "neg_eval_loss", "score": -loss, "eval_loss": loss, "layer_scores": None}
-
-    def state_dict(self) -> Dict[str, torch.Tensor]:
-        return {name: p.detach().cpu().clone() for name, p in self.named}
-
-    @torch.no_grad()
-    def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
-        for name, p in self.named:
-            if name in state:
-                p.copy_(state[name])
-
-    def layer_keys(self, layer: int) -> List[str]:
-        raise ValueError("best_by='layer' needs per-layer scores; end-to-end training has one score.")
-
-    def fingerprint(self) -> dict:
-        return {"task": self.name, "num_examples": self.num_examples,
-                "seq_len": int(self.train_data["input_ids"].shape[1]),
-                "parameters": {name: list(p.shape) for name, p in self.named}}
-
-
 # ---------------------------------------------------------------------------------------- loop
 def lr_factor(step: int, total: int, warmup: int, schedule: str) -> float:
     """Learning-rate multiplier at optimiser step ``step`` (0-based) of ``total``."""
@@ -989,8 +605,6 @@ def _atomic_save(obj: Any, path: Path) -> None:
 
 
 def _progress(total: int, desc: str, enabled: bool):
-    from tqdm.auto import tqdm
-
     return tqdm(total=total, desc=desc, disable=not enabled, leave=True, dynamic_ncols=True)
 
 
@@ -1146,52 +760,31 @@ def _update_best(best: Dict[str, Any], record: EpochRecord, task: TrainTask, con
 
 
 # --------------------------------------------------------------------------------- entry points
-def train_pairs(modules: Mapping[int, nn.Module], train: PairedActivations,
-                eval_data: Optional[PairedActivations] = None, config: Optional[TrainConfig] = None,
-                callbacks: Sequence[Callable[[EpochRecord], None]] = ()) -> TrainResult:
-    """Train one trainable intervention per layer (each with a ``loss(h_pos, h_neg)`` method) on
-    cached activation pairs; see the module docstring. Modules are updated in place and returned
-    in ``TrainResult.modules``."""
-    config = config or TrainConfig()
-    return run_training(PairTask(modules, train, eval_data, config), config, callbacks)
+def new_interventions(method, width: int, layers: Sequence[int], *, seed: int = 0, **arguments) -> Dict[int, nn.Module]:
+    """Fresh (untrained) interventions of a trained method, one per layer, width ``width``.
 
-
-def train_hpr(train: PairedActivations, eval_data: Optional[PairedActivations] = None, *,
-              layers: Optional[Sequence[int]] = None, config: Optional[TrainConfig] = None, alpha: float = 1.0,
-              angle_hidden_widths: Optional[Sequence[int]] = None, stable: bool = True, position_policy=None,
-              modules: Optional[Mapping[int, nn.Module]] = None,
-              callbacks: Sequence[Callable[[EpochRecord], None]] = ()) -> TrainResult:
-    """Train one :class:`~actedit.interventions.HPRIntervention` per layer on cached pairs.
-
-    Modules (unless given) are created for ``layers`` (default: every layer of ``train``) in
-    ascending layer order right after ``torch.manual_seed(config.seed)`` (the global RNG state is
-    restored afterwards). Per layer and batch of pairs the loss is the paper's
-    BCE(σ(wᵀX), y) + MSE(θ̂(X), ∠(X, T)) with X = [h⁺; h⁻], T = [h⁺; h⁺], y = [1; 0].
-    Select layers afterwards with :func:`actedit.train.select.select_layers` and build the edit
-    with :func:`~actedit.interventions.build_hpr_config` (``modules=result.modules``).
+    Created in ascending layer order right after ``torch.manual_seed(seed)`` (the global RNG state
+    is restored afterwards), so the same seed gives the same initial weights. ``arguments`` go to
+    the intervention's constructor (e.g. ``HPRConfig.intervention_arguments()``).
     """
-    config = config or TrainConfig()
-    modules = _hpr_modules(train, layers, modules, config, alpha=alpha, angle_hidden_widths=angle_hidden_widths,
-                           stable=stable, position_policy=position_policy)
-    return train_pairs(modules, train, eval_data, config, callbacks)
-
-
-def _hpr_modules(train: PairedActivations, layers: Optional[Sequence[int]], modules: Optional[Mapping[int, nn.Module]],
-                 config: TrainConfig, **hyper) -> Dict[int, nn.Module]:
-    """New HPR modules for ``layers`` (seeded by ``config.seed``, ascending layer order), or the
-    given ``modules`` restricted to ``layers``."""
-    from actedit.interventions import HPRIntervention
-
-    if not isinstance(train, PairedActivations):
-        raise ValueError(f"train must be PairedActivations, got {type(train).__name__}.")
-    if modules is not None:
-        return dict(modules) if layers is None else {int(layer): modules[int(layer)] for layer in layers}
-    layers = sorted(train.layers if layers is None else [int(x) for x in layers])
+    spec = method_spec(method) if isinstance(method, str) else method
+    layers = sorted(int(x) for x in layers)
     if not layers or len(set(layers)) != len(layers):
         raise ValueError(f"layers must be distinct layer indices, got {layers}.")
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(config.seed)
-        return {layer: HPRIntervention(embed_dim=train.width, **hyper) for layer in layers}
+        torch.manual_seed(seed)
+        return {layer: spec.intervention(embed_dim=int(width), **arguments) for layer in layers}
+
+
+def train_interventions(modules: Mapping[int, nn.Module], train: PairedActivations,
+                        eval_data: Optional[PairedActivations] = None, config: Optional[TrainConfig] = None,
+                        callbacks: Sequence[Callable[[EpochRecord], None]] = ()) -> TrainResult:
+    """Train one intervention per layer (each with a ``loss(h_pos, h_neg)`` method) on cached
+    activation pairs, every loss term together; see the module docstring. Modules are updated in
+    place and returned in ``TrainResult.modules``. Select layers afterwards with
+    :func:`actedit.train.select.select_layers`."""
+    config = config or TrainConfig()
+    return run_training(PairTask(modules, train, eval_data, config), config, callbacks)
 
 
 def _train_only(modules: Mapping[int, nn.Module], prefix: Optional[str]) -> None:
@@ -1201,86 +794,75 @@ def _train_only(modules: Mapping[int, nn.Module], prefix: Optional[str]) -> None
             param.requires_grad_(prefix is None or name.startswith(prefix))
 
 
-def train_hpr_top_k(train: PairedActivations, eval_data: PairedActivations, *, k: int = 5,
-                    layers: Optional[Sequence[int]] = None, config: Optional[TrainConfig] = None,
-                    alpha: float = 1.0, angle_hidden_widths: Optional[Sequence[int]] = None, stable: bool = True,
-                    position_policy=None, modules: Optional[Mapping[int, nn.Module]] = None, plot_path=None,
-                    callbacks: Sequence[Callable[[EpochRecord], None]] = ()):
-    """HPR on every layer, enabled on the top-k by eval probe accuracy, with angle nets trained
-    only where they are used. Returns ``(TrainResult, LayerSelection)``.
+def train_top_k(modules: Mapping[int, nn.Module], train: PairedActivations, eval_data: PairedActivations, *,
+                k: int = 5, config: Optional[TrainConfig] = None, plot_path=None,
+                callbacks: Sequence[Callable[[EpochRecord], None]] = ()) -> Tuple[TrainResult, LayerSelection]:
+    """Train the selecting loss term on every layer, keep the top ``k`` layers by eval probe
+    accuracy, and train the other terms only there. Returns ``(TrainResult, LayerSelection)``.
 
-    Per layer the loss is a sum of two terms with disjoint parameters:
-    :meth:`~actedit.interventions.HPRIntervention.probe_loss` (the probe w) and
-    :meth:`~actedit.interventions.HPRIntervention.angle_loss` (the angle net f). AdamW acts per
-    parameter, so when each term's gradient is also clipped on its own, every probe and every
-    angle net follows exactly the trajectory of joint training. Hence:
+    The intervention class declares its ``loss_terms`` (method → the parameters it trains) and
+    its ``selection_term`` (HPR: ``probe_loss`` trains the probe w, ``angle_loss`` the angle net
+    f). The terms have disjoint parameters and AdamW acts per parameter, so when each term's
+    gradient is also clipped on its own, every module follows exactly the trajectory of joint
+    training. Hence:
 
-    1. train the probes of all layers (angle nets frozen); keep the best epoch E* by the mean
-       eval probe accuracy (``config.best_by``);
+    1. train the selecting term of all layers (the others frozen); keep the best epoch E* by the
+       mean eval probe accuracy (``config.best_by``);
     2. select the top ``k`` layers by eval probe accuracy at E*
        (:func:`actedit.train.select.select_layers`, plot to ``plot_path``);
-    3. train the angle nets of those layers only, for the first E* epochs of the same schedule
+    3. train the other terms of those layers only, for the first E* epochs of the same schedule
        and batch order (``stop_after_epoch``).
 
-    The selected modules equal what :func:`train_hpr` would give them if it clipped each term
-    separately; :func:`train_hpr` clips probe and angle net of a layer together (one norm per
-    layer). The angle nets are > 99 % of the parameters, so this costs about k/L of joint training
-    (SmolLM2, 30 layers, k = 5: see ``benchmarks/bench_hpr_train.py``). ``TrainResult.modules``
-    holds the k selected layers; ``layer_scores`` the eval probe accuracy of every layer; the
-    history is the probes' (stage 1) followed by the angle nets' (stage 2) epochs.
+    The selected modules equal what :func:`train_interventions` would give them if it clipped each
+    term separately (it clips all of a layer's parameters together). ``TrainResult.modules`` holds
+    the k selected layers; ``layer_scores`` the eval probe accuracy of every layer; the history is
+    the first stage's epochs followed by the second's.
     """
-    from dataclasses import replace
-
-    from .select import select_layers
-
     config = config or TrainConfig()
     if not isinstance(eval_data, PairedActivations):
-        raise ValueError("train_hpr_top_k selects layers by eval probe accuracy: pass eval_data (PairedActivations).")
-    modules = _hpr_modules(train, layers, modules, config, alpha=alpha, angle_hidden_widths=angle_hidden_widths,
-                           stable=stable, position_policy=position_policy)
+        raise ValueError("train_top_k selects layers by eval probe accuracy: pass eval_data (PairedActivations).")
     if not 1 <= k <= len(modules):
         raise ValueError(f"k must be between 1 and the number of layers ({len(modules)}), got {k}.")
     if config.best_by != "mean" or not config.select_best:
-        raise ValueError("train_hpr_top_k keeps one best epoch for all layers (best_by='mean', select_best=True); "
-                         "use train_hpr for other settings.")
+        raise ValueError("train_top_k keeps one best epoch for all layers (best_by='mean', select_best=True); "
+                         "use train_interventions for other settings.")
+    cls = type(next(iter(modules.values())))
+    terms = dict(getattr(cls, "loss_terms", None) or {})
+    selecting = getattr(cls, "selection_term", None)
+    if selecting not in terms:
+        raise ValueError(f"{cls.__name__} declares no selection_term among its loss_terms; train it with "
+                         "train_interventions.")
+    rest = [term for term in terms if term != selecting]
     ckpt = Path(config.checkpoint_dir) if config.checkpoint_dir else None
     try:
-        _train_only(modules, "probe")
-        probe_config = replace(config, checkpoint_dir=str(ckpt / "probes") if ckpt else None)
-        probes = run_training(PairTask(modules, train, eval_data, probe_config, loss_method="probe_loss"),
-                              probe_config, callbacks)
-        selection = select_layers(probes.modules, eval_data, k=k, plot_path=plot_path)
-        chosen = {layer: probes.modules[layer] for layer in selection.selected}
-        _train_only(chosen, "angle_net")
-        angle_config = replace(config, checkpoint_dir=str(ckpt / "angles") if ckpt else None, select_best=False,
-                               stop_after_epoch=probes.best_epoch or config.stop_after_epoch)
-        angles = run_training(PairTask(chosen, train, eval_data, angle_config, loss_method="angle_loss"),
-                              angle_config, callbacks)
+        _train_only(modules, terms[selecting])
+        first_config = dataclasses.replace(config, checkpoint_dir=str(ckpt / "probes") if ckpt else None)
+        first = run_training(PairTask(modules, train, eval_data, first_config, loss_method=selecting),
+                             first_config, callbacks)
+        selection = select_layers(first.modules, eval_data, k=k, plot_path=plot_path)
+        chosen = {layer: first.modules[layer] for layer in selection.selected}
+        history, steps, seconds, last = list(first.history), first.steps, first.seconds, first
+        for term in rest:
+            _train_only(chosen, terms[term])
+            term_config = dataclasses.replace(config, checkpoint_dir=str(ckpt / "angles") if ckpt else None,
+                                              select_best=False,
+                                              stop_after_epoch=first.best_epoch or config.stop_after_epoch)
+            last = run_training(PairTask(chosen, train, eval_data, term_config, loss_method=term),
+                                term_config, callbacks)
+            history += last.history
+            steps += last.steps
+            seconds += last.seconds
     finally:
         _train_only(modules, None)
-    result = TrainResult(modules=angles.modules, history=probes.history + angles.history,
-                         best_epoch=probes.best_epoch, best_score=probes.best_score, metric=probes.metric,
-                         layer_scores=probes.layer_scores, layer_best_epochs=probes.layer_best_epochs,
-                         steps=probes.steps + angles.steps, seconds=probes.seconds + angles.seconds,
-                         resumed_from_epoch=probes.resumed_from_epoch, config=config)
+    result = TrainResult(modules=last.modules if rest else chosen, history=history, best_epoch=first.best_epoch,
+                         best_score=first.best_score, metric=first.metric, layer_scores=first.layer_scores,
+                         layer_best_epochs=first.layer_best_epochs, steps=steps, seconds=seconds,
+                         resumed_from_epoch=first.resumed_from_epoch, config=config)
     return result, selection
 
 
-def train_lm(pvm: pv.IntervenableModel, train: Mapping[str, Any], eval_data: Optional[Mapping[str, Any]] = None,
-             config: Optional[TrainConfig] = None,
-             callbacks: Sequence[Callable[[EpochRecord], None]] = ()) -> TrainResult:
-    """Train ``pvm``'s interventions end-to-end with the LM loss on completion tokens.
-
-    ``train`` / ``eval_data``: ``{"input_ids", "attention_mask", "labels"}`` tensors (N, T) as
-    built by :func:`lm_examples` (labels −100 outside the completions). The base model stays
-    frozen (pyvene freezes it when wrapping); the best epoch is the one with the lowest eval loss.
-    """
-    config = config or TrainConfig()
-    return run_training(LMTask(pvm, train, eval_data, config), config, callbacks)
-
-
 __all__ = [
-    "BEST_BY", "CHECKPOINT_NAME", "EpochRecord", "LMTask", "PairTask", "PairedActivations", "SCHEDULES",
-    "TrainConfig", "TrainResult", "TrainTask", "epoch_permutation", "evaluate_lm", "lm_examples", "lm_loss",
-    "lr_factor", "make_optimizer", "run_training", "train_hpr", "train_hpr_top_k", "train_lm", "train_pairs", "trainable_parameters",
+    "BEST_BY", "CHECKPOINT_NAME", "EpochRecord", "PairTask", "SCHEDULES", "TrainConfig", "TrainResult", "TrainTask",
+    "epoch_permutation", "lr_factor", "make_optimizer", "new_interventions", "run_training", "train_interventions",
+    "train_top_k",
 ]

@@ -1,11 +1,15 @@
-"""Closed-form fits against independent numpy / scikit-learn computations, and bad inputs."""
+"""The methods' closed-form fits (in their modules) against independent numpy / scikit-learn
+computations, and bad inputs."""
 
 import numpy as np
 import pytest
 import torch
 from sklearn.linear_model import LogisticRegression
 
-from actedit.train.fit import ActAddFit, CAAFit, SEAFit, fit_actadd, fit_caa, fit_iti, fit_sea
+from actedit.interventions.actadd import ActAddFit, fit_actadd
+from actedit.interventions.caa import CAAFit, fit_caa
+from actedit.interventions.iti import fit_iti
+from actedit.interventions.sea import SEAFit, fit_sea
 
 from conftest import tiny_model
 

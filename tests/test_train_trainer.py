@@ -1,5 +1,5 @@
-"""The training loop: HPR on cached pairs (vectorised and per layer), end-to-end LM-loss training
-through pyvene, best-epoch restore, schedules, checkpoints and resume."""
+"""The training loop on cached pairs (HPR; all layers at once and the per-layer reference), top-k
+training, best-epoch restore, schedules, checkpoints and resume."""
 
 import math
 import os
@@ -10,26 +10,30 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from actedit.interventions import ActEditIntervention, HPRIntervention, build_hpr_config, edit_config, intervenable
+from actedit.interventions import HPRIntervention
 from actedit.train.select import probe_accuracy
+from actedit.train.store import PairedActivations
 from actedit.train.trainer import (
     CHECKPOINT_NAME,
-    PairedActivations,
     PairTask,
     TrainConfig,
-    _hpr_modules,
     epoch_permutation,
-    evaluate_lm,
-    lm_examples,
     lr_factor,
-    train_hpr,
-    train_hpr_top_k,
-    train_lm,
-    train_pairs,
-    trainable_parameters,
+    new_interventions,
+    train_interventions,
+    train_top_k,
 )
 
-from conftest import tiny_model
+
+def train_hpr(train, eval_data, *, config, layers=None, callbacks=(), **arguments):
+    """Fresh HPR modules for ``layers`` (default: the data's), seeded by ``config.seed``, trained jointly."""
+    modules = new_interventions("hpr", train.width, layers or train.layers, seed=config.seed, **arguments)
+    return train_interventions(modules, train, eval_data, config, callbacks)
+
+
+def train_hpr_top_k(train, eval_data, *, k, config, plot_path=None):
+    modules = new_interventions("hpr", train.width, train.layers, seed=config.seed)
+    return train_top_k(modules, train, eval_data, k=k, config=config, plot_path=plot_path)
 
 
 
@@ -189,7 +193,7 @@ def test_best_epoch_weights_are_restored():
         modules = {layer: HPRIntervention(embed_dim=32) for layer in range(3)}
         snapshots = {}
         config = fast(learning_rate=3e-2, epochs=4, best_by=best_by, vectorize=False)
-        result = train_pairs(modules, train, evald, config,
+        result = train_interventions(modules, train, evald, config,
                              callbacks=[lambda r: snapshots.__setitem__(r.epoch, weights(modules))])
         scores = [r.score for r in result.history]
         final = weights(result.modules)
@@ -228,7 +232,7 @@ def test_modules_that_cannot_be_stacked_train_in_a_loop():
     torch.manual_seed(0)
     modules = {0: HPRIntervention(embed_dim=16), 1: HPRIntervention(embed_dim=16, angle_hidden_widths=(4,))}
     with pytest.warns(UserWarning, match="loop over layers"):
-        result = train_pairs(modules, train, None, fast(epochs=1))
+        result = train_interventions(modules, train, None, fast(epochs=1))
     assert result.modules[1].angle_widths.tolist() == [4]
 
 
@@ -293,90 +297,6 @@ def test_resume_refuses_a_checkpoint_of_another_training(tmp_path):
     train_hpr(train, None, config=fast(epochs=1, learning_rate=3e-3, checkpoint_dir=str(tmp_path), resume=False))
 
 
-# ------------------------------------------------------------------------------ end to end (LM)
-def lm_data(n, seed, prompt_len=6, completion_len=5):
-    g = torch.Generator().manual_seed(seed)
-    prompts = [torch.randint(3, 97, (prompt_len + i % 3,), generator=g).tolist() for i in range(n)]
-    # a learnable rule: the completion repeats a fixed token pattern
-    completions = [[7, 8, 9, 10, 11][:completion_len] for _ in range(n)]
-    return lm_examples(prompts, completions, pad_token_id=0)
-
-
-def test_lm_examples_mask_labels_to_completions():
-    data = lm_examples([[5, 6, 7], [5]], [[8, 9], [10, 11, 12]], pad_token_id=0)
-    assert data["input_ids"].tolist() == [[5, 6, 7, 8, 9], [5, 10, 11, 12, 0]]
-    assert data["attention_mask"].tolist() == [[1, 1, 1, 1, 1], [1, 1, 1, 1, 0]]
-    assert data["labels"].tolist() == [[-100, -100, -100, 8, 9], [-100, 10, 11, 12, -100]]
-    with pytest.raises(ValueError, match="empty completion"):
-        lm_examples([[1]], [[]], pad_token_id=0)
-
-
-def test_end_to_end_lm_training_of_hpr_reduces_the_loss():
-    model = tiny_model("llama")
-    torch.manual_seed(0)
-    pvm = intervenable(model, build_hpr_config(model, [0, 1, 2]))
-    train, evald = lm_data(32, 0), lm_data(16, 1)
-    before = evaluate_lm(pvm, evald)
-    frozen = {n: p.detach().clone() for n, p in model.named_parameters()}
-    result = train_lm(pvm, train, evald, fast(epochs=5, batch_size=8, learning_rate=2e-2))
-    after = evaluate_lm(pvm, evald)
-    assert result.metric == "neg_eval_loss" and result.modules is None
-    assert after < before - 0.1
-    assert result.best_score == pytest.approx(-after, rel=1e-5)
-    assert all(torch.equal(p, frozen[n]) for n, p in model.named_parameters())  # the base model stays frozen
-
-
-class LearnedShift(ActEditIntervention):
-    """A new trainable intervention (a learned additive vector), defined only in this test."""
-
-    method_name = "caa"
-
-    def __init__(self, embed_dim=None, **kwargs):
-        super().__init__(embed_dim=embed_dim, **kwargs)
-        self.shift = nn.Parameter(torch.zeros(self.d))
-
-    def edit(self, h, mask):
-        return h + self.shift.to(h.dtype)
-
-
-def test_new_trainable_intervention_plugs_in_and_linked_parameters_count_once():
-    model = tiny_model("llama")
-    shared = LearnedShift(embed_dim=32)
-    config = edit_config(model, "caa", {0: shared, 2: shared, 1: LearnedShift(embed_dim=32)}, component="block_output")
-    pvm = intervenable(model, config)
-    listed = pvm.get_trainable_parameters()
-    named = trainable_parameters(pvm)
-    assert len(listed) == 3 and len(named) == 2  # pyvene repeats the linked one
-    assert len({id(p) for _, p in named}) == 2
-    train = lm_data(24, 2)
-    before = evaluate_lm(pvm, train)
-    result = train_lm(pvm, train, None, fast(epochs=3, batch_size=8, learning_rate=5e-2))
-    assert evaluate_lm(pvm, train) < before - 0.1
-    assert float(shared.shift.detach().abs().sum()) > 0
-    assert result.history[-1].train_loss < result.history[0].train_loss
-
-
-def test_lm_resume_after_interruption(tmp_path):
-    def run(directory, callbacks=()):
-        model = tiny_model("llama")
-        torch.manual_seed(0)
-        pvm = intervenable(model, build_hpr_config(model, [1], angle_hidden_widths=(8,)))
-        cfg = fast(epochs=3, batch_size=8, checkpoint_dir=str(directory))
-        train_lm(pvm, lm_data(16, 3), lm_data(8, 4), cfg, callbacks)
-        return {n: p.detach().clone() for n, p in trainable_parameters(pvm)}
-
-    full = run(tmp_path / "full")
-
-    def stop(record):
-        if record.epoch == 1:
-            raise Interrupt
-
-    with pytest.raises(Interrupt):
-        run(tmp_path / "cut", [stop])
-    resumed = run(tmp_path / "cut")
-    assert full.keys() == resumed.keys() and all(torch.equal(full[k], resumed[k]) for k in full)
-
-
 # ------------------------------------------------------------------------------------ validation
 def test_bad_configs_and_data_raise():
     for kwargs, match in [({"learning_rate": 0}, "learning_rate"), ({"epochs": 0}, "epochs"),
@@ -403,17 +323,9 @@ def test_bad_configs_and_data_raise():
     with pytest.raises(ValueError, match="no layers"):
         train_hpr(data, None, layers=[3], config=fast())
     with pytest.raises(ValueError, match="width"):
-        train_pairs({0: HPRIntervention(embed_dim=8)}, data, None, fast())
+        train_interventions({0: HPRIntervention(embed_dim=8)}, data, None, fast())
     with pytest.raises(ValueError, match="TrainableIntervention"):
-        train_pairs({0: nn.Linear(4, 4)}, data, None, fast())
-    with pytest.raises(ValueError, match="best_by='layer'"):
-        model = tiny_model("llama")
-        train_lm(intervenable(model, build_hpr_config(model, [0])), lm_data(4, 0), None, fast(best_by="layer"))
-    with pytest.raises(ValueError, match="no completion tokens"):
-        model = tiny_model("llama")
-        bad = lm_data(4, 0)
-        bad["labels"][:] = -100
-        train_lm(intervenable(model, build_hpr_config(model, [0])), bad, None, fast())
+        train_interventions({0: nn.Linear(4, 4)}, data, None, fast())
 
 
 def test_progress_bar_runs(capsys):
@@ -424,8 +336,8 @@ def test_progress_bar_runs(capsys):
 
 
 def test_stacked_losses_are_used_only_where_the_class_defines_them():
-    """HPR's hand-batched losses replace vmap; a subclass that overrides ``loss`` alone trains
-    with its own loss under vmap, not with the inherited stacked one."""
+    """HPR's hand-batched losses are the fast path; a subclass that overrides ``loss`` alone trains
+    with its own loss in the per-layer loop, not with the inherited stacked one."""
 
     class DoubledLoss(HPRIntervention):
         def loss(self, h_pos, h_neg, reduction="mean"):
@@ -433,12 +345,12 @@ def test_stacked_losses_are_used_only_where_the_class_defines_them():
 
     train = separable_pairs(64, 6, layers=2, d=16)
     config = fast(epochs=1, select_best=False)
-    task = PairTask(_hpr_modules(train, None, None, config), train, None, config)
-    assert task.stacked_calls
+    task = PairTask(new_interventions("hpr", 16, [0, 1]), train, None, config)
+    assert task.vectorized
     torch.manual_seed(0)
     doubled = {layer: DoubledLoss(embed_dim=16) for layer in (0, 1)}
     other = PairTask(doubled, train, None, config)
-    assert not other.stacked_calls
+    assert not other.vectorized
     idx = torch.arange(16)
     hp, hn = train.gather([0, 1], idx)
     loss, _ = other.loss(idx)

@@ -12,7 +12,7 @@ import yaml
 from actedit.interventions.layers import resolve_layers
 
 from actedit.cli import main
-from actedit.eval.study import default_config_path, load_study
+from actedit.study import default_config_path, load_study
 
 from conftest import SHARED_DATA
 
@@ -27,15 +27,15 @@ def tiny_study(model_dir, path):
         "model": str(model_dir), "dtype": "float32",
         "data": {"name": "truthfulqa_mc", "limit": 3},
         "methods": {
-            "hpr": {"train": {"epochs": 1, "progress": False}, "select": {"k": 2}},
-            "sea": {"collect": {"layers": "1-2"}, "fit": {"base_tokens": 4}},
+            "hpr": {"train": {"epochs": 1, "progress": False}, "fit": {"top_k": 2}},
+            "sea": {"fit": {"layers": "1-2", "base_tokens": 4}},
             "iti": {"fit": {"top_k": 4, "alpha": 2.0}},
-            "caa": {"fit": {"layer": 1, "position_policy": "answer"}},
+            "caa": {"fit": {"layers": 1, "position_policy": "answer"}},
         },
         "compose": "all",
         "eval": {"limit": 4, "norm_texts": 4},
     }
-    path.write_text(yaml.safe_dump(config))
+    path.write_text(yaml.safe_dump(config, sort_keys=False))  # the report lists the methods in this order
     return path
 
 
@@ -45,10 +45,11 @@ def test_default_config_is_the_embedded_default_study():
     assert cfg.method_names == ["hpr", "sea", "iti", "caa"] and cfg.composed_methods == cfg.method_names
     assert cfg.eval.split == "test" and cfg.eval.limit is None and cfg.data.limit is None
     sea = cfg.pipeline("sea")
-    assert resolve_layers(sea.collect.layers, 30) == list(range(10, 30)) and sea.site == "mlp_output"
-    assert resolve_layers(sea.collect.layers, 32) == list(range(11, 32))  # the official 21 of 32
+    assert resolve_layers(sea.fit.layers, 30) == list(range(10, 30)) and sea.site == "mlp_output"
+    assert resolve_layers(sea.fit.layers, 32) == list(range(11, 32))  # the official 21 of 32
     hpr = cfg.pipeline("hpr")
-    assert hpr.select.to_dict() == {"k": 5, "strategy": "probe_first"} and hpr.site == "block_output"
+    assert (hpr.fit.top_k, hpr.fit.strategy) == (5, "probe_first") and hpr.site == "block_output"
+    assert cfg.eval.task == "truthfulqa" and cfg.eval.options.mc2_rule == "split"
     assert cfg.pipeline("iti").out.endswith("artifacts/iti")
 
 
@@ -70,7 +71,7 @@ def test_bad_study_configs_are_explained(overrides, message):
 @pytest.mark.parametrize("avx512_bf16, amx, expected", [(True, False, "bfloat16"), (False, True, "bfloat16"),
                                                        (False, False, "float32")])
 def test_auto_dtype_is_bf16_only_where_the_cpu_multiplies_bf16_natively(monkeypatch, avx512_bf16, amx, expected):
-    from actedit.eval.study import resolve_dtype
+    from actedit.study import resolve_dtype
 
     monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16, raising=False)
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx, raising=False)
@@ -147,7 +148,7 @@ def test_study_end_to_end_then_resumes_without_recomputing(model_dir, tmp_path, 
     (out / "eval" / "composed.json").unlink()
     assert main(["run", str(config), "--data", str(SHARED_DATA), "--out", str(out), "--set", "eval.analyses=false"]) == 0
     printed = capsys.readouterr().out
-    assert "iti: fit" in printed and "iti: fit (reused)" not in printed and "hpr: fit (reused)" in printed
+    assert "iti: fit" in printed and "iti: fit (reused)" not in printed and "hpr: train (reused)" in printed
     final = json.loads((out / "results.json").read_text())
     assert final["methods"]["iti"]["mc2"] == pytest.approx(results["methods"]["iti"]["mc2"], abs=1e-6)
 
@@ -156,7 +157,7 @@ def test_study_artifacts_load_with_stock_pyvene_in_a_fresh_process(model_dir, tm
     config = tiny_study(model_dir, tmp_path / "study.yaml")
     out = tmp_path / "out"
     assert main(["run", str(config), "--data", str(SHARED_DATA), "--out", str(out), "--quiet",
-                 "--set", "methods={iti: {fit: {top_k: 4}}, caa: {fit: {layer: 1}}}",
+                 "--set", "methods={iti: {fit: {top_k: 4}}, caa: {fit: {layers: 1}}}",
                  "--set", "eval.analyses=false"]) == 0
     script = textwrap.dedent(f"""
         import torch, pyvene as pv

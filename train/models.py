@@ -23,6 +23,7 @@ itself and does not read it; generation with a batch of prompts needs ``"left"``
 from __future__ import annotations
 
 import difflib
+import hashlib
 import importlib.util
 import os
 from dataclasses import dataclass
@@ -235,4 +236,19 @@ def load_model(
     return model, _prepare_tokenizer(tokenizer, padding_side)
 
 
-__all__ = ["ALIASES", "ModelAlias", "ModelPackageMissing", "ModelSpecError", "load_model", "resolve_alias", "resolve_spec"]
+def weights_digest(model, samples: int = 64) -> str:
+    """A cheap fingerprint of a model's weights: each parameter's name, shape, dtype and its
+    first and last ``samples`` values."""
+    h = hashlib.sha256()
+    for name, param in model.named_parameters():
+        flat = param.detach().reshape(-1)
+        head = flat[:samples].float().cpu().numpy().tobytes()
+        tail = flat[-samples:].float().cpu().numpy().tobytes()
+        h.update(f"{name}:{tuple(param.shape)}:{param.dtype}".encode())
+        h.update(head)
+        h.update(tail)
+    return h.hexdigest()
+
+
+
+__all__ = ["ALIASES", "ModelAlias", "ModelPackageMissing", "ModelSpecError", "load_model", "resolve_alias", "resolve_spec", "weights_digest"]

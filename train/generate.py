@@ -1,34 +1,39 @@
-"""Answers to questions before and after an edit, saved as JSON.
+"""Text generation with a model or an edited model, batched and left-padded.
 
-:func:`compare_generations` asks the base model and the edited model (a
-``pyvene.IntervenableModel``) the same questions and returns a :class:`GenerationReport`
-(question, prompt, base answer, edited answer per question; the settings; the edit's metadata),
-which :meth:`GenerationReport.save` writes as JSON. What is done:
-
-* each question is formatted with ``settings.prompt_format`` and, when the tokenizer has a chat
+* each prompt is formatted with ``settings.prompt_format`` and, when the tokenizer has a chat
   template (or ``use_chat_template=True``), wrapped as one user turn (after an optional system
   turn) with ``tokenizer.apply_chat_template(..., add_generation_prompt=True)``; the rendered
   template is tokenised without adding special tokens again, a plain prompt with them;
 * prompts are batched and **left-padded** (the tokenizer is not modified), so every row's last
   prompt token sits at the end of the batch and generation continues all rows at once;
 * decoding is greedy by default; with ``do_sample=True`` the random generator is re-seeded with
-  ``seed + batch index`` before each batch, the same for base and edit;
-* the edited model generates with ``pvm.generate(inputs, unit_locations=None,
+  ``seed + batch index`` before each batch;
+* an edited model generates with ``pvm.generate(inputs, unit_locations=None,
   intervene_on_prompt=True, ...)``: every intervention runs on every forward call (the prompt
   pass and each new token) and its stored position policy decides which positions it edits;
 * answers are the new tokens only, cut at the first end-of-sequence token, decoded without
   special tokens and stripped.
+
+:func:`generate_bases` gives SEA its base demonstrations (the model's own answers); answers
+before and after an edit side by side are :func:`actedit.eval.generations.compare_generations`.
 """
 
 from __future__ import annotations
 
 import json
-import time
-from dataclasses import asdict, dataclass, field
+import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Union
 
 import torch
+
+from actedit.interventions.config import is_intervenable, model_signature
+
+from .data import ContrastDataset, as_dataset, with_bases
+from .formats import PromptFormat, SEAFormat, chat_text, get_format, has_chat_template, pad_id, tokenizer_fingerprint
+from .models import weights_digest
+from .store import fsync_write
 
 
 @dataclass
@@ -80,75 +85,6 @@ class GenerationSettings:
                              f"got {self.cache_implementation!r}.")
 
 
-@dataclass
-class GenerationRecord:
-    """One question's answers.
-
-    Attributes:
-        question: the question as given.
-        prompt: the text fed to the model (formatted, chat template applied when used).
-        base_answer: the base model's answer.
-        edited_answer: the edited model's answer.
-    """
-
-    question: str
-    prompt: str
-    base_answer: str
-    edited_answer: str
-
-    @property
-    def changed(self) -> bool:
-        return self.base_answer != self.edited_answer
-
-
-@dataclass
-class GenerationReport:
-    """Answers before/after an edit, with what produced them.
-
-    Attributes:
-        records: one :class:`GenerationRecord` per question, in input order.
-        settings: the :class:`GenerationSettings` as a dict, plus ``chat_template`` (whether the
-            template was applied).
-        model: the base model's name or path, if known.
-        edits: the edit's metadata (method, site, layers, hyperparameters per edit), if known.
-        seconds: wall-clock time of both generations.
-    """
-
-    records: List[GenerationRecord]
-    settings: Dict[str, Any]
-    model: Optional[str] = None
-    edits: List[Dict[str, Any]] = field(default_factory=list)
-    seconds: float = 0.0
-
-    @property
-    def n_changed(self) -> int:
-        """Questions whose edited answer differs from the base answer."""
-        return sum(r.changed for r in self.records)
-
-    def to_dict(self) -> Dict[str, Any]:
-        return {"model": self.model, "edits": self.edits, "settings": self.settings, "seconds": self.seconds,
-                "n_questions": len(self.records), "n_changed": self.n_changed,
-                "records": [asdict(r) for r in self.records]}
-
-    def save(self, path: Union[str, Path]) -> Path:
-        """Write the report as indented UTF-8 JSON; returns the path."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(self.to_dict(), indent=2, ensure_ascii=False), encoding="utf-8")
-        return path
-
-    @classmethod
-    def load(cls, path: Union[str, Path]) -> "GenerationReport":
-        data = json.loads(Path(path).read_text(encoding="utf-8"))
-        return cls(records=[GenerationRecord(**r) for r in data["records"]], settings=data["settings"],
-                   model=data.get("model"), edits=data.get("edits", []), seconds=data.get("seconds", 0.0))
-
-
-# ---------------------------------------------------------------------------------- prompts
-def has_chat_template(tokenizer) -> bool:
-    return bool(getattr(tokenizer, "chat_template", None))
-
-
 def uses_chat_template(tokenizer, settings: GenerationSettings) -> bool:
     """Whether prompts get the chat template under ``settings``."""
     if settings.use_chat_template is None:
@@ -175,20 +111,13 @@ def build_prompt(tokenizer, question: str, settings: GenerationSettings) -> str:
     return rendered
 
 
-def _pad_id(tokenizer) -> int:
-    for candidate in (tokenizer.pad_token_id, tokenizer.eos_token_id):
-        if candidate is not None:
-            return int(candidate)
-    return 0
-
-
 def encode_left_padded(tokenizer, prompts: Sequence[str], add_special_tokens: bool = True) -> Dict[str, torch.Tensor]:
     """Tokenise prompts one by one and left-pad them into ``input_ids``/``attention_mask``."""
     rows = [list(tokenizer(p, add_special_tokens=add_special_tokens)["input_ids"]) for p in prompts]
     if not rows or any(not r for r in rows):
         raise ValueError("every prompt needs at least one token.")
     width = max(len(r) for r in rows)
-    pad = _pad_id(tokenizer)
+    pad = pad_id(tokenizer)
     ids = torch.full((len(rows), width), pad, dtype=torch.long)
     mask = torch.zeros((len(rows), width), dtype=torch.long)
     for i, r in enumerate(rows):
@@ -207,9 +136,9 @@ def _eos_ids(model, tokenizer) -> set:
     return ids
 
 
-def _generate_kwargs(settings: GenerationSettings, pad_id: int) -> Dict[str, Any]:
+def _generate_kwargs(settings: GenerationSettings, pad: int) -> Dict[str, Any]:
     kwargs: Dict[str, Any] = {"max_new_tokens": settings.max_new_tokens, "do_sample": settings.do_sample,
-                              "pad_token_id": pad_id}
+                              "pad_token_id": pad}
     if settings.do_sample:
         kwargs.update(temperature=settings.temperature, top_p=settings.top_p, top_k=0)
     else:  # silence the "sampling flags set but do_sample=False" warnings of models' generation configs
@@ -219,15 +148,9 @@ def _generate_kwargs(settings: GenerationSettings, pad_id: int) -> Dict[str, Any
     return kwargs
 
 
-def _is_intervenable(obj) -> bool:
-    from pyvene.models.intervenable_base import BaseModel
-
-    return isinstance(obj, BaseModel)
-
-
 @torch.no_grad()
 def _generate_batch(model_or_pvm, batch: Dict[str, torch.Tensor], kwargs: Dict[str, Any]) -> torch.Tensor:
-    if _is_intervenable(model_or_pvm):
+    if is_intervenable(model_or_pvm):
         device = next(model_or_pvm.model.parameters()).device
         batch = {k: v.to(device) for k, v in batch.items()}
         _, out = model_or_pvm.generate(batch, unit_locations=None, intervene_on_prompt=True, **kwargs)
@@ -269,9 +192,9 @@ def generate_texts(model_or_pvm, tokenizer, prompts: Sequence[str], settings: Op
         for answer, i in zip(answers, order):
             result[i] = answer
         return result
-    model = model_or_pvm.model if _is_intervenable(model_or_pvm) else model_or_pvm
+    model = model_or_pvm.model if is_intervenable(model_or_pvm) else model_or_pvm
     model.eval()
-    pad = _pad_id(tokenizer)
+    pad = pad_id(tokenizer)
     eos = _eos_ids(model, tokenizer)
     kwargs = _generate_kwargs(settings, pad)
     answers: List[str] = []
@@ -297,54 +220,52 @@ def generate_texts(model_or_pvm, tokenizer, prompts: Sequence[str], settings: Op
     return answers
 
 
-def compare_generations(edited, tokenizer, questions: Sequence[str], settings: Optional[GenerationSettings] = None,
-                        *, base=None, progress: bool = True) -> GenerationReport:
-    """Answers of the base model and of the edited model to ``questions``.
+def generate_bases(model, tokenizer, dataset: ContrastDataset, format: Union[str, PromptFormat] = "sea", *,
+                   max_new_tokens: int = 32, batch_size: int = 128, cache_path: Optional[Union[str, os.PathLike]] = None,
+                   progress: bool = True) -> ContrastDataset:
+    """SEA's base demonstrations: the model's own greedy completion of each example's prompt.
 
-    Args:
-        edited: the edited model, a ``pyvene.IntervenableModel``.
-        tokenizer: the model's tokenizer (left padding is done here; the tokenizer is not changed).
-        questions: the questions (strings).
-        settings: :class:`GenerationSettings` (default: greedy, 64 new tokens, batches of 8).
-        base: the base model (default ``edited.model``, without hooks).
-        progress: show a progress bar (on stderr).
+    The prompt is what ``format`` (a :class:`~actedit.train.formats.SEAFormat`) puts before the
+    separator; the completion is cut at its first newline and stripped, and becomes the example's
+    only base (:func:`actedit.train.data.with_bases`). With ``cache_path`` the completions are
+    written there atomically (JSON, keyed by the model, tokenizer, format, settings and dataset)
+    and reused by a later call with the same inputs.
+
+    Prompts are generated in batches of similar length with a preallocated (static) KV cache
+    (faster than batches in dataset order with a dynamic cache, with the same first lines).
     """
-    if not _is_intervenable(edited):
-        raise ValueError(f"edited must be a pyvene IntervenableModel, got {type(edited).__name__}.")
-    settings = settings or GenerationSettings()
-    questions = list(questions)
-    if not questions:
-        raise ValueError("compare_generations() needs at least one question.")
-    base = edited.model if base is None else base
-    chat = uses_chat_template(tokenizer, settings)
-    prompts = [build_prompt(tokenizer, q, settings) for q in questions]
-    start = time.perf_counter()
-    base_answers, edited_answers = [], []
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=len(prompts), desc="generating (base + edited)", unit="question")
-    try:
-        step = settings.batch_size
-        for i in range(0, len(prompts), step):
-            chunk = prompts[i:i + step]
-            # the same seed per batch for base and edit: both sample from the same random stream
-            batch_settings = GenerationSettings(**{**asdict(settings), "seed": settings.seed + i // step})
-            base_answers += generate_texts(base, tokenizer, chunk, batch_settings, add_special_tokens=not chat)
-            edited_answers += generate_texts(edited, tokenizer, chunk, batch_settings, add_special_tokens=not chat)
-            if bar is not None:
-                bar.update(len(chunk))
-    finally:
-        if bar is not None:
-            bar.close()
-    seconds = time.perf_counter() - start
-    records = [GenerationRecord(q, p, b, e) for q, p, b, e in zip(questions, prompts, base_answers, edited_answers)]
-    info = getattr(edited.config, "actedit", None) or {}
-    name = getattr(getattr(edited.model, "config", None), "_name_or_path", None) or None
-    return GenerationReport(records=records, settings={**asdict(settings), "chat_template": chat},
-                            model=name, edits=list(info.get("edits", [])), seconds=seconds)
+    fmt, _ = get_format(format).for_tokenizer(tokenizer)
+    if not isinstance(fmt, SEAFormat):
+        raise ValueError(f"base completions are generated for SEA's format, got {fmt.name!r}.")
+    data = as_dataset(dataset)
+    settings = GenerationSettings(max_new_tokens=max_new_tokens, batch_size=batch_size, use_chat_template=False,
+                                  cache_implementation="static")
+    key = {"model": model_signature(model), "weights_sha256": weights_digest(model),
+           "tokenizer": tokenizer_fingerprint(tokenizer), "format": fmt.params(),
+           "max_new_tokens": max_new_tokens, "dataset": data.digest(), "batches": "length-sorted, static cache"}
+    path = Path(cache_path).expanduser() if cache_path is not None else None
+    if path is not None and path.is_file():
+        try:
+            saved = json.loads(path.read_text())
+        except json.JSONDecodeError:
+            saved = {}
+        if saved.get("key") == key and len(saved.get("bases", [])) == len(data):
+            return with_bases(data, saved["bases"])
+    prompts = []
+    for example in data:
+        prompt = fmt.preamble + fmt.template.format(prompt=example.prompt)
+        if fmt.chat:
+            prompt = chat_text(tokenizer, [{"role": "user", "content": prompt}], add_generation_prompt=True)
+        prompts.append(prompt)
+    answers = generate_texts(model, tokenizer, prompts, settings, add_special_tokens=not fmt.chat,
+                             progress=progress, desc="base completions", sort_by_length=True)
+    bases = [answer.split("\n", 1)[0].strip() or answer.strip() or "." for answer in answers]
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fsync_write(path, json.dumps({"key": key, "bases": bases}, indent=1, ensure_ascii=False).encode())
+    return with_bases(data, bases)
 
 
-__all__ = ["GenerationRecord", "GenerationReport", "GenerationSettings", "build_prompt", "compare_generations",
-           "encode_left_padded", "generate_texts", "has_chat_template", "uses_chat_template"]
+
+__all__ = ["GenerationSettings", "build_prompt", "encode_left_padded", "generate_bases", "generate_texts",
+           "uses_chat_template"]

@@ -15,13 +15,8 @@ import pytest
 import torch
 
 from actedit.eval import chat as chat_mod
-from actedit.eval.generate import (
-    GenerationReport,
-    GenerationSettings,
-    build_prompt,
-    compare_generations,
-    generate_texts,
-)
+from actedit.eval.generations import GenerationReport, compare_generations
+from actedit.train.generate import GenerationSettings, build_prompt, generate_texts
 from actedit.interventions import build_caa_config, intervenable, save_artifact
 from conftest import tiny_model
 

@@ -1,4 +1,4 @@
-"""Figures of the analyses in :mod:`actedit.eval.analysis`, written as PNG files.
+"""Figures of layer selection and of the analyses in :mod:`actedit.eval.analysis`, written as PNG files.
 
 Figures are drawn with matplotlib's object-oriented API on an Agg canvas
 (``matplotlib.figure.Figure`` + ``FigureCanvasAgg``): no display is needed, and the global pyplot
@@ -17,6 +17,7 @@ _COLORS = ("#4C72B0", "#DD8452", "#55A868", "#C44E52", "#8172B3", "#937860", "#D
 
 
 def _figure(width: float, height: float):
+    # lazy: matplotlib takes about a second to import and only plotting needs it
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -199,19 +200,21 @@ def plot_drift(comparison, path: PathLike, title: Optional[str] = None) -> Path:
 __all__ = ["plot_drift", "plot_flips", "plot_layer_count", "plot_norms", "plot_per_layer"]
 
 
-def plot_scores(methods: Mapping[str, Mapping[str, float]], path: PathLike, title: Optional[str] = None) -> Path:
-    """Grouped bars of MC1 and MC2 (%) per model with ± stderr whiskers (the study's headline).
+def plot_scores(methods: Mapping[str, Mapping[str, float]], path: PathLike, title: Optional[str] = None,
+                metrics: Sequence[str] = ("mc1", "mc2"), task: str = "TruthfulQA") -> Path:
+    """Grouped bars of a task's metrics (%) per model with ± stderr whiskers (the study's headline).
 
-    ``methods`` maps a name (``base``, each edit) to a dict with ``mc1``, ``mc2``,
-    ``mc1_stderr`` and ``mc2_stderr`` (fractions).
+    ``methods`` maps a name (``base``, each edit) to a dict with each metric and its
+    ``<metric>_stderr`` (fractions).
     """
     if not methods:
         raise ValueError("plot_scores() needs at least one model's scores.")
     names = list(methods)
     fig = _figure(max(5.0, 1.1 * len(names) + 2.0), 3.6)
     ax = fig.add_subplot(1, 1, 1)
-    width = 0.38
-    for offset, metric, color in ((-width / 2, "mc1", "#4C72B0"), (width / 2, "mc2", "#DD8452")):
+    width = 0.76 / len(metrics)
+    for k, metric in enumerate(metrics):
+        offset, color = (k - (len(metrics) - 1) / 2) * width, _COLORS[k % len(_COLORS)]
         values = [100 * methods[n][metric] for n in names]
         errors = [100 * methods[n][f"{metric}_stderr"] for n in names]
         xs = [i + offset for i in range(len(names))]
@@ -220,8 +223,8 @@ def plot_scores(methods: Mapping[str, Mapping[str, float]], path: PathLike, titl
             ax.text(x, v + 1.0, f"{v:.1f}", ha="center", va="bottom", fontsize=7)
     ax.set_xticks(range(len(names)))
     ax.set_xticklabels(names)
-    ax.set_ylabel("TruthfulQA (%)")
+    ax.set_ylabel(f"{task} (%)")
     ax.set_ylim(0, 100)
-    ax.set_title(title or "TruthfulQA MC1 / MC2 per model (± stderr)")
+    ax.set_title(title or f"{task} {' / '.join(m.upper() for m in metrics)} per model (± stderr)")
     ax.legend(fontsize=8)
     return _save(fig, path)

@@ -1,0 +1,228 @@
+"""The method registry: one :class:`MethodSpec` per method, found by its name.
+
+Each method module (:mod:`~actedit.interventions.hpr`, ``sea``, ``iti``, ``caa``, ``actadd``)
+holds its intervention class, its typed settings (a :class:`MethodConfig`), its math and its fit
+entry, and registers them once with :func:`register_method`. Everything above the interventions
+(the pipeline, the study, the CLI, the one-call API, the tests) loops over :func:`methods` and
+reads what it needs from the spec; nothing there branches on a method's name.
+
+What a spec says:
+
+* **what it is**: the intervention class, the settings class, the default site (pyvene
+  component), the composition order at a shared site;
+* **what it collects**: the prompt format (a name of :mod:`actedit.train.formats`) and the view
+  of the activation store its fit reads (:data:`VIEWS`);
+* **how it is made**: ``fit`` (closed form, from tensors) or ``trained`` (by
+  :mod:`actedit.train.trainer`, on the loss terms the intervention class declares).
+
+To add a method, see "How to add a method" in the README.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple, Type
+
+from .layers import LayerSpec, check_layer_spec
+from .positions import PositionPolicy
+from .settings import Settings
+
+VIEWS = {
+    "pairs": "every (positive, negative) response pair of an example, positions aligned up to the shorter "
+             "response; rows of positives and negatives paired one to one",
+    "labeled": "positive (label 1) and negative (label 0) rows, in store order, per split",
+    "aligned": "one row per role (``spec.roles``) for the same (example, response, position)",
+}
+"""The views of an activation store a method's fit or training reads (``MethodSpec.reads``)."""
+
+
+@dataclass
+class MethodConfig(Settings):
+    """Fields every method's settings share (its ``fit`` block); each method adds its own.
+
+    Attributes:
+        layers: the layers the method works on (a layer spec of
+            :mod:`actedit.interventions.layers`): the layers collected, and the layers edited or
+            (HPR, ITI) the candidates it selects from. None: the method's default
+            (:attr:`MethodSpec.default_layers`).
+        site: the pyvene component edited; None: the method's default site.
+        position_policy: which positions are edited (:class:`~actedit.interventions.positions.PositionPolicy`).
+    """
+
+    layers: Optional[LayerSpec] = None
+    site: Optional[str] = None
+    position_policy: str = "all"
+
+    def __post_init__(self) -> None:
+        check_layer_spec(self.layers, "layers")
+        if self.site is not None and (not isinstance(self.site, str) or not self.site):
+            raise ValueError(f"site must be a pyvene component name such as 'block_output', got {self.site!r}.")
+        self.position_policy = PositionPolicy.parse(self.position_policy).name.lower()
+
+    def intervention_arguments(self) -> Dict[str, Any]:
+        """The intervention constructor's arguments these settings give (a trained method's fresh
+        modules are built with them)."""
+        return {"position_policy": self.position_policy}
+
+
+@dataclass
+class TrainedMethodConfig(MethodConfig):
+    """Fields every trained method's settings share: it trains a module on each of its layers
+    and keeps the best by eval probe accuracy.
+
+    Attributes:
+        top_k: layers enabled, the best by eval probe accuracy.
+        strategy: ``probe_first`` (the selecting loss term on every layer, then the other terms
+            on the selected layers only; see :func:`actedit.train.trainer.train_top_k`) or
+            ``joint`` (every term of every layer together, then selection).
+    """
+
+    top_k: int = 5
+    strategy: str = "probe_first"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 1:
+            raise ValueError(f"top_k must be a positive integer, got {self.top_k!r}.")
+        if self.strategy not in STRATEGIES:
+            raise ValueError(f"strategy must be one of {', '.join(STRATEGIES)}, got {self.strategy!r}.")
+
+
+STRATEGIES = ("probe_first", "joint")
+"""How a trained method trains before it selects layers (:class:`TrainedMethodConfig`)."""
+
+
+@dataclass(frozen=True)
+class FitContext:
+    """What a closed-form fit knows about the model besides the activations.
+
+    Attributes:
+        width: width of the site's activations.
+        num_heads: attention heads per layer (head-level methods).
+        num_layers: the model's depth.
+        layers: the layers the activations were collected at.
+    """
+
+    width: int
+    num_heads: int
+    num_layers: int
+    layers: Tuple[int, ...]
+
+
+@dataclass
+class Fit:
+    """What a closed-form fit returns: one intervention per edited layer, and a record of how it
+    was chosen (stored under ``fit`` in the artifact's metadata)."""
+
+    modules: Dict[int, Any]
+    record: Dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not self.modules:
+            raise ValueError("a fit must produce at least one intervention.")
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """Everything actedit needs to know about one method (see the module docstring).
+
+    Attributes:
+        name: the method's name (``hpr``), as in configs and artifacts.
+        title: its full name and source, for reports (``Householder Pseudo-Rotation (Pham & Nguyen, 2024)``).
+        intervention: its :class:`~actedit.interventions.base.ActEditIntervention` subclass.
+        config: its settings, a :class:`MethodConfig` subclass.
+        site: the pyvene component it edits by default.
+        order: rank among edits sharing a site in a composition (lower runs first).
+        format: the prompt format it collects with (:data:`actedit.train.formats.FORMATS`).
+        reads: the view of the activation store it reads (:data:`VIEWS`).
+        roles: the roles of an ``aligned`` view, in order.
+        splits: the data splits it reads (``("train", "eval")`` where it selects on eval data;
+            ``()``: the data has no splits, e.g. ActAdd's one prompt pair).
+        fit: closed form: ``fit(inputs, config, context) -> Fit``; ``inputs`` holds the view,
+            per split for ``labeled`` (see :func:`actedit.train.fitting.fit_inputs`).
+        trained: trained by :mod:`actedit.train.trainer` on the loss terms of the intervention
+            class (``loss_terms``) instead of fitted.
+        default_layers: the layers it works on when ``layers`` is unset: ``"all"``, or None when
+            the user must choose (one steered layer never silently means every layer).
+    """
+
+    name: str
+    title: str
+    intervention: type
+    config: Type[MethodConfig]
+    site: str
+    order: int
+    format: str
+    reads: str
+    roles: Tuple[str, ...] = ("pos", "neg")
+    splits: Tuple[str, ...] = ("train",)
+    fit: Optional[Callable[..., Fit]] = None
+    trained: bool = False
+    default_layers: Optional[str] = "all"
+
+    def __post_init__(self) -> None:
+        if self.reads not in VIEWS:
+            raise ValueError(f"method {self.name!r}: reads must be one of {', '.join(VIEWS)}, got {self.reads!r}.")
+        if (self.fit is None) == (not self.trained):
+            raise ValueError(f"method {self.name!r} needs exactly one of a fit function or trained=True.")
+        if not issubclass(self.config, MethodConfig):
+            raise ValueError(f"method {self.name!r}: config must derive from MethodConfig.")
+        if self.trained and not issubclass(self.config, TrainedMethodConfig):
+            raise ValueError(f"method {self.name!r} is trained, so its config must derive from TrainedMethodConfig.")
+        if self.trained and not getattr(self.intervention, "loss_terms", None):
+            raise ValueError(f"method {self.name!r} is trained, so {self.intervention.__name__} must declare "
+                             "loss_terms (loss method name -> parameter prefix).")
+        if getattr(self.intervention, "method_name", None) != self.name:
+            raise ValueError(f"{self.intervention.__name__}.method_name must be {self.name!r}.")
+
+    def settings(self, values: Optional[Mapping[str, Any]] = None, where: str = "", **extra) -> MethodConfig:
+        """This method's settings from a mapping and keywords (unknown keys are errors)."""
+        return self.config.from_mapping(values, where or f"{self.name} settings", **extra)
+
+    def component(self, config: Optional[MethodConfig] = None) -> str:
+        """The site edited: the settings' ``site`` or the method's default."""
+        return (config.site if config is not None and config.site else None) or self.site
+
+
+_REGISTRY: Dict[str, MethodSpec] = {}
+
+
+def register_method(spec: MethodSpec) -> MethodSpec:
+    """Add a method (once per name; registering the same spec again is a no-op)."""
+    existing = _REGISTRY.get(spec.name)
+    if existing is not None and existing != spec:
+        raise ValueError(f"a method named {spec.name!r} is already registered ({existing.intervention.__name__}).")
+    _REGISTRY[spec.name] = spec
+    return spec
+
+
+def methods() -> List[MethodSpec]:
+    """Every registered method, in composition order."""
+    return sorted(_REGISTRY.values(), key=lambda s: (s.order, s.name))
+
+
+def method_names() -> List[str]:
+    """The registered method names, in composition order."""
+    return [s.name for s in methods()]
+
+
+def method_spec(name: str) -> MethodSpec:
+    """The spec of a method name (case-insensitive), with a clear error for unknown names."""
+    key = str(name).strip().lower() if isinstance(name, str) else name
+    if key not in _REGISTRY:
+        raise ValueError(f"unknown method {name!r}; known: {', '.join(method_names())}.")
+    return _REGISTRY[key]
+
+
+def spec_of(intervention) -> Optional[MethodSpec]:
+    """The spec of an intervention instance or class (None for interventions of other libraries)."""
+    name = getattr(intervention, "method_name", None)
+    spec = _REGISTRY.get(name) if isinstance(name, str) else None
+    cls = intervention if isinstance(intervention, type) else type(intervention)
+    return spec if spec is not None and issubclass(cls, spec.intervention) else None
+
+
+def replace_settings(config: MethodConfig, **changes) -> MethodConfig:
+    """A copy of ``config`` with ``changes`` (validated again)."""
+    return dataclasses.replace(config, **changes)

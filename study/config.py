@@ -1,0 +1,194 @@
+"""The study's YAML: typed settings for ``actedit run`` (``configs/default.yaml`` is the default).
+
+Keys::
+
+    model: smollm2-135m-instruct   # anything actedit.train.models.load_model takes
+    dtype: auto                    # auto | float32 | bfloat16 | float16: the model's precision
+    device: null                   # cpu | cuda | cuda:N (default: CUDA when available)
+    data: {name: truthfulqa, source: null, split_file: null, limit: null}   # what the edits are fitted on
+    out: runs/study
+    methods:                       # registered methods, in the order the report lists them
+      hpr: {fit: {top_k: 5}, train: {epochs: 5}}
+      sea: {fit: {layers: "1/3:"}}
+      caa: {fit: {layers: 0.4}}
+      actadd: {data: {name: pairs.jsonl}, fit: {layers: 6, coefficient: 5}}   # ActAdd needs a prompt pair
+    compose: all                   # all | none | a list of method names
+    eval: {task: truthfulqa, split: test, limit: null, batch_size: 64, task_options: {mc2_rule: split}}
+
+Every block is checked when the file is read (unknown keys, bad values), and every method's
+layer spec against the model right after it loads, before any work.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Union
+
+import torch
+
+from actedit.interventions.registry import method_names, method_spec
+from actedit.interventions.settings import Settings, UnknownSettingError, check_keys
+from actedit.train.pipeline import CollectConfig, DataConfig, PipelineConfig, read_config
+from actedit.train.tasks import task_spec
+
+METHOD_KEYS = ("collect", "fit", "train", "data")
+"""What a method's block in ``methods`` may hold (``data`` overrides the study's data)."""
+
+MODEL_DTYPES = ("auto", "float32", "bfloat16", "float16")
+"""The model precisions a study runs in."""
+
+
+def resolve_dtype(dtype: str, device: str) -> str:
+    """The model precision ``dtype`` stands for on ``device``: itself, or for ``auto`` bfloat16
+    where the hardware multiplies bf16 natively (a CUDA GPU with bf16 support; a CPU with
+    AVX512-BF16 or AMX) and float32 elsewhere (emulated bf16 is slower than fp32)."""
+    if dtype != "auto":
+        return dtype
+    if str(device).startswith("cuda"):
+        return "bfloat16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "float32"
+    cpu = getattr(torch, "cpu", None)
+    native = any(bool(getattr(cpu, probe, lambda: False)()) for probe in
+                 ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
+    return "bfloat16" if native else "float32"
+
+
+@dataclass
+class EvalSettings(Settings):
+    """How the study evaluates.
+
+    Attributes:
+        task: a registered multiple-choice task (:mod:`actedit.train.tasks`).
+        source: where the task's questions come from (default: ``data.source``).
+        split_file: the task's split file (default: ``data.split_file``).
+        split: the split scored (``test``: HPR's 409 TruthfulQA questions).
+        limit: score only the first N questions of the split (quick runs).
+        batch_size: continuation rows per forward call of the reference scorer.
+        task_options: the task's options (TruthfulQA: ``mc2_rule`` ``split`` = lm-eval
+            truthfulqa_mc2 v2.0, or ``labels`` = v3.0).
+        analyses: measure norm drift, KL to base and flips (a few seconds per method).
+        norm_texts: test questions whose residual-stream norms are compared.
+    """
+
+    MOVED = {"mc2_rule": "eval.task_options.mc2_rule"}
+
+    task: str = "truthfulqa"
+    source: Optional[str] = None
+    split_file: Optional[str] = None
+    split: str = "test"
+    limit: Optional[int] = None
+    batch_size: int = 64
+    task_options: Dict[str, Any] = field(default_factory=dict)
+    analyses: bool = True
+    norm_texts: int = 32
+
+    def __post_init__(self) -> None:
+        spec = task_spec(self.task)
+        self.task = spec.name
+        if self.split not in ("train", "eval", "test", "all"):
+            raise ValueError(f"eval.split must be train, eval, test or all, got {self.split!r}.")
+        if self.limit is not None and (not isinstance(self.limit, int) or self.limit < 1):
+            raise ValueError(f"eval.limit must be a positive integer or null, got {self.limit!r}.")
+        if not isinstance(self.batch_size, int) or self.batch_size < 1:
+            raise ValueError(f"eval.batch_size must be a positive integer, got {self.batch_size!r}.")
+        spec.options(self.task_options, "eval.task_options")
+
+    @property
+    def options(self):
+        """The task's options, typed."""
+        return task_spec(self.task).options(self.task_options, "eval.task_options")
+
+
+@dataclass
+class StudyConfig:
+    """A whole study (see the module docstring).
+
+    Attributes:
+        model: model spec for :func:`actedit.train.models.load_model`.
+        dtype: the model's precision for collection and evaluation: ``float32``, ``bfloat16``,
+            ``float16`` or ``auto`` (:func:`resolve_dtype`).
+        device: where the model runs (``cpu``, ``cuda``, ``cuda:1``; default: CUDA when available).
+        data: the contrast data the edits are fitted on (TruthfulQA with HPR's split by default).
+        out: output directory.
+        methods: method name → its block (``collect``, ``fit``, ``train``, ``data``), in the order
+            the report lists them.
+        compose: methods whose edits are composed into one more artifact (``all``, ``none`` or
+            a list).
+        eval: see :class:`EvalSettings`.
+    """
+
+    model: str = "smollm2-135m-instruct"
+    dtype: str = "float32"
+    device: Optional[str] = None
+    data: DataConfig = field(default_factory=DataConfig)
+    out: str = "runs/study"
+    methods: Dict[str, Dict[str, Any]] = field(default_factory=lambda: {"hpr": {}, "sea": {}, "iti": {}})
+    compose: Union[str, List[str]] = "all"
+    eval: EvalSettings = field(default_factory=EvalSettings)
+
+    def __post_init__(self) -> None:
+        if self.dtype not in MODEL_DTYPES:
+            raise ValueError(f"dtype must be one of {', '.join(MODEL_DTYPES)}, got {self.dtype!r}.")
+        if not isinstance(self.methods, dict) or not self.methods:
+            raise ValueError("methods must map at least one method name to its settings, e.g. {iti: {}}.")
+        for name, block in list(self.methods.items()):
+            if name not in method_names():
+                raise ValueError(f"unknown method {name!r} in methods; choose from {', '.join(method_names())}.")
+            if block is None:
+                self.methods[name] = block = {}
+            if not isinstance(block, dict):
+                raise ValueError(f"methods.{name} must be a mapping, got {type(block).__name__}.")
+            if "select" in block:
+                raise UnknownSettingError(f"methods.{name}.select has moved: set methods.{name}.fit.top_k and "
+                                          f"methods.{name}.fit.strategy instead.")
+            check_keys(block, METHOD_KEYS, f"methods.{name}")
+        if isinstance(self.compose, str):
+            if self.compose not in ("all", "none"):
+                raise ValueError(f"compose must be 'all', 'none' or a list of methods, got {self.compose!r}.")
+        else:
+            missing = [m for m in self.compose if m not in self.methods]
+            if missing:
+                raise ValueError(f"compose lists {missing}, which are not in methods ({', '.join(self.methods)}).")
+        for name in self.methods:  # every block's settings are checked now, before any model loads
+            self.pipeline(name)
+
+    @property
+    def method_names(self) -> List[str]:
+        """The study's methods, in the order the config lists them."""
+        return list(self.methods)
+
+    @property
+    def composed_methods(self) -> List[str]:
+        if self.compose == "none":
+            return []
+        chosen = self.method_names if self.compose == "all" else [m for m in self.method_names if m in self.compose]
+        return chosen if len(chosen) > 1 else []
+
+    def pipeline(self, method: str) -> PipelineConfig:
+        """The one-method pipeline config of ``method`` inside this study."""
+        block = self.methods[method]
+        where = f"methods.{method}"
+        data = DataConfig.from_mapping({**asdict(self.data), **(block.get("data") or {})}, f"{where}.data")
+        collect = CollectConfig.from_mapping({"dir": str(Path(self.out) / "activations" / method),
+                                              **(block.get("collect") or {})}, f"{where}.collect")
+        return PipelineConfig(model=self.model, method=method_spec(method).name, data=data, collect=collect,
+                              fit=block.get("fit"), train=block.get("train"),
+                              out=str(Path(self.out) / "artifacts" / method), where=where)
+
+
+def load_study(path: Optional[str], overrides: Sequence[str] = ()) -> StudyConfig:
+    """Read a study YAML (or the defaults when ``path`` is None) and apply ``key.sub=value`` overrides."""
+    raw = read_config(path, overrides, "No study config at {path!r}; the embedded default is configs/default.yaml.")
+    check_keys(raw, [f.name for f in fields(StudyConfig)], "")
+    data = DataConfig.from_mapping(raw.pop("data", None), "data")
+    evals = EvalSettings.from_mapping(raw.pop("eval", None), "eval")
+    return StudyConfig(data=data, eval=evals, **raw)
+
+
+def default_config_path() -> Path:
+    """``configs/default.yaml`` of the installed package."""
+    return Path(__file__).resolve().parent.parent / "configs" / "default.yaml"
+
+
+__all__ = ["EvalSettings", "METHOD_KEYS", "MODEL_DTYPES", "StudyConfig", "default_config_path", "load_study",
+           "resolve_dtype"]

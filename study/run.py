@@ -1,0 +1,239 @@
+"""``actedit run``: the whole study from one YAML file (:mod:`actedit.study.config`).
+
+Loads the task's questions and the model, checks every method's layers against the model, then
+for every method listed: collects its activations, fits or trains it (layer selection included)
+and saves its artifact; composes the methods' edits into one more artifact; scores the base model
+and every edit on the task's evaluation split (:mod:`actedit.eval.mc`); measures side effects
+(norm drift, KL to the base model on neutral text, prediction flips); writes
+``OUT/results.json``, ``OUT/report.md`` and the plots. Everything method- or task-specific comes
+from the registries.
+
+Everything a step produces is written atomically and reused by a rerun with the same settings:
+activation stores resume from their last shard, training from its last epoch, finished
+artifacts and scores are loaded instead of recomputed. So an interrupted study continues where
+it stopped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+import torch
+
+from actedit.eval.analysis import analyze_edits
+from actedit.eval.mc import MCResult, score_mc_many
+from actedit.interventions.artifacts import MANIFEST, ArtifactError, file_sha256, load_artifact, save_artifact, \
+    verify_artifact
+from actedit.interventions.config import compose, config_of, intervenable
+from actedit.train import pipeline
+from actedit.train.models import load_model
+from actedit.train.plots import plot_scores
+from actedit.train.tasks import task_spec
+
+from .config import StudyConfig, default_config_path, load_study, resolve_dtype
+from .report import markdown_report, summarise
+
+EVAL_FORMAT = 2
+"""Version of the cached scores in ``OUT/eval/<name>.json`` (a change recomputes them)."""
+
+
+# ------------------------------------------------------------------------------------ files
+def _write_json(path: Path, data: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=1, default=float))
+    os.replace(tmp, path)
+
+
+def _read_json(path: Path) -> Optional[Dict[str, Any]]:
+    try:
+        return json.loads(path.read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+
+
+def _artifact_ready(path: Path) -> bool:
+    if not path.is_dir():
+        return False
+    try:
+        verify_artifact(path)
+    except (ArtifactError, ValueError, FileNotFoundError):
+        return False
+    return True
+
+
+def _sha(path: Path) -> Optional[str]:
+    """Identity of an artifact: the hash of its manifest (which lists every file's SHA-256)."""
+    manifest = path / MANIFEST
+    return file_sha256(manifest) if manifest.is_file() else None
+
+
+class _Steps:
+    """Numbered step headers and per-step timings."""
+
+    def __init__(self, total: int, quiet: bool) -> None:
+        self.total, self.done, self.quiet = total, 0, quiet
+        self.seconds: Dict[str, float] = {}
+
+    def run(self, name: str, fn, *args, **kwargs):
+        self.done += 1
+        if not self.quiet:
+            print(f"[{self.done}/{self.total}] {name}", flush=True)
+        t0 = time.perf_counter()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            self.seconds[name] = round(time.perf_counter() - t0, 2)
+
+
+# ------------------------------------------------------------------------------------ study
+def run_study(cfg: StudyConfig, *, quiet: bool = False) -> Dict[str, Any]:
+    """Run (or resume) the study ``cfg``; returns the results written to ``OUT/results.json``."""
+    started = time.perf_counter()
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    methods = cfg.method_names
+    composed = cfg.composed_methods
+    edits = methods + (["composed"] if composed else [])
+    steps = _Steps(2 + 2 * len(methods) + bool(composed) + 1 + bool(edits) + 1, quiet)
+    task = task_spec(cfg.eval.task)
+
+    # data first: a missing dataset should fail before the model loads
+    questions = steps.run(f"load {task.name} ({cfg.eval.split})", task.load, cfg.eval.source or cfg.data.source,
+                          cfg.eval.split, cfg.eval.split_file or cfg.data.split_file, cfg.eval.limit)
+    device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = resolve_dtype(cfg.dtype, device)
+    model, tokenizer = steps.run(f"load model {cfg.model} ({dtype}, {device})", load_model, cfg.model,
+                                 dtype=getattr(torch, dtype), device=device)
+    # every method's layer specs against this model's depth, before any work
+    pipelines = {method: cfg.pipeline(method).for_model(model) for method in methods}
+
+    artifacts, step_seconds = _build_edits(cfg, pipelines, model, tokenizer, steps, out)
+    if composed:
+        path = out / "artifacts" / "composed"
+
+        def build_composed():
+            if not _artifact_ready(path):
+                configs = [config_of(load_artifact(artifacts[m], model)) for m in composed]
+                save_artifact(intervenable(model, compose(*configs, metadata={"composed_of": composed})), path)
+
+        steps.run(f"compose {' + '.join(composed)}", build_composed)
+        artifacts["composed"] = path
+
+    pvms = {name: load_artifact(artifacts[name], model) for name in edits}
+    key = {"format": EVAL_FORMAT, "task": task.name, "questions": [q.index for q in questions],
+           "options": cfg.eval.task_options, "dtype": dtype, "model": cfg.model}
+    results = steps.run(f"score base model{' + ' + ', '.join(edits) if edits else ''} on {len(questions)} questions",
+                        _score_all, cfg, model, tokenizer, questions, pvms, artifacts, key, out / "eval")
+    analyses: Dict[str, Any] = {}
+    if edits and cfg.eval.analyses:
+        norm_texts = [task.text(q) for q in questions[:cfg.eval.norm_texts]]
+        analyses = steps.run("analyses (flips, KL, norm drift)", analyze_edits, model, pvms, tokenizer,
+                             results["base"], results, norm_texts, metric=task.metrics[0], plot_dir=out)
+
+    def write_report():
+        summary = summarise(cfg, len(questions), results, analyses, artifacts, step_seconds, steps.seconds, edits,
+                            time.perf_counter() - started, model)
+        plot_scores({name: summary["methods"][name] for name in ["base"] + edits}, out / "scores.png",
+                    metrics=task.metrics, task=task.title.split(" (")[0])
+        _write_json(out / "results.json", summary)
+        (out / "report.md").write_text(markdown_report(summary))
+        return summary
+
+    summary = steps.run("write report", write_report)
+    summary["seconds"]["total"] = round(time.perf_counter() - started, 2)
+    _write_json(out / "results.json", summary)
+    return summary
+
+
+def _build_edits(cfg: StudyConfig, pipelines, model, tokenizer, steps: _Steps, out: Path):
+    """Each method's artifact: reused when complete, else collected and fitted or trained."""
+    artifacts: Dict[str, Path] = {}
+    step_seconds: Dict[str, Dict[str, float]] = {}
+    for method in cfg.method_names:
+        pcfg = pipelines[method]
+        path = Path(pcfg.out)
+        record = step_seconds.setdefault(method, {})
+        verb = "train" if pcfg.spec.trained else "fit"
+        if _artifact_ready(path):
+            steps.run(f"{method}: collect (reused)", lambda: None)
+            steps.run(f"{method}: {verb} (reused)", lambda: None)
+            previous = (_read_json(out / "results.json") or {}).get("methods", {}).get(method, {})
+            record.update({k: v for k, v in previous.get("seconds", {}).items() if k in ("collect", "fit")})
+        else:
+            collect_step, fit_step = f"{method}: collect activations", f"{method}: {verb}"
+            store = steps.run(collect_step, pipeline.collect, pcfg, model, tokenizer)
+            steps.run(fit_step, _fit_and_save, pcfg, model, tokenizer, store)
+            record.update(collect=steps.seconds[collect_step], fit=steps.seconds[fit_step])
+        artifacts[method] = path
+    return artifacts, step_seconds
+
+
+def _fit_and_save(pcfg, model, tokenizer, store) -> Path:
+    config, _ = pipeline.make_edit(pcfg, model, tokenizer, store=store)
+    return save_artifact(intervenable(model, config), pcfg.out)
+
+
+def _score_all(cfg: StudyConfig, model, tokenizer, questions, pvms, artifacts, key, eval_dir: Path) \
+        -> Dict[str, MCResult]:
+    """Scores read from ``OUT/eval/<name>.json`` when their key and artifact match; the rest
+    scored together, the edits sharing the base model's unedited lower layers."""
+    names: List[str] = ["base"] + list(pvms)
+    done: Dict[str, MCResult] = {}
+    for name in names:
+        cached = _read_json(eval_dir / f"{name}.json")
+        if cached and cached.get("key") == key and (name == "base" or cached.get("artifact_sha") == _sha(artifacts[name])):
+            done[name] = MCResult.from_dict(cached["result"])
+    todo = [name for name in pvms if name not in done]
+    if todo or "base" not in done:  # the base model runs whenever an edit does: it carries their lower layers
+        targets = {"base": model, **{name: pvms[name] for name in todo}}
+        scored = score_mc_many(targets, tokenizer, questions, task=cfg.eval.task, batch_size=cfg.eval.batch_size,
+                               **cfg.eval.task_options)
+        for name, result in scored.items():
+            if name in done:
+                continue
+            _write_json(eval_dir / f"{name}.json", {"key": key, "artifact_sha": None if name == "base" else
+                                                    _sha(artifacts[name]), "result": result.to_dict()})
+            done[name] = result
+    return {name: done[name] for name in names}
+
+
+# ------------------------------------------------------------------------------------ CLI
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("config", nargs="?", default=None,
+                        help="study YAML (default: the embedded configs/default.yaml)")
+    parser.add_argument("--data", default=None, help="directory with mc_task.json and hpr_ids_splits.json "
+                        "(overrides data.source; default: the Hub)")
+    parser.add_argument("--out", default=None, help="output directory (overrides out)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config entry, e.g. --set eval.limit=20 (repeatable)")
+    parser.add_argument("--quiet", action="store_true", help="no step headers")
+
+
+def run(args) -> int:
+    overrides = list(args.overrides)
+    if args.data is not None:
+        overrides.append(f"data.source={args.data}")
+    if args.out is not None:
+        overrides.append(f"out={args.out}")
+    cfg = load_study(args.config or str(default_config_path()), overrides)
+    summary = run_study(cfg, quiet=args.quiet)
+    m = summary["methods"]
+    metrics = summary["metrics"]
+    best = max((n for n in m if n != "base"), key=lambda n: m[n][metrics[-1]], default=None)
+    shown = "/".join(x.upper() for x in metrics)
+    line = (f"done in {summary['seconds']['total']:.0f} s: base {shown} "
+            + "/".join(f"{100 * m['base'][x]:.1f}" for x in metrics))
+    if best:
+        line += f", best edit {best} " + "/".join(f"{100 * m[best][x]:.1f}" for x in metrics)
+    print(f"{line}; report {Path(cfg.out) / 'report.md'}, results {Path(cfg.out) / 'results.json'}, "
+          f"artifacts {Path(cfg.out) / 'artifacts'}")
+    return 0
+
+
+__all__ = ["EVAL_FORMAT", "add_arguments", "run", "run_study"]

@@ -1,0 +1,141 @@
+"""The task registry: one :class:`TaskSpec` per multiple-choice evaluation task, found by its name.
+
+A task says how to load its questions and splits, how a question becomes a context and choices
+(lm-eval's ``multiple_choice`` protocol: each choice is a continuation of the context, scored by
+the sum of its tokens' log-probabilities), which choices are correct and which metrics it
+reports, and how its questions become contrast data to fit edits on. The scorer
+(:mod:`actedit.eval.mc`), the study, ``actedit eval`` and the one-call API take any registered
+task by name. Each task lives in its own module and registers itself once
+(:mod:`actedit.train.truthfulqa` is the first).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Type
+
+import numpy as np
+
+from actedit.interventions.settings import Settings
+
+from .data import LOADERS, ContrastDataset, load_contrast_file
+
+
+@dataclass(frozen=True)
+class MCItem:
+    """One question as the scorer sees it.
+
+    Attributes:
+        index: the question's identity in its task (TruthfulQA: 0..816).
+        context: the text every choice continues.
+        choices: the distinct continuations scored (the task's target delimiter included).
+    """
+
+    index: int
+    context: str
+    choices: Tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    """Everything the scorer and the study need to know about one task.
+
+    Attributes:
+        name: the task's name (``truthfulqa``), as in configs (``eval.task``) and ``--task``.
+        title: its full name and protocol, for reports.
+        metrics: the metrics it reports, the first being the one prediction flips count on.
+        settings: its options (a :class:`~actedit.interventions.settings.Settings` subclass;
+            ``eval.task_options`` in a study).
+        load: ``load(source, split, split_file, limit) -> records`` (the task's own question
+            objects), in split order; ``split`` is ``train``, ``eval``, ``test`` or ``all``.
+        item: ``item(record, settings) -> MCItem``.
+        score: ``score(record, item, scores, settings) -> {metric: value}`` for one question,
+            ``scores`` the summed log-probability of each of ``item.choices``.
+        contrast: ``contrast(source, split_file, limit) -> ContrastDataset``: contrast examples
+            to fit edits on, with ``train``/``eval`` split metadata.
+        protocol: ``protocol(settings) -> dict``: what was computed, recorded with every score.
+        text: ``text(record) -> str``: the question's own text (no few-shot primer), e.g. for
+            norm measurements on in-domain text.
+    """
+
+    name: str
+    title: str
+    metrics: Tuple[str, ...]
+    settings: Type[Settings]
+    load: Callable[..., List[Any]]
+    item: Callable[[Any, Any], MCItem]
+    score: Callable[[Any, MCItem, Sequence[float], Any], Dict[str, float]]
+    contrast: Callable[..., ContrastDataset]
+    protocol: Callable[[Any], Dict[str, Any]]
+    text: Callable[[Any], str]
+    aliases: Tuple[str, ...] = ()
+    """Other names the task answers to (configs written for earlier releases)."""
+
+    def options(self, values: Optional[Dict[str, Any]] = None, where: str = "", **extra):
+        """This task's settings from a mapping and keywords (unknown keys are errors)."""
+        return self.settings.from_mapping(values, where or f"{self.name} options", **extra)
+
+
+_TASKS: Dict[str, TaskSpec] = {}
+_ALIASES: Dict[str, str] = {}
+
+
+def register_task(spec: TaskSpec) -> TaskSpec:
+    """Add a task (once per name; registering the same spec again is a no-op)."""
+    existing = _TASKS.get(spec.name)
+    if existing is not None and existing != spec:
+        raise ValueError(f"a task named {spec.name!r} is already registered.")
+    _TASKS[spec.name] = spec
+    for alias in spec.aliases:
+        _ALIASES[alias] = spec.name
+    return spec
+
+
+def task_names() -> List[str]:
+    return sorted(_TASKS)
+
+
+def task_spec(name: str) -> TaskSpec:
+    """The spec of a task name (case-insensitive, ``-`` or ``_``), with a clear error for unknown names."""
+    key = str(name).strip().lower().replace("-", "_")
+    key = _ALIASES.get(key, key)
+    if key not in _TASKS:
+        raise ValueError(f"unknown task {name!r}; known: {', '.join(task_names())}.")
+    return _TASKS[key]
+
+
+def is_task(name) -> bool:
+    """Whether ``name`` is a registered task or one of its aliases."""
+    key = str(name).strip().lower().replace("-", "_")
+    return _ALIASES.get(key, key) in _TASKS
+
+
+def mean_stderr(values: Sequence[float]) -> float:
+    """lm-eval's standard error of a mean: sample std (ddof=1) / sqrt(n); NaN for n < 2."""
+    values = np.asarray(values, dtype=np.float64)
+    if values.size < 2:
+        return float("nan")
+    return float(values.std(ddof=1) / math.sqrt(values.size))
+
+
+def load_contrast(name, *, source=None, split_file=None, limit: Optional[int] = None):
+    """Contrast data (or ActAdd prompt pairs) by name or path.
+
+    A registered task (or one of its aliases) gives its ``contrast`` data (``limit`` questions per
+    split); a loader of :data:`actedit.train.data.LOADERS` reads ``source``; anything else is a
+    JSONL file. Without a task, ``limit`` keeps the first examples.
+    """
+    text = str(name)
+    key = text.strip().lower().replace("-", "_")
+    task = _TASKS.get(_ALIASES.get(key, key))
+    if task is not None:
+        return task.contrast(source=source, split_file=split_file, limit=limit)
+    if key in LOADERS:
+        dataset = LOADERS[key](**({"source": source} if source is not None else {}))
+    else:
+        dataset = load_contrast_file(text, known=sorted(set(LOADERS) | set(_TASKS) | set(_ALIASES)))
+    return dataset.select(range(min(limit, len(dataset)))) if limit else dataset
+
+
+__all__ = ["MCItem", "TaskSpec", "is_task", "load_contrast", "mean_stderr", "register_task", "task_names", "task_spec"]
