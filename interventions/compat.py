@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import functools
+import importlib
 import inspect
 import io
 import logging
@@ -51,7 +52,7 @@ def _import_pyvene_quietly() -> None:
         return
     buffer = io.StringIO()
     with contextlib.redirect_stdout(buffer):
-        import pyvene  # noqa: F401
+        import pyvene  # noqa: F401  # lazy: imported here, its stdout captured
     for line in buffer.getvalue().splitlines():
         if not line.startswith("nnsight is not detected"):
             print(line)
@@ -59,7 +60,15 @@ def _import_pyvene_quietly() -> None:
 
 _import_pyvene_quietly()
 
-from .base import ActEditIntervention  # noqa: E402  (after the quiet pyvene import)
+from gguf import GGUFReader  # noqa: E402
+from pyvene.models import intervenable_base, modeling_utils  # noqa: E402  (after the quiet pyvene import)
+from pyvene.models import intervenable_modelcard as card  # noqa: E402
+from pyvene.models.llama.modelings_intervenable_llama import (  # noqa: E402
+    llama_type_to_dimension_mapping,
+    llama_type_to_module_mapping,
+)
+
+from .base import ActEditIntervention  # noqa: E402
 from .positions import PositionTracker, generation  # noqa: E402
 
 logger = logging.getLogger(__name__)
@@ -137,11 +146,6 @@ def _dimension_with_head_fix(original):
 
 def _llama_like_tables(prefix: str, drop: tuple = ()):
     """pyvene's Llama module/dimension tables with the layer stack under ``prefix``."""
-    from pyvene.models.llama.modelings_intervenable_llama import (
-        llama_type_to_dimension_mapping,
-        llama_type_to_module_mapping,
-    )
-
     modules = {
         k: (f"{prefix}{v[0]}",) + tuple(v[1:])
         for k, v in llama_type_to_module_mapping.items()
@@ -162,8 +166,6 @@ def _missing_families():
          ("query_output", "key_output", "value_output",
           "head_query_output", "head_key_output", "head_value_output")),
     ]
-    import importlib
-
     for family, class_names, drop in specs:
         try:
             module = importlib.import_module(f"transformers.models.{family}.modeling_{family}")
@@ -184,8 +186,6 @@ def register_model_family(model_class, layer_prefix: str = "model.", drop_compon
     ``type_to_module_mapping``/``type_to_dimension_mapping`` keyed by model class and raises
     ``KeyError`` for classes missing there (Gemma-3, Phi-3, Qwen3 in 0.1.8).
     """
-    from pyvene.models import intervenable_modelcard as card
-
     modules, dims = _llama_like_tables(layer_prefix, drop_components)
     card.type_to_module_mapping.setdefault(model_class, modules)
     card.type_to_dimension_mapping.setdefault(model_class, dims)
@@ -286,8 +286,6 @@ def gguf_special_tokens(tokenizer, gguf_path) -> None:
     had, and TruthfulQA scores moved); 5.x honours the flag. A flag the file does not set is left
     to the tokenizer.
     """
-    from gguf import GGUFReader
-
     reader = GGUFReader(str(gguf_path))
     for flag in ("add_bos_token", "add_eos_token"):
         field = reader.fields.get(f"tokenizer.ggml.{flag}")
@@ -418,7 +416,6 @@ def apply() -> None:
     global _APPLIED
     if _APPLIED:
         return
-    from pyvene.models import intervenable_base, modeling_utils
 
     # Hook wipe (see remove_pyvene_hooks).
     modeling_utils.remove_forward_hooks = remove_pyvene_hooks
@@ -447,17 +444,8 @@ def apply() -> None:
     _APPLIED = True
 
 
-def supported_model_classes() -> list:
-    """Model classes pyvene (with actedit's registrations) can wrap."""
-    from pyvene.models import intervenable_modelcard as card
-
-    return list(card.type_to_module_mapping)
-
-
 def check_model_supported(model, component: Optional[str] = None) -> None:
     """Raise a clear error when pyvene cannot place a component on ``model``."""
-    from pyvene.models import intervenable_modelcard as card
-
     cls = type(model)
     if cls not in card.type_to_module_mapping:
         known = sorted({c.__name__ for c in card.type_to_module_mapping})

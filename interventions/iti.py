@@ -26,6 +26,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from .base import ActEditIntervention
 from .checks import check_int, check_labels, check_layer_map, check_matrix, check_number
@@ -274,13 +275,7 @@ def fit_iti(train_acts: Mapping[int, Any], train_labels: Any, val_acts: Mapping[
 
     accuracy: Dict[int, torch.Tensor] = {}
     probes: Dict[Tuple[int, int], np.ndarray] = {}
-    iterator = layers
-    if progress:
-        # lazy: tqdm only when a bar is asked for
-        from tqdm.auto import tqdm
-
-        iterator = tqdm(layers, desc="ITI probes", unit="layer")
-    for layer in iterator:
+    for layer in tqdm(layers, desc="ITI probes", unit="layer", disable=not progress):
         xt = check_matrix(train_acts[layer], f"train_acts[{layer}]", width=width, rows=len(y_train))
         xv = check_matrix(val_acts[layer], f"val_acts[{layer}]", width=width, rows=len(y_val))
         ht = xt.reshape(len(xt), num_heads, head_dim).numpy()

@@ -38,6 +38,7 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
+from pyvene.models import intervenable_modelcard as card
 
 DEFAULT_PACK_TOKENS = 512
 """Tokens per packed row. On a 2-core CPU (SmolLM2-135M, fp32) TruthfulQA scoring took 13.0 s
@@ -213,8 +214,6 @@ def supports_packing(model, longest: Optional[int] = None) -> Optional[str]:
 
 def decoder_layer(model, layer: int) -> torch.nn.Module:
     """Decoder layer ``layer`` of ``model``, found through pyvene's module table."""
-    from pyvene.models import intervenable_modelcard as card
-
     path = card.type_to_module_mapping[type(model)]["block_output"][0] % layer
     module = model
     for part in path.split("."):

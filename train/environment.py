@@ -4,6 +4,7 @@ activation stores)."""
 from __future__ import annotations
 
 import os
+from importlib.metadata import PackageNotFoundError, version
 import platform
 from pathlib import Path
 from typing import Dict, Optional
@@ -34,8 +35,6 @@ def machine_info() -> Dict[str, object]:
 
 def versions(*distributions: str) -> Dict[str, Optional[str]]:
     """Python's version and each named distribution's installed version ("not installed" if absent)."""
-    from importlib.metadata import PackageNotFoundError, version
-
     out: Dict[str, Optional[str]] = {"python": platform.python_version()}
     for name in distributions:
         try:

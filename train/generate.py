@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Union
 
 import torch
+from tqdm.auto import tqdm
 
 from actedit.interventions.config import is_intervenable, model_signature
 
@@ -198,11 +199,7 @@ def generate_texts(model_or_pvm, tokenizer, prompts: Sequence[str], settings: Op
     eos = _eos_ids(model, tokenizer)
     kwargs = _generate_kwargs(settings, pad)
     answers: List[str] = []
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=len(prompts), desc=desc, unit="prompt")
+    bar = tqdm(total=len(prompts), desc=desc, unit="prompt", disable=not progress)
     try:
         for b, start in enumerate(range(0, len(prompts), settings.batch_size)):
             chunk = prompts[start:start + settings.batch_size]

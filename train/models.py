@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Optional, Tuple, Union
 
 import torch
+import transformers as tf
 
 from actedit.interventions import compat
 from actedit.interventions.artifacts import looks_like_local_path
@@ -154,14 +155,6 @@ def resolve_spec(spec: Union[str, os.PathLike]) -> Tuple[str, dict]:
     return "hub", {"repo_id": text}
 
 
-def _dtype_kwargs(dtype: torch.dtype) -> dict:
-    """``dtype=`` on transformers >= 4.56, ``torch_dtype=`` before."""
-    import transformers
-
-    major, minor = (int(x) for x in transformers.__version__.split(".")[:2])
-    return {"dtype": dtype} if (major, minor) >= (4, 56) else {"torch_dtype": dtype}
-
-
 def _prepare_tokenizer(tokenizer, padding_side: str):
     if tokenizer.pad_token is None:
         if tokenizer.eos_token is None:
@@ -199,10 +192,8 @@ def load_model(
     """
     if padding_side not in ("left", "right"):
         raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}.")
-    import transformers as tf
-
     kind, details = resolve_spec(spec)
-    dkw = _dtype_kwargs(dtype)
+    dkw = {"dtype": dtype}
     if kind == "gguf":
         if importlib.util.find_spec("gguf") is None:
             raise ModelPackageMissing("Loading a GGUF file needs the 'gguf' package: `pip install gguf`.")

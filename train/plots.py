@@ -19,7 +19,7 @@ _COLORS = ("#4C72B0", "#DD8452", "#55A868", "#C44E52", "#8172B3", "#937860", "#D
 def _figure(width: float, height: float):
     # lazy: matplotlib takes about a second to import and only plotting needs it
     from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
+    from matplotlib.figure import Figure  # lazy: as above
 
     fig = Figure(figsize=(width, height), dpi=110)
     FigureCanvasAgg(fig)

@@ -1,0 +1,174 @@
+"""The one-call API for every registered method: fit from texts, save, stock pyvene load in a fresh
+process (identical outputs), composition; and README's quick start run as written.
+
+Every test loops over the method registry: a new method is covered by registering it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+import actedit
+from actedit.interventions.config import interventions_of
+from actedit.interventions.registry import methods
+from actedit.interventions.settings import UnknownSettingError
+from actedit.train.formats import get_format
+from actedit.train.data import PromptPair
+
+from conftest import make_tokenizer, tiny_model
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+TRIPLES = [(f"Is the sky blue number {i}?", f"Yes it is {i}.", f"No it is not {i}.") for i in range(10)]
+PAIRS = [("Love", "Hate")]
+INPUTS = {"input_ids": torch.tensor([[0, 0, 5, 6, 7, 8], [3, 9, 4, 11, 12, 13]]),
+          "attention_mask": torch.tensor([[0, 0, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1]])}
+GENERATE = dict(unit_locations=None, intervene_on_prompt=True, max_new_tokens=6, do_sample=False, pad_token_id=0)
+
+
+def arguments(spec) -> dict:
+    """What a call needs beyond the data, read from the spec: its kind of data, a layer where it
+    has no default, and a short training for trained methods."""
+    reads_pairs = get_format(spec.format).accepts is PromptPair
+    kwargs = {"data": PAIRS if reads_pairs else TRIPLES, "progress": False}
+    if spec.default_layers is None:
+        kwargs["layers"] = [1]
+    if spec.trained:
+        kwargs.update(top_k=2, train={"epochs": 1})
+    return kwargs
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return make_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def model(tokenizer):
+    return tiny_model("llama", vocab_size=len(tokenizer), max_position_embeddings=256)
+
+
+@pytest.fixture(scope="module")
+def edits(model, tokenizer):
+    out = {}
+    for spec in methods():
+        kwargs = arguments(spec)
+        data = kwargs.pop("data")
+        out[spec.name] = actedit.fit(spec.name, model, tokenizer, data, **kwargs)
+    return out
+
+
+def test_every_method_fits_in_one_call(model, edits):
+    with torch.no_grad():
+        base = model(**INPUTS).logits
+    for spec in methods():
+        pvm = edits[spec.name]
+        info = pvm.config.actedit
+        assert info["edits"][0]["method"] == spec.name and info["edits"][0]["component"] == spec.site
+        assert all(isinstance(m, spec.intervention) for m in interventions_of(pvm))
+        with torch.no_grad():
+            _, out = pvm(dict(INPUTS), unit_locations=None)
+        assert not torch.allclose(out.logits, base), f"{spec.name}: the fitted edit changes nothing"
+        if spec.default_layers is None:
+            assert info["edits"][0]["layers"] == [1]
+        if spec.trained:
+            assert len(info["layer_selection"]["selected"]) == 2 and "training" in info
+
+
+def test_one_call_settings_are_validated(model, tokenizer):
+    for spec in methods():
+        kwargs = arguments(spec)
+        data = kwargs.pop("data")
+        with pytest.raises(UnknownSettingError, match="not_a_setting"):
+            actedit.fit(spec.name, model, tokenizer, data, not_a_setting=1, **kwargs)
+    with pytest.raises(ValueError, match="unknown method"):
+        actedit.fit("rome", model, tokenizer, TRIPLES)
+    with pytest.raises(ValueError, match="unknown task 'truthfulqaa'"):
+        actedit.fit("caa", model, tokenizer, "truthfulqaa", layers=[1])
+    with pytest.raises(ValueError, match="triple"):
+        actedit.fit("caa", model, tokenizer, [("only a prompt",)], layers=[1])
+
+
+def test_the_store_can_be_a_resumable_directory(model, tokenizer, tmp_path, edits):
+    pvm = actedit.fit("caa", model, tokenizer, TRIPLES, layers=[1], store=tmp_path / "acts", progress=False)
+    assert (tmp_path / "acts" / "manifest.json").is_file()
+    a = interventions_of(pvm)[0].vector
+    b = interventions_of(edits["caa"])[0].vector
+    assert torch.allclose(a, b, atol=1e-6)  # the same vector as from the in-memory store
+
+
+CHILD = textwrap.dedent("""
+    import json, sys, torch
+    import pyvene as pv
+    from transformers import AutoModelForCausalLM
+    root = sys.argv[1]
+    model = AutoModelForCausalLM.from_pretrained(root + "/model").float().eval()
+    ref = torch.load(root + "/reference.pt")
+    assert not any(m.startswith("actedit") for m in sys.modules), "the child must not import actedit itself"
+    results = {}
+    for name in ref["names"]:
+        pvm = pv.IntervenableModel.load(root + "/artifacts/" + name, model)
+        with torch.no_grad():
+            _, out = pvm(dict(ref["inputs"]), unit_locations=None)
+            _, gen = pvm.generate(dict(ref["inputs"]), unit_locations=None, intervene_on_prompt=True,
+                                  max_new_tokens=6, do_sample=False, pad_token_id=0)
+        results[name] = {"logits": torch.equal(out.logits, ref["logits"][name]),
+                         "generate": torch.equal(gen, ref["generate"][name])}
+    print(json.dumps(results))
+""")
+
+
+def test_save_then_stock_pyvene_load_in_a_fresh_process_and_compose(model, edits, tmp_path):
+    """Every method's artifact, and all of them composed, load with stock pyvene in a process
+    that never imports actedit itself, and give the same logits and generations."""
+    named = dict(edits)
+    named["composed"] = actedit.compose(*edits.values())
+    assert [e["method"] for e in named["composed"].config.actedit["edits"]] == [s.name for s in methods()]
+    logits, generations = {}, {}
+    for name, pvm in named.items():
+        with torch.no_grad():
+            _, out = pvm(dict(INPUTS), unit_locations=None)
+            _, gen = pvm.generate(dict(INPUTS), **GENERATE)
+        logits[name], generations[name] = out.logits, gen
+        actedit.save(pvm, tmp_path / "artifacts" / name)
+    model.save_pretrained(tmp_path / "model")
+    torch.save({"names": list(named), "inputs": INPUTS, "logits": logits, "generate": generations},
+               tmp_path / "reference.pt")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    proc = subprocess.run([sys.executable, "-c", CHILD, str(tmp_path)], capture_output=True, text=True, env=env,
+                          cwd=tmp_path, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads(proc.stdout.strip().splitlines()[-1]) == {n: {"logits": True, "generate": True} for n in named}
+    # composing artifact directories gives the same model as composing the edits in memory
+    again = actedit.compose(*[tmp_path / "artifacts" / s.name for s in methods()], model=model)
+    with torch.no_grad():
+        _, out = again(dict(INPUTS), unit_locations=None)
+    assert torch.equal(out.logits, logits["composed"])
+
+
+def quick_start() -> str:
+    text = README.read_text()
+    section = text[text.index("## Quick start"):]
+    return re.search(r"```python\n(.*?)```", section, re.S).group(1)
+
+
+def test_readme_quick_start_runs_as_written(tmp_path, tokenizer, monkeypatch):
+    """The README's quick start, executed verbatim; only the model it loads is a tiny one here
+    (nothing can be downloaded in tests)."""
+    code = quick_start()
+    assert "actedit.fit(" in code and "pv.IntervenableModel.load(" in code
+    model = tiny_model("llama", vocab_size=len(tokenizer), max_position_embeddings=256)
+    monkeypatch.setattr(actedit, "load_model", lambda spec, **kwargs: (model, tokenizer))
+    monkeypatch.chdir(tmp_path)
+    namespace: dict = {}
+    exec(compile(code, "README.md quick start", "exec"), namespace)  # noqa: S102 - the README's own code
+    assert (tmp_path / "caa-edit" / "config.json").is_file()
+    assert isinstance(namespace["answer"], str)
