@@ -61,7 +61,8 @@ def make_tokenizer(vocab_size: int = 300):
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tok.train_from_iterator(CORPUS * 3, trainer)
     tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+                                   model_input_names=["input_ids", "attention_mask"])  # a causal LM takes no token types
     fast.chat_template = CHATML
     return fast
 
@@ -132,6 +133,67 @@ def tiny_model(family: str, seed: int = 0, **overrides):
 
 
 FAMILIES = ["llama", "mistral", "qwen2", "gemma", "gpt2"]
+
+
+# ------------------------------------------------------------ stock pyvene in a fresh process
+STOCK_RELOAD_INPUTS = {"input_ids": torch.tensor([[0, 0, 5, 6, 7, 8], [3, 9, 4, 11, 12, 13]]),
+                       "attention_mask": torch.tensor([[0, 0, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1]])}
+STOCK_RELOAD_GENERATE = dict(unit_locations=None, intervene_on_prompt=True, max_new_tokens=6, do_sample=False,
+                             pad_token_id=0)
+_STOCK_RELOAD_CHILD = """
+import json, sys, torch
+import pyvene as pv
+from transformers import AutoModelForCausalLM
+root = sys.argv[1]
+model = AutoModelForCausalLM.from_pretrained(root + "/model").float().eval()
+ref = torch.load(root + "/reference.pt")
+assert not any(m.startswith("actedit") for m in sys.modules), "the child must not import actedit itself"
+results = {}
+for name in ref["names"]:
+    pvm = pv.IntervenableModel.load(root + "/artifacts/" + name, model)
+    with torch.no_grad():
+        _, out = pvm(dict(ref["inputs"]), unit_locations=None)
+        _, gen = pvm.generate(dict(ref["inputs"]), unit_locations=None, intervene_on_prompt=True,
+                              max_new_tokens=6, do_sample=False, pad_token_id=0)
+    results[name] = {"logits": torch.equal(out.logits, ref["logits"][name]),
+                     "generate": torch.equal(gen, ref["generate"][name])}
+results["imported_by_pyvene"] = any(m.startswith("actedit.interventions") for m in sys.modules)
+print(json.dumps(results))
+"""
+
+
+def reference_outputs(pvm):
+    """Logits and a greedy generation of an edited model on :data:`STOCK_RELOAD_INPUTS`."""
+    with torch.no_grad():
+        _, out = pvm(dict(STOCK_RELOAD_INPUTS), unit_locations=None)
+        _, gen = pvm.generate(dict(STOCK_RELOAD_INPUTS), **STOCK_RELOAD_GENERATE)
+    return out.logits, gen
+
+
+def assert_stock_reload(model, pvms, root: Path) -> None:
+    """Save every edit of ``pvms`` (name → pyvene model on ``model``) as an artifact, then load each
+    with stock ``pyvene.IntervenableModel.load`` in a fresh process that never imports actedit
+    itself: the same logits and generations, bit for bit, and pyvene imported actedit on its own."""
+    import json
+    import subprocess
+    import sys
+
+    from actedit.interventions.artifacts import save_artifact
+
+    logits, generations = {}, {}
+    for name, pvm in pvms.items():
+        logits[name], generations[name] = reference_outputs(pvm)
+        save_artifact(pvm, root / "artifacts" / name)
+    model.save_pretrained(root / "model")
+    torch.save({"names": list(pvms), "inputs": STOCK_RELOAD_INPUTS, "logits": logits, "generate": generations},
+               root / "reference.pt")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    proc = subprocess.run([sys.executable, "-c", _STOCK_RELOAD_CHILD, str(root)], capture_output=True, text=True,
+                          env=env, cwd=root, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert results.pop("imported_by_pyvene")
+    assert results == {name: {"logits": True, "generate": True} for name in pvms}
 
 
 @pytest.fixture(autouse=True, scope="session")

@@ -6,12 +6,7 @@ Every test loops over the method registry: a new method is covered by registerin
 
 from __future__ import annotations
 
-import json
-import os
 import re
-import subprocess
-import sys
-import textwrap
 from pathlib import Path
 
 import pytest
@@ -24,14 +19,12 @@ from actedit.interventions.settings import UnknownSettingError
 from actedit.train.formats import get_format
 from actedit.train.data import PromptPair
 
-from conftest import make_tokenizer, tiny_model
+from conftest import STOCK_RELOAD_INPUTS as INPUTS
+from conftest import assert_stock_reload, make_tokenizer, reference_outputs, tiny_model
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 TRIPLES = [(f"Is the sky blue number {i}?", f"Yes it is {i}.", f"No it is not {i}.") for i in range(10)]
 PAIRS = [("Love", "Hate")]
-INPUTS = {"input_ids": torch.tensor([[0, 0, 5, 6, 7, 8], [3, 9, 4, 11, 12, 13]]),
-          "attention_mask": torch.tensor([[0, 0, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1]])}
-GENERATE = dict(unit_locations=None, intervene_on_prompt=True, max_new_tokens=6, do_sample=False, pad_token_id=0)
 
 
 def arguments(spec) -> dict:
@@ -105,53 +98,16 @@ def test_the_store_can_be_a_resumable_directory(model, tokenizer, tmp_path, edit
     assert torch.allclose(a, b, atol=1e-6)  # the same vector as from the in-memory store
 
 
-CHILD = textwrap.dedent("""
-    import json, sys, torch
-    import pyvene as pv
-    from transformers import AutoModelForCausalLM
-    root = sys.argv[1]
-    model = AutoModelForCausalLM.from_pretrained(root + "/model").float().eval()
-    ref = torch.load(root + "/reference.pt")
-    assert not any(m.startswith("actedit") for m in sys.modules), "the child must not import actedit itself"
-    results = {}
-    for name in ref["names"]:
-        pvm = pv.IntervenableModel.load(root + "/artifacts/" + name, model)
-        with torch.no_grad():
-            _, out = pvm(dict(ref["inputs"]), unit_locations=None)
-            _, gen = pvm.generate(dict(ref["inputs"]), unit_locations=None, intervene_on_prompt=True,
-                                  max_new_tokens=6, do_sample=False, pad_token_id=0)
-        results[name] = {"logits": torch.equal(out.logits, ref["logits"][name]),
-                         "generate": torch.equal(gen, ref["generate"][name])}
-    print(json.dumps(results))
-""")
-
-
 def test_save_then_stock_pyvene_load_in_a_fresh_process_and_compose(model, edits, tmp_path):
     """Every method's artifact, and all of them composed, load with stock pyvene in a process
     that never imports actedit itself, and give the same logits and generations."""
     named = dict(edits)
     named["composed"] = actedit.compose(*edits.values())
     assert [e["method"] for e in named["composed"].config.actedit["edits"]] == [s.name for s in methods()]
-    logits, generations = {}, {}
-    for name, pvm in named.items():
-        with torch.no_grad():
-            _, out = pvm(dict(INPUTS), unit_locations=None)
-            _, gen = pvm.generate(dict(INPUTS), **GENERATE)
-        logits[name], generations[name] = out.logits, gen
-        actedit.save(pvm, tmp_path / "artifacts" / name)
-    model.save_pretrained(tmp_path / "model")
-    torch.save({"names": list(named), "inputs": INPUTS, "logits": logits, "generate": generations},
-               tmp_path / "reference.pt")
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    proc = subprocess.run([sys.executable, "-c", CHILD, str(tmp_path)], capture_output=True, text=True, env=env,
-                          cwd=tmp_path, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert json.loads(proc.stdout.strip().splitlines()[-1]) == {n: {"logits": True, "generate": True} for n in named}
+    assert_stock_reload(model, named, tmp_path)
     # composing artifact directories gives the same model as composing the edits in memory
     again = actedit.compose(*[tmp_path / "artifacts" / s.name for s in methods()], model=model)
-    with torch.no_grad():
-        _, out = again(dict(INPUTS), unit_locations=None)
-    assert torch.equal(out.logits, logits["composed"])
+    assert torch.equal(reference_outputs(again)[0], reference_outputs(named["composed"])[0])
 
 
 def quick_start() -> str:

@@ -3,11 +3,6 @@ logits and greedy generations bit for bit, per method and composed, on five mode
 the documented errors for bad artifacts."""
 
 import json
-import os
-import subprocess
-import sys
-import textwrap
-from pathlib import Path
 
 import pytest
 import torch
@@ -16,11 +11,8 @@ import actedit.interventions as ai
 from actedit.interventions import ArtifactError, load_artifact, push_to_hub, save_artifact
 from actedit.interventions.config import site_width
 
-from conftest import FAMILIES, tiny_model
-
-INPUTS = {"input_ids": torch.tensor([[0, 0, 5, 6, 7, 8], [3, 9, 4, 11, 12, 13]]),
-          "attention_mask": torch.tensor([[0, 0, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1]])}
-GEN_KWARGS = dict(unit_locations=None, intervene_on_prompt=True, max_new_tokens=6, do_sample=False, pad_token_id=0)
+from conftest import STOCK_RELOAD_INPUTS as INPUTS
+from conftest import FAMILIES, assert_stock_reload, reference_outputs, tiny_model
 
 
 def randomise(module, std=0.3, seed=0):
@@ -60,57 +52,15 @@ def method_configs_fresh(model, configs):
     return {k: copy.deepcopy(v) for k, v in configs.items()}
 
 
-def reference_outputs(model, config):
-    pvm = ai.intervenable(model, config)
-    with torch.no_grad():
-        _, out = pvm(dict(INPUTS))
-        _, gen = pvm.generate(dict(INPUTS), **GEN_KWARGS)
-    return pvm, out.logits, gen
-
-
-CHILD = textwrap.dedent("""
-    import json, sys, torch
-    import pyvene as pv
-    from transformers import AutoModelForCausalLM
-    root = sys.argv[1]
-    model = AutoModelForCausalLM.from_pretrained(root + "/model").float().eval()
-    ref = torch.load(root + "/reference.pt")
-    assert not any(m.startswith("actedit") for m in sys.modules), "the child must not import actedit itself"
-    results = {}
-    for name in ref["names"]:
-        pvm = pv.IntervenableModel.load(root + "/artifacts/" + name, model)
-        with torch.no_grad():
-            _, out = pvm(dict(ref["inputs"]))
-            _, gen = pvm.generate(dict(ref["inputs"]), unit_locations=None, intervene_on_prompt=True,
-                                  max_new_tokens=6, do_sample=False, pad_token_id=0)
-        results[name] = {"logits": torch.equal(out.logits, ref["logits"][name]),
-                         "generate": torch.equal(gen, ref["generate"][name])}
-    results["imported_by_pyvene"] = any(m.startswith("actedit.interventions") for m in sys.modules)
-    print(json.dumps(results))
-""")
-
-
 @pytest.mark.parametrize("family", FAMILIES)
 def test_save_then_stock_pyvene_load_in_fresh_process(family, tmp_path):
     model = tiny_model(family)
-    configs = method_configs(model)
     with torch.no_grad():
         base_logits = model(**INPUTS).logits
-    logits, generations = {}, {}
-    for name, config in configs.items():
-        pvm, logits[name], generations[name] = reference_outputs(model, config)
-        assert not torch.allclose(logits[name], base_logits), f"{name} edit changes nothing"
-        save_artifact(pvm, tmp_path / "artifacts" / name)
-    model.save_pretrained(tmp_path / "model")
-    torch.save({"names": list(configs), "inputs": INPUTS, "logits": logits, "generate": generations},
-               tmp_path / "reference.pt")
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    proc = subprocess.run([sys.executable, "-c", CHILD, str(tmp_path)], capture_output=True, text=True,
-                          env=env, cwd=tmp_path, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    results = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert results.pop("imported_by_pyvene")
-    assert results == {name: {"logits": True, "generate": True} for name in configs}
+    pvms = {name: ai.intervenable(model, config) for name, config in method_configs(model).items()}
+    for name, pvm in pvms.items():
+        assert not torch.allclose(reference_outputs(pvm)[0], base_logits), f"{name} edit changes nothing"
+    assert_stock_reload(model, pvms, tmp_path)
 
 
 def test_composed_same_site_order(llama):
