@@ -217,8 +217,8 @@ class HPRIntervention(ActEditIntervention):
 
     # ------------------------------------------------------------ stacked (all layers at once)
     # The same losses for L modules at once, written out with batched matrix products: the
-    # trainer calls these instead of vmap over ``loss`` (a step of HPR training multiplies a
-    # few dozen rows, so the time is dispatch, and vmap + functional_call took most of it).
+    # trainer calls these instead of each layer's ``loss`` in turn (a step of HPR training
+    # multiplies a few dozen rows, so the time is dispatch, which one batched call pays once).
     # ``weights`` maps parameter names to tensors with a leading layer axis, matrices stored
     # (L, in, out), i.e. each layer's ``nn.Linear.weight`` transposed; activations are (L, n, d).
 

@@ -6,6 +6,7 @@ Every test loops over the method registry: a new method is covered by registerin
 
 from __future__ import annotations
 
+import importlib.util
 import re
 from pathlib import Path
 
@@ -18,6 +19,7 @@ from actedit.interventions.registry import methods
 from actedit.interventions.settings import UnknownSettingError
 from actedit.train.formats import get_format
 from actedit.train.data import PromptPair
+from actedit.train.pipeline import method_settings
 
 from conftest import STOCK_RELOAD_INPUTS as INPUTS
 from conftest import assert_stock_reload, make_tokenizer, reference_outputs, tiny_model
@@ -128,3 +130,18 @@ def test_readme_quick_start_runs_as_written(tmp_path, tokenizer, monkeypatch):
     exec(compile(code, "README.md quick start", "exec"), namespace)  # noqa: S102 - the README's own code
     assert (tmp_path / "caa-edit" / "config.json").is_file()
     assert isinstance(namespace["answer"], str)
+
+
+def test_one_call_script_has_a_valid_call_for_every_method():
+    """``scripts/one_call.py`` (the one-call API on the real model, run by hand) writes one call per
+    registered method; each call's settings must pass the method's validation."""
+    path = README.parent / "scripts" / "one_call.py"
+    spec = importlib.util.spec_from_file_location("one_call", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    calls = script.calls("data-dir", 4)
+    assert set(calls) == {s.name for s in methods()}
+    fit_keywords = {"source", "limit", "train"}
+    for name, (_, _, kwargs) in calls.items():
+        settings = {k: v for k, v in kwargs.items() if k not in fit_keywords}
+        method_settings(name, settings, kwargs.get("train"))
