@@ -197,9 +197,9 @@ def test_layer_specs_resolve_against_the_depth():
     assert resolve_layers("all", 3) == [0, 1, 2] and resolve_layers(":2", 6) == [0, 1]
     assert resolve_layer(0.4, 30) == 12 and resolve_layer("2/5", 32) == 13 and resolve_layer(-1, 7) == 6
     with pytest.raises(ValueError, match=r"does not fit the model: it has 24 layers \(0\.\.23\)"):
-        resolve_layers("10-29", 24, "methods.sea.collect.layers")
+        resolve_layers("10-29", 24, "methods.sea.fit.layers")
     with pytest.raises(ValueError, match="takes one layer"):
-        resolve_layer("1/3:", 30, "fit.layer")
+        resolve_layer("1/3:", 30, "methods.caa.fit.layers")
     with pytest.raises(ValueError, match="not a layer index or a depth fraction"):
         resolve_layers(["ten"], 30)
     with pytest.raises(ValueError, match="more than once"):
