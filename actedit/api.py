@@ -35,7 +35,7 @@ from actedit.train.pipeline import (
     method_settings,
     prepare_dataset,
 )
-from actedit.train.tasks import is_task, task_names
+from actedit.train.tasks import contrast_names, is_contrast_name
 
 Data = Union[str, ContrastDataset, PromptPairDataset, Sequence[Any]]
 
@@ -99,9 +99,9 @@ def fit(method: str, model, tokenizer, data: Data, *, layers=None, store: Option
         values["layers"] = layers
     fit_settings, train_settings = method_settings(spec.name, values, train)
     named = isinstance(data, str)
-    if named and not is_task(data) and not Path(data).expanduser().is_file():
-        raise ValueError(f"unknown task {data!r}; give one of {', '.join(task_names())}, a JSONL file, or the "
-                         "examples themselves.")
+    if named and not is_contrast_name(data) and not Path(data).expanduser().is_file():
+        raise ValueError(f"unknown task {data!r}; give a task or dataset name ({', '.join(contrast_names())}), a "
+                         "JSONL file, or the examples themselves.")
     cfg = PipelineConfig(
         model=getattr(getattr(model, "config", None), "_name_or_path", "") or type(model).__name__,
         method=spec.name,
@@ -110,7 +110,7 @@ def fit(method: str, model, tokenizer, data: Data, *, layers=None, store: Option
         collect=CollectConfig(dir=None if store is None else str(store), format=dict(prompt_format or {})),
         fit=fit_settings, train=train_settings, out=None)
     cfg = cfg.for_model(model)
-    dataset = load_dataset(cfg) if named else prepare_dataset(cfg, _dataset(data, spec.reads == "aligned"))
+    dataset = load_dataset(cfg) if named else prepare_dataset(cfg, _dataset(data, cfg.reads_prompt_pairs))
     activations = collect(cfg, model, tokenizer, dataset=dataset, progress=progress, quiet=not progress)
     config, _ = make_edit(cfg, model, tokenizer, store=activations, progress=progress)
     return intervenable(model, config)

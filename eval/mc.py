@@ -303,13 +303,6 @@ def _common_prefix_length(sequences: Sequence[Sequence[int]]) -> int:
     return n
 
 
-def _pad_id(tokenizer) -> int:
-    for value in (getattr(tokenizer, "pad_token_id", None), getattr(tokenizer, "eos_token_id", None)):
-        if value is not None:
-            return int(value)
-    return 0
-
-
 LOGSUMEXP_ROWS = 128
 """Rows of logits per logsumexp call (128 rows of a 49,152-token vocabulary in fp32 are 25 MB)."""
 

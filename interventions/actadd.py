@@ -149,19 +149,20 @@ def build_actadd_config(model, steering: dict, *, coefficient: Optional[float] =
                         component: str = "block_input", metadata: Optional[dict] = None):
     """An ``IntervenableConfig`` with one ActAdd module per layer; ``steering`` maps layer → (n, d)
     x-vector with the coefficient applied (``coefficient`` is recorded as metadata only)."""
-    width = site_width(model, component)
-    modules = {layer: ActAddIntervention(embed_dim=width, steering=x, position_policy=position_policy)
-               for layer, x in steering.items()}
+    modules = _modules(site_width(model, component), steering, position_policy)
     first = next(iter(modules.values()))
     hyper = {"coefficient": coefficient, "length": first.length, "position_policy": first.policy.name.lower()}
     return edit_config(model, "actadd", modules, component=component, hyperparameters=hyper, metadata=metadata)
 
 
+def _modules(width: int, steering: Mapping[int, torch.Tensor], position_policy) -> Dict[int, ActAddIntervention]:
+    return {layer: ActAddIntervention(embed_dim=width, steering=x, position_policy=position_policy)
+            for layer, x in steering.items()}
+
+
 def _fit(inputs: Mapping[str, Any], config: ActAddConfig, context: FitContext) -> Fit:
     result = fit_actadd(inputs["pos"], inputs["neg"], coefficient=config.coefficient)
-    modules = {layer: ActAddIntervention(embed_dim=context.width, steering=x, position_policy=config.position_policy)
-               for layer, x in result.steering.items()}
-    return Fit(modules, {"length": result.length})
+    return Fit(_modules(context.width, result.steering, config.position_policy), {"length": result.length})
 
 
 SPEC = register_method(MethodSpec(

@@ -128,21 +128,23 @@ def fit_caa(pos: Mapping[int, Any], neg: Mapping[int, Any]) -> CAAFit:
 def build_caa_config(model, vectors: dict, *, multiplier: float = 1.0, position_policy=None,
                      position_start: int = 0, component: str = "block_output", metadata: Optional[dict] = None):
     """An ``IntervenableConfig`` with one CAA module per layer; ``vectors`` maps layer → v."""
-    width = site_width(model, component)
-    modules = {layer: CAAIntervention(embed_dim=width, vector=v, multiplier=multiplier,
-                                      position_policy=position_policy, position_start=position_start)
-               for layer, v in vectors.items()}
+    modules = _modules(site_width(model, component), vectors, multiplier, position_policy, position_start)
     first = next(iter(modules.values()))
     hyper = {"multiplier": float(multiplier), "position_policy": first.policy.name.lower(),
              "position_start": int(position_start)}
     return edit_config(model, "caa", modules, component=component, hyperparameters=hyper, metadata=metadata)
 
 
+def _modules(width: int, vectors: Mapping[int, torch.Tensor], multiplier: float, position_policy,
+             position_start: int) -> Dict[int, CAAIntervention]:
+    return {layer: CAAIntervention(embed_dim=width, vector=v, multiplier=multiplier, position_policy=position_policy,
+                                   position_start=position_start) for layer, v in vectors.items()}
+
+
 def _fit(inputs: Mapping[str, Any], config: CAAConfig, context: FitContext) -> Fit:
     result = fit_caa(inputs["pos"], inputs["neg"])
-    modules = {layer: CAAIntervention(embed_dim=context.width, vector=v, multiplier=config.multiplier,
-                                      position_policy=config.position_policy, position_start=config.position_start)
-               for layer, v in result.vectors.items()}
+    modules = _modules(context.width, result.vectors, config.multiplier, config.position_policy,
+                       config.position_start)
     return Fit(modules, {"num_pairs": result.num_pairs})
 
 

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import math
 from fractions import Fraction
-from typing import Any, List, Optional, Union
+from typing import Any, List, Optional, Tuple, Union
 
 LayerSpec = Union[int, float, str, List[Union[int, float, str]]]
 
@@ -69,6 +69,20 @@ def _index(part: Any, n_layers: int, where: str, spec: Any, *, end: bool = False
     return int(index)
 
 
+def _slice_bounds(spec: str, n_layers: int, where: str) -> Tuple[int, int]:
+    """``(start, stop)`` of a slice spec ``"a:b"`` on a model of ``n_layers`` layers (not empty)."""
+    lo, _, hi = spec.partition(":")
+    start = _index(lo, n_layers, where, spec, end=True) if lo.strip() else 0
+    stop = _index(hi, n_layers, where, spec, end=True) if hi.strip() else n_layers
+    if start >= stop:
+        raise ValueError(f"{where}: layer spec {spec!r} selects no layer of this {n_layers}-layer model.")
+    return start, stop
+
+
+def _is_all(spec: Any) -> bool:
+    return isinstance(spec, str) and spec.strip().lower() == "all"
+
+
 def resolve_layers(spec: LayerSpec, n_layers: int, where: str = "layers") -> List[int]:
     """The sorted, distinct layer indices ``spec`` means on a model of ``n_layers`` layers."""
     if not _is_int(n_layers) or n_layers < 1:
@@ -77,15 +91,10 @@ def resolve_layers(spec: LayerSpec, n_layers: int, where: str = "layers") -> Lis
         if not spec:
             raise ValueError(f"{where}: the layer list is empty; {_HELP}.")
         layers = [_index(part, n_layers, where, spec) for part in spec]
-    elif isinstance(spec, str) and spec.strip().lower() == "all":
+    elif _is_all(spec):
         layers = list(range(n_layers))
     elif isinstance(spec, str) and ":" in spec:
-        lo, _, hi = spec.partition(":")
-        start = _index(lo, n_layers, where, spec, end=True) if lo.strip() else 0
-        stop = _index(hi, n_layers, where, spec, end=True) if hi.strip() else n_layers
-        layers = list(range(start, stop))
-        if not layers:
-            raise ValueError(f"{where}: layer spec {spec!r} selects no layer of this {n_layers}-layer model.")
+        layers = list(range(*_slice_bounds(spec, n_layers, where)))
     elif isinstance(spec, str) and spec.count("-") == 1 and not spec.strip().startswith("-"):
         lo, _, hi = spec.partition("-")
         if not (lo.strip().isdigit() and hi.strip().isdigit()) or int(lo) > int(hi):
@@ -102,7 +111,7 @@ def resolve_layers(spec: LayerSpec, n_layers: int, where: str = "layers") -> Lis
 
 def resolve_layer(spec: LayerSpec, n_layers: int, where: str = "layer") -> int:
     """The one layer index ``spec`` means (an index or a fraction; not a list or a slice)."""
-    if isinstance(spec, (list, tuple)) or (isinstance(spec, str) and (":" in spec or spec.strip().lower() == "all")):
+    if isinstance(spec, (list, tuple)) or _is_all(spec) or (isinstance(spec, str) and ":" in spec):
         raise ValueError(f"{where} takes one layer (an index or a depth fraction), got {spec!r}.")
     layers = resolve_layers(spec, n_layers, where)
     if len(layers) != 1:
@@ -117,6 +126,10 @@ def check_layer_spec(spec: Optional[LayerSpec], where: str = "layers", single: b
     depth = 10 ** 6  # large enough that every syntactically valid spec fits
     if single:
         resolve_layer(spec, depth, where)
+    elif _is_all(spec):
+        return
+    elif isinstance(spec, str) and ":" in spec:
+        _slice_bounds(spec, depth, where)  # its ends alone: no list of a million layers
     else:
         resolve_layers(spec, depth, where)
 

@@ -20,7 +20,6 @@ To add a method, see "How to add a method" in the README.
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple, Type
 
@@ -100,14 +99,10 @@ class FitContext:
     Attributes:
         width: width of the site's activations.
         num_heads: attention heads per layer (head-level methods).
-        num_layers: the model's depth.
-        layers: the layers the activations were collected at.
     """
 
     width: int
     num_heads: int
-    num_layers: int
-    layers: Tuple[int, ...]
 
 
 @dataclass
@@ -221,8 +216,3 @@ def spec_of(intervention) -> Optional[MethodSpec]:
     spec = _REGISTRY.get(name) if isinstance(name, str) else None
     cls = intervention if isinstance(intervention, type) else type(intervention)
     return spec if spec is not None and issubclass(cls, spec.intervention) else None
-
-
-def replace_settings(config: MethodConfig, **changes) -> MethodConfig:
-    """A copy of ``config`` with ``changes`` (validated again)."""
-    return dataclasses.replace(config, **changes)

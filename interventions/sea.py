@@ -329,10 +329,7 @@ def fit_sea(H: Mapping[int, Any], H_pos: Mapping[int, Any], H_neg: Mapping[int, 
 def build_sea_config(model, factors: dict, *, norm_mode="token", feature_function="linear",
                      position_policy=None, component: str = "mlp_output", metadata: Optional[dict] = None):
     """An ``IntervenableConfig`` with one SEA module per layer; ``factors`` maps layer → (U⁺, U⁻)."""
-    width = site_width(model, component)
-    modules = {layer: SEAIntervention(embed_dim=width, U_pos=u_pos, U_neg=u_neg, norm_mode=norm_mode,
-                                      feature_function=feature_function, position_policy=position_policy)
-               for layer, (u_pos, u_neg) in factors.items()}
+    modules = _modules(site_width(model, component), factors, norm_mode, feature_function, position_policy)
     first = next(iter(modules.values()))
     hyper = {"norm_mode": NormMode(int(first.norm_mode)).name.lower(),
              "feature_function": FeatureFunction(int(first.feature_function)).name.lower(),
@@ -341,13 +338,18 @@ def build_sea_config(model, factors: dict, *, norm_mode="token", feature_functio
     return edit_config(model, "sea", modules, component=component, hyperparameters=hyper, metadata=metadata)
 
 
+def _modules(width: int, factors: Mapping[int, Any], norm_mode, feature_function,
+             position_policy) -> Dict[int, SEAIntervention]:
+    return {layer: SEAIntervention(embed_dim=width, U_pos=u_pos, U_neg=u_neg, norm_mode=norm_mode,
+                                   feature_function=feature_function, position_policy=position_policy)
+            for layer, (u_pos, u_neg) in factors.items()}
+
+
 def _fit(inputs: Mapping[str, Any], config: SEAConfig, context: FitContext) -> Fit:
     result = fit_sea(inputs["base"], inputs["pos"], inputs["neg"], energy_ratio=config.energy_ratio,
                      feature_function=config.feature_function)
-    modules = {layer: SEAIntervention(embed_dim=context.width, U_pos=u_pos, U_neg=u_neg, norm_mode=config.norm_mode,
-                                      feature_function=config.feature_function,
-                                      position_policy=config.position_policy)
-               for layer, (u_pos, u_neg) in result.factors.items()}
+    modules = _modules(context.width, result.factors, config.norm_mode, config.feature_function,
+                       config.position_policy)
     return Fit(modules, result.record)
 
 

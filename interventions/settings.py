@@ -51,6 +51,15 @@ def check_keys(given: Iterable[str], valid: Iterable[str], where: str) -> None:
         raise UnknownSettingError(unknown_keys_message(unknown, valid, where))
 
 
+def check_moved(given: Iterable[str], moved: Mapping[str, str], where: str) -> None:
+    """Raise :class:`UnknownSettingError` for keys of ``given`` an earlier release accepted and that
+    now live elsewhere (``moved``: key → its new place), saying where each went."""
+    keys = [k for k in given if k in moved]
+    if keys:
+        prefix = f"{where}." if where else ""
+        raise UnknownSettingError("; ".join(f"{prefix}{k} has moved: set {moved[k]} instead" for k in keys) + ".")
+
+
 @dataclasses.dataclass
 class Settings:
     """Base of actedit's typed settings (see the module docstring).
@@ -77,11 +86,7 @@ class Settings:
             raise ValueError(f"{where or cls.__name__} must be a mapping of settings, got {type(values).__name__} "
                              f"({values!r:.60}).")
         merged = {**values, **extra}
-        moved = [k for k in merged if k in cls.MOVED]
-        if moved:
-            prefix = f"{where}." if where else ""
-            raise UnknownSettingError("; ".join(f"{prefix}{k} has moved: set {cls.MOVED[k]} instead" for k in moved)
-                                      + ".")
+        check_moved(merged, cls.MOVED, where)
         check_keys(merged, cls.field_names(), where or cls.__name__)
         return cls(**merged)
 

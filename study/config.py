@@ -28,7 +28,7 @@ from typing import Any, Dict, List, Optional, Sequence, Union
 import torch
 
 from actedit.interventions.registry import method_names, method_spec
-from actedit.interventions.settings import Settings, UnknownSettingError, check_keys
+from actedit.interventions.settings import Settings, check_keys, check_moved
 from actedit.train.pipeline import CollectConfig, DataConfig, PipelineConfig, read_config
 from actedit.train.tasks import task_spec
 
@@ -138,9 +138,8 @@ class StudyConfig:
                 self.methods[name] = block = {}
             if not isinstance(block, dict):
                 raise ValueError(f"methods.{name} must be a mapping, got {type(block).__name__}.")
-            if "select" in block:
-                raise UnknownSettingError(f"methods.{name}.select has moved: set methods.{name}.fit.top_k and "
-                                          f"methods.{name}.fit.strategy instead.")
+            check_moved(block, {"select": f"methods.{name}.fit.top_k and methods.{name}.fit.strategy"},
+                        f"methods.{name}")
             check_keys(block, METHOD_KEYS, f"methods.{name}")
         if isinstance(self.compose, str):
             if self.compose not in ("all", "none"):

@@ -25,11 +25,12 @@ from typing import Any, Dict, List, Optional
 
 import torch
 
+from actedit.api import compose
 from actedit.eval.analysis import analyze_edits
 from actedit.eval.mc import MCResult, score_mc_many
 from actedit.interventions.artifacts import MANIFEST, ArtifactError, file_sha256, load_artifact, save_artifact, \
     verify_artifact
-from actedit.interventions.config import compose, config_of, intervenable
+from actedit.interventions.config import intervenable
 from actedit.train import pipeline
 from actedit.train.models import load_model
 from actedit.train.plots import plot_scores
@@ -119,8 +120,8 @@ def run_study(cfg: StudyConfig, *, quiet: bool = False) -> Dict[str, Any]:
 
         def build_composed():
             if not _artifact_ready(path):
-                configs = [config_of(load_artifact(artifacts[m], model)) for m in composed]
-                save_artifact(intervenable(model, compose(*configs, metadata={"composed_of": composed})), path)
+                edits = [artifacts[m] for m in composed]
+                save_artifact(compose(*edits, model=model, metadata={"composed_of": composed}), path)
 
         steps.run(f"compose {' + '.join(composed)}", build_composed)
         artifacts["composed"] = path

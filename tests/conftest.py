@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -12,6 +15,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import actedit.interventions  # noqa: E402,F401  (applies the pyvene fixes)
+from actedit.interventions.artifacts import save_artifact  # noqa: E402
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers  # noqa: E402
+from transformers import PreTrainedTokenizerFast  # noqa: E402
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "truthfulqa"
 
@@ -44,44 +50,31 @@ CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }
           "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 
 
-def make_tokenizer(vocab_size: int = 300):
-    """A small byte-level BPE tokenizer (trained in milliseconds, offline) with a ChatML template.
+def build_tokenizer(texts, vocab_size=700, add_bos=False, specials=("<pad>", "<s>", "</s>")):
+    """A byte-level BPE tokenizer trained here on ``texts`` (GPT-2 style spaces), no download.
 
-    Ids 0, 1, 2 are <pad>, <s>, </s> (the tiny test models' pad/bos/eos); BOS is added to plain
-    text; ``len(tokenizer)`` is the vocabulary size to build models with.
+    Ids 0, 1, 2 are <pad>, <s>, </s> (the tiny test models' pad/bos/eos); ``add_bos`` puts BOS
+    before plain text.
     """
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-    from transformers import PreTrainedTokenizerFast
-
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, show_progress=False,
-                                  special_tokens=["<pad>", "<s>", "</s>", "<|im_start|>", "<|im_end|>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(CORPUS * 3, trainer)
-    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
-                                   model_input_names=["input_ids", "attention_mask"])  # a causal LM takes no token types
-    fast.chat_template = CHATML
-    return fast
-
-
-
-def build_tokenizer(texts, vocab_size=700, add_bos=False):
-    """A byte-level BPE tokenizer trained here on ``texts`` (GPT-2 style spaces), no download."""
-    import transformers as tf
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<pad>", "<s>", "</s>"],
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(specials),
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     tok.train_from_iterator(texts, trainer)
     if add_bos:
         tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
-    return tf.PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>")
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>")
+
+
+def make_tokenizer(vocab_size: int = 300):
+    """:func:`build_tokenizer` on a small fixed corpus (trained in milliseconds, offline), with BOS
+    on plain text and a ChatML template; ``len(tokenizer)`` is the vocabulary size to build models with."""
+    fast = build_tokenizer(CORPUS * 3, vocab_size, add_bos=True,
+                           specials=("<pad>", "<s>", "</s>", "<|im_start|>", "<|im_end|>"))
+    fast.model_input_names = ["input_ids", "attention_mask"]  # a causal LM takes no token types
+    fast.chat_template = CHATML
+    return fast
 
 
 def tiny_config(family: str, **overrides):
@@ -174,12 +167,6 @@ def assert_stock_reload(model, pvms, root: Path) -> None:
     """Save every edit of ``pvms`` (name → pyvene model on ``model``) as an artifact, then load each
     with stock ``pyvene.IntervenableModel.load`` in a fresh process that never imports actedit
     itself: the same logits and generations, bit for bit, and pyvene imported actedit on its own."""
-    import json
-    import subprocess
-    import sys
-
-    from actedit.interventions.artifacts import save_artifact
-
     logits, generations = {}, {}
     for name, pvm in pvms.items():
         logits[name], generations[name] = reference_outputs(pvm)

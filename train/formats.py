@@ -472,16 +472,20 @@ class SEAFormat(PromptFormat):
     def needs_bases(self, dataset) -> bool:
         return self.require_bases and not all(ex.bases for ex in dataset)
 
+    def prompt_text(self, prompt: str, tokenizer) -> Tuple[str, bool]:
+        """What comes before the separator for ``prompt`` (the preamble and template, rendered by
+        the chat template where the format uses it), and whether encoding it adds special tokens."""
+        text = self.preamble + self.template.format(prompt=prompt)
+        if has_chat_template(tokenizer) if self.chat is None else self.chat:
+            return chat_text(tokenizer, _messages(None, text), add_generation_prompt=True), False
+        return text, True
+
     def encode(self, example, tokenizer, index: int = 0) -> EncodedExample:
         self.check(example)
         if self.require_bases and not example.bases:
             raise ValueError(f"example {example.id or index} has no base completion; SEA needs the model's own "
                              "completion of each prompt in ContrastExample.bases (or SEAFormat(require_bases=False)).")
-        prompt = self.preamble + self.template.format(prompt=example.prompt)
-        special = True
-        if has_chat_template(tokenizer) if self.chat is None else self.chat:
-            prompt = chat_text(tokenizer, _messages(None, prompt), add_generation_prompt=True)
-            special = False
+        prompt, special = self.prompt_text(example.prompt, tokenizer)
         sequences = []
         for role, completions in (("pos", example.positives), ("neg", example.negatives), ("base", example.bases)):
             for r, completion in enumerate(completions):

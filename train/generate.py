@@ -29,7 +29,7 @@ from typing import Any, Dict, List, Optional, Sequence, Union
 import torch
 from tqdm.auto import tqdm
 
-from actedit.interventions.config import is_intervenable, model_signature
+from actedit.interventions.config import base_model_of, is_intervenable, model_signature
 
 from .data import ContrastDataset, as_dataset, with_bases
 from .formats import PromptFormat, SEAFormat, chat_text, get_format, has_chat_template, pad_id, tokenizer_fingerprint
@@ -106,10 +106,7 @@ def build_prompt(tokenizer, question: str, settings: GenerationSettings) -> str:
     if settings.system_prompt:
         messages.append({"role": "system", "content": settings.system_prompt})
     messages.append({"role": "user", "content": text})
-    rendered = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    if not isinstance(rendered, str):  # some versions return a list when given one conversation
-        rendered = rendered[0]
-    return rendered
+    return chat_text(tokenizer, messages, add_generation_prompt=True)
 
 
 def encode_left_padded(tokenizer, prompts: Sequence[str], add_special_tokens: bool = True) -> Dict[str, torch.Tensor]:
@@ -193,7 +190,7 @@ def generate_texts(model_or_pvm, tokenizer, prompts: Sequence[str], settings: Op
         for answer, i in zip(answers, order):
             result[i] = answer
         return result
-    model = model_or_pvm.model if is_intervenable(model_or_pvm) else model_or_pvm
+    model = base_model_of(model_or_pvm)
     model.eval()
     pad = pad_id(tokenizer)
     eos = _eos_ids(model, tokenizer)
@@ -209,11 +206,9 @@ def generate_texts(model_or_pvm, tokenizer, prompts: Sequence[str], settings: Op
             out = _generate_batch(model_or_pvm, batch, kwargs)
             width = batch["input_ids"].shape[1]
             answers += [_decode(tokenizer, row[width:], eos) for row in out]
-            if bar is not None:
-                bar.update(len(chunk))
+            bar.update(len(chunk))
     finally:
-        if bar is not None:
-            bar.close()
+        bar.close()
     return answers
 
 
@@ -237,10 +232,11 @@ def generate_bases(model, tokenizer, dataset: ContrastDataset, format: Union[str
     data = as_dataset(dataset)
     settings = GenerationSettings(max_new_tokens=max_new_tokens, batch_size=batch_size, use_chat_template=False,
                                   cache_implementation="static")
-    key = {"model": model_signature(model), "weights_sha256": weights_digest(model),
-           "tokenizer": tokenizer_fingerprint(tokenizer), "format": fmt.params(),
-           "max_new_tokens": max_new_tokens, "dataset": data.digest(), "batches": "length-sorted, static cache"}
     path = Path(cache_path).expanduser() if cache_path is not None else None
+    key = None if path is None else {
+        "model": model_signature(model), "weights_sha256": weights_digest(model),
+        "tokenizer": tokenizer_fingerprint(tokenizer), "format": fmt.params(),
+        "max_new_tokens": max_new_tokens, "dataset": data.digest(), "batches": "length-sorted, static cache"}
     if path is not None and path.is_file():
         try:
             saved = json.loads(path.read_text())
@@ -248,12 +244,7 @@ def generate_bases(model, tokenizer, dataset: ContrastDataset, format: Union[str
             saved = {}
         if saved.get("key") == key and len(saved.get("bases", [])) == len(data):
             return with_bases(data, saved["bases"])
-    prompts = []
-    for example in data:
-        prompt = fmt.preamble + fmt.template.format(prompt=example.prompt)
-        if fmt.chat:
-            prompt = chat_text(tokenizer, [{"role": "user", "content": prompt}], add_generation_prompt=True)
-        prompts.append(prompt)
+    prompts = [fmt.prompt_text(example.prompt, tokenizer)[0] for example in data]
     answers = generate_texts(model, tokenizer, prompts, settings, add_special_tokens=not fmt.chat,
                              progress=progress, desc="base completions", sort_by_length=True)
     bases = [answer.split("\n", 1)[0].strip() or answer.strip() or "." for answer in answers]

@@ -55,7 +55,7 @@ from actedit.interventions.artifacts import save_artifact
 from actedit.interventions.config import edit_config, intervenable, site_width
 from actedit.interventions.layers import model_depth, resolve_layers
 from actedit.interventions.registry import FitContext, MethodConfig, MethodSpec, method_names, method_spec
-from actedit.interventions.settings import Settings, UnknownSettingError, check_keys
+from actedit.interventions.settings import Settings, UnknownSettingError, check_keys, check_moved
 
 from .collect import collect_activations
 from .data import ContrastDataset, PromptPair
@@ -170,8 +170,7 @@ class PipelineConfig:
         self.method = method_spec(self.method).name
         if not isinstance(self.fit, MethodConfig):
             self.fit, self.train = method_settings(self.method, self.fit, self.train, self.where)
-        fmt = get_format(self.spec.format, **self.collect.format)
-        if fmt.accepts is PromptPair and is_task(self.data.name):
+        if self.reads_prompt_pairs and is_task(self.data.name):
             prefix = f"{self.where}." if self.where else ""
             raise ValueError(f"{prefix}data: {self.method} reads prompt pairs ({{prompt1, prompt2}} records, e.g. "
                              f"'Love' / 'Hate'), not the contrast questions of the task {self.data.name!r}; set "
@@ -184,6 +183,12 @@ class PipelineConfig:
     @property
     def site(self) -> str:
         return self.spec.component(self.fit)
+
+    @property
+    def reads_prompt_pairs(self) -> bool:
+        """Whether the method's prompt format reads (prompt₁, prompt₂) pairs (ActAdd) rather than
+        contrast examples (building the format also checks ``collect.format``)."""
+        return get_format(self.spec.format, **self.collect.format).accepts is PromptPair
 
     def for_model(self, model) -> "PipelineConfig":
         """A copy whose layer spec is the layer indices it means on ``model``.
@@ -247,8 +252,7 @@ def read_config(path: Optional[str], overrides: Sequence[str] = (), missing: str
 def load_config(path: Optional[str], overrides: Sequence[str] = ()) -> PipelineConfig:
     """Read a YAML config (or start from defaults when ``path`` is None) and apply overrides."""
     raw = read_config(path, overrides)
-    if "select" in raw:
-        raise UnknownSettingError("select has moved: set fit.top_k and fit.strategy instead.")
+    check_moved(raw, {"select": "fit.top_k and fit.strategy"}, "")
     check_keys(raw, [f.name for f in fields(PipelineConfig) if f.name != "where"], "")
     data = DataConfig.from_mapping(raw.pop("data", None), "data")
     collect_cfg = CollectConfig.from_mapping(raw.pop("collect", None), "collect")
@@ -355,8 +359,7 @@ def make_edit(cfg: PipelineConfig, model, tokenizer, *, store: Optional[Activati
     if spec.trained:
         modules, metadata = _train(cfg, store, progress)
     else:
-        context = FitContext(width=site_width(model, cfg.site), num_heads=int(model.config.num_attention_heads),
-                             num_layers=model_depth(model), layers=tuple(settings.layers))
+        context = FitContext(width=site_width(model, cfg.site), num_heads=int(model.config.num_attention_heads))
         fitted = spec.fit(fit_inputs(store, spec, cfg.site, settings.layers), settings, context)
         modules, metadata = fitted.modules, {"fit": fitted.record}
     metadata["timings"] = {"fit_seconds": round(time.time() - started, 3)}

@@ -26,7 +26,7 @@ import os
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -347,13 +347,20 @@ class ActivationStore:
             raise ValueError(f"{self.path} is incomplete ({len(self.manifest.get('shards', []))} shards written; the "
                              "collection was interrupted). Run collect_activations again with the same arguments to "
                              "resume, or open it with allow_incomplete=True.")
-        self._shards: List[ShardView] = []
-        row = 0
-        for i, entry in enumerate(self.manifest.get("shards", [])):
+        def on_disk(i: int, entry: Dict[str, Any], row: int) -> ShardView:
             path = self.path / entry["file"]
             if not path.is_file():
                 raise FileNotFoundError(f"{self.path}: shard file {entry['file']} is missing.")
-            self._shards.append(ShardView(i, path, row, int(entry["rows"]), tuple(entry["examples"])))
+            return ShardView(i, path, row, int(entry["rows"]), tuple(entry["examples"]))
+
+        self._open(on_disk)
+
+    def _open(self, view: Callable[[int, Dict[str, Any], int], "ShardView"]) -> None:
+        """Index the manifest's shards: ``view(i, entry, first_row)`` makes shard i's reader."""
+        self._shards: List[ShardView] = []
+        row = 0
+        for i, entry in enumerate(self.manifest.get("shards", [])):
+            self._shards.append(view(i, entry, row))
             row += int(entry["rows"])
         self._num_rows = row
         self._columns: Optional[Dict[str, np.ndarray]] = None
@@ -367,15 +374,8 @@ class ActivationStore:
         store = cls.__new__(cls)
         store.path = None
         store.manifest = manifest
-        store._shards = []
-        row = 0
-        for i, ((tensors, records), entry) in enumerate(zip(shards, manifest["shards"])):
-            store._shards.append(ShardView(i, None, row, int(entry["rows"]), tuple(entry["examples"]),
-                                           tensors=tensors, example_records=records))
-            row += int(entry["rows"])
-        store._num_rows = row
-        store._columns = None
-        store._examples = None
+        store._open(lambda i, entry, row: ShardView(i, None, row, int(entry["rows"]), tuple(entry["examples"]),
+                                                    tensors=shards[i][0], example_records=shards[i][1]))
         return store
 
     # ------------------------------------------------------------------------ description

@@ -96,10 +96,20 @@ def task_names() -> List[str]:
     return sorted(_TASKS)
 
 
+def _normal(name) -> str:
+    """A task or loader name as keyed here: case-insensitive, ``-`` or ``_``."""
+    return str(name).strip().lower().replace("-", "_")
+
+
+def _task_key(name) -> str:
+    """The task key ``name`` stands for (aliases resolved)."""
+    key = _normal(name)
+    return _ALIASES.get(key, key)
+
+
 def task_spec(name: str) -> TaskSpec:
     """The spec of a task name (case-insensitive, ``-`` or ``_``), with a clear error for unknown names."""
-    key = str(name).strip().lower().replace("-", "_")
-    key = _ALIASES.get(key, key)
+    key = _task_key(name)
     if key not in _TASKS:
         raise ValueError(f"unknown task {name!r}; known: {', '.join(task_names())}.")
     return _TASKS[key]
@@ -107,8 +117,17 @@ def task_spec(name: str) -> TaskSpec:
 
 def is_task(name) -> bool:
     """Whether ``name`` is a registered task or one of its aliases."""
-    key = str(name).strip().lower().replace("-", "_")
-    return _ALIASES.get(key, key) in _TASKS
+    return _task_key(name) in _TASKS
+
+
+def contrast_names() -> List[str]:
+    """Every name :func:`load_contrast` resolves without a file: tasks, their aliases, dataset loaders."""
+    return sorted(set(LOADERS) | set(_TASKS) | set(_ALIASES))
+
+
+def is_contrast_name(name) -> bool:
+    """Whether :func:`load_contrast` reads ``name`` as a task or a dataset loader (not a file)."""
+    return is_task(name) or _normal(name) in LOADERS
 
 
 def mean_stderr(values: Sequence[float]) -> float:
@@ -127,15 +146,15 @@ def load_contrast(name, *, source=None, split_file=None, limit: Optional[int] = 
     JSONL file. Without a task, ``limit`` keeps the first examples.
     """
     text = str(name)
-    key = text.strip().lower().replace("-", "_")
-    task = _TASKS.get(_ALIASES.get(key, key))
+    task = _TASKS.get(_task_key(text))
     if task is not None:
         return task.contrast(source=source, split_file=split_file, limit=limit)
+    key = _normal(text)
     if key in LOADERS:
         dataset = LOADERS[key](**({"source": source} if source is not None else {}))
     else:
-        dataset = load_contrast_file(text, known=sorted(set(LOADERS) | set(_TASKS) | set(_ALIASES)))
+        dataset = load_contrast_file(text, known=contrast_names())
     return dataset.select(range(min(limit, len(dataset)))) if limit else dataset
 
 
-__all__ = ["MCItem", "TaskSpec", "is_task", "load_contrast", "mean_stderr", "register_task", "task_names", "task_spec"]
+__all__ = ["MCItem", "TaskSpec", "contrast_names", "is_contrast_name", "is_task", "load_contrast", "mean_stderr", "register_task", "task_names", "task_spec"]

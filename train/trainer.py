@@ -180,7 +180,7 @@ class TrainConfig(Settings):
         """The settings a resumed run must share with the interrupted one."""
         keep = ("learning_rate", "epochs", "batch_size", "warmup_ratio", "schedule", "weight_decay", "adam_betas",
                 "adam_eps", "max_grad_norm", "seed", "best_by", "select_best", "vectorize", "dtype", "stop_after_epoch")
-        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(self).items() if k in keep}
+        return {k: v for k, v in self.to_dict().items() if k in keep}
 
 
 @dataclass
@@ -441,11 +441,12 @@ class PairTask(TrainTask):
         second stage trains angle nets with frozen probes)."""
         return self.has_probe and any(n.startswith("probe") for n in self.names)
 
-    def _layer_losses(self, hp: torch.Tensor, hn: torch.Tensor) -> List[torch.Tensor]:
-        """Each layer's loss from h⁺, h⁻ (L, n, d): one stacked call, or each module's own."""
+    def _layer_losses(self, hp: torch.Tensor, hn: torch.Tensor) -> torch.Tensor:
+        """Each layer's loss, (L,), from h⁺, h⁻ (L, n, d): one stacked call, or each module's own."""
         if self.vectorized:
-            return list(self._stacked_loss(self.stacked, hp, hn))
-        return [getattr(self.modules[layer], self.loss_method)(hp[i], hn[i]) for i, layer in enumerate(self.layers)]
+            return self._stacked_loss(self.stacked, hp, hn)
+        return torch.stack([getattr(self.modules[layer], self.loss_method)(hp[i], hn[i])
+                            for i, layer in enumerate(self.layers)])
 
     @torch.no_grad()
     def _layer_logits(self, h: torch.Tensor) -> torch.Tensor:
@@ -457,11 +458,11 @@ class PairTask(TrainTask):
     def loss(self, idx: torch.Tensor) -> Tuple[torch.Tensor, Dict[str, float]]:
         hp, hn = self.train_data.gather(self.layers, idx, self.device, self.dtype)
         losses = self._layer_losses(hp, hn)
-        shown: Dict[str, float] = {"loss": float(np.mean([float(x.detach()) for x in losses]))}
+        shown: Dict[str, float] = {"loss": float(losses.detach().double().mean())}  # one host sync per step
         if self._shows_accuracy:
             shown["acc"] = float(self._accuracy(self._layer_logits(torch.cat([hp, hn], 1)), hp.shape[1]).mean())
         # the sum: each layer's parameters get exactly the gradient of their own layer's loss
-        return torch.stack(losses).sum(), shown
+        return losses.sum(), shown
 
     def clip_(self, max_norm: float) -> None:
         """Scale each layer's gradient to norm ≤ max_norm: g ← g · min(1, max_norm / (‖g‖ + 1e-6))."""
@@ -499,7 +500,7 @@ class PairTask(TrainTask):
             idx = torch.arange(start, min(start + chunk, n))
             hp, hn = data.gather(self.layers, idx, self.device, self.dtype)
             b = len(idx)
-            loss_sum += torch.stack([x.double() for x in self._layer_losses(hp, hn)]).cpu() * b
+            loss_sum += self._layer_losses(hp, hn).double().cpu() * b
             if self.has_probe:
                 correct += self._accuracy(self._layer_logits(torch.cat([hp, hn], 1)), b).cpu() * 2 * b
         losses = loss_sum / n
