@@ -1,20 +1,50 @@
 """actedit: activation editing for causal language models as pyvene interventions.
 
-The one-call API (:mod:`actedit.api`)::
+The one-call API (:mod:`actedit.train.api`)::
 
     import actedit
-    pvm = actedit.fit("caa", model, tokenizer, pairs, layers=[12], multiplier=4.0)
+    pvm = actedit.fit("caa", model, tokenizer, pairs, layers=[12], strength=4.0)
     actedit.save(pvm, "caa-edit")
 
-The layers, from the bottom: :mod:`actedit.interventions` (the methods, positions, packing,
-pyvene/transformers fixes, artifacts) ← :mod:`actedit.train` (data, tasks, collection, fits and
-training) ← :mod:`actedit.eval` (scoring, analyses) ← :mod:`actedit.study` and
-:mod:`actedit.cli`. This package's own module, :mod:`actedit.api`, sits on :mod:`actedit.train`.
+The layers, one folder each, from the bottom: :mod:`actedit.interventions` (core: the methods,
+positions, packing, pyvene/transformers fixes, artifacts) ← :mod:`actedit.data` (data, tasks,
+prompt formats, models, collection, stores) ← :mod:`actedit.train` (fits, training, layer
+selection, the one-call API) ← :mod:`actedit.eval` (scoring, analyses, plots) ←
+:mod:`actedit.study` ← :mod:`actedit.cli`.
+
+This package imports nothing itself: its names resolve on first use, so that importing an
+intervention (what stock ``pyvene.IntervenableModel.load`` does to rebuild an edit) loads the
+core only.
 """
 
-from actedit import interventions  # first: pyvene is imported quietly and the methods are registered
-from actedit.api import compose, fit, load, save  # noqa: E402
-from actedit.interventions.registry import method_names, method_spec, methods  # noqa: E402
-from actedit.train.models import load_model  # noqa: E402
+from __future__ import annotations
 
-__all__ = ["compose", "fit", "interventions", "load", "load_model", "method_names", "method_spec", "methods", "save"]
+import importlib
+from typing import Any
+
+_LAZY = {
+    "compose": "actedit.train.api",
+    "fit": "actedit.train.api",
+    "load": "actedit.train.api",
+    "save": "actedit.train.api",
+    "load_model": "actedit.data.models",
+    "method_names": "actedit.interventions.registry",
+    "method_spec": "actedit.interventions.registry",
+    "methods": "actedit.interventions.registry",
+}
+"""Public name → the module that defines it."""
+
+__all__ = sorted(_LAZY)
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'actedit' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_LAZY))

@@ -1,3 +1,3 @@
 """Benchmarks import the machine and version facts from the package (one implementation)."""
 
-from actedit.train.environment import environment, machine_info, versions  # noqa: F401
+from actedit.data.environment import environment, machine_info, versions  # noqa: F401

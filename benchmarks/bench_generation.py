@@ -49,7 +49,7 @@ def synthetic_edits(model) -> Dict[str, object]:
     """Edit configs with the default study's shapes and random contents."""
     import actedit.interventions as ai
     from actedit.interventions.compat import head_dim
-    from actedit.interventions.config import site_width
+    from actedit.interventions.edits import site_width
 
     g = torch.Generator().manual_seed(0)
     cfg = model.config
@@ -94,8 +94,8 @@ def main() -> None:
     import pyvene as pv
 
     import actedit.interventions as ai
-    from actedit.train.generate import encode_left_padded
-    from actedit.train.models import load_model
+    from actedit.data.generate import encode_left_padded
+    from actedit.data.models import load_model
 
     model, tok = load_model(args.model)
     model.eval()

@@ -16,7 +16,7 @@ does not depend on N); with ``--store`` the full run is the store's own number o
 
 ``--synthetic`` draws pairs of that shape (per layer: a random content vector orthogonal to a
 random direction u, the pair at ±margin along u, plus noise). ``--store DIR`` reads collected
-activations with ``actedit.train.store.ActivationStore(DIR).paired_activations(split=...)``.
+activations with ``actedit.data.store.ActivationStore(DIR).paired_activations(split=...)``.
 
 Both modes start from the same seeded modules and see the same batches; the table reports the
 largest weight difference between them (float rounding only).
@@ -37,7 +37,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from actedit.train.store import ActivationStore, PairedActivations
+from actedit.data.store import ActivationStore, PairedActivations
 from actedit.train.trainer import TrainConfig, new_interventions, train_interventions, train_top_k
 from _env import machine_info, versions  # benchmarks/_env.py (the script's folder is on sys.path)
 

@@ -46,9 +46,9 @@ import torch  # noqa: E402
 from actedit.eval import mc  # noqa: E402
 from actedit.interventions import build_hpr_config, build_iti_config, intervenable, load_artifact  # noqa: E402
 from actedit.interventions import mark_answer_starts, save_artifact  # noqa: E402
-from actedit.train import truthfulqa as tqa  # noqa: E402
-from actedit.train.models import load_model  # noqa: E402
-from actedit.train.truthfulqa import load_truthfulqa  # noqa: E402
+from actedit.data import truthfulqa as tqa  # noqa: E402
+from actedit.data.models import load_model  # noqa: E402
+from actedit.data.truthfulqa import load_truthfulqa  # noqa: E402
 from _env import machine_info, versions  # noqa: E402  (benchmarks/_env.py)
 
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "truthfulqa"

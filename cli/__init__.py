@@ -1,4 +1,5 @@
-"""The ``actedit`` command line.
+"""The ``actedit`` command line: one module per command group (``artifacts``: info, push;
+``pipeline``: collect, fit, train; ``study``: run; ``eval``; ``chat``), registered here.
 
 Subcommands are registered with :func:`register` in :data:`COMMANDS` (name → (help,
 add_arguments, run)); each ``run(args)`` returns an exit code. Errors that are the user's (bad
@@ -14,15 +15,13 @@ every training step (each of a step's many small operations wakes the sleeping t
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from typing import Callable, Dict, Optional, Sequence, Tuple
 
-from actedit.eval import chat, report
-from actedit.interventions.artifacts import push_to_hub, resolve_artifact, verify_artifact
 from actedit.interventions.registry import method_names, methods
-from actedit.study import run as study
-from actedit.train import pipeline
+
+from . import artifacts, chat, pipeline, study
+from . import evaluate as evaluation
 
 COMMANDS: Dict[str, Tuple[str, Callable, Callable]] = {}
 
@@ -32,44 +31,11 @@ def register(name: str, help_text: str, add_arguments: Callable, run: Callable) 
     COMMANDS[name] = (help_text, add_arguments, run)
 
 
-def _info_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("artifact", help="artifact directory")
-    parser.add_argument("--json", action="store_true", help="print the raw metadata as JSON")
-
-
-def run_info(args) -> int:
-    info = verify_artifact(resolve_artifact(args.artifact))
-    if args.json:
-        print(json.dumps(info, indent=2))
-        return 0
-    base = info.get("base_model") or {}
-    print(f"base model: {base.get('name_or_path') or base.get('model_class')} "
-          f"({base.get('model_type')}, hidden {base.get('hidden_size')}, {base.get('num_hidden_layers')} layers)")
-    for edit in info.get("edits", []):
-        print(f"- {edit['method']} at {edit['component']} layers {edit['layers']} {edit.get('hyperparameters', {})}")
-    if info.get("metrics"):
-        print("metrics:", json.dumps(info["metrics"]))
-    print(f"actedit {info.get('actedit_version')} (format {info.get('format')})")
-    return 0
-
-
-def _push_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("artifact", help="artifact directory")
-    parser.add_argument("repo_id", help="Hub repo id, owner/name")
-    parser.add_argument("--private", action="store_true")
-    parser.add_argument("--token", default=None, help="Hugging Face token (default: HF_TOKEN / cached login)")
-
-
-def run_push(args) -> int:
-    print(push_to_hub(args.artifact, args.repo_id, private=args.private, token=args.token))
-    return 0
-
-
 _FITTED = ", ".join(s.name for s in methods() if not s.trained)
 _TRAINED = ", ".join(s.name for s in methods() if s.trained)
 
-register("info", "show what an artifact holds (methods, layers, base model, metrics)", _info_arguments, run_info)
-register("push", "upload an artifact directory to the Hugging Face Hub", _push_arguments, run_push)
+register("info", "show what an artifact holds (methods, layers, base model, metrics)", artifacts.info_arguments, artifacts.run_info)
+register("push", "upload an artifact directory to the Hugging Face Hub", artifacts.push_arguments, artifacts.run_push)
 register("collect", f"collect the activations a method needs (sharded, resumable; methods: {', '.join(method_names())})",
          pipeline.add_arguments, pipeline.run_collect)
 register("fit", f"fit a closed-form edit ({_FITTED}) and write its artifact", pipeline.add_arguments,
@@ -79,7 +45,7 @@ register("train", f"train an edit ({_TRAINED}) on collected activations, select 
 register("run", "run a whole study from a YAML file: collect, fit/train every method, compose, evaluate, "
          "report (default: configs/default.yaml)", study.add_arguments, study.run)
 register("eval", "a task's metrics (TruthfulQA MC1/MC2 by default; lm-eval protocol) of a model and an edit, "
-         "with analyses and plots", report.add_arguments, report.run)
+         "with analyses and plots", evaluation.add_arguments, evaluation.run)
 register("chat", "chat with an edited model; re-select edited layers live "
          "('### target layers: 13,14,15 / all / none')", chat.add_arguments, chat.run)
 

@@ -45,11 +45,11 @@ from tqdm.auto import tqdm
 
 from actedit.interventions import compat
 from actedit.interventions.collector import ActivationCollector
-from actedit.interventions.config import base_model_of, compose, config_of, is_intervenable, site_width
+from actedit.interventions.edits import base_model_of, compose, config_of, is_intervenable, site_width
 from actedit.interventions.layers import model_depth
-from actedit.train.formats import pad_id
+from actedit.data.formats import pad_id
 
-from actedit.train import plots
+from actedit.eval import plots
 
 NEUTRAL_TEXTS: Tuple[str, ...] = (
     "The Pacific Ocean is the largest and deepest of the Earth's five oceanic divisions.",

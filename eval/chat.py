@@ -15,14 +15,13 @@ How layers are switched: the artifact is loaded once with
 artifact composing several methods may hold several per layer, kept in the artifact's order).
 Selecting layers builds a new ``pyvene.IntervenableConfig`` from those interventions and a new
 ``IntervenableModel`` on the same base model, after removing any pyvene hook left on it; ``none``
-uses the base model directly. Generation follows :mod:`actedit.train.generate` (greedy by default,
+uses the base model directly. Generation follows :mod:`actedit.data.generate` (greedy by default,
 chat template when the tokenizer has one, ``pvm.generate(..., unit_locations=None,
 intervene_on_prompt=True)``).
 """
 
 from __future__ import annotations
 
-import argparse
 import re
 import sys
 from typing import Dict, Iterable, List, Mapping, Optional, Sequence, TextIO, Tuple, Union
@@ -32,9 +31,9 @@ import pyvene as pv
 from actedit.interventions import compat
 from actedit.interventions.artifacts import load_artifact, resolve_artifact, verify_artifact
 from actedit.interventions.base import ActEditIntervention
-from actedit.interventions.config import config_of, intervenable
-from actedit.train.generate import GenerationSettings, build_prompt, generate_texts, uses_chat_template
-from actedit.train.models import load_model
+from actedit.interventions.edits import config_of, intervenable
+from actedit.data.generate import GenerationSettings, build_prompt, generate_texts, uses_chat_template
+from actedit.data.models import load_model
 
 PROMPT_LINE = "Enter your input prompt (Leave empty to end program):"
 
@@ -82,12 +81,12 @@ def parse_layer_selection(text: Union[str, Iterable[int], None], available: Sequ
             chosen += list(range(lo, hi + 1))
     unknown = sorted(set(chosen) - set(available))
     if unknown:
-        raise ValueError(f"layer(s) {_fmt(unknown)} are not edited by this artifact; "
-                         f"available: {_fmt(available)}.")
+        raise ValueError(f"layer(s) {describe_layers(unknown)} are not edited by this artifact; "
+                         f"available: {describe_layers(available)}.")
     return sorted(set(chosen))
 
 
-def _fmt(layers: Sequence[int]) -> str:
+def describe_layers(layers: Sequence[int]) -> str:
     return ",".join(str(x) for x in layers)
 
 
@@ -99,7 +98,7 @@ class ChatSession:
         tokenizer: its tokenizer.
         edits: layer → list of ``(RepresentationConfig, intervention)`` at that layer.
         info: the artifact's ``actedit`` metadata (kept in rebuilt configs).
-        settings: :class:`~actedit.train.generate.GenerationSettings` (default: greedy, 100 new
+        settings: :class:`~actedit.data.generate.GenerationSettings` (default: greedy, 100 new
             tokens, like the HPR demo).
         layers: initially active layers (a selection string or list; default all).
     """
@@ -160,8 +159,8 @@ class ChatSession:
         if not self.active:
             return "none (base model)"
         if self.active == self.available_layers:
-            return f"all ({_fmt(self.active)})"
-        return _fmt(self.active)
+            return f"all ({describe_layers(self.active)})"
+        return describe_layers(self.active)
 
     # ---------------------------------------------------------------------- generation
     def respond(self, prompt: str) -> str:
@@ -180,7 +179,7 @@ class ChatSession:
         target = _TARGET.match(stripped)
         if target:
             if not target.group(1).strip():
-                return f"Targeting layers: {self.describe()} (available: {_fmt(self.available_layers)})"
+                return f"Targeting layers: {self.describe()} (available: {describe_layers(self.available_layers)})"
             try:
                 self.select(target.group(1))
             except ValueError as exc:
@@ -192,7 +191,7 @@ class ChatSession:
             if name == "help":
                 return HELP
             if name == "status":
-                return f"Targeting layers: {self.describe()} (available: {_fmt(self.available_layers)})"
+                return f"Targeting layers: {self.describe()} (available: {describe_layers(self.available_layers)})"
             return f"Unknown command {stripped!r}.\n{HELP}"
         if stripped.startswith("###"):
             return f"Unknown command {stripped!r}.\n{HELP}"
@@ -220,47 +219,4 @@ class ChatSession:
             stdout.flush()
 
 
-# ----------------------------------------------------------------------------------- CLI
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Options of ``actedit chat``."""
-    parser.add_argument("--intervention", "-i", required=True, metavar="DIR",
-                        help="artifact directory (or Hub repo id owner/name) saved by actedit / pyvene")
-    parser.add_argument("--model", "-m", default=None, metavar="SPEC",
-                        help="base model: alias (e.g. smollm2-135m-instruct), .gguf file, directory or Hub id; "
-                             "default: the base model recorded in the artifact")
-    parser.add_argument("--max-new-tokens", type=int, default=100, help="new tokens per answer (default 100)")
-    parser.add_argument("--layers", default="all",
-                        help="layers edited at start: 'all' (default), 'none' or e.g. '13,14,15'")
-    parser.add_argument("--position-policy", default=None,
-                        help="override every intervention's position policy (e.g. 'last' as the HPR demo, 'all')")
-    parser.add_argument("--system", default=None, help="system prompt (chat template only)")
-    parser.add_argument("--no-chat-template", action="store_true", help="feed prompts as plain text")
-    parser.add_argument("--device", default="cpu", help="torch device (default cpu)")
-
-
-def run(args, stdin: Optional[TextIO] = None, stdout: Optional[TextIO] = None) -> int:
-    """``actedit chat``: load the model and the artifact, then run a session on stdin/stdout."""
-    stdout = stdout or sys.stdout
-    directory = resolve_artifact(args.intervention)
-    info = verify_artifact(directory)
-    spec = args.model or (info.get("base_model") or {}).get("name_or_path")
-    if not spec:
-        raise ValueError("the artifact does not record its base model; pass --model.")
-    stdout.write(f"-----> Loading {spec}\n")
-    stdout.flush()
-    model, tokenizer = load_model(spec, device=args.device)
-    settings = GenerationSettings(max_new_tokens=args.max_new_tokens, batch_size=1, system_prompt=args.system,
-                                  use_chat_template=False if args.no_chat_template else None)
-    session = ChatSession.from_artifact(directory, model, tokenizer, settings=settings, layers=args.layers)
-    if args.position_policy is not None:
-        for items in session.edits.values():
-            for _, module in items:
-                if isinstance(module, ActEditIntervention):
-                    module.set_position_policy(args.position_policy)
-    methods = sorted({e.get("method", "?") for e in info.get("edits", [])})
-    stdout.write(f"-----> Edit: {', '.join(methods) or '?'} at layers {_fmt(session.available_layers)}; "
-                 f"targeting layers: {session.describe()}. Type '### help' for commands.\n")
-    return session.run(stdin, stdout)
-
-
-__all__ = ["ChatSession", "HELP", "add_arguments", "parse_layer_selection", "run"]
+__all__ = ["ChatSession", "HELP", "describe_layers", "parse_layer_selection"]

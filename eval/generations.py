@@ -3,7 +3,7 @@
 :func:`compare_generations` asks the base model and the edited model (a
 ``pyvene.IntervenableModel``) the same questions and returns a :class:`GenerationReport`
 (question, prompt, base answer, edited answer per question; the settings; the edit's metadata),
-which :meth:`GenerationReport.save` writes as JSON. Generation is :mod:`actedit.train.generate`'s;
+which :meth:`GenerationReport.save` writes as JSON. Generation is :mod:`actedit.data.generate`'s;
 base and edit sample from the same random stream per batch.
 """
 
@@ -17,8 +17,8 @@ from typing import Any, Dict, List, Optional, Sequence, Union
 
 from tqdm.auto import tqdm
 
-from actedit.interventions.config import is_intervenable
-from actedit.train.generate import GenerationSettings, build_prompt, generate_texts, uses_chat_template
+from actedit.interventions.edits import is_intervenable
+from actedit.data.generate import GenerationSettings, build_prompt, generate_texts, uses_chat_template
 
 
 @dataclass

@@ -10,7 +10,7 @@ models, so the command line is started through actedit, with lm-eval's own argum
 
 From Python: ``lm_eval.simple_evaluate(model=ActEditLM(pretrained=..., intervention=...), ...)``.
 
-``pretrained`` takes anything :func:`actedit.train.models.load_model` takes (local directory, Hub
+``pretrained`` takes anything :func:`actedit.data.models.load_model` takes (local directory, Hub
 id, GGUF file, alias) or a ``PreTrainedModel``; ``intervention`` is an artifact directory or Hub
 repo id, loaded with :func:`actedit.interventions.load_artifact`. Every forward call of the
 harness (log-likelihoods and generation) goes through the ``pyvene.IntervenableModel``.
@@ -30,7 +30,7 @@ from typing import List, Optional, Sequence
 import torch
 
 from actedit.interventions.artifacts import load_artifact
-from actedit.train.models import load_model
+from actedit.data.models import load_model
 
 try:  # the optional extra actedit[lmeval]
     import lm_eval
@@ -49,7 +49,7 @@ class ActEditLM(HFLM):
     """lm-eval's ``HFLM`` with an actedit/pyvene edit applied to every forward call.
 
     Args:
-        pretrained: model spec for :func:`actedit.train.models.load_model`, or a model instance.
+        pretrained: model spec for :func:`actedit.data.models.load_model`, or a model instance.
         intervention: artifact directory or Hub repo id; ``None`` evaluates the base model.
         tokenizer: tokenizer instance (default: the one loaded with ``pretrained``).
         **kwargs: passed to ``HFLM`` (batch_size, device, add_bos_token, ...).

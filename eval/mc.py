@@ -1,6 +1,6 @@
 """Multiple-choice scoring that reproduces lm-eval's ``multiple_choice`` log-likelihood protocol.
 
-Any registered task (:mod:`actedit.train.tasks`; TruthfulQA's ``truthfulqa_mc1``/``mc2`` is the
+Any registered task (:mod:`actedit.data.tasks`; TruthfulQA's ``truthfulqa_mc1``/``mc2`` is the
 first) gives each question a context and choices; this module scores every choice as a
 continuation of its context and hands the scores back to the task for its metrics.
 
@@ -71,7 +71,7 @@ from tqdm.auto import tqdm
 
 from actedit.interventions import compat
 from actedit.interventions.base import ActEditIntervention
-from actedit.interventions.config import base_model_of, interventions_of, is_intervenable
+from actedit.interventions.edits import base_model_of, interventions_of, is_intervenable
 from actedit.interventions.packing import (
     DEFAULT_PACK_TOKENS,
     PackedBatch,
@@ -82,8 +82,8 @@ from actedit.interventions.packing import (
     supports_packing,
 )
 from actedit.interventions.positions import mark_answer_starts, mark_packed, mark_prompt_lengths
-from actedit.train.formats import pad_id
-from actedit.train.tasks import MCItem, TaskSpec, mean_stderr, task_spec
+from actedit.data.formats import pad_id
+from actedit.data.tasks import MCItem, TaskSpec, mean_stderr, task_spec
 
 MODES = ("auto", "packed", "full")
 """Scoring paths: ``packed`` (fast), ``full`` (reference), ``auto`` (packed where exact)."""
@@ -683,8 +683,8 @@ def score_mc_many(
             (:func:`loglikelihoods_many`); the scores equal those of separate runs.
         tokenizer: the model's tokenizer.
         questions: the task's questions (what its ``load`` returns, e.g.
-            :class:`~actedit.train.truthfulqa.MCQuestion`).
-        task: a registered task name or :class:`~actedit.train.tasks.TaskSpec`.
+            :class:`~actedit.data.truthfulqa.MCQuestion`).
+        task: a registered task name or :class:`~actedit.data.tasks.TaskSpec`.
         batch_size: most continuation rows per forward (``full`` mode).
         progress: show a tqdm progress bar.
         add_bos_token: ``None`` = the tokenizer's default (recent lm-eval); ``False``/``True``

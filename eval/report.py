@@ -12,7 +12,6 @@ Writes into ``--out``:
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import time
@@ -20,43 +19,12 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 from actedit.interventions.artifacts import artifact_metadata, load_artifact, resolve_artifact
-from actedit.train.models import load_model
-from actedit.train.plots import plot_layer_count, plot_per_layer
-from actedit.train.tasks import TaskSpec, task_names, task_spec
+from actedit.data.models import load_model
+from actedit.eval.plots import plot_layer_count, plot_per_layer
+from actedit.data.tasks import TaskSpec, task_names, task_spec
 
 from .analysis import accuracy_vs_num_layers, analyze_edits, restrict_layers
 from .mc import MCResult, score_mc, score_mc_many
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", required=True,
-                        help="local model directory, Hub id, .gguf file or alias (smollm2-135m-instruct)")
-    parser.add_argument("--task", default="truthfulqa", help=f"a registered task ({', '.join(task_names())})")
-    parser.add_argument("--data", default=None,
-                        help="where the task's questions are (TruthfulQA: a directory holding mc_task.json and "
-                             "hpr_ids_splits.json, or a Hub dataset id; default: the Hub)")
-    parser.add_argument("--split", default="test", choices=["train", "eval", "test", "all"])
-    parser.add_argument("--split-file", default=None, help="split file (default: DATA/hpr_ids_splits.json)")
-    parser.add_argument("--limit", type=int, default=None, help="score only the first N questions of the split")
-    parser.add_argument("--intervention", default=None, help="artifact directory or Hub repo id of the edit")
-    parser.add_argument("--out", required=True, help="output directory")
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--option", dest="options", action="append", default=[], metavar="KEY=VALUE",
-                        help="a task option, e.g. --option mc2_rule=labels (TruthfulQA: lm-eval truthfulqa_mc2 "
-                             "v2.0 'split', default, or v3.0 'labels')")
-    parser.add_argument("--no-analyses", action="store_true", help="skip norms, side effects and plots")
-    parser.add_argument("--layer-curve", action="store_true",
-                        help="also score the edit restricted to its top-1..K layers (HPR Fig. 6; K scorings)")
-
-
-def _options(args) -> Dict[str, Any]:
-    out = {}
-    for item in args.options:
-        if "=" not in item:
-            raise ValueError(f"--option {item!r} must look like key=value.")
-        key, value = item.split("=", 1)
-        out[key.strip()] = value
-    return out
 
 
 def _block(result: MCResult) -> Dict[str, Any]:
@@ -65,10 +33,12 @@ def _block(result: MCResult) -> Dict[str, Any]:
     return out
 
 
-def evaluate(args) -> Dict[str, Any]:
-    """Run the evaluation described by parsed ``args``; returns the results dict it wrote."""
+def evaluate(args, options: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+    """Run the evaluation described by ``args`` (``actedit eval``'s options: model, task, data,
+    split, split_file, limit, intervention, out, batch_size, no_analyses, layer_curve) with the
+    task's ``options``; returns the results dict it wrote."""
     task = task_spec(args.task)
-    options = _options(args)
+    options = dict(options or {})
     task.options(options, "--option")
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -167,12 +137,4 @@ def _write_json(path: Path, data: Dict[str, Any]) -> None:
     os.replace(tmp, path)
 
 
-def run(args) -> int:
-    results = evaluate(args)
-    shown = ", ".join(f"{m.upper()} {results[m]:.4f} ± {results[m + '_stderr']:.4f}"
-                      for m in task_spec(results["task"]).metrics)
-    print(f"{shown} on {results['n_questions']} questions -> {Path(args.out) / 'results.json'}")
-    return 0
-
-
-__all__ = ["add_arguments", "evaluate", "markdown_report", "run"]
+__all__ = ["evaluate", "markdown_report"]

@@ -15,7 +15,7 @@ from .artifacts import ArtifactError, artifact_metadata, load_artifact, push_to_
 from .base import ActEditIntervention  # noqa: E402
 from .caa import CAAConfig, CAAIntervention, build_caa_config, fit_caa  # noqa: E402
 from .compat import attach_tracker  # noqa: E402
-from .config import compose, config_of, edit_config, intervenable, is_intervenable  # noqa: E402
+from .edits import compose, config_of, edit_config, intervenable, is_intervenable  # noqa: E402
 from .hpr import HPRConfig, HPRIntervention, build_hpr_config, hpr_parameter_count  # noqa: E402
 from .iti import ITIConfig, ITIIntervention, build_iti_config, fit_iti, mass_mean_directions  # noqa: E402
 from .positions import PositionPolicy, mark_answer_starts, mark_prompt_lengths  # noqa: E402

@@ -21,7 +21,7 @@ import torch
 
 from .base import ActEditIntervention
 from .checks import check_layer_map, check_matrix, check_number
-from .config import edit_config, site_width
+from .edits import edit_config, site_width
 from .positions import CallPositions, PositionPolicy, current_call
 from .registry import Fit, FitContext, MethodConfig, MethodSpec, register_method
 from .settings import keyword_checked

@@ -24,7 +24,7 @@ import pyvene as pv
 from huggingface_hub import HfApi, snapshot_download
 
 from . import compat
-from .config import model_signature
+from .edits import model_signature
 from .settings import keyword_checked
 
 MANIFEST = "actedit_manifest.json"

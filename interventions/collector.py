@@ -1,6 +1,6 @@
 """The one intervention that reads activations instead of editing them.
 
-Activation collection (:mod:`actedit.train.collect`) and the analyses (:mod:`actedit.eval.analysis`)
+Activation collection (:mod:`actedit.data.collect`) and the analyses (:mod:`actedit.eval.analysis`)
 both read activations through pyvene, never through ``output_hidden_states`` (pyvene removes the
 hooks that implement it under transformers 5; see :mod:`actedit.interventions.compat`).
 """

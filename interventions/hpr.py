@@ -34,7 +34,7 @@ import torch.nn.functional as F
 
 from .base import ActEditIntervention
 from .checks import check_number
-from .config import edit_config, site_width
+from .edits import edit_config, site_width
 from .positions import PositionPolicy
 from .registry import MethodSpec, TrainedMethodConfig, register_method
 from .settings import keyword_checked

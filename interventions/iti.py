@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 
 from .base import ActEditIntervention
 from .checks import check_int, check_labels, check_layer_map, check_matrix, check_number
-from .config import edit_config, site_width
+from .edits import edit_config, site_width
 from .positions import PositionPolicy
 from .registry import Fit, FitContext, MethodConfig, MethodSpec, register_method
 from .settings import keyword_checked

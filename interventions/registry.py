@@ -10,7 +10,7 @@ What a spec says:
 
 * **what it is**: the intervention class, the settings class, the default site (pyvene
   component), the composition order at a shared site;
-* **what it collects**: the prompt format (a name of :mod:`actedit.train.formats`) and the view
+* **what it collects**: the prompt format (a name of :mod:`actedit.data.formats`) and the view
   of the activation store its fit reads (:data:`VIEWS`);
 * **how it is made**: ``fit`` (closed form, from tensors) or ``trained`` (by
   :mod:`actedit.train.trainer`, on the loss terms the intervention class declares).
@@ -129,7 +129,7 @@ class MethodSpec:
         config: its settings, a :class:`MethodConfig` subclass.
         site: the pyvene component it edits by default.
         order: rank among edits sharing a site in a composition (lower runs first).
-        format: the prompt format it collects with (:data:`actedit.train.formats.FORMATS`).
+        format: the prompt format it collects with (:data:`actedit.data.formats.FORMATS`).
         reads: the view of the activation store it reads (:data:`VIEWS`).
         roles: the roles of an ``aligned`` view, in order.
         splits: the data splits it reads (``("train", "eval")`` where it selects on eval data;

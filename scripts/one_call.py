@@ -19,9 +19,9 @@ import pyvene as pv
 import torch
 
 import actedit
-from actedit.interventions.config import config_of
+from actedit.interventions.edits import config_of
 from actedit.interventions.registry import methods
-from actedit.train.environment import machine_info, versions
+from actedit.data.environment import machine_info, versions
 
 TRIPLES = [
     ("Is the Earth flat?", "No, the Earth is round.", "Yes, the Earth is flat."),

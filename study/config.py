@@ -2,7 +2,7 @@
 
 Keys::
 
-    model: smollm2-135m-instruct   # anything actedit.train.models.load_model takes
+    model: smollm2-135m-instruct   # anything actedit.data.models.load_model takes
     dtype: auto                    # auto | float32 | bfloat16 | float16: the model's precision
     device: null                   # cpu | cuda | cuda:N (default: CUDA when available)
     data: {name: truthfulqa, source: null, split_file: null, limit: null}   # what the edits are fitted on
@@ -30,7 +30,7 @@ import torch
 from actedit.interventions.registry import method_names, method_spec
 from actedit.interventions.settings import Settings, check_keys, check_moved
 from actedit.train.pipeline import CollectConfig, DataConfig, PipelineConfig, read_config
-from actedit.train.tasks import task_spec
+from actedit.data.tasks import task_spec
 
 METHOD_KEYS = ("collect", "fit", "train", "data")
 """What a method's block in ``methods`` may hold (``data`` overrides the study's data)."""
@@ -58,7 +58,7 @@ class EvalSettings(Settings):
     """How the study evaluates.
 
     Attributes:
-        task: a registered multiple-choice task (:mod:`actedit.train.tasks`).
+        task: a registered multiple-choice task (:mod:`actedit.data.tasks`).
         source: where the task's questions come from (default: ``data.source``).
         split_file: the task's split file (default: ``data.split_file``).
         split: the split scored (``test``: HPR's 409 TruthfulQA questions).
@@ -104,7 +104,7 @@ class StudyConfig:
     """A whole study (see the module docstring).
 
     Attributes:
-        model: model spec for :func:`actedit.train.models.load_model`.
+        model: model spec for :func:`actedit.data.models.load_model`.
         dtype: the model's precision for collection and evaluation: ``float32``, ``bfloat16``,
             ``float16`` or ``auto`` (:func:`resolve_dtype`).
         device: where the model runs (``cpu``, ``cuda``, ``cuda:1``; default: CUDA when available).

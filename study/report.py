@@ -7,8 +7,8 @@ from pathlib import Path
 from typing import Any, Dict, List
 
 from actedit.interventions.artifacts import artifact_metadata
-from actedit.train.environment import environment
-from actedit.train.tasks import task_spec
+from actedit.data.environment import environment
+from actedit.data.tasks import task_spec
 
 
 def summarise(cfg, n_questions: int, results: Dict[str, Any], analyses: Dict[str, Any], artifacts: Dict[str, Path],

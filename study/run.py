@@ -16,7 +16,6 @@ it stopped.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import time
@@ -25,18 +24,18 @@ from typing import Any, Dict, List, Optional
 
 import torch
 
-from actedit.api import compose
+from actedit.train.api import compose
 from actedit.eval.analysis import analyze_edits
 from actedit.eval.mc import MCResult, score_mc_many
 from actedit.interventions.artifacts import MANIFEST, ArtifactError, file_sha256, load_artifact, save_artifact, \
     verify_artifact
-from actedit.interventions.config import intervenable
+from actedit.interventions.edits import intervenable
 from actedit.train import pipeline
-from actedit.train.models import load_model
-from actedit.train.plots import plot_scores
-from actedit.train.tasks import task_spec
+from actedit.data.models import load_model
+from actedit.eval.plots import plot_layer_selection, plot_scores
+from actedit.data.tasks import task_spec
 
-from .config import StudyConfig, default_config_path, load_study, resolve_dtype
+from .config import StudyConfig, resolve_dtype
 from .report import markdown_report, summarise
 
 EVAL_FORMAT = 2
@@ -176,8 +175,10 @@ def _build_edits(cfg: StudyConfig, pipelines, model, tokenizer, steps: _Steps, o
 
 
 def _fit_and_save(pcfg, model, tokenizer, store) -> Path:
-    config, _ = pipeline.make_edit(pcfg, model, tokenizer, store=store)
-    return save_artifact(intervenable(model, config), pcfg.out)
+    config, metadata = pipeline.make_edit(pcfg, model, tokenizer, store=store)
+    path = save_artifact(intervenable(model, config), pcfg.out)
+    plot_layer_selection(metadata, path)
+    return path
 
 
 def _score_all(cfg: StudyConfig, model, tokenizer, questions, pvms, artifacts, key, eval_dir: Path) \
@@ -204,37 +205,4 @@ def _score_all(cfg: StudyConfig, model, tokenizer, questions, pvms, artifacts, k
     return {name: done[name] for name in names}
 
 
-# ------------------------------------------------------------------------------------ CLI
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("config", nargs="?", default=None,
-                        help="study YAML (default: the embedded configs/default.yaml)")
-    parser.add_argument("--data", default=None, help="directory with mc_task.json and hpr_ids_splits.json "
-                        "(overrides data.source; default: the Hub)")
-    parser.add_argument("--out", default=None, help="output directory (overrides out)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a config entry, e.g. --set eval.limit=20 (repeatable)")
-    parser.add_argument("--quiet", action="store_true", help="no step headers")
-
-
-def run(args) -> int:
-    overrides = list(args.overrides)
-    if args.data is not None:
-        overrides.append(f"data.source={args.data}")
-    if args.out is not None:
-        overrides.append(f"out={args.out}")
-    cfg = load_study(args.config or str(default_config_path()), overrides)
-    summary = run_study(cfg, quiet=args.quiet)
-    m = summary["methods"]
-    metrics = summary["metrics"]
-    best = max((n for n in m if n != "base"), key=lambda n: m[n][metrics[-1]], default=None)
-    shown = "/".join(x.upper() for x in metrics)
-    line = (f"done in {summary['seconds']['total']:.0f} s: base {shown} "
-            + "/".join(f"{100 * m['base'][x]:.1f}" for x in metrics))
-    if best:
-        line += f", best edit {best} " + "/".join(f"{100 * m[best][x]:.1f}" for x in metrics)
-    print(f"{line}; report {Path(cfg.out) / 'report.md'}, results {Path(cfg.out) / 'results.json'}, "
-          f"artifacts {Path(cfg.out) / 'artifacts'}")
-    return 0
-
-
-__all__ = ["EVAL_FORMAT", "add_arguments", "run", "run_study"]
+__all__ = ["EVAL_FORMAT", "run_study"]

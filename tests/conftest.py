@@ -151,6 +151,7 @@ for name in ref["names"]:
     results[name] = {"logits": torch.equal(out.logits, ref["logits"][name]),
                      "generate": torch.equal(gen, ref["generate"][name])}
 results["imported_by_pyvene"] = any(m.startswith("actedit.interventions") for m in sys.modules)
+results["above_core"] = sorted(m for m in sys.modules if m.startswith("actedit.") and not m.startswith("actedit.interventions"))
 print(json.dumps(results))
 """
 
@@ -166,7 +167,8 @@ def reference_outputs(pvm):
 def assert_stock_reload(model, pvms, root: Path) -> None:
     """Save every edit of ``pvms`` (name → pyvene model on ``model``) as an artifact, then load each
     with stock ``pyvene.IntervenableModel.load`` in a fresh process that never imports actedit
-    itself: the same logits and generations, bit for bit, and pyvene imported actedit on its own."""
+    itself: the same logits and generations, bit for bit, pyvene imported actedit on its own, and
+    that import loaded the core layer only (no data, training, evaluation, study or CLI module)."""
     logits, generations = {}, {}
     for name, pvm in pvms.items():
         logits[name], generations[name] = reference_outputs(pvm)
@@ -180,6 +182,7 @@ def assert_stock_reload(model, pvms, root: Path) -> None:
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = json.loads(proc.stdout.strip().splitlines()[-1])
     assert results.pop("imported_by_pyvene")
+    assert results.pop("above_core") == [], "a stock load imported modules above the core layer"
     assert results == {name: {"logits": True, "generate": True} for name in pvms}
 
 

@@ -14,11 +14,11 @@ import pytest
 import torch
 
 import actedit
-from actedit.interventions.config import interventions_of
+from actedit.interventions.edits import interventions_of
 from actedit.interventions.registry import methods
 from actedit.interventions.settings import UnknownSettingError
-from actedit.train.formats import get_format
-from actedit.train.data import PromptPair
+from actedit.data.formats import get_format
+from actedit.data.contrast import PromptPair
 from actedit.train.pipeline import method_settings
 
 from conftest import STOCK_RELOAD_INPUTS as INPUTS

@@ -9,7 +9,7 @@ import torch
 
 import actedit.interventions as ai
 from actedit.interventions import ArtifactError, load_artifact, push_to_hub, save_artifact
-from actedit.interventions.config import site_width
+from actedit.interventions.edits import site_width
 
 from conftest import STOCK_RELOAD_INPUTS as INPUTS
 from conftest import FAMILIES, assert_stock_reload, reference_outputs, tiny_model

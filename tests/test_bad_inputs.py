@@ -165,8 +165,8 @@ def test_actadd_refuses_several_pairs_and_an_unset_layer(tmp_path, chat_model_di
 # --------------------------------------------------------------------- base model, no chat template
 def test_base_model_without_chat_template_uses_the_plain_text_form(tmp_path, capsys):
     from actedit.train import pipeline
-    from actedit.train.data import ContrastDataset, ContrastExample
-    from actedit.train.formats import HPRFormat
+    from actedit.data.contrast import ContrastDataset, ContrastExample
+    from actedit.data.formats import HPRFormat
 
     tok = make_tokenizer()
     tok.chat_template = None

@@ -6,7 +6,7 @@ import torch
 
 import actedit.interventions as ai
 from actedit.interventions import compat, load_artifact, save_artifact
-from actedit.interventions.config import site_width
+from actedit.interventions.edits import site_width
 
 from conftest import tiny_model
 

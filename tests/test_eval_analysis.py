@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from actedit.eval import analysis as A
-from actedit.train import plots as P
+from actedit.eval import plots as P
 from actedit.interventions import build_caa_config, build_hpr_config, compose, intervenable
 from conftest import tiny_model
 

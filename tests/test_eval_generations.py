@@ -14,9 +14,10 @@ import json
 import pytest
 import torch
 
+from actedit.cli import chat as chat_cli
 from actedit.eval import chat as chat_mod
 from actedit.eval.generations import GenerationReport, compare_generations
-from actedit.train.generate import GenerationSettings, build_prompt, generate_texts
+from actedit.data.generate import GenerationSettings, build_prompt, generate_texts
 from actedit.interventions import build_caa_config, intervenable, save_artifact
 from conftest import tiny_model
 
@@ -226,12 +227,12 @@ def test_chat_cli_run(model, tok, artifact, tmp_path):
     model.save_pretrained(model_dir)
     tok.save_pretrained(model_dir)
     parser = argparse.ArgumentParser()
-    chat_mod.add_arguments(parser)
+    chat_cli.add_arguments(parser)
     args = parser.parse_args(["--intervention", str(artifact), "--model", str(model_dir),
                               "--max-new-tokens", str(MAX_NEW), "--layers", "none"])
     prompt = "tell me a story about cats"
     out = io.StringIO()
-    code = chat_mod.run(args, stdin=io.StringIO(f"{prompt}\n### target layers: all\n{prompt}\n\n"), stdout=out)
+    code = chat_cli.run(args, stdin=io.StringIO(f"{prompt}\n### target layers: all\n{prompt}\n\n"), stdout=out)
     assert code == 0
     text = out.getvalue()
     assert "targeting layers: none (base model)" in text
@@ -249,5 +250,5 @@ def test_chat_cli_run(model, tok, artifact, tmp_path):
     args = parser.parse_args(["-i", str(weak), "-m", str(model_dir), "--max-new-tokens", str(MAX_NEW),
                               "--position-policy", "last"])
     out = io.StringIO()
-    assert chat_mod.run(args, stdin=io.StringIO(f"{prompt}\n"), stdout=out) == 0
+    assert chat_cli.run(args, stdin=io.StringIO(f"{prompt}\n"), stdout=out) == 0
     assert out.getvalue().split(f">>> {prompt}\n")[1].split("\n")[0] == last

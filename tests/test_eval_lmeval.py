@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from actedit.eval import mc
-from actedit.train.truthfulqa import TRUTHFULQA_PRIMER
+from actedit.data.truthfulqa import TRUTHFULQA_PRIMER
 from actedit.interventions import build_hpr_config, intervenable, load_artifact, save_artifact
 
 from conftest import SHARED_DATA, build_tokenizer, require_truthfulqa, tiny_model, unavailable
@@ -28,7 +28,7 @@ N_QUESTIONS = 6
 @pytest.fixture(scope="module")
 def questions():
     require_truthfulqa()
-    from actedit.train.truthfulqa import load_truthfulqa
+    from actedit.data.truthfulqa import load_truthfulqa
 
     return load_truthfulqa(SHARED_DATA)[:N_QUESTIONS]
 

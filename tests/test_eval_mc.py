@@ -17,9 +17,9 @@ import pytest
 import torch
 
 from actedit.eval import mc
-from actedit.interventions.config import interventions_of
-from actedit.train import truthfulqa as tqa
-from actedit.train.tasks import mean_stderr
+from actedit.interventions.edits import interventions_of
+from actedit.data import truthfulqa as tqa
+from actedit.data.tasks import mean_stderr
 from actedit.interventions import (
     build_caa_config,
     build_hpr_config,
@@ -65,7 +65,7 @@ ATOL = 1e-6
 @pytest.fixture(scope="module")
 def questions():
     require_truthfulqa()
-    from actedit.train.truthfulqa import load_truthfulqa
+    from actedit.data.truthfulqa import load_truthfulqa
 
     qs = load_truthfulqa(SHARED_DATA)
     # Question 25 has a true MC2 choice after a false one (lm-eval's split rule matters there).

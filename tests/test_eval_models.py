@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from actedit.eval import mc
-from actedit.train.truthfulqa import truthfulqa_context
-from actedit.train.models import (
+from actedit.data.truthfulqa import truthfulqa_context
+from actedit.data.models import (
     ALIASES,
     ModelAlias,
     ModelPackageMissing,
@@ -151,7 +151,7 @@ def test_smollm2_alias_loads(smollm2):
 def test_smollm2_scores_match_naive_with_and_without_edit(smollm2):
     require_truthfulqa()
     from actedit.interventions import build_iti_config, build_hpr_config, compose, intervenable
-    from actedit.train.truthfulqa import load_truthfulqa
+    from actedit.data.truthfulqa import load_truthfulqa
 
     model, tokenizer, _ = smollm2
     questions = load_truthfulqa(SHARED_DATA)[:3]

@@ -16,7 +16,7 @@ from conftest import SHARED_DATA, build_tokenizer, require_truthfulqa, tiny_mode
 @pytest.fixture(scope="module")
 def local_model(tmp_path_factory):
     require_truthfulqa()
-    from actedit.train.truthfulqa import TRUTHFULQA_PRIMER, load_split, load_truthfulqa, select
+    from actedit.data.truthfulqa import TRUTHFULQA_PRIMER, load_split, load_truthfulqa, select
 
     questions = select(load_truthfulqa(SHARED_DATA), "test", load_split(SHARED_DATA), limit=3)
     tokenizer = build_tokenizer([TRUTHFULQA_PRIMER] + [q.question for q in questions]

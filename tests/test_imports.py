@@ -1,62 +1,68 @@
-"""The package's layers point only down, without cycles, and no import hides inside a function.
+"""The package's layers are its folders; imports point only down, without cycles, and no import
+hides inside a function.
 
-Core (:mod:`actedit.interventions`) ← data and collection ← fit/train ← evaluation ← study and
-CLI. The graph is read from the source files (``ast``), module-level imports only; an import
-inside a function is allowed for an optional or heavy third-party dependency and must say so
-with a ``# lazy:`` comment.
+A module's layer is the folder it lives in (``pyproject.toml``'s ``package-dir`` maps each
+``actedit.*`` package to its folder): :data:`LAYERS` orders the folders from the bottom, and
+every package of ``pyproject.toml`` must appear there. The graph is read from the source files
+(``ast``): the imports a module runs when it is imported (module level and class bodies); an
+import inside a function is allowed for an optional or heavy third-party dependency and must
+say so with a ``# lazy:`` comment. ``actedit`` itself (the package root) imports nothing: its
+public names resolve lazily, so that a stock pyvene load of an edit imports the core only
+(checked in a fresh process by ``conftest.assert_stock_reload`` for every method, and below).
 """
 
 from __future__ import annotations
 
 import ast
+import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-PACKAGES = {"actedit": "actedit", "actedit.interventions": "interventions", "actedit.train": "train",
-            "actedit.eval": "eval", "actedit.study": "study", "actedit.cli": "cli"}
-DATA_AND_COLLECTION = {"data", "tasks", "truthfulqa", "formats", "environment", "models", "generate", "store",
-                       "collect", "plots"}
-FIT_AND_TRAIN = {"select", "trainer", "lm", "pipeline"}
-LAYERS = ["core", "data and collection", "fit/train", "evaluation", "study and CLI"]
+
+LAYERS = ["interventions", "data", "train", "eval", "study", "cli"]
+"""The layers' folders, from the bottom: core ← data and collection ← fit and train ← evaluation
+← study ← CLI."""
+
+NAMES = {"interventions": "core", "data": "data and collection", "train": "fit and train", "eval": "evaluation",
+         "study": "study", "cli": "CLI"}
 
 
-def layer_of(module: str) -> int:
-    parts = module.split(".")
-    if parts[:2] == ["actedit", "interventions"]:
-        return 0
-    if parts[:2] == ["actedit", "train"]:
-        if len(parts) == 2:  # the package's __init__ registers the tasks
-            return 1
-        if parts[2] in DATA_AND_COLLECTION:
-            return 1
-        if parts[2] in FIT_AND_TRAIN:
-            return 2
-        raise AssertionError(f"{module} has no layer: add it to DATA_AND_COLLECTION or FIT_AND_TRAIN")
-    if module == "actedit.api":
-        return 2
-    if parts[:2] == ["actedit", "eval"]:
-        return 3
-    if parts[:2] in (["actedit", "study"], ["actedit", "cli"]) or module == "actedit":
-        return 4
-    raise AssertionError(f"{module} has no layer")
+def packages() -> dict:
+    """``actedit.*`` package → its folder, as ``pyproject.toml`` declares them (configs hold no code)."""
+    text = (ROOT / "pyproject.toml").read_text()
+    line = re.search(r"^package-dir = \{(.*)\}$", text, re.MULTILINE).group(1)
+    pairs = dict(re.findall(r'"([\w.]+)" = "(\w+)"', line))
+    return {package: folder for package, folder in pairs.items() if package not in ("actedit.configs",)}
 
 
-def modules():
+def modules(root: Path = ROOT) -> dict:
     out = {}
-    for package, folder in PACKAGES.items():
-        for path in sorted((ROOT / folder).glob("*.py")):
-            name = package if path.stem == "__init__" else f"{package}.{path.stem}"
-            out[name] = path
+    for package, folder in packages().items():
+        for path in sorted((root / folder).glob("*.py")):
+            out[package if path.stem == "__init__" else f"{package}.{path.stem}"] = path
     return out
 
 
-def resolve(importer: str, is_package: bool, node) -> list:
-    """The actedit modules a module-level import statement names."""
-    known = modules()
+def layer_of(module: str) -> int:
+    """The rank of ``module``'s folder in :data:`LAYERS`; the package root ``actedit`` is above them all."""
+    if module == "actedit":
+        return len(LAYERS)
+    folder = packages()[".".join(module.split(".")[:2])]
+    return LAYERS.index(folder)
+
+
+def layer_name(module: str) -> str:
+    return "package root" if module == "actedit" else NAMES[LAYERS[layer_of(module)]]
+
+
+def resolve(importer: str, is_package: bool, node, known) -> list:
+    """The actedit modules an import statement names (submodules when it imports them by name)."""
     if isinstance(node, ast.Import):
-        return [a.name for a in node.names if a.name.startswith("actedit")]
+        return [a.name for a in node.names if a.name == "actedit" or a.name.startswith("actedit.")]
     if node.level:
         base = importer.split(".")
         base = base if is_package else base[:-1]
@@ -64,43 +70,57 @@ def resolve(importer: str, is_package: bool, node) -> list:
         target = ".".join(base + ([node.module] if node.module else []))
     else:
         target = node.module or ""
-    if not target.startswith("actedit"):
+    if not (target == "actedit" or target.startswith("actedit.")):
         return []
     names = [f"{target}.{a.name}" for a in node.names if f"{target}.{a.name}" in known]
     return names or [target]
 
 
-def graph():
-    edges = {}
-    for name, path in modules().items():
-        tree = ast.parse(path.read_text())
-        targets = set()
-        for node in ast.walk(tree):
-            if isinstance(node, (ast.Import, ast.ImportFrom)):
-                targets.update(resolve(name, path.stem == "__init__", node))
-        edges[name] = {t for t in targets if t != name}
-    return edges
-
-
-def top_level_imports(path: Path):
-    """Imports that run when the module is imported (not inside a function or class body)."""
+def import_time_nodes(path: Path):
+    """Imports that run when the module is imported: module level and class bodies, not functions."""
     tree = ast.parse(path.read_text())
     inside = set()
     for node in ast.walk(tree):
-        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)):
             inside.update(id(n) for n in ast.walk(node) if isinstance(n, (ast.Import, ast.ImportFrom)))
     return [n for n in ast.walk(tree) if isinstance(n, (ast.Import, ast.ImportFrom)) and id(n) not in inside]
 
 
-def test_every_import_points_down_or_sideways():
-    known = modules()
+def graph(root: Path = ROOT) -> dict:
+    known = modules(root)
+    return {name: {t for node in import_time_nodes(path) for t in resolve(name, path.stem == "__init__", node, known)
+                   if t != name}
+            for name, path in known.items()}
+
+
+def layer_violations(root: Path = ROOT) -> list:
+    """Every import-time import that points up a layer, or at an actedit module that does not exist."""
+    known = modules(root)
     bad = []
-    for name, path in known.items():
-        for node in top_level_imports(path):
-            for target in resolve(name, path.stem == "__init__", node):
-                if target in known and layer_of(target) > layer_of(name):
-                    bad.append(f"{name} ({LAYERS[layer_of(name)]}) imports {target} ({LAYERS[layer_of(target)]})")
+    for name, targets in graph(root).items():
+        for target in sorted(targets):
+            if target not in known:
+                bad.append(f"{name} imports {target}, which is not a module of any layer folder")
+            elif layer_of(target) > layer_of(name):
+                bad.append(f"{name} ({layer_name(name)}) imports {target} ({layer_name(target)})")
+    return bad
+
+
+def test_every_package_is_a_layer_folder():
+    folders = set(packages().values()) - {"actedit"}
+    assert folders == set(LAYERS), f"folders without a layer: {folders - set(LAYERS)}; layers without a folder: " \
+                                   f"{set(LAYERS) - folders}"
+
+
+def test_every_import_points_down_or_sideways():
+    bad = layer_violations()
     assert not bad, "\n".join(bad)
+
+
+def test_the_package_root_imports_nothing():
+    """``import actedit`` runs no actedit module: its public names resolve lazily."""
+    nodes = import_time_nodes(ROOT / "actedit" / "__init__.py")
+    assert not [t for n in nodes for t in resolve("actedit", True, n, modules())]
 
 
 def test_the_import_graph_has_no_cycle():
@@ -125,13 +145,14 @@ def test_the_import_graph_has_no_cycle():
         if node not in state:
             visit(node)
     # a package's __init__ importing its own submodules is not a cycle of the design
-    cycles = [c for c in cycles if not any(c.startswith(p + " ->") and c.endswith(p) for p in PACKAGES)]
+    cycles = [c for c in cycles if not any(c.startswith(p + " ->") and c.endswith(p) for p in packages())]
     assert not cycles, "\n".join(cycles)
 
 
 def test_no_import_hides_inside_a_function():
     bad = []
-    for name, path in modules().items():
+    known = modules()
+    for name, path in known.items():
         lines = path.read_text().splitlines()
         tree = ast.parse(path.read_text())
         for func in ast.walk(tree):
@@ -141,7 +162,7 @@ def test_no_import_hides_inside_a_function():
                 if not isinstance(node, (ast.Import, ast.ImportFrom)):
                     continue
                 line, before = lines[node.lineno - 1], lines[node.lineno - 2].strip()
-                if resolve(name, path.stem == "__init__", node) or getattr(node, "level", 0):
+                if resolve(name, path.stem == "__init__", node, known) or getattr(node, "level", 0):
                     bad.append(f"{path.name}:{node.lineno}: imports actedit inside a function: {line.strip()}")
                 elif "# lazy:" not in line and not before.startswith("# lazy:"):
                     bad.append(f"{path.name}:{node.lineno}: a function-level import needs a '# lazy:' reason: "
@@ -149,13 +170,62 @@ def test_no_import_hides_inside_a_function():
     assert not bad, "\n".join(bad)
 
 
-@pytest.mark.parametrize("module", ["actedit.interventions.hpr", "actedit.train.pipeline", "actedit.eval.mc",
-                                    "actedit.study", "actedit.cli", "actedit"])
+def _copy_tree(tmp_path: Path) -> Path:
+    """The package's folders and pyproject.toml, copied, for the failure demonstrations."""
+    import shutil
+
+    for folder in ["actedit", *LAYERS]:
+        shutil.copytree(ROOT / folder, tmp_path / folder, ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(ROOT / "pyproject.toml", tmp_path / "pyproject.toml")
+    return tmp_path
+
+
+def test_the_check_catches_an_upward_import(tmp_path):
+    root = _copy_tree(tmp_path)
+    hpr = root / "interventions" / "hpr.py"
+    hpr.write_text(hpr.read_text().replace("from __future__ import annotations\n",
+                                           "from __future__ import annotations\n\nfrom actedit.data.store import ROLES\n", 1))
+    assert layer_violations(root) == ["actedit.interventions.hpr (core) imports actedit.data.store (data and "
+                                      "collection)"]
+
+
+def test_the_check_catches_a_file_in_the_wrong_layer_folder(tmp_path):
+    """The store (data and collection) moved into the core folder: its imports now point up."""
+    root = _copy_tree(tmp_path)
+    (root / "data" / "store.py").rename(root / "interventions" / "store.py")
+    bad = layer_violations(root)
+    assert any(v.startswith("actedit.interventions.store imports actedit.interventions.contrast") for v in bad), bad
+    assert any(v.startswith("actedit.data.collect imports actedit.data.store, which is not a module") for v in bad), bad
+
+
+def test_the_check_catches_an_import_in_a_class_body(tmp_path):
+    root = _copy_tree(tmp_path)
+    path = root / "interventions" / "registry.py"
+    path.write_text(path.read_text().replace("class FitContext:\n", "class FitContext:\n    from actedit.eval import plots\n", 1))
+    assert any("actedit.interventions.registry (core) imports actedit.eval.plots" in v for v in layer_violations(root))
+
+
+@pytest.mark.parametrize("module", ["actedit.interventions.hpr", "actedit.data.collect", "actedit.train.pipeline",
+                                    "actedit.eval.mc", "actedit.study", "actedit.cli", "actedit"])
 def test_each_layer_imports_on_its_own(module):
     """Importing any layer first works (no import-order dependence) and stays quiet."""
-    import subprocess
-    import sys
-
     done = subprocess.run([sys.executable, "-c", f"import {module}"], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "nnsight" not in done.stdout + done.stderr
+
+
+def test_importing_an_intervention_loads_the_core_only():
+    """What pyvene does to rebuild an edit: ``import actedit.interventions.<method>`` for every
+    method loads no data, training, evaluation, study or CLI module; ``actedit.fit`` still
+    resolves from the package root."""
+    code = ("import sys, importlib, actedit.interventions as core\n"
+            "for spec in core.methods(): importlib.import_module(spec.intervention.__module__)\n"
+            "above = sorted(m for m in sys.modules if m.startswith('actedit.') and not m.startswith('actedit.interventions'))\n"
+            "print(above)\n"
+            "import actedit\n"
+            "print(actedit.fit.__module__)\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    above, fit_module = done.stdout.strip().splitlines()[-2:]
+    assert above == "[]"
+    assert fit_module == "actedit.train.api"

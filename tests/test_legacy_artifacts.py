@@ -10,7 +10,7 @@ import pyvene as pv
 import torch
 
 import actedit
-from actedit.interventions.config import config_of, interventions_of
+from actedit.interventions.edits import config_of, interventions_of
 from actedit.interventions.registry import method_names, spec_of
 
 from conftest import tiny_model

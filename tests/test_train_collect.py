@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 import torch
 
-from actedit.train.collect import SITES, ActivationStore, collect_activations
-from actedit.train.data import ContrastDataset, ContrastExample, PromptPair, PromptPairDataset
-from actedit.train.formats import ActAddFormat, CAAFormat, HPRFormat, ITIFormat, SEAFormat
+from actedit.data.collect import SITES, ActivationStore, collect_activations
+from actedit.data.contrast import ContrastDataset, ContrastExample, PromptPair, PromptPairDataset
+from actedit.data.formats import ActAddFormat, CAAFormat, HPRFormat, ITIFormat, SEAFormat
 
 from conftest import make_tokenizer, tiny_model
 
@@ -228,7 +228,7 @@ def test_killed_subprocess_resumes_byte_identical(tmp_path, tok):
         torch.set_num_threads(1)
         from conftest import make_tokenizer, tiny_model
         from test_train_collect import dataset
-        from actedit.train.collect import collect_activations
+        from actedit.data.collect import collect_activations
         tok = make_tokenizer()
         model = tiny_model("llama", vocab_size=len(tok), max_position_embeddings=512)
         count = []
@@ -408,8 +408,8 @@ def test_bad_inputs(tmp_path, tok):
 
 # ---------------------------------------------------------------------------- base completions
 def test_generate_bases_are_the_models_greedy_answers_and_are_cached(tmp_path, tok):
-    from actedit.train.generate import GenerationSettings, generate_texts
-    from actedit.train.generate import generate_bases
+    from actedit.data.generate import GenerationSettings, generate_texts
+    from actedit.data.generate import generate_bases
 
     model = model_for("llama", tok)
     ds = ContrastDataset([ContrastExample(f"question {i}", [f"yes {i}"], [f"no {i}"], {"id": i}) for i in range(3)])

@@ -7,8 +7,8 @@ import random
 
 import pytest
 
-from actedit.train import data as D
-from actedit.train.data import (
+from actedit.data import contrast as D
+from actedit.data.contrast import (
     ContrastDataset,
     ContrastExample,
     PromptPair,
@@ -20,9 +20,9 @@ from actedit.train.data import (
     load_simple_ethical_questions,
     load_toxigen,
 )
-from actedit.train.tasks import load_contrast
-from actedit.train.truthfulqa import load_truthfulqa_mc
-from actedit.train.formats import (
+from actedit.data.tasks import load_contrast
+from actedit.data.truthfulqa import load_truthfulqa_mc
+from actedit.data.formats import (
     ActAddFormat,
     CAAFormat,
     HPRFormat,
@@ -371,7 +371,7 @@ def test_format_registry_and_chat_errors(tok):
 
 def test_loader_module_exports():
     assert set(D.LOADERS) >= {"bbq", "toxigen", "simple_ethical_questions"}
-    from actedit.train.tasks import task_names
+    from actedit.data.tasks import task_names
 
     assert "truthfulqa" in task_names()
     assert D.ROLES == ("pos", "neg", "base")
@@ -408,7 +408,7 @@ def test_ab_questions_hold_one_true_and_one_false_choice_in_seeded_order():
 
 
 def test_choice_letters_are_told_from_free_text():
-    from actedit.train.formats import choice_letter_index
+    from actedit.data.formats import choice_letter_index
 
     for answer, index in (("(A)", 1), ("A", 0), ("B.", 0), (" (C) the sky is blue", 2), ("D)", 0), ("E:", 0)):
         assert choice_letter_index(answer) == index, answer

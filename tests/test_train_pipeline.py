@@ -64,7 +64,7 @@ def test_config_errors(tmp_path, capsys):
 
 
 def test_caa_with_a_fixed_layer_collects_that_layer_only(model_dir, capsys):
-    from actedit.train.store import ActivationStore
+    from actedit.data.store import ActivationStore
 
     args = common(model_dir, "caa") + ["--set", f"collect.dir={model_dir / 'caa1' / 'acts'}",
                                        "--out", str(model_dir / "caa1" / "artifact"), "--set", "fit.layers=1"]

@@ -1,4 +1,4 @@
-"""Layer selection: probe accuracy per layer, top-k, the plot, and the artifact metadata."""
+"""Layer selection: probe accuracy per layer, top-k, and the artifact metadata."""
 
 import numpy as np
 import pytest
@@ -8,7 +8,6 @@ import torch.nn.functional as F
 from actedit.interventions import HPRIntervention, artifact_metadata, build_hpr_config, intervenable, save_artifact
 from actedit.train.select import (
     LayerSelection,
-    plot_layer_accuracy,
     probe_accuracy,
     rank_layers,
     select_layers,
@@ -63,15 +62,13 @@ def test_probe_accuracy_equals_independent_count():
         assert got[layer] == pytest.approx(expected)
 
 
-def test_select_layers_picks_the_separating_layers(tmp_path):
+def test_select_layers_picks_the_separating_layers():
     data = pairs()
-    selection = select_layers(modules_with_probes(), data, k=2, plot_path=tmp_path / "acc.png")
+    selection = select_layers(modules_with_probes(), data, k=2)
     assert selection.selected == [0, 2]
     assert selection.accuracy[0] == pytest.approx(1.0) and selection.accuracy[2] == pytest.approx(1.0)
     assert selection.accuracy[1] < 0.9
     assert selection.ranking[:2] == [0, 2] and selection.num_pairs == 200
-    png = (tmp_path / "acc.png").read_bytes()
-    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 2000
 
 
 def test_top_k_ranking_ties_and_caps():
@@ -110,11 +107,7 @@ def test_selection_metadata_goes_into_the_artifact(tmp_path):
     assert again.selected == selection.selected and again.accuracy == pytest.approx(selection.accuracy)
 
 
-def test_plot_and_input_errors(tmp_path):
-    path = plot_layer_accuracy({i: 0.5 + i / 60 for i in range(30)}, tmp_path / "deep" / "p.png", selected=[29, 28])
-    assert path.is_file()
-    with pytest.raises(ValueError, match="png"):
-        plot_layer_accuracy({0: 0.5}, tmp_path / "p.pdf")
+def test_input_errors():
     with pytest.raises(ValueError, match="no layers"):
         probe_accuracy({5: HPRIntervention(embed_dim=32)}, pairs())
     with pytest.raises(ValueError, match="probe_logits"):

@@ -1,8 +1,5 @@
-"""actedit.train: data, tasks, prompt formats, activation collection and stores, fits and training.
-
-Importing it registers the tasks (:mod:`actedit.train.tasks`): TruthfulQA.
-"""
+"""actedit.train: from activations to an edit: closed-form fits and training (the trainer, its
+LM-loss objective), layer selection, the pipeline behind ``actedit collect/fit/train``, and the
+one-call API (:mod:`actedit.train.api`)."""
 
 from actedit import interventions as _interventions  # noqa: F401  (pyvene imported quietly, methods registered)
-
-from . import truthfulqa  # noqa: E402,F401  (registers the task)

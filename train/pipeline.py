@@ -6,8 +6,8 @@ its fit reads, and whether it is fitted in closed form or trained. Nothing here 
 method's name.
 
 1. **Data** (:func:`load_dataset`): a task's contrast data (``truthfulqa``), a loader of
-   :data:`actedit.train.data.LOADERS` or a JSONL file, put in the shape the method's format reads
-   (:meth:`~actedit.train.formats.PromptFormat.prepare`), with a seeded train/eval split when the
+   :data:`actedit.data.contrast.LOADERS` or a JSONL file, put in the shape the method's format reads
+   (:meth:`~actedit.data.formats.PromptFormat.prepare`), with a seeded train/eval split when the
    method selects on eval data and the data has none.
 2. **Layers** (:meth:`PipelineConfig.for_model`): the settings' layer spec resolved against the
    model's depth right after it loads, before any work.
@@ -22,10 +22,10 @@ A YAML config (``configs/*.yaml``) names the model, the method, the data and eac
 ``--set key.sub=value`` overrides any entry (values parsed as YAML). Unknown keys are errors that
 list the valid ones. Keys::
 
-    model: smollm2-135m-instruct      # anything actedit.train.models.load_model takes
+    model: smollm2-135m-instruct      # anything actedit.data.models.load_model takes
     method: hpr                        # a registered method: actadd | caa | iti | sea | hpr
     data:
-      name: truthfulqa                 # a task, a loader name (actedit.train.data.LOADERS) or a .jsonl path
+      name: truthfulqa                 # a task, a loader name (actedit.data.contrast.LOADERS) or a .jsonl path
       source: ../shared/data/truthfulqa
       split_file: null                 # default: SOURCE/hpr_ids_splits.json
       eval_ratio: 0.1                  # data without split metadata: seeded train/eval split
@@ -39,7 +39,6 @@ list the valid ones. Keys::
 
 from __future__ import annotations
 
-import argparse
 import copy
 import dataclasses
 import time
@@ -52,19 +51,19 @@ import torch
 import yaml
 
 from actedit.interventions.artifacts import save_artifact
-from actedit.interventions.config import edit_config, intervenable, site_width
+from actedit.interventions.edits import edit_config, intervenable, site_width
 from actedit.interventions.layers import model_depth, resolve_layers
-from actedit.interventions.registry import FitContext, MethodConfig, MethodSpec, method_names, method_spec
+from actedit.interventions.registry import FitContext, MethodConfig, MethodSpec, method_spec
 from actedit.interventions.settings import Settings, UnknownSettingError, check_keys, check_moved
 
-from .collect import collect_activations
-from .data import ContrastDataset, PromptPair
-from .formats import PromptFormat, get_format
-from .generate import generate_bases
-from .models import load_model
+from actedit.data.collect import collect_activations
+from actedit.data.contrast import ContrastDataset, PromptPair
+from actedit.data.formats import PromptFormat, get_format
+from actedit.data.generate import generate_bases
+from actedit.data.models import load_model
 from .select import select_layers
-from .store import ActivationStore, STORE_DTYPES
-from .tasks import is_task, load_contrast
+from actedit.data.store import ActivationStore, STORE_DTYPES
+from actedit.data.tasks import is_task, load_contrast
 from .trainer import TrainConfig, new_interventions, train_interventions, train_top_k
 
 
@@ -73,7 +72,7 @@ class DataConfig(Settings):
     """Where the contrast data comes from.
 
     Attributes:
-        name: a task (``truthfulqa``), a loader name of :data:`actedit.train.data.LOADERS` or a
+        name: a task (``truthfulqa``), a loader name of :data:`actedit.data.contrast.LOADERS` or a
             ``.jsonl`` file.
         source: local directory/file or Hub id handed to the loader.
         split_file: train/eval/test split file (TruthfulQA; default: ``source``'s HPR split).
@@ -106,7 +105,7 @@ class CollectConfig(Settings):
         dir: activation store directory (resumed if it exists); None: held in memory.
         dtype: stored precision, ``float32``, ``float16`` or ``bfloat16``.
         batch_size: sequences per padded batch (the reference path; packed rows are the default).
-        format: parameters of the method's prompt format (:mod:`actedit.train.formats`).
+        format: parameters of the method's prompt format (:mod:`actedit.data.formats`).
     """
 
     MOVED = {"layers": "fit.layers", "site": "fit.site"}
@@ -148,7 +147,7 @@ class PipelineConfig:
     """One method's steps, from a YAML file (see the module docstring).
 
     Attributes:
-        model: model spec for :func:`actedit.train.models.load_model`.
+        model: model spec for :func:`actedit.data.models.load_model`.
         method: a registered method name.
         data, collect: see :class:`DataConfig`, :class:`CollectConfig`.
         fit: the method's settings (its ``MethodSpec.config``; a mapping is converted).
@@ -261,7 +260,7 @@ def load_config(path: Optional[str], overrides: Sequence[str] = ()) -> PipelineC
 
 # ------------------------------------------------------------------------------------ data
 def load_dataset(cfg: PipelineConfig, fmt: Optional[PromptFormat] = None):
-    """The method's data (``data.name``: :func:`actedit.train.tasks.load_contrast`), prepared by
+    """The method's data (``data.name``: :func:`actedit.data.tasks.load_contrast`), prepared by
     :func:`prepare_dataset`."""
     d = cfg.data
     return prepare_dataset(cfg, load_contrast(d.name, source=d.source, split_file=d.split_file, limit=d.limit), fmt)
@@ -378,25 +377,24 @@ def _train(cfg: PipelineConfig, store: ActivationStore, progress: bool) -> Tuple
     train_cfg = dataclasses.replace(cfg.train, progress=cfg.train.progress and progress)
     if out is not None and train_cfg.checkpoint_dir is None:
         train_cfg = dataclasses.replace(train_cfg, checkpoint_dir=str(out.parent / f".{out.name}.training"))
-    plot = out.parent / f"{out.name}_probe_accuracy.png" if out is not None else None
     modules = new_interventions(spec, train_pairs.width, settings.layers, seed=train_cfg.seed,
                                 **settings.intervention_arguments())
     if settings.strategy == "probe_first":
-        result, selection = train_top_k(modules, train_pairs, eval_pairs, k=settings.top_k, config=train_cfg,
-                                        plot_path=plot)
+        result, selection = train_top_k(modules, train_pairs, eval_pairs, k=settings.top_k, config=train_cfg)
     else:
         result = train_interventions(modules, train_pairs, eval_pairs, config=train_cfg)
-        selection = select_layers(result.modules, eval_pairs, k=settings.top_k, plot_path=plot)
+        selection = select_layers(result.modules, eval_pairs, k=settings.top_k)
     chosen = {layer: result.modules[layer] for layer in selection.selected}
     return chosen, {"training": result.summary(), **selection.metadata()}
 
 
-def build(cfg: PipelineConfig, model=None, tokenizer=None) -> Path:
-    """Collect (if needed), fit or train, and write the artifact to ``cfg.out``."""
+def build(cfg: PipelineConfig, model=None, tokenizer=None) -> Tuple[Path, Dict[str, Any]]:
+    """Collect (if needed), fit or train, and write the artifact to ``cfg.out``; returns its path
+    and the edit's metadata."""
     if model is None:
         model, tokenizer = load_model(cfg.model)
-    config, _ = make_edit(cfg, model, tokenizer)
-    return save_artifact(intervenable(model, config), cfg.out)
+    config, metadata = make_edit(cfg, model, tokenizer)
+    return save_artifact(intervenable(model, config), cfg.out), metadata
 
 
 def _data_record(cfg: PipelineConfig) -> Dict[str, Any]:
@@ -404,53 +402,8 @@ def _data_record(cfg: PipelineConfig) -> Dict[str, Any]:
             "limit": cfg.data.limit, "site": cfg.site}
 
 
-# ------------------------------------------------------------------------------------ CLI
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("config", nargs="?", default=None, help="YAML config (see configs/)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a config entry, e.g. --set collect.batch_size=8 (repeatable)")
-    parser.add_argument("--model", default=None, help="override `model`")
-    parser.add_argument("--method", default=None, help=f"override `method` ({', '.join(method_names())})")
-    parser.add_argument("--data", default=None, help="override `data.source`")
-    parser.add_argument("--out", default=None, help="override `out` (artifact directory)")
-
-
-def _config_from_args(args) -> PipelineConfig:
-    overrides = list(args.overrides)
-    for flag, key in (("model", "model"), ("method", "method"), ("data", "data.source"), ("out", "out")):
-        value = getattr(args, flag)
-        if value is not None:
-            overrides.append(f"{key}={value}")
-    return load_config(args.config, overrides)
-
-
-def run_collect(args) -> int:
-    store = collect(_config_from_args(args))
-    print(f"activations in {store.path}")
-    return 0
-
-
-def _run_build(args, trained: bool) -> int:
-    cfg = _config_from_args(args)
-    if cfg.spec.trained != trained:
-        kind = "trained, not fitted: use `actedit train`" if cfg.spec.trained else \
-            "closed-form, not trained: use `actedit fit`"
-        raise ValueError(f"'{cfg.method}' is {kind}.")
-    print(f"artifact written to {build(cfg)}")
-    return 0
-
-
-def run_fit(args) -> int:
-    return _run_build(args, trained=False)
-
-
-def run_train(args) -> int:
-    return _run_build(args, trained=True)
-
-
 __all__ = [
-    "CollectConfig", "DataConfig", "PipelineConfig", "add_arguments", "apply_overrides", "build", "collect",
+    "CollectConfig", "DataConfig", "PipelineConfig", "apply_overrides", "build", "collect",
     "fit_inputs", "load_config", "load_dataset", "make_edit", "method_settings", "prepare_dataset", "prompt_format",
     "read_config",
-    "run_collect", "run_fit", "run_train",
 ]

@@ -1,4 +1,4 @@
-"""Layer selection: probe accuracy per layer on an eval split, the top-k layers, a plot, metadata.
+"""Layer selection: probe accuracy per layer on an eval split, the top-k layers, metadata.
 
 HPR trains a module for every layer and enables the k layers whose probe separates the eval
 pairs best (the README's example: k = 5). For a module with a linear probe w (no bias), the
@@ -15,13 +15,11 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Sequence
+from typing import Any, Dict, List, Mapping, Optional
 
 import torch
 
-from .plots import plot_per_layer
-from .store import PairedActivations
+from actedit.data.store import PairedActivations
 
 METRICS = ("probe_accuracy",)
 
@@ -95,10 +93,6 @@ class LayerSelection:
                    metric=info.get("metric", "probe_accuracy"), selected=[int(x) for x in info["selected"]],
                    ranking=[int(x) for x in info.get("ranking", [])], num_pairs=info.get("num_pairs"))
 
-    def plot(self, path, *, title: Optional[str] = None) -> Path:
-        """Write the per-layer accuracy plot (PNG); see :func:`plot_layer_accuracy`."""
-        return plot_layer_accuracy(self.accuracy, path, selected=self.selected, title=title)
-
 
 def rank_layers(accuracy: Mapping[int, float]) -> List[int]:
     """Layers by accuracy, best first; ties broken by the lower layer index."""
@@ -149,28 +143,13 @@ def probe_accuracy(modules: Mapping[int, torch.nn.Module], data: PairedActivatio
     return {layer: correct[layer] / (2 * n) for layer in layers}
 
 
-def select_layers(modules: Mapping[int, torch.nn.Module], eval_data: PairedActivations, *, k: int = 5,
-                  plot_path=None, title: Optional[str] = None) -> LayerSelection:
-    """Measure eval probe accuracy per layer, keep the top k (default 5, HPR's README) and
-    optionally write the accuracy plot to ``plot_path``."""
+def select_layers(modules: Mapping[int, torch.nn.Module], eval_data: PairedActivations, *,
+                  k: int = 5) -> LayerSelection:
+    """Measure eval probe accuracy per layer and keep the top k (default 5, HPR's README); the
+    evaluation layer plots it (:func:`actedit.eval.plots.plot_layer_accuracy`)."""
     accuracy = probe_accuracy(modules, eval_data)
-    selection = LayerSelection(accuracy=accuracy, k=k, num_pairs=eval_data.num_pairs)
-    if plot_path is not None:
-        selection.plot(plot_path, title=title)
-    return selection
+    return LayerSelection(accuracy=accuracy, k=k, num_pairs=eval_data.num_pairs)
 
 
-def plot_layer_accuracy(accuracy: Mapping[int, float], path, *, selected: Sequence[int] = (),
-                        title: Optional[str] = None, chance: float = 0.5) -> Path:
-    """Bar plot of eval probe accuracy per layer as PNG: the selected layers highlighted, chance
-    level dashed (:func:`actedit.train.plots.plot_per_layer`)."""
-    if not accuracy:
-        raise ValueError("no layer accuracies to plot.")
-    if Path(path).suffix.lower() != ".png":
-        raise ValueError(f"the plot is written as PNG; give a path ending in .png, got {Path(path).name!r}.")
-    return plot_per_layer(accuracy, "eval probe accuracy", path, title=title or "Probe accuracy per layer",
-                          highlight=selected, baseline=chance)
-
-
-__all__ = ["LayerSelection", "METRICS", "plot_layer_accuracy", "probe_accuracy", "rank_layers", "select_layers",
+__all__ = ["LayerSelection", "METRICS", "probe_accuracy", "rank_layers", "select_layers",
            "select_top_k"]

@@ -17,7 +17,7 @@ The loop (:func:`run_training`) is the released HPR recipe (HF ``Trainer`` defau
   epoch's weights are restored.
 
 **Cached activations** (:func:`train_interventions`, :func:`train_top_k`). The data are
-aligned pairs (h⁺, h⁻) of every layer (:class:`~actedit.train.store.PairedActivations`). Every
+aligned pairs (h⁺, h⁻) of every layer (:class:`~actedit.data.store.PairedActivations`). Every
 layer l has its own module with its own loss ℓ_l = ``module.loss(h⁺_l, h⁻_l)`` on the same batch
 of pairs; the reported loss is (1/L) Σ_l ℓ_l, and each layer's parameters θ_l receive exactly
 ∂ℓ_l/∂θ_l (the gradient of Σ_l ℓ_l), i.e. what training that layer alone would give.
@@ -56,7 +56,7 @@ from actedit.interventions.registry import method_spec
 from actedit.interventions.settings import Settings
 
 from .select import LayerSelection, select_layers
-from .store import PairedActivations
+from actedit.data.store import PairedActivations
 
 SCHEDULES = ("linear", "cosine", "constant")
 """Learning-rate schedules after warmup."""
@@ -796,7 +796,7 @@ def _train_only(modules: Mapping[int, nn.Module], prefix: Optional[str]) -> None
 
 
 def train_top_k(modules: Mapping[int, nn.Module], train: PairedActivations, eval_data: PairedActivations, *,
-                k: int = 5, config: Optional[TrainConfig] = None, plot_path=None,
+                k: int = 5, config: Optional[TrainConfig] = None,
                 callbacks: Sequence[Callable[[EpochRecord], None]] = ()) -> Tuple[TrainResult, LayerSelection]:
     """Train the selecting loss term on every layer, keep the top ``k`` layers by eval probe
     accuracy, and train the other terms only there. Returns ``(TrainResult, LayerSelection)``.
@@ -810,7 +810,7 @@ def train_top_k(modules: Mapping[int, nn.Module], train: PairedActivations, eval
     1. train the selecting term of all layers (the others frozen); keep the best epoch E* by the
        mean eval probe accuracy (``config.best_by``);
     2. select the top ``k`` layers by eval probe accuracy at E*
-       (:func:`actedit.train.select.select_layers`, plot to ``plot_path``);
+       (:func:`actedit.train.select.select_layers`);
     3. train the other terms of those layers only, for the first E* epochs of the same schedule
        and batch order (``stop_after_epoch``).
 
@@ -840,7 +840,7 @@ def train_top_k(modules: Mapping[int, nn.Module], train: PairedActivations, eval
         first_config = dataclasses.replace(config, checkpoint_dir=str(ckpt / "probes") if ckpt else None)
         first = run_training(PairTask(modules, train, eval_data, first_config, loss_method=selecting),
                              first_config, callbacks)
-        selection = select_layers(first.modules, eval_data, k=k, plot_path=plot_path)
+        selection = select_layers(first.modules, eval_data, k=k)
         chosen = {layer: first.modules[layer] for layer in selection.selected}
         history, steps, seconds, last = list(first.history), first.steps, first.seconds, first
         for term in rest:

@@ -21,10 +21,10 @@ from typing import Any, Dict, Mapping, Optional, Sequence, Union
 import pyvene as pv
 
 from actedit.interventions.artifacts import load_artifact, save_artifact
-from actedit.interventions.config import compose as compose_configs
-from actedit.interventions.config import config_of, intervenable, is_intervenable
+from actedit.interventions.edits import compose as compose_configs
+from actedit.interventions.edits import config_of, intervenable, is_intervenable
 from actedit.interventions.registry import method_spec
-from actedit.train.data import ContrastDataset, ContrastExample, PromptPair, PromptPairDataset, as_dataset
+from actedit.data.contrast import ContrastDataset, ContrastExample, PromptPair, PromptPairDataset, as_dataset
 from actedit.train.pipeline import (
     CollectConfig,
     DataConfig,
@@ -35,7 +35,7 @@ from actedit.train.pipeline import (
     method_settings,
     prepare_dataset,
 )
-from actedit.train.tasks import contrast_names, is_contrast_name
+from actedit.data.tasks import contrast_names, is_contrast_name
 
 Data = Union[str, ContrastDataset, PromptPairDataset, Sequence[Any]]
 
@@ -74,7 +74,7 @@ def fit(method: str, model, tokenizer, data: Data, *, layers=None, store: Option
         method: a registered method name (``hpr``, ``sea``, ``iti``, ``caa``, ``actadd``).
         model, tokenizer: a transformers causal LM and its tokenizer.
         data: ``(prompt, positive, negative)`` triples; for ActAdd ``(prompt₁, prompt₂)`` pairs such
-            as ``[("Love", "Hate")]``; a :class:`~actedit.train.data.ContrastDataset`; or a
+            as ``[("Love", "Hate")]``; a :class:`~actedit.data.contrast.ContrastDataset`; or a
             registered task name (``"truthfulqa"``: its train and eval questions; ``source`` and
             ``split_file`` say where they are).
         layers: the layers the method works on (a layer spec: ``[12]``, ``0.4``, ``"1/3:"``, ...;
@@ -85,7 +85,7 @@ def fit(method: str, model, tokenizer, data: Data, *, layers=None, store: Option
         source, split_file, limit: where a task's questions are, and how many per split.
         eval_ratio, seed: the seeded train/eval split of data without one (methods that select
             layers or heads on eval data), and the seed of format conversions.
-        prompt_format: parameters of the method's prompt format (:mod:`actedit.train.formats`).
+        prompt_format: parameters of the method's prompt format (:mod:`actedit.data.formats`).
         progress: show progress bars.
         **settings: the method's settings (``multiplier``, ``alpha``, ``top_k``, ...; see its
             settings class, e.g. :class:`~actedit.interventions.caa.CAAConfig`).

@@ -21,8 +21,8 @@ Loaders (each returns a :class:`ContrastDataset` unless said otherwise)
   ``toxicity_ai + toxicity_human > 5.5``), the negative the other answer.
 * :func:`load_contrast_jsonl` / :func:`load_prompt_pairs_jsonl` — a user's own JSONL files.
 * :func:`load_contrast_file` — a JSONL file of either kind. Tasks (TruthfulQA:
-  :func:`actedit.train.truthfulqa.load_truthfulqa_mc`) and the loaders above are found by name
-  through :func:`actedit.train.tasks.load_contrast`.
+  :func:`actedit.data.truthfulqa.load_truthfulqa_mc`) and the loaders above are found by name
+  through :func:`actedit.data.tasks.load_contrast`.
 
 Hub loaders call ``datasets.load_dataset``; when that fails (offline, gated dataset) the error
 says how to give a local file instead. A path that does not exist is never turned into a Hub id.
@@ -110,13 +110,13 @@ class ContrastExample(_MetadataFields):
     """One prompt with desirable and undesirable responses.
 
     Attributes:
-        prompt: the prompt or question (the formats in :mod:`actedit.train.formats` decide how it
+        prompt: the prompt or question (the formats in :mod:`actedit.data.formats` decide how it
             is rendered: lettered choices for HPR, "Q: ... A: ..." for ITI, ...).
         positives: desirable responses (truthful, unbiased, ...); at least one.
         negatives: undesirable responses; at least one. No text may be both.
         metadata: JSON-serialisable facts about the example. Conventional keys: ``id`` (stable
             identifier, also seeds HPR's choice shuffle), ``split`` (``train``/``eval``/``test``,
-            read by :class:`~actedit.train.collect.ActivationStore` to filter rows), ``source``.
+            read by :class:`~actedit.data.collect.ActivationStore` to filter rows), ``source``.
         bases: the model's own completions of the prompt (SEA's base demonstrations); optional.
     """
 
@@ -712,7 +712,7 @@ def first_responses(dataset: ContrastDataset) -> ContrastDataset:
 
 def with_bases(dataset: ContrastDataset, bases: Sequence[Union[str, Sequence[str]]]) -> ContrastDataset:
     """The dataset with each example's ``bases`` (SEA's base completions, e.g. the model's own
-    answers from :func:`actedit.train.collect.generate_bases`) replaced by ``bases[i]``."""
+    answers from :func:`actedit.data.collect.generate_bases`) replaced by ``bases[i]``."""
     if len(bases) != len(dataset):
         raise ValueError(f"{len(bases)} base completions for {len(dataset)} examples; give one (or a list) per example.")
     out = []
@@ -735,7 +735,7 @@ LOADERS = {
 def load_contrast_file(spec: PathLike, known: Sequence[str] = (), **kwargs) -> Union[ContrastDataset, PromptPairDataset]:
     """A dataset from a JSONL file: one whose first record has ``prompt1`` (or ``prompt2``) is
     read as ActAdd prompt pairs, any other as contrast examples. (Names of datasets and tasks are
-    resolved by :func:`actedit.train.tasks.load_contrast`, which lists them as ``known``.)"""
+    resolved by :func:`actedit.data.tasks.load_contrast`, which lists them as ``known``.)"""
     text = str(spec)
     path = Path(text).expanduser()
     if path.suffix.lower() == ".jsonl" or path.is_file():

@@ -1,7 +1,7 @@
-"""Activation stores: what :func:`actedit.train.collect.collect_activations` writes, read back.
+"""Activation stores: what :func:`actedit.data.collect.collect_activations` writes, read back.
 
 A store is a directory (``manifest.json`` plus ``shard-NNNNN.safetensors`` files, see
-:mod:`actedit.train.collect` for how they are written) or the same shards held in memory (the
+:mod:`actedit.data.collect` for how they are written) or the same shards held in memory (the
 one-call API collects in memory unless asked for a directory). :class:`ActivationStore` reads
 either kind: per (site, layer) ``(N, width)`` tensors, whole or by rows, and the views the
 methods read (:data:`actedit.interventions.registry.VIEWS`): :meth:`~ActivationStore.paired_activations`
@@ -11,7 +11,7 @@ probes) and :meth:`~ActivationStore.aligned` (SEA's three matrices, ActAdd's two
 Rows and their metadata: each row is one token position of one sequence. Every response is
 stored once, even when it takes part in several pairs; pairs are formed when reading. Per-row
 columns (:data:`COLUMNS`): ``example`` (index in the dataset), ``role`` (index in
-:data:`~actedit.train.data.ROLES`: pos, neg, base), ``response`` (index among the example's
+:data:`~actedit.data.contrast.ROLES`: pos, neg, base), ``response`` (index among the example's
 responses of that role), ``offset`` (index among the sequence's read positions: aligned offset
 for pairs), ``position`` (token position in the sequence), ``token`` (token id there),
 ``prefix_hash`` (64-bit hash of the tokens up to and including the position: two rows with equal
@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from safetensors import safe_open
 
-from .data import ROLES
+from .contrast import ROLES
 
 SITES = ("block_output", "block_input", "mlp_output", "attention_value_output")
 """Sites activations can be collected at (pyvene component names)."""
@@ -323,7 +323,7 @@ class LabeledActivations:
 
 
 class ActivationStore:
-    """Read activations written by :func:`actedit.train.collect.collect_activations`.
+    """Read activations written by :func:`actedit.data.collect.collect_activations`.
 
     ``ActivationStore(dir)`` reads ``dir/manifest.json``; an incomplete store (an interrupted run)
     is refused unless ``allow_incomplete=True`` (then only its complete shards are visible).
@@ -337,7 +337,7 @@ class ActivationStore:
         manifest_path = self.path / MANIFEST
         if not manifest_path.is_file():
             raise FileNotFoundError(f"No activation store at {self.path} (no {MANIFEST}); collect one with "
-                                    "actedit.train.collect.collect_activations.")
+                                    "actedit.data.collect.collect_activations.")
         self.manifest: Dict[str, Any] = json.loads(manifest_path.read_text())
         version = self.manifest.get("store_version")
         if version is None or int(version) > STORE_VERSION:

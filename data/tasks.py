@@ -6,7 +6,7 @@ the sum of its tokens' log-probabilities), which choices are correct and which m
 reports, and how its questions become contrast data to fit edits on. The scorer
 (:mod:`actedit.eval.mc`), the study, ``actedit eval`` and the one-call API take any registered
 task by name. Each task lives in its own module and registers itself once
-(:mod:`actedit.train.truthfulqa` is the first).
+(:mod:`actedit.data.truthfulqa` is the first).
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import numpy as np
 
 from actedit.interventions.settings import Settings
 
-from .data import LOADERS, ContrastDataset, load_contrast_file
+from .contrast import LOADERS, ContrastDataset, load_contrast_file
 
 
 @dataclass(frozen=True)
@@ -142,7 +142,7 @@ def load_contrast(name, *, source=None, split_file=None, limit: Optional[int] = 
     """Contrast data (or ActAdd prompt pairs) by name or path.
 
     A registered task (or one of its aliases) gives its ``contrast`` data (``limit`` questions per
-    split); a loader of :data:`actedit.train.data.LOADERS` reads ``source``; anything else is a
+    split); a loader of :data:`actedit.data.contrast.LOADERS` reads ``source``; anything else is a
     JSONL file. Without a task, ``limit`` keeps the first examples.
     """
     text = str(name)

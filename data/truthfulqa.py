@@ -15,7 +15,7 @@ Evaluation follows lm-eval's ``truthfulqa_mc1``/``truthfulqa_mc2`` (the protocol
 each choice a continuation ``" " + choice``; MC1 = the first (true) MC1 choice scores highest;
 MC2 = the normalised probability mass of the true MC2 choices (:data:`MC2_RULES`). Training data
 (:func:`load_truthfulqa_mc`): the MC2 true answers are the positives, the false ones the negatives.
-The task registers itself as ``truthfulqa`` (:mod:`actedit.train.tasks`).
+The task registers itself as ``truthfulqa`` (:mod:`actedit.data.tasks`).
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ import numpy as np
 from actedit.interventions.artifacts import looks_like_local_path
 from actedit.interventions.settings import Settings
 
-from .data import ContrastDataset, ContrastExample, PathLike
+from .contrast import ContrastDataset, ContrastExample, PathLike
 from .tasks import MCItem, TaskSpec, register_task
 
 N_QUESTIONS = 817
@@ -263,7 +263,7 @@ def load_truthfulqa_mc(
 ) -> ContrastDataset:
     """TruthfulQA multiple choice as contrast examples.
 
-    Reads the questions with :func:`actedit.train.truthfulqa.load_truthfulqa` (``source``: a
+    Reads the questions with :func:`actedit.data.truthfulqa.load_truthfulqa` (``source``: a
     directory holding ``mc_task.json``, the file itself, or a Hub id; default: the Hub's
     ``truthful_qa``). With ``split`` (``train``/``eval``/``test``), only that split of
     ``split_file`` is kept, in split-file order; when ``split_file`` is omitted and ``source`` is

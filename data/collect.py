@@ -1,8 +1,8 @@
 """Activation collection through pyvene interventions, into a store on disk or in memory.
 
 :func:`collect_activations` runs a model over a contrast dataset in a prompt format
-(:mod:`actedit.train.formats`) and stores the activations at the format's reading positions for
-every requested (site, layer); :class:`~actedit.train.store.ActivationStore` reads them back.
+(:mod:`actedit.data.formats`) and stores the activations at the format's reading positions for
+every requested (site, layer); :class:`~actedit.data.store.ActivationStore` reads them back.
 
 How collection works
 --------------------
@@ -10,7 +10,7 @@ How collection works
   the rows it is told to and returns its input unchanged) sits at every (site, layer); the model
   runs as ``IntervenableModel(base, unit_locations=None)``. No ``output_hidden_states`` (pyvene
   removes the hooks that implement it under transformers 5).
-* **Sites** (:data:`~actedit.train.store.SITES`): ``block_output`` (residual stream after decoder
+* **Sites** (:data:`~actedit.data.store.SITES`): ``block_output`` (residual stream after decoder
   layer L), ``block_input`` (before it), ``mlp_output``, ``attention_value_output`` (the o_proj
   input, all heads concatenated; :meth:`ActivationStore.load` splits it into heads on request).
 * **Only what is needed.** Each forward pass stops when the decoder layer after the deepest
@@ -62,10 +62,10 @@ from tqdm.auto import tqdm
 from actedit.interventions import compat
 from actedit.interventions.artifacts import file_sha256
 from actedit.interventions.collector import ActivationCollector
-from actedit.interventions.config import actedit_version, check_layers, model_signature, site_width
+from actedit.interventions.edits import actedit_version, check_layers, model_signature, site_width
 from actedit.interventions.packing import DEFAULT_PACK_TOKENS, Tree, decoder_layer, pack_trees, supports_packing
 
-from .data import ROLES, ContrastDataset, PromptPairDataset, as_dataset
+from .contrast import ROLES, ContrastDataset, PromptPairDataset, as_dataset
 from .environment import environment
 from .formats import EncodedExample, PromptFormat, get_format, pad_id, tokenizer_fingerprint
 from .models import weights_digest
@@ -88,7 +88,7 @@ MIN_SHARED_PREFIX = 4
 
 # ------------------------------------------------------------------------------ validation
 def check_sites(model, sites: Union[str, Sequence[str]]) -> List[str]:
-    """Validate site names against :data:`~actedit.train.store.SITES` and the model's pyvene tables."""
+    """Validate site names against :data:`~actedit.data.store.SITES` and the model's pyvene tables."""
     if isinstance(sites, str):
         sites = [sites]
     sites = list(sites)
@@ -474,13 +474,13 @@ def collect_activations(
         model: a causal LM pyvene can wrap (actedit registers Qwen3, Gemma-3, Phi-3); run in eval
             mode under ``torch.inference_mode`` and left as it was.
         tokenizer: its tokenizer.
-        dataset: a :class:`~actedit.train.data.ContrastDataset`, a
-            :class:`~actedit.train.data.PromptPairDataset` (ActAdd) or a list of their items.
+        dataset: a :class:`~actedit.data.contrast.ContrastDataset`, a
+            :class:`~actedit.data.contrast.PromptPairDataset` (ActAdd) or a list of their items.
         out_dir: the store directory (created; files other than the store's are left alone), or
             None for a store held in memory (no resume).
-        format: a :class:`~actedit.train.formats.PromptFormat` or its name (``hpr``, ``iti``,
+        format: a :class:`~actedit.data.formats.PromptFormat` or its name (``hpr``, ``iti``,
             ``caa``, ``sea``, ``actadd``).
-        sites: one or more of :data:`~actedit.train.store.SITES`.
+        sites: one or more of :data:`~actedit.data.store.SITES`.
         layers: decoder layer indices (default: all).
         dtype: store dtype, ``float32`` (default), ``float16`` or ``bfloat16``.
         batch_size: sequences per padded batch (the reference path).
@@ -497,7 +497,7 @@ def collect_activations(
         on_shard: called with each new shard's manifest entry after it is durably written.
 
     Returns:
-        The :class:`~actedit.train.store.ActivationStore` of ``out_dir`` (or in memory).
+        The :class:`~actedit.data.store.ActivationStore` of ``out_dir`` (or in memory).
     """
     data = as_dataset(dataset)
     fmt, note = get_format(format).for_tokenizer(tokenizer)

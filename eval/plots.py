@@ -197,7 +197,6 @@ def plot_drift(comparison, path: PathLike, title: Optional[str] = None) -> Path:
     return _save(fig, path)
 
 
-__all__ = ["plot_drift", "plot_flips", "plot_layer_count", "plot_norms", "plot_per_layer"]
 
 
 def plot_scores(methods: Mapping[str, Mapping[str, float]], path: PathLike, title: Optional[str] = None,
@@ -228,3 +227,32 @@ def plot_scores(methods: Mapping[str, Mapping[str, float]], path: PathLike, titl
     ax.set_title(title or f"{task} {' / '.join(m.upper() for m in metrics)} per model (± stderr)")
     ax.legend(fontsize=8)
     return _save(fig, path)
+
+
+def plot_layer_accuracy(accuracy: Mapping[int, float], path: PathLike, *, selected: Sequence[int] = (),
+                        title: Optional[str] = None, chance: float = 0.5) -> Path:
+    """Bar plot of eval probe accuracy per layer as PNG: the selected layers highlighted, chance
+    level dashed (:func:`plot_per_layer`)."""
+    if not accuracy:
+        raise ValueError("no layer accuracies to plot.")
+    if Path(path).suffix.lower() != ".png":
+        raise ValueError(f"the plot is written as PNG; give a path ending in .png, got {Path(path).name!r}.")
+    return plot_per_layer(accuracy, "eval probe accuracy", path, title=title or "Probe accuracy per layer",
+                          highlight=selected, baseline=chance)
+
+
+def plot_layer_selection(metadata: Mapping, artifact: PathLike) -> Optional[Path]:
+    """The probe-accuracy plot of an edit that selected its layers (its metadata holds
+    ``layer_selection``), written beside its artifact as ``<artifact>_probe_accuracy.png``; None
+    for an edit without a selection."""
+    selection = metadata.get("layer_selection")
+    if not selection:
+        return None
+    artifact = Path(artifact)
+    accuracy = {int(layer): float(acc) for layer, acc in selection["accuracy"].items()}
+    return plot_layer_accuracy(accuracy, artifact.parent / f"{artifact.name}_probe_accuracy.png",
+                               selected=[int(x) for x in selection["selected"]])
+
+
+__all__ = ["plot_drift", "plot_flips", "plot_layer_accuracy", "plot_layer_count", "plot_layer_selection",
+           "plot_norms", "plot_per_layer"]

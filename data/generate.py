@@ -29,9 +29,9 @@ from typing import Any, Dict, List, Optional, Sequence, Union
 import torch
 from tqdm.auto import tqdm
 
-from actedit.interventions.config import base_model_of, is_intervenable, model_signature
+from actedit.interventions.edits import base_model_of, is_intervenable, model_signature
 
-from .data import ContrastDataset, as_dataset, with_bases
+from .contrast import ContrastDataset, as_dataset, with_bases
 from .formats import PromptFormat, SEAFormat, chat_text, get_format, has_chat_template, pad_id, tokenizer_fingerprint
 from .models import weights_digest
 from .store import fsync_write
@@ -54,7 +54,7 @@ class GenerationSettings:
         prompt_format: how a question becomes the user's text; must contain ``{question}``.
         cache_implementation: passed to ``generate`` (None: the model's default, a dynamic KV
             cache that grows by concatenation; ``"static"`` preallocates it, see
-            :func:`actedit.train.collect.generate_bases`).
+            :func:`actedit.data.collect.generate_bases`).
     """
 
     max_new_tokens: int = 64
@@ -217,9 +217,9 @@ def generate_bases(model, tokenizer, dataset: ContrastDataset, format: Union[str
                    progress: bool = True) -> ContrastDataset:
     """SEA's base demonstrations: the model's own greedy completion of each example's prompt.
 
-    The prompt is what ``format`` (a :class:`~actedit.train.formats.SEAFormat`) puts before the
+    The prompt is what ``format`` (a :class:`~actedit.data.formats.SEAFormat`) puts before the
     separator; the completion is cut at its first newline and stripped, and becomes the example's
-    only base (:func:`actedit.train.data.with_bases`). With ``cache_path`` the completions are
+    only base (:func:`actedit.data.contrast.with_bases`). With ``cache_path`` the completions are
     written there atomically (JSON, keyed by the model, tokenizer, format, settings and dataset)
     and reused by a later call with the same inputs.
 

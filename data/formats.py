@@ -4,7 +4,7 @@ A format is a small frozen dataclass; its fields are its parameters and are reco
 activation store it produced. :meth:`PromptFormat.encode` reads one example (and the tokenizer)
 and returns an :class:`EncodedExample`: one :class:`EncodedSequence` per response, each with the
 full token ids (special tokens included, exactly what the model sees) and the positions at which
-activations are read. The collector (:mod:`actedit.train.collect`) shares the longest common
+activations are read. The collector (:mod:`actedit.data.collect`) shares the longest common
 prefix of the sequences of one example automatically, so a format never has to split prompt and
 response itself.
 
@@ -40,7 +40,7 @@ import string
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
-from .data import ContrastDataset, ContrastExample, PromptPair, PromptPairDataset, first_responses, to_ab_questions
+from .contrast import ContrastDataset, ContrastExample, PromptPair, PromptPairDataset, first_responses, to_ab_questions
 
 LETTERS = string.ascii_uppercase
 
@@ -377,7 +377,7 @@ class CAAFormat(PromptFormat):
 
     The example's prompt is the question with its lettered choices; each positive/negative is an
     answer such as ``"(A)"`` that names a choice letter (:func:`choice_letter_index`; free text is
-    refused: convert it with :func:`actedit.train.data.to_ab_questions`). With
+    refused: convert it with :func:`actedit.data.contrast.to_ab_questions`). With
     ``chat=True`` the text is the chat template's rendering of the question with
     ``add_generation_prompt=True`` followed directly by the answer (no end-of-turn token, as in
     Rimsky et al.'s ``[/INST] (A``); with ``chat=False`` it is ``plain_template``.
@@ -400,7 +400,7 @@ class CAAFormat(PromptFormat):
 
     def prepare(self, dataset, seed: int = 0):
         """A/B questions: data whose answers are not all choice letters is converted with
-        :func:`~actedit.train.data.to_ab_questions` (seeded letter order)."""
+        :func:`~actedit.data.contrast.to_ab_questions` (seeded letter order)."""
         dataset = super().prepare(dataset, seed)
         if all(choice_letter_index(t) is not None for ex in dataset for t in ex.positives + ex.negatives):
             return dataset
@@ -463,7 +463,7 @@ class SEAFormat(PromptFormat):
 
     def prepare(self, dataset, seed: int = 0):
         """One positive and one negative per prompt (the aligned H⁺, H⁻):
-        :func:`~actedit.train.data.first_responses` where an example has more."""
+        :func:`~actedit.data.contrast.first_responses` where an example has more."""
         dataset = super().prepare(dataset, seed)
         if any(len(ex.positives) > 1 or len(ex.negatives) > 1 for ex in dataset):
             return first_responses(dataset)
