@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 
 from actedit.data.store import ActivationStore, PairedActivations
-from actedit.train.trainer import TrainConfig, new_interventions, train_interventions, train_top_k
+from actedit.train.trainer import TrainSettings, new_interventions, train_interventions, train_top_layers
 from _env import machine_info, versions  # benchmarks/_env.py (the script's folder is on sys.path)
 
 FULL_TRAIN_PAIRS = 59_674
@@ -75,14 +75,14 @@ def store_pairs(directory: str, split: str, layers: Optional[int], max_pairs: Op
 
 def run(data: PairedActivations, mode: str, epochs: int, batch_size: int, seed: int, device: Optional[str],
         k: int = 5) -> dict:
-    config = TrainConfig(epochs=epochs, batch_size=batch_size, seed=seed, vectorize=(mode != "loop"),
+    config = TrainSettings(epochs=epochs, batch_size=batch_size, seed=seed, vectorize=(mode != "loop"),
                          progress=False, select_best=(mode == "probe_first"), device=device)
     if device and device.startswith("cuda"):
         torch.cuda.synchronize()
     start = time.perf_counter()
     modules = new_interventions("hpr", data.width, data.layers, seed=seed)
     if mode == "probe_first":  # probes of all layers, then angle nets of the top k (selected on the train pairs)
-        result, _ = train_top_k(modules, data, data, k=k, config=config)
+        result, _ = train_top_layers(modules, data, data, k=k, config=config)
     else:
         result = train_interventions(modules, data, None, config=config)
     if device and device.startswith("cuda"):

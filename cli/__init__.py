@@ -31,15 +31,14 @@ def register(name: str, help_text: str, add_arguments: Callable, run: Callable) 
     COMMANDS[name] = (help_text, add_arguments, run)
 
 
-_FITTED = ", ".join(s.name for s in methods() if not s.trained)
 _TRAINED = ", ".join(s.name for s in methods() if s.trained)
 
 register("info", "show what an artifact holds (methods, layers, base model, metrics)", artifacts.info_arguments, artifacts.run_info)
 register("push", "upload an artifact directory to the Hugging Face Hub", artifacts.push_arguments, artifacts.run_push)
 register("collect", f"collect the activations a method needs (sharded, resumable; methods: {', '.join(method_names())})",
          pipeline.add_arguments, pipeline.run_collect)
-register("fit", f"fit a closed-form edit ({_FITTED}) and write its artifact", pipeline.add_arguments,
-         pipeline.run_fit)
+register("fit", f"fit an edit of any method ({', '.join(method_names())}; a trained one is trained) and write "
+         "its artifact", pipeline.add_arguments, pipeline.run_fit)
 register("train", f"train an edit ({_TRAINED}) on collected activations, select layers, write the artifact",
          pipeline.add_arguments, pipeline.run_train)
 register("run", "run a whole study from a YAML file: collect, fit/train every method, compose, evaluate, "

@@ -18,11 +18,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--method", default=None, help=f"override `method` ({', '.join(method_names())})")
     parser.add_argument("--data", default=None, help="override `data.source`")
     parser.add_argument("--out", default=None, help="override `out` (artifact directory)")
+    parser.add_argument("--strength", default=None,
+                        help="override the method's strength (settings.strength: HPR's and ITI's alpha, CAA's "
+                             "multiplier, ActAdd's coefficient)")
 
 
 def _config_from_args(args) -> PipelineConfig:
     overrides = list(args.overrides)
-    for flag, key in (("model", "model"), ("method", "method"), ("data", "data.source"), ("out", "out")):
+    for flag, key in (("model", "model"), ("method", "method"), ("data", "data.source"), ("out", "out"),
+                      ("strength", "settings.strength")):
         value = getattr(args, flag)
         if value is not None:
             overrides.append(f"{key}={value}")
@@ -35,12 +39,7 @@ def run_collect(args) -> int:
     return 0
 
 
-def _run_build(args, trained: bool) -> int:
-    cfg = _config_from_args(args)
-    if cfg.spec.trained != trained:
-        kind = "trained, not fitted: use `actedit train`" if cfg.spec.trained else \
-            "closed-form, not trained: use `actedit fit`"
-        raise ValueError(f"'{cfg.method}' is {kind}.")
+def _build(cfg: PipelineConfig) -> int:
     path, metadata = build(cfg)
     plot_layer_selection(metadata, path)
     print(f"artifact written to {path}")
@@ -48,11 +47,16 @@ def _run_build(args, trained: bool) -> int:
 
 
 def run_fit(args) -> int:
-    return _run_build(args, trained=False)
+    """``actedit fit``: any method, in closed form or by training (a trained method's fit)."""
+    return _build(_config_from_args(args))
 
 
 def run_train(args) -> int:
-    return _run_build(args, trained=True)
+    """``actedit train``: a trained method only (a closed-form one is refused, naming ``actedit fit``)."""
+    cfg = _config_from_args(args)
+    if not cfg.spec.trained:
+        raise ValueError(f"'{cfg.method}' is closed-form, not trained: use `actedit fit`.")
+    return _build(cfg)
 
 
 __all__ = ["add_arguments", "run_collect", "run_fit", "run_train"]

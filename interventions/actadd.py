@@ -23,13 +23,13 @@ from .base import ActEditIntervention
 from .checks import check_layer_map, check_matrix, check_number
 from .edits import edit_config, site_width
 from .positions import CallPositions, PositionPolicy, current_call
-from .registry import Fit, FitContext, MethodConfig, MethodSpec, register_method
+from .registry import FitResult, FitContext, MethodSettings, MethodSpec, register_method
 from .settings import keyword_checked
 
 
 @dataclass
-class ActAddConfig(MethodConfig):
-    """ActAdd's settings (a study's ``methods.actadd.fit`` block).
+class ActAddSettings(MethodSettings):
+    """ActAdd's settings (a study's ``methods.actadd.settings`` block).
 
     Attributes:
         layers: the block whose input is steered (Turner et al.: one layer, e.g. 6 of GPT-2-XL's
@@ -87,7 +87,7 @@ class ActAddIntervention(ActEditIntervention):
 
 
 @dataclass
-class ActAddFit:
+class ActAddSteering:
     """Result of :func:`fit_actadd`.
 
     Attributes:
@@ -100,7 +100,7 @@ class ActAddFit:
 
     def __post_init__(self) -> None:
         if not self.steering:
-            raise ValueError("ActAddFit needs a steering matrix for at least one layer.")
+            raise ValueError("ActAddSteering needs a steering matrix for at least one layer.")
         self.coefficient = check_number(self.coefficient, "coefficient")
 
     @property
@@ -115,7 +115,7 @@ class ActAddFit:
 
 
 def fit_actadd(prompt1: Mapping[int, Any], prompt2: Mapping[int, Any], *, coefficient: float = 1.0,
-               allow_length_mismatch: bool = False) -> ActAddFit:
+               allow_length_mismatch: bool = False) -> ActAddSteering:
     """ActAdd x-vectors X = c · (A₁ − A₂) per layer.
 
     Args:
@@ -141,7 +141,7 @@ def fit_actadd(prompt1: Mapping[int, Any], prompt2: Mapping[int, Any], *, coeffi
         a1 = torch.cat([a1, a1.new_zeros(n - a1.shape[0], a1.shape[1])])
         a2 = torch.cat([a2, a2.new_zeros(n - a2.shape[0], a2.shape[1])])
         steering[layer] = (coefficient * (a1 - a2)).to(torch.float32)
-    return ActAddFit(steering=steering, coefficient=coefficient)
+    return ActAddSteering(steering=steering, coefficient=coefficient)
 
 
 @keyword_checked
@@ -160,13 +160,14 @@ def _modules(width: int, steering: Mapping[int, torch.Tensor], position_policy) 
             for layer, x in steering.items()}
 
 
-def _fit(inputs: Mapping[str, Any], config: ActAddConfig, context: FitContext) -> Fit:
+def _fit(inputs: Mapping[str, Any], config: ActAddSettings, context: FitContext) -> FitResult:
     result = fit_actadd(inputs["pos"], inputs["neg"], coefficient=config.coefficient)
-    return Fit(_modules(context.width, result.steering, config.position_policy), {"length": result.length})
+    return FitResult(_modules(context.width, result.steering, config.position_policy), {"length": result.length})
 
 
 SPEC = register_method(MethodSpec(
     name="actadd", title="Activation Addition (Turner et al., 2023)",
-    intervention=ActAddIntervention, config=ActAddConfig, site="block_input", order=0,
+    intervention=ActAddIntervention, settings_class=ActAddSettings, site="block_input", order=0,
     format="actadd", reads="aligned", roles=("pos", "neg"), splits=(), fit=_fit, default_layers=None,
+    strength="coefficient",
 ))

@@ -23,13 +23,13 @@ from .base import ActEditIntervention
 from .checks import check_layer_map, check_matrix, check_number
 from .edits import edit_config, site_width
 from .positions import PositionPolicy
-from .registry import Fit, FitContext, MethodConfig, MethodSpec, register_method
+from .registry import FitResult, FitContext, MethodSettings, MethodSpec, register_method
 from .settings import keyword_checked
 
 
 @dataclass
-class CAAConfig(MethodConfig):
-    """CAA's settings (a study's ``methods.caa.fit`` block).
+class CAASettings(MethodSettings):
+    """CAA's settings (a study's ``methods.caa.settings`` block).
 
     Attributes:
         layers: the layer(s) steered, one vector each (Rimsky et al. steer one layer: 13 of
@@ -80,7 +80,7 @@ class CAAIntervention(ActEditIntervention):
 
 
 @dataclass
-class CAAFit:
+class CAAVectors:
     """Result of :func:`fit_caa`.
 
     Attributes:
@@ -93,7 +93,7 @@ class CAAFit:
 
     def __post_init__(self) -> None:
         if not self.vectors:
-            raise ValueError("CAAFit needs a vector for at least one layer.")
+            raise ValueError("CAAVectors needs a vector for at least one layer.")
         if self.num_pairs < 1:
             raise ValueError(f"num_pairs must be positive, got {self.num_pairs}.")
 
@@ -102,10 +102,10 @@ class CAAFit:
         """The ``IntervenableConfig`` of this fit (one CAA module per layer)."""
         return build_caa_config(model, self.vectors, multiplier=multiplier, position_policy=position_policy,
                                 position_start=position_start, component=component,
-                                metadata={"fit": {"num_pairs": self.num_pairs}, **(metadata or {})})
+                                metadata={"settings": {"num_pairs": self.num_pairs}, **(metadata or {})})
 
 
-def fit_caa(pos: Mapping[int, Any], neg: Mapping[int, Any]) -> CAAFit:
+def fit_caa(pos: Mapping[int, Any], neg: Mapping[int, Any]) -> CAAVectors:
     """CAA vectors v = mean_i (h⁺_i − h⁻_i) per layer (float64 accumulation).
 
     Args:
@@ -121,7 +121,7 @@ def fit_caa(pos: Mapping[int, Any], neg: Mapping[int, Any]) -> CAAFit:
         q = check_matrix(neg[layer], f"neg[{layer}]", width=p.shape[1], rows=p.shape[0])
         vectors[layer] = (p - q).mean(0).to(torch.float32)
         n = p.shape[0]
-    return CAAFit(vectors=vectors, num_pairs=int(n))
+    return CAAVectors(vectors=vectors, num_pairs=int(n))
 
 
 @keyword_checked
@@ -141,15 +141,15 @@ def _modules(width: int, vectors: Mapping[int, torch.Tensor], multiplier: float,
                                    position_start=position_start) for layer, v in vectors.items()}
 
 
-def _fit(inputs: Mapping[str, Any], config: CAAConfig, context: FitContext) -> Fit:
+def _fit(inputs: Mapping[str, Any], config: CAASettings, context: FitContext) -> FitResult:
     result = fit_caa(inputs["pos"], inputs["neg"])
     modules = _modules(context.width, result.vectors, config.multiplier, config.position_policy,
                        config.position_start)
-    return Fit(modules, {"num_pairs": result.num_pairs})
+    return FitResult(modules, {"num_pairs": result.num_pairs})
 
 
 SPEC = register_method(MethodSpec(
     name="caa", title="Contrastive Activation Addition (Rimsky et al., ACL 2024)",
-    intervention=CAAIntervention, config=CAAConfig, site="block_output", order=1,
-    format="caa", reads="pairs", splits=("train",), fit=_fit, default_layers=None,
+    intervention=CAAIntervention, settings_class=CAASettings, site="block_output", order=1,
+    format="caa", reads="paired", splits=("train",), fit=_fit, default_layers=None, strength="multiplier",
 ))

@@ -36,19 +36,19 @@ from .base import ActEditIntervention
 from .checks import check_number
 from .edits import edit_config, site_width
 from .positions import PositionPolicy
-from .registry import MethodSpec, TrainedMethodConfig, register_method
+from .registry import MethodSpec, TrainedMethodSettings, register_method
 from .settings import keyword_checked
 
 COS_CLIP = 1.0 - 1e-7
 
 
 @dataclass
-class HPRConfig(TrainedMethodConfig):
-    """HPR's settings (a study's ``methods.hpr.fit`` block; its optimiser is ``methods.hpr.train``).
+class HPRSettings(TrainedMethodSettings):
+    """HPR's settings (a study's ``methods.hpr.settings`` block; its optimiser is ``methods.hpr.train``).
 
     Attributes:
         layers: the layers a module is trained for (default all; the paper trains every layer).
-        top_k: layers enabled, the best by eval probe accuracy (the HPR README's example: 5).
+        top_layers: layers enabled, the best by eval probe accuracy (the HPR README's k; its example: 5).
         strategy: ``probe_first`` (default: every layer's probe, then the angle nets of the
             selected layers only; the same modules as joint training with each loss term clipped
             on its own) or ``joint`` (probe and angle net of every layer together, then selection).
@@ -316,6 +316,6 @@ def build_hpr_config(model, layers: Sequence[int], *, modules: Optional[dict] = 
 
 SPEC = register_method(MethodSpec(
     name="hpr", title="Householder Pseudo-Rotation (Pham & Nguyen, EMNLP 2024)",
-    intervention=HPRIntervention, config=HPRConfig, site="block_output", order=4,
-    format="hpr", reads="pairs", splits=("train", "eval"), trained=True,
+    intervention=HPRIntervention, settings_class=HPRSettings, site="block_output", order=4,
+    format="hpr", reads="paired", splits=("train", "eval"), trained=True, strength="alpha",
 ))

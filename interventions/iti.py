@@ -32,7 +32,7 @@ from .base import ActEditIntervention
 from .checks import check_int, check_labels, check_layer_map, check_matrix, check_number
 from .edits import edit_config, site_width
 from .positions import PositionPolicy
-from .registry import Fit, FitContext, MethodConfig, MethodSpec, register_method
+from .registry import FitResult, FitContext, MethodSettings, MethodSpec, register_method
 from .settings import keyword_checked
 
 ITI_DIRECTIONS = ("mass_mean", "probe")
@@ -40,12 +40,12 @@ ITI_DIRECTIONS = ("mass_mean", "probe")
 
 
 @dataclass
-class ITIConfig(MethodConfig):
-    """ITI's settings (a study's ``methods.iti.fit`` block; defaults of honest_llama).
+class ITISettings(MethodSettings):
+    """ITI's settings (a study's ``methods.iti.settings`` block; defaults of honest_llama).
 
     Attributes:
         layers: the layers whose heads are candidates (default all).
-        top_k: heads intervened on, ranked by validation accuracy of their probes (48).
+        top_heads: heads intervened on, ranked by validation accuracy of their probes (48).
         alpha: strength α of x_h ← x_h + α σ_h θ̂_h (15).
         direction: ``mass_mean`` (mean(true) − mean(false); the paper's best) or ``probe``.
         seed: ``random_state`` of every probe's ``LogisticRegression``.
@@ -54,7 +54,9 @@ class ITIConfig(MethodConfig):
             forward call in generation, as the official code).
     """
 
-    top_k: int = 48
+    MOVED = {"top_k": "top_heads"}
+
+    top_heads: int = 48
     alpha: float = 15.0
     direction: str = "mass_mean"
     seed: int = 0
@@ -63,7 +65,7 @@ class ITIConfig(MethodConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        self.top_k = check_int(self.top_k, "ITI top_k")
+        self.top_heads = check_int(self.top_heads, "ITI top_heads")
         self.max_iter = check_int(self.max_iter, "ITI max_iter")
         self.seed = check_int(self.seed, "ITI seed", low=0)
         self.alpha = check_number(self.alpha, "ITI alpha")
@@ -174,7 +176,7 @@ def mass_mean_directions(acts: torch.Tensor, labels: torch.Tensor, num_heads: in
 
 
 @dataclass
-class ITIFit:
+class ITIHeads:
     """Result of :func:`fit_iti`.
 
     Attributes:
@@ -201,13 +203,13 @@ class ITIFit:
         if self.direction not in ITI_DIRECTIONS:
             raise ValueError(f"direction must be one of {ITI_DIRECTIONS}, got {self.direction!r}.")
         if not self.heads or not self.selected:
-            raise ValueError("ITIFit needs at least one selected head.")
+            raise ValueError("ITIHeads needs at least one selected head.")
         self.alpha = check_number(self.alpha, "alpha")
 
     @property
     def record(self) -> Dict[str, Any]:
         """How the heads were chosen (the artifact's ``fit`` metadata)."""
-        return {"direction": self.direction, "top_k": len(self.selected),
+        return {"direction": self.direction, "top_heads": len(self.selected),
                 "selected": [[layer, head, round(float(self.val_accuracy[layer][head]), 6)]
                              for layer, head in self.selected]}
 
@@ -223,8 +225,8 @@ class ITIFit:
 
 
 def fit_iti(train_acts: Mapping[int, Any], train_labels: Any, val_acts: Mapping[int, Any], val_labels: Any, *,
-            num_heads: int, top_k: int = 48, direction: str = "mass_mean", alpha: float = 15.0, seed: int = 0,
-            max_iter: int = 1000, tuning_acts: Optional[Mapping[int, Any]] = None, progress: bool = False) -> ITIFit:
+            num_heads: int, top_heads: int = 48, direction: str = "mass_mean", alpha: float = 15.0, seed: int = 0,
+            max_iter: int = 1000, tuning_acts: Optional[Mapping[int, Any]] = None, progress: bool = False) -> ITIHeads:
     """Fit ITI: probe every (layer, head), keep the top-K heads by validation accuracy.
 
     One scikit-learn ``LogisticRegression`` per (layer, head) on the head's slice of the o_proj
@@ -237,7 +239,7 @@ def fit_iti(train_acts: Mapping[int, Any], train_labels: Any, val_acts: Mapping[
         train_labels: (N,) 1 = the choice is true.
         val_acts, val_labels: the same for the validation questions (split by question).
         num_heads: attention heads per layer (the width must divide evenly).
-        top_k: heads to intervene on (paper: 48), capped at the number of heads available.
+        top_heads: heads to intervene on (paper: 48), capped at the number of heads available.
         direction: ``mass_mean`` (default: mean(true) − mean(false) over train ∪ validation, as
             the official ``get_com_directions``) or ``probe`` (the train probe's weight).
             Both are normalised to unit length.
@@ -253,7 +255,7 @@ def fit_iti(train_acts: Mapping[int, Any], train_labels: Any, val_acts: Mapping[
 
     if direction not in ITI_DIRECTIONS:
         raise ValueError(f"direction must be one of {ITI_DIRECTIONS}, got {direction!r}.")
-    top_k = check_int(top_k, "top_k")
+    top_heads = check_int(top_heads, "top_heads")
     num_heads = check_int(num_heads, "num_heads")
     alpha = check_number(alpha, "alpha")
     layers = check_layer_map("train_acts", train_acts)
@@ -289,7 +291,7 @@ def fit_iti(train_acts: Mapping[int, Any], train_labels: Any, val_acts: Mapping[
 
     ranking = sorted(((layer, head, float(accuracy[layer][head])) for layer in layers for head in range(num_heads)),
                      key=lambda t: (-t[2], t[0], t[1]))
-    k = min(int(top_k), len(ranking))
+    k = min(int(top_heads), len(ranking))
     selected = [(layer, head) for layer, head, _ in ranking[:k]]
 
     heads: Dict[int, Dict[str, Any]] = {}
@@ -314,7 +316,7 @@ def fit_iti(train_acts: Mapping[int, Any], train_labels: Any, val_acts: Mapping[
             directions[head] = candidates[head]
         sigmas = head_sigmas(tuning, directions, num_heads) * (directions.abs().sum(-1) > 0)
         heads[layer] = {"directions": directions.float(), "sigmas": sigmas.float(), "heads": chosen}
-    return ITIFit(heads=heads, val_accuracy=accuracy, ranking=ranking, selected=selected, num_heads=int(num_heads),
+    return ITIHeads(heads=heads, val_accuracy=accuracy, ranking=ranking, selected=selected, num_heads=int(num_heads),
                   alpha=float(alpha), direction=direction)
 
 
@@ -344,18 +346,18 @@ def _module(width: int, num_heads: int, spec: Mapping[str, Any], layer: int, alp
                            **spec)
 
 
-def _fit(inputs: Mapping[str, Any], config: ITIConfig, context: FitContext) -> Fit:
+def _fit(inputs: Mapping[str, Any], config: ITISettings, context: FitContext) -> FitResult:
     (train_acts, train_labels), (val_acts, val_labels) = inputs["train"], inputs["eval"]
     result = fit_iti(train_acts, train_labels, val_acts, val_labels, num_heads=context.num_heads,
-                     top_k=config.top_k, direction=config.direction, alpha=config.alpha, seed=config.seed,
+                     top_heads=config.top_heads, direction=config.direction, alpha=config.alpha, seed=config.seed,
                      max_iter=config.max_iter)
     modules = {layer: _module(context.width, context.num_heads, spec, layer, config.alpha, config.position_policy)
                for layer, spec in result.heads.items()}
-    return Fit(modules, result.record)
+    return FitResult(modules, result.record)
 
 
 SPEC = register_method(MethodSpec(
     name="iti", title="Inference-Time Intervention (Li et al., NeurIPS 2023)",
-    intervention=ITIIntervention, config=ITIConfig, site="attention_value_output", order=2,
-    format="iti", reads="labeled", splits=("train", "eval"), fit=_fit,
+    intervention=ITIIntervention, settings_class=ITISettings, site="attention_value_output", order=2,
+    format="iti", reads="labeled", splits=("train", "eval"), fit=_fit, strength="alpha",
 ))

@@ -1,7 +1,7 @@
 """The method registry: one :class:`MethodSpec` per method, found by its name.
 
 Each method module (:mod:`~actedit.interventions.hpr`, ``sea``, ``iti``, ``caa``, ``actadd``)
-holds its intervention class, its typed settings (a :class:`MethodConfig`), its math and its fit
+holds its intervention class, its typed settings (a :class:`MethodSettings`), its math and its fit
 entry, and registers them once with :func:`register_method`. Everything above the interventions
 (the pipeline, the study, the CLI, the one-call API, the tests) loops over :func:`methods` and
 reads what it needs from the spec; nothing there branches on a method's name.
@@ -25,10 +25,13 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple, Type
 
 from .layers import LayerSpec, check_layer_spec
 from .positions import PositionPolicy
-from .settings import Settings
+from .settings import Settings, UnknownSettingError
+
+STRENGTH = "strength"
+"""The key every method accepts for its own strength field (:attr:`MethodSpec.strength`)."""
 
 VIEWS = {
-    "pairs": "every (positive, negative) response pair of an example, positions aligned up to the shorter "
+    "paired": "every (positive, negative) response pair of an example, positions aligned up to the shorter "
              "response; rows of positives and negatives paired one to one",
     "labeled": "positive (label 1) and negative (label 0) rows, in store order, per split",
     "aligned": "one row per role (``spec.roles``) for the same (example, response, position)",
@@ -37,7 +40,7 @@ VIEWS = {
 
 
 @dataclass
-class MethodConfig(Settings):
+class MethodSettings(Settings):
     """Fields every method's settings share (its ``fit`` block); each method adds its own.
 
     Attributes:
@@ -66,30 +69,32 @@ class MethodConfig(Settings):
 
 
 @dataclass
-class TrainedMethodConfig(MethodConfig):
+class TrainedMethodSettings(MethodSettings):
     """Fields every trained method's settings share: it trains a module on each of its layers
     and keeps the best by eval probe accuracy.
 
     Attributes:
-        top_k: layers enabled, the best by eval probe accuracy.
+        top_layers: layers enabled, the best by eval probe accuracy (HPR's k).
         strategy: ``probe_first`` (the selecting loss term on every layer, then the other terms
-            on the selected layers only; see :func:`actedit.train.trainer.train_top_k`) or
+            on the selected layers only; see :func:`actedit.train.trainer.train_top_layers`) or
             ``joint`` (every term of every layer together, then selection).
     """
 
-    top_k: int = 5
+    MOVED = {"top_k": "top_layers"}
+
+    top_layers: int = 5
     strategy: str = "probe_first"
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 1:
-            raise ValueError(f"top_k must be a positive integer, got {self.top_k!r}.")
+        if isinstance(self.top_layers, bool) or not isinstance(self.top_layers, int) or self.top_layers < 1:
+            raise ValueError(f"top_layers must be a positive integer, got {self.top_layers!r}.")
         if self.strategy not in STRATEGIES:
             raise ValueError(f"strategy must be one of {', '.join(STRATEGIES)}, got {self.strategy!r}.")
 
 
 STRATEGIES = ("probe_first", "joint")
-"""How a trained method trains before it selects layers (:class:`TrainedMethodConfig`)."""
+"""How a trained method trains before it selects layers (:class:`TrainedMethodSettings`)."""
 
 
 @dataclass(frozen=True)
@@ -106,7 +111,7 @@ class FitContext:
 
 
 @dataclass
-class Fit:
+class FitResult:
     """What a closed-form fit returns: one intervention per edited layer, and a record of how it
     was chosen (stored under ``fit`` in the artifact's metadata)."""
 
@@ -126,7 +131,7 @@ class MethodSpec:
         name: the method's name (``hpr``), as in configs and artifacts.
         title: its full name and source, for reports (``Householder Pseudo-Rotation (Pham & Nguyen, 2024)``).
         intervention: its :class:`~actedit.interventions.base.ActEditIntervention` subclass.
-        config: its settings, a :class:`MethodConfig` subclass.
+        settings_class: its settings, a :class:`MethodSettings` subclass.
         site: the pyvene component it edits by default.
         order: rank among edits sharing a site in a composition (lower runs first).
         format: the prompt format it collects with (:data:`actedit.data.formats.FORMATS`).
@@ -134,48 +139,70 @@ class MethodSpec:
         roles: the roles of an ``aligned`` view, in order.
         splits: the data splits it reads (``("train", "eval")`` where it selects on eval data;
             ``()``: the data has no splits, e.g. ActAdd's one prompt pair).
-        fit: closed form: ``fit(inputs, config, context) -> Fit``; ``inputs`` holds the view,
-            per split for ``labeled`` (see :func:`actedit.train.fitting.fit_inputs`).
+        fit: closed form: ``fit(inputs, config, context) -> FitResult``; ``inputs`` holds the view,
+            per split for ``labeled`` (see :func:`actedit.train.pipeline.fit_inputs`).
         trained: trained by :mod:`actedit.train.trainer` on the loss terms of the intervention
             class (``loss_terms``) instead of fitted.
         default_layers: the layers it works on when ``layers`` is unset: ``"all"``, or None when
             the user must choose (one steered layer never silently means every layer).
+        strength: the settings field that scales the edit (HPR's and ITI's ``alpha``, CAA's
+            ``multiplier``, ActAdd's ``coefficient``), which every caller may also set as
+            ``strength``; None for a method without one (SEA's edit is a projection).
     """
 
     name: str
     title: str
     intervention: type
-    config: Type[MethodConfig]
+    settings_class: Type[MethodSettings]
     site: str
     order: int
     format: str
     reads: str
     roles: Tuple[str, ...] = ("pos", "neg")
     splits: Tuple[str, ...] = ("train",)
-    fit: Optional[Callable[..., Fit]] = None
+    fit: Optional[Callable[..., FitResult]] = None
     trained: bool = False
     default_layers: Optional[str] = "all"
+    strength: Optional[str] = None
 
     def __post_init__(self) -> None:
         if self.reads not in VIEWS:
             raise ValueError(f"method {self.name!r}: reads must be one of {', '.join(VIEWS)}, got {self.reads!r}.")
         if (self.fit is None) == (not self.trained):
             raise ValueError(f"method {self.name!r} needs exactly one of a fit function or trained=True.")
-        if not issubclass(self.config, MethodConfig):
-            raise ValueError(f"method {self.name!r}: config must derive from MethodConfig.")
-        if self.trained and not issubclass(self.config, TrainedMethodConfig):
-            raise ValueError(f"method {self.name!r} is trained, so its config must derive from TrainedMethodConfig.")
+        if not issubclass(self.settings_class, MethodSettings):
+            raise ValueError(f"method {self.name!r}: settings_class must derive from MethodSettings.")
+        if self.trained and not issubclass(self.settings_class, TrainedMethodSettings):
+            raise ValueError(f"method {self.name!r} is trained, so its settings_class must derive from "
+                             "TrainedMethodSettings.")
         if self.trained and not getattr(self.intervention, "loss_terms", None):
             raise ValueError(f"method {self.name!r} is trained, so {self.intervention.__name__} must declare "
                              "loss_terms (loss method name -> parameter prefix).")
         if getattr(self.intervention, "method_name", None) != self.name:
             raise ValueError(f"{self.intervention.__name__}.method_name must be {self.name!r}.")
+        if self.strength is not None and self.strength not in self.settings_class.field_names():
+            raise ValueError(f"method {self.name!r}: strength names {self.strength!r}, which is not a field of "
+                             f"{self.settings_class.__name__}.")
 
-    def settings(self, values: Optional[Mapping[str, Any]] = None, where: str = "", **extra) -> MethodConfig:
-        """This method's settings from a mapping and keywords (unknown keys are errors)."""
-        return self.config.from_mapping(values, where or f"{self.name} settings", **extra)
+    def settings(self, values: Optional[Mapping[str, Any]] = None, where: str = "", **extra) -> MethodSettings:
+        """This method's settings from a mapping and keywords (unknown keys are errors); a
+        ``strength`` key stands for the method's own strength field (:attr:`strength`)."""
+        where = where or f"{self.name} settings"
+        if isinstance(values, self.settings_class):
+            values = values.to_dict()
+        merged = {**(values or {}), **extra} if isinstance(values, Mapping) or values is None else values
+        if isinstance(merged, Mapping) and STRENGTH in merged:
+            merged = dict(merged)
+            if self.strength is None:
+                raise UnknownSettingError(f"{where}.{STRENGTH}: {self.name} has no strength setting (its edit is "
+                                          f"not scaled); valid keys: {', '.join(self.settings_class.field_names())}.")
+            if self.strength in merged:
+                raise UnknownSettingError(f"{where}: give {STRENGTH} or {self.strength}, not both ({STRENGTH} is "
+                                          f"{self.name}'s {self.strength}).")
+            merged[self.strength] = merged.pop(STRENGTH)
+        return self.settings_class.from_mapping(merged, where)
 
-    def component(self, config: Optional[MethodConfig] = None) -> str:
+    def component(self, config: Optional[MethodSettings] = None) -> str:
         """The site edited: the settings' ``site`` or the method's default."""
         return (config.site if config is not None and config.site else None) or self.site
 

@@ -40,7 +40,7 @@ from .base import ActEditIntervention
 from .checks import check_int, check_layer_map, check_matrix, check_number
 from .edits import edit_config, site_width
 from .positions import PositionPolicy
-from .registry import Fit, FitContext, MethodConfig, MethodSpec, register_method
+from .registry import FitResult, FitContext, MethodSettings, MethodSpec, register_method
 from .settings import keyword_checked
 
 _EPS = 1e-6
@@ -120,8 +120,8 @@ def inverse_feature_map(y: torch.Tensor, fn: FeatureFunction, reference: Optiona
 
 
 @dataclass
-class SEAConfig(MethodConfig):
-    """SEA's settings (a study's ``methods.sea.fit`` block).
+class SEASettings(MethodSettings):
+    """SEA's settings (a study's ``methods.sea.settings`` block).
 
     Attributes:
         layers: the layers edited (official: ``mlp_output`` of the last 21 of Llama-2-7B's 32,
@@ -257,7 +257,7 @@ def fit_sea_factors(H: torch.Tensor, H_pos: torch.Tensor, H_neg: torch.Tensor, e
 
 
 @dataclass
-class SEAFit:
+class SEAFactors:
     """Result of :func:`fit_sea`.
 
     Attributes:
@@ -274,7 +274,7 @@ class SEAFit:
 
     def __post_init__(self) -> None:
         if not self.factors:
-            raise ValueError("SEAFit needs factors for at least one layer.")
+            raise ValueError("SEAFactors needs factors for at least one layer.")
         self.feature_function = FeatureFunction.parse(self.feature_function).name.lower()
 
     @property
@@ -297,7 +297,7 @@ class SEAFit:
 
 
 def fit_sea(H: Mapping[int, Any], H_pos: Mapping[int, Any], H_neg: Mapping[int, Any], *,
-            energy_ratio: float = 0.998, feature_function="linear") -> SEAFit:
+            energy_ratio: float = 0.998, feature_function="linear") -> SEAFactors:
     """Fit SEA on every layer of ``H`` (:func:`fit_sea_factors` per layer).
 
     Args:
@@ -322,7 +322,7 @@ def fit_sea(H: Mapping[int, Any], H_pos: Mapping[int, Any], H_neg: Mapping[int, 
         neg = check_matrix(H_neg[layer], f"H_neg[{layer}]", width=base.shape[1], rows=base.shape[0])
         n = base.shape[0]
         factors[layer] = fit_sea_factors(base, pos, neg, energy_ratio=energy_ratio, feature_function=fn)
-    return SEAFit(factors=factors, energy_ratio=energy_ratio, feature_function=fn.name.lower(), num_examples=int(n))
+    return SEAFactors(factors=factors, energy_ratio=energy_ratio, feature_function=fn.name.lower(), num_examples=int(n))
 
 
 @keyword_checked
@@ -345,16 +345,16 @@ def _modules(width: int, factors: Mapping[int, Any], norm_mode, feature_function
             for layer, (u_pos, u_neg) in factors.items()}
 
 
-def _fit(inputs: Mapping[str, Any], config: SEAConfig, context: FitContext) -> Fit:
+def _fit(inputs: Mapping[str, Any], config: SEASettings, context: FitContext) -> FitResult:
     result = fit_sea(inputs["base"], inputs["pos"], inputs["neg"], energy_ratio=config.energy_ratio,
                      feature_function=config.feature_function)
     modules = _modules(context.width, result.factors, config.norm_mode, config.feature_function,
                        config.position_policy)
-    return Fit(modules, result.record)
+    return FitResult(modules, result.record)
 
 
 SPEC = register_method(MethodSpec(
     name="sea", title="Spectral Editing of Activations (Qiu et al., NeurIPS 2024)",
-    intervention=SEAIntervention, config=SEAConfig, site="mlp_output", order=3,
+    intervention=SEAIntervention, settings_class=SEASettings, site="mlp_output", order=3,
     format="sea", reads="aligned", roles=("base", "pos", "neg"), splits=("train",), fit=_fit,
 ))

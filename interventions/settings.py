@@ -77,7 +77,7 @@ class Settings:
     @classmethod
     def from_mapping(cls: Type[S], values: Optional[Mapping[str, Any]] = None, where: str = "", **extra) -> S:
         """An instance from ``values`` (None: the defaults) and ``extra``; ``where`` names the
-        block in error messages (``methods.hpr.fit``)."""
+        block in error messages (``methods.hpr.settings``)."""
         if values is None:
             values = {}
         if isinstance(values, cls):

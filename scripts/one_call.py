@@ -35,9 +35,9 @@ def calls(data_dir: str, limit: int) -> dict:
     """Each registered method's call: (data shown, data, keyword arguments)."""
     task = dict(source=data_dir, limit=limit)
     return {
-        "hpr": ("'truthfulqa'", "truthfulqa", dict(task, top_k=5, train={"epochs": 1})),
+        "hpr": ("'truthfulqa'", "truthfulqa", dict(task, top_layers=5, train={"epochs": 1})),
         "sea": ("'truthfulqa'", "truthfulqa", dict(task, layers="1/3:")),
-        "iti": ("'truthfulqa'", "truthfulqa", dict(task, top_k=48, alpha=15.0)),
+        "iti": ("'truthfulqa'", "truthfulqa", dict(task, top_heads=48, strength=15.0)),
         "caa": ("TRIPLES", TRIPLES, dict(layers=0.4, multiplier=4.0)),
         "actadd": ("[('Love', 'Hate')]", [("Love", "Hate")], dict(layers=6, coefficient=5.0)),
     }

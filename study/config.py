@@ -8,10 +8,10 @@ Keys::
     data: {name: truthfulqa, source: null, split_file: null, limit: null}   # what the edits are fitted on
     out: runs/study
     methods:                       # registered methods, in the order the report lists them
-      hpr: {fit: {top_k: 5}, train: {epochs: 5}}
-      sea: {fit: {layers: "1/3:"}}
-      caa: {fit: {layers: 0.4}}
-      actadd: {data: {name: pairs.jsonl}, fit: {layers: 6, coefficient: 5}}   # ActAdd needs a prompt pair
+      hpr: {settings: {top_layers: 5}, train: {epochs: 5}}
+      sea: {settings: {layers: "1/3:"}}
+      caa: {settings: {layers: 0.4}}
+      actadd: {data: {name: pairs.jsonl}, settings: {layers: 6, coefficient: 5}}   # ActAdd needs a prompt pair
     compose: all                   # all | none | a list of method names
     eval: {task: truthfulqa, split: test, limit: null, batch_size: 64, task_options: {mc2_rule: split}}
 
@@ -29,10 +29,10 @@ import torch
 
 from actedit.interventions.registry import method_names, method_spec
 from actedit.interventions.settings import Settings, check_keys, check_moved
-from actedit.train.pipeline import CollectConfig, DataConfig, PipelineConfig, read_config
+from actedit.train.pipeline import CollectSettings, DataSettings, PipelineConfig, read_config
 from actedit.data.tasks import task_spec
 
-METHOD_KEYS = ("collect", "fit", "train", "data")
+METHOD_KEYS = ("collect", "settings", "train", "data")
 """What a method's block in ``methods`` may hold (``data`` overrides the study's data)."""
 
 MODEL_DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -110,7 +110,7 @@ class StudyConfig:
         device: where the model runs (``cpu``, ``cuda``, ``cuda:1``; default: CUDA when available).
         data: the contrast data the edits are fitted on (TruthfulQA with HPR's split by default).
         out: output directory.
-        methods: method name → its block (``collect``, ``fit``, ``train``, ``data``), in the order
+        methods: method name → its block (``collect``, ``settings``, ``train``, ``data``), in the order
             the report lists them.
         compose: methods whose edits are composed into one more artifact (``all``, ``none`` or
             a list).
@@ -120,7 +120,7 @@ class StudyConfig:
     model: str = "smollm2-135m-instruct"
     dtype: str = "float32"
     device: Optional[str] = None
-    data: DataConfig = field(default_factory=DataConfig)
+    data: DataSettings = field(default_factory=DataSettings)
     out: str = "runs/study"
     methods: Dict[str, Dict[str, Any]] = field(default_factory=lambda: {"hpr": {}, "sea": {}, "iti": {}})
     compose: Union[str, List[str]] = "all"
@@ -138,7 +138,8 @@ class StudyConfig:
                 self.methods[name] = block = {}
             if not isinstance(block, dict):
                 raise ValueError(f"methods.{name} must be a mapping, got {type(block).__name__}.")
-            check_moved(block, {"select": f"methods.{name}.fit.top_k and methods.{name}.fit.strategy"},
+            check_moved(block, {"select": f"methods.{name}.settings.top_layers and methods.{name}.settings.strategy",
+                                "fit": f"methods.{name}.settings"},
                         f"methods.{name}")
             check_keys(block, METHOD_KEYS, f"methods.{name}")
         if isinstance(self.compose, str):
@@ -167,11 +168,11 @@ class StudyConfig:
         """The one-method pipeline config of ``method`` inside this study."""
         block = self.methods[method]
         where = f"methods.{method}"
-        data = DataConfig.from_mapping({**asdict(self.data), **(block.get("data") or {})}, f"{where}.data")
-        collect = CollectConfig.from_mapping({"dir": str(Path(self.out) / "activations" / method),
+        data = DataSettings.from_mapping({**asdict(self.data), **(block.get("data") or {})}, f"{where}.data")
+        collect = CollectSettings.from_mapping({"dir": str(Path(self.out) / "activations" / method),
                                               **(block.get("collect") or {})}, f"{where}.collect")
         return PipelineConfig(model=self.model, method=method_spec(method).name, data=data, collect=collect,
-                              fit=block.get("fit"), train=block.get("train"),
+                              settings=block.get("settings"), train=block.get("train"),
                               out=str(Path(self.out) / "artifacts" / method), where=where)
 
 
@@ -179,7 +180,7 @@ def load_study(path: Optional[str], overrides: Sequence[str] = ()) -> StudyConfi
     """Read a study YAML (or the defaults when ``path`` is None) and apply ``key.sub=value`` overrides."""
     raw = read_config(path, overrides, "No study config at {path!r}; the embedded default is configs/default.yaml.")
     check_keys(raw, [f.name for f in fields(StudyConfig)], "")
-    data = DataConfig.from_mapping(raw.pop("data", None), "data")
+    data = DataSettings.from_mapping(raw.pop("data", None), "data")
     evals = EvalSettings.from_mapping(raw.pop("eval", None), "eval")
     return StudyConfig(data=data, eval=evals, **raw)
 

@@ -37,7 +37,7 @@ def arguments(spec) -> dict:
     if spec.default_layers is None:
         kwargs["layers"] = [1]
     if spec.trained:
-        kwargs.update(top_k=2, train={"epochs": 1})
+        kwargs.update(top_layers=2, train={"epochs": 1})
     return kwargs
 
 

@@ -32,7 +32,7 @@ from conftest import SHARED_DATA, make_tokenizer, tiny_model, unavailable
 
 # ------------------------------------------------------------------------------ mistyped settings
 # one near-miss per method: the message must name the key, the closest valid one and list them all
-TYPOS = {"hpr": ("alpah", "alpha"), "sea": ("energy_ration", "energy_ratio"), "iti": ("top_kk", "top_k"),
+TYPOS = {"hpr": ("alpah", "alpha"), "sea": ("energy_ration", "energy_ratio"), "iti": ("top_headz", "top_heads"),
          "caa": ("multipler", "multiplier"), "actadd": ("coeficient", "coefficient")}
 
 
@@ -41,41 +41,41 @@ def test_every_method_has_a_typo_case():
 
 
 @pytest.mark.parametrize("method", method_names())
-def test_fit_typo_in_yaml_lists_the_valid_keys(tmp_path, method):
+def test_settings_typo_in_yaml_lists_the_valid_keys(tmp_path, method):
     wrong, right = TYPOS[method]
     path = tmp_path / "c.yaml"
-    path.write_text(yaml.safe_dump({"method": method, "fit": {wrong: 1}}))
+    path.write_text(yaml.safe_dump({"method": method, "settings": {wrong: 1}}))
     with pytest.raises(UnknownSettingError) as info:
         load_config(str(path))
     message = str(info.value)
-    assert f"fit.{wrong}" in message and f"did you mean {right!r}" in message
-    for key in method_spec(method).config.field_names():
+    assert f"settings.{wrong}" in message and f"did you mean {right!r}" in message
+    for key in method_spec(method).settings_class.field_names():
         assert key in message
 
 
 @pytest.mark.parametrize("method", method_names())
-def test_fit_typo_through_set_in_a_study(method):
+def test_settings_typo_through_set_in_a_study(method):
     wrong, right = TYPOS[method]
-    with pytest.raises(UnknownSettingError, match=rf"methods\.{method}\.fit\.{wrong} \(did you mean {right!r}\?\)"):
-        load_study(str(default_config_path()), [f"methods.{method}.fit.{wrong}=1",
+    with pytest.raises(UnknownSettingError, match=rf"methods\.{method}\.settings\.{wrong} \(did you mean {right!r}\?\)"):
+        load_study(str(default_config_path()), [f"methods.{method}.settings.{wrong}=1",
                                                  "methods.actadd.data.name=pairs.jsonl"])
 
 
 def test_train_typo_and_train_block_of_a_closed_form_method():
     with pytest.raises(UnknownSettingError, match=r"methods\.hpr\.train\.learnig_rate \(did you mean 'learning_rate'"):
         load_study(str(default_config_path()), ["methods.hpr.train.learnig_rate=1e-3"])
-    with pytest.raises(UnknownSettingError, match=r"methods\.iti\.train: iti is closed-form.*top_k"):
+    with pytest.raises(UnknownSettingError, match=r"methods\.iti\.train: iti is closed-form.*top_heads"):
         load_study(str(default_config_path()), ["methods.iti.train.epochs=3"])
-    with pytest.raises(UnknownSettingError, match=r"select has moved: set fit.top_k"):
+    with pytest.raises(UnknownSettingError, match=r"select has moved: set settings.top_layers and settings.strategy"):
         load_config(None, ["method=caa", "select.k=3"])
-    with pytest.raises(UnknownSettingError, match=r"collect.layers has moved: set fit.layers"):
+    with pytest.raises(UnknownSettingError, match=r"collect.layers has moved: set settings.layers"):
         load_config(None, ["method=sea", "collect.layers=1-2"])
     with pytest.raises(UnknownSettingError, match=r"eval.mc2_rule has moved: set eval.task_options.mc2_rule"):
         load_study(str(default_config_path()), ["eval.mc2_rule=labels"])
 
 
 def test_typo_on_the_command_line_is_one_clear_line(capsys):
-    assert main(["run", str(default_config_path()), "--set", "methods.caa.fit.multipler=4"]) == 1
+    assert main(["run", str(default_config_path()), "--set", "methods.caa.settings.multipler=4"]) == 1
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "did you mean 'multiplier'" in err and "Traceback" not in err
 
@@ -131,7 +131,7 @@ def _pairs(path: Path, pairs) -> Path:
 def test_actadd_fit_with_the_canonical_single_pair(tmp_path, chat_model_dir):
     data = _pairs(tmp_path / "love.jsonl", [("Love", "Hate")])
     args = ["fit", "--model", str(chat_model_dir), "--method", "actadd", "--set", f"data.name={data}",
-            "--set", f"collect.dir={tmp_path / 'acts'}", "--set", "fit.layers=1", "--set", "fit.coefficient=5",
+            "--set", f"collect.dir={tmp_path / 'acts'}", "--set", "settings.layers=1", "--set", "settings.coefficient=5",
             "--out", str(tmp_path / "artifact")]
     assert main(args) == 0
     info = json.loads((tmp_path / "artifact" / "config.json").read_text())["actedit"]
@@ -152,13 +152,13 @@ def test_actadd_refuses_several_pairs_and_an_unset_layer(tmp_path, chat_model_di
     many = _pairs(tmp_path / "many.jsonl", [("Love", "Hate"), ("Joy", "Grief"), ("Calm", "Anger")])
     base = ["fit", "--model", str(chat_model_dir), "--method", "actadd", "--set", f"collect.dir={tmp_path / 'a'}",
             "--out", str(tmp_path / "artifact")]
-    assert main(base + ["--set", f"data.name={many}", "--set", "fit.layers=1"]) == 1
+    assert main(base + ["--set", f"data.name={many}", "--set", "settings.layers=1"]) == 1
     err = capsys.readouterr().err
     assert "one prompt pair" in err and "holds 3" in err and "data.limit=1" in err
     one = _pairs(tmp_path / "one.jsonl", [("Love", "Hate")])
     assert main(base + ["--set", f"data.name={one}"]) == 1
     err = capsys.readouterr().err
-    assert "fit.layers is not set" in err and "never means every layer" in err
+    assert "settings.layers is not set" in err and "never means every layer" in err
     assert not (tmp_path / "a").exists() and not (tmp_path / "artifact").exists()
 
 
@@ -175,7 +175,7 @@ def test_base_model_without_chat_template_uses_the_plain_text_form(tmp_path, cap
     ContrastDataset([ContrastExample(f"Is the sky blue number {i}?", ["Yes it is."], ["No it is not.", "Never."],
                                      {"id": i}) for i in range(4)]).to_jsonl(data)
     cfg = load_config(None, ["method=hpr", f"data.name={data}", "data.eval_ratio=0.5",
-                             f"collect.dir={tmp_path / 'acts'}", "fit.top_k=2"])
+                             f"collect.dir={tmp_path / 'acts'}", "settings.top_layers=2"])
     store = pipeline.collect(cfg, model, tok)
     out = capsys.readouterr().out
     assert "has no chat template" in out and "plain-text form" in out
@@ -197,9 +197,9 @@ def test_layer_specs_resolve_against_the_depth():
     assert resolve_layers("all", 3) == [0, 1, 2] and resolve_layers(":2", 6) == [0, 1]
     assert resolve_layer(0.4, 30) == 12 and resolve_layer("2/5", 32) == 13 and resolve_layer(-1, 7) == 6
     with pytest.raises(ValueError, match=r"does not fit the model: it has 24 layers \(0\.\.23\)"):
-        resolve_layers("10-29", 24, "methods.sea.fit.layers")
+        resolve_layers("10-29", 24, "methods.sea.settings.layers")
     with pytest.raises(ValueError, match="takes one layer"):
-        resolve_layer("1/3:", 30, "methods.caa.fit.layers")
+        resolve_layer("1/3:", 30, "methods.caa.settings.layers")
     with pytest.raises(ValueError, match="not a layer index or a depth fraction"):
         resolve_layers(["ten"], 30)
     with pytest.raises(ValueError, match="more than once"):
@@ -211,13 +211,13 @@ def test_a_study_refuses_layers_beyond_the_depth_before_any_work(tmp_path, chat_
     config.write_text(yaml.safe_dump({
         "model": str(chat_model_dir), "dtype": "float32", "data": {"name": "truthfulqa_mc", "limit": 2},
         "out": str(tmp_path / "out"),
-        "methods": {"hpr": {"train": {"epochs": 1}, "fit": {"top_k": 2}}, "sea": {"fit": {"layers": "10-29"}}},
+        "methods": {"hpr": {"train": {"epochs": 1}, "settings": {"top_layers": 2}}, "sea": {"settings": {"layers": "10-29"}}},
     }))
     if not (SHARED_DATA / "mc_task.json").is_file():
         unavailable(f"TruthfulQA data not found at {SHARED_DATA}")
     assert main(["run", str(config), "--data", str(SHARED_DATA)]) == 1
     err = capsys.readouterr().err
-    assert "methods.sea.fit.layers" in err and "it has 3 layers (0..2)" in err and "'1/3:'" in err
+    assert "methods.sea.settings.layers" in err and "it has 3 layers (0..2)" in err and "'1/3:'" in err
     assert not (tmp_path / "out" / "activations").exists()  # nothing was collected first
 
 
@@ -227,10 +227,10 @@ def test_default_config_runs_unchanged_on_another_depth():
     for depth in (12, 24, 30, 32):
         model = tiny_model("llama", num_hidden_layers=depth)
         resolved = {m: study.pipeline(m).for_model(model) for m in study.method_names}
-        assert resolved["sea"].fit.layers == resolve_layers("1/3:", depth)
-        assert resolved["caa"].fit.layers == [resolve_layer(0.4, depth)]
-        assert resolved["hpr"].fit.layers == list(range(depth))
-    assert resolved["caa"].fit.layers == [13]  # 32 layers: CAA's layer 13 of Llama-2-7B
+        assert resolved["sea"].settings.layers == resolve_layers("1/3:", depth)
+        assert resolved["caa"].settings.layers == [resolve_layer(0.4, depth)]
+        assert resolved["hpr"].settings.layers == list(range(depth))
+    assert resolved["caa"].settings.layers == [13]  # 32 layers: CAA's layer 13 of Llama-2-7B
 
 
 # ----------------------------------------------------------------------- pickles in artifacts
@@ -302,3 +302,18 @@ def test_the_cli_starts_quietly():
                           env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=300)
     assert done.returncode == 0 and "nnsight" not in done.stdout + done.stderr
     assert done.stdout.startswith("usage: actedit")
+
+
+def test_names_renamed_by_the_layout_redesign_say_where_they_went(tmp_path):
+    """The YAML block ``fit`` is ``settings`` now; ``top_k`` is ``top_layers`` (HPR) or
+    ``top_heads`` (ITI): each old name is an error naming the new one, in every place it was written."""
+    with pytest.raises(UnknownSettingError, match=r"methods\.hpr\.fit has moved: set methods\.hpr\.settings"):
+        load_study(str(default_config_path()), ["methods.hpr.fit.alpha=1"])
+    with pytest.raises(UnknownSettingError, match=r"^fit has moved: set settings"):
+        load_config(None, ["method=caa", "fit.layers=1"])
+    with pytest.raises(UnknownSettingError, match=r"methods\.hpr\.settings\.top_k has moved: set top_layers"):
+        load_study(str(default_config_path()), ["methods.hpr.settings.top_k=3"])
+    with pytest.raises(UnknownSettingError, match=r"methods\.iti\.settings\.top_k has moved: set top_heads"):
+        load_study(str(default_config_path()), ["methods.iti.settings.top_k=3"])
+    with pytest.raises(UnknownSettingError, match=r"top_k has moved: set top_heads"):
+        method_spec("iti").settings({"top_k": 4})

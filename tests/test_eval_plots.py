@@ -24,5 +24,5 @@ def test_plot_layer_selection_beside_the_artifact(tmp_path):
     path = plot_layer_selection(metadata, tmp_path / "artifacts" / "hpr")
     assert path == tmp_path / "artifacts" / "hpr_probe_accuracy.png"
     assert path.read_bytes()[:8] == PNG_MAGIC
-    assert plot_layer_selection({"fit": {}}, tmp_path / "artifacts" / "caa") is None
+    assert plot_layer_selection({"settings": {}}, tmp_path / "artifacts" / "caa") is None
     assert not (tmp_path / "artifacts" / "caa_probe_accuracy.png").exists()

@@ -6,10 +6,10 @@ import pytest
 import torch
 from sklearn.linear_model import LogisticRegression
 
-from actedit.interventions.actadd import ActAddFit, fit_actadd
-from actedit.interventions.caa import CAAFit, fit_caa
+from actedit.interventions.actadd import ActAddSteering, fit_actadd
+from actedit.interventions.caa import CAAVectors, fit_caa
 from actedit.interventions.iti import fit_iti
-from actedit.interventions.sea import SEAFit, fit_sea
+from actedit.interventions.sea import SEAFactors, fit_sea
 
 from conftest import tiny_model
 
@@ -50,7 +50,7 @@ def test_sea_equals_numpy_svd(feature_function, ratio):
     d = 12
     H, Hp, Hn = (low_rank_acts(80, d, seed) for seed in (1, 2, 3))
     fit = fit_sea(H, Hp, Hn, energy_ratio=ratio, feature_function=feature_function)
-    assert isinstance(fit, SEAFit) and fit.num_examples == 80
+    assert isinstance(fit, SEAFactors) and fit.num_examples == 80
     phi = PHI[feature_function]
     for layer in (0, 2):
         for U, other in ((fit.factors[layer][0], Hp), (fit.factors[layer][1], Hn)):
@@ -123,7 +123,7 @@ def independent_iti(train, y_train, val, y_val, num_heads, top_k, direction, see
 def test_iti_equals_sklearn_recipe(direction):
     train, y_train = iti_data(0, 120)
     val, y_val = iti_data(1, 60)
-    fit = fit_iti(train, y_train, val, y_val, num_heads=4, top_k=3, direction=direction, alpha=7.0)
+    fit = fit_iti(train, y_train, val, y_val, num_heads=4, top_heads=3, direction=direction, alpha=7.0)
     ranked, accs, expected = independent_iti(train, y_train, val, y_val, 4, 3, direction)
     assert fit.selected == ranked
     for layer in (0, 1):
@@ -165,7 +165,7 @@ def test_iti_tuning_acts_set_sigma():
     train, y_train = iti_data(4, 80)
     val, y_val = iti_data(5, 40)
     tuning, _ = iti_data(6, 50)
-    fit = fit_iti(train, y_train, val, y_val, num_heads=4, top_k=2, tuning_acts=tuning)
+    fit = fit_iti(train, y_train, val, y_val, num_heads=4, top_heads=2, tuning_acts=tuning)
     for layer, head in fit.selected:
         unit = fit.heads[layer]["directions"][head].double().numpy()
         expected = np.std(tuning[layer].reshape(50, 4, 8)[:, head] @ unit)
@@ -178,7 +178,7 @@ def test_caa_equals_numpy_mean_difference():
     pos = {3: rng.normal(size=(40, 32)), 5: rng.normal(size=(40, 32)).astype(np.float32)}
     neg = {3: rng.normal(size=(40, 32)), 5: rng.normal(size=(40, 32)).astype(np.float32)}
     fit = fit_caa(pos, neg)
-    assert isinstance(fit, CAAFit) and fit.num_pairs == 40
+    assert isinstance(fit, CAAVectors) and fit.num_pairs == 40
     for layer in (3, 5):
         expected = np.mean(pos[layer].astype(np.float64) - neg[layer].astype(np.float64), axis=0)
         np.testing.assert_allclose(fit.vectors[layer].numpy(), expected, rtol=1e-6, atol=1e-7)
@@ -194,7 +194,7 @@ def test_actadd_equals_numpy_difference():
     a1 = {1: torch.tensor(rng.normal(size=(5, 32)))}
     a2 = {1: torch.tensor(rng.normal(size=(5, 32)))}
     fit = fit_actadd(a1, a2, coefficient=4.0)
-    assert isinstance(fit, ActAddFit) and fit.length == 5
+    assert isinstance(fit, ActAddSteering) and fit.length == 5
     np.testing.assert_allclose(fit.steering[1].numpy(), 4.0 * (a1[1].numpy() - a2[1].numpy()), rtol=1e-6)
     config = fit.config(tiny_model("llama"))
     rep = config.representations[0]
@@ -253,8 +253,8 @@ def test_bad_inputs_raise_clear_errors():
         fit_iti(train, y, train, y, num_heads=5)
     with pytest.raises(ValueError, match="direction"):
         fit_iti(train, y, train, y, num_heads=4, direction="random")
-    with pytest.raises(ValueError, match="top_k"):
-        fit_iti(train, y, train, y, num_heads=4, top_k=0)
+    with pytest.raises(ValueError, match="top_heads"):
+        fit_iti(train, y, train, y, num_heads=4, top_heads=0)
     with pytest.raises(ValueError, match="layers"):
         fit_iti(train, y, {0: train[0]}, y, num_heads=4)
     bad = {k: v.copy() for k, v in train.items()}

@@ -27,10 +27,10 @@ def tiny_study(model_dir, path):
         "model": str(model_dir), "dtype": "float32",
         "data": {"name": "truthfulqa_mc", "limit": 3},
         "methods": {
-            "hpr": {"train": {"epochs": 1, "progress": False}, "fit": {"top_k": 2}},
-            "sea": {"fit": {"layers": "1-2", "base_tokens": 4}},
-            "iti": {"fit": {"top_k": 4, "alpha": 2.0}},
-            "caa": {"fit": {"layers": 1, "position_policy": "answer"}},
+            "hpr": {"train": {"epochs": 1, "progress": False}, "settings": {"top_layers": 2}},
+            "sea": {"settings": {"layers": "1-2", "base_tokens": 4}},
+            "iti": {"settings": {"top_heads": 4, "strength": 2.0}},
+            "caa": {"settings": {"layers": 1, "position_policy": "answer"}},
         },
         "compose": "all",
         "eval": {"limit": 4, "norm_texts": 4},
@@ -45,10 +45,10 @@ def test_default_config_is_the_embedded_default_study():
     assert cfg.method_names == ["hpr", "sea", "iti", "caa"] and cfg.composed_methods == cfg.method_names
     assert cfg.eval.split == "test" and cfg.eval.limit is None and cfg.data.limit is None
     sea = cfg.pipeline("sea")
-    assert resolve_layers(sea.fit.layers, 30) == list(range(10, 30)) and sea.site == "mlp_output"
-    assert resolve_layers(sea.fit.layers, 32) == list(range(11, 32))  # the official 21 of 32
+    assert resolve_layers(sea.settings.layers, 30) == list(range(10, 30)) and sea.site == "mlp_output"
+    assert resolve_layers(sea.settings.layers, 32) == list(range(11, 32))  # the official 21 of 32
     hpr = cfg.pipeline("hpr")
-    assert (hpr.fit.top_k, hpr.fit.strategy) == (5, "probe_first") and hpr.site == "block_output"
+    assert (hpr.settings.top_layers, hpr.settings.strategy) == (5, "probe_first") and hpr.site == "block_output"
     assert cfg.eval.task == "truthfulqa" and cfg.eval.options.mc2_rule == "split"
     assert cfg.pipeline("iti").out.endswith("artifacts/iti")
 
@@ -157,7 +157,7 @@ def test_study_artifacts_load_with_stock_pyvene_in_a_fresh_process(model_dir, tm
     config = tiny_study(model_dir, tmp_path / "study.yaml")
     out = tmp_path / "out"
     assert main(["run", str(config), "--data", str(SHARED_DATA), "--out", str(out), "--quiet",
-                 "--set", "methods={iti: {fit: {top_k: 4}}, caa: {fit: {layers: 1}}}",
+                 "--set", "methods={iti: {settings: {top_heads: 4}}, caa: {settings: {layers: 1}}}",
                  "--set", "eval.analyses=false"]) == 0
     script = textwrap.dedent(f"""
         import torch, pyvene as pv

@@ -6,7 +6,7 @@ from torch import nn
 
 from actedit.interventions import ActEditIntervention, build_hpr_config, edit_config, intervenable
 from actedit.train.lm import evaluate_lm, lm_examples, train_lm, trainable_parameters
-from actedit.train.trainer import TrainConfig
+from actedit.train.trainer import TrainSettings
 
 from conftest import tiny_model
 
@@ -16,7 +16,7 @@ class Interrupt(Exception):
 
 
 def fast(**overrides):
-    return TrainConfig(**{"learning_rate": 1e-2, "progress": False, **overrides})
+    return TrainSettings(**{"learning_rate": 1e-2, "progress": False, **overrides})
 
 
 def lm_data(n, seed, prompt_len=6, completion_len=5):

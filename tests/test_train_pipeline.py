@@ -25,7 +25,7 @@ def common(root, method):
 
 def test_train_hpr_end_to_end(model_dir):
     args = common(model_dir, "hpr") + ["--set", "train.epochs=1", "--set", "train.progress=false",
-                                       "--set", "fit.top_k=2"]
+                                       "--set", "settings.top_layers=2"]
     assert main(["collect", *args]) == 0
     assert main(["train", *args]) == 0
     info = json.loads((model_dir / "hpr" / "artifact" / "config.json").read_text())["actedit"]
@@ -42,7 +42,7 @@ def test_train_hpr_end_to_end(model_dir):
 
 @pytest.mark.parametrize("method", ["caa", "iti"])
 def test_fit_closed_form_end_to_end(model_dir, method):
-    extra = ["--set", "fit.top_k=4"] if method == "iti" else ["--set", "fit.layers=-1"]
+    extra = ["--set", "settings.top_heads=4"] if method == "iti" else ["--set", "settings.layers=-1"]
     assert main(["fit", *common(model_dir, method), *extra]) == 0  # collects on the way
     info = json.loads((model_dir / method / "artifact" / "config.json").read_text())["actedit"]
     assert info["edits"][0]["method"] == method and info["data"]["limit"] == 3
@@ -57,8 +57,8 @@ def test_config_errors(tmp_path, capsys):
         load_config(None, ["collect.batchsize=4"])
     with pytest.raises(ValueError, match="unknown method"):
         load_config(None, ["method=rome"])
-    assert main(["fit", "--method", "hpr"]) == 1
-    assert "use `actedit train`" in capsys.readouterr().err
+    assert main(["train", "--method", "sea"]) == 1
+    assert "closed-form, not trained: use `actedit fit`" in capsys.readouterr().err
     assert main(["train", str(tmp_path / "missing.yaml")]) == 1
     assert "No config file" in capsys.readouterr().err
 
@@ -67,11 +67,11 @@ def test_caa_with_a_fixed_layer_collects_that_layer_only(model_dir, capsys):
     from actedit.data.store import ActivationStore
 
     args = common(model_dir, "caa") + ["--set", f"collect.dir={model_dir / 'caa1' / 'acts'}",
-                                       "--out", str(model_dir / "caa1" / "artifact"), "--set", "fit.layers=1"]
+                                       "--out", str(model_dir / "caa1" / "artifact"), "--set", "settings.layers=1"]
     assert main(["fit", *args]) == 0
     assert ActivationStore(model_dir / "caa1" / "acts").layers == [1]
     info = json.loads((model_dir / "caa1" / "artifact" / "config.json").read_text())["actedit"]
     assert info["edits"][0]["layers"] == [1]
-    other = args[:-2] + ["--set", "fit.layers=0"]  # the store holds layer 1 only
+    other = args[:-2] + ["--set", "settings.layers=0"]  # the store holds layer 1 only
     assert main(["fit", *other]) == 1
     assert "layers [0] are not in the activation store" in capsys.readouterr().err

@@ -11,7 +11,7 @@ from actedit.train.select import (
     probe_accuracy,
     rank_layers,
     select_layers,
-    select_top_k,
+    select_top_layers,
 )
 from actedit.train.trainer import PairedActivations
 
@@ -74,12 +74,12 @@ def test_select_layers_picks_the_separating_layers():
 def test_top_k_ranking_ties_and_caps():
     accuracy = {0: 0.6, 1: 0.9, 2: 0.9, 3: 0.7, 4: 0.95}
     assert rank_layers(accuracy) == [4, 1, 2, 3, 0]  # tie 1/2: the lower layer first
-    assert select_top_k(accuracy, 3) == [1, 2, 4]
-    assert select_top_k(accuracy, 10) == [0, 1, 2, 3, 4]  # capped at the layers available
+    assert select_top_layers(accuracy, 3) == [1, 2, 4]
+    assert select_top_layers(accuracy, 10) == [0, 1, 2, 3, 4]  # capped at the layers available
     selection = LayerSelection(accuracy=accuracy)  # default k = 5 (HPR's README)
     assert selection.k == 5 and selection.selected == [0, 1, 2, 3, 4]
     with pytest.raises(ValueError, match="k must be"):
-        select_top_k(accuracy, 0)
+        select_top_layers(accuracy, 0)
     with pytest.raises(ValueError, match="in \\[0, 1\\]"):
         LayerSelection(accuracy={0: 1.5})
     with pytest.raises(ValueError, match="at least one layer"):

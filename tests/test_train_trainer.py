@@ -15,13 +15,13 @@ from actedit.train.select import probe_accuracy
 from actedit.data.store import PairedActivations
 from actedit.train.trainer import (
     CHECKPOINT_NAME,
-    PairTask,
-    TrainConfig,
+    PairObjective,
+    TrainSettings,
     epoch_permutation,
     lr_factor,
     new_interventions,
     train_interventions,
-    train_top_k,
+    train_top_layers,
 )
 
 
@@ -31,9 +31,9 @@ def train_hpr(train, eval_data, *, config, layers=None, callbacks=(), **argument
     return train_interventions(modules, train, eval_data, config, callbacks)
 
 
-def train_hpr_top_k(train, eval_data, *, k, config):
+def train_hpr_top_layers(train, eval_data, *, k, config):
     modules = new_interventions("hpr", train.width, train.layers, seed=config.seed)
-    return train_top_k(modules, train, eval_data, k=k, config=config)
+    return train_top_layers(modules, train, eval_data, k=k, config=config)
 
 
 
@@ -55,7 +55,7 @@ def separable_pairs(n, seed, layers=3, d=32, margin=2.0, noise=0.2):
 def fast(**overrides):
     base = dict(learning_rate=1e-2, progress=False)
     base.update(overrides)
-    return TrainConfig(**base)
+    return TrainSettings(**base)
 
 
 def weights(modules):
@@ -144,7 +144,7 @@ def test_top_k_training_equals_joint_training_on_the_selected_layers():
         separable_pairs(64, 12, layers=4, d=16, margin=0.4, noise=1.0)
     config = fast(epochs=3, batch_size=16, max_grad_norm=None, dtype="float64")
     joint = train_hpr(train, evald, config=config)
-    result, selection = train_hpr_top_k(train, evald, k=2, config=config)
+    result, selection = train_hpr_top_layers(train, evald, k=2, config=config)
     assert sorted(result.modules) == sorted(selection.selected) and len(selection.selected) == 2
     assert result.best_epoch == joint.best_epoch
     assert result.layer_scores == pytest.approx(joint.layer_scores)
@@ -162,11 +162,11 @@ def test_top_k_training_equals_joint_training_on_the_selected_layers():
 def test_top_k_training_checks_its_arguments():
     train, evald = separable_pairs(32, 13, layers=2, d=8), separable_pairs(16, 14, layers=2, d=8)
     with pytest.raises(ValueError, match="eval_data"):
-        train_hpr_top_k(train, None, k=1, config=fast(epochs=1))
+        train_hpr_top_layers(train, None, k=1, config=fast(epochs=1))
     with pytest.raises(ValueError, match="k must be between 1 and"):
-        train_hpr_top_k(train, evald, k=3, config=fast(epochs=1))
+        train_hpr_top_layers(train, evald, k=3, config=fast(epochs=1))
     with pytest.raises(ValueError, match="best_by='mean'"):
-        train_hpr_top_k(train, evald, k=1, config=fast(epochs=1, best_by="layer"))
+        train_hpr_top_layers(train, evald, k=1, config=fast(epochs=1, best_by="layer"))
     with pytest.raises(ValueError, match="stop_after_epoch"):
         fast(epochs=2, stop_after_epoch=3)
 
@@ -304,7 +304,7 @@ def test_bad_configs_and_data_raise():
                           ({"best_by": "median"}, "best_by"), ({"dtype": "bfloat16"}, "dtype"),
                           ({"adam_betas": (0.9, 1.0)}, "adam_betas"), ({"seed": -1}, "seed")]:
         with pytest.raises(ValueError, match=match):
-            TrainConfig(**kwargs)
+            TrainSettings(**kwargs)
     x = torch.randn(8, 4)
     with pytest.raises(ValueError, match="NaN"):
         PairedActivations({0: x}, {0: torch.full((8, 4), float("nan"))})
@@ -329,7 +329,7 @@ def test_bad_configs_and_data_raise():
 
 def test_progress_bar_runs(capsys):
     train, evald = separable_pairs(32, 13, layers=1, d=16), separable_pairs(16, 14, layers=1, d=16)
-    train_hpr(train, evald, config=TrainConfig(epochs=1, progress=True))
+    train_hpr(train, evald, config=TrainSettings(epochs=1, progress=True))
     err = capsys.readouterr().err
     assert "epoch 1/1" in err and "loss=" in err and "acc=" in err
 
@@ -344,11 +344,11 @@ def test_stacked_losses_are_used_only_where_the_class_defines_them():
 
     train = separable_pairs(64, 6, layers=2, d=16)
     config = fast(epochs=1, select_best=False)
-    task = PairTask(new_interventions("hpr", 16, [0, 1]), train, None, config)
+    task = PairObjective(new_interventions("hpr", 16, [0, 1]), train, None, config)
     assert task.vectorized
     torch.manual_seed(0)
     doubled = {layer: DoubledLoss(embed_dim=16) for layer in (0, 1)}
-    other = PairTask(doubled, train, None, config)
+    other = PairObjective(doubled, train, None, config)
     assert not other.vectorized
     idx = torch.arange(16)
     hp, hn = train.gather([0, 1], idx)

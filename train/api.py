@@ -26,8 +26,8 @@ from actedit.interventions.edits import config_of, intervenable, is_intervenable
 from actedit.interventions.registry import method_spec
 from actedit.data.contrast import ContrastDataset, ContrastExample, PromptPair, PromptPairDataset, as_dataset
 from actedit.train.pipeline import (
-    CollectConfig,
-    DataConfig,
+    CollectSettings,
+    DataSettings,
     PipelineConfig,
     collect,
     load_dataset,
@@ -80,15 +80,16 @@ def fit(method: str, model, tokenizer, data: Data, *, layers=None, store: Option
         layers: the layers the method works on (a layer spec: ``[12]``, ``0.4``, ``"1/3:"``, ...;
             default the method's: all for HPR, SEA and ITI; CAA and ActAdd need it).
         store: a directory for a resumable activation store (large data); default in memory.
-        train: training settings of a trained method (:class:`~actedit.train.trainer.TrainConfig`
+        train: training settings of a trained method (:class:`~actedit.train.trainer.TrainSettings`
             fields, e.g. ``{"epochs": 3}``).
         source, split_file, limit: where a task's questions are, and how many per split.
         eval_ratio, seed: the seeded train/eval split of data without one (methods that select
             layers or heads on eval data), and the seed of format conversions.
         prompt_format: parameters of the method's prompt format (:mod:`actedit.data.formats`).
         progress: show progress bars.
-        **settings: the method's settings (``multiplier``, ``alpha``, ``top_k``, ...; see its
-            settings class, e.g. :class:`~actedit.interventions.caa.CAAConfig`).
+        **settings: the method's settings (see its settings class, e.g.
+            :class:`~actedit.interventions.caa.CAASettings`); ``strength=`` sets any method's
+            strength (HPR's and ITI's ``alpha``, CAA's ``multiplier``, ActAdd's ``coefficient``).
 
     Returns:
         A ``pyvene.IntervenableModel`` ready to generate, score and save (:func:`save`).
@@ -105,10 +106,10 @@ def fit(method: str, model, tokenizer, data: Data, *, layers=None, store: Option
     cfg = PipelineConfig(
         model=getattr(getattr(model, "config", None), "_name_or_path", "") or type(model).__name__,
         method=spec.name,
-        data=DataConfig(name=data if named else "examples", source=source, split_file=split_file,
+        data=DataSettings(name=data if named else "examples", source=source, split_file=split_file,
                         eval_ratio=eval_ratio, seed=seed, limit=limit),
-        collect=CollectConfig(dir=None if store is None else str(store), format=dict(prompt_format or {})),
-        fit=fit_settings, train=train_settings, out=None)
+        collect=CollectSettings(dir=None if store is None else str(store), format=dict(prompt_format or {})),
+        settings=fit_settings, train=train_settings, out=None)
     cfg = cfg.for_model(model)
     dataset = load_dataset(cfg) if named else prepare_dataset(cfg, _dataset(data, cfg.reads_prompt_pairs))
     activations = collect(cfg, model, tokenizer, dataset=dataset, progress=progress, quiet=not progress)

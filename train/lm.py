@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .trainer import EpochRecord, TrainConfig, TrainResult, TrainTask, run_training
+from .trainer import EpochRecord, TrainSettings, TrainResult, TrainingObjective, run_training
 
 IGNORE_INDEX = -100
 
@@ -125,13 +125,13 @@ def evaluate_lm(pvm: pv.IntervenableModel, data: Mapping[str, Any], batch_size: 
     return total / max(count, 1)
 
 
-class LMTask(TrainTask):
+class LMTask(TrainingObjective):
     """Train the interventions of an ``IntervenableModel`` with the LM loss on completions."""
 
     name = "lm"
 
     def __init__(self, pvm: pv.IntervenableModel, train: Mapping[str, Any], eval_data: Optional[Mapping[str, Any]],
-                 config: TrainConfig) -> None:
+                 config: TrainSettings) -> None:
         if not isinstance(pvm, pv.IntervenableModel):
             raise ValueError(f"pvm must be a pyvene.IntervenableModel, got {type(pvm).__name__}.")
         self.pvm, self.config = pvm, config
@@ -188,7 +188,7 @@ class LMTask(TrainTask):
 
 
 def train_lm(pvm: pv.IntervenableModel, train: Mapping[str, Any], eval_data: Optional[Mapping[str, Any]] = None,
-             config: Optional[TrainConfig] = None,
+             config: Optional[TrainSettings] = None,
              callbacks: Sequence[Callable[[EpochRecord], None]] = ()) -> TrainResult:
     """Train ``pvm``'s interventions end-to-end with the LM loss on completion tokens.
 
@@ -196,7 +196,7 @@ def train_lm(pvm: pv.IntervenableModel, train: Mapping[str, Any], eval_data: Opt
     built by :func:`lm_examples` (labels −100 outside the completions). The base model stays
     frozen (pyvene freezes it when wrapping); the best epoch is the one with the lowest eval loss.
     """
-    config = config or TrainConfig()
+    config = config or TrainSettings()
     return run_training(LMTask(pvm, train, eval_data, config), config, callbacks)
 
 

@@ -32,8 +32,8 @@ list the valid ones. Keys::
       seed: 0
       limit: null                      # first N examples of each split (quick runs)
     collect:   {dir: runs/hpr/activations, dtype: float32, batch_size: 16, format: {}}
-    fit:       {layers: null, ...}     # the method's settings (HPRConfig, CAAConfig, ...)
-    train:     {}                      # trained methods: actedit.train.trainer.TrainConfig fields
+    settings:  {layers: null, ...}     # the method's settings (HPRSettings, ...; strength: its strength)
+    train:     {}                      # trained methods: actedit.train.trainer.TrainSettings fields
     out: runs/hpr/artifact
 """
 
@@ -53,7 +53,7 @@ import yaml
 from actedit.interventions.artifacts import save_artifact
 from actedit.interventions.edits import edit_config, intervenable, site_width
 from actedit.interventions.layers import model_depth, resolve_layers
-from actedit.interventions.registry import FitContext, MethodConfig, MethodSpec, method_spec
+from actedit.interventions.registry import FitContext, MethodSettings, MethodSpec, method_spec
 from actedit.interventions.settings import Settings, UnknownSettingError, check_keys, check_moved
 
 from actedit.data.collect import collect_activations
@@ -64,11 +64,11 @@ from actedit.data.models import load_model
 from .select import select_layers
 from actedit.data.store import ActivationStore, STORE_DTYPES
 from actedit.data.tasks import is_task, load_contrast
-from .trainer import TrainConfig, new_interventions, train_interventions, train_top_k
+from .trainer import TrainSettings, new_interventions, train_interventions, train_top_layers
 
 
 @dataclass
-class DataConfig(Settings):
+class DataSettings(Settings):
     """Where the contrast data comes from.
 
     Attributes:
@@ -98,7 +98,7 @@ class DataConfig(Settings):
 
 
 @dataclass
-class CollectConfig(Settings):
+class CollectSettings(Settings):
     """Activation collection options (the layers and the site are the method's settings).
 
     Attributes:
@@ -108,7 +108,7 @@ class CollectConfig(Settings):
         format: parameters of the method's prompt format (:mod:`actedit.data.formats`).
     """
 
-    MOVED = {"layers": "fit.layers", "site": "fit.site"}
+    MOVED = {"layers": "settings.layers", "site": "settings.site"}
 
     dir: Optional[str] = "runs/activations"
     dtype: str = "float32"
@@ -124,22 +124,23 @@ class CollectConfig(Settings):
             raise ValueError(f"collect.format must be a mapping of format parameters, got {self.format!r}.")
 
 
-def method_settings(method: str, fit: Any, train: Any, where: str = "") -> Tuple[MethodConfig, Optional[TrainConfig]]:
+def method_settings(method: str, settings: Any, train: Any, where: str = "") \
+        -> Tuple[MethodSettings, Optional[TrainSettings]]:
     """``(the method's settings, its training settings or None)`` from raw YAML mappings.
 
     Unknown keys are errors listing the valid ones; a closed-form method has no ``train`` block.
     """
     prefix = f"{where}." if where else ""
     spec = method_spec(method)
-    settings = spec.settings(fit, f"{prefix}fit")
+    values = spec.settings(settings, f"{prefix}settings")
     if not spec.trained:
         if train:
             keys = ", ".join(sorted(train)) if isinstance(train, dict) else repr(train)
             raise UnknownSettingError(f"{prefix}train: {spec.name} is closed-form and has no training settings "
-                                      f"(got {keys}); its settings go in {prefix}fit: "
-                                      f"{', '.join(spec.config.field_names())}.")
-        return settings, None
-    return settings, TrainConfig.from_mapping(train, f"{prefix}train")
+                                      f"(got {keys}); its settings go in {prefix}settings: "
+                                      f"{', '.join(spec.settings_class.field_names())}.")
+        return values, None
+    return values, TrainSettings.from_mapping(train, f"{prefix}train")
 
 
 @dataclass
@@ -149,26 +150,28 @@ class PipelineConfig:
     Attributes:
         model: model spec for :func:`actedit.data.models.load_model`.
         method: a registered method name.
-        data, collect: see :class:`DataConfig`, :class:`CollectConfig`.
-        fit: the method's settings (its ``MethodSpec.config``; a mapping is converted).
-        train: :class:`~actedit.train.trainer.TrainConfig` of a trained method (a mapping is converted).
+        data, collect: see :class:`DataSettings`, :class:`CollectSettings`.
+        settings: the method's settings (its ``MethodSpec.settings_class``; a mapping is converted).
+        train: :class:`~actedit.train.trainer.TrainSettings` of a trained method (a mapping is converted).
         out: artifact directory (None: the edit is returned, not saved).
         where: prefix of the config's blocks in error messages (``methods.hpr`` inside a study).
+        depth: the depth of the model the layer spec was resolved for (:meth:`for_model`); None: not yet.
     """
 
     model: str = "smollm2-135m-instruct"
     method: str = "hpr"
-    data: DataConfig = field(default_factory=DataConfig)
-    collect: CollectConfig = field(default_factory=CollectConfig)
-    fit: Any = None
+    data: DataSettings = field(default_factory=DataSettings)
+    collect: CollectSettings = field(default_factory=CollectSettings)
+    settings: Any = None
     train: Any = None
     out: Optional[str] = "runs/artifact"
     where: str = field(default="", repr=False)
+    depth: Optional[int] = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         self.method = method_spec(self.method).name
-        if not isinstance(self.fit, MethodConfig):
-            self.fit, self.train = method_settings(self.method, self.fit, self.train, self.where)
+        if not isinstance(self.settings, MethodSettings):
+            self.settings, self.train = method_settings(self.method, self.settings, self.train, self.where)
         if self.reads_prompt_pairs and is_task(self.data.name):
             prefix = f"{self.where}." if self.where else ""
             raise ValueError(f"{prefix}data: {self.method} reads prompt pairs ({{prompt1, prompt2}} records, e.g. "
@@ -181,7 +184,7 @@ class PipelineConfig:
 
     @property
     def site(self) -> str:
-        return self.spec.component(self.fit)
+        return self.spec.component(self.settings)
 
     @property
     def reads_prompt_pairs(self) -> bool:
@@ -190,28 +193,29 @@ class PipelineConfig:
         return get_format(self.spec.format, **self.collect.format).accepts is PromptPair
 
     def for_model(self, model) -> "PipelineConfig":
-        """A copy whose layer spec is the layer indices it means on ``model``.
+        """This config with its layer spec resolved to the layer indices it means on ``model``
+        (once: a config already resolved for a model of this depth is returned as it is).
 
         Raises before any work when the spec does not fit the model's depth (the message names
         the depth), when a method that steers chosen layers has none set, or when a trained
-        method's ``top_k`` exceeds the layers it trains.
+        method's ``top_layers`` exceeds the layers it trains.
         """
         depth = model_depth(model)
+        if self.depth == depth:
+            return self
         spec = self.spec
         prefix = f"{self.where}." if self.where else ""
-        layers = self.fit.layers if self.fit.layers is not None else spec.default_layers
+        layers = self.settings.layers if self.settings.layers is not None else spec.default_layers
         if layers is None:
-            raise ValueError(f"{prefix}fit.layers is not set: {spec.name} steers the layers you choose, and the "
-                             f"model has {depth} (set e.g. fit.layers={depth * 2 // 5}, or a fraction of the depth "
-                             "such as 0.4; it never means every layer).")
-        layers = resolve_layers(layers, depth, f"{prefix}fit.layers")
-        top_k = getattr(self.fit, "top_k", None)
-        if spec.trained and top_k is not None and top_k > len(layers):
-            raise ValueError(f"{prefix}fit.top_k={top_k} exceeds the {len(layers)} layers {spec.name} trains on "
-                             f"this {depth}-layer model.")
-        out = copy.copy(self)
-        out.fit = dataclasses.replace(self.fit, layers=layers)
-        return out
+            raise ValueError(f"{prefix}settings.layers is not set: {spec.name} steers the layers you choose, and "
+                             f"the model has {depth} (set e.g. settings.layers={depth * 2 // 5}, or a fraction of "
+                             "the depth such as 0.4; it never means every layer).")
+        layers = resolve_layers(layers, depth, f"{prefix}settings.layers")
+        top_layers = getattr(self.settings, "top_layers", None)
+        if spec.trained and top_layers is not None and top_layers > len(layers):
+            raise ValueError(f"{prefix}settings.top_layers={top_layers} exceeds the {len(layers)} layers {spec.name} "
+                             f"trains on this {depth}-layer model.")
+        return dataclasses.replace(self, settings=dataclasses.replace(self.settings, layers=layers), depth=depth)
 
 
 def apply_overrides(raw: Dict[str, Any], overrides: Sequence[str]) -> Dict[str, Any]:
@@ -251,10 +255,10 @@ def read_config(path: Optional[str], overrides: Sequence[str] = (), missing: str
 def load_config(path: Optional[str], overrides: Sequence[str] = ()) -> PipelineConfig:
     """Read a YAML config (or start from defaults when ``path`` is None) and apply overrides."""
     raw = read_config(path, overrides)
-    check_moved(raw, {"select": "fit.top_k and fit.strategy"}, "")
-    check_keys(raw, [f.name for f in fields(PipelineConfig) if f.name != "where"], "")
-    data = DataConfig.from_mapping(raw.pop("data", None), "data")
-    collect_cfg = CollectConfig.from_mapping(raw.pop("collect", None), "collect")
+    check_moved(raw, {"select": "settings.top_layers and settings.strategy", "fit": "settings"}, "")
+    check_keys(raw, [f.name for f in fields(PipelineConfig) if f.name not in ("where", "depth")], "")
+    data = DataSettings.from_mapping(raw.pop("data", None), "data")
+    collect_cfg = CollectSettings.from_mapping(raw.pop("collect", None), "collect")
     return PipelineConfig(data=data, collect=collect_cfg, **raw)
 
 
@@ -307,10 +311,10 @@ def collect(cfg: PipelineConfig, model=None, tokenizer=None, *, dataset=None, pr
     directory = Path(cfg.collect.dir) if cfg.collect.dir is not None else None
     if fmt.needs_bases(data):
         cache = directory.parent / f"{directory.name}_bases.json" if directory is not None else None
-        data = generate_bases(model, tokenizer, data, fmt, max_new_tokens=getattr(cfg.fit, "base_tokens", 32),
+        data = generate_bases(model, tokenizer, data, fmt, max_new_tokens=getattr(cfg.settings, "base_tokens", 32),
                               cache_path=cache, progress=progress)
     return collect_activations(model, tokenizer, data, directory, format=fmt, sites=cfg.site,
-                               layers=cfg.fit.layers, dtype=cfg.collect.dtype, batch_size=cfg.collect.batch_size,
+                               layers=cfg.settings.layers, dtype=cfg.collect.dtype, batch_size=cfg.collect.batch_size,
                                progress=progress)
 
 
@@ -333,7 +337,7 @@ def fit_inputs(store: ActivationStore, spec: MethodSpec, site: str, layers: Sequ
         raise ValueError(f"layers {missing} are not in the activation store ({where}: it holds {store.layers}); "
                          "collect them or choose among these.")
     split = spec.splits[0] if spec.splits else None
-    if spec.reads == "pairs":
+    if spec.reads == "paired":
         pairs = store.paired_activations(site, split=split, layers=layers)
         pos, neg = pairs.gather(layers, torch.arange(pairs.num_pairs))
         return {"pos": {layer: pos[i] for i, layer in enumerate(layers)},
@@ -352,7 +356,7 @@ def make_edit(cfg: PipelineConfig, model, tokenizer, *, store: Optional[Activati
     """The method's edit of ``model``: ``(IntervenableConfig, metadata)``, fitted in closed form
     or trained on the store (collected first when not given)."""
     cfg = cfg.for_model(model)
-    spec, settings = cfg.spec, cfg.fit
+    spec, settings = cfg.spec, cfg.settings
     store = store if store is not None else _store(cfg, model, tokenizer, progress)
     started = time.time()
     if spec.trained:
@@ -369,8 +373,8 @@ def make_edit(cfg: PipelineConfig, model, tokenizer, *, store: Optional[Activati
 
 
 def _train(cfg: PipelineConfig, store: ActivationStore, progress: bool) -> Tuple[Dict[int, Any], Dict[str, Any]]:
-    """A trained method's modules on its top ``fit.top_k`` layers by eval probe accuracy."""
-    spec, settings = cfg.spec, cfg.fit
+    """A trained method's modules on its top ``settings.top_layers`` layers by eval probe accuracy."""
+    spec, settings = cfg.spec, cfg.settings
     out = Path(cfg.out) if cfg.out is not None else None
     train_pairs = store.paired_activations(cfg.site, split="train", layers=settings.layers)
     eval_pairs = store.paired_activations(cfg.site, split="eval", layers=settings.layers)
@@ -380,10 +384,10 @@ def _train(cfg: PipelineConfig, store: ActivationStore, progress: bool) -> Tuple
     modules = new_interventions(spec, train_pairs.width, settings.layers, seed=train_cfg.seed,
                                 **settings.intervention_arguments())
     if settings.strategy == "probe_first":
-        result, selection = train_top_k(modules, train_pairs, eval_pairs, k=settings.top_k, config=train_cfg)
+        result, selection = train_top_layers(modules, train_pairs, eval_pairs, k=settings.top_layers, config=train_cfg)
     else:
         result = train_interventions(modules, train_pairs, eval_pairs, config=train_cfg)
-        selection = select_layers(result.modules, eval_pairs, k=settings.top_k)
+        selection = select_layers(result.modules, eval_pairs, k=settings.top_layers)
     chosen = {layer: result.modules[layer] for layer in selection.selected}
     return chosen, {"training": result.summary(), **selection.metadata()}
 
@@ -403,7 +407,7 @@ def _data_record(cfg: PipelineConfig) -> Dict[str, Any]:
 
 
 __all__ = [
-    "CollectConfig", "DataConfig", "PipelineConfig", "apply_overrides", "build", "collect",
+    "CollectSettings", "DataSettings", "PipelineConfig", "apply_overrides", "build", "collect",
     "fit_inputs", "load_config", "load_dataset", "make_edit", "method_settings", "prepare_dataset", "prompt_format",
     "read_config",
 ]

@@ -99,7 +99,7 @@ def rank_layers(accuracy: Mapping[int, float]) -> List[int]:
     return [layer for layer, _ in sorted(accuracy.items(), key=lambda kv: (-float(kv[1]), int(kv[0])))]
 
 
-def select_top_k(accuracy: Mapping[int, float], k: int = 5) -> List[int]:
+def select_top_layers(accuracy: Mapping[int, float], k: int = 5) -> List[int]:
     """The (at most) k best layers by accuracy, returned in ascending layer order."""
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:
         raise ValueError(f"k must be a positive integer, got {k!r}.")
@@ -152,4 +152,4 @@ def select_layers(modules: Mapping[int, torch.nn.Module], eval_data: PairedActiv
 
 
 __all__ = ["LayerSelection", "METRICS", "probe_accuracy", "rank_layers", "select_layers",
-           "select_top_k"]
+           "select_top_layers"]

@@ -16,13 +16,13 @@ The loop (:func:`run_training`) is the released HPR recipe (HF ``Trainer`` defau
   accuracy, the released ``lr_acc``; or per layer), and an atomic checkpoint; at the end the best
   epoch's weights are restored.
 
-**Cached activations** (:func:`train_interventions`, :func:`train_top_k`). The data are
+**Cached activations** (:func:`train_interventions`, :func:`train_top_layers`). The data are
 aligned pairs (h⁺, h⁻) of every layer (:class:`~actedit.data.store.PairedActivations`). Every
 layer l has its own module with its own loss ℓ_l = ``module.loss(h⁺_l, h⁻_l)`` on the same batch
 of pairs; the reported loss is (1/L) Σ_l ℓ_l, and each layer's parameters θ_l receive exactly
 ∂ℓ_l/∂θ_l (the gradient of Σ_l ℓ_l), i.e. what training that layer alone would give.
 
-Two paths compute it (:class:`PairTask`). The fast one (``vectorize=True``, the default) stacks
+Two paths compute it (:class:`PairObjective`). The fast one (``vectorize=True``, the default) stacks
 the per-layer parameters into tensors with a leading layer axis and evaluates the loss of all
 layers with a few batched matrix products, through the module class's ``stacked_<loss>``
 methods (:class:`~actedit.interventions.hpr.HPRIntervention` has them); the trained weights are
@@ -70,7 +70,7 @@ CHECKPOINT_FORMAT = 1
 
 # ------------------------------------------------------------------------------------- configs
 @dataclass
-class TrainConfig(Settings):
+class TrainSettings(Settings):
     """Hyperparameters of :func:`run_training` (defaults: HPR's released training script).
 
     Attributes:
@@ -246,7 +246,7 @@ class TrainResult:
     steps: int
     seconds: float
     resumed_from_epoch: Optional[int]
-    config: TrainConfig
+    config: TrainSettings
 
     def __post_init__(self) -> None:
         if self.steps < 0:
@@ -273,7 +273,7 @@ class TrainResult:
 
 
 # --------------------------------------------------------------------------------------- tasks
-class TrainTask:
+class TrainingObjective:
     """What :func:`run_training` needs from a kind of training (cached pairs, end-to-end LM)."""
 
     name = "task"
@@ -331,7 +331,7 @@ def _stacked_method(cls: type, method: str) -> Optional[Callable]:
     return getattr(cls, f"stacked_{method}") if stacked is not None and stacked is owner(method) else None
 
 
-class PairTask(TrainTask):
+class PairObjective(TrainingObjective):
     """Train one module per layer on cached (h⁺, h⁻) pairs with each module's ``loss_method``.
 
     The fast path stacks the layers' parameters (matrices stored transposed, (L, in, out), the
@@ -343,7 +343,7 @@ class PairTask(TrainTask):
     per_layer = True
 
     def __init__(self, modules: Mapping[int, nn.Module], train: PairedActivations,
-                 eval_data: Optional[PairedActivations], config: TrainConfig, loss_method: str = "loss") -> None:
+                 eval_data: Optional[PairedActivations], config: TrainSettings, loss_method: str = "loss") -> None:
         if not isinstance(modules, Mapping) or not modules:
             raise ValueError("modules must be a non-empty mapping layer -> trainable intervention.")
         if not isinstance(train, PairedActivations):
@@ -571,7 +571,7 @@ def lr_factor(step: int, total: int, warmup: int, schedule: str) -> float:
     return 1.0
 
 
-def make_optimizer(params: Sequence[torch.Tensor], config: TrainConfig) -> torch.optim.AdamW:
+def make_optimizer(params: Sequence[torch.Tensor], config: TrainSettings) -> torch.optim.AdamW:
     """AdamW over ``params``; the fused kernel where torch has one for them (one pass over each
     tensor: ~5x faster than the default on CPU for HPR's 6.5 M parameters at d = 576 x 30 layers),
     else the default implementation. The update is elementwise, so stacking layers changes nothing."""
@@ -609,7 +609,7 @@ def _progress(total: int, desc: str, enabled: bool):
     return tqdm(total=total, desc=desc, disable=not enabled, leave=True, dynamic_ncols=True)
 
 
-def run_training(task: TrainTask, config: TrainConfig,
+def run_training(task: TrainingObjective, config: TrainSettings,
                  callbacks: Sequence[Callable[[EpochRecord], None]] = ()) -> TrainResult:
     """Run the training loop described in the module docstring on ``task``.
 
@@ -617,7 +617,7 @@ def run_training(task: TrainTask, config: TrainConfig,
     written (an exception raised there stops training; the run resumes from that checkpoint).
     """
     threads = torch.get_num_threads()
-    on_cpu = isinstance(task, PairTask) and task.device.type == "cpu"
+    on_cpu = isinstance(task, PairObjective) and task.device.type == "cpu"
     wanted = config.cpu_threads
     if wanted is None and os.environ.get("OMP_WAIT_POLICY", "").upper() == "PASSIVE":
         wanted = 1
@@ -629,7 +629,7 @@ def run_training(task: TrainTask, config: TrainConfig,
         torch.set_num_threads(threads)
 
 
-def _run_training(task: TrainTask, config: TrainConfig, callbacks: Sequence[Callable[[EpochRecord], None]]) -> TrainResult:
+def _run_training(task: TrainingObjective, config: TrainSettings, callbacks: Sequence[Callable[[EpochRecord], None]]) -> TrainResult:
     started = time.perf_counter()
     n = task.num_examples
     steps_per_epoch = math.ceil(n / config.batch_size)
@@ -738,7 +738,7 @@ def _run_training(task: TrainTask, config: TrainConfig, callbacks: Sequence[Call
                        resumed_from_epoch=resumed_from, config=config)
 
 
-def _update_best(best: Dict[str, Any], record: EpochRecord, task: TrainTask, config: TrainConfig) -> None:
+def _update_best(best: Dict[str, Any], record: EpochRecord, task: TrainingObjective, config: TrainSettings) -> None:
     """Keep the weights of the best epoch so far (strictly better score; ties keep the earlier)."""
     if config.best_by == "mean":
         if best["score"] is None or record.score > best["score"]:
@@ -766,7 +766,7 @@ def new_interventions(method, width: int, layers: Sequence[int], *, seed: int = 
 
     Created in ascending layer order right after ``torch.manual_seed(seed)`` (the global RNG state
     is restored afterwards), so the same seed gives the same initial weights. ``arguments`` go to
-    the intervention's constructor (e.g. ``HPRConfig.intervention_arguments()``).
+    the intervention's constructor (e.g. ``HPRSettings.intervention_arguments()``).
     """
     spec = method_spec(method) if isinstance(method, str) else method
     layers = sorted(int(x) for x in layers)
@@ -778,14 +778,14 @@ def new_interventions(method, width: int, layers: Sequence[int], *, seed: int = 
 
 
 def train_interventions(modules: Mapping[int, nn.Module], train: PairedActivations,
-                        eval_data: Optional[PairedActivations] = None, config: Optional[TrainConfig] = None,
+                        eval_data: Optional[PairedActivations] = None, config: Optional[TrainSettings] = None,
                         callbacks: Sequence[Callable[[EpochRecord], None]] = ()) -> TrainResult:
     """Train one intervention per layer (each with a ``loss(h_pos, h_neg)`` method) on cached
     activation pairs, every loss term together; see the module docstring. Modules are updated in
     place and returned in ``TrainResult.modules``. Select layers afterwards with
     :func:`actedit.train.select.select_layers`."""
-    config = config or TrainConfig()
-    return run_training(PairTask(modules, train, eval_data, config), config, callbacks)
+    config = config or TrainSettings()
+    return run_training(PairObjective(modules, train, eval_data, config), config, callbacks)
 
 
 def _train_only(modules: Mapping[int, nn.Module], prefix: Optional[str]) -> None:
@@ -795,8 +795,8 @@ def _train_only(modules: Mapping[int, nn.Module], prefix: Optional[str]) -> None
             param.requires_grad_(prefix is None or name.startswith(prefix))
 
 
-def train_top_k(modules: Mapping[int, nn.Module], train: PairedActivations, eval_data: PairedActivations, *,
-                k: int = 5, config: Optional[TrainConfig] = None,
+def train_top_layers(modules: Mapping[int, nn.Module], train: PairedActivations, eval_data: PairedActivations, *,
+                k: int = 5, config: Optional[TrainSettings] = None,
                 callbacks: Sequence[Callable[[EpochRecord], None]] = ()) -> Tuple[TrainResult, LayerSelection]:
     """Train the selecting loss term on every layer, keep the top ``k`` layers by eval probe
     accuracy, and train the other terms only there. Returns ``(TrainResult, LayerSelection)``.
@@ -819,13 +819,13 @@ def train_top_k(modules: Mapping[int, nn.Module], train: PairedActivations, eval
     the k selected layers; ``layer_scores`` the eval probe accuracy of every layer; the history is
     the first stage's epochs followed by the second's.
     """
-    config = config or TrainConfig()
+    config = config or TrainSettings()
     if not isinstance(eval_data, PairedActivations):
-        raise ValueError("train_top_k selects layers by eval probe accuracy: pass eval_data (PairedActivations).")
+        raise ValueError("train_top_layers selects layers by eval probe accuracy: pass eval_data (PairedActivations).")
     if not 1 <= k <= len(modules):
         raise ValueError(f"k must be between 1 and the number of layers ({len(modules)}), got {k}.")
     if config.best_by != "mean" or not config.select_best:
-        raise ValueError("train_top_k keeps one best epoch for all layers (best_by='mean', select_best=True); "
+        raise ValueError("train_top_layers keeps one best epoch for all layers (best_by='mean', select_best=True); "
                          "use train_interventions for other settings.")
     cls = type(next(iter(modules.values())))
     terms = dict(getattr(cls, "loss_terms", None) or {})
@@ -838,7 +838,7 @@ def train_top_k(modules: Mapping[int, nn.Module], train: PairedActivations, eval
     try:
         _train_only(modules, terms[selecting])
         first_config = dataclasses.replace(config, checkpoint_dir=str(ckpt / "probes") if ckpt else None)
-        first = run_training(PairTask(modules, train, eval_data, first_config, loss_method=selecting),
+        first = run_training(PairObjective(modules, train, eval_data, first_config, loss_method=selecting),
                              first_config, callbacks)
         selection = select_layers(first.modules, eval_data, k=k)
         chosen = {layer: first.modules[layer] for layer in selection.selected}
@@ -848,7 +848,7 @@ def train_top_k(modules: Mapping[int, nn.Module], train: PairedActivations, eval
             term_config = dataclasses.replace(config, checkpoint_dir=str(ckpt / "angles") if ckpt else None,
                                               select_best=False,
                                               stop_after_epoch=first.best_epoch or config.stop_after_epoch)
-            last = run_training(PairTask(chosen, train, eval_data, term_config, loss_method=term),
+            last = run_training(PairObjective(chosen, train, eval_data, term_config, loss_method=term),
                                 term_config, callbacks)
             history += last.history
             steps += last.steps
@@ -863,7 +863,7 @@ def train_top_k(modules: Mapping[int, nn.Module], train: PairedActivations, eval
 
 
 __all__ = [
-    "BEST_BY", "CHECKPOINT_NAME", "EpochRecord", "PairTask", "SCHEDULES", "TrainConfig", "TrainResult", "TrainTask",
+    "BEST_BY", "CHECKPOINT_NAME", "EpochRecord", "PairObjective", "SCHEDULES", "TrainSettings", "TrainResult", "TrainingObjective",
     "epoch_permutation", "lr_factor", "make_optimizer", "new_interventions", "run_training", "train_interventions",
-    "train_top_k",
+    "train_top_layers",
 ]
