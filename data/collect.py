@@ -62,8 +62,16 @@ from tqdm.auto import tqdm
 from actedit.interventions import compat
 from actedit.interventions.artifacts import file_sha256
 from actedit.interventions.collector import ActivationCollector
+from actedit.interventions.files import write_atomic, write_json
 from actedit.interventions.edits import actedit_version, check_layers, model_signature, site_width
-from actedit.interventions.packing import DEFAULT_PACK_TOKENS, Tree, decoder_layer, pack_trees, supports_packing
+from actedit.interventions.packing import (
+    DEFAULT_PACK_TOKENS,
+    Tree,
+    common_prefix_length,
+    decoder_layer,
+    pack_trees,
+    supports_packing,
+)
 
 from .contrast import ROLES, ContrastDataset, PromptPairDataset, as_dataset
 from .environment import environment
@@ -78,7 +86,6 @@ from .store import (
     STORE_DTYPES,
     STORE_VERSION,
     ActivationStore,
-    fsync_write,
     shard_name,
 )
 
@@ -146,17 +153,6 @@ class _ShardPlan:
         return int(self.columns["example"].shape[0])
 
 
-def _common_prefix(seqs: Sequence[Sequence[int]]) -> int:
-    first = seqs[0]
-    n = min(len(s) for s in seqs)
-    for seq in seqs[1:]:
-        k = 0
-        while k < n and seq[k] == first[k]:
-            k += 1
-        n = k
-    return n
-
-
 def _plan_shard(dataset, fmt: PromptFormat, tokenizer, index: int, start: int, shard_rows: int,
                 share_prefix: bool) -> _ShardPlan:
     """Encode examples from ``start`` until the shard holds at least ``shard_rows`` rows."""
@@ -190,7 +186,7 @@ def _plan_shard(dataset, fmt: PromptFormat, tokenizer, index: int, start: int, s
                 cols["position"].append(pos)
                 cols["token"].append(int(s.ids[pos]))
                 cols["prefix_hash"].append(hashes[offset])
-        prefix = _common_prefix([s.ids for s in seqs]) if share_prefix and len(seqs) > 1 else 0
+        prefix = common_prefix_length([s.ids for s in seqs]) if share_prefix and len(seqs) > 1 else 0
         groups.append(_Group(i, seqs, prefix if prefix >= MIN_SHARED_PREFIX else 0))
         examples.append({"index": i, "metadata": dict(example.metadata)})
         i += 1
@@ -373,7 +369,7 @@ class _CollectionRunner:
 
 # ------------------------------------------------------------------------------ files
 def _write_manifest(directory: Path, manifest: Dict[str, Any]) -> None:
-    fsync_write(directory / MANIFEST, (json.dumps(manifest, indent=1, sort_keys=True) + "\n").encode())
+    write_json(directory / MANIFEST, manifest, sort_keys=True)
 
 
 def _write_shard(directory: Path, plan: _ShardPlan, tensors: Dict[str, torch.Tensor]) -> Dict[str, Any]:
@@ -381,7 +377,7 @@ def _write_shard(directory: Path, plan: _ShardPlan, tensors: Dict[str, torch.Ten
     info = {"store_version": STORE_VERSION, "shard": plan.index, "examples": plan.examples}
     data = safetensors_bytes(tensors, metadata={"actedit": json.dumps(info, sort_keys=True, ensure_ascii=False)})
     path = directory / shard_name(plan.index)
-    fsync_write(path, data)
+    write_atomic(path, data)
     return {"file": path.name, "rows": plan.num_rows, "examples": [plan.start, plan.end],
             "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
 

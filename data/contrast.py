@@ -40,6 +40,7 @@ from pathlib import Path
 from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
 
 from actedit.interventions.artifacts import looks_like_local_path
+from actedit.interventions.files import write_atomic
 
 PathLike = Union[str, os.PathLike]
 
@@ -292,14 +293,8 @@ class _Dataset:
 
     def to_jsonl(self, path: PathLike) -> Path:
         """Write one JSON record per line (atomically); the matching loader reads it back."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        with open(tmp, "w", encoding="utf-8") as handle:
-            for item in self._items:
-                handle.write(json.dumps(item.to_dict(), ensure_ascii=False) + "\n")
-        os.replace(tmp, path)
-        return path
+        return write_atomic(path, "".join(json.dumps(item.to_dict(), ensure_ascii=False) + "\n"
+                                          for item in self._items))
 
 
 def _with_metadata(item, **updates):
@@ -712,7 +707,7 @@ def first_responses(dataset: ContrastDataset) -> ContrastDataset:
 
 def with_bases(dataset: ContrastDataset, bases: Sequence[Union[str, Sequence[str]]]) -> ContrastDataset:
     """The dataset with each example's ``bases`` (SEA's base completions, e.g. the model's own
-    answers from :func:`actedit.data.collect.generate_bases`) replaced by ``bases[i]``."""
+    answers from :func:`actedit.data.generate.generate_bases`) replaced by ``bases[i]``."""
     if len(bases) != len(dataset):
         raise ValueError(f"{len(bases)} base completions for {len(dataset)} examples; give one (or a list) per example.")
     out = []

@@ -29,12 +29,12 @@ from typing import Any, Dict, List, Optional, Sequence, Union
 import torch
 from tqdm.auto import tqdm
 
+from actedit.interventions.files import write_json
 from actedit.interventions.edits import base_model_of, is_intervenable, model_signature
 
 from .contrast import ContrastDataset, as_dataset, with_bases
 from .formats import PromptFormat, SEAFormat, chat_text, get_format, has_chat_template, pad_id, tokenizer_fingerprint
 from .models import weights_digest
-from .store import fsync_write
 
 
 @dataclass
@@ -54,7 +54,7 @@ class GenerationSettings:
         prompt_format: how a question becomes the user's text; must contain ``{question}``.
         cache_implementation: passed to ``generate`` (None: the model's default, a dynamic KV
             cache that grows by concatenation; ``"static"`` preallocates it, see
-            :func:`actedit.data.collect.generate_bases`).
+            :func:`generate_bases`).
     """
 
     max_new_tokens: int = 64
@@ -250,7 +250,7 @@ def generate_bases(model, tokenizer, dataset: ContrastDataset, format: Union[str
     bases = [answer.split("\n", 1)[0].strip() or answer.strip() or "." for answer in answers]
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fsync_write(path, json.dumps({"key": key, "bases": bases}, indent=1, ensure_ascii=False).encode())
+        write_json(path, {"key": key, "bases": bases}, ensure_ascii=False)
     return with_bases(data, bases)
 
 

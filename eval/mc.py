@@ -77,6 +77,7 @@ from actedit.interventions.packing import (
     PackedBatch,
     Tree,
     capture_layer_outputs,
+    common_prefix_length,
     pack_trees,
     skip_layers,
     supports_packing,
@@ -289,20 +290,6 @@ class _ScoringRunner:
         return picked, compat.returned_cache(output)
 
 
-def _common_prefix_length(sequences: Sequence[Sequence[int]]) -> int:
-    first = sequences[0]
-    n = min(len(s) for s in sequences)
-    for seq in sequences[1:]:
-        k = 0
-        limit = min(n, len(seq))
-        while k < limit and seq[k] == first[k]:
-            k += 1
-        n = k
-        if n == 0:
-            break
-    return n
-
-
 LOGSUMEXP_ROWS = 128
 """Rows of logits per logsumexp call (128 rows of a 49,152-token vocabulary in fp32 are 25 MB)."""
 
@@ -451,7 +438,7 @@ def loglikelihoods_many(
     pad = pad_id(tokenizer)
     # Keep at least one context token per request for its own pass: its last position predicts
     # the first continuation token.
-    prefix_len = max(0, min(_common_prefix_length([ctx for ctx, _ in encoded]), min(len(ctx) for ctx, _ in encoded) - 1))
+    prefix_len = max(0, min(common_prefix_length([ctx for ctx, _ in encoded]), min(len(ctx) for ctx, _ in encoded) - 1))
     results: Dict[str, List[List[float]]] = {name: [] for name in models}
     packed = [name for name in models if modes[name] == "packed"]
     bar = tqdm(total=len(encoded) * len(models), desc=desc, disable=not progress, unit="q")

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 from actedit.interventions.artifacts import artifact_metadata, load_artifact, resolve_artifact
+from actedit.interventions.files import write_json
 from actedit.data.models import load_model
 from actedit.eval.plots import plot_layer_count, plot_per_layer
 from actedit.data.tasks import TaskSpec, task_names, task_spec
@@ -77,7 +78,7 @@ def evaluate(args, options: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
     for metric in task.metrics:
         results[metric], results[f"{metric}_stderr"] = final.metrics[metric], final.stderr[metric]
     results["seconds"] = time.time() - started
-    _write_json(out_dir / "results.json", results)
+    write_json(out_dir / "results.json", results, indent=2, default=float)
     (out_dir / "report.md").write_text(markdown_report(results, rows, task))
     return results
 
@@ -129,12 +130,6 @@ def markdown_report(results: Dict[str, Any], rows, task: TaskSpec) -> str:
                   f"{f['remains_false']:.2f} | {f['accuracy']:.2f} |"]
     lines.append("")
     return "\n".join(lines)
-
-
-def _write_json(path: Path, data: Dict[str, Any]) -> None:
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=float))
-    os.replace(tmp, path)
 
 
 __all__ = ["evaluate", "markdown_report"]

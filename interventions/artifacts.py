@@ -25,6 +25,7 @@ from huggingface_hub import HfApi, snapshot_download
 
 from . import compat
 from .edits import model_signature
+from .files import current_umask
 from .settings import keyword_checked
 
 MANIFEST = "actedit_manifest.json"
@@ -67,9 +68,7 @@ def save_artifact(pvm: pv.IntervenableModel, directory, *, card: bool = True,
     original_info = getattr(pvm.config, "actedit", None)
     pvm.config.actedit = info
     tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.partial-", dir=directory.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    tmp.chmod(0o777 & ~umask)  # mkdtemp makes it private (0700); a saved artifact is shared like any directory
+    tmp.chmod(0o777 & ~current_umask())  # mkdtemp makes it private (0700); a saved artifact is shared like any directory
     try:
         pvm.save(str(tmp))
         if card:

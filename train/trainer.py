@@ -37,6 +37,7 @@ End-to-end training through a ``pyvene.IntervenableModel`` with the LM loss live
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import os
 import tempfile
@@ -52,6 +53,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from actedit.interventions.files import write_atomic
 from actedit.interventions.registry import method_spec
 from actedit.interventions.settings import Settings
 
@@ -86,7 +88,7 @@ class TrainSettings(Settings):
         adam_eps: AdamW ε.
         max_grad_norm: clip the gradient norm of each layer's parameters (cached activations)
             or of all parameters (end-to-end) to this value; None disables clipping (1.0).
-        seed: seeds module initialisation (:func:`train_hpr`) and the per-epoch batch order.
+        seed: seeds module initialisation (:func:`new_interventions`) and the per-epoch batch order.
         select_best: restore the weights of the best epoch at the end (needs eval data).
         best_by: ``mean`` (one epoch for all layers, by the mean eval score) or ``layer``
             (each layer keeps its own best epoch; cached activations only).
@@ -573,8 +575,8 @@ def lr_factor(step: int, total: int, warmup: int, schedule: str) -> float:
 
 def make_optimizer(params: Sequence[torch.Tensor], config: TrainSettings) -> torch.optim.AdamW:
     """AdamW over ``params``; the fused kernel where torch has one for them (one pass over each
-    tensor: ~5x faster than the default on CPU for HPR's 6.5 M parameters at d = 576 x 30 layers),
-    else the default implementation. The update is elementwise, so stacking layers changes nothing."""
+    tensor instead of one per operation), else the default implementation. The update is
+    elementwise, so stacking layers changes nothing."""
     kwargs = dict(lr=config.learning_rate, betas=config.adam_betas, eps=config.adam_eps,
                   weight_decay=config.weight_decay)
     try:
@@ -586,23 +588,6 @@ def make_optimizer(params: Sequence[torch.Tensor], config: TrainSettings) -> tor
 def epoch_permutation(n: int, seed: int, epoch: int) -> torch.Tensor:
     """The order of the examples in ``epoch`` (0-based): a function of (seed, epoch) only."""
     return torch.from_numpy(np.random.default_rng([int(seed), int(epoch)]).permutation(n))
-
-
-def _atomic_save(obj: Any, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            torch.save(obj, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
 
 
 def _progress(total: int, desc: str, enabled: bool):
@@ -710,12 +695,12 @@ def _run_training(task: TrainingObjective, config: TrainSettings, callbacks: Seq
             if metrics is not None and config.select_best:
                 _update_best(best, record, task, config)
             if ckpt_path is not None:
-                _atomic_save({
+                write_atomic(ckpt_path, functools.partial(torch.save, {
                     "format": CHECKPOINT_FORMAT, "fingerprint": fingerprint, "epoch": epoch + 1, "step": step,
                     "task": task.state_dict(), "optimizer": optimizer.state_dict(),
                     "scheduler": scheduler.state_dict(), "rng": torch.get_rng_state(),
                     "history": [asdict(r) for r in history], "best": best,
-                }, ckpt_path)
+                }))
             for callback in callbacks:
                 callback(record)
         # Restore the selected weights.
