@@ -22,7 +22,7 @@ def test_hidden_states_survive_pyvene_calls(llama):
     pvm.generate(dict(INPUTS), unit_locations=None, intervene_on_prompt=True, max_new_tokens=2, do_sample=False)
     after = llama(**INPUTS, output_hidden_states=True).hidden_states
     assert len(after) == len(before)
-    assert all(torch.equal(a, b) for a, b in zip(before, after))
+    assert all(torch.equal(a, b) for a, b in zip(before, after, strict=True))
 
 
 def test_only_pyvene_hooks_are_removed(llama):

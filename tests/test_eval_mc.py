@@ -133,13 +133,13 @@ def reference_result(model_or_pvm, tokenizer, questions):
 
 def scores_of(record, choices):
     """A record's scores of ``choices`` (TruthfulQA MC1 or MC2 choices), in their order."""
-    by_choice = dict(zip(record.choices, record.scores))
+    by_choice = dict(zip(record.choices, record.scores, strict=True))
     return [by_choice[" " + c] for c in choices]
 
 
 def assert_matches(result, reference, atol=ATOL):
     assert len(result.records) == len(reference)
-    for record, (s1, s2, correct, mc2_value, q) in zip(result.records, reference):
+    for record, (s1, s2, correct, mc2_value, q) in zip(result.records, reference, strict=True):
         np.testing.assert_allclose(scores_of(record, q.mc1_choices), s1, rtol=0, atol=atol)
         np.testing.assert_allclose(scores_of(record, q.mc2_choices), s2, rtol=0, atol=atol)
         assert record.values["mc1"] == float(correct)
@@ -227,7 +227,7 @@ def test_modes_batches_and_bos(corpus, questions):
 def test_float32_model(tokenizer, questions):
     model = make_model(tokenizer, dtype=torch.float32)
     result = mc.score_mc(model, tokenizer, questions, progress=False)
-    for record, (s1, s2, _, _, q) in zip(result.records, reference_result(model, tokenizer, questions)):
+    for record, (s1, s2, _, _, q) in zip(result.records, reference_result(model, tokenizer, questions), strict=True):
         np.testing.assert_allclose(scores_of(record, q.mc2_choices), s2, rtol=2e-6, atol=1e-5)
 
 
@@ -249,7 +249,7 @@ def test_result_fields(model64, tokenizer, questions):
     with pytest.raises(ValueError, match="did you mean 'mc2_rule'"):
         mc.score_mc(model64, tokenizer, questions, progress=False, mc2_rules="labels")
     by_labels = mc.score_mc(model64, tokenizer, questions, progress=False, mc2_rule="labels")
-    for q, a, b in zip(questions, result.records, by_labels.records):
+    for q, a, b in zip(questions, result.records, by_labels.records, strict=True):
         assert a.scores == pytest.approx(b.scores, abs=1e-9)
         s2 = scores_of(a, q.mc2_choices)
         p = np.exp(np.array(s2) - max(s2))
@@ -316,7 +316,7 @@ def test_iti_answer_policy_edits_only_the_continuation(tokenizer, questions):
     result = mc.score_mc(pvm, tokenizer, questions, progress=False)
     assert_matches(result, reference_result(pvm, tokenizer, questions))
     # Independently: the same edit from the first continuation token on, placed by position.
-    for q, record in zip(questions[:2], result.records):
+    for q, record in zip(questions[:2], result.records[:2], strict=True):
         n_ctx = len(tokenizer(tqa.truthfulqa_context(q.question)).input_ids)
         for module in interventions_of(pvm):
             module.set_position_policy("from_position", start=n_ctx)
@@ -361,12 +361,12 @@ def test_composed_edits_and_reloaded_artifact(tokenizer, questions, tmp_path):
     pvm = intervenable(model, compose(caa_config(model, "all", multiplier=0.5), iti, hpr))
     result = mc.score_mc(pvm, tokenizer, questions[:2], progress=False)
     reference = reference_result(pvm, tokenizer, questions[:2])
-    for record, (_, s2, _, _, q) in zip(result.records, reference):
+    for record, (_, s2, _, _, q) in zip(result.records, reference, strict=True):
         np.testing.assert_allclose(scores_of(record, q.mc2_choices), s2, rtol=2e-6, atol=1e-5)
     save_artifact(pvm, tmp_path / "edit")
     loaded = load_artifact(tmp_path / "edit", make_model(tokenizer, dtype=torch.float32))
     again = mc.score_mc(loaded, tokenizer, questions[:2], progress=False)
-    for a, b in zip(result.records, again.records):
+    for a, b in zip(result.records, again.records, strict=True):
         np.testing.assert_allclose(a.scores, b.scores, rtol=0, atol=1e-9)
 
 
@@ -374,8 +374,8 @@ def test_loglikelihoods_generic_requests(model64, tokenizer):
     requests = [("Q: Is the sky blue?\nA:", [" Yes.", " No.", " I have no comment."]),
                 ("Q: What is 2+2?\nA:", [" 4.", " 5."])]
     scores = mc.loglikelihoods(model64, tokenizer, requests)
-    for (context, conts), values in zip(requests, scores):
-        for cont, value in zip(conts, values):
+    for (context, conts), values in zip(requests, scores, strict=True):
+        for cont, value in zip(conts, values, strict=True):
             ctx = tokenizer(context).input_ids
             ids = tokenizer(context + cont).input_ids
             with torch.no_grad():
@@ -406,7 +406,7 @@ def test_many_models_share_lower_layers_and_equal_separate_runs(tokenizer, quest
         {"base": 0, "hpr": 1, "iti": 0, "caa_in": 2, "caa": 2}
     for name, target in {"base": model, **edits}.items():
         alone = mc.score_mc(target, tokenizer, subset, progress=False, pack_tokens=300)
-        for a, b in zip(together[name].records, alone.records):
+        for a, b in zip(together[name].records, alone.records, strict=True):
             assert a.scores == b.scores, name  # bit for bit
         assert together[name].seconds > 0
     # and the edits do change the scores

@@ -21,7 +21,7 @@ def make_hpr(d=16, seed=0, dtype=torch.float64, **kwargs):
 def eq21_reference(h, w, theta):
     """Eq. 21 written out, one vector at a time, in float64."""
     out = []
-    for x, t in zip(h.double(), theta.double()):
+    for x, t in zip(h.double(), theta.double(), strict=True):
         wd = w.double()
         if float(x @ wd) > 0:  # s = round(sigmoid(w.x)) = 1: positive, unchanged
             out.append(x)

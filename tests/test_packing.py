@@ -31,7 +31,7 @@ def test_layout_and_mask_follow_the_definition():
     for k, tree in enumerate(TREES):
         r, c = batch.trunk_at[k]
         assert batch.input_ids[r, c:c + len(tree.trunk)].tolist() == list(tree.trunk)
-        for (br, bc), branch in zip(batch.branch_at[k], tree.branches):
+        for (br, bc), branch in zip(batch.branch_at[k], tree.branches, strict=True):
             assert batch.input_ids[br, bc:bc + len(branch)].tolist() == list(branch)
             assert batch.position_ids[br, bc:bc + len(branch)].tolist() == \
                 list(range(len(tree.trunk), len(tree.trunk) + len(branch)))
@@ -73,7 +73,7 @@ def test_packed_forward_equals_plain_forwards(family):
                        use_cache=True, **{compat.cache_keyword(model): compat.select_cache_rows(
                            cache, torch.zeros(batch.shape[0], dtype=torch.long))}).logits
         for k, tree in enumerate(trees):
-            for (r, c), branch in zip(batch.branch_at[k], tree.branches):
+            for (r, c), branch in zip(batch.branch_at[k], tree.branches, strict=True):
                 if not branch:
                     continue
                 plain = model(torch.tensor([[1, 2, 3, 4] + list(tree.trunk) + list(branch)])).logits[0]
@@ -102,7 +102,7 @@ def test_marked_positions_drive_the_policies():
                       "attention_mask": batch.attention_mask(0, torch.float64)}, unit_locations=None)
     from actedit.interventions import mark_answer_starts
 
-    for (r, c), branch in zip(batch.branch_at[0], tree.branches):
+    for (r, c), branch in zip(batch.branch_at[0], tree.branches, strict=True):
         ids = torch.tensor([[5, 6, 7] + branch])
         with torch.no_grad(), mark_answer_starts([3]):
             _, plain = pvm({"input_ids": ids, "attention_mask": torch.ones_like(ids)}, unit_locations=None)

@@ -233,12 +233,12 @@ def test_generation_is_identical_cached_uncached_batched_and_alone(policy, start
     expected = [oracle_generate(model, row, 1, shift, policy, start, 5) for row in rows]
     plain = [model.generate(input_ids=row[None], max_new_tokens=5, do_sample=False, pad_token_id=0)[0]
              for row in rows]
-    assert any(not torch.equal(e, p) for e, p in zip(expected, plain)), "the edit must change some tokens"
+    assert any(not torch.equal(e, p) for e, p in zip(expected, plain, strict=True)), "the edit must change some tokens"
     for use_cache in (True, False):
         _, batch = pvm.generate(batch_inputs, use_cache=use_cache, **kwargs)
         assert torch.equal(batch[0, 2:], expected[0]), (use_cache, batch[0, 2:].tolist(), expected[0].tolist())
         assert torch.equal(batch[1], expected[1]), (use_cache, batch[1].tolist(), expected[1].tolist())
-        for row, want in zip(rows, expected):
+        for row, want in zip(rows, expected, strict=True):
             _, alone = pvm.generate({"input_ids": row[None]}, use_cache=use_cache, **kwargs)
             assert torch.equal(alone[0], want), (use_cache, alone[0].tolist(), want.tolist())
             _, masked = pvm.generate({"input_ids": row[None], "attention_mask": torch.ones(1, len(row),

@@ -1,11 +1,22 @@
-"""SEA: projectors from factors, both norm modes, feature maps and the closed-form fit."""
+"""SEA: projectors from factors, both norm modes, feature maps, and the closed-form fit (one layer and
+several) against an independent numpy SVD, with its bad inputs."""
 
 import numpy as np
 import pytest
 import torch
 
 from actedit.interventions import SEAIntervention, fit_sea_factors
-from actedit.interventions.sea import FeatureFunction, energy_rank, feature_map, inverse_feature_map
+from actedit.interventions.sea import (
+    FeatureFunction,
+    SEAFactors,
+    energy_rank,
+    feature_map,
+    fit_sea,
+    inverse_feature_map,
+)
+
+from conftest import tiny_model
+from test_caa import activations_with_a_nan
 
 
 def orthonormal(d, k, seed=0):
@@ -112,3 +123,79 @@ def test_factors_resize_on_load():
     fresh.load_state_dict(sea.state_dict())
     x = torch.randn(1, 3, 12)
     assert fresh.ranks == (3, 4) and torch.equal(fresh(x), sea(x))
+
+
+# ------------------------------------------------------------------ fit_sea (several layers)
+def low_rank_acts(n, d, seed, layers=(0, 2)):
+    """Activations with a decaying spectrum (so the energy ratio cuts below full rank)."""
+    rng = np.random.default_rng(seed)
+    out = {}
+    for layer in layers:
+        mix = rng.normal(size=(d, d)) * (0.6 ** np.arange(d))[:, None]
+        out[layer] = rng.normal(size=(n, d)) @ mix + 0.01 * rng.normal(size=(n, d))
+    return out
+
+
+def numpy_sea(H, Hp, phi, ratio):
+    """Independent SEA: U of SVD(φ(H)ᵀφ(H±)/N) truncated where cumulative energy reaches ratio."""
+    omega = phi(H).T @ phi(Hp) / H.shape[0]
+    U, S, _ = np.linalg.svd(omega)
+    energy = np.cumsum(S ** 2) / np.sum(S ** 2)
+    k = int(np.argmax(energy >= ratio - 1e-12)) + 1
+    return U[:, :k]
+
+
+PHI = {
+    "linear": lambda x: x,
+    "squared_exponential": lambda x: np.exp(-0.5 * x * x),
+    "tanh": np.tanh,
+    "elu": lambda x: np.where(x > 0, x, np.expm1(x)),
+}
+
+
+@pytest.mark.parametrize("feature_function", sorted(PHI))
+@pytest.mark.parametrize("ratio", [0.9, 0.998])
+def test_sea_equals_numpy_svd(feature_function, ratio):
+    d = 12
+    H, Hp, Hn = (low_rank_acts(80, d, seed) for seed in (1, 2, 3))
+    fit = fit_sea(H, Hp, Hn, energy_ratio=ratio, feature_function=feature_function)
+    assert isinstance(fit, SEAFactors) and fit.num_examples == 80
+    phi = PHI[feature_function]
+    for layer in (0, 2):
+        for U, other in ((fit.factors[layer][0], Hp), (fit.factors[layer][1], Hn)):
+            expected = numpy_sea(H[layer], other[layer], phi, ratio)
+            assert U.dtype == torch.float32 and U.shape == expected.shape
+            # singular vectors are defined up to sign: compare the projectors
+            got = U.double().numpy()
+            np.testing.assert_allclose(got @ got.T, expected @ expected.T, atol=2e-6)
+    ranks = fit.ranks
+    assert all(0 < k <= d for pair in ranks.values() for k in pair)
+    if ratio == 0.9 and feature_function == "linear":
+        assert all(k < d for pair in ranks.values() for k in pair)  # the energy cut bites
+
+
+def test_sea_config_holds_the_factors():
+    model = tiny_model("llama")
+    H, Hp, Hn = (low_rank_acts(50, 32, seed, layers=(0, 1)) for seed in (4, 5, 6))
+    fit = fit_sea(H, Hp, Hn, energy_ratio=0.95)
+    config = fit.config(model, norm_mode="feature")
+    reps = config.representations
+    assert [r.layer for r in reps] == [0, 1] and all(r.component == "mlp_output" for r in reps)
+    for rep in reps:
+        assert torch.equal(rep.intervention.U_pos, fit.factors[rep.layer][0])
+        assert torch.equal(rep.intervention.U_neg, fit.factors[rep.layer][1])
+        assert int(rep.intervention.norm_mode) == 1
+    assert config.actedit["fit"]["energy_ratio"] == 0.95
+    assert config.actedit["edits"][0]["method"] == "sea"
+
+
+def test_fit_sea_bad_inputs_raise_clear_errors():
+    good, nan = activations_with_a_nan()
+    with pytest.raises(ValueError, match="NaN"):
+        fit_sea(good, nan, good)
+    with pytest.raises(ValueError, match="width"):
+        fit_sea(good, good, {0: good[0][:, :7]})
+    with pytest.raises(ValueError, match="energy_ratio"):
+        fit_sea(good, good, good, energy_ratio=0.0)
+    with pytest.raises(ValueError, match="feature function"):
+        fit_sea(good, good, good, feature_function="cubic")

@@ -93,7 +93,7 @@ def test_vectorised_equals_per_layer_loop():
     assert a.keys() == b.keys()
     for key in a:
         assert torch.allclose(a[key], b[key], atol=1e-5, rtol=0), key
-    for ra, rb in zip(runs[True].history, runs[False].history):
+    for ra, rb in zip(runs[True].history, runs[False].history, strict=True):
         assert ra.train_loss == pytest.approx(rb.train_loss, rel=1e-5)
         assert ra.layer_scores == rb.layer_scores
     assert runs[True].best_epoch == runs[False].best_epoch

@@ -1,9 +1,10 @@
-"""Contrast data model, loaders (local fixture files in the Hub schemas; Hub calls faked) and formats."""
+"""Contrast data: the data model (examples, prompt pairs, datasets, splits, digests), the loaders
+(local files in the Hub schemas, Hub calls faked, JSONL) and the conversions (A/B questions, first
+responses, bases). TruthfulQA: test_data_truthfulqa.py; formats: test_data_formats.py."""
 
 from __future__ import annotations
 
 import json
-import random
 
 import pytest
 
@@ -21,24 +22,10 @@ from actedit.data.contrast import (
     load_toxigen,
 )
 from actedit.data.tasks import load_contrast
-from actedit.data.truthfulqa import load_truthfulqa_mc
-from actedit.data.formats import (
-    ActAddFormat,
-    CAAFormat,
-    HPRFormat,
-    ITIFormat,
-    SEAFormat,
-    get_format,
-)
-
-from conftest import SHARED_DATA, make_tokenizer
-
-@pytest.fixture(scope="module")
-def tok():
-    return make_tokenizer()
 
 
 def example(i=0, **meta):
+    """A question with two true and three false answers (``id`` ex<i>)."""
     return ContrastExample(f"Is the sky blue number {i}?", ["Yes it is.", "It is blue."],
                            ["No it is not.", "The sky is green.", "Never."], {"id": f"ex{i}", **meta})
 
@@ -100,40 +87,6 @@ def test_dataset_behaviour(tmp_path):
     pairs = PromptPairDataset([PromptPair("Love", "Hate", {"id": 1})])
     pairs_back = load_prompt_pairs_jsonl(pairs.to_jsonl(tmp_path / "pairs.jsonl"))
     assert pairs_back[0].prompt1 == "Love" and pairs_back[0].id == 1
-
-
-# ------------------------------------------------------------------------------ TruthfulQA
-def test_truthfulqa_local_and_split():
-    full = load_truthfulqa_mc(SHARED_DATA)
-    assert len(full) == 817 and full.name == "truthfulqa_mc2"
-    train = load_truthfulqa_mc(SHARED_DATA, split="train")  # HPR's split file found in the directory
-    splits = json.loads((SHARED_DATA / "hpr_ids_splits.json").read_text())
-    assert len(train) == len(splits["train"]) == 367
-    assert [x.metadata["index"] for x in train[:5]] == splits["train"][:5]
-    assert all(x.split == "train" for x in train)
-    records = json.loads((SHARED_DATA / "mc_task.json").read_text())
-    q = records[splits["train"][0]]
-    ex = train[0]
-    assert ex.prompt == q["question"]
-    assert ex.positives == [c for c, y in q["mc2_targets"].items() if y]
-    assert ex.negatives == [c for c, y in q["mc2_targets"].items() if not y]
-    mc1 = load_truthfulqa_mc(SHARED_DATA, split="eval", targets="mc1", limit=3)
-    assert len(mc1) == 3 and all(len(x.positives) == 1 for x in mc1)
-    assert load_truthfulqa_mc(SHARED_DATA, split="test", split_file=SHARED_DATA / "hpr_ids_splits.json")[0].split == "test"
-
-
-def test_truthfulqa_errors(tmp_path):
-    with pytest.raises(FileNotFoundError, match="mc_task.json"):
-        load_truthfulqa_mc(tmp_path / "nowhere")
-    (tmp_path / "mc_task.json").write_text(json.dumps([
-        {"question": "Q?", "mc1_targets": {"a": 1, "b": 0}, "mc2_targets": {"a": 1, "b": 0}}]))
-    with pytest.raises(ValueError, match="needs a split file"):
-        load_truthfulqa_mc(tmp_path, split="train")
-    assert len(load_truthfulqa_mc(tmp_path)) == 1
-    (tmp_path / "mc_task.json").write_text(json.dumps([
-        {"question": "Q?", "mc1_targets": {"a": 1, "b": 0}, "mc2_targets": {"a": 1, "b": 1}}]))
-    with pytest.raises(ValueError, match="no false choice"):
-        load_truthfulqa_mc(tmp_path)
 
 
 # --------------------------------------------------------------------- Hub-schema loaders
@@ -273,100 +226,6 @@ def test_prompt_pairs_jsonl(tmp_path):
     path.write_text(json.dumps({"prompt1": "Love"}) + "\n")
     with pytest.raises(ValueError, match=r"steer.jsonl:1: missing 'prompt2'"):
         load_prompt_pairs_jsonl(path)
-    with pytest.raises(ValueError, match="unknown dataset"):
-        load_contrast("no-such-dataset")
-    both = load_contrast("truthfulqa", source=SHARED_DATA)  # the task's training data: train + eval
-    assert len(both.split("eval")) == 41 and len(both.split("train")) == 367
-    assert len(load_contrast("truthfulqa_mc", source=SHARED_DATA, limit=2)) == 4  # an alias; 2 per split
-
-
-# ----------------------------------------------------------------------------------- formats
-def test_hpr_format_text_and_positions(tok):
-    ex = ContrastExample("What color is the sky?", ["Blue.", "Light blue."], ["Green."], {"id": "sky"})
-    fmt = HPRFormat(seed=1)
-    user, pos, neg = fmt.choices(ex)
-    order = list(range(3))
-    random.Random("hpr:1:sky").shuffle(order)
-    raw = ["Blue.", "Light blue.", "Green."]
-    lettered = [f"{'ABC'[i]}. {raw[j]}" for i, j in enumerate(order)]
-    assert user == "Question: What color is the sky?\nChoices:\n" + "\n".join(lettered) + "\nAnswer:\n"
-    assert sorted(pos + neg) == sorted(lettered) and len(pos) == 2
-    assert neg == [lettered[order.index(2)]]
-    assert fmt.choices(ex) == HPRFormat(seed=1).choices(ex)  # deterministic
-    assert {HPRFormat(seed=s).choices(ex)[0] for s in range(8)} != {user}  # the seed matters
-    enc = fmt.encode(ex, tok)
-    assert [s.role for s in enc.sequences] == ["pos", "pos", "neg"]
-    question = tok.apply_chat_template([{"role": "user", "content": user}], tokenize=False, add_generation_prompt=True)
-    start = len(tok(question, add_special_tokens=False)["input_ids"])
-    for seq, response in zip(enc.sequences, pos + neg):
-        full = tok.apply_chat_template([{"role": "user", "content": user}, {"role": "assistant", "content": response}],
-                                       tokenize=False)
-        assert seq.ids == tok(full, add_special_tokens=False)["input_ids"]
-        assert seq.read_positions == list(range(start, len(seq.ids)))
-        assert tok.decode(seq.ids[start:]) == response + "<|im_end|>\n"
-    short = HPRFormat(seed=1, include_end_tokens=False).encode(ex, tok)
-    for seq, response in zip(short.sequences, pos + neg):
-        assert tok.decode([seq.ids[p] for p in seq.read_positions]) == response
-    plain = HPRFormat(lettered=False).encode(ex, tok)
-    assert "Choices" not in plain.sequences[0].text and plain.sequences[2].text.endswith("Green.<|im_end|>\n")
-    too_many = ContrastExample("q", [f"a{i}" for i in range(20)], [f"b{i}" for i in range(7)])
-    with pytest.raises(ValueError, match="at most 26"):
-        fmt.encode(too_many, tok)
-
-
-def test_iti_caa_sea_actadd_formats(tok):
-    ex = ContrastExample("Is the sky blue?", ["Yes it is."], ["No it is not.", "Never."], bases=["The sky is blue."])
-    iti = ITIFormat().encode(ex, tok)
-    assert [s.text for s in iti.sequences] == ["Q: Is the sky blue? A: Yes it is.", "Q: Is the sky blue? A: No it is not.",
-                                               "Q: Is the sky blue? A: Never."]
-    for s in iti.sequences:
-        assert s.ids[0] == tok.bos_token_id and s.read_positions == [len(s.ids) - 1]
-    ab = ContrastExample("Which is right?\n(A) the sky is blue\n(B) the sky is green", ["(A)"], ["(B)"])
-    caa = CAAFormat().encode(ab, tok)
-    for s, letter in zip(caa.sequences, "AB"):
-        assert s.text.endswith(f"<|im_start|>assistant\n({letter})")
-        assert tok.decode([s.ids[s.read_positions[0]]]).strip().endswith(letter)
-        assert tok.decode(s.ids[:s.read_positions[0] + 1]).endswith(f"({letter}")
-    plain = CAAFormat(chat=False).encode(ab, tok)
-    assert plain.sequences[1].text.endswith("Answer: (B)") and plain.sequences[1].ids[0] == tok.bos_token_id
-    with pytest.raises(ValueError, match="choice letter"):
-        CAAFormat().encode(ContrastExample("q", ["yes"], ["no"]), tok)
-    sea = SEAFormat().encode(ex, tok)
-    assert [s.role for s in sea.sequences] == ["pos", "neg", "neg", "base"]
-    assert sea.sequences[3].text == "Q: Is the sky blue?\nA: The sky is blue."
-    assert all(s.read_positions == [len(s.ids) - 1] for s in sea.sequences)
-    with pytest.raises(ValueError, match="no base completion"):
-        SEAFormat().encode(ContrastExample("q", ["a"], ["b"]), tok)
-    assert len(SEAFormat(require_bases=False).encode(ContrastExample("q", ["a"], ["b"]), tok).sequences) == 2
-    pair = PromptPair("Love", "Hate I talk about weddings")
-    act = ActAddFormat().encode(pair, tok)
-    a, b = act.sequences
-    assert len(a.ids) == len(b.ids) and a.read_positions == list(range(len(a.ids)))
-    assert a.ids[0] == tok.bos_token_id and a.ids[-1] == tok(" ", add_special_tokens=False)["input_ids"][0]
-    assert (a.role, b.role) == ("pos", "neg")
-    with pytest.raises(ValueError, match="reads PromptPair"):
-        ActAddFormat().encode(ex, tok)
-    with pytest.raises(ValueError, match="reads ContrastExample"):
-        ITIFormat().encode(pair, tok)
-
-
-def test_format_registry_and_chat_errors(tok):
-    assert get_format("hpr", seed=3) == HPRFormat(seed=3)
-    assert get_format(ITIFormat()) == ITIFormat()
-    assert HPRFormat(seed=2).params() == {"name": "hpr", "lettered": True, "shuffle": True, "seed": 2,
-                                          "system_prompt": None, "include_end_tokens": True, "chat": None}
-    with pytest.raises(ValueError, match="unknown format"):
-        get_format("nope")
-    with pytest.raises(ValueError, match="bad parameters"):
-        get_format("iti", seed=1)
-    with pytest.raises(ValueError, match=r"lacks the placeholder\(s\) \{answer\}"):
-        ITIFormat(template="Q: {question}")
-    with pytest.raises(ValueError, match="lacks"):
-        CAAFormat(plain_template="{prompt}")
-    no_template = make_tokenizer()
-    no_template.chat_template = None
-    with pytest.raises(ValueError, match="no chat template"):
-        HPRFormat(chat=True).encode(example(), no_template)
 
 
 def test_loader_module_exports():
@@ -385,7 +244,7 @@ def test_ab_questions_hold_one_true_and_one_false_choice_in_seeded_order():
     ab = D.to_ab_questions(ds, seed=3)
     assert len(ab) == 40 and ab.name.endswith("/ab")
     letters = []
-    for ex, src in zip(ab, ds):
+    for ex, src in zip(ab, ds, strict=True):
         assert ex.prompt.startswith(src.prompt + "\n\n(A) ")
         true_letter = ex.positives[0][1]
         assert ex.positives[0] in ("(A)", "(B)") and ex.negatives[0] in ("(A)", "(B)") and ex.positives != ex.negatives
@@ -405,15 +264,6 @@ def test_ab_questions_hold_one_true_and_one_false_choice_in_seeded_order():
         D.to_ab_questions(ds, pairs_per_example=0)
     with pytest.raises(ValueError, match=r"\{b\}"):
         D.to_ab_questions(ds, template="{prompt} {a}")
-
-
-def test_choice_letters_are_told_from_free_text():
-    from actedit.data.formats import choice_letter_index
-
-    for answer, index in (("(A)", 1), ("A", 0), ("B.", 0), (" (C) the sky is blue", 2), ("D)", 0), ("E:", 0)):
-        assert choice_letter_index(answer) == index, answer
-    for answer in ("The sky", "A cat", "yes", "(a)", ""):
-        assert choice_letter_index(answer) is None, answer
 
 
 def test_first_responses_and_with_bases():

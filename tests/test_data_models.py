@@ -157,7 +157,7 @@ def test_smollm2_scores_match_naive_with_and_without_edit(smollm2):
     questions = load_truthfulqa(SHARED_DATA)[:3]
     result = mc.score_mc(model, tokenizer, questions, progress=False)
     assert result.protocol["bos"] is False  # SmolLM2's tokenizer adds no BOS
-    for q, record in zip(questions, result.records):
+    for q, record in zip(questions, result.records, strict=True):
         np.testing.assert_allclose(record.scores[:len(q.mc2_choices)], naive_scores(model, tokenizer, q), rtol=1e-5, atol=1e-4)
 
     torch.manual_seed(0)
@@ -169,6 +169,6 @@ def test_smollm2_scores_match_naive_with_and_without_edit(smollm2):
                                         "sigmas": torch.ones(n_heads), "heads": [0, 4]}}, alpha=15.0)
     pvm = intervenable(model, compose(iti, hpr))
     edited = mc.score_mc(pvm, tokenizer, questions[:1], progress=False)
-    for q, record, base in zip(questions, edited.records, result.records):
+    for q, record, base in zip(questions[:1], edited.records, result.records[:1], strict=True):
         np.testing.assert_allclose(record.scores[:len(q.mc2_choices)], naive_scores(pvm, tokenizer, q), rtol=1e-5, atol=1e-4)
         assert not np.allclose(record.scores[:len(q.mc2_choices)], base.scores[:len(q.mc2_choices)], atol=1e-2)

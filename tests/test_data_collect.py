@@ -1,4 +1,5 @@
-"""Activation collection against independent torch hooks, resume after interruption, store reader, errors."""
+"""Activation collection against independent torch hooks, resume after interruption, errors. (The store's
+views: test_data_store.py; base completions: test_data_generate.py.)"""
 
 from __future__ import annotations
 
@@ -20,8 +21,6 @@ from actedit.data.formats import ActAddFormat, CAAFormat, HPRFormat, ITIFormat, 
 from conftest import make_tokenizer, tiny_model
 
 TESTS = Path(__file__).resolve().parent
-
-
 
 
 @pytest.fixture(scope="module")
@@ -227,7 +226,7 @@ def test_killed_subprocess_resumes_byte_identical(tmp_path, tok):
         import torch
         torch.set_num_threads(1)
         from conftest import make_tokenizer, tiny_model
-        from test_train_collect import dataset
+        from test_data_collect import dataset
         from actedit.data.collect import collect_activations
         tok = make_tokenizer()
         model = tiny_model("llama", vocab_size=len(tok), max_position_embeddings=512)
@@ -280,97 +279,6 @@ def test_resume_refuses_other_arguments(tmp_path, tok):
     assert store.layers == [1]
 
 
-# --------------------------------------------------------------------------------- reader
-def test_store_views(tmp_path, tok):
-    model = model_for("llama", tok)
-    data = dataset(4)
-    fmt = HPRFormat()
-    store = collect_activations(model, tok, data, tmp_path / "hpr", format=fmt,
-                                sites=["block_output", "attention_value_output"], layers=[0, 1, 2], shard_rows=40,
-                                progress=False)
-    assert len(list(store.shards())) > 1
-    everything = store.load("block_output", 2)
-    rows = np.array([5, 0, store.num_rows - 1, 5])
-    assert torch.equal(store.load("block_output", 2, rows=rows), everything[rows])
-    heads = store.load("attention_value_output", 1, heads=True)
-    assert heads.shape == (store.num_rows, 4, 8) and store.heads("attention_value_output") == (4, 8)
-    assert torch.equal(heads.reshape(store.num_rows, -1), store.load("attention_value_output", 1))
-    assert store.splits == ["eval", "train"]
-    assert [e["metadata"]["id"] for e in store.examples] == ["q0", "q1", "q2", "q3"]
-    # pairs: every (pos, neg) response pair, aligned offsets up to the shorter response
-    pairs = store.pair_index(drop_identical=False)
-    expected = 0
-    for index, example in enumerate(data):
-        seqs = fmt.encode(example, tok, index).sequences
-        lengths = {(s.role, s.response): len(s.read_positions) for s in seqs}
-        expected += sum(min(lengths[("pos", i)], lengths[("neg", k)])
-                        for i in range(len(example.positives)) for k in range(len(example.negatives)))
-    assert len(pairs) == expected
-    cols = store.columns()
-    assert (cols["role"][pairs.index[:, 0]] == 0).all() and (cols["role"][pairs.index[:, 1]] == 1).all()
-    assert np.array_equal(cols["offset"][pairs.index[:, 0]], pairs.offset)
-    assert np.array_equal(cols["offset"][pairs.index[:, 1]], pairs.offset)
-    assert np.array_equal(cols["example"][pairs.index[:, 0]], cols["example"][pairs.index[:, 1]])
-    train_pairs = store.pair_index(split="train")
-    assert set(np.unique(train_pairs.example)) == {0, 2}
-    paired = store.paired_activations("block_output", split="train", layers=[0, 2])
-    from actedit.train.trainer import PairedActivations
-
-    assert isinstance(paired, PairedActivations) and paired.layers == [0, 2] and paired.num_pairs == len(train_pairs)
-    hp, hn = paired.gather([2], torch.arange(paired.num_pairs))
-    torch.testing.assert_close(hp[0], everything[train_pairs.index[:, 0]])
-    torch.testing.assert_close(hn[0], everything[train_pairs.index[:, 1]])
-    labeled = store.labeled("block_output", split="eval", layers=[1])
-    assert set(labeled.labels) == {0, 1} and set(labeled.examples) == {1, 3}
-    assert torch.equal(labeled.acts[1], store.load("block_output", 1, rows=labeled.rows))
-    with pytest.raises(ValueError, match="several sites"):
-        store.load(layer=1)
-    with pytest.raises(ValueError, match="not in this store"):
-        store.load("mlp_output", 1)
-    with pytest.raises(ValueError, match=r"layers \[7\]"):
-        store.load_layers("block_output", [7])
-    with pytest.raises(ValueError, match="split 'test'"):
-        store.pair_index(split="test")
-    with pytest.raises(ValueError, match="do not align"):
-        store.aligned(("pos", "neg"), "block_output")
-
-
-def test_aligned_views_for_sea_and_actadd(tmp_path, tok):
-    model = model_for("llama", tok)
-    data = ContrastDataset([ContrastExample(f"Question {i}?", [f"Right {i}."], [f"Wrong {i}."], {"id": i},
-                                            bases=[f"Maybe {i}."]) for i in range(3)])
-    sea = collect_activations(model, tok, data, tmp_path / "sea", format=SEAFormat(), sites="mlp_output",
-                              layers=[1, 2], progress=False)
-    mats = sea.aligned(("base", "pos", "neg"), layers=[2])
-    assert set(mats) == {"base", "pos", "neg"} and all(m[2].shape == (3, 32) for m in mats.values())
-    ref = hooked_forward(model, SEAFormat().encode(data[1], tok).sequences[2].ids, ["mlp_output"], [2])
-    torch.testing.assert_close(mats["base"][2][1], ref[("mlp_output", 2)][-1], atol=2e-5, rtol=1e-4)
-    pairs = PromptPairDataset([PromptPair("Love", "Hate I talk about weddings")])
-    act = collect_activations(model, tok, pairs, tmp_path / "actadd", format="actadd", sites="block_input",
-                              layers=[1], progress=False)
-    m = act.aligned(("pos", "neg"))
-    n = len(ActAddFormat().encode(pairs[0], tok).sequences[0].ids)
-    assert m["pos"][1].shape == m["neg"][1].shape == (n, 32)
-
-
-def test_identical_prefix_pairs_dropped(tmp_path, tok):
-    """Responses that start with the same tokens give identical activations there: no contrast."""
-    model = model_for("llama", tok)
-    data = ContrastDataset([ContrastExample("Is the sky blue?", ["The sky is blue."], ["The sky is green."])])
-    store = collect_activations(model, tok, data, tmp_path / "s", format=HPRFormat(lettered=False), layers=[0],
-                                progress=False)
-    kept, every = store.pair_index(), store.pair_index(drop_identical=False)
-    enc = HPRFormat(lettered=False).encode(data[0], tok).sequences
-    start = enc[0].read_positions[0]
-    same = 0
-    while enc[0].ids[start + same] == enc[1].ids[start + same]:
-        same += 1
-    assert same >= 1 and len(every) - len(kept) == same
-    acts = store.load(layer=0)
-    dropped = every.index[:same]
-    torch.testing.assert_close(acts[dropped[:, 0]], acts[dropped[:, 1]], atol=1e-5, rtol=0)
-
-
 # ----------------------------------------------------------------------------------- errors
 def test_bad_inputs(tmp_path, tok):
     model = model_for("llama", tok)
@@ -404,48 +312,3 @@ def test_bad_inputs(tmp_path, tok):
     with pytest.raises(FileNotFoundError, match="No activation store"):
         ActivationStore(tmp_path / "nothing")
     assert not (tmp_path / "a").exists()  # validation happens before anything is written
-
-
-# ---------------------------------------------------------------------------- base completions
-def test_generate_bases_are_the_models_greedy_answers_and_are_cached(tmp_path, tok):
-    from actedit.data.generate import GenerationSettings, generate_texts
-    from actedit.data.generate import generate_bases
-
-    model = model_for("llama", tok)
-    ds = ContrastDataset([ContrastExample(f"question {i}", [f"yes {i}"], [f"no {i}"], {"id": i}) for i in range(3)])
-    fmt = SEAFormat()
-    cache = tmp_path / "bases.json"
-    based = generate_bases(model, tok, ds, fmt, max_new_tokens=5, cache_path=cache, progress=False)
-    expected = generate_texts(model, tok, [fmt.template.format(prompt=ex.prompt) for ex in ds],
-                              GenerationSettings(max_new_tokens=5, use_chat_template=False))
-    for ex, answer in zip(based, expected):
-        assert len(ex.bases) == 1 and ex.bases[0] == (answer.split("\n", 1)[0].strip() or answer.strip() or ".")
-        assert ex.positives and ex.negatives
-    assert cache.is_file()
-    saved = cache.read_text()
-    again = generate_bases(model_for("llama", tok, seed=1), tok, ds, fmt, max_new_tokens=5, cache_path=cache,
-                           progress=False)  # other weights: the cache does not apply
-    assert cache.read_text() != saved or [e.bases for e in again] == [e.bases for e in based]
-    reused = generate_bases(model_for("llama", tok, seed=1), tok, ds, fmt, max_new_tokens=5, cache_path=cache,
-                            progress=False)
-    assert [e.bases for e in reused] == [e.bases for e in again]
-    with pytest.raises(ValueError, match="SEA's format"):
-        generate_bases(model, tok, ds, ITIFormat())
-
-
-def test_in_memory_store_equals_the_directory_store(tmp_path, tok):
-    """out_dir=None keeps the shards in memory; every view reads the same rows as from files."""
-    model = model_for("llama", tok)
-    data = dataset(4)
-    kwargs = dict(format="hpr", layers=[0, 2], shard_rows=25, progress=False)
-    on_disk = collect_activations(model, tok, data, tmp_path / "s", **kwargs)
-    in_memory = collect_activations(model, tok, data, None, **kwargs)
-    assert in_memory.path is None and "in memory" in repr(in_memory)
-    assert len(in_memory.manifest["shards"]) == len(on_disk.manifest["shards"]) > 1
-    assert in_memory.examples == on_disk.examples and in_memory.num_rows == on_disk.num_rows
-    for layer in (0, 2):
-        assert torch.equal(in_memory.load("block_output", layer), on_disk.load("block_output", layer))
-    a, b = in_memory.paired_activations(split=None), on_disk.paired_activations(split=None)
-    assert torch.equal(a.index, b.index)
-    assert all(torch.equal(a.positive[layer], b.positive[layer]) for layer in (0, 2))
-    assert not list(tmp_path.glob("**/*.tmp"))
