@@ -51,7 +51,7 @@ import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union, cast
 
 import numpy as np
 import pyvene as pv
@@ -284,7 +284,8 @@ class _CollectionRunner:
         width = max(len(s.ids) for s in seqs)
         ids = torch.full((len(seqs), width), self.pad_id, dtype=torch.long)
         mask = torch.zeros((len(seqs), width), dtype=torch.long)
-        rows, cols, src, dest = [], [], [], []
+        rows: List[int] = []
+        cols, src, dest = [], [], []
         for r, s in enumerate(seqs):
             start = width - len(s.ids) if self.left else 0
             ids[r, start:start + len(s.ids)] = torch.as_tensor(list(s.ids), dtype=torch.long)
@@ -312,8 +313,10 @@ class _CollectionRunner:
         last_item = {group: i for i, (group, _, _) in enumerate(items)}
         dtype = next(self.model.parameters()).dtype
         filled: List[int] = []
-        for batch in pack_trees([tree for _, tree, _ in items], self.pack_tokens, pad_id=self.pad_id):
-            rows, cols, src, dest = [], [], [], []
+        pack_tokens = cast(int, self.pack_tokens)  # run_packed runs only with pack_tokens set
+        for batch in pack_trees([tree for _, tree, _ in items], pack_tokens, pad_id=self.pad_id):
+            rows: List[int] = []
+            cols, src, dest = [], [], []
             read_at: Dict[Tuple[int, int], int] = {}
             for k, i in enumerate(batch.trees):
                 _, tree, seqs = items[i]

@@ -37,7 +37,7 @@ import os
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union, overload
 
 from actedit.interventions.artifacts import looks_like_local_path
 from actedit.interventions.files import write_atomic
@@ -330,7 +330,19 @@ class PromptPairDataset(_Dataset):
     item_type = PromptPair
 
 
-def as_dataset(dataset) -> Union[ContrastDataset, PromptPairDataset]:
+@overload
+def as_dataset(dataset: ContrastDataset) -> ContrastDataset: ...
+
+
+@overload
+def as_dataset(dataset: PromptPairDataset) -> PromptPairDataset: ...
+
+
+@overload
+def as_dataset(dataset: Any) -> Union[ContrastDataset, PromptPairDataset]: ...
+
+
+def as_dataset(dataset: Any) -> Union[ContrastDataset, PromptPairDataset]:
     """A dataset, or a list of contrast examples or prompt pairs (one kind) as one."""
     if isinstance(dataset, (ContrastDataset, PromptPairDataset)):
         return dataset
@@ -437,7 +449,7 @@ def load_prompt_pairs_jsonl(path: PathLike, name: Optional[str] = None) -> Promp
     pairs = []
     for lineno, record in _read_jsonl(path):
         where = f"{path}:{lineno}"
-        values = []
+        values: List[Any] = []
         for key, alias in _PAIR_ALIASES:
             if key in record and alias in record:
                 raise ValueError(f"{where}: give either {key!r} or {alias!r}, not both.")

@@ -38,7 +38,7 @@ import random
 import re
 import string
 from dataclasses import asdict, dataclass, field, replace
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union, cast
 
 from .contrast import ContrastDataset, ContrastExample, PromptPair, PromptPairDataset, first_responses, to_ab_questions
 
@@ -225,7 +225,7 @@ class PromptFormat:
         chat = getattr(self, "chat", False)
         template = has_chat_template(tokenizer)
         if chat is None:
-            resolved = replace(self, chat=template)
+            resolved = replace(cast(Any, self), chat=template)  # only formats with a chat field get here
             note = None if template else (
                 f"the tokenizer ({getattr(tokenizer, 'name_or_path', '') or type(tokenizer).__name__}) has no chat "
                 f"template (a base model); the {self.name} prompts use their plain-text form instead")

@@ -24,7 +24,7 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Union
+from typing import Any, Dict, List, Optional, Sequence, Set, Union
 
 import torch
 from tqdm.auto import tqdm
@@ -125,7 +125,7 @@ def encode_left_padded(tokenizer, prompts: Sequence[str], add_special_tokens: bo
 
 
 def _eos_ids(model, tokenizer) -> set:
-    ids = set()
+    ids: Set[int] = set()
     eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
     for value in (eos, tokenizer.eos_token_id):
         if value is None:
@@ -195,7 +195,7 @@ def generate_texts(model_or_pvm, tokenizer, prompts: Sequence[str], settings: Op
     pad = pad_id(tokenizer)
     eos = _eos_ids(model, tokenizer)
     kwargs = _generate_kwargs(settings, pad)
-    answers: List[str] = []
+    answers = []
     bar = tqdm(total=len(prompts), desc=desc, unit="prompt", disable=not progress)
     try:
         for b, start in enumerate(range(0, len(prompts), settings.batch_size)):

@@ -223,7 +223,8 @@ def load_model(
                 f"{repo_id!r} is not a known alias ({', '.join(sorted(ALIASES))}) nor an existing local "
                 f"path, and loading it from the Hugging Face Hub failed: {exc}"
             ) from exc
-    model = model.to(device=device, dtype=dtype).eval()
+    # transformers types PreTrainedModel.to (a functools.wraps of nn.Module.to) as if unbound
+    model = model.to(device=device, dtype=dtype).eval()  # type: ignore[call-arg]
     return model, _prepare_tokenizer(tokenizer, padding_side)
 
 

@@ -26,7 +26,7 @@ import os
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union, cast
 
 import numpy as np
 import torch
@@ -93,8 +93,8 @@ class PairedActivations:
         if sorted(self.positive) != sorted(self.negative):
             raise ValueError(f"positive holds layers {sorted(self.positive)} but negative holds "
                              f"{sorted(self.negative)}; every layer needs both.")
-        width = None
-        rows = {}
+        width: Optional[int] = None
+        rows: Dict[str, int] = {}
         for name in ("positive", "negative"):
             acts = getattr(self, name)
             for layer in sorted(acts):
@@ -132,7 +132,7 @@ class PairedActivations:
                                      f"got {lo}..{hi}).")
             self.index = index
             self._n = index.shape[0]
-        self._width = int(width)
+        self._width = int(cast(int, width))  # set by the first layer: every mapping is non-empty
 
     @property
     def layers(self) -> List[int]:
@@ -229,7 +229,7 @@ class ShardView:
 
     def header(self) -> Tuple[int, Dict[str, Any]]:
         if self._header is None:
-            self._header = _safetensors_header(self.path)
+            self._header = _safetensors_header(cast(Path, self.path))  # a shard not in memory is a file
         return self._header
 
     def array(self, name: str) -> np.ndarray:
@@ -240,15 +240,16 @@ class ShardView:
                 raise KeyError(f"{self.name} has no tensor {name!r}.")
             tensor = self.tensors[name]
             return (tensor.float() if tensor.dtype == torch.bfloat16 else tensor).numpy()
+        path = cast(Path, self.path)  # a shard not in memory is a file
         base, header = self.header()
         if name not in header:
-            raise KeyError(f"{self.path.name} has no tensor {name!r}.")
+            raise KeyError(f"{path.name} has no tensor {name!r}.")
         info = header[name]
         np_dtype = _SAFETENSORS_DTYPES.get(info["dtype"])
         if np_dtype is None:  # bfloat16: no numpy dtype
             return self.tensor(name).float().numpy()
         start, _ = info["data_offsets"]
-        return np.memmap(self.path, dtype=np_dtype, mode="c", offset=base + start, shape=tuple(info["shape"]))
+        return np.memmap(path, dtype=np_dtype, mode="c", offset=base + start, shape=tuple(info["shape"]))
 
     def tensor(self, name: str) -> torch.Tensor:
         """A tensor of the shard (memory-mapped where possible, else read)."""
@@ -256,12 +257,13 @@ class ShardView:
             if name not in self.tensors:
                 raise KeyError(f"{self.name} has no tensor {name!r}.")
             return self.tensors[name]
+        path = cast(Path, self.path)  # a shard not in memory is a file
         _, header = self.header()
         if name not in header:
-            raise KeyError(f"{self.path.name} has no tensor {name!r}.")
+            raise KeyError(f"{path.name} has no tensor {name!r}.")
         if header[name]["dtype"] in _SAFETENSORS_DTYPES:
             return torch.from_numpy(self.array(name))
-        with safe_open(str(self.path), framework="pt") as handle:
+        with safe_open(str(path), framework="pt") as handle:
             return handle.get_tensor(name)
 
     def activations(self, site: str, layer: int) -> torch.Tensor:

@@ -13,13 +13,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Type
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Type, Union
 
 import numpy as np
 
 from actedit.interventions.settings import Settings
 
-from .contrast import LOADERS, ContrastDataset, load_contrast_file
+from .contrast import LOADERS, ContrastDataset, PromptPairDataset, load_contrast_file
 
 
 @dataclass(frozen=True)
@@ -132,10 +132,10 @@ def is_contrast_name(name) -> bool:
 
 def mean_stderr(values: Sequence[float]) -> float:
     """lm-eval's standard error of a mean: sample std (ddof=1) / sqrt(n); NaN for n < 2."""
-    values = np.asarray(values, dtype=np.float64)
-    if values.size < 2:
+    array = np.asarray(values, dtype=np.float64)
+    if array.size < 2:
         return float("nan")
-    return float(values.std(ddof=1) / math.sqrt(values.size))
+    return float(array.std(ddof=1) / math.sqrt(array.size))
 
 
 def load_contrast(name, *, source=None, split_file=None, limit: Optional[int] = None):
@@ -150,6 +150,7 @@ def load_contrast(name, *, source=None, split_file=None, limit: Optional[int] = 
     if task is not None:
         return task.contrast(source=source, split_file=split_file, limit=limit)
     key = _normal(text)
+    dataset: Union[ContrastDataset, PromptPairDataset]
     if key in LOADERS:
         dataset = LOADERS[key](**({"source": source} if source is not None else {}))
     else:

@@ -24,7 +24,7 @@ import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Union
+from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
 
@@ -97,7 +97,7 @@ def _from_records(records: Sequence[dict]) -> List[MCQuestion]:
     return questions
 
 
-def load_truthfulqa(source: Optional[Union[str, Path]] = None) -> List[MCQuestion]:
+def load_truthfulqa(source: Optional[PathLike] = None) -> List[MCQuestion]:
     """All TruthfulQA MC questions from a local directory/file or the Hub.
 
     ``source`` is a directory holding ``mc_task.json``, the file itself, or a Hub dataset id
@@ -129,7 +129,7 @@ def load_truthfulqa(source: Optional[Union[str, Path]] = None) -> List[MCQuestio
     return _from_records(list(data))
 
 
-def load_split(path: Union[str, Path], n_questions: int = N_QUESTIONS) -> Dict[str, List[int]]:
+def load_split(path: PathLike, n_questions: int = N_QUESTIONS) -> Dict[str, List[int]]:
     """Read a split file (``{"train": [...], "eval": [...], "test": [...]}``) and validate it."""
     path = Path(path).expanduser()
     if path.is_dir():
@@ -171,8 +171,8 @@ def select(questions: Sequence[MCQuestion], split: str, splits: Optional[Dict[st
     return chosen[:limit] if limit is not None else chosen
 
 
-def split_questions(source: Optional[Union[str, Path]] = None, split: str = "all",
-                    split_file: Optional[Union[str, Path]] = None, *, limit: Optional[int] = None) -> List[MCQuestion]:
+def split_questions(source: Optional[PathLike] = None, split: str = "all",
+                    split_file: Optional[PathLike] = None, *, limit: Optional[int] = None) -> List[MCQuestion]:
     """The questions of ``split`` (``train``/``eval``/``test``/``all``) from ``source`` (see
     :func:`load_truthfulqa`), in split-file order. ``split_file`` defaults to ``source``'s
     :data:`HPR_SPLIT_FILE` when ``source`` is a directory holding one."""

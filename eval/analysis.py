@@ -471,7 +471,7 @@ def activation_norms(model, inputs: Mapping[str, torch.Tensor],
     """
     base_model = base_model_of(model)
     layers = _resolve_layers(base_model, layers)
-    kw = dict(component=component, batch_size=batch_size, skip_first=skip_first)
+    kw: Dict[str, Any] = dict(component=component, batch_size=batch_size, skip_first=skip_first)
     base = collect_norms(base_model, inputs, layers, label=base_label, **kw)
     profiles = {}
     for name, edit in (edits or {}).items():

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import re
 import sys
-from typing import Dict, Iterable, List, Mapping, Optional, Sequence, TextIO, Tuple, Union
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, TextIO, Tuple, Union
 
 import pyvene as pv
 
@@ -103,13 +103,13 @@ class ChatSession:
         layers: initially active layers (a selection string or list; default all).
     """
 
-    def __init__(self, model, tokenizer, edits: Mapping[int, Sequence[Tuple[object, object]]], *,
+    def __init__(self, model, tokenizer, edits: Mapping[int, Sequence[Tuple[Any, object]]], *,
                  info: Optional[dict] = None, settings=None, layers: Union[str, Iterable[int], None] = "all"):
         if not edits:
             raise ValueError("the edit holds no interventions.")
         self.model = model
         self.tokenizer = tokenizer
-        self.edits: Dict[int, List[Tuple[object, object]]] = {int(k): list(v) for k, v in edits.items()}
+        self.edits: Dict[int, List[Tuple[Any, object]]] = {int(k): list(v) for k, v in edits.items()}
         self.info = dict(info or {})
         self.settings = settings or GenerationSettings(max_new_tokens=100, batch_size=1)
         self.pvm = None

@@ -63,7 +63,7 @@ import contextlib
 import math
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, cast
 
 import numpy as np
 import torch
@@ -199,7 +199,7 @@ def needs_full_sequences(model_or_pvm) -> List[str]:
 class _ScoringRunner:
     """Runs forward calls of a model or a pyvene model with position bookkeeping and gathered logits."""
 
-    def __init__(self, model_or_pvm):
+    def __init__(self, model_or_pvm: Any) -> None:
         self.pvm = model_or_pvm if is_intervenable(model_or_pvm) else None
         self.model = self.pvm.model if self.pvm is not None else model_or_pvm
         head = self.model.get_output_embeddings()
@@ -259,12 +259,14 @@ class _ScoringRunner:
         rows, cols, targets = rows.to(self.device), cols.to(self.device), targets.to(self.device)
         self._gather = (rows, cols)
         self._gathered_in_head = False
+        marks: contextlib.AbstractContextManager[Any]
         if packed is not None:  # per-token positions of packed rows
             marks = mark_packed(*packed)
         else:  # positions are those of the whole scored sequence, as in one plain forward
-            marks = contextlib.ExitStack()
-            marks.enter_context(mark_answer_starts(list(answer_starts)))
-            marks.enter_context(mark_prompt_lengths(list(prompt_lengths)))
+            stack = contextlib.ExitStack()
+            stack.enter_context(mark_answer_starts(list(answer_starts)))
+            stack.enter_context(mark_prompt_lengths(list(prompt_lengths)))
+            marks = stack
         try:
             with marks:
                 if self.pvm is not None:
@@ -629,7 +631,7 @@ def _score_full(runner: _ScoringRunner, ctx: List[int], conts: List[List[int]], 
             k = len(conts[i])
             scores[i] = float(picked[offset:offset + k].sum()) if k else 0.0
             offset += k
-    return [float(s) for s in scores]
+    return [float(cast(float, s)) for s in scores]  # every score was set above
 
 
 # -------------------------------------------------------------------------------------- tasks

@@ -9,7 +9,7 @@ path, creates the parent folder, writes the PNG and returns the path.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Mapping, Optional, Sequence, Union
+from typing import Any, Mapping, Optional, Sequence, Union
 
 PathLike = Union[str, Path]
 
@@ -79,7 +79,7 @@ def plot_norms(comparison, path: PathLike, layers: Optional[Sequence[int]] = Non
     return _save(fig, path)
 
 
-def plot_flips(tables: Mapping[str, object], path: PathLike, title: Optional[str] = None) -> Path:
+def plot_flips(tables: Mapping[str, Any], path: PathLike, title: Optional[str] = None) -> Path:
     """Stacked horizontal bars of the four flip outcomes per edit (HPR Table 3 as a figure).
 
     ``tables`` maps an edit name to its :class:`~actedit.eval.analysis.FlipTable`.

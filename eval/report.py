@@ -16,7 +16,7 @@ import json
 import os
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 from actedit.interventions.artifacts import artifact_metadata, load_artifact, resolve_artifact
 from actedit.interventions.files import write_json
@@ -55,7 +55,7 @@ def evaluate(args, options: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
     base = scored["base"]
     results: Dict[str, Any] = {"model": args.model, "task": task.name, "data": args.data, "split": args.split,
                                "n_questions": len(questions), "protocol": base.protocol, "base": _block(base)}
-    rows = [("base", base, None, None)]
+    rows: List[Tuple[str, MCResult, Optional[float], Optional[float]]] = [("base", base, None, None)]
     final = base
     if pvm is not None:
         edited = final = scored["edited"]

@@ -15,14 +15,15 @@ Buffer ``steering`` (n × d, c already applied; resized on load). Position polic
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Dict, Mapping, Optional
+from typing import Any, Dict, Mapping, Optional, Tuple
 
+import pyvene as pv
 import torch
 
 from .base import ActEditIntervention
 from .checks import check_layer_map, check_matrix, check_number
 from .edits import edit_config, site_width
-from .positions import CallPositions, PositionPolicy, current_call
+from .positions import CallPositions, PolicyLike, PositionPolicy, current_call
 from .registry import FitResult, FitContext, MethodSettings, MethodSpec, register_method
 from .settings import keyword_checked
 
@@ -57,7 +58,10 @@ class ActAddIntervention(ActEditIntervention):
     default_policy = PositionPolicy.PROMPT
     method_name = "actadd"
 
-    def __init__(self, embed_dim: Optional[int] = None, steering: Optional[torch.Tensor] = None, **kwargs):
+    steering: torch.Tensor
+
+    def __init__(self, embed_dim: Optional[int] = None, steering: Optional[torch.Tensor] = None,
+                 **kwargs: Any) -> None:
         super().__init__(embed_dim=embed_dim, **kwargs)
         steering = torch.zeros(0, self.d) if steering is None else torch.as_tensor(steering, dtype=torch.float32)
         if steering.dim() != 2 or steering.shape[1] != self.d:
@@ -66,7 +70,7 @@ class ActAddIntervention(ActEditIntervention):
             raise ValueError("ActAdd steering matrix contains NaN or inf values.")
         self.register_buffer("steering", steering.contiguous())
 
-    def resizable_buffers(self) -> tuple:
+    def resizable_buffers(self) -> Tuple[str, ...]:
         return ("steering",)
 
     @property
@@ -108,7 +112,8 @@ class ActAddSteering:
         """n, the number of steered prompt positions."""
         return int(next(iter(self.steering.values())).shape[0])
 
-    def config(self, model, *, position_policy=None, component: str = "block_input", metadata: Optional[dict] = None):
+    def config(self, model: Any, *, position_policy: Optional[PolicyLike] = None, component: str = "block_input",
+               metadata: Optional[Mapping[str, Any]] = None) -> pv.IntervenableConfig:
         """The ``IntervenableConfig`` of this fit (one ActAdd module per layer)."""
         return build_actadd_config(model, self.steering, coefficient=self.coefficient,
                                    position_policy=position_policy, component=component, metadata=metadata)
@@ -145,8 +150,9 @@ def fit_actadd(prompt1: Mapping[int, Any], prompt2: Mapping[int, Any], *, coeffi
 
 
 @keyword_checked
-def build_actadd_config(model, steering: dict, *, coefficient: Optional[float] = None, position_policy=None,
-                        component: str = "block_input", metadata: Optional[dict] = None):
+def build_actadd_config(model: Any, steering: Mapping[int, torch.Tensor], *, coefficient: Optional[float] = None,
+                        position_policy: Optional[PolicyLike] = None, component: str = "block_input",
+                        metadata: Optional[Mapping[str, Any]] = None) -> pv.IntervenableConfig:
     """An ``IntervenableConfig`` with one ActAdd module per layer; ``steering`` maps layer → (n, d)
     x-vector with the coefficient applied (``coefficient`` is recorded as metadata only)."""
     modules = _modules(site_width(model, component), steering, position_policy)
@@ -155,7 +161,8 @@ def build_actadd_config(model, steering: dict, *, coefficient: Optional[float] =
     return edit_config(model, "actadd", modules, component=component, hyperparameters=hyper, metadata=metadata)
 
 
-def _modules(width: int, steering: Mapping[int, torch.Tensor], position_policy) -> Dict[int, ActAddIntervention]:
+def _modules(width: int, steering: Mapping[int, torch.Tensor],
+             position_policy: Optional[PolicyLike]) -> Dict[int, ActAddIntervention]:
     return {layer: ActAddIntervention(embed_dim=width, steering=x, position_policy=position_policy)
             for layer, x in steering.items()}
 

@@ -18,14 +18,14 @@ import pickle
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Optional, Tuple
 
 import pyvene as pv
 from huggingface_hub import HfApi, snapshot_download
 
 from . import compat
 from .edits import model_signature
-from .files import current_umask
+from .files import PathLike, current_umask
 from .settings import keyword_checked
 
 MANIFEST = "actedit_manifest.json"
@@ -36,7 +36,7 @@ class ArtifactError(ValueError):
     """An artifact cannot be used: missing, incomplete, corrupted, or for another model."""
 
 
-def file_sha256(path) -> str:
+def file_sha256(path: PathLike) -> str:
     """SHA-256 hex digest of a file, read in 1 MiB blocks."""
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
@@ -45,14 +45,15 @@ def file_sha256(path) -> str:
     return digest.hexdigest()
 
 
-def artifact_metadata(directory) -> Dict[str, Any]:
+def artifact_metadata(directory: PathLike) -> Dict[str, Any]:
     """The ``actedit`` metadata stored in an artifact's ``config.json`` (empty if none)."""
     with open(Path(directory) / "config.json") as handle:
-        return json.load(handle).get("actedit") or {}
+        metadata: Dict[str, Any] = json.load(handle).get("actedit") or {}
+        return metadata
 
 
 @keyword_checked
-def save_artifact(pvm: pv.IntervenableModel, directory, *, card: bool = True,
+def save_artifact(pvm: pv.IntervenableModel, directory: PathLike, *, card: bool = True,
                   metadata: Optional[Dict[str, Any]] = None) -> Path:
     """Save ``pvm``'s interventions to ``directory`` atomically, with model card and manifest.
 
@@ -92,7 +93,7 @@ def save_artifact(pvm: pv.IntervenableModel, directory, *, card: bool = True,
     return directory
 
 
-def looks_like_local_path(text: str, *, suffixes: tuple = (), hub_needs_owner: bool = False) -> bool:
+def looks_like_local_path(text: str, *, suffixes: Tuple[str, ...] = (), hub_needs_owner: bool = False) -> bool:
     """Whether ``text`` is meant as a local path rather than a Hugging Face Hub id.
 
     A Hub id is ``name`` or ``owner/name`` (only ``owner/name`` with ``hub_needs_owner``); text
@@ -106,7 +107,7 @@ def looks_like_local_path(text: str, *, suffixes: tuple = (), hub_needs_owner: b
             or text.lower().endswith(tuple(suffixes)))
 
 
-def resolve_artifact(path_or_repo, revision: Optional[str] = None) -> Path:
+def resolve_artifact(path_or_repo: PathLike, revision: Optional[str] = None) -> Path:
     """A local artifact directory for a path or a Hub repo id (downloaded with huggingface_hub).
 
     A path that does not exist raises :class:`FileNotFoundError` instead of silently becoming a
@@ -132,7 +133,7 @@ def resolve_artifact(path_or_repo, revision: Optional[str] = None) -> Path:
         ) from exc
 
 
-def verify_artifact(directory) -> Dict[str, Any]:
+def verify_artifact(directory: PathLike) -> Dict[str, Any]:
     """Check that an artifact directory is complete; returns its ``actedit`` metadata."""
     directory = Path(directory)
     config_path = directory / "config.json"
@@ -162,10 +163,11 @@ def verify_artifact(directory) -> Dict[str, Any]:
                 )
             if file_sha256(path) != expected["sha256"]:
                 raise ArtifactError(f"{name} in {directory} does not match its recorded SHA-256: the file is corrupted.")
-    return config.get("actedit") or {}
+    metadata: Dict[str, Any] = config.get("actedit") or {}
+    return metadata
 
 
-def check_base_model(info: Dict[str, Any], model) -> None:
+def check_base_model(info: Dict[str, Any], model: Any) -> None:
     """Refuse a model of another family or size than the artifact's base model."""
     expected = info.get("base_model") or {}
     actual = model_signature(model)
@@ -187,7 +189,7 @@ def check_base_model(info: Dict[str, Any], model) -> None:
         )
 
 
-def load_artifact(path_or_repo, model, *, revision: Optional[str] = None) -> pv.IntervenableModel:
+def load_artifact(path_or_repo: PathLike, model: Any, *, revision: Optional[str] = None) -> pv.IntervenableModel:
     """Load an artifact (local directory or Hub repo id) onto ``model`` after checking it.
 
     Equivalent to ``pyvene.IntervenableModel.load(dir, model)`` for a valid artifact, but with
@@ -267,8 +269,8 @@ def model_card(info: Dict[str, Any], pvm: Optional[pv.IntervenableModel] = None)
     return "\n".join(lines)
 
 
-def push_to_hub(directory, repo_id: str, *, private: bool = False, token: Optional[str] = None,
-                commit_message: str = "Upload actedit artifact", api=None) -> str:
+def push_to_hub(directory: PathLike, repo_id: str, *, private: bool = False, token: Optional[str] = None,
+                commit_message: str = "Upload actedit artifact", api: Optional[HfApi] = None) -> str:
     """Upload an artifact directory to the Hugging Face Hub; returns the commit URL.
 
     ``api`` defaults to ``huggingface_hub.HfApi(token=token)`` (injectable for tests).

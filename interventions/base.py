@@ -18,17 +18,17 @@ It encodes the pyvene facts that make an edit save and load with the stock
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 import pyvene as pv
 import torch
 
-from .positions import PositionPolicy, position_mask
+from .positions import PolicyLike, PositionPolicy, position_mask
 
 ACTEDIT_ARTIFACT_VERSION = 1
 
 
-class ActEditIntervention(pv.SourcelessIntervention, pv.TrainableIntervention):
+class ActEditIntervention(pv.SourcelessIntervention, pv.TrainableIntervention):  # type: ignore[misc]  # pyvene is untyped
     """Base of all actedit interventions: position policy, dtype handling, resizable buffers.
 
     Subclasses implement :meth:`edit`, which maps activations ``(batch, seq, d)`` to edited
@@ -44,7 +44,14 @@ class ActEditIntervention(pv.SourcelessIntervention, pv.TrainableIntervention):
     default_policy: PositionPolicy = PositionPolicy.ALL
     method_name: str = "base"
 
-    def __init__(self, embed_dim: Optional[int] = None, position_policy=None, position_start: int = 0, **kwargs):
+    # buffers (registered in __init__; ``embed_dim`` by pyvene, None when not given)
+    embed_dim: Optional[torch.Tensor]
+    position_policy: torch.Tensor
+    position_start: torch.Tensor
+    artifact_version: torch.Tensor
+
+    def __init__(self, embed_dim: Optional[int] = None, position_policy: Optional[PolicyLike] = None,
+                 position_start: int = 0, **kwargs: Any) -> None:
         kwargs.pop("keep_last_dim", None)
         super().__init__(embed_dim=embed_dim, **kwargs, keep_last_dim=True)
         policy = PositionPolicy.parse(self.default_policy if position_policy is None else position_policy)
@@ -67,7 +74,7 @@ class ActEditIntervention(pv.SourcelessIntervention, pv.TrainableIntervention):
     def policy(self) -> PositionPolicy:
         return PositionPolicy(int(self.position_policy))
 
-    def set_position_policy(self, policy, start: Optional[int] = None) -> "ActEditIntervention":
+    def set_position_policy(self, policy: PolicyLike, start: Optional[int] = None) -> "ActEditIntervention":
         """Change which positions are edited (in place); returns ``self``."""
         self.position_policy.fill_(int(PositionPolicy.parse(policy)))
         if start is not None:
@@ -103,7 +110,7 @@ class ActEditIntervention(pv.SourcelessIntervention, pv.TrainableIntervention):
         """
         raise NotImplementedError
 
-    def forward(self, base: torch.Tensor, source=None, subspaces=None, **kwargs) -> torch.Tensor:
+    def forward(self, base: torch.Tensor, source: Any = None, subspaces: Any = None, **kwargs: Any) -> torch.Tensor:
         squeeze = base.dim() == 2
         h = base.unsqueeze(1) if squeeze else base
         if h.shape[-1] != self.d:
@@ -121,15 +128,16 @@ class ActEditIntervention(pv.SourcelessIntervention, pv.TrainableIntervention):
         return out.to(base.dtype)
 
     # --------------------------------------------------------------------------- save / load
-    def resizable_buffers(self) -> tuple:
+    def resizable_buffers(self) -> Tuple[str, ...]:
         """Names of buffers whose shape is set by the fit and read from a loaded state dict."""
         return ()
 
-    def _prepare_load(self, state_dict: dict, prefix: str) -> None:
+    def _prepare_load(self, state_dict: Mapping[str, Any], prefix: str) -> None:
         """Hook for subclasses: rebuild submodules whose shape a state dict decides."""
 
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
-                              unexpected_keys, error_msgs):
+    def _load_from_state_dict(self, state_dict: Dict[str, Any], prefix: str, local_metadata: Dict[str, Any],
+                              strict: bool, missing_keys: List[str], unexpected_keys: List[str],
+                              error_msgs: List[str]) -> None:
         saved_dim = state_dict.get(prefix + "embed_dim")
         if saved_dim is not None and self.embed_dim is not None and int(saved_dim) != int(self.embed_dim):
             raise ValueError(
@@ -152,8 +160,9 @@ class ActEditIntervention(pv.SourcelessIntervention, pv.TrainableIntervention):
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                       unexpected_keys, error_msgs)
 
-    def state_dict(self, *args, destination=None, prefix="", keep_vars=False):
-        result = super().state_dict(*args, destination=destination, prefix=prefix, keep_vars=keep_vars)
+    def state_dict(self, *args: Any, destination: Any = None, prefix: str = "",
+                   keep_vars: bool = False) -> Dict[str, Any]:
+        result: Dict[str, Any] = super().state_dict(*args, destination=destination, prefix=prefix, keep_vars=keep_vars)
         if destination is None and not keep_vars:
             # CPU copies: pyvene's load() calls torch.load without map_location.
             for key, value in list(result.items()):

@@ -17,12 +17,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Dict, Mapping, Optional
 
+import pyvene as pv
 import torch
 
 from .base import ActEditIntervention
 from .checks import check_layer_map, check_matrix, check_number
 from .edits import edit_config, site_width
-from .positions import PositionPolicy
+from .positions import PolicyLike, PositionPolicy
 from .registry import FitResult, FitContext, MethodSettings, MethodSpec, register_method
 from .settings import keyword_checked
 
@@ -64,8 +65,11 @@ class CAAIntervention(ActEditIntervention):
     default_policy = PositionPolicy.FROM_POSITION
     method_name = "caa"
 
+    vector: torch.Tensor
+    multiplier: torch.Tensor
+
     def __init__(self, embed_dim: Optional[int] = None, vector: Optional[torch.Tensor] = None,
-                 multiplier: float = 1.0, **kwargs):
+                 multiplier: float = 1.0, **kwargs: Any) -> None:
         super().__init__(embed_dim=embed_dim, **kwargs)
         vector = torch.zeros(self.d) if vector is None else torch.as_tensor(vector, dtype=torch.float32).reshape(-1)
         if vector.shape[0] != self.d:
@@ -97,8 +101,9 @@ class CAAVectors:
         if self.num_pairs < 1:
             raise ValueError(f"num_pairs must be positive, got {self.num_pairs}.")
 
-    def config(self, model, *, multiplier: float = 1.0, position_policy=None, position_start: int = 0,
-               component: str = "block_output", metadata: Optional[dict] = None):
+    def config(self, model: Any, *, multiplier: float = 1.0, position_policy: Optional[PolicyLike] = None,
+               position_start: int = 0, component: str = "block_output",
+               metadata: Optional[Mapping[str, Any]] = None) -> pv.IntervenableConfig:
         """The ``IntervenableConfig`` of this fit (one CAA module per layer)."""
         return build_caa_config(model, self.vectors, multiplier=multiplier, position_policy=position_policy,
                                 position_start=position_start, component=component,
@@ -125,8 +130,10 @@ def fit_caa(pos: Mapping[int, Any], neg: Mapping[int, Any]) -> CAAVectors:
 
 
 @keyword_checked
-def build_caa_config(model, vectors: dict, *, multiplier: float = 1.0, position_policy=None,
-                     position_start: int = 0, component: str = "block_output", metadata: Optional[dict] = None):
+def build_caa_config(model: Any, vectors: Mapping[int, torch.Tensor], *, multiplier: float = 1.0,
+                     position_policy: Optional[PolicyLike] = None, position_start: int = 0,
+                     component: str = "block_output",
+                     metadata: Optional[Mapping[str, Any]] = None) -> pv.IntervenableConfig:
     """An ``IntervenableConfig`` with one CAA module per layer; ``vectors`` maps layer → v."""
     modules = _modules(site_width(model, component), vectors, multiplier, position_policy, position_start)
     first = next(iter(modules.values()))
@@ -135,8 +142,8 @@ def build_caa_config(model, vectors: dict, *, multiplier: float = 1.0, position_
     return edit_config(model, "caa", modules, component=component, hyperparameters=hyper, metadata=metadata)
 
 
-def _modules(width: int, vectors: Mapping[int, torch.Tensor], multiplier: float, position_policy,
-             position_start: int) -> Dict[int, CAAIntervention]:
+def _modules(width: int, vectors: Mapping[int, torch.Tensor], multiplier: float,
+             position_policy: Optional[PolicyLike], position_start: int) -> Dict[int, CAAIntervention]:
     return {layer: CAAIntervention(embed_dim=width, vector=v, multiplier=multiplier, position_policy=position_policy,
                                    position_start=position_start) for layer, v in vectors.items()}
 

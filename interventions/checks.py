@@ -90,7 +90,7 @@ def check_number(value: Any, name: str, *, low: Optional[float] = None, high: Op
         raise ValueError(f"{name} must be {'>' if low_open else '>='} {low}, got {value!r}.")
     if high is not None and value > high:
         raise ValueError(f"{name} must be <= {high}, got {value!r}.")
-    return value
+    return float(value)
 
 
 def check_int(value: Any, name: str, *, low: int = 1) -> int:

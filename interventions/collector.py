@@ -7,13 +7,13 @@ hooks that implement it under transformers 5; see :mod:`actedit.interventions.co
 
 from __future__ import annotations
 
-from typing import Callable, List, Optional
+from typing import Any, Callable, List, Optional
 
 import pyvene as pv
 import torch
 
 
-class ActivationCollector(pv.SourcelessIntervention, pv.TrainableIntervention):
+class ActivationCollector(pv.SourcelessIntervention, pv.TrainableIntervention):  # type: ignore[misc]  # pyvene is untyped
     """Records its input and returns it unchanged.
 
     With ``unit_locations=None`` pyvene hands it the whole activation ``(batch, seq, d)`` of each
@@ -35,8 +35,8 @@ class ActivationCollector(pv.SourcelessIntervention, pv.TrainableIntervention):
         record_all: record whole activations (True) or only the selected positions (False).
     """
 
-    def __init__(self, embed_dim: Optional[int] = None, reduce: Optional[Callable] = None, record_all: bool = True,
-                 **kwargs):
+    def __init__(self, embed_dim: Optional[int] = None, reduce: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
+                 record_all: bool = True, **kwargs: Any) -> None:
         kwargs.pop("keep_last_dim", None)
         super().__init__(embed_dim=embed_dim, **kwargs, keep_last_dim=True)
         self.reduce = reduce
@@ -45,7 +45,7 @@ class ActivationCollector(pv.SourcelessIntervention, pv.TrainableIntervention):
         self.cols: Optional[torch.Tensor] = None
         self.records: List[torch.Tensor] = []
 
-    def forward(self, base, source=None, subspaces=None, **kwargs):
+    def forward(self, base: torch.Tensor, source: Any = None, subspaces: Any = None, **kwargs: Any) -> torch.Tensor:
         if self.rows is not None:
             self.records.append(base[self.rows, self.cols].detach())
         elif self.record_all:

@@ -17,7 +17,7 @@ import io
 import logging
 import os
 import sys
-from typing import Optional
+from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Tuple, Union
 
 import torch
 
@@ -27,7 +27,7 @@ MIN_TORCH = (2, 6)
 ``torch.load`` without ``weights_only``."""
 
 
-def _torch_version() -> tuple:
+def _torch_version() -> Tuple[int, ...]:
     parts = []
     for piece in torch.__version__.split("+")[0].split(".")[:2]:
         digits = "".join(ch for ch in piece if ch.isdigit())
@@ -75,6 +75,9 @@ logger = logging.getLogger(__name__)
 
 _APPLIED = False
 
+_PATCHED = "_actedit_patched"
+"""The attribute that marks a pyvene function actedit has already wrapped."""
+
 # Components whose size pyvene derives from the head size.
 _HEAD_COMPONENTS = {
     "head_attention_value_output",
@@ -84,7 +87,7 @@ _HEAD_COMPONENTS = {
 }
 
 
-def head_dim(model_config) -> int:
+def head_dim(model_config: Any) -> int:
     """The attention head size of a model config.
 
     Some configs carry an explicit ``head_dim`` that differs from ``hidden_size /
@@ -93,12 +96,14 @@ def head_dim(model_config) -> int:
     explicit = getattr(model_config, "head_dim", None)
     if isinstance(explicit, int) and explicit > 0:
         return explicit
-    return model_config.hidden_size // model_config.num_attention_heads
+    size: int = model_config.hidden_size // model_config.num_attention_heads
+    return size
 
 
-def _is_pyvene_hook(hook) -> bool:
+def _is_pyvene_hook(hook: Any) -> bool:
     target = getattr(hook, "__wrapped__", hook)
-    return getattr(target, "__module__", "").startswith("pyvene.")
+    module: str = getattr(target, "__module__", "")
+    return module.startswith("pyvene.")
 
 
 def remove_pyvene_hooks(main_module: torch.nn.Module) -> None:
@@ -121,7 +126,7 @@ def remove_pyvene_hooks(main_module: torch.nn.Module) -> None:
                 submodule._forward_pre_hooks_with_kwargs.pop(hook_id, None)
 
 
-def _dimension_with_head_fix(original):
+def _dimension_with_head_fix(original: Callable[..., Any]) -> Callable[..., Any]:
     """Wrap ``get_dimension_by_component`` so head-related sizes come from the real head size.
 
     pyvene behaviour covered: its tables size head components as ``hidden_size /
@@ -132,7 +137,7 @@ def _dimension_with_head_fix(original):
     """
 
     @functools.wraps(original)
-    def get_dimension_by_component(model_type, model_config, component):
+    def get_dimension_by_component(model_type: Any, model_config: Any, component: str) -> Any:
         has_heads = hasattr(model_config, "num_attention_heads") and hasattr(model_config, "hidden_size")
         if has_heads and component in _HEAD_COMPONENTS:
             return head_dim(model_config)
@@ -140,11 +145,11 @@ def _dimension_with_head_fix(original):
             return model_config.num_attention_heads * head_dim(model_config)
         return original(model_type, model_config, component)
 
-    get_dimension_by_component._actedit_patched = True
+    setattr(get_dimension_by_component, _PATCHED, True)
     return get_dimension_by_component
 
 
-def _llama_like_tables(prefix: str, drop: tuple = ()):
+def _llama_like_tables(prefix: str, drop: Tuple[str, ...] = ()) -> Tuple[Dict[str, Tuple[Any, ...]], Dict[str, Any]]:
     """pyvene's Llama module/dimension tables with the layer stack under ``prefix``."""
     modules = {
         k: (f"{prefix}{v[0]}",) + tuple(v[1:])
@@ -155,10 +160,10 @@ def _llama_like_tables(prefix: str, drop: tuple = ()):
     return modules, dims
 
 
-def _missing_families():
+def _missing_families() -> List[Tuple[type, str, Tuple[str, ...]]]:
     """(model class, layer prefix, components to drop) for families pyvene 0.1.8 lacks."""
     families = []
-    specs = [
+    specs: List[Tuple[str, List[str], Tuple[str, ...]]] = [
         ("qwen3", ["Qwen3Model", "Qwen3ForCausalLM"], ()),
         ("gemma3", ["Gemma3TextModel", "Gemma3ForCausalLM"], ()),
         # Phi-3 fuses q/k/v into qkv_proj: no separate query/key/value modules to hook.
@@ -179,7 +184,8 @@ def _missing_families():
     return families
 
 
-def register_model_family(model_class, layer_prefix: str = "model.", drop_components: tuple = ()) -> None:
+def register_model_family(model_class: type, layer_prefix: str = "model.",
+                          drop_components: Tuple[str, ...] = ()) -> None:
     """Teach pyvene the component names of a Llama-like family it does not know.
 
     pyvene behaviour covered: ``IntervenableModel`` looks components up in
@@ -202,14 +208,14 @@ every new token for a fresh prompt (seen on 5.24.0: single-prompt cached generat
 wrong positions)."""
 
 
-def _is_cache(value) -> bool:
+def _is_cache(value: Any) -> bool:
     if isinstance(value, (tuple, list)):  # legacy tuple-of-tuples cache (transformers 4.x)
         return bool(value) and isinstance(value[0], (tuple, list)) and bool(value[0]) \
             and isinstance(value[0][0], torch.Tensor)
     return callable(getattr(value, "get_seq_length", None))
 
 
-def forward_cache(kwargs: dict):
+def forward_cache(kwargs: Mapping[str, Any]) -> Any:
     """The KV cache a forward call received, or None: under any name of :data:`CACHE_ARGUMENTS`,
     else any argument that is a cache object (so a future rename is still found)."""
     for name in CACHE_ARGUMENTS:
@@ -222,7 +228,7 @@ def forward_cache(kwargs: dict):
     return None
 
 
-def cached_length(kwargs: dict) -> Optional[int]:
+def cached_length(kwargs: Mapping[str, Any]) -> Optional[int]:
     """How many earlier tokens a forward call continues, or None when the call does not say.
 
     transformers behaviour covered: 4.x passes ``cache_position`` (the index of the first new
@@ -240,9 +246,10 @@ def cached_length(kwargs: dict) -> Optional[int]:
     return int(cache.get_seq_length())
 
 
-def cache_keyword(model) -> str:
+def cache_keyword(model: Any) -> str:
     """The keyword under which ``model``'s forward takes a KV cache (``cache`` from transformers
     5.24 on, ``past_key_values`` before; see :data:`CACHE_ARGUMENTS`)."""
+    params: Mapping[str, inspect.Parameter]
     try:
         params = inspect.signature(model.forward).parameters
     except (TypeError, ValueError):  # pragma: no cover - builtins without a signature
@@ -250,13 +257,13 @@ def cache_keyword(model) -> str:
     return "cache" if "cache" in params else "past_key_values"
 
 
-def returned_cache(output):
+def returned_cache(output: Any) -> Any:
     """The KV cache a forward call returned (``output.cache`` from 5.24, ``past_key_values`` before)."""
     cache = getattr(output, "cache", None)
     return cache if cache is not None else getattr(output, "past_key_values", None)
 
 
-def select_cache_rows(cache, rows: torch.Tensor):
+def select_cache_rows(cache: Any, rows: torch.Tensor) -> Any:
     """A KV cache holding rows ``rows`` (repeats allowed) of ``cache``, which is left untouched.
 
     transformers behaviour covered: a ``Cache`` object's ``reorder_cache`` works in place, and its
@@ -277,7 +284,7 @@ def select_cache_rows(cache, rows: torch.Tensor):
     return new
 
 
-def gguf_special_tokens(tokenizer, gguf_path) -> None:
+def gguf_special_tokens(tokenizer: Any, gguf_path: Union[str, "os.PathLike[str]"]) -> None:
     """Make a tokenizer loaded from a GGUF file add BOS/EOS as the file says.
 
     transformers behaviour covered: 4.57 builds a ``LlamaTokenizerFast`` from a GGUF file with
@@ -296,8 +303,10 @@ def gguf_special_tokens(tokenizer, gguf_path) -> None:
             setattr(tokenizer, flag, wanted)  # LlamaTokenizerFast rebuilds its post-processor
 
 
-def _tracker_pre_hook(tracker: PositionTracker):
-    def pre_hook(module, args, kwargs) -> None:
+def _tracker_pre_hook(
+    tracker: PositionTracker,
+) -> Callable[[torch.nn.Module, Tuple[Any, ...], Dict[str, Any]], None]:
+    def pre_hook(module: torch.nn.Module, args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> None:
         ids = kwargs.get("input_ids", args[0] if args else None)
         ref = ids if isinstance(ids, torch.Tensor) else kwargs.get("inputs_embeds")
         if not isinstance(ref, torch.Tensor) or ref.dim() < 2:
@@ -309,8 +318,10 @@ def _tracker_pre_hook(tracker: PositionTracker):
     return pre_hook
 
 
-def _tracker_post_hook(tracker: PositionTracker):
-    def post_hook(module, args, kwargs, output) -> None:
+def _tracker_post_hook(
+    tracker: PositionTracker,
+) -> Callable[[torch.nn.Module, Tuple[Any, ...], Dict[str, Any], Any], None]:
+    def post_hook(module: torch.nn.Module, args: Tuple[Any, ...], kwargs: Dict[str, Any], output: Any) -> None:
         tracker.end()
 
     return post_hook
@@ -322,7 +333,7 @@ _TRACKER_ATTR = "_actedit_position_tracker"
 def attach_tracker(model: torch.nn.Module) -> PositionTracker:
     """Attach (once) a :class:`~actedit.interventions.positions.PositionTracker` to ``model``'s
     top-level forward, fed with what each call receives (see :func:`cached_length`)."""
-    tracker = getattr(model, _TRACKER_ATTR, None)
+    tracker: Optional[PositionTracker] = getattr(model, _TRACKER_ATTR, None)
     if tracker is not None and tracker.handles:
         return tracker
     tracker = PositionTracker()
@@ -335,7 +346,7 @@ def attach_tracker(model: torch.nn.Module) -> PositionTracker:
     return tracker
 
 
-def _attach_tracker_on_init(original_init):
+def _attach_tracker_on_init(original_init: Callable[..., None]) -> Callable[..., None]:
     """Attach actedit's position tracker to every model wrapped by ``IntervenableModel``.
 
     pyvene behaviour covered: interventions only see the activation tensor of one forward call,
@@ -343,15 +354,15 @@ def _attach_tracker_on_init(original_init):
     """
 
     @functools.wraps(original_init)
-    def __init__(self, config, model, **kwargs):
+    def __init__(self: Any, config: Any, model: torch.nn.Module, **kwargs: Any) -> None:
         original_init(self, config, model, **kwargs)
         attach_tracker(model)
 
-    __init__._actedit_patched = True
+    setattr(__init__, _PATCHED, True)
     return __init__
 
 
-def _generate_in_generation_context(original_generate):
+def _generate_in_generation_context(original_generate: Callable[..., Any]) -> Callable[..., Any]:
     """Run ``IntervenableModel.generate`` inside :func:`positions.generation`, policies deciding.
 
     pyvene behaviours covered: (1) interventions cannot tell a decode step from a new prompt when
@@ -364,7 +375,7 @@ def _generate_in_generation_context(original_generate):
     """
 
     @functools.wraps(original_generate)
-    def generate(self, *args, **kwargs):
+    def generate(self: Any, *args: Any, **kwargs: Any) -> Any:
         if ("unit_locations" not in kwargs and "intervene_on_prompt" not in kwargs and len(args) <= 1
                 and len(self.interventions) > 0
                 and all(isinstance(i, ActEditIntervention) for i in self.interventions.values())):
@@ -372,12 +383,12 @@ def _generate_in_generation_context(original_generate):
         with generation():
             return original_generate(self, *args, **kwargs)
 
-    generate._actedit_patched = True
+    setattr(generate, _PATCHED, True)
     return generate
 
 
 @contextlib.contextmanager
-def cpu_map_location():
+def cpu_map_location() -> Iterator[None]:
     """Make ``torch.load`` map storages to the CPU, tensors only, while pyvene loads an artifact.
 
     pyvene behaviour covered: ``IntervenableModel.load`` calls ``torch.load`` without
@@ -388,7 +399,7 @@ def cpu_map_location():
     original = torch.load
 
     @functools.wraps(original)
-    def load(*args, **kwargs):
+    def load(*args: Any, **kwargs: Any) -> Any:
         kwargs.setdefault("map_location", "cpu")
         kwargs.setdefault("weights_only", True)  # explicit: wins over TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD
         return original(*args, **kwargs)
@@ -400,7 +411,7 @@ def cpu_map_location():
         torch.load = original
 
 
-def _create_directory_quietly(path) -> None:
+def _create_directory_quietly(path: Union[str, "os.PathLike[str]"]) -> None:
     """Create ``path`` (and its parents) if missing, printing nothing.
 
     pyvene behaviour covered: ``IntervenableModel.save`` calls ``create_directory``, which prints
@@ -422,7 +433,7 @@ def apply() -> None:
     intervenable_base.remove_forward_hooks = remove_pyvene_hooks
 
     # Head sizes (see _dimension_with_head_fix).
-    if not getattr(modeling_utils.get_dimension_by_component, "_actedit_patched", False):
+    if not getattr(modeling_utils.get_dimension_by_component, _PATCHED, False):
         patched = _dimension_with_head_fix(modeling_utils.get_dimension_by_component)
         modeling_utils.get_dimension_by_component = patched
         intervenable_base.get_dimension_by_component = patched
@@ -436,15 +447,15 @@ def apply() -> None:
 
     # Position tracker.
     cls = intervenable_base.IntervenableModel
-    if not getattr(cls.__init__, "_actedit_patched", False):
+    if not getattr(cls.__init__, _PATCHED, False):
         cls.__init__ = _attach_tracker_on_init(cls.__init__)
-    if not getattr(cls.generate, "_actedit_patched", False):
+    if not getattr(cls.generate, _PATCHED, False):
         cls.generate = _generate_in_generation_context(cls.generate)
 
     _APPLIED = True
 
 
-def check_model_supported(model, component: Optional[str] = None) -> None:
+def check_model_supported(model: Any, component: Optional[str] = None) -> None:
     """Raise a clear error when pyvene cannot place a component on ``model``."""
     cls = type(model)
     if cls not in card.type_to_module_mapping:

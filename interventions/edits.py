@@ -18,7 +18,7 @@ from __future__ import annotations
 import copy
 import importlib.metadata
 from dataclasses import asdict, dataclass, field
-from typing import Any, Dict, Mapping, Optional, Sequence
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, TypeGuard, cast
 
 import pyvene as pv
 import torch
@@ -37,13 +37,14 @@ def actedit_version() -> str:
         return "0+unknown"
 
 
-def model_id(model) -> Optional[str]:
+def model_id(model: Any) -> Optional[str]:
     """The Hub id or local path a model was loaded from, if transformers recorded it."""
-    name = getattr(getattr(model, "config", None), "_name_or_path", None) or getattr(model, "name_or_path", None)
+    name: Optional[str] = (getattr(getattr(model, "config", None), "_name_or_path", None)
+                           or getattr(model, "name_or_path", None))
     return name or None
 
 
-def model_signature(model) -> Dict[str, Any]:
+def model_signature(model: Any) -> Dict[str, Any]:
     """What an artifact records about its base model, to refuse a wrong model on load."""
     cfg = model.config
     return {
@@ -57,7 +58,7 @@ def model_signature(model) -> Dict[str, Any]:
     }
 
 
-def site_width(model, component: str) -> int:
+def site_width(model: Any, component: str) -> int:
     """The width pyvene gives an intervention at ``component`` of ``model``."""
     compat.apply()
     compat.check_model_supported(model, component)
@@ -67,7 +68,7 @@ def site_width(model, component: str) -> int:
     return int(width)
 
 
-def check_layers(model, layers: Sequence[int]) -> list:
+def check_layers(model: Any, layers: Sequence[int]) -> List[int]:
     """Validate layer indices against the model's depth; returns them as a sorted list."""
     n_layers = getattr(model.config, "num_hidden_layers", None)
     out = []
@@ -97,16 +98,16 @@ class EditRecord:
 
     method: str
     component: str
-    layers: list
-    hyperparameters: dict = field(default_factory=dict)
+    layers: List[int]
+    hyperparameters: Dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.method not in method_names():
             raise ValueError(f"unknown method {self.method!r}; known: {', '.join(method_names())}.")
 
 
-def edit_config(model, method: str, interventions: Mapping[int, "torch.nn.Module"],
-                component: Optional[str] = None, hyperparameters: Optional[dict] = None,
+def edit_config(model: Any, method: str, interventions: Mapping[int, "torch.nn.Module"],
+                component: Optional[str] = None, hyperparameters: Optional[Mapping[str, Any]] = None,
                 metadata: Optional[Mapping[str, Any]] = None) -> pv.IntervenableConfig:
     """An ``IntervenableConfig`` placing one intervention instance per layer.
 
@@ -118,9 +119,10 @@ def edit_config(model, method: str, interventions: Mapping[int, "torch.nn.Module
     representations = []
     for layer in layers:
         intervention = interventions[layer]
-        if int(intervention.embed_dim) != width:
+        embed_dim = cast(torch.Tensor, intervention.embed_dim)  # a buffer of every pyvene intervention
+        if int(embed_dim) != width:
             raise ValueError(
-                f"{method} intervention for layer {layer} has width {int(intervention.embed_dim)} but "
+                f"{method} intervention for layer {layer} has width {int(embed_dim)} but "
                 f"{component} of {type(model).__name__} has width {width}."
             )
         representations.append({"layer": layer, "component": component, "unit": "pos",
@@ -136,7 +138,7 @@ def edit_config(model, method: str, interventions: Mapping[int, "torch.nn.Module
     return pv.IntervenableConfig(representations=representations, actedit=info)
 
 
-def _sort_key(rep) -> tuple:
+def _sort_key(rep: Any) -> Tuple[int, str, int]:
     spec = spec_of(rep.intervention)
     return (int(rep.layer), rep.component, spec.order if spec is not None else len(method_names()))
 
@@ -167,17 +169,18 @@ def compose(*configs: pv.IntervenableConfig, metadata: Optional[Mapping[str, Any
     return pv.IntervenableConfig(representations=[r._asdict() for r in representations], actedit=info)
 
 
-def is_intervenable(obj) -> bool:
+def is_intervenable(obj: Any) -> TypeGuard[_PyveneModel]:
     """Whether ``obj`` is a pyvene intervenable model (``IntervenableModel`` and its kin)."""
     return isinstance(obj, _PyveneModel)
 
 
-def base_model_of(model_or_pvm) -> torch.nn.Module:
+def base_model_of(model_or_pvm: Any) -> torch.nn.Module:
     """The transformers model of a pyvene model, or the model itself."""
-    return model_or_pvm.model if is_intervenable(model_or_pvm) else model_or_pvm
+    model: torch.nn.Module = model_or_pvm.model if is_intervenable(model_or_pvm) else model_or_pvm
+    return model
 
 
-def interventions_of(model_or_pvm) -> list:
+def interventions_of(model_or_pvm: Any) -> List[torch.nn.Module]:
     """The intervention instances of a pyvene model (empty for a plain model)."""
     if not is_intervenable(model_or_pvm):
         return []
@@ -198,7 +201,7 @@ def config_of(pvm: pv.IntervenableModel) -> pv.IntervenableConfig:
                                  actedit=info)
 
 
-def intervenable(model, config: pv.IntervenableConfig) -> pv.IntervenableModel:
+def intervenable(model: Any, config: pv.IntervenableConfig) -> pv.IntervenableModel:
     """Wrap ``model`` with ``config`` (position tracker attached, model in eval mode)."""
     compat.apply()
     pvm = pv.IntervenableModel(config, model)

@@ -51,7 +51,7 @@ def write_atomic(path: PathLike, data: Union[bytes, str, Callable[[BinaryIO], An
     return path
 
 
-def write_json(path: PathLike, value: Any, *, indent: int = 1, **dumps) -> Path:
+def write_json(path: PathLike, value: Any, *, indent: int = 1, **dumps: Any) -> Path:
     """:func:`write_atomic` of ``value`` as JSON (a trailing newline; extra ``json.dumps`` arguments
     such as ``default=float`` or ``sort_keys=True`` pass through)."""
     return write_atomic(path, json.dumps(value, indent=indent, **dumps) + "\n")

@@ -26,8 +26,9 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import List, Optional, Sequence
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
+import pyvene as pv
 import torch
 from torch import nn
 import torch.nn.functional as F
@@ -35,7 +36,7 @@ import torch.nn.functional as F
 from .base import ActEditIntervention
 from .checks import check_number
 from .edits import edit_config, site_width
-from .positions import PositionPolicy
+from .positions import PolicyLike, PositionPolicy
 from .registry import MethodSpec, TrainedMethodSettings, register_method
 from .settings import keyword_checked
 
@@ -75,13 +76,13 @@ class HPRSettings(TrainedMethodSettings):
         if not isinstance(self.stable, bool):
             raise ValueError(f"HPR stable must be true or false, got {self.stable!r}.")
 
-    def intervention_arguments(self) -> dict:
+    def intervention_arguments(self) -> Dict[str, Any]:
         """The :class:`HPRIntervention` constructor's arguments these settings give."""
         return {"alpha": self.alpha, "angle_hidden_widths": self.angle_hidden_widths, "stable": self.stable,
                 "position_policy": self.position_policy}
 
 
-def default_angle_widths(d: int) -> tuple:
+def default_angle_widths(d: int) -> Tuple[int, int, int]:
     """The paper's hidden widths of the angle network: d/2, d/4, d/8."""
     return (max(d // 2, 1), max(d // 4, 1), max(d // 8, 1))
 
@@ -99,7 +100,7 @@ def _stacked_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.
 
 
 def _angle_net(d: int, hidden: Sequence[int]) -> nn.Sequential:
-    layers: list = []
+    layers: List[nn.Module] = []
     width = d
     for h in hidden:
         layers += [nn.Linear(width, int(h)), nn.GELU()]
@@ -132,8 +133,12 @@ class HPRIntervention(ActEditIntervention):
     """The term whose module selects layers: after it, the layers with the best eval
     :meth:`probe_logits` accuracy are kept and only they train the other terms."""
 
+    alpha: torch.Tensor
+    angle_widths: torch.Tensor
+    stable: torch.Tensor
+
     def __init__(self, embed_dim: Optional[int] = None, alpha: float = 1.0,
-                 angle_hidden_widths: Optional[Sequence[int]] = None, stable: bool = True, **kwargs):
+                 angle_hidden_widths: Optional[Sequence[int]] = None, stable: bool = True, **kwargs: Any) -> None:
         super().__init__(embed_dim=embed_dim, **kwargs)
         d = self.d
         widths = tuple(angle_hidden_widths) if angle_hidden_widths is not None else default_angle_widths(d)
@@ -148,7 +153,8 @@ class HPRIntervention(ActEditIntervention):
     # ------------------------------------------------------------------------------ pieces
     def probe_logits(self, h: torch.Tensor) -> torch.Tensor:
         """wᵀh, shape ``h.shape[:-1]``."""
-        return self.probe(h).squeeze(-1)
+        logits: torch.Tensor = self.probe(h)
+        return logits.squeeze(-1)
 
     def raw_angle(self, h: torch.Tensor) -> torch.Tensor:
         """π·σ(f(h)) ∈ (0, π), without α (what the loss trains)."""
@@ -163,10 +169,10 @@ class HPRIntervention(ActEditIntervention):
         w = self.probe.weight.reshape(-1).to(h.dtype)
         wh = h @ w
         if bool(self.stable):
-            h_norm = h.norm(dim=-1, keepdim=True)
+            h_norm: torch.Tensor = h.norm(dim=-1, keepdim=True)
             u = h / h_norm.clamp_min(torch.finfo(h.dtype).tiny)
             w_perp = w - (u @ w).unsqueeze(-1) * u
-            v = w_perp / w_perp.norm(dim=-1, keepdim=True).clamp_min(torch.finfo(h.dtype).tiny)
+            v: torch.Tensor = w_perp / w_perp.norm(dim=-1, keepdim=True).clamp_min(torch.finfo(h.dtype).tiny)
             # towards the positive side; a point on the hyperplane (wᵀh = 0) is gated negative
             v = torch.where(wh > 0, -1.0, 1.0).to(h.dtype).unsqueeze(-1) * v
             t = theta.unsqueeze(-1)
@@ -223,12 +229,12 @@ class HPRIntervention(ActEditIntervention):
     # (L, in, out), i.e. each layer's ``nn.Linear.weight`` transposed; activations are (L, n, d).
 
     @staticmethod
-    def stacked_probe_logits(weights: dict, h: torch.Tensor) -> torch.Tensor:
+    def stacked_probe_logits(weights: Mapping[str, torch.Tensor], h: torch.Tensor) -> torch.Tensor:
         """wₗᵀh for every layer l: (L, n) from h (L, n, d)."""
         return _stacked_linear(h, weights["probe.weight"]).squeeze(-1)
 
     @staticmethod
-    def stacked_raw_angle(weights: dict, h: torch.Tensor) -> torch.Tensor:
+    def stacked_raw_angle(weights: Mapping[str, torch.Tensor], h: torch.Tensor) -> torch.Tensor:
         """π·σ(fₗ(h)) for every layer l: (L, n) from h (L, n, d)."""
         out, i = h, 0
         while f"angle_net.{i}.weight" in weights:
@@ -239,7 +245,8 @@ class HPRIntervention(ActEditIntervention):
         return math.pi * torch.sigmoid(out.squeeze(-1))
 
     @staticmethod
-    def stacked_probe_loss(weights: dict, h_pos: torch.Tensor, h_neg: torch.Tensor) -> torch.Tensor:
+    def stacked_probe_loss(weights: Mapping[str, torch.Tensor], h_pos: torch.Tensor,
+                           h_neg: torch.Tensor) -> torch.Tensor:
         """:meth:`probe_loss` of every layer: (L,) from h⁺, h⁻ (L, n, d)."""
         x = torch.cat([h_pos, h_neg], dim=1)
         logits = HPRIntervention.stacked_probe_logits(weights, x)
@@ -248,7 +255,8 @@ class HPRIntervention(ActEditIntervention):
         return F.binary_cross_entropy_with_logits(logits, labels, reduction="none").mean(-1)
 
     @staticmethod
-    def stacked_angle_loss(weights: dict, h_pos: torch.Tensor, h_neg: torch.Tensor) -> torch.Tensor:
+    def stacked_angle_loss(weights: Mapping[str, torch.Tensor], h_pos: torch.Tensor,
+                           h_neg: torch.Tensor) -> torch.Tensor:
         """:meth:`angle_loss` of every layer: (L,) from h⁺, h⁻ (L, n, d)."""
         x = torch.cat([h_pos, h_neg], dim=1)
         target = torch.cat([h_pos, h_pos], dim=1)
@@ -256,13 +264,13 @@ class HPRIntervention(ActEditIntervention):
         return (HPRIntervention.stacked_raw_angle(weights, x) - target_angle).square().mean(-1)
 
     @staticmethod
-    def stacked_loss(weights: dict, h_pos: torch.Tensor, h_neg: torch.Tensor) -> torch.Tensor:
+    def stacked_loss(weights: Mapping[str, torch.Tensor], h_pos: torch.Tensor, h_neg: torch.Tensor) -> torch.Tensor:
         """:meth:`loss` of every layer: (L,) from h⁺, h⁻ (L, n, d)."""
         return (HPRIntervention.stacked_probe_loss(weights, h_pos, h_neg)
                 + HPRIntervention.stacked_angle_loss(weights, h_pos, h_neg))
 
     # -------------------------------------------------------------------------- save/load
-    def _prepare_load(self, state_dict: dict, prefix: str) -> None:
+    def _prepare_load(self, state_dict: Mapping[str, Any], prefix: str) -> None:
         widths = state_dict.get(prefix + "angle_widths")
         if widths is not None and widths.tolist() != self.angle_widths.tolist():
             device = self.probe.weight.device
@@ -286,9 +294,10 @@ def hpr_parameter_count(d: int, angle_hidden_widths: Optional[Sequence[int]] = N
 
 
 @keyword_checked
-def build_hpr_config(model, layers: Sequence[int], *, modules: Optional[dict] = None, alpha: float = 1.0,
-                     angle_hidden_widths: Optional[Sequence[int]] = None, stable: bool = True,
-                     position_policy=None, component: str = "block_output", metadata: Optional[dict] = None):
+def build_hpr_config(model: Any, layers: Sequence[int], *, modules: Optional[Mapping[int, HPRIntervention]] = None,
+                     alpha: float = 1.0, angle_hidden_widths: Optional[Sequence[int]] = None, stable: bool = True,
+                     position_policy: Optional[PolicyLike] = None, component: str = "block_output",
+                     metadata: Optional[Mapping[str, Any]] = None) -> pv.IntervenableConfig:
     """An ``IntervenableConfig`` with one HPR module per layer.
 
     ``modules`` maps layer → trained :class:`HPRIntervention`; without it fresh (untrained)

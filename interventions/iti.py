@@ -25,13 +25,14 @@ from dataclasses import dataclass
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
+import pyvene as pv
 import torch
 from tqdm.auto import tqdm
 
 from .base import ActEditIntervention
 from .checks import check_int, check_labels, check_layer_map, check_matrix, check_number
 from .edits import edit_config, site_width
-from .positions import PositionPolicy
+from .positions import PolicyLike, PositionPolicy
 from .registry import FitResult, FitContext, MethodSettings, MethodSpec, register_method
 from .settings import keyword_checked
 
@@ -88,9 +89,14 @@ class ITIIntervention(ActEditIntervention):
     default_policy = PositionPolicy.ANSWER
     method_name = "iti"
 
+    directions: torch.Tensor
+    sigmas: torch.Tensor
+    head_mask: torch.Tensor
+    alpha: torch.Tensor
+
     def __init__(self, embed_dim: Optional[int] = None, num_heads: int = 1,
                  directions: Optional[torch.Tensor] = None, sigmas: Optional[torch.Tensor] = None,
-                 heads: Optional[Sequence[int]] = None, alpha: float = 15.0, **kwargs):
+                 heads: Optional[Sequence[int]] = None, alpha: float = 15.0, **kwargs: Any) -> None:
         super().__init__(embed_dim=embed_dim, **kwargs)
         d = self.d
         if num_heads <= 0 or d % num_heads:
@@ -121,7 +127,7 @@ class ITIIntervention(ActEditIntervention):
         self.register_buffer("head_mask", head_mask)
         self.register_buffer("alpha", torch.tensor(float(alpha)))
 
-    def resizable_buffers(self) -> tuple:
+    def resizable_buffers(self) -> Tuple[str, ...]:
         return ("directions", "sigmas", "head_mask")
 
     @property
@@ -129,8 +135,9 @@ class ITIIntervention(ActEditIntervention):
         return self.directions.shape[0]
 
     @property
-    def selected_heads(self) -> list:
-        return torch.nonzero(self.head_mask).flatten().tolist()
+    def selected_heads(self) -> List[int]:
+        heads: List[int] = torch.nonzero(self.head_mask).flatten().tolist()
+        return heads
 
     def shift(self) -> torch.Tensor:
         """δ ∈ R^d: α·σ_h·θ̂_h on each selected head's slice, zero elsewhere."""
@@ -158,7 +165,8 @@ def head_directions(acts: torch.Tensor, labels: torch.Tensor, num_heads: int) ->
         raise ValueError("mass-mean directions need both true and false examples.")
     heads = acts.reshape(acts.shape[0], num_heads, acts.shape[1] // num_heads)
     diff = heads[labels].mean(0) - heads[~labels].mean(0)
-    return diff / diff.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    directions: torch.Tensor = diff / diff.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    return directions
 
 
 def head_sigmas(acts: torch.Tensor, directions: torch.Tensor, num_heads: int) -> torch.Tensor:
@@ -168,7 +176,7 @@ def head_sigmas(acts: torch.Tensor, directions: torch.Tensor, num_heads: int) ->
     return torch.einsum("nhk,hk->nh", heads, directions.to(torch.float64)).std(dim=0, correction=0)
 
 
-def mass_mean_directions(acts: torch.Tensor, labels: torch.Tensor, num_heads: int) -> tuple:
+def mass_mean_directions(acts: torch.Tensor, labels: torch.Tensor, num_heads: int) -> Tuple[torch.Tensor, torch.Tensor]:
     """Mass-mean directions and σ of every head from activations ``(N, d)`` and labels ``(N,)``
     (σ over all of ``acts``, as the official code over its training activations); float32."""
     directions = head_directions(acts, labels, num_heads)
@@ -213,8 +221,9 @@ class ITIHeads:
                 "selected": [[layer, head, round(float(self.val_accuracy[layer][head]), 6)]
                              for layer, head in self.selected]}
 
-    def config(self, model, *, alpha: Optional[float] = None, position_policy=None,
-               component: str = "attention_value_output", metadata: Optional[dict] = None):
+    def config(self, model: Any, *, alpha: Optional[float] = None, position_policy: Optional[PolicyLike] = None,
+               component: str = "attention_value_output",
+               metadata: Optional[Mapping[str, Any]] = None) -> pv.IntervenableConfig:
         """The ``IntervenableConfig`` of this fit (one ITI module per layer with selected heads)."""
         n_model = int(model.config.num_attention_heads)
         if n_model != self.num_heads:
@@ -321,8 +330,9 @@ def fit_iti(train_acts: Mapping[int, Any], train_labels: Any, val_acts: Mapping[
 
 
 @keyword_checked
-def build_iti_config(model, heads: dict, *, alpha: float = 15.0, position_policy=None,
-                     component: str = "attention_value_output", metadata: Optional[dict] = None):
+def build_iti_config(model: Any, heads: Mapping[int, Mapping[str, Any]], *, alpha: float = 15.0,
+                     position_policy: Optional[PolicyLike] = None, component: str = "attention_value_output",
+                     metadata: Optional[Mapping[str, Any]] = None) -> pv.IntervenableConfig:
     """An ``IntervenableConfig`` with one ITI module per layer.
 
     ``heads`` maps layer → ``{"directions": (n_heads, head_dim), "sigmas": (n_heads,),
@@ -338,7 +348,7 @@ def build_iti_config(model, heads: dict, *, alpha: float = 15.0, position_policy
 
 
 def _module(width: int, num_heads: int, spec: Mapping[str, Any], layer: int, alpha: float,
-            position_policy) -> ITIIntervention:
+            position_policy: Optional[PolicyLike]) -> ITIIntervention:
     unknown = set(spec) - {"directions", "sigmas", "heads"}
     if unknown:
         raise ValueError(f"unknown ITI head spec keys {sorted(unknown)} for layer {layer}.")

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import math
 from fractions import Fraction
-from typing import Any, List, Optional, Tuple, Union
+from typing import Any, List, Optional, Tuple, TypeGuard, Union
 
 LayerSpec = Union[int, float, str, List[Union[int, float, str]]]
 
@@ -29,7 +29,7 @@ _HELP = ("a layer spec is an index (negative counts from the end), a fraction of
          "a slice 'a:b' ('-20:', '1/3:'), an inclusive range '10-29', 'all', or a list of indices")
 
 
-def _is_int(value: Any) -> bool:
+def _is_int(value: Any) -> TypeGuard[int]:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
@@ -134,7 +134,7 @@ def check_layer_spec(spec: Optional[LayerSpec], where: str = "layers", single: b
         resolve_layers(spec, depth, where)
 
 
-def model_depth(model) -> int:
+def model_depth(model: Any) -> int:
     """The number of decoder layers of a transformers model (``config.num_hidden_layers``)."""
     config = getattr(model, "config", None)
     for name in ("num_hidden_layers", "n_layer", "num_layers"):

@@ -34,10 +34,11 @@ from __future__ import annotations
 import contextlib
 import sys
 from dataclasses import dataclass, field
-from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, cast
 
 import torch
 from pyvene.models import intervenable_modelcard as card
+from torch.types import Device
 
 DEFAULT_PACK_TOKENS = 512
 """Tokens per packed row. On a 2-core CPU (SmolLM2-135M, fp32) TruthfulQA scoring took 13.0 s
@@ -98,7 +99,7 @@ class PackedBatch:
 
     @property
     def shape(self) -> Tuple[int, int]:
-        return tuple(self.input_ids.shape)
+        return cast(Tuple[int, int], tuple(self.input_ids.shape))
 
     @property
     def real(self) -> torch.Tensor:
@@ -106,7 +107,7 @@ class PackedBatch:
         return self.tree >= 0
 
     def attention_mask(self, past_length: int = 0, dtype: torch.dtype = torch.float32,
-                       device=None) -> torch.Tensor:
+                       device: Device = None) -> torch.Tensor:
         """The additive ``(rows, 1, width, past_length + width)`` mask (0 = attend, dtype min = not).
 
         Cached positions are visible to every real token; a padding token sees only itself (a
@@ -203,7 +204,7 @@ def _build(trees: Sequence[Tree], rows: List[List[int]], pad_id: int) -> PackedB
     return batch
 
 
-def supports_packing(model, longest: Optional[int] = None) -> Optional[str]:
+def supports_packing(model: Any, longest: Optional[int] = None) -> Optional[str]:
     """None when ``model`` can run packed rows; otherwise the reason it cannot.
 
     Packing needs the model to build its attention mask with transformers' ``masking_utils``
@@ -226,23 +227,23 @@ def supports_packing(model, longest: Optional[int] = None) -> Optional[str]:
     return None
 
 
-def decoder_layer(model, layer: int) -> torch.nn.Module:
+def decoder_layer(model: Any, layer: int) -> torch.nn.Module:
     """Decoder layer ``layer`` of ``model``, found through pyvene's module table."""
     path = card.type_to_module_mapping[type(model)]["block_output"][0] % layer
-    module = model
+    module: Any = model
     for part in path.split("."):
         name, _, index = part.partition("[")
         module = getattr(module, name)
         if index:
             module = module[int(index.rstrip("]"))]
-    return module
+    return cast(torch.nn.Module, module)
 
 
 @contextlib.contextmanager
-def capture_layer_outputs(model, layers: Sequence[int], kept: Dict[int, Any]) -> Iterator[None]:
+def capture_layer_outputs(model: Any, layers: Sequence[int], kept: Dict[int, Any]) -> Iterator[None]:
     """Keep, in ``kept[layer]``, what each decoder layer in ``layers`` returns during the block."""
-    def keeper(layer):
-        def hook(module, args, output):
+    def keeper(layer: int) -> Callable[[torch.nn.Module, Tuple[Any, ...], Any], None]:
+        def hook(module: torch.nn.Module, args: Tuple[Any, ...], output: Any) -> None:
             kept[layer] = output
         return hook
 
@@ -255,7 +256,7 @@ def capture_layer_outputs(model, layers: Sequence[int], kept: Dict[int, Any]) ->
 
 
 @contextlib.contextmanager
-def skip_layers(model, first: int, output: Any) -> Iterator[None]:
+def skip_layers(model: Any, first: int, output: Any) -> Iterator[None]:
     """Decoder layers ``0 .. first-1`` do not run during the block; each returns ``output``.
 
     ``output`` must be what layer ``first - 1`` returned for the very same forward call of the
@@ -265,7 +266,7 @@ def skip_layers(model, first: int, output: Any) -> Iterator[None]:
     """
     modules = [decoder_layer(model, layer) for layer in range(first)]
 
-    def passthrough(*args, **kwargs):
+    def passthrough(*args: Any, **kwargs: Any) -> Any:
         # a copy: pyvene may write an edit into its input in place (block_input of layer `first`)
         if isinstance(output, tuple):
             return (output[0].clone(),) + output[1:]

@@ -30,9 +30,16 @@ import contextlib
 import threading
 from dataclasses import dataclass
 from enum import IntEnum
-from typing import Iterator, Optional, Tuple
+from typing import Any, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
+from torch.types import Device
+
+PolicyLike = Union["PositionPolicy", str, int]
+"""A position policy, its name or its integer id (what :meth:`PositionPolicy.parse` accepts)."""
+
+PerRow = Union[torch.Tensor, Sequence[int], int]
+"""A per-row mark: one value per batch row (a single value applies to every row)."""
 
 
 class PositionPolicy(IntEnum):
@@ -114,7 +121,7 @@ class CallPositions:
         return self.positions.shape[1]
 
     @classmethod
-    def unpadded(cls, batch: int, seq: int, device=None) -> "CallPositions":
+    def unpadded(cls, batch: int, seq: int, device: Device = None) -> "CallPositions":
         """The fallback when nothing is known: one un-padded prompt pass."""
         pos = torch.arange(seq, device=device).expand(batch, seq)
         return cls(pos, torch.full((batch,), seq, device=device), True, None)
@@ -123,14 +130,15 @@ class CallPositions:
 _state = threading.local()
 
 
-def _stack() -> list:
+def _stack() -> List[Optional[CallPositions]]:
     if not hasattr(_state, "calls"):
         _state.calls = []
         _state.answer_starts = None
         _state.prompt_lengths = None
         _state.generation = None
         _state.packed = None
-    return _state.calls
+    calls: List[Optional[CallPositions]] = _state.calls
+    return calls
 
 
 def current_call() -> Optional[CallPositions]:
@@ -140,7 +148,7 @@ def current_call() -> Optional[CallPositions]:
 
 
 @contextlib.contextmanager
-def _marked(name: str, per_row) -> Iterator[None]:
+def _marked(name: str, per_row: PerRow) -> Iterator[None]:
     """Set the per-row mark ``name`` (read by :class:`PositionTracker`) for the block."""
     _stack()
     previous = getattr(_state, name)
@@ -151,7 +159,7 @@ def _marked(name: str, per_row) -> Iterator[None]:
         setattr(_state, name, previous)
 
 
-def mark_answer_starts(answer_starts) -> contextlib.AbstractContextManager:
+def mark_answer_starts(answer_starts: PerRow) -> contextlib.AbstractContextManager[None]:
     """Mark, for the forward calls inside this block, where each row's answer begins.
 
     ``answer_starts`` holds one index per batch row, counted among the row's real tokens (the
@@ -161,7 +169,7 @@ def mark_answer_starts(answer_starts) -> contextlib.AbstractContextManager:
     return _marked("answer_starts", answer_starts)
 
 
-def mark_prompt_lengths(prompt_lengths) -> contextlib.AbstractContextManager:
+def mark_prompt_lengths(prompt_lengths: PerRow) -> contextlib.AbstractContextManager[None]:
     """Mark, for the forward calls inside this block, each row's prompt length.
 
     ``prompt_lengths`` holds one count of real tokens per batch row; a marked call counts as the
@@ -207,7 +215,7 @@ def generation() -> Iterator[None]:
         _state.generation = previous
 
 
-def _per_row(values: Optional[torch.Tensor], batch: int, device, name: str) -> Optional[torch.Tensor]:
+def _per_row(values: Optional[torch.Tensor], batch: int, device: Device, name: str) -> Optional[torch.Tensor]:
     """A marked per-row value (``mark_*``) broadcast to and checked against the call's batch."""
     if values is None:
         return None
@@ -220,7 +228,7 @@ def _per_row(values: Optional[torch.Tensor], batch: int, device, name: str) -> O
     return values
 
 
-def real_positions(batch: int, seq: int, device, past_length: Optional[int],
+def real_positions(batch: int, seq: int, device: Device, past_length: Optional[int],
                    attention_mask: Optional[torch.Tensor]) -> Tuple[torch.Tensor, int]:
     """Index of each token of a forward call among the real tokens of its row, and the past length.
 
@@ -259,19 +267,20 @@ class PositionTracker:
 
     def __init__(self) -> None:
         self._prompt_lengths: Optional[torch.Tensor] = None
-        self.handles: list = []
+        self.handles: List[Any] = []
 
     def begin_untracked(self) -> None:
         """A call whose inputs are not token sequences: no positions are known."""
         _stack().append(None)
 
-    def begin(self, batch: int, seq: int, device, *, past_length: Optional[int],
+    def begin(self, batch: int, seq: int, device: Device, *, past_length: Optional[int],
               attention_mask: Optional[torch.Tensor]) -> CallPositions:
         """Record the positions of a call of ``batch`` rows of ``seq`` new tokens."""
-        packed = getattr(_state, "packed", None)
+        packed: Optional[Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]] = getattr(_state, "packed", None)
         if packed is not None and tuple(packed[0].shape) == (batch, seq):
-            positions, prompt_lengths, answer_starts = (t.to(device) if t is not None else None for t in packed)
-            call = CallPositions(positions, prompt_lengths, True, answer_starts)
+            positions, prompt_lengths, answer_starts = packed
+            call = CallPositions(positions.to(device), prompt_lengths.to(device), True,
+                                 answer_starts.to(device) if answer_starts is not None else None)
             _stack().append(call)
             return call
         positions, past = real_positions(batch, seq, device, past_length, attention_mask)
@@ -305,7 +314,7 @@ class PositionTracker:
         self.handles = []
 
 
-def _per_token(values: torch.Tensor, device) -> torch.Tensor:
+def _per_token(values: torch.Tensor, device: Device) -> torch.Tensor:
     """A per-row ``(batch,)`` value as ``(batch, 1)``; per-token ``(batch, seq)`` values as they are."""
     values = values.to(device)
     return values[:, None] if values.dim() == 1 else values
@@ -316,7 +325,7 @@ def position_mask(
     start: int,
     batch: int,
     seq: int,
-    device=None,
+    device: Device = None,
     call: Optional[CallPositions] = None,
 ) -> torch.Tensor:
     """Boolean ``(batch, seq)`` mask of the positions ``policy`` edits in the current call.

@@ -184,7 +184,7 @@ class MethodSpec:
             raise ValueError(f"method {self.name!r}: strength names {self.strength!r}, which is not a field of "
                              f"{self.settings_class.__name__}.")
 
-    def settings(self, values: Optional[Mapping[str, Any]] = None, where: str = "", **extra) -> MethodSettings:
+    def settings(self, values: Optional[Mapping[str, Any]] = None, where: str = "", **extra: Any) -> MethodSettings:
         """This method's settings from a mapping and keywords (unknown keys are errors); a
         ``strength`` key stands for the method's own strength field (:attr:`strength`)."""
         where = where or f"{self.name} settings"
@@ -237,7 +237,7 @@ def method_spec(name: str) -> MethodSpec:
     return _REGISTRY[key]
 
 
-def spec_of(intervention) -> Optional[MethodSpec]:
+def spec_of(intervention: Any) -> Optional[MethodSpec]:
     """The spec of an intervention instance or class (None for interventions of other libraries)."""
     name = getattr(intervention, "method_name", None)
     spec = _REGISTRY.get(name) if isinstance(name, str) else None

@@ -32,14 +32,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from enum import IntEnum
-from typing import Any, Dict, Mapping, Optional, Tuple
+from typing import Any, Dict, Mapping, Optional, Tuple, Union
 
+import pyvene as pv
 import torch
 
 from .base import ActEditIntervention
 from .checks import check_int, check_layer_map, check_matrix, check_number
 from .edits import edit_config, site_width
-from .positions import PositionPolicy
+from .positions import PolicyLike, PositionPolicy
 from .registry import FitResult, FitContext, MethodSettings, MethodSpec, register_method
 from .settings import keyword_checked
 
@@ -53,7 +54,7 @@ class NormMode(IntEnum):
     FEATURE = 1
 
     @classmethod
-    def parse(cls, value) -> "NormMode":
+    def parse(cls, value: NormModeLike) -> "NormMode":
         if isinstance(value, NormMode):
             return value
         if isinstance(value, str) and value.upper() in cls.__members__:
@@ -72,7 +73,7 @@ class FeatureFunction(IntEnum):
     ELU = 3
 
     @classmethod
-    def parse(cls, value) -> "FeatureFunction":
+    def parse(cls, value: FeatureFunctionLike) -> "FeatureFunction":
         if isinstance(value, FeatureFunction):
             return value
         if value is None:
@@ -100,6 +101,13 @@ def feature_map(x: torch.Tensor, fn: FeatureFunction) -> torch.Tensor:
     if fn == FeatureFunction.ELU:
         return torch.nn.functional.elu(x)
     raise ValueError(f"Unknown feature function {fn!r}")
+
+
+NormModeLike = Union[NormMode, str, int]
+"""A norm mode, its name or its integer id (what :meth:`NormMode.parse` accepts)."""
+
+FeatureFunctionLike = Union[FeatureFunction, str, int, None]
+"""A feature function, its name or its integer id; None is ``linear`` (what :meth:`FeatureFunction.parse` accepts)."""
 
 
 def inverse_feature_map(y: torch.Tensor, fn: FeatureFunction, reference: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -163,8 +171,14 @@ class SEAIntervention(ActEditIntervention):
     default_policy = PositionPolicy.ALL
     method_name = "sea"
 
+    U_pos: torch.Tensor
+    U_neg: torch.Tensor
+    norm_mode: torch.Tensor
+    feature_function: torch.Tensor
+
     def __init__(self, embed_dim: Optional[int] = None, U_pos: Optional[torch.Tensor] = None,
-                 U_neg: Optional[torch.Tensor] = None, norm_mode="token", feature_function="linear", **kwargs):
+                 U_neg: Optional[torch.Tensor] = None, norm_mode: NormModeLike = "token",
+                 feature_function: FeatureFunctionLike = "linear", **kwargs: Any) -> None:
         super().__init__(embed_dim=embed_dim, **kwargs)
         d = self.d
         U_pos = torch.zeros(d, 0) if U_pos is None else torch.as_tensor(U_pos, dtype=torch.float32)
@@ -180,7 +194,7 @@ class SEAIntervention(ActEditIntervention):
         self.register_buffer("feature_function",
                              torch.tensor(int(FeatureFunction.parse(feature_function)), dtype=torch.long))
 
-    def resizable_buffers(self) -> tuple:
+    def resizable_buffers(self) -> Tuple[str, ...]:
         return ("U_pos", "U_neg")
 
     def full_sequence_reason(self) -> Optional[str]:
@@ -189,10 +203,10 @@ class SEAIntervention(ActEditIntervention):
         return super().full_sequence_reason()
 
     @property
-    def ranks(self) -> tuple:
+    def ranks(self) -> Tuple[int, int]:
         return (self.U_pos.shape[1], self.U_neg.shape[1])
 
-    def projectors(self) -> tuple:
+    def projectors(self) -> Tuple[torch.Tensor, torch.Tensor]:
         """(P⁺, P⁻) as dense d×d matrices — for inspection and tests only."""
         eye = torch.eye(self.d, dtype=self.U_pos.dtype, device=self.U_pos.device)
         return self.U_pos @ self.U_pos.T, eye - self.U_neg @ self.U_neg.T
@@ -207,7 +221,7 @@ class SEAIntervention(ActEditIntervention):
         fn = FeatureFunction(int(self.feature_function))
         z = inverse_feature_map(self.project(feature_map(work, fn)), fn, reference=work)
         if NormMode(int(self.norm_mode)) == NormMode.TOKEN:
-            scale = work.norm(dim=-1, keepdim=True) / z.norm(dim=-1, keepdim=True).clamp_min(_EPS)
+            scale: torch.Tensor = work.norm(dim=-1, keepdim=True) / z.norm(dim=-1, keepdim=True).clamp_min(_EPS)
             return z * scale
         weight = mask.unsqueeze(-1).to(work.dtype)  # statistics over the edited tokens only
         x_norm = (work * work * weight).sum(dim=1, keepdim=True).sqrt()
@@ -228,7 +242,7 @@ def energy_rank(singular_values: torch.Tensor, ratio: float) -> int:
 
 
 def fit_sea_factors(H: torch.Tensor, H_pos: torch.Tensor, H_neg: torch.Tensor, energy_ratio: float = 0.998,
-                    feature_function="linear") -> tuple:
+                    feature_function: FeatureFunctionLike = "linear") -> Tuple[torch.Tensor, torch.Tensor]:
     """Closed-form SEA factors from N last-token activations, each ``(N, d)``.
 
     Ω± = φ(H)ᵀ φ(H±) / N in float64, U± from its SVD, truncated to k(r). Returns ``(U_pos, U_neg)``
@@ -253,7 +267,8 @@ def fit_sea_factors(H: torch.Tensor, H_pos: torch.Tensor, H_neg: torch.Tensor, e
         U, S, _ = torch.linalg.svd(omega)
         k = energy_rank(S, energy_ratio)
         factors.append(U[:, :k].float().contiguous())
-    return tuple(factors)
+    u_pos, u_neg = factors
+    return u_pos, u_neg
 
 
 @dataclass
@@ -288,8 +303,8 @@ class SEAFactors:
         return {"energy_ratio": self.energy_ratio, "num_examples": self.num_examples,
                 "ranks": {str(layer): list(r) for layer, r in self.ranks.items()}}
 
-    def config(self, model, *, norm_mode: str = "token", position_policy=None, component: str = "mlp_output",
-               metadata: Optional[dict] = None):
+    def config(self, model: Any, *, norm_mode: str = "token", position_policy: Optional[PolicyLike] = None,
+               component: str = "mlp_output", metadata: Optional[Mapping[str, Any]] = None) -> pv.IntervenableConfig:
         """The ``IntervenableConfig`` of this fit (one SEA module per layer)."""
         return build_sea_config(model, self.factors, norm_mode=norm_mode, feature_function=self.feature_function,
                                 position_policy=position_policy, component=component,
@@ -297,7 +312,7 @@ class SEAFactors:
 
 
 def fit_sea(H: Mapping[int, Any], H_pos: Mapping[int, Any], H_neg: Mapping[int, Any], *,
-            energy_ratio: float = 0.998, feature_function="linear") -> SEAFactors:
+            energy_ratio: float = 0.998, feature_function: FeatureFunctionLike = "linear") -> SEAFactors:
     """Fit SEA on every layer of ``H`` (:func:`fit_sea_factors` per layer).
 
     Args:
@@ -315,7 +330,7 @@ def fit_sea(H: Mapping[int, Any], H_pos: Mapping[int, Any], H_neg: Mapping[int, 
     check_layer_map("H_pos", H_pos, layers)
     check_layer_map("H_neg", H_neg, layers)
     factors = {}
-    n = None
+    n = 0
     for layer in layers:
         base = check_matrix(H[layer], f"H[{layer}]")
         pos = check_matrix(H_pos[layer], f"H_pos[{layer}]", width=base.shape[1], rows=base.shape[0])
@@ -326,8 +341,10 @@ def fit_sea(H: Mapping[int, Any], H_pos: Mapping[int, Any], H_neg: Mapping[int, 
 
 
 @keyword_checked
-def build_sea_config(model, factors: dict, *, norm_mode="token", feature_function="linear",
-                     position_policy=None, component: str = "mlp_output", metadata: Optional[dict] = None):
+def build_sea_config(model: Any, factors: Mapping[int, Tuple[torch.Tensor, torch.Tensor]], *,
+                     norm_mode: NormModeLike = "token", feature_function: FeatureFunctionLike = "linear",
+                     position_policy: Optional[PolicyLike] = None, component: str = "mlp_output",
+                     metadata: Optional[Mapping[str, Any]] = None) -> pv.IntervenableConfig:
     """An ``IntervenableConfig`` with one SEA module per layer; ``factors`` maps layer → (U⁺, U⁻)."""
     modules = _modules(site_width(model, component), factors, norm_mode, feature_function, position_policy)
     first = next(iter(modules.values()))
@@ -338,8 +355,8 @@ def build_sea_config(model, factors: dict, *, norm_mode="token", feature_functio
     return edit_config(model, "sea", modules, component=component, hyperparameters=hyper, metadata=metadata)
 
 
-def _modules(width: int, factors: Mapping[int, Any], norm_mode, feature_function,
-             position_policy) -> Dict[int, SEAIntervention]:
+def _modules(width: int, factors: Mapping[int, Any], norm_mode: NormModeLike, feature_function: FeatureFunctionLike,
+             position_policy: Optional[PolicyLike]) -> Dict[int, SEAIntervention]:
     return {layer: SEAIntervention(embed_dim=width, U_pos=u_pos, U_neg=u_neg, norm_mode=norm_mode,
                                    feature_function=feature_function, position_policy=position_policy)
             for layer, (u_pos, u_neg) in factors.items()}

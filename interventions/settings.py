@@ -15,9 +15,10 @@ import dataclasses
 import difflib
 import functools
 import inspect
-from typing import Any, Callable, ClassVar, Dict, Iterable, Mapping, Optional, Sequence, Type, TypeVar
+from typing import Any, Callable, ClassVar, Dict, Iterable, List, Mapping, Optional, Sequence, Type, TypeVar, cast
 
 S = TypeVar("S", bound="Settings")
+F = TypeVar("F", bound=Callable[..., Any])
 
 
 class UnknownSettingError(ValueError, TypeError):
@@ -71,11 +72,11 @@ class Settings:
     MOVED: ClassVar[Dict[str, str]] = {}
 
     @classmethod
-    def field_names(cls) -> list:
+    def field_names(cls) -> List[str]:
         return [f.name for f in dataclasses.fields(cls) if f.init]
 
     @classmethod
-    def from_mapping(cls: Type[S], values: Optional[Mapping[str, Any]] = None, where: str = "", **extra) -> S:
+    def from_mapping(cls: Type[S], values: Optional[Mapping[str, Any]] = None, where: str = "", **extra: Any) -> S:
         """An instance from ``values`` (None: the defaults) and ``extra``; ``where`` names the
         block in error messages (``methods.hpr.settings``)."""
         if values is None:
@@ -90,12 +91,12 @@ class Settings:
         check_keys(merged, cls.field_names(), where or cls.__name__)
         return cls(**merged)
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> Dict[str, Any]:
         """The settings as plain JSON-friendly values (recorded in artifacts and reports)."""
         return {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(self).items()}
 
 
-def keyword_checked(fn: Callable) -> Callable:
+def keyword_checked(fn: F) -> F:
     """Make ``fn`` refuse unknown keyword arguments with :class:`UnknownSettingError` (valid names
     and the closest match listed) instead of Python's bare ``TypeError``. Functions that take
     ``**kwargs`` themselves are left as they are."""
@@ -106,7 +107,7 @@ def keyword_checked(fn: Callable) -> Callable:
              if p.kind in (inspect.Parameter.KEYWORD_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)]
 
     @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
         unknown = [k for k in kwargs if k not in params]
         if unknown:
             raise UnknownSettingError(
@@ -114,4 +115,4 @@ def keyword_checked(fn: Callable) -> Callable:
                 f"{_suggest(unknown, valid)}; valid: {', '.join(valid)}.")
         return fn(*args, **kwargs)
 
-    return wrapper
+    return cast(F, wrapper)

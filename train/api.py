@@ -100,13 +100,13 @@ def fit(method: str, model, tokenizer, data: Data, *, layers=None, store: Option
         values["layers"] = layers
     fit_settings, train_settings = method_settings(spec.name, values, train)
     named = isinstance(data, str)
-    if named and not is_contrast_name(data) and not Path(data).expanduser().is_file():
+    if isinstance(data, str) and not is_contrast_name(data) and not Path(data).expanduser().is_file():
         raise ValueError(f"unknown task {data!r}; give a task or dataset name ({', '.join(contrast_names())}), a "
                          "JSONL file, or the examples themselves.")
     cfg = PipelineConfig(
         model=getattr(getattr(model, "config", None), "_name_or_path", "") or type(model).__name__,
         method=spec.name,
-        data=DataSettings(name=data if named else "examples", source=source, split_file=split_file,
+        data=DataSettings(name=data if isinstance(data, str) else "examples", source=source, split_file=split_file,
                         eval_ratio=eval_ratio, seed=seed, limit=limit),
         collect=CollectSettings(dir=None if store is None else str(store), format=dict(prompt_format or {})),
         settings=fit_settings, train=train_settings, out=None)

@@ -8,7 +8,7 @@ linked parameters once per use). Any ``pyvene.TrainableIntervention`` plugs in w
 
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Set, Tuple
 
 import pyvene as pv
 import torch
@@ -33,7 +33,8 @@ def trainable_parameters(pvm: pv.IntervenableModel) -> List[Tuple[str, torch.Ten
             names.setdefault(id(p), f"{key}.{name}")
     for name, p in pvm.model.named_parameters():
         names.setdefault(id(p), f"model.{name}")
-    seen, out = set(), []
+    seen: Set[int] = set()
+    out: List[Tuple[str, torch.Tensor]] = []
     for p in pvm.get_trainable_parameters():
         if id(p) in seen or not p.requires_grad:
             continue

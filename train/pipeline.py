@@ -44,7 +44,7 @@ import dataclasses
 import time
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Dict, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Optional, Sequence, Tuple, cast
 
 import pyvene as pv
 import torch
@@ -53,7 +53,7 @@ import yaml
 from actedit.interventions.artifacts import save_artifact
 from actedit.interventions.edits import edit_config, intervenable, site_width
 from actedit.interventions.layers import model_depth, resolve_layers
-from actedit.interventions.registry import FitContext, MethodSettings, MethodSpec, method_spec
+from actedit.interventions.registry import FitContext, FitResult, MethodSettings, MethodSpec, method_spec
 from actedit.interventions.settings import Settings, UnknownSettingError, check_keys, check_moved
 
 from actedit.data.collect import collect_activations
@@ -363,7 +363,8 @@ def make_edit(cfg: PipelineConfig, model, tokenizer, *, store: Optional[Activati
         modules, metadata = _train(cfg, store, progress)
     else:
         context = FitContext(width=site_width(model, cfg.site), num_heads=int(model.config.num_attention_heads))
-        fitted = spec.fit(fit_inputs(store, spec, cfg.site, settings.layers), settings, context)
+        fit_method = cast(Callable[..., FitResult], spec.fit)  # a method that is not trained has a fit (MethodSpec)
+        fitted = fit_method(fit_inputs(store, spec, cfg.site, settings.layers), settings, context)
         modules, metadata = fitted.modules, {"fit": fitted.record}
     metadata["timings"] = {"fit_seconds": round(time.time() - started, 3)}
     metadata["data"] = _data_record(cfg)
@@ -387,8 +388,9 @@ def _train(cfg: PipelineConfig, store: ActivationStore, progress: bool) -> Tuple
         result, selection = train_top_layers(modules, train_pairs, eval_pairs, k=settings.top_layers, config=train_cfg)
     else:
         result = train_interventions(modules, train_pairs, eval_pairs, config=train_cfg)
-        selection = select_layers(result.modules, eval_pairs, k=settings.top_layers)
-    chosen = {layer: result.modules[layer] for layer in selection.selected}
+        selection = select_layers(cast(Dict[int, torch.nn.Module], result.modules), eval_pairs, k=settings.top_layers)
+    trained = cast(Dict[int, torch.nn.Module], result.modules)  # cached-activation training returns its modules
+    chosen = {layer: trained[layer] for layer in selection.selected}
     return chosen, {"training": result.summary(), **selection.metadata()}
 
 
@@ -398,7 +400,7 @@ def build(cfg: PipelineConfig, model=None, tokenizer=None) -> Tuple[Path, Dict[s
     if model is None:
         model, tokenizer = load_model(cfg.model)
     config, metadata = make_edit(cfg, model, tokenizer)
-    return save_artifact(intervenable(model, config), cfg.out), metadata
+    return save_artifact(intervenable(model, config), cast(str, cfg.out)), metadata  # build() is for a cfg with out
 
 
 def _data_record(cfg: PipelineConfig) -> Dict[str, Any]:

@@ -136,7 +136,7 @@ def probe_accuracy(modules: Mapping[int, torch.nn.Module], data: PairedActivatio
     for start in range(0, n, batch_size):
         idx = torch.arange(start, min(start + batch_size, n))
         for layer in layers:
-            module = modules[layer]
+            module: Any = modules[layer]  # has probe_logits (checked above)
             param = next(module.parameters())
             hp, hn = data.gather([layer], idx, device=param.device, dtype=param.dtype)
             correct[layer] += int((module.probe_logits(hp[0]) > 0).sum()) + int((module.probe_logits(hn[0]) <= 0).sum())

@@ -45,7 +45,7 @@ import time
 import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, cast
 
 import numpy as np
 import pyvene as pv
@@ -445,17 +445,18 @@ class PairObjective(TrainingObjective):
 
     def _layer_losses(self, hp: torch.Tensor, hn: torch.Tensor) -> torch.Tensor:
         """Each layer's loss, (L,), from h⁺, h⁻ (L, n, d): one stacked call, or each module's own."""
-        if self.vectorized:
-            return self._stacked_loss(self.stacked, hp, hn)
+        if self.vectorized:  # vectorized only with a stacked loss
+            return cast(Callable[..., torch.Tensor], self._stacked_loss)(self.stacked, hp, hn)
         return torch.stack([getattr(self.modules[layer], self.loss_method)(hp[i], hn[i])
                             for i, layer in enumerate(self.layers)])
 
     @torch.no_grad()
     def _layer_logits(self, h: torch.Tensor) -> torch.Tensor:
         """Every layer's probe logits, (L, n), from h (L, n, d)."""
-        if self.vectorized:
-            return self._stacked_probe(self.stacked, h)
-        return torch.stack([self.modules[layer].probe_logits(h[i]) for i, layer in enumerate(self.layers)])
+        if self.vectorized:  # called with probes only, and vectorized then only with a stacked probe
+            return cast(Callable[..., torch.Tensor], self._stacked_probe)(self.stacked, h)
+        modules: Dict[int, Any] = self.modules  # each has probe_logits (has_probe)
+        return torch.stack([modules[layer].probe_logits(h[i]) for i, layer in enumerate(self.layers)])
 
     def loss(self, idx: torch.Tensor) -> Tuple[torch.Tensor, Dict[str, float]]:
         hp, hn = self.train_data.gather(self.layers, idx, self.device, self.dtype)
@@ -469,7 +470,7 @@ class PairObjective(TrainingObjective):
     def clip_(self, max_norm: float) -> None:
         """Scale each layer's gradient to norm ≤ max_norm: g ← g · min(1, max_norm / (‖g‖ + 1e-6))."""
         if self.vectorized:
-            grads = [self.stacked[n].grad for n in self.names if self.stacked[n].grad is not None]
+            grads = [g for g in (self.stacked[n].grad for n in self.names) if g is not None]
             if not grads:
                 return
             norms = torch.stack([torch.linalg.vector_norm(g.reshape(g.shape[0], -1), dim=1) for g in grads])
@@ -479,7 +480,7 @@ class PairObjective(TrainingObjective):
                 g.mul_(coef.reshape(-1, *([1] * (g.dim() - 1))).to(g.dtype))
             return
         for layer in self.layers:
-            grads = [p.grad for p in self._layer_params(layer) if p.grad is not None]
+            grads = [g for g in (p.grad for p in self._layer_params(layer)) if g is not None]
             if not grads:
                 continue
             norms = torch.stack([torch.linalg.vector_norm(g.reshape(-1)) for g in grads])
@@ -577,8 +578,8 @@ def make_optimizer(params: Sequence[torch.Tensor], config: TrainSettings) -> tor
     """AdamW over ``params``; the fused kernel where torch has one for them (one pass over each
     tensor instead of one per operation), else the default implementation. The update is
     elementwise, so stacking layers changes nothing."""
-    kwargs = dict(lr=config.learning_rate, betas=config.adam_betas, eps=config.adam_eps,
-                  weight_decay=config.weight_decay)
+    kwargs: Dict[str, Any] = dict(lr=config.learning_rate, betas=config.adam_betas, eps=config.adam_eps,
+                                  weight_decay=config.weight_decay)
     try:
         return torch.optim.AdamW(params, fused=True, **kwargs)
     except (RuntimeError, TypeError, ValueError):
@@ -734,7 +735,7 @@ def _update_best(best: Dict[str, Any], record: EpochRecord, task: TrainingObject
     if best["state"] is None:
         best["state"] = {}
         best["layer_scores"] = {}
-    for layer, score in record.layer_scores.items():
+    for layer, score in cast(Dict[int, float], record.layer_scores).items():  # best_by="layer": per-layer scores
         previous = best["layer_scores"].get(layer)
         if previous is None or score > previous:
             best["layer_scores"][layer] = score
@@ -814,7 +815,7 @@ def train_top_layers(modules: Mapping[int, nn.Module], train: PairedActivations,
                          "use train_interventions for other settings.")
     cls = type(next(iter(modules.values())))
     terms = dict(getattr(cls, "loss_terms", None) or {})
-    selecting = getattr(cls, "selection_term", None)
+    selecting: Any = getattr(cls, "selection_term", None)
     if selecting not in terms:
         raise ValueError(f"{cls.__name__} declares no selection_term among its loss_terms; train it with "
                          "train_interventions.")
@@ -825,8 +826,9 @@ def train_top_layers(modules: Mapping[int, nn.Module], train: PairedActivations,
         first_config = dataclasses.replace(config, checkpoint_dir=str(ckpt / "probes") if ckpt else None)
         first = run_training(PairObjective(modules, train, eval_data, first_config, loss_method=selecting),
                              first_config, callbacks)
-        selection = select_layers(first.modules, eval_data, k=k)
-        chosen = {layer: first.modules[layer] for layer in selection.selected}
+        trained = cast(Dict[int, nn.Module], first.modules)  # cached-activation training returns its modules
+        selection = select_layers(trained, eval_data, k=k)
+        chosen = {layer: trained[layer] for layer in selection.selected}
         history, steps, seconds, last = list(first.history), first.steps, first.seconds, first
         for term in rest:
             _train_only(chosen, terms[term])
