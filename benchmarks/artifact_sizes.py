@@ -19,8 +19,7 @@ import platform
 
 import torch
 
-from actedit.interventions import (ActAddIntervention, CAAIntervention, HPRIntervention, ITIIntervention,
-                                   SEAIntervention)
+from actedit.interventions import ActAddIntervention, CAAIntervention, HPRIntervention, ITIIntervention, SEAIntervention
 
 
 def serialized_bytes(module: torch.nn.Module) -> int:
@@ -32,20 +31,48 @@ def serialized_bytes(module: torch.nn.Module) -> int:
 def measure(d: int, heads: int, sea_rank: int, actadd_len: int) -> list:
     rows = []
     hpr = HPRIntervention(embed_dim=d)
-    rows.append(("hpr", "probe + angle net d/2,d/4,d/8", sum(p.numel() for p in hpr.parameters()),
-                 serialized_bytes(hpr), f"~11 M params/layer ({11e6 * 4 / 2**20:.0f} MiB fp32)"))
+    rows.append(
+        (
+            "hpr",
+            "probe + angle net d/2,d/4,d/8",
+            sum(p.numel() for p in hpr.parameters()),
+            serialized_bytes(hpr),
+            f"~11 M params/layer ({11e6 * 4 / 2**20:.0f} MiB fp32)",
+        )
+    )
     del hpr
     sea = SEAIntervention(embed_dim=d, U_pos=torch.zeros(d, sea_rank), U_neg=torch.zeros(d, sea_rank))
-    rows.append(("sea", f"U+ and U- at rank {sea_rank} each", sea.U_pos.numel() + sea.U_neg.numel(),
-                 serialized_bytes(sea), f"2 x {d * d * 4 / 2**20:.0f} MiB (dense d x d per polarity)"))
+    rows.append(
+        (
+            "sea",
+            f"U+ and U- at rank {sea_rank} each",
+            sea.U_pos.numel() + sea.U_neg.numel(),
+            serialized_bytes(sea),
+            f"2 x {d * d * 4 / 2**20:.0f} MiB (dense d x d per polarity)",
+        )
+    )
     iti = ITIIntervention(embed_dim=d, num_heads=heads, directions=torch.ones(heads, d // heads))
-    rows.append(("iti", f"{heads} head directions + sigmas", iti.directions.numel() + iti.sigmas.numel(),
-                 serialized_bytes(iti), "per-head directions (pickled arrays)"))
+    rows.append(
+        (
+            "iti",
+            f"{heads} head directions + sigmas",
+            iti.directions.numel() + iti.sigmas.numel(),
+            serialized_bytes(iti),
+            "per-head directions (pickled arrays)",
+        )
+    )
     caa = CAAIntervention(embed_dim=d, vector=torch.ones(d))
     rows.append(("caa", "one vector", caa.vector.numel(), serialized_bytes(caa), "one vector per layer"))
     act = ActAddIntervention(embed_dim=d, steering=torch.ones(actadd_len, d))
-    rows.append(("actadd", f"{actadd_len} x d steering matrix", act.steering.numel(), serialized_bytes(act),
-                 "computed on the fly"))
+    rows.append(
+        (
+            "actadd",
+            f"{actadd_len} x d steering matrix",
+            act.steering.numel(),
+            serialized_bytes(act),
+            "computed on the fly",
+        )
+    )
     return rows
 
 
@@ -70,8 +97,16 @@ def study_sizes(root: str) -> list:
                 if "U_pos" in state:
                     ks.append(f"{state['U_pos'].shape[1]}/{state['U_neg'].shape[1]}")
             ranks = "k+/k- per layer: " + ", ".join(ks)
-        rows.append({"artifact": directory.name, "layers": len(layers), "bytes": size, "weight_bytes": weights,
-                     "bytes_per_layer": weights / max(len(layers), 1), "note": ranks})
+        rows.append(
+            {
+                "artifact": directory.name,
+                "layers": len(layers),
+                "bytes": size,
+                "weight_bytes": weights,
+                "bytes_per_layer": weights / max(len(layers), 1),
+                "note": ranks,
+            }
+        )
     return rows
 
 
@@ -90,19 +125,29 @@ def main() -> None:
         print("| artifact | edited layers | total | weights per layer | note |")
         print("|---|---|---|---|---|")
         for r in study:
-            print(f"| {r['artifact']} | {r['layers']} | {r['bytes'] / 2**20:.3f} MiB | "
-                  f"{r['bytes_per_layer'] / 2**20:.3f} MiB | {r['note']} |")
+            print(
+                f"| {r['artifact']} | {r['layers']} | {r['bytes'] / 2**20:.3f} MiB | "
+                f"{r['bytes_per_layer'] / 2**20:.3f} MiB | {r['note']} |"
+            )
     sea_rank = args.sea_rank if args.sea_rank is not None else args.d // 2
     rows = measure(args.d, args.heads, sea_rank, args.actadd_len)
     print(f"# artifact size per layer, d = {args.d} (fp32) — {platform.machine()}, torch {torch.__version__}")
-    print(f"| method | stored | numbers | bytes per layer | official release |")
+    print("| method | stored | numbers | bytes per layer | official release |")
     print("|---|---|---|---|---|")
     for method, what, numbers, size, official in rows:
         print(f"| {method} | {what} | {numbers:,} | {size / 2**20:.3f} MiB | {official} |")
     if args.json:
         with open(args.json, "w") as handle:
-            json.dump({"study": study, "per_layer": [dict(zip(("method", "stored", "numbers", "bytes", "official"), r))
-                                                     for r in rows]}, handle, indent=2)
+            json.dump(
+                {
+                    "study": study,
+                    "per_layer": [
+                        dict(zip(("method", "stored", "numbers", "bytes", "official"), r, strict=True)) for r in rows
+                    ],
+                },
+                handle,
+                indent=2,
+            )
 
 
 if __name__ == "__main__":

@@ -48,13 +48,13 @@ from pathlib import Path
 from typing import Dict, List, Optional
 
 import torch
-
 from _env import machine_info, versions  # benchmarks/_env.py (the script's folder is on sys.path)
-from actedit.interventions.packing import DEFAULT_PACK_TOKENS
+
 from actedit.data.collect import collect_activations
 from actedit.data.formats import HPRFormat
 from actedit.data.models import load_model
 from actedit.data.truthfulqa import load_truthfulqa_mc
+from actedit.interventions.packing import DEFAULT_PACK_TOKENS
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "truthfulqa"
@@ -103,8 +103,9 @@ def hpr_dataset(data_dir: Path, n: int):
 
 
 # ------------------------------------------------------------------------- plain forward
-def plain_forward(model, sequences: List[List[int]], batch_size: int, pad_id: int, keep_one: bool,
-                  hidden_states: bool = False) -> float:
+def plain_forward(
+    model, sequences: List[List[int]], batch_size: int, pad_id: int, keep_one: bool, hidden_states: bool = False
+) -> float:
     """Seconds to run every sequence through the model in right-padded, length-sorted batches
     (with ``hidden_states``: ``output_hidden_states=True`` and every real token's hidden states of
     all layers copied out, as a collector built on it would)."""
@@ -115,15 +116,20 @@ def plain_forward(model, sequences: List[List[int]], batch_size: int, pad_id: in
     start = time.perf_counter()
     with torch.inference_mode():
         for lo in range(0, len(order), batch_size):
-            chunk = [sequences[i] for i in order[lo:lo + batch_size]]
+            chunk = [sequences[i] for i in order[lo : lo + batch_size]]
             width = max(len(s) for s in chunk)
             ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
             mask = torch.zeros_like(ids)
             for r, s in enumerate(chunk):
-                ids[r, :len(s)] = torch.tensor(s)
-                mask[r, :len(s)] = 1
-            out = model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
-                        use_cache=False, **extra)
+                ids[r, : len(s)] = torch.tensor(s)
+                mask[r, : len(s)] = 1
+            out = model(
+                input_ids=ids,
+                attention_mask=mask,
+                position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
+                use_cache=False,
+                **extra,
+            )
             if hidden_states:
                 real = mask.bool()
                 _ = [h[real].clone() for h in out.hidden_states[1:]]
@@ -142,26 +148,48 @@ def throughput(model, tokenizer, data, batch_size: int) -> Dict[str, object]:
     rows.append({"run": "plain forward (logits_to_keep=1)", "seconds": t, "computed_tokens": total_tokens})
     t = plain_forward(model, sequences, batch_size, pad_id, keep_one=True, hidden_states=True)
     rows.append({"run": "output_hidden_states (logits_to_keep=1)", "seconds": t, "computed_tokens": total_tokens})
-    runs = [("collect (padded batches: the reference)", None, True),
-            ("collect (packed rows: default)", DEFAULT_PACK_TOKENS, True),
-            ("collect (packed rows, in memory)", DEFAULT_PACK_TOKENS, False)]
+    runs = [
+        ("collect (padded batches: the reference)", None, True),
+        ("collect (packed rows: default)", DEFAULT_PACK_TOKENS, True),
+        ("collect (packed rows, in memory)", DEFAULT_PACK_TOKENS, False),
+    ]
     for name, pack, on_disk in runs:
         with tempfile.TemporaryDirectory() as tmp:
             start = time.perf_counter()
-            store = collect_activations(model, tokenizer, data, tmp if on_disk else None, format=fmt,
-                                        sites="block_output", batch_size=batch_size, pack_tokens=pack, progress=False)
+            store = collect_activations(
+                model,
+                tokenizer,
+                data,
+                tmp if on_disk else None,
+                format=fmt,
+                sites="block_output",
+                batch_size=batch_size,
+                pack_tokens=pack,
+                progress=False,
+            )
             seconds = time.perf_counter() - start
             computed = sum(s["tokens"] for s in store.manifest["shards"])
             stored = sum(s.get("bytes", 0) for s in store.manifest["shards"])
-            rows.append({"run": name,
-                         "seconds": seconds, "computed_tokens": computed, "rows": store.num_rows,
-                         "store_mib": stored / 2 ** 20})
+            rows.append(
+                {
+                    "run": name,
+                    "seconds": seconds,
+                    "computed_tokens": computed,
+                    "rows": store.num_rows,
+                    "store_mib": stored / 2**20,
+                }
+            )
     reference = rows[1]["seconds"]
     for r in rows:
         r["tokens_per_second"] = total_tokens / r["seconds"]
         r["time_vs_plain_keep1"] = r["seconds"] / reference
-    return {"questions": len(data), "sequences": len(sequences), "sequence_tokens": total_tokens,
-            "batch_size": batch_size, "runs": rows}
+    return {
+        "questions": len(data),
+        "sequences": len(sequences),
+        "sequence_tokens": total_tokens,
+        "batch_size": batch_size,
+        "runs": rows,
+    }
 
 
 # --------------------------------------------------------------------------------- memory
@@ -175,29 +203,57 @@ def memory_child(args) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         start = time.perf_counter()
         with RSSSampler() as sampler:
-            store = collect_activations(model, tokenizer, data, tmp, format="hpr", sites="block_output",
-                                        batch_size=args.batch_size, shard_mb=args.shard_mb, progress=False)
+            store = collect_activations(
+                model,
+                tokenizer,
+                data,
+                tmp,
+                format="hpr",
+                sites="block_output",
+                batch_size=args.batch_size,
+                shard_mb=args.shard_mb,
+                progress=False,
+            )
         seconds = time.perf_counter() - start
         stored = sum(s["bytes"] for s in store.manifest["shards"])
-        result = {"questions": len(data), "rows": store.num_rows, "shards": len(store.manifest["shards"]),
-                  "store_mib": stored / 2 ** 20, "seconds": seconds, "rss_before_mib": before / 2 ** 20,
-                  "rss_peak_mib": sampler.peak / 2 ** 20, "rss_growth_mib": (sampler.peak - before) / 2 ** 20,
-                  "ru_maxrss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 10}
+        result = {
+            "questions": len(data),
+            "rows": store.num_rows,
+            "shards": len(store.manifest["shards"]),
+            "store_mib": stored / 2**20,
+            "seconds": seconds,
+            "rss_before_mib": before / 2**20,
+            "rss_peak_mib": sampler.peak / 2**20,
+            "rss_growth_mib": (sampler.peak - before) / 2**20,
+            "ru_maxrss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10,
+        }
     print("RESULT " + json.dumps(result), flush=True)
 
 
 def memory(args) -> List[Dict[str, object]]:
     out = []
     for size in args.sizes:
-        cmd = [sys.executable, __file__, "--child", str(size), "--data", str(args.data), "--model", args.model,
-               "--shard-mb", str(args.shard_mb), "--batch-size", str(args.batch_size)]
+        cmd = [
+            sys.executable,
+            __file__,
+            "--child",
+            str(size),
+            "--data",
+            str(args.data),
+            "--model",
+            args.model,
+            "--shard-mb",
+            str(args.shard_mb),
+            "--batch-size",
+            str(args.batch_size),
+        ]
         if args.threads:
             cmd += ["--threads", str(args.threads)]
         proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
         lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
         if proc.returncode != 0 or not lines:
             raise SystemExit(f"memory run with {size} questions failed:\n{proc.stderr[-3000:]}")
-        out.append(json.loads(lines[-1][len("RESULT "):]))
+        out.append(json.loads(lines[-1][len("RESULT ") :]))
     return out
 
 
@@ -223,14 +279,21 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, object]:
     args.sizes = [int(x) for x in str(args.sizes).split(",") if x.strip()]
     if args.threads:
         torch.set_num_threads(args.threads)
-    result: Dict[str, object] = {"machine": machine_info(),
-                                 "versions": versions("torch", "transformers", "pyvene", "safetensors", "actedit"),
-                                 "model": args.model,
-                                 "site": "block_output", "layers": "all (30)", "dtype": "float32",
-                                 "format": "hpr", "dataset": "TruthfulQA MC2, HPR train split"}
-    print(f"# machine: {result['machine']['cpu']}, {result['machine']['cores']} cores, "
-          f"{result['machine']['memory_gib']} GiB, torch threads {result['machine']['torch_threads']}, "
-          f"load average {result['machine']['load_average']}")
+    result: Dict[str, object] = {
+        "machine": machine_info(),
+        "versions": versions("torch", "transformers", "pyvene", "safetensors", "actedit"),
+        "model": args.model,
+        "site": "block_output",
+        "layers": "all (30)",
+        "dtype": "float32",
+        "format": "hpr",
+        "dataset": "TruthfulQA MC2, HPR train split",
+    }
+    print(
+        f"# machine: {result['machine']['cpu']}, {result['machine']['cores']} cores, "
+        f"{result['machine']['memory_gib']} GiB, torch threads {result['machine']['torch_threads']}, "
+        f"load average {result['machine']['load_average']}"
+    )
     print("# versions: " + ", ".join(f"{k} {v}" for k, v in result["versions"].items()))
     if not args.skip_throughput:
         start = time.perf_counter()
@@ -239,13 +302,17 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, object]:
         data = hpr_dataset(Path(args.data), args.questions)
         tp = throughput(model, tokenizer, data, args.batch_size)
         result["throughput"] = tp
-        print(f"\n## (a) throughput: {tp['questions']} questions, {tp['sequences']} sequences, "
-              f"{tp['sequence_tokens']:,} tokens, batch {tp['batch_size']}, {args.model}, block_output x 30 layers, fp32")
+        print(
+            f"\n## (a) throughput: {tp['questions']} questions, {tp['sequences']} sequences, "
+            f"{tp['sequence_tokens']:,} tokens, batch {tp['batch_size']}, {args.model}, block_output x 30 layers, fp32"
+        )
         print("| run | seconds | computed tokens | tokens/s (of the sequences) | time vs plain (logits_to_keep=1) |")
         print("|---|---|---|---|---|")
         for r in tp["runs"]:
-            print(f"| {r['run']} | {r['seconds']:.1f} | {r['computed_tokens']:,} | {r['tokens_per_second']:,.0f} | "
-                  f"{r['time_vs_plain_keep1']:.2f} |")
+            print(
+                f"| {r['run']} | {r['seconds']:.1f} | {r['computed_tokens']:,} | {r['tokens_per_second']:,.0f} | "
+                f"{r['time_vs_plain_keep1']:.2f} |"
+            )
         del model
     if not args.skip_memory:
         mem = memory(args)
@@ -254,8 +321,10 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, object]:
         print("| questions | rows | shards | store MiB | seconds | RSS before MiB | peak RSS MiB | growth MiB |")
         print("|---|---|---|---|---|---|---|---|")
         for r in mem:
-            print(f"| {r['questions']} | {r['rows']:,} | {r['shards']} | {r['store_mib']:.0f} | {r['seconds']:.1f} | "
-                  f"{r['rss_before_mib']:.0f} | {r['rss_peak_mib']:.0f} | {r['rss_growth_mib']:.0f} |")
+            print(
+                f"| {r['questions']} | {r['rows']:,} | {r['shards']} | {r['store_mib']:.0f} | {r['seconds']:.1f} | "
+                f"{r['rss_before_mib']:.0f} | {r['rss_peak_mib']:.0f} | {r['rss_growth_mib']:.0f} |"
+            )
     if args.json:
         path = Path(args.json)
         path.parent.mkdir(parents=True, exist_ok=True)

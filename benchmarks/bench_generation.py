@@ -30,7 +30,6 @@ from pathlib import Path
 from typing import Dict
 
 import torch
-
 from _env import machine_info, versions  # benchmarks/_env.py (the script's folder is on sys.path)
 
 PROMPTS = [
@@ -65,8 +64,14 @@ def synthetic_edits(model) -> Dict[str, object]:
     chosen = [pairs[i] for i in torch.randperm(len(pairs), generator=g)[:48].tolist()]
     iti = {}
     for layer, h in chosen:
-        spec = iti.setdefault(layer, {"directions": torch.nn.functional.normalize(torch.randn(heads, hd, generator=g), dim=-1),
-                                      "sigmas": torch.rand(heads, generator=g) + 0.5, "heads": []})
+        spec = iti.setdefault(
+            layer,
+            {
+                "directions": torch.nn.functional.normalize(torch.randn(heads, hd, generator=g), dim=-1),
+                "sigmas": torch.rand(heads, generator=g) + 0.5,
+                "heads": [],
+            },
+        )
         spec["heads"].append(h)
     edits = {
         "hpr": ai.build_hpr_config(model, hpr_layers),
@@ -111,8 +116,13 @@ def main() -> None:
         noop_label = "pyvene, zero CAA vector"
         edits_noop = ai.intervenable(model, ai.build_caa_config(model, {0: torch.zeros(model.config.hidden_size)}))
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    gen = {"max_new_tokens": args.new_tokens, "min_new_tokens": args.new_tokens, "do_sample": False,
-           "pad_token_id": pad, "use_cache": True}
+    gen = {
+        "max_new_tokens": args.new_tokens,
+        "min_new_tokens": args.new_tokens,
+        "do_sample": False,
+        "pad_token_id": pad,
+        "use_cache": True,
+    }
 
     def runner(name):
         if name == "plain generate":
@@ -138,16 +148,29 @@ def main() -> None:
                     best[name] = min(best.get(name, float("inf")), dt)
         plain = best["plain generate"]
         for name in names:
-            results.append({"batch_size": bs, "row": name, "seconds": round(best[name], 4),
-                            "tokens_per_s": round(bs * args.new_tokens / best[name], 1),
-                            "time_vs_plain": round(best[name] / plain, 3)})
+            results.append(
+                {
+                    "batch_size": bs,
+                    "row": name,
+                    "seconds": round(best[name], 4),
+                    "tokens_per_s": round(bs * args.new_tokens / best[name], 1),
+                    "time_vs_plain": round(best[name] / plain, 3),
+                }
+            )
 
-    env = {"machine": machine_info(), "versions": versions("torch", "transformers", "pyvene", "actedit"),
-           "model": args.model, "new_tokens": args.new_tokens, "repeats": args.repeats,
-           "edits": "artifacts " + args.artifacts if args.artifacts else "synthetic (default study shapes)"}
-    print(f"# generation, greedy, {args.new_tokens} new tokens, KV cache; {env['machine']['cpu']}, "
-          f"{env['machine']['torch_threads']} threads; torch {env['versions']['torch']}, "
-          f"transformers {env['versions']['transformers']}, pyvene {env['versions']['pyvene']}")
+    env = {
+        "machine": machine_info(),
+        "versions": versions("torch", "transformers", "pyvene", "actedit"),
+        "model": args.model,
+        "new_tokens": args.new_tokens,
+        "repeats": args.repeats,
+        "edits": "artifacts " + args.artifacts if args.artifacts else "synthetic (default study shapes)",
+    }
+    print(
+        f"# generation, greedy, {args.new_tokens} new tokens, KV cache; {env['machine']['cpu']}, "
+        f"{env['machine']['torch_threads']} threads; torch {env['versions']['torch']}, "
+        f"transformers {env['versions']['transformers']}, pyvene {env['versions']['pyvene']}"
+    )
     print("| batch | row | tokens/s | time vs plain |")
     print("|---|---|---|---|")
     for r in results:

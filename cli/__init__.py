@@ -33,20 +33,51 @@ def register(name: str, help_text: str, add_arguments: Callable, run: Callable) 
 
 _TRAINED = ", ".join(s.name for s in methods() if s.trained)
 
-register("info", "show what an artifact holds (methods, layers, base model, metrics)", artifacts.info_arguments, artifacts.run_info)
+register(
+    "info",
+    "show what an artifact holds (methods, layers, base model, metrics)",
+    artifacts.info_arguments,
+    artifacts.run_info,
+)
 register("push", "upload an artifact directory to the Hugging Face Hub", artifacts.push_arguments, artifacts.run_push)
-register("collect", f"collect the activations a method needs (sharded, resumable; methods: {', '.join(method_names())})",
-         pipeline.add_arguments, pipeline.run_collect)
-register("fit", f"fit an edit of any method ({', '.join(method_names())}; a trained one is trained) and write "
-         "its artifact", pipeline.add_arguments, pipeline.run_fit)
-register("train", f"train an edit ({_TRAINED}) on collected activations, select layers, write the artifact",
-         pipeline.add_arguments, pipeline.run_train)
-register("run", "run a whole study from a YAML file: collect, fit/train every method, compose, evaluate, "
-         "report (default: configs/default.yaml)", study.add_arguments, study.run)
-register("eval", "a task's metrics (TruthfulQA MC1/MC2 by default; lm-eval protocol) of a model and an edit, "
-         "with analyses and plots", evaluation.add_arguments, evaluation.run)
-register("chat", "chat with an edited model; re-select edited layers live "
-         "('### target layers: 13,14,15 / all / none')", chat.add_arguments, chat.run)
+register(
+    "collect",
+    f"collect the activations a method needs (sharded, resumable; methods: {', '.join(method_names())})",
+    pipeline.add_arguments,
+    pipeline.run_collect,
+)
+register(
+    "fit",
+    f"fit an edit of any method ({', '.join(method_names())}; a trained one is trained) and write its artifact",
+    pipeline.add_arguments,
+    pipeline.run_fit,
+)
+register(
+    "train",
+    f"train an edit ({_TRAINED}) on collected activations, select layers, write the artifact",
+    pipeline.add_arguments,
+    pipeline.run_train,
+)
+register(
+    "run",
+    "run a whole study from a YAML file: collect, fit/train every method, compose, evaluate, "
+    "report (default: configs/default.yaml)",
+    study.add_arguments,
+    study.run,
+)
+register(
+    "eval",
+    "a task's metrics (TruthfulQA MC1/MC2 by default; lm-eval protocol) of a model and an edit, "
+    "with analyses and plots",
+    evaluation.add_arguments,
+    evaluation.run,
+)
+register(
+    "chat",
+    "chat with an edited model; re-select edited layers live ('### target layers: 13,14,15 / all / none')",
+    chat.add_arguments,
+    chat.run,
+)
 
 
 def build_parser() -> argparse.ArgumentParser:

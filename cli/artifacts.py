@@ -19,8 +19,10 @@ def run_info(args) -> int:
         print(json.dumps(info, indent=2))
         return 0
     base = info.get("base_model") or {}
-    print(f"base model: {base.get('name_or_path') or base.get('model_class')} "
-          f"({base.get('model_type')}, hidden {base.get('hidden_size')}, {base.get('num_hidden_layers')} layers)")
+    print(
+        f"base model: {base.get('name_or_path') or base.get('model_class')} "
+        f"({base.get('model_type')}, hidden {base.get('hidden_size')}, {base.get('num_hidden_layers')} layers)"
+    )
     for edit in info.get("edits", []):
         print(f"- {edit['method']} at {edit['component']} layers {edit['layers']} {edit.get('hyperparameters', {})}")
     if info.get("metrics"):

@@ -16,16 +16,30 @@ from actedit.interventions.base import ActEditIntervention
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of ``actedit chat``."""
-    parser.add_argument("--intervention", "-i", required=True, metavar="DIR",
-                        help="artifact directory (or Hub repo id owner/name) saved by actedit / pyvene")
-    parser.add_argument("--model", "-m", default=None, metavar="SPEC",
-                        help="base model: alias (e.g. smollm2-135m-instruct), .gguf file, directory or Hub id; "
-                             "default: the base model recorded in the artifact")
+    parser.add_argument(
+        "--intervention",
+        "-i",
+        required=True,
+        metavar="DIR",
+        help="artifact directory (or Hub repo id owner/name) saved by actedit / pyvene",
+    )
+    parser.add_argument(
+        "--model",
+        "-m",
+        default=None,
+        metavar="SPEC",
+        help="base model: alias (e.g. smollm2-135m-instruct), .gguf file, directory or Hub id; "
+        "default: the base model recorded in the artifact",
+    )
     parser.add_argument("--max-new-tokens", type=int, default=100, help="new tokens per answer (default 100)")
-    parser.add_argument("--layers", default="all",
-                        help="layers edited at start: 'all' (default), 'none' or e.g. '13,14,15'")
-    parser.add_argument("--position-policy", default=None,
-                        help="override every intervention's position policy (e.g. 'last' as the HPR demo, 'all')")
+    parser.add_argument(
+        "--layers", default="all", help="layers edited at start: 'all' (default), 'none' or e.g. '13,14,15'"
+    )
+    parser.add_argument(
+        "--position-policy",
+        default=None,
+        help="override every intervention's position policy (e.g. 'last' as the HPR demo, 'all')",
+    )
     parser.add_argument("--system", default=None, help="system prompt (chat template only)")
     parser.add_argument("--no-chat-template", action="store_true", help="feed prompts as plain text")
     parser.add_argument("--device", default="cpu", help="torch device (default cpu)")
@@ -42,8 +56,12 @@ def run(args, stdin: Optional[TextIO] = None, stdout: Optional[TextIO] = None) -
     stdout.write(f"-----> Loading {spec}\n")
     stdout.flush()
     model, tokenizer = load_model(spec, device=args.device)
-    settings = GenerationSettings(max_new_tokens=args.max_new_tokens, batch_size=1, system_prompt=args.system,
-                                  use_chat_template=False if args.no_chat_template else None)
+    settings = GenerationSettings(
+        max_new_tokens=args.max_new_tokens,
+        batch_size=1,
+        system_prompt=args.system,
+        use_chat_template=False if args.no_chat_template else None,
+    )
     session = ChatSession.from_artifact(directory, model, tokenizer, settings=settings, layers=args.layers)
     if args.position_policy is not None:
         for items in session.edits.values():
@@ -51,8 +69,10 @@ def run(args, stdin: Optional[TextIO] = None, stdout: Optional[TextIO] = None) -
                 if isinstance(module, ActEditIntervention):
                     module.set_position_policy(args.position_policy)
     methods = sorted({e.get("method", "?") for e in info.get("edits", [])})
-    stdout.write(f"-----> Edit: {', '.join(methods) or '?'} at layers {describe_layers(session.available_layers)}; "
-                 f"targeting layers: {session.describe()}. Type '### help' for commands.\n")
+    stdout.write(
+        f"-----> Edit: {', '.join(methods) or '?'} at layers {describe_layers(session.available_layers)}; "
+        f"targeting layers: {session.describe()}. Type '### help' for commands.\n"
+    )
     return session.run(stdin, stdout)
 
 

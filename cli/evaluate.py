@@ -12,24 +12,37 @@ from actedit.eval.report import evaluate
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", required=True,
-                        help="local model directory, Hub id, .gguf file or alias (smollm2-135m-instruct)")
+    parser.add_argument(
+        "--model", required=True, help="local model directory, Hub id, .gguf file or alias (smollm2-135m-instruct)"
+    )
     parser.add_argument("--task", default="truthfulqa", help=f"a registered task ({', '.join(task_names())})")
-    parser.add_argument("--data", default=None,
-                        help="where the task's questions are (TruthfulQA: a directory holding mc_task.json and "
-                             "hpr_ids_splits.json, or a Hub dataset id; default: the Hub)")
+    parser.add_argument(
+        "--data",
+        default=None,
+        help="where the task's questions are (TruthfulQA: a directory holding mc_task.json and "
+        "hpr_ids_splits.json, or a Hub dataset id; default: the Hub)",
+    )
     parser.add_argument("--split", default="test", choices=["train", "eval", "test", "all"])
     parser.add_argument("--split-file", default=None, help="split file (default: DATA/hpr_ids_splits.json)")
     parser.add_argument("--limit", type=int, default=None, help="score only the first N questions of the split")
     parser.add_argument("--intervention", default=None, help="artifact directory or Hub repo id of the edit")
     parser.add_argument("--out", required=True, help="output directory")
     parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--option", dest="options", action="append", default=[], metavar="KEY=VALUE",
-                        help="a task option, e.g. --option mc2_rule=labels (TruthfulQA: lm-eval truthfulqa_mc2 "
-                             "v2.0 'split', default, or v3.0 'labels')")
+    parser.add_argument(
+        "--option",
+        dest="options",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a task option, e.g. --option mc2_rule=labels (TruthfulQA: lm-eval truthfulqa_mc2 "
+        "v2.0 'split', default, or v3.0 'labels')",
+    )
     parser.add_argument("--no-analyses", action="store_true", help="skip norms, side effects and plots")
-    parser.add_argument("--layer-curve", action="store_true",
-                        help="also score the edit restricted to its top-1..K layers (HPR Fig. 6; K scorings)")
+    parser.add_argument(
+        "--layer-curve",
+        action="store_true",
+        help="also score the edit restricted to its top-1..K layers (HPR Fig. 6; K scorings)",
+    )
 
 
 def _options(args) -> Dict[str, Any]:
@@ -44,8 +57,9 @@ def _options(args) -> Dict[str, Any]:
 
 def run(args) -> int:
     results = evaluate(args, _options(args))
-    shown = ", ".join(f"{m.upper()} {results[m]:.4f} ± {results[m + '_stderr']:.4f}"
-                      for m in task_spec(results["task"]).metrics)
+    shown = ", ".join(
+        f"{m.upper()} {results[m]:.4f} ± {results[m + '_stderr']:.4f}" for m in task_spec(results["task"]).metrics
+    )
     print(f"{shown} on {results['n_questions']} questions -> {Path(args.out) / 'results.json'}")
     return 0
 

@@ -9,28 +9,27 @@ from actedit.eval.plots import plot_layer_selection
 from actedit.interventions.registry import method_names
 from actedit.train.pipeline import PipelineConfig, build, collect, load_config
 
+from .options import add_set_option, overrides_of
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("config", nargs="?", default=None, help="YAML config (see configs/)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a config entry, e.g. --set collect.batch_size=8 (repeatable)")
+    add_set_option(parser, "collect.batch_size=8")
     parser.add_argument("--model", default=None, help="override `model`")
     parser.add_argument("--method", default=None, help=f"override `method` ({', '.join(method_names())})")
     parser.add_argument("--data", default=None, help="override `data.source`")
     parser.add_argument("--out", default=None, help="override `out` (artifact directory)")
-    parser.add_argument("--strength", default=None,
-                        help="override the method's strength (settings.strength: HPR's and ITI's alpha, CAA's "
-                             "multiplier, ActAdd's coefficient)")
+    parser.add_argument(
+        "--strength",
+        default=None,
+        help="override the method's strength (settings.strength: HPR's and ITI's alpha, CAA's "
+        "multiplier, ActAdd's coefficient)",
+    )
 
 
 def _config_from_args(args) -> PipelineConfig:
-    overrides = list(args.overrides)
-    for flag, key in (("model", "model"), ("method", "method"), ("data", "data.source"), ("out", "out"),
-                      ("strength", "settings.strength")):
-        value = getattr(args, flag)
-        if value is not None:
-            overrides.append(f"{key}={value}")
-    return load_config(args.config, overrides)
+    flags = {"model": "model", "method": "method", "data": "data.source", "out": "out", "strength": "settings.strength"}
+    return load_config(args.config, overrides_of(args, flags))
 
 
 def run_collect(args) -> int:

@@ -7,36 +7,40 @@ from pathlib import Path
 
 from actedit.study import default_config_path, load_study, run_study
 
+from .options import add_set_option, overrides_of
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("config", nargs="?", default=None,
-                        help="study YAML (default: the embedded configs/default.yaml)")
-    parser.add_argument("--data", default=None, help="directory with mc_task.json and hpr_ids_splits.json "
-                        "(overrides data.source; default: the Hub)")
+    parser.add_argument(
+        "config", nargs="?", default=None, help="study YAML (default: the embedded configs/default.yaml)"
+    )
+    parser.add_argument(
+        "--data",
+        default=None,
+        help="directory with mc_task.json and hpr_ids_splits.json (overrides data.source; default: the Hub)",
+    )
     parser.add_argument("--out", default=None, help="output directory (overrides out)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a config entry, e.g. --set eval.limit=20 (repeatable)")
+    add_set_option(parser, "eval.limit=20")
     parser.add_argument("--quiet", action="store_true", help="no step headers")
 
 
 def run(args) -> int:
-    overrides = list(args.overrides)
-    if args.data is not None:
-        overrides.append(f"data.source={args.data}")
-    if args.out is not None:
-        overrides.append(f"out={args.out}")
+    overrides = overrides_of(args, {"data": "data.source", "out": "out"})
     cfg = load_study(args.config or str(default_config_path()), overrides)
     summary = run_study(cfg, quiet=args.quiet)
     m = summary["methods"]
     metrics = summary["metrics"]
     best = max((n for n in m if n != "base"), key=lambda n: m[n][metrics[-1]], default=None)
     shown = "/".join(x.upper() for x in metrics)
-    line = (f"done in {summary['seconds']['total']:.0f} s: base {shown} "
-            + "/".join(f"{100 * m['base'][x]:.1f}" for x in metrics))
+    line = f"done in {summary['seconds']['total']:.0f} s: base {shown} " + "/".join(
+        f"{100 * m['base'][x]:.1f}" for x in metrics
+    )
     if best:
         line += f", best edit {best} " + "/".join(f"{100 * m[best][x]:.1f}" for x in metrics)
-    print(f"{line}; report {Path(cfg.out) / 'report.md'}, results {Path(cfg.out) / 'results.json'}, "
-          f"artifacts {Path(cfg.out) / 'artifacts'}")
+    print(
+        f"{line}; report {Path(cfg.out) / 'report.md'}, results {Path(cfg.out) / 'results.json'}, "
+        f"artifacts {Path(cfg.out) / 'artifacts'}"
+    )
     return 0
 
 

@@ -62,8 +62,8 @@ from tqdm.auto import tqdm
 from actedit.interventions import compat
 from actedit.interventions.artifacts import file_sha256
 from actedit.interventions.collector import ActivationCollector
-from actedit.interventions.files import write_atomic, write_json
 from actedit.interventions.edits import actedit_version, check_layers, model_signature, site_width
+from actedit.interventions.files import write_atomic, write_json
 from actedit.interventions.packing import (
     DEFAULT_PACK_TOKENS,
     Tree,
@@ -103,8 +103,11 @@ def check_sites(model, sites: Union[str, Sequence[str]]) -> List[str]:
         raise ValueError(f"at least one site is needed; valid sites: {', '.join(SITES)}.")
     for site in sites:
         if site not in SITES:
-            hint = " (per-head activations: collect 'attention_value_output' and load it with heads=True)" \
-                if site == "head_attention_value_output" else ""
+            hint = (
+                " (per-head activations: collect 'attention_value_output' and load it with heads=True)"
+                if site == "head_attention_value_output"
+                else ""
+            )
             raise ValueError(f"unknown site {site!r}; valid sites: {', '.join(SITES)}{hint}.")
         compat.check_model_supported(model, site)
     if len(set(sites)) != len(sites):
@@ -153,8 +156,9 @@ class _ShardPlan:
         return int(self.columns["example"].shape[0])
 
 
-def _plan_shard(dataset, fmt: PromptFormat, tokenizer, index: int, start: int, shard_rows: int,
-                share_prefix: bool) -> _ShardPlan:
+def _plan_shard(
+    dataset, fmt: PromptFormat, tokenizer, index: int, start: int, shard_rows: int, share_prefix: bool
+) -> _ShardPlan:
     """Encode examples from ``start`` until the shard holds at least ``shard_rows`` rows."""
     cols: Dict[str, List[int]] = {c: [] for c in COLUMNS}
     groups: List[_Group] = []
@@ -206,16 +210,27 @@ def _raise_stop(module, args, kwargs):
 class _CollectionRunner:
     """Forward passes through a pyvene model holding collectors: packed rows, or padded batches."""
 
-    def __init__(self, model, sites: List[str], layers: List[int], pad: int, padding_side: str,
-                 store_dtype: torch.dtype, widths: Dict[str, int], pack_tokens: Optional[int] = None):
+    def __init__(
+        self,
+        model,
+        sites: List[str],
+        layers: List[int],
+        pad: int,
+        padding_side: str,
+        store_dtype: torch.dtype,
+        widths: Dict[str, int],
+        pack_tokens: Optional[int] = None,
+    ):
         compat.apply()
         self.model = model
         self.keys = [(site, layer) for site in sites for layer in layers]
         self.collectors = {key: ActivationCollector(record_all=False) for key in self.keys}
-        config = pv.IntervenableConfig(representations=[
-            {"layer": layer, "component": site, "intervention": self.collectors[(site, layer)]}
-            for site, layer in self.keys
-        ])
+        config = pv.IntervenableConfig(
+            representations=[
+                {"layer": layer, "component": site, "intervention": self.collectors[(site, layer)]}
+                for site, layer in self.keys
+            ]
+        )
         self.pvm = pv.IntervenableModel(config, model)
         self.device = next(model.parameters()).device
         self.pad_id = pad
@@ -241,10 +256,18 @@ class _CollectionRunner:
         cols = torch.as_tensor(reads[1], dtype=torch.long, device=self.device) if reads[0] else None
         for collector in self.collectors.values():
             collector.select(rows, cols)
-        base = {"input_ids": ids.to(self.device), "attention_mask": mask.to(self.device),
-                "position_ids": position_ids.to(self.device), "use_cache": False, **self.extra}
-        handle = self.stop_module.register_forward_pre_hook(_raise_stop, with_kwargs=True) \
-            if self.stop_module is not None else None
+        base = {
+            "input_ids": ids.to(self.device),
+            "attention_mask": mask.to(self.device),
+            "position_ids": position_ids.to(self.device),
+            "use_cache": False,
+            **self.extra,
+        }
+        handle = (
+            self.stop_module.register_forward_pre_hook(_raise_stop, with_kwargs=True)
+            if self.stop_module is not None
+            else None
+        )
         try:
             self.pvm(base, unit_locations=None)
         except _StopForward:
@@ -259,11 +282,15 @@ class _CollectionRunner:
         if rows is not None:
             for key, out in outs.items():
                 if out is None:
-                    raise RuntimeError(f"pyvene did not call the collector at {key[0]} layer {key[1]}; "
-                                       "the model's forward did not reach that module.")
+                    raise RuntimeError(
+                        f"pyvene did not call the collector at {key[0]} layer {key[1]}; "
+                        "the model's forward did not reach that module."
+                    )
                 if out.shape[-1] != self.widths[key[0]]:
-                    raise RuntimeError(f"{key[0]} layer {key[1]} has width {out.shape[-1]}, expected "
-                                       f"{self.widths[key[0]]} (pyvene's tables disagree with the model).")
+                    raise RuntimeError(
+                        f"{key[0]} layer {key[1]} has width {out.shape[-1]}, expected "
+                        f"{self.widths[key[0]]} (pyvene's tables disagree with the model)."
+                    )
         return outs
 
     def _store(self, outs, src: List[int], dest: List[int]) -> None:
@@ -274,8 +301,10 @@ class _CollectionRunner:
         for key, out in outs.items():
             values = out.index_select(0, src_t.to(out.device)).to("cpu", self.store_dtype)
             if self.store_dtype != torch.float32 and not bool(torch.isfinite(values).all()):
-                raise ValueError(f"activations at {key[0]} layer {key[1]} overflow the store dtype "
-                                 f"{self.store_dtype}; collect with dtype='float32'.")
+                raise ValueError(
+                    f"activations at {key[0]} layer {key[1]} overflow the store dtype "
+                    f"{self.store_dtype}; collect with dtype='float32'."
+                )
             self.buffers[key][dest_t] = values
 
     # --------------------------------------------------------------------------- batches
@@ -288,8 +317,8 @@ class _CollectionRunner:
         cols, src, dest = [], [], []
         for r, s in enumerate(seqs):
             start = width - len(s.ids) if self.left else 0
-            ids[r, start:start + len(s.ids)] = torch.as_tensor(list(s.ids), dtype=torch.long)
-            mask[r, start:start + len(s.ids)] = 1
+            ids[r, start : start + len(s.ids)] = torch.as_tensor(list(s.ids), dtype=torch.long)
+            mask[r, start : start + len(s.ids)] = 1
             for k, p in enumerate(s.reads):
                 src.append(len(rows))
                 rows.append(r)
@@ -307,7 +336,7 @@ class _CollectionRunner:
         items: List[Tuple[int, Tree, List[_Seq]]] = []  # (group, tree, the sequences it holds)
         for k, g in enumerate(groups):
             if g.prefix > 0:
-                items.append((k, Tree(g.seqs[0].ids[:g.prefix], [s.ids[g.prefix:] for s in g.seqs]), g.seqs))
+                items.append((k, Tree(g.seqs[0].ids[: g.prefix], [s.ids[g.prefix :] for s in g.seqs]), g.seqs))
             else:
                 items.extend((k, Tree(s.ids), [s]) for s in g.seqs)
         last_item = {group: i for i, (group, _, _) in enumerate(items)}
@@ -336,8 +365,9 @@ class _CollectionRunner:
                         src.append(read_at[at])
                         dest.append(s.dest + j)
             mask = batch.attention_mask(0, dtype=dtype)
-            outs = self._forward(batch.input_ids, mask, batch.position_ids, (rows, cols),
-                                 n_tokens=int(batch.real.sum()))
+            outs = self._forward(
+                batch.input_ids, mask, batch.position_ids, (rows, cols), n_tokens=int(batch.real.sum())
+            )
             self._store(outs, src, dest)
             del outs
             filled.extend(dest)
@@ -356,10 +386,10 @@ class _CollectionRunner:
         else:
             seqs = sorted((s for g in plan.groups for s in g.seqs), key=lambda s: -len(s.ids))
             for lo in range(0, len(seqs), batch_size):
-                chunk = seqs[lo:lo + batch_size]
+                chunk = seqs[lo : lo + batch_size]
                 self.run_padded(chunk)
                 for s in chunk:
-                    filled[s.dest:s.dest + len(s.reads)] = True
+                    filled[s.dest : s.dest + len(s.reads)] = True
             on_groups(len(plan.groups))
         if not bool(filled.all()):  # pragma: no cover - a planning bug
             raise RuntimeError(f"shard {plan.index}: {int((~filled).sum())} rows were not collected.")
@@ -381,14 +411,23 @@ def _write_shard(directory: Path, plan: _ShardPlan, tensors: Dict[str, torch.Ten
     data = safetensors_bytes(tensors, metadata={"actedit": json.dumps(info, sort_keys=True, ensure_ascii=False)})
     path = directory / shard_name(plan.index)
     write_atomic(path, data)
-    return {"file": path.name, "rows": plan.num_rows, "examples": [plan.start, plan.end],
-            "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    return {
+        "file": path.name,
+        "rows": plan.num_rows,
+        "examples": [plan.start, plan.end],
+        "bytes": len(data),
+        "sha256": hashlib.sha256(data).hexdigest(),
+    }
 
 
 def _our_files(directory: Path) -> List[Path]:
-    return [p for p in directory.iterdir()
-            if p.name == MANIFEST or p.name.endswith(".tmp") or
-            (p.name.startswith(SHARD_PREFIX) and p.name.endswith(".safetensors"))]
+    return [
+        p
+        for p in directory.iterdir()
+        if p.name == MANIFEST
+        or p.name.endswith(".tmp")
+        or (p.name.startswith(SHARD_PREFIX) and p.name.endswith(".safetensors"))
+    ]
 
 
 def _diff(old: Mapping[str, Any], new: Mapping[str, Any], prefix: str = "") -> List[str]:
@@ -402,8 +441,9 @@ def _diff(old: Mapping[str, Any], new: Mapping[str, Any], prefix: str = "") -> L
     return out
 
 
-def _prepare_directory(directory: Path, run: Dict[str, Any], fingerprint: str, resume: bool,
-                       overwrite: bool, verify: bool) -> Tuple[List[Dict[str, Any]], bool]:
+def _prepare_directory(
+    directory: Path, run: Dict[str, Any], fingerprint: str, resume: bool, overwrite: bool, verify: bool
+) -> Tuple[List[Dict[str, Any]], bool]:
     """Existing complete shards to keep and whether the store is already complete."""
     directory.mkdir(parents=True, exist_ok=True)
     manifest_path = directory / MANIFEST
@@ -413,17 +453,21 @@ def _prepare_directory(directory: Path, run: Dict[str, Any], fingerprint: str, r
         except json.JSONDecodeError:
             raise ValueError(f"{manifest_path} is not valid JSON; remove it or pass overwrite=True.") from None
         if not resume:
-            raise ValueError(f"{directory} already holds an activation store; pass resume=True to continue it or "
-                             "overwrite=True to replace it.")
+            raise ValueError(
+                f"{directory} already holds an activation store; pass resume=True to continue it or "
+                "overwrite=True to replace it."
+            )
         if not manifest.get("shards"):  # nothing kept from the earlier run: start afresh
             for path in _our_files(directory):
                 path.unlink()
             return [], False
         if manifest.get("fingerprint") != fingerprint:
             changes = _diff(manifest.get("run", {}), run)
-            raise ValueError(f"{directory} holds activations collected with other arguments "
-                             f"({'; '.join(changes[:6]) or 'unknown differences'}); pass overwrite=True to "
-                             "replace them or choose another directory.")
+            raise ValueError(
+                f"{directory} holds activations collected with other arguments "
+                f"({'; '.join(changes[:6]) or 'unknown differences'}); pass overwrite=True to "
+                "replace them or choose another directory."
+            )
         kept = []
         for entry in manifest.get("shards", []):
             path = directory / entry["file"]
@@ -504,14 +548,19 @@ def collect_activations(
         print(f"collect: {note}", flush=True)
     first = data[0]
     if not isinstance(first, fmt.accepts):
-        raise ValueError(f"format {fmt.name!r} reads {fmt.accepts.__name__} items but the dataset holds "
-                         f"{type(first).__name__} items.")
+        raise ValueError(
+            f"format {fmt.name!r} reads {fmt.accepts.__name__} items but the dataset holds "
+            f"{type(first).__name__} items."
+        )
     site_list = check_sites(model, sites)
     n_layers = int(model.config.num_hidden_layers)
     layer_list = check_layers(model, list(range(n_layers)) if layers is None else list(layers))
     dtype_name, store_dtype = check_dtype(dtype)
-    for name, value, optional in (("batch_size", batch_size, False), ("pack_tokens", pack_tokens, True),
-                                  ("shard_rows", shard_rows, True)):
+    for name, value, optional in (
+        ("batch_size", batch_size, False),
+        ("pack_tokens", pack_tokens, True),
+        ("shard_rows", shard_rows, True),
+    ):
         if (value is not None or not optional) and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
             raise ValueError(f"{name} must be a positive integer{' or None' if optional else ''}, got {value!r}.")
     side = padding_side or getattr(tokenizer, "padding_side", None) or "right"
@@ -522,7 +571,7 @@ def collect_activations(
         if not shard_mb > 0:
             raise ValueError(f"shard_mb must be positive, got {shard_mb}.")
         row_bytes = sum(widths.values()) * len(layer_list) * torch.empty((), dtype=store_dtype).element_size()
-        shard_rows = max(1, int(shard_mb * 2 ** 20 // row_bytes))
+        shard_rows = max(1, int(shard_mb * 2**20 // row_bytes))
     run = {
         "store_version": STORE_VERSION,
         "model": {**model_signature(model), "weights_sha256": weights_digest(model)},
@@ -545,16 +594,42 @@ def collect_activations(
         if complete:
             return ActivationStore(directory)
     manifest = {
-        "store_version": STORE_VERSION, "actedit_version": actedit_version(), "fingerprint": fingerprint, "run": run,
-        "sites": _site_info(model, site_list, widths), "layers": layer_list, "dtype": dtype_name, "roles": list(ROLES),
-        "columns": list(COLUMNS), "num_examples": len(data), "complete": False, "shards": shards,
-        "num_rows": sum(s["rows"] for s in shards), "environment": environment(model),
+        "store_version": STORE_VERSION,
+        "actedit_version": actedit_version(),
+        "fingerprint": fingerprint,
+        "run": run,
+        "sites": _site_info(model, site_list, widths),
+        "layers": layer_list,
+        "dtype": dtype_name,
+        "roles": list(ROLES),
+        "columns": list(COLUMNS),
+        "num_examples": len(data),
+        "complete": False,
+        "shards": shards,
+        "num_rows": sum(s["rows"] for s in shards),
+        "environment": environment(model),
     }
     if directory is not None:
         _write_manifest(directory, manifest)
-    held = _run_collection(model, tokenizer, data, fmt, manifest, directory, site_list, layer_list, side,
-                           store_dtype, widths, batch_size, share_prefix, pack_tokens, int(shard_rows), progress,
-                           on_shard)
+    held = _run_collection(
+        model,
+        tokenizer,
+        data,
+        fmt,
+        manifest,
+        directory,
+        site_list,
+        layer_list,
+        side,
+        store_dtype,
+        widths,
+        batch_size,
+        share_prefix,
+        pack_tokens,
+        int(shard_rows),
+        progress,
+        on_shard,
+    )
     manifest["complete"] = True
     if directory is None:
         return ActivationStore.in_memory(manifest, held)
@@ -573,10 +648,25 @@ def _site_info(model, sites: List[str], widths: Dict[str, int]) -> Dict[str, Dic
     return info
 
 
-def _run_collection(model, tokenizer, data, fmt: PromptFormat, manifest: Dict[str, Any], directory: Optional[Path],
-                    sites: List[str], layers: List[int], side: str, store_dtype: torch.dtype, widths: Dict[str, int],
-                    batch_size: int, share_prefix: bool, pack_tokens: Optional[int], shard_rows: int, progress: bool,
-                    on_shard: Optional[Callable[[Dict[str, Any]], None]]) -> List[Tuple[Dict[str, torch.Tensor], list]]:
+def _run_collection(
+    model,
+    tokenizer,
+    data,
+    fmt: PromptFormat,
+    manifest: Dict[str, Any],
+    directory: Optional[Path],
+    sites: List[str],
+    layers: List[int],
+    side: str,
+    store_dtype: torch.dtype,
+    widths: Dict[str, int],
+    batch_size: int,
+    share_prefix: bool,
+    pack_tokens: Optional[int],
+    shard_rows: int,
+    progress: bool,
+    on_shard: Optional[Callable[[Dict[str, Any]], None]],
+) -> List[Tuple[Dict[str, torch.Tensor], list]]:
     """Collect shard after shard from the last complete one; write each (``directory``) or hold it
     in memory (returned as ``(tensors, example records)`` per shard)."""
     shards = manifest["shards"]

@@ -84,8 +84,9 @@ def _check_metadata(metadata: Any, where: str) -> Dict[str, Any]:
     try:
         json.dumps(metadata, sort_keys=True)
     except (TypeError, ValueError) as exc:
-        raise ValueError(f"{where}: metadata must be JSON-serialisable (it is written into activation "
-                         f"stores): {exc}") from None
+        raise ValueError(
+            f"{where}: metadata must be JSON-serialisable (it is written into activation stores): {exc}"
+        ) from None
     return dict(metadata)
 
 
@@ -128,19 +129,24 @@ class ContrastExample(_MetadataFields):
     bases: List[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
-        where = f"example {self.metadata.get('id')!r}" if isinstance(self.metadata, dict) and "id" in self.metadata \
+        where = (
+            f"example {self.metadata.get('id')!r}"
+            if isinstance(self.metadata, dict) and "id" in self.metadata
             else "example"
+        )
         self.prompt = _check_text(self.prompt, f"{where}: prompt")
         self.positives = _check_texts(self.positives, "positives", where)
         self.negatives = _check_texts(self.negatives, "negatives", where)
         self.bases = _check_texts(self.bases, "bases", where)
         self.metadata = _check_metadata(self.metadata, where)
         if not self.positives:
-            raise ValueError(f"{where} has no positive response; every example needs at least one "
-                             f"(prompt: {self.prompt[:80]!r}).")
+            raise ValueError(
+                f"{where} has no positive response; every example needs at least one (prompt: {self.prompt[:80]!r})."
+            )
         if not self.negatives:
-            raise ValueError(f"{where} has no negative response; every example needs at least one "
-                             f"(prompt: {self.prompt[:80]!r}).")
+            raise ValueError(
+                f"{where} has no negative response; every example needs at least one (prompt: {self.prompt[:80]!r})."
+            )
         both = sorted(set(self.positives) & set(self.negatives))
         if both:
             raise ValueError(f"{where}: {both[0]!r} is listed as both a positive and a negative response.")
@@ -163,8 +169,11 @@ class ContrastExample(_MetadataFields):
 
     def to_dict(self) -> Dict[str, Any]:
         """The JSONL record :func:`load_contrast_jsonl` reads back."""
-        out: Dict[str, Any] = {"prompt": self.prompt, "positives": list(self.positives),
-                               "negatives": list(self.negatives)}
+        out: Dict[str, Any] = {
+            "prompt": self.prompt,
+            "positives": list(self.positives),
+            "negatives": list(self.negatives),
+        }
         if self.bases:
             out["bases"] = list(self.bases)
         if self.metadata:
@@ -187,15 +196,19 @@ class PromptPair(_MetadataFields):
     metadata: Dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        where = f"prompt pair {self.metadata.get('id')!r}" if isinstance(self.metadata, dict) and "id" in self.metadata \
+        where = (
+            f"prompt pair {self.metadata.get('id')!r}"
+            if isinstance(self.metadata, dict) and "id" in self.metadata
             else "prompt pair"
+        )
         for name in ("prompt1", "prompt2"):
             value = getattr(self, name)
             if not isinstance(value, str) or value == "":
                 raise ValueError(f"{where}: {name} must be a non-empty string, got {value!r:.60}.")
         if self.prompt1 == self.prompt2:
-            raise ValueError(f"{where}: prompt1 and prompt2 are identical ({self.prompt1!r:.60}); their "
-                             "difference would be zero.")
+            raise ValueError(
+                f"{where}: prompt1 and prompt2 are identical ({self.prompt1!r:.60}); their difference would be zero."
+            )
         self.metadata = _check_metadata(self.metadata, where)
 
     def to_dict(self) -> Dict[str, Any]:
@@ -216,8 +229,9 @@ class _Dataset:
             raise ValueError(f"dataset {name!r} is empty; it needs at least one example.")
         for i, item in enumerate(items):
             if not isinstance(item, self.item_type):
-                raise ValueError(f"dataset {name!r}: item {i} is a {type(item).__name__}, not a "
-                                 f"{self.item_type.__name__}.")
+                raise ValueError(
+                    f"dataset {name!r}: item {i} is a {type(item).__name__}, not a {self.item_type.__name__}."
+                )
         self._items = items
         self.name = str(name)
 
@@ -257,8 +271,10 @@ class _Dataset:
         chosen = [x for x in self._items if x.metadata.get("split") == name]
         if not chosen:
             known = self.splits
-            raise ValueError(f"dataset {self.name!r} has no example in split {name!r}; splits present: "
-                             f"{', '.join(known) if known else 'none (no split metadata)'}.")
+            raise ValueError(
+                f"dataset {self.name!r} has no example in split {name!r}; splits present: "
+                f"{', '.join(known) if known else 'none (no split metadata)'}."
+            )
         return type(self)(chosen, name=f"{self.name}/{name}")
 
     def with_split(self, name: str):
@@ -279,7 +295,9 @@ class _Dataset:
         random.Random(seed).shuffle(order)
         n_eval = min(max(1, int(round(len(self) * eval_ratio))), len(self) - 1)
         eval_ids, train_ids = sorted(order[:n_eval]), sorted(order[n_eval:])
-        train = type(self)([_with_metadata(self._items[i], split="train") for i in train_ids], name=f"{self.name}/train")
+        train = type(self)(
+            [_with_metadata(self._items[i], split="train") for i in train_ids], name=f"{self.name}/train"
+        )
         evals = type(self)([_with_metadata(self._items[i], split="eval") for i in eval_ids], name=f"{self.name}/eval")
         return train, evals
 
@@ -293,8 +311,9 @@ class _Dataset:
 
     def to_jsonl(self, path: PathLike) -> Path:
         """Write one JSON record per line (atomically); the matching loader reads it back."""
-        return write_atomic(path, "".join(json.dumps(item.to_dict(), ensure_ascii=False) + "\n"
-                                          for item in self._items))
+        return write_atomic(
+            path, "".join(json.dumps(item.to_dict(), ensure_ascii=False) + "\n" for item in self._items)
+        )
 
 
 def _with_metadata(item, **updates):
@@ -356,7 +375,6 @@ def as_dataset(dataset: Any) -> Union[ContrastDataset, PromptPairDataset]:
     raise ValueError("the dataset must hold ContrastExample or PromptPair items (one kind).")
 
 
-
 # ----------------------------------------------------------------------------------- JSONL
 def _read_jsonl(path: PathLike) -> Iterator[Tuple[int, Dict[str, Any]]]:
     """``(line number, object)`` for each non-blank line; errors name the file and line."""
@@ -382,8 +400,9 @@ def _one_or_many(record: Dict[str, Any], one: str, many: str, where: str, requir
     if one in record:
         value = record[one]
         if not isinstance(value, str):
-            raise ValueError(f"{where}: {one!r} must be a string (use {many!r} for a list), got "
-                             f"{type(value).__name__}.")
+            raise ValueError(
+                f"{where}: {one!r} must be a string (use {many!r} for a list), got {type(value).__name__}."
+            )
         return [value]
     if many in record:
         value = record[many]
@@ -422,13 +441,15 @@ def load_contrast_jsonl(path: PathLike, name: Optional[str] = None) -> ContrastD
             metadata["id"] = record["id"]
         metadata.setdefault("line", lineno)
         try:
-            examples.append(ContrastExample(
-                prompt=record["prompt"],
-                positives=_one_or_many(record, "positive", "positives", where),
-                negatives=_one_or_many(record, "negative", "negatives", where),
-                metadata=metadata,
-                bases=_one_or_many(record, "base", "bases", where, required=False),
-            ))
+            examples.append(
+                ContrastExample(
+                    prompt=record["prompt"],
+                    positives=_one_or_many(record, "positive", "positives", where),
+                    negatives=_one_or_many(record, "negative", "negatives", where),
+                    metadata=metadata,
+                    bases=_one_or_many(record, "base", "bases", where, required=False),
+                )
+            )
         except ValueError as exc:
             message = str(exc)
             raise ValueError(message if message.startswith(where) else f"{where}: {message}") from None
@@ -480,7 +501,8 @@ def _is_local(source: PathLike) -> bool:
     text = str(source)
 
     return Path(text).expanduser().exists() or looks_like_local_path(
-        text, suffixes=(".json", ".jsonl", ".csv", ".parquet"))
+        text, suffixes=(".json", ".jsonl", ".csv", ".parquet")
+    )
 
 
 def _read_records(path: Path, split: Optional[str]) -> List[Dict[str, Any]]:
@@ -490,8 +512,10 @@ def _read_records(path: Path, split: Optional[str]) -> List[Dict[str, Any]]:
         candidates = [path / f"{split}{ext}" for ext in (".jsonl", ".json", ".csv")] if split else []
         found = [c for c in candidates if c.is_file()]
         if not found:
-            raise FileNotFoundError(f"{path} is a directory without "
-                                    f"{' / '.join(c.name for c in candidates) or 'a file for the split'}; give a file path.")
+            raise FileNotFoundError(
+                f"{path} is a directory without "
+                f"{' / '.join(c.name for c in candidates) or 'a file for the split'}; give a file path."
+            )
         path = found[0]
     if not path.is_file():
         raise FileNotFoundError(f"No such file: {path}")
@@ -559,9 +583,11 @@ def _bigbench_example(record: Dict[str, Any], i: int, task: str, split: Optional
         positives = [choices[label]]
         ident = record.get("example_id", i)
     else:
-        raise ValueError(f"{where}: unknown schema (keys {sorted(record)[:8]}); expected the Hugging Face "
-                         "bigbench fields inputs/targets/multiple_choice_targets, BIG-bench's input/target_scores "
-                         "or BBQ's context/question/ans0..ans2/label.")
+        raise ValueError(
+            f"{where}: unknown schema (keys {sorted(record)[:8]}); expected the Hugging Face "
+            "bigbench fields inputs/targets/multiple_choice_targets, BIG-bench's input/target_scores "
+            "or BBQ's context/question/ans0..ans2/label."
+        )
     negatives = [c for c in choices if c not in positives]
     meta = {"id": f"{task}/{ident}", "source": task}
     if split is not None:
@@ -592,15 +618,22 @@ def load_bigbench(
         records = _read_records(Path(str(source)), split)
     else:
         hub_id = str(source) if source is not None else BIGBENCH_HUB_ID
-        records = _hub_records(hub_id, task, split, f"BIG-bench task {task!r}",
-                               "a JSON/JSONL file with inputs/targets/multiple_choice_targets per record.")
+        records = _hub_records(
+            hub_id,
+            task,
+            split,
+            f"BIG-bench task {task!r}",
+            "a JSON/JSONL file with inputs/targets/multiple_choice_targets per record.",
+        )
     examples = [_bigbench_example(r, i, task, split) for i, r in enumerate(_limit(records, limit))]
     if not examples:
         raise ValueError(f"BIG-bench task {task!r} ({source or BIGBENCH_HUB_ID}, split {split!r}) holds no records.")
     return ContrastDataset(examples, name=f"{task}/{split}")
 
 
-def load_bbq(source: Optional[PathLike] = None, split: str = "train", *, limit: Optional[int] = None) -> ContrastDataset:
+def load_bbq(
+    source: Optional[PathLike] = None, split: str = "train", *, limit: Optional[int] = None
+) -> ContrastDataset:
     """BBQ as HPR uses it: BIG-bench's ``bbq_lite_json`` (see :func:`load_bigbench`).
 
     Local files in the original BBQ schema (``context``, ``question``, ``ans0..ans2``,
@@ -609,8 +642,9 @@ def load_bbq(source: Optional[PathLike] = None, split: str = "train", *, limit: 
     return load_bigbench("bbq_lite_json", source, split, limit=limit)
 
 
-def load_simple_ethical_questions(source: Optional[PathLike] = None, split: str = "train", *,
-                                  limit: Optional[int] = None) -> ContrastDataset:
+def load_simple_ethical_questions(
+    source: Optional[PathLike] = None, split: str = "train", *, limit: Optional[int] = None
+) -> ContrastDataset:
     """BIG-bench's ``simple_ethical_questions`` (HPR's SEQ; see :func:`load_bigbench`)."""
     return load_bigbench("simple_ethical_questions", source, split, limit=limit)
 
@@ -636,28 +670,39 @@ def load_toxigen(
         records = _read_records(Path(str(source)), split)
     else:
         hub_id = str(source) if source is not None else TOXIGEN_HUB_ID
-        records = _hub_records(hub_id, "annotated", split, "ToxiGen",
-                               "a JSON/JSONL/CSV file with text, toxicity_ai and toxicity_human columns.")
+        records = _hub_records(
+            hub_id,
+            "annotated",
+            split,
+            "ToxiGen",
+            "a JSON/JSONL/CSV file with text, toxicity_ai and toxicity_human columns.",
+        )
     examples = []
     for i, record in enumerate(_limit(records, limit)):
         where = f"ToxiGen record {i}"
         missing = [k for k in ("text", "toxicity_ai", "toxicity_human") if k not in record]
         if missing:
-            raise ValueError(f"{where}: missing {missing}; the 'annotated' config has text, toxicity_ai and "
-                             "toxicity_human.")
+            raise ValueError(
+                f"{where}: missing {missing}; the 'annotated' config has text, toxicity_ai and toxicity_human."
+            )
         try:
             score = float(record["toxicity_ai"]) + float(record["toxicity_human"])
         except (TypeError, ValueError):
-            raise ValueError(f"{where}: toxicity_ai/toxicity_human must be numbers, got "
-                             f"{record['toxicity_ai']!r}/{record['toxicity_human']!r}.") from None
+            raise ValueError(
+                f"{where}: toxicity_ai/toxicity_human must be numbers, got "
+                f"{record['toxicity_ai']!r}/{record['toxicity_human']!r}."
+            ) from None
         answer = "Yes" if score > threshold else "No"
         other = "No" if answer == "Yes" else "Yes"
         meta = {"id": f"toxigen/{i}", "source": "toxigen", "split": split, "toxicity": score}
         if "target_group" in record:
             meta["target_group"] = record["target_group"]
         try:
-            examples.append(ContrastExample(TOXIGEN_PROMPT.format(text=_check_text(record["text"], "text")),
-                                            [answer], [other], meta))
+            examples.append(
+                ContrastExample(
+                    TOXIGEN_PROMPT.format(text=_check_text(record["text"], "text")), [answer], [other], meta
+                )
+            )
         except ValueError as exc:
             raise ValueError(f"{where}: {exc}") from None
     if not examples:
@@ -676,8 +721,9 @@ def _example_seed(seed: int, example: ContrastExample, index: int) -> int:
     return int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "little")
 
 
-def to_ab_questions(dataset: ContrastDataset, *, seed: int = 0, pairs_per_example: int = 1,
-                    template: str = AB_TEMPLATE) -> ContrastDataset:
+def to_ab_questions(
+    dataset: ContrastDataset, *, seed: int = 0, pairs_per_example: int = 1, template: str = AB_TEMPLATE
+) -> ContrastDataset:
     """CAA's A/B format from any contrast dataset.
 
     Each example gives ``pairs_per_example`` two-choice questions: its first positive (TruthfulQA:
@@ -705,7 +751,9 @@ def to_ab_questions(dataset: ContrastDataset, *, seed: int = 0, pairs_per_exampl
             meta = dict(example.metadata, ab_true=letters[0][1])
             if len(negatives) > 1 and example.id is not None:
                 meta["id"] = f"{example.id}/ab{j}"
-            out.append(ContrastExample(template.format(prompt=example.prompt, a=a, b=b), [letters[0]], [letters[1]], meta))
+            out.append(
+                ContrastExample(template.format(prompt=example.prompt, a=a, b=b), [letters[0]], [letters[1]], meta)
+            )
     return ContrastDataset(out, name=f"{dataset.name}/ab")
 
 
@@ -713,20 +761,30 @@ def first_responses(dataset: ContrastDataset) -> ContrastDataset:
     """Each example with only its first positive and first negative (TruthfulQA: the best
     answer and the first incorrect answer): one completion of each role per prompt, as SEA's
     aligned matrices H⁺, H⁻ need."""
-    return ContrastDataset([ContrastExample(ex.prompt, [ex.positives[0]], [ex.negatives[0]], dict(ex.metadata),
-                                            list(ex.bases)) for ex in dataset], name=f"{dataset.name}/first")
+    return ContrastDataset(
+        [
+            ContrastExample(ex.prompt, [ex.positives[0]], [ex.negatives[0]], dict(ex.metadata), list(ex.bases))
+            for ex in dataset
+        ],
+        name=f"{dataset.name}/first",
+    )
 
 
 def with_bases(dataset: ContrastDataset, bases: Sequence[Union[str, Sequence[str]]]) -> ContrastDataset:
     """The dataset with each example's ``bases`` (SEA's base completions, e.g. the model's own
     answers from :func:`actedit.data.generate.generate_bases`) replaced by ``bases[i]``."""
     if len(bases) != len(dataset):
-        raise ValueError(f"{len(bases)} base completions for {len(dataset)} examples; give one (or a list) per example.")
+        raise ValueError(
+            f"{len(bases)} base completions for {len(dataset)} examples; give one (or a list) per example."
+        )
     out = []
-    for example, base in zip(dataset, bases):
+    for example, base in zip(dataset, bases, strict=True):
         texts = [base] if isinstance(base, str) else list(base)
-        out.append(ContrastExample(example.prompt, list(example.positives), list(example.negatives),
-                                   dict(example.metadata), texts))
+        out.append(
+            ContrastExample(
+                example.prompt, list(example.positives), list(example.negatives), dict(example.metadata), texts
+            )
+        )
     return ContrastDataset(out, name=dataset.name)
 
 
@@ -739,7 +797,9 @@ LOADERS = {
 """Dataset names :func:`load_contrast` knows."""
 
 
-def load_contrast_file(spec: PathLike, known: Sequence[str] = (), **kwargs) -> Union[ContrastDataset, PromptPairDataset]:
+def load_contrast_file(
+    spec: PathLike, known: Sequence[str] = (), **kwargs
+) -> Union[ContrastDataset, PromptPairDataset]:
     """A dataset from a JSONL file: one whose first record has ``prompt1`` (or ``prompt2``) is
     read as ActAdd prompt pairs, any other as contrast examples. (Names of datasets and tasks are
     resolved by :func:`actedit.data.tasks.load_contrast`, which lists them as ``known``.)"""
@@ -756,8 +816,24 @@ def load_contrast_file(spec: PathLike, known: Sequence[str] = (), **kwargs) -> U
 
 
 __all__ = [
-    "AB_TEMPLATE", "as_dataset", "ROLES", "ContrastDataset", "ContrastExample", "LOADERS", "PromptPair", "PromptPairDataset", "TOXIGEN_PROMPT",
-    "TOXIGEN_THRESHOLD", "load_bbq", "load_bigbench", "load_contrast_file", "load_contrast_jsonl",
-    "load_prompt_pairs_jsonl", "load_simple_ethical_questions", "load_toxigen",
-    "first_responses", "to_ab_questions", "with_bases",
+    "AB_TEMPLATE",
+    "as_dataset",
+    "ROLES",
+    "ContrastDataset",
+    "ContrastExample",
+    "LOADERS",
+    "PromptPair",
+    "PromptPairDataset",
+    "TOXIGEN_PROMPT",
+    "TOXIGEN_THRESHOLD",
+    "load_bbq",
+    "load_bigbench",
+    "load_contrast_file",
+    "load_contrast_jsonl",
+    "load_prompt_pairs_jsonl",
+    "load_simple_ethical_questions",
+    "load_toxigen",
+    "first_responses",
+    "to_ab_questions",
+    "with_bases",
 ]

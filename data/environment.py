@@ -4,8 +4,8 @@ activation stores)."""
 from __future__ import annotations
 
 import os
-from importlib.metadata import PackageNotFoundError, version
 import platform
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Dict, Optional
 
@@ -27,10 +27,15 @@ def machine_info() -> Dict[str, object]:
         memory = round(int(Path("/proc/meminfo").read_text().split()[1]) / 2**20, 1)
     except (OSError, ValueError, IndexError):
         pass
-    return {"platform": platform.platform(), "cpu": cpu, "cores": os.cpu_count(), "memory_gib": memory,
-            "torch_threads": torch.get_num_threads(),
-            "load_average": [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None,
-            "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
+    return {
+        "platform": platform.platform(),
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "memory_gib": memory,
+        "torch_threads": torch.get_num_threads(),
+        "load_average": [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None,
+        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+    }
 
 
 def versions(*distributions: str) -> Dict[str, Optional[str]]:

@@ -71,8 +71,10 @@ class EncodedSequence:
         prev = -1
         for p in self.read_positions:
             if not 0 <= p < len(self.ids) or p <= prev:
-                raise ValueError(f"{self.role} sequence {self.response}: read positions must be ascending "
-                                 f"indices into its {len(self.ids)} tokens, got {self.read_positions}.")
+                raise ValueError(
+                    f"{self.role} sequence {self.response}: read positions must be ascending "
+                    f"indices into its {len(self.ids)} tokens, got {self.read_positions}."
+                )
             prev = p
 
 
@@ -140,8 +142,8 @@ def token_at_char(tokenizer, text: str, char_index: int, add_special_tokens: boo
         for i, (start, end) in enumerate(offsets):
             if start <= char_index < end:
                 return i
-    head = encode_text(tokenizer, text[:char_index + 1], add_special_tokens)
-    if list(ids[:len(head)]) == head:
+    head = encode_text(tokenizer, text[: char_index + 1], add_special_tokens)
+    if list(ids[: len(head)]) == head:
         return len(head) - 1
     raise ValueError(f"cannot locate character {char_index} ({text[char_index]!r}) of {text[-80:]!r} among its tokens.")
 
@@ -173,8 +175,9 @@ def tokenizer_fingerprint(tokenizer) -> Dict[str, Any]:
 def _check_template(owner: str, template: str, *fields: str) -> None:
     missing = [f for f in fields if "{" + f + "}" not in template]
     if missing:
-        raise ValueError(f"{owner} template {template!r} lacks the placeholder(s) "
-                         + ", ".join("{" + f + "}" for f in missing) + ".")
+        raise ValueError(
+            f"{owner} template {template!r} lacks the placeholder(s) " + ", ".join("{" + f + "}" for f in missing) + "."
+        )
 
 
 @dataclass(frozen=True)
@@ -198,16 +201,19 @@ class PromptFormat:
 
     def check(self, example) -> None:
         if not isinstance(example, self.accepts):
-            raise ValueError(f"{type(self).__name__} reads {self.accepts.__name__} items, got "
-                             f"{type(example).__name__}.")
+            raise ValueError(
+                f"{type(self).__name__} reads {self.accepts.__name__} items, got {type(example).__name__}."
+            )
 
     def prepare(self, dataset, seed: int = 0):
         """The dataset in the shape this format reads (the default: as it is). Formats convert
         what they can (CAA: free-text answers to A/B questions) and refuse what they cannot read,
         with an error naming what they need."""
         if not isinstance(dataset, ContrastDataset):
-            raise ValueError(f"the {self.name} format reads contrast examples (prompt, positives, negatives), got "
-                             f"{type(dataset).__name__}.")
+            raise ValueError(
+                f"the {self.name} format reads contrast examples (prompt, positives, negatives), got "
+                f"{type(dataset).__name__}."
+            )
         return dataset
 
     def needs_bases(self, dataset) -> bool:
@@ -226,15 +232,22 @@ class PromptFormat:
         template = has_chat_template(tokenizer)
         if chat is None:
             resolved = replace(cast(Any, self), chat=template)  # only formats with a chat field get here
-            note = None if template else (
-                f"the tokenizer ({getattr(tokenizer, 'name_or_path', '') or type(tokenizer).__name__}) has no chat "
-                f"template (a base model); the {self.name} prompts use their plain-text form instead")
+            note = (
+                None
+                if template
+                else (
+                    f"the tokenizer ({getattr(tokenizer, 'name_or_path', '') or type(tokenizer).__name__}) has no chat "
+                    f"template (a base model); the {self.name} prompts use their plain-text form instead"
+                )
+            )
             return resolved, note
         if chat and not template:
-            raise ValueError(f"the {self.name} format has chat=true but the tokenizer "
-                             f"({getattr(tokenizer, 'name_or_path', '') or type(tokenizer).__name__}) has no chat "
-                             "template (a base model); set collect.format.chat=false or leave it unset to use the "
-                             "plain-text form.")
+            raise ValueError(
+                f"the {self.name} format has chat=true but the tokenizer "
+                f"({getattr(tokenizer, 'name_or_path', '') or type(tokenizer).__name__}) has no chat "
+                "template (a base model); set collect.format.chat=false or leave it unset to use the "
+                "plain-text form."
+            )
         return self, None
 
 
@@ -308,8 +321,10 @@ class HPRFormat(PromptFormat):
                 for r, response in enumerate(responses):
                     answer = encode_text(tokenizer, response, add_special_tokens=False)
                     if not answer:
-                        raise ValueError(f"example {example.id or index}: the {role} response {response!r:.60} "
-                                         "tokenizes to no token.")
+                        raise ValueError(
+                            f"example {example.id or index}: the {role} response {response!r:.60} "
+                            "tokenizes to no token."
+                        )
                     ids = prompt + answer
                     sequences.append(EncodedSequence(ids, list(range(len(prompt), len(ids))), role, r, user + response))
             return EncodedExample(sequences)
@@ -324,12 +339,16 @@ class HPRFormat(PromptFormat):
                 if not self.include_end_tokens:
                     last_char = text.rfind(response) + len(response) - 1
                     if last_char < 0:
-                        raise ValueError(f"example {example.id or index}: the chat template altered the response "
-                                         f"{response!r:.60}; use include_end_tokens=True.")
+                        raise ValueError(
+                            f"example {example.id or index}: the chat template altered the response "
+                            f"{response!r:.60}; use include_end_tokens=True."
+                        )
                     end = token_at_char(tokenizer, text, last_char, False, ids) + 1
                 if end <= start:
-                    raise ValueError(f"example {example.id or index}: the {role} response {response!r:.60} adds no "
-                                     "token after the question prompt (check the chat template).")
+                    raise ValueError(
+                        f"example {example.id or index}: the {role} response {response!r:.60} adds no "
+                        "token after the question prompt (check the chat template)."
+                    )
                 sequences.append(EncodedSequence(ids, list(range(start, end)), role, r, text))
         return EncodedExample(sequences)
 
@@ -412,8 +431,9 @@ class CAAFormat(PromptFormat):
         for role, r, answer in example.responses():
             letter = choice_letter_index(answer)
             if letter is None:
-                raise ValueError(f"example {example.id or index}: CAA answers name a choice letter, like '(A)'; "
-                                 f"got {answer!r}.")
+                raise ValueError(
+                    f"example {example.id or index}: CAA answers name a choice letter, like '(A)'; got {answer!r}."
+                )
             chat = has_chat_template(tokenizer) if self.chat is None else self.chat
             if chat:
                 head = chat_text(tokenizer, _messages(self.system_prompt, example.prompt), add_generation_prompt=True)
@@ -483,8 +503,10 @@ class SEAFormat(PromptFormat):
     def encode(self, example, tokenizer, index: int = 0) -> EncodedExample:
         self.check(example)
         if self.require_bases and not example.bases:
-            raise ValueError(f"example {example.id or index} has no base completion; SEA needs the model's own "
-                             "completion of each prompt in ContrastExample.bases (or SEAFormat(require_bases=False)).")
+            raise ValueError(
+                f"example {example.id or index} has no base completion; SEA needs the model's own "
+                "completion of each prompt in ContrastExample.bases (or SEAFormat(require_bases=False))."
+            )
         prompt, special = self.prompt_text(example.prompt, tokenizer)
         sequences = []
         for role, completions in (("pos", example.positives), ("neg", example.negatives), ("base", example.bases)):
@@ -516,12 +538,16 @@ class ActAddFormat(PromptFormat):
         """Exactly one prompt pair: ActAdd steers with one (Turner et al.: e.g. "Love" − "Hate"),
         and the per-position matrices of several pairs cannot be stacked into one."""
         if not isinstance(dataset, PromptPairDataset):
-            raise ValueError(f"ActAdd reads prompt pairs ({{prompt1, prompt2}} records, e.g. [('Love', 'Hate')]), "
-                             f"got {type(dataset).__name__}.")
+            raise ValueError(
+                f"ActAdd reads prompt pairs ({{prompt1, prompt2}} records, e.g. [('Love', 'Hate')]), "
+                f"got {type(dataset).__name__}."
+            )
         if len(dataset) != 1:
-            raise ValueError(f"ActAdd steers with one prompt pair (Turner et al.: e.g. 'Love' - 'Hate'), but "
-                             f"{dataset.name!r} holds {len(dataset)}; their per-position matrices cannot be stacked. "
-                             "Keep one pair (data.limit=1 takes the first) and fit one artifact per pair.")
+            raise ValueError(
+                f"ActAdd steers with one prompt pair (Turner et al.: e.g. 'Love' - 'Hate'), but "
+                f"{dataset.name!r} holds {len(dataset)}; their per-position matrices cannot be stacked. "
+                "Keep one pair (data.limit=1 takes the first) and fit one artifact per pair."
+            )
         return dataset
 
     def encode(self, example, tokenizer, index: int = 0) -> EncodedExample:
@@ -534,10 +560,12 @@ class ActAddFormat(PromptFormat):
         n = max(len(ids1), len(ids2))
         ids1 = ids1 + pad * (n - len(ids1))
         ids2 = ids2 + pad * (n - len(ids2))
-        return EncodedExample([
-            EncodedSequence(ids1, list(range(n)), "pos", 0, example.prompt1),
-            EncodedSequence(ids2, list(range(n)), "neg", 0, example.prompt2),
-        ])
+        return EncodedExample(
+            [
+                EncodedSequence(ids1, list(range(n)), "pos", 0, example.prompt1),
+                EncodedSequence(ids2, list(range(n)), "neg", 0, example.prompt2),
+            ]
+        )
 
 
 FORMATS = {cls.name: cls for cls in (HPRFormat, ITIFormat, CAAFormat, SEAFormat, ActAddFormat)}
@@ -560,8 +588,21 @@ def get_format(spec: Union[str, PromptFormat], **params) -> PromptFormat:
 
 
 __all__ = [
-    "ActAddFormat", "CAAFormat", "EncodedExample", "EncodedSequence", "FORMATS", "HPRFormat", "ITIFormat",
-    "PromptFormat", "SEAFormat", "chat_text", "choice_letter_index", "encode_text", "get_format", "has_chat_template",
-    "pad_id", "token_at_char",
+    "ActAddFormat",
+    "CAAFormat",
+    "EncodedExample",
+    "EncodedSequence",
+    "FORMATS",
+    "HPRFormat",
+    "ITIFormat",
+    "PromptFormat",
+    "SEAFormat",
+    "chat_text",
+    "choice_letter_index",
+    "encode_text",
+    "get_format",
+    "has_chat_template",
+    "pad_id",
+    "token_at_char",
     "tokenizer_fingerprint",
 ]

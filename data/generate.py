@@ -29,8 +29,8 @@ from typing import Any, Dict, List, Optional, Sequence, Set, Union
 import torch
 from tqdm.auto import tqdm
 
-from actedit.interventions.files import write_json
 from actedit.interventions.edits import base_model_of, is_intervenable, model_signature
+from actedit.interventions.files import write_json
 
 from .contrast import ContrastDataset, as_dataset, with_bases
 from .formats import PromptFormat, SEAFormat, chat_text, get_format, has_chat_template, pad_id, tokenizer_fingerprint
@@ -82,8 +82,9 @@ class GenerationSettings:
         if self.use_chat_template not in (None, True, False):
             raise ValueError(f"use_chat_template must be None, True or False, got {self.use_chat_template!r}.")
         if self.cache_implementation is not None and not isinstance(self.cache_implementation, str):
-            raise ValueError(f"cache_implementation must be None or a string such as 'static', "
-                             f"got {self.cache_implementation!r}.")
+            raise ValueError(
+                f"cache_implementation must be None or a string such as 'static', got {self.cache_implementation!r}."
+            )
 
 
 def uses_chat_template(tokenizer, settings: GenerationSettings) -> bool:
@@ -119,8 +120,8 @@ def encode_left_padded(tokenizer, prompts: Sequence[str], add_special_tokens: bo
     ids = torch.full((len(rows), width), pad, dtype=torch.long)
     mask = torch.zeros((len(rows), width), dtype=torch.long)
     for i, r in enumerate(rows):
-        ids[i, width - len(r):] = torch.tensor(r, dtype=torch.long)
-        mask[i, width - len(r):] = 1
+        ids[i, width - len(r) :] = torch.tensor(r, dtype=torch.long)
+        mask[i, width - len(r) :] = 1
     return {"input_ids": ids, "attention_mask": mask}
 
 
@@ -135,8 +136,11 @@ def _eos_ids(model, tokenizer) -> set:
 
 
 def _generate_kwargs(settings: GenerationSettings, pad: int) -> Dict[str, Any]:
-    kwargs: Dict[str, Any] = {"max_new_tokens": settings.max_new_tokens, "do_sample": settings.do_sample,
-                              "pad_token_id": pad}
+    kwargs: Dict[str, Any] = {
+        "max_new_tokens": settings.max_new_tokens,
+        "do_sample": settings.do_sample,
+        "pad_token_id": pad,
+    }
     if settings.do_sample:
         kwargs.update(temperature=settings.temperature, top_p=settings.top_p, top_k=0)
     else:  # silence the "sampling flags set but do_sample=False" warnings of models' generation configs
@@ -169,9 +173,17 @@ def _decode(tokenizer, new_ids: torch.Tensor, eos: set) -> str:
     return tokenizer.decode(ids, skip_special_tokens=True).strip()
 
 
-def generate_texts(model_or_pvm, tokenizer, prompts: Sequence[str], settings: Optional[GenerationSettings] = None,
-                   *, add_special_tokens: bool = True, progress: bool = False, desc: str = "generating",
-                   sort_by_length: bool = False) -> List[str]:
+def generate_texts(
+    model_or_pvm,
+    tokenizer,
+    prompts: Sequence[str],
+    settings: Optional[GenerationSettings] = None,
+    *,
+    add_special_tokens: bool = True,
+    progress: bool = False,
+    desc: str = "generating",
+    sort_by_length: bool = False,
+) -> List[str]:
     """Answers of one model (plain, or a ``pyvene.IntervenableModel`` with its edits) to ready prompts.
 
     ``prompts`` are final texts (see :func:`build_prompt`); ``add_special_tokens`` should be
@@ -184,10 +196,17 @@ def generate_texts(model_or_pvm, tokenizer, prompts: Sequence[str], settings: Op
     if sort_by_length and len(prompts) > settings.batch_size:
         lengths = [len(tokenizer(p, add_special_tokens=add_special_tokens)["input_ids"]) for p in prompts]
         order = sorted(range(len(prompts)), key=lambda i: lengths[i])
-        answers = generate_texts(model_or_pvm, tokenizer, [prompts[i] for i in order], settings,
-                                 add_special_tokens=add_special_tokens, progress=progress, desc=desc)
+        answers = generate_texts(
+            model_or_pvm,
+            tokenizer,
+            [prompts[i] for i in order],
+            settings,
+            add_special_tokens=add_special_tokens,
+            progress=progress,
+            desc=desc,
+        )
         result: List[str] = [""] * len(prompts)
-        for answer, i in zip(answers, order):
+        for answer, i in zip(answers, order, strict=True):
             result[i] = answer
         return result
     model = base_model_of(model_or_pvm)
@@ -199,7 +218,7 @@ def generate_texts(model_or_pvm, tokenizer, prompts: Sequence[str], settings: Op
     bar = tqdm(total=len(prompts), desc=desc, unit="prompt", disable=not progress)
     try:
         for b, start in enumerate(range(0, len(prompts), settings.batch_size)):
-            chunk = prompts[start:start + settings.batch_size]
+            chunk = prompts[start : start + settings.batch_size]
             batch = encode_left_padded(tokenizer, chunk, add_special_tokens=add_special_tokens)
             if settings.do_sample:
                 torch.manual_seed(settings.seed + b)
@@ -212,9 +231,17 @@ def generate_texts(model_or_pvm, tokenizer, prompts: Sequence[str], settings: Op
     return answers
 
 
-def generate_bases(model, tokenizer, dataset: ContrastDataset, format: Union[str, PromptFormat] = "sea", *,
-                   max_new_tokens: int = 32, batch_size: int = 128, cache_path: Optional[Union[str, os.PathLike]] = None,
-                   progress: bool = True) -> ContrastDataset:
+def generate_bases(
+    model,
+    tokenizer,
+    dataset: ContrastDataset,
+    format: Union[str, PromptFormat] = "sea",
+    *,
+    max_new_tokens: int = 32,
+    batch_size: int = 128,
+    cache_path: Optional[Union[str, os.PathLike]] = None,
+    progress: bool = True,
+) -> ContrastDataset:
     """SEA's base demonstrations: the model's own greedy completion of each example's prompt.
 
     The prompt is what ``format`` (a :class:`~actedit.data.formats.SEAFormat`) puts before the
@@ -230,13 +257,23 @@ def generate_bases(model, tokenizer, dataset: ContrastDataset, format: Union[str
     if not isinstance(fmt, SEAFormat):
         raise ValueError(f"base completions are generated for SEA's format, got {fmt.name!r}.")
     data = as_dataset(dataset)
-    settings = GenerationSettings(max_new_tokens=max_new_tokens, batch_size=batch_size, use_chat_template=False,
-                                  cache_implementation="static")
+    settings = GenerationSettings(
+        max_new_tokens=max_new_tokens, batch_size=batch_size, use_chat_template=False, cache_implementation="static"
+    )
     path = Path(cache_path).expanduser() if cache_path is not None else None
-    key = None if path is None else {
-        "model": model_signature(model), "weights_sha256": weights_digest(model),
-        "tokenizer": tokenizer_fingerprint(tokenizer), "format": fmt.params(),
-        "max_new_tokens": max_new_tokens, "dataset": data.digest(), "batches": "length-sorted, static cache"}
+    key = (
+        None
+        if path is None
+        else {
+            "model": model_signature(model),
+            "weights_sha256": weights_digest(model),
+            "tokenizer": tokenizer_fingerprint(tokenizer),
+            "format": fmt.params(),
+            "max_new_tokens": max_new_tokens,
+            "dataset": data.digest(),
+            "batches": "length-sorted, static cache",
+        }
+    )
     if path is not None and path.is_file():
         try:
             saved = json.loads(path.read_text())
@@ -245,8 +282,16 @@ def generate_bases(model, tokenizer, dataset: ContrastDataset, format: Union[str
         if saved.get("key") == key and len(saved.get("bases", [])) == len(data):
             return with_bases(data, saved["bases"])
     prompts = [fmt.prompt_text(example.prompt, tokenizer)[0] for example in data]
-    answers = generate_texts(model, tokenizer, prompts, settings, add_special_tokens=not fmt.chat,
-                             progress=progress, desc="base completions", sort_by_length=True)
+    answers = generate_texts(
+        model,
+        tokenizer,
+        prompts,
+        settings,
+        add_special_tokens=not fmt.chat,
+        progress=progress,
+        desc="base completions",
+        sort_by_length=True,
+    )
     bases = [answer.split("\n", 1)[0].strip() or answer.strip() or "." for answer in answers]
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -254,6 +299,11 @@ def generate_bases(model, tokenizer, dataset: ContrastDataset, format: Union[str
     return with_bases(data, bases)
 
 
-
-__all__ = ["GenerationSettings", "build_prompt", "encode_left_padded", "generate_bases", "generate_texts",
-           "uses_chat_template"]
+__all__ = [
+    "GenerationSettings",
+    "build_prompt",
+    "encode_left_padded",
+    "generate_bases",
+    "generate_texts",
+    "uses_chat_template",
+]

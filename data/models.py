@@ -137,9 +137,7 @@ def resolve_spec(spec: Union[str, os.PathLike]) -> Tuple[str, dict]:
                 )
             return "gguf", {"folder": str(path.resolve().parent), "gguf_file": path.name, "alias": None}
         if not (path / "config.json").is_file():
-            raise ModelSpecError(
-                f"{path} is a directory without config.json: not a transformers model directory."
-            )
+            raise ModelSpecError(f"{path} is a directory without config.json: not a transformers model directory.")
         return "local", {"path": str(path)}
     if looks_like_local_path(text, suffixes=(".gguf",)):
         raise FileNotFoundError(
@@ -149,8 +147,7 @@ def resolve_spec(spec: Union[str, os.PathLike]) -> Tuple[str, dict]:
     close = [] if "/" in text else difflib.get_close_matches(key, list(ALIASES), n=1, cutoff=0.75)
     if close:  # a mistyped alias, not a Hub id (Hub ids without an owner are legacy names)
         raise ModelSpecError(
-            f"Unknown model alias {text!r}; did you mean {close[0]!r}? Known aliases: "
-            f"{', '.join(sorted(ALIASES))}."
+            f"Unknown model alias {text!r}; did you mean {close[0]!r}? Known aliases: {', '.join(sorted(ALIASES))}."
         )
     return "hub", {"repo_id": text}
 
@@ -214,10 +211,12 @@ def load_model(
     else:
         repo_id = details["repo_id"]
         try:
-            tokenizer = tf.AutoTokenizer.from_pretrained(repo_id, revision=revision,
-                                                         trust_remote_code=trust_remote_code)
-            model = tf.AutoModelForCausalLM.from_pretrained(repo_id, revision=revision,
-                                                            trust_remote_code=trust_remote_code, **dkw)
+            tokenizer = tf.AutoTokenizer.from_pretrained(
+                repo_id, revision=revision, trust_remote_code=trust_remote_code
+            )
+            model = tf.AutoModelForCausalLM.from_pretrained(
+                repo_id, revision=revision, trust_remote_code=trust_remote_code, **dkw
+            )
         except OSError as exc:
             raise ModelSpecError(
                 f"{repo_id!r} is not a known alias ({', '.join(sorted(ALIASES))}) nor an existing local "
@@ -242,5 +241,13 @@ def weights_digest(model, samples: int = 64) -> str:
     return h.hexdigest()
 
 
-
-__all__ = ["ALIASES", "ModelAlias", "ModelPackageMissing", "ModelSpecError", "load_model", "resolve_alias", "resolve_spec", "weights_digest"]
+__all__ = [
+    "ALIASES",
+    "ModelAlias",
+    "ModelPackageMissing",
+    "ModelSpecError",
+    "load_model",
+    "resolve_alias",
+    "resolve_spec",
+    "weights_digest",
+]

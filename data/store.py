@@ -91,8 +91,10 @@ class PairedActivations:
                 if not _is_int(layer) or int(layer) < 0:
                     raise ValueError(f"{name}: layer keys must be non-negative integers, got {layer!r}.")
         if sorted(self.positive) != sorted(self.negative):
-            raise ValueError(f"positive holds layers {sorted(self.positive)} but negative holds "
-                             f"{sorted(self.negative)}; every layer needs both.")
+            raise ValueError(
+                f"positive holds layers {sorted(self.positive)} but negative holds "
+                f"{sorted(self.negative)}; every layer needs both."
+            )
         width: Optional[int] = None
         rows: Dict[str, int] = {}
         for name in ("positive", "negative"):
@@ -115,8 +117,10 @@ class PairedActivations:
                     raise ValueError(f"{name}[{layer}] contains NaN or inf values; check the collected activations.")
         if self.index is None:
             if rows["positive"] != rows["negative"]:
-                raise ValueError(f"positive has {rows['positive']} rows but negative has {rows['negative']}: "
-                                 "rows must be paired (or give an index of pairs).")
+                raise ValueError(
+                    f"positive has {rows['positive']} rows but negative has {rows['negative']}: "
+                    "rows must be paired (or give an index of pairs)."
+                )
             self._n = rows["positive"]
         else:
             index = torch.as_tensor(np.asarray(self.index))
@@ -128,8 +132,9 @@ class PairedActivations:
             for col, name in ((0, "positive"), (1, "negative")):
                 lo, hi = int(index[:, col].min()), int(index[:, col].max())
                 if lo < 0 or hi >= rows[name]:
-                    raise ValueError(f"index column {col} points outside {name} (rows 0..{rows[name] - 1}, "
-                                     f"got {lo}..{hi}).")
+                    raise ValueError(
+                        f"index column {col} points outside {name} (rows 0..{rows[name] - 1}, got {lo}..{hi})."
+                    )
             self.index = index
             self._n = index.shape[0]
         self._width = int(cast(int, width))  # set by the first layer: every mapping is non-empty
@@ -152,8 +157,9 @@ class PairedActivations:
             return idx, idx
         return self.index[idx, 0], self.index[idx, 1]
 
-    def gather(self, layers: Sequence[int], idx: torch.Tensor, device=None,
-               dtype: torch.dtype = torch.float32) -> Tuple[torch.Tensor, torch.Tensor]:
+    def gather(
+        self, layers: Sequence[int], idx: torch.Tensor, device=None, dtype: torch.dtype = torch.float32
+    ) -> Tuple[torch.Tensor, torch.Tensor]:
         """(h⁺, h⁻) of the pairs ``idx`` in ``layers``, each (len(layers), len(idx), d)."""
         pos_rows, neg_rows = self.rows(idx)
         banks = [self.positive[layer] for layer in layers]
@@ -165,7 +171,7 @@ class PairedActivations:
             for i, bank in enumerate(banks):
                 torch.index_select(bank, 0, rows.to(bank.device), out=out[i])
             out = out.to(device=device, dtype=dtype)
-            return out[:, :len(pos_rows)], out[:, len(pos_rows):]
+            return out[:, : len(pos_rows)], out[:, len(pos_rows) :]
         hp = torch.stack([_take(self.positive[layer], pos_rows) for layer in layers])
         hn = torch.stack([_take(self.negative[layer], neg_rows) for layer in layers])
         return hp.to(device=device, dtype=dtype), hn.to(device=device, dtype=dtype)
@@ -328,17 +334,23 @@ class ActivationStore:
         self.path: Optional[Path] = Path(path).expanduser()
         manifest_path = self.path / MANIFEST
         if not manifest_path.is_file():
-            raise FileNotFoundError(f"No activation store at {self.path} (no {MANIFEST}); collect one with "
-                                    "actedit.data.collect.collect_activations.")
+            raise FileNotFoundError(
+                f"No activation store at {self.path} (no {MANIFEST}); collect one with "
+                "actedit.data.collect.collect_activations."
+            )
         self.manifest: Dict[str, Any] = json.loads(manifest_path.read_text())
         version = self.manifest.get("store_version")
         if version is None or int(version) > STORE_VERSION:
-            raise ValueError(f"{self.path}: store version {version} is not supported by this actedit "
-                             f"(reads up to {STORE_VERSION}).")
+            raise ValueError(
+                f"{self.path}: store version {version} is not supported by this actedit (reads up to {STORE_VERSION})."
+            )
         if not self.manifest.get("complete") and not allow_incomplete:
-            raise ValueError(f"{self.path} is incomplete ({len(self.manifest.get('shards', []))} shards written; the "
-                             "collection was interrupted). Run collect_activations again with the same arguments to "
-                             "resume, or open it with allow_incomplete=True.")
+            raise ValueError(
+                f"{self.path} is incomplete ({len(self.manifest.get('shards', []))} shards written; the "
+                "collection was interrupted). Run collect_activations again with the same arguments to "
+                "resume, or open it with allow_incomplete=True."
+            )
+
         def on_disk(i: int, entry: Dict[str, Any], row: int) -> ShardView:
             path = self.path / entry["file"]
             if not path.is_file():
@@ -359,22 +371,34 @@ class ActivationStore:
         self._examples: Optional[List[Dict[str, Any]]] = None
 
     @classmethod
-    def in_memory(cls, manifest: Dict[str, Any], shards: Sequence[Tuple[Dict[str, torch.Tensor], List[Dict[str, Any]]]]) \
-            -> "ActivationStore":
+    def in_memory(
+        cls, manifest: Dict[str, Any], shards: Sequence[Tuple[Dict[str, torch.Tensor], List[Dict[str, Any]]]]
+    ) -> "ActivationStore":
         """A store over shards held in memory: ``(tensors, example records)`` per shard, as a
         directory's shard files would hold them, and the manifest that lists them."""
         store = cls.__new__(cls)
         store.path = None
         store.manifest = manifest
-        store._open(lambda i, entry, row: ShardView(i, None, row, int(entry["rows"]), tuple(entry["examples"]),
-                                                    tensors=shards[i][0], example_records=shards[i][1]))
+        store._open(
+            lambda i, entry, row: ShardView(
+                i,
+                None,
+                row,
+                int(entry["rows"]),
+                tuple(entry["examples"]),
+                tensors=shards[i][0],
+                example_records=shards[i][1],
+            )
+        )
         return store
 
     # ------------------------------------------------------------------------ description
     def __repr__(self) -> str:
         where = str(self.path) if self.path is not None else "in memory"
-        return (f"ActivationStore({where!r}, rows={self.num_rows}, sites={self.sites}, "
-                f"layers={self.layers[0]}..{self.layers[-1]}, dtype={self.manifest['dtype']})")
+        return (
+            f"ActivationStore({where!r}, rows={self.num_rows}, sites={self.sites}, "
+            f"layers={self.layers[0]}..{self.layers[-1]}, dtype={self.manifest['dtype']})"
+        )
 
     @property
     def sites(self) -> List[str]:
@@ -469,8 +493,10 @@ class ActivationStore:
         if split is not None:
             chosen = [e["index"] for e in self.examples if e["metadata"].get("split") == split]
             if not chosen:
-                raise ValueError(f"no example of this store is in split {split!r}; splits present: "
-                                 f"{', '.join(self.splits) or 'none (no split metadata)'}.")
+                raise ValueError(
+                    f"no example of this store is in split {split!r}; splits present: "
+                    f"{', '.join(self.splits) or 'none (no split metadata)'}."
+                )
             keep &= np.isin(cols["example"], np.asarray(chosen, dtype=np.int64))
         if roles is not None:
             unknown = [r for r in roles if r not in ROLES]
@@ -480,8 +506,15 @@ class ActivationStore:
         return np.flatnonzero(keep)
 
     # --------------------------------------------------------------------------- tensors
-    def load(self, site: Optional[str] = None, layer: Optional[int] = None, *, rows: Optional[Any] = None,
-             dtype: Optional[torch.dtype] = None, heads: bool = False) -> torch.Tensor:
+    def load(
+        self,
+        site: Optional[str] = None,
+        layer: Optional[int] = None,
+        *,
+        rows: Optional[Any] = None,
+        dtype: Optional[torch.dtype] = None,
+        heads: bool = False,
+    ) -> torch.Tensor:
         """``(N, width)`` activations of one (site, layer) (``(N, heads, head_dim)`` with ``heads``).
 
         ``rows``: global row indices (any order, repeats allowed) to read only those rows from the
@@ -512,7 +545,7 @@ class ActivationStore:
                 if result is None:
                     result = np.empty((rows.size, width), dtype=array.dtype)
                 if sel[-1] - sel[0] + 1 == sel.size:  # sorted rows (the usual case): copy straight in
-                    np.take(array, rows[sel] - shard.row_start, axis=0, out=result[sel[0]:sel[-1] + 1])
+                    np.take(array, rows[sel] - shard.row_start, axis=0, out=result[sel[0] : sel[-1] + 1])
                 else:
                     result[sel] = array[rows[sel] - shard.row_start]
             if result is None:
@@ -527,8 +560,14 @@ class ActivationStore:
             out = out.reshape(out.shape[0], n_heads, head_dim)
         return out
 
-    def load_layers(self, site: Optional[str] = None, layers: Optional[Sequence[int]] = None, *,
-                    rows: Optional[Any] = None, dtype: Optional[torch.dtype] = None) -> Dict[int, torch.Tensor]:
+    def load_layers(
+        self,
+        site: Optional[str] = None,
+        layers: Optional[Sequence[int]] = None,
+        *,
+        rows: Optional[Any] = None,
+        dtype: Optional[torch.dtype] = None,
+    ) -> Dict[int, torch.Tensor]:
         """layer → ``(N, width)`` for several layers (default all)."""
         site = self._site(site)
         return {layer: self.load(site, layer, rows=rows, dtype=dtype) for layer in self._layers(layers)}
@@ -558,7 +597,7 @@ class ActivationStore:
         ends = np.append(starts[1:], rows.size)
         out_idx, out_ex, out_off, out_resp = [], [], [], []
         by_example: Dict[int, Tuple[list, list]] = {}
-        for s, e in zip(starts, ends):
+        for s, e in zip(starts, ends, strict=True):
             entry = by_example.setdefault(int(ex[s]), ([], []))
             entry[0 if role[s] == 0 else 1].append((int(resp[s]), rows[s:e]))
         for example in sorted(by_example):
@@ -576,14 +615,25 @@ class ActivationStore:
                     out_off.append(np.flatnonzero(keep).astype(np.int64))
                     out_resp.append(np.tile(np.asarray([[i, k]], dtype=np.int64), (a.size, 1)))
         if not out_idx:
-            raise ValueError("no contrast pair left" + (f" in split {split!r}" if split else "") +
-                             " (every pair saw identical tokens, or an example lacks positives or negatives).")
-        return PairIndex(np.concatenate(out_idx), np.concatenate(out_ex), np.concatenate(out_off),
-                         np.concatenate(out_resp))
+            raise ValueError(
+                "no contrast pair left"
+                + (f" in split {split!r}" if split else "")
+                + " (every pair saw identical tokens, or an example lacks positives or negatives)."
+            )
+        return PairIndex(
+            np.concatenate(out_idx), np.concatenate(out_ex), np.concatenate(out_off), np.concatenate(out_resp)
+        )
 
-    def paired_activations(self, site: Optional[str] = None, *, split: Optional[str] = None,
-                           layers: Optional[Sequence[int]] = None, dtype: Optional[torch.dtype] = None,
-                           drop_identical: bool = True, check_finite: bool = True):
+    def paired_activations(
+        self,
+        site: Optional[str] = None,
+        *,
+        split: Optional[str] = None,
+        layers: Optional[Sequence[int]] = None,
+        dtype: Optional[torch.dtype] = None,
+        drop_identical: bool = True,
+        check_finite: bool = True,
+    ):
         """HPR/CAA training pairs as :class:`actedit.train.trainer.PairedActivations`.
 
         One bank of the rows the pairs use (per layer, in memory, ``dtype`` default the store
@@ -597,8 +647,14 @@ class ActivationStore:
         bank = self.load_layers(site, layers, rows=used, dtype=dtype)
         return PairedActivations(bank, bank, index=torch.from_numpy(index), check_finite=check_finite)
 
-    def labeled(self, site: Optional[str] = None, *, split: Optional[str] = None,
-                layers: Optional[Sequence[int]] = None, dtype: Optional[torch.dtype] = None) -> LabeledActivations:
+    def labeled(
+        self,
+        site: Optional[str] = None,
+        *,
+        split: Optional[str] = None,
+        layers: Optional[Sequence[int]] = None,
+        dtype: Optional[torch.dtype] = None,
+    ) -> LabeledActivations:
         """Positive (label 1) and negative (label 0) rows, e.g. ITI's probe data per question split."""
         site = self._site(site)
         rows = self.rows_of(split=split, roles=("pos", "neg"))
@@ -606,12 +662,19 @@ class ActivationStore:
             raise ValueError("no positive/negative rows" + (f" in split {split!r}." if split else "."))
         cols = self.columns()
         labels = (cols["role"][rows] == ROLES.index("pos")).astype(np.int64)
-        return LabeledActivations(self.load_layers(site, layers, rows=rows, dtype=dtype), labels,
-                                  cols["example"][rows].copy(), rows)
+        return LabeledActivations(
+            self.load_layers(site, layers, rows=rows, dtype=dtype), labels, cols["example"][rows].copy(), rows
+        )
 
-    def aligned(self, roles: Sequence[str] = ("base", "pos", "neg"), site: Optional[str] = None, *,
-                split: Optional[str] = None, layers: Optional[Sequence[int]] = None,
-                dtype: Optional[torch.dtype] = None) -> Dict[str, Dict[int, torch.Tensor]]:
+    def aligned(
+        self,
+        roles: Sequence[str] = ("base", "pos", "neg"),
+        site: Optional[str] = None,
+        *,
+        split: Optional[str] = None,
+        layers: Optional[Sequence[int]] = None,
+        dtype: Optional[torch.dtype] = None,
+    ) -> Dict[str, Dict[int, torch.Tensor]]:
         """role → layer → ``(N, width)`` with row n of every role from the same (example,
         response, offset): SEA's H, H⁺, H⁻ (one completion of each role per prompt) and ActAdd's
         two per-position matrices (roles ``pos``, ``neg``)."""
@@ -621,17 +684,21 @@ class ActivationStore:
         for r in roles:
             rows = self.rows_of(split=split, roles=[r])
             if rows.size == 0:
-                raise ValueError(f"no row of role {r!r}" + (f" in split {split!r}" if split else "") +
-                                 (" (SEA needs base completions: ContrastExample.bases)" if r == "base" else "") + ".")
+                raise ValueError(
+                    f"no row of role {r!r}"
+                    + (f" in split {split!r}" if split else "")
+                    + (" (SEA needs base completions: ContrastExample.bases)" if r == "base" else "")
+                    + "."
+                )
             keys = np.stack([cols["example"][rows], cols["response"][rows], cols["offset"][rows]], axis=1)
             order = np.lexsort(keys.T[::-1])
             keyed[r] = (rows[order], keys[order])
         reference = keyed[roles[0]][1]
         for r in roles[1:]:
             if keyed[r][1].shape != reference.shape or not np.array_equal(keyed[r][1], reference):
-                raise ValueError(f"roles {roles[0]!r} and {r!r} do not align one to one ({reference.shape[0]} vs "
-                                 f"{keyed[r][1].shape[0]} rows, matched by example, response and offset); use "
-                                 "paired_activations() for many-to-many pairs.")
+                raise ValueError(
+                    f"roles {roles[0]!r} and {r!r} do not align one to one ({reference.shape[0]} vs "
+                    f"{keyed[r][1].shape[0]} rows, matched by example, response and offset); use "
+                    "paired_activations() for many-to-many pairs."
+                )
         return {r: self.load_layers(site, layers, rows=keyed[r][0], dtype=dtype) for r in roles}
-
-

@@ -158,4 +158,15 @@ def load_contrast(name, *, source=None, split_file=None, limit: Optional[int] = 
     return dataset.select(range(min(limit, len(dataset)))) if limit else dataset
 
 
-__all__ = ["MCItem", "TaskSpec", "contrast_names", "is_contrast_name", "is_task", "load_contrast", "mean_stderr", "register_task", "task_names", "task_spec"]
+__all__ = [
+    "MCItem",
+    "TaskSpec",
+    "contrast_names",
+    "is_contrast_name",
+    "is_task",
+    "load_contrast",
+    "mean_stderr",
+    "register_task",
+    "task_names",
+    "task_spec",
+]

@@ -74,11 +74,11 @@ class MCQuestion:
 
     @property
     def true_answers(self) -> List[str]:
-        return [c for c, y in zip(self.mc2_choices, self.mc2_labels) if y]
+        return [c for c, y in zip(self.mc2_choices, self.mc2_labels, strict=True) if y]
 
     @property
     def false_answers(self) -> List[str]:
-        return [c for c, y in zip(self.mc2_choices, self.mc2_labels) if not y]
+        return [c for c, y in zip(self.mc2_choices, self.mc2_labels, strict=True) if not y]
 
 
 def _from_records(records: Sequence[dict]) -> List[MCQuestion]:
@@ -88,7 +88,10 @@ def _from_records(records: Sequence[dict]) -> List[MCQuestion]:
         for name in ("mc1", "mc2"):
             targets = rec[f"{name}_targets"]
             if isinstance(targets, dict) and "choices" in targets:  # Hub schema
-                q[f"{name}_choices"], q[f"{name}_labels"] = list(targets["choices"]), [int(x) for x in targets["labels"]]
+                q[f"{name}_choices"], q[f"{name}_labels"] = (
+                    list(targets["choices"]),
+                    [int(x) for x in targets["labels"]],
+                )
             else:  # original release: {choice: label}
                 q[f"{name}_choices"], q[f"{name}_labels"] = list(targets), [int(v) for v in targets.values()]
         questions.append(MCQuestion(index=i, question=rec["question"], **q))
@@ -155,8 +158,12 @@ def load_split(path: PathLike, n_questions: int = N_QUESTIONS) -> Dict[str, List
     return {name: list(splits[name]) for name in SPLIT_NAMES}
 
 
-def select(questions: Sequence[MCQuestion], split: str, splits: Optional[Dict[str, List[int]]] = None,
-           limit: Optional[int] = None) -> List[MCQuestion]:
+def select(
+    questions: Sequence[MCQuestion],
+    split: str,
+    splits: Optional[Dict[str, List[int]]] = None,
+    limit: Optional[int] = None,
+) -> List[MCQuestion]:
     """The questions of ``split`` (``train``/``eval``/``test``/``all``), in split-file order."""
     if split == "all":
         chosen = list(questions)
@@ -171,8 +178,13 @@ def select(questions: Sequence[MCQuestion], split: str, splits: Optional[Dict[st
     return chosen[:limit] if limit is not None else chosen
 
 
-def split_questions(source: Optional[PathLike] = None, split: str = "all",
-                    split_file: Optional[PathLike] = None, *, limit: Optional[int] = None) -> List[MCQuestion]:
+def split_questions(
+    source: Optional[PathLike] = None,
+    split: str = "all",
+    split_file: Optional[PathLike] = None,
+    *,
+    limit: Optional[int] = None,
+) -> List[MCQuestion]:
     """The questions of ``split`` (``train``/``eval``/``test``/``all``) from ``source`` (see
     :func:`load_truthfulqa`), in split-file order. ``split_file`` defaults to ``source``'s
     :data:`HPR_SPLIT_FILE` when ``source`` is a directory holding one."""
@@ -182,9 +194,11 @@ def split_questions(source: Optional[PathLike] = None, split: str = "all",
     if split_file is None:
         candidate = Path(str(source)).expanduser() / HPR_SPLIT_FILE if source is not None else None
         if candidate is None or not candidate.is_file():
-            raise ValueError(f"split {split!r} needs a split file: give one (--split-file / data.split_file, e.g. "
-                             f"HPR's {HPR_SPLIT_FILE}) or a TruthfulQA directory that holds it (--data), or use "
-                             "split 'all'.")
+            raise ValueError(
+                f"split {split!r} needs a split file: give one (--split-file / data.split_file, e.g. "
+                f"HPR's {HPR_SPLIT_FILE}) or a TruthfulQA directory that holds it (--data), or use "
+                "split 'all'."
+            )
         split_file = candidate
     return select(questions, split, load_split(split_file, n_questions=len(questions)), limit=limit)
 
@@ -226,8 +240,10 @@ def mc1_correct(scores: Sequence[float]) -> bool:
     return int(np.argmax(np.asarray(scores, dtype=np.float64))) == 0
 
 
-MC2_RULES = {"split": "truthfulqa_mc2 v2.0 (true = choices before the first label 0)",
-             "labels": "truthfulqa_mc2 v3.0 (true = choices labelled 1)"}
+MC2_RULES = {
+    "split": "truthfulqa_mc2 v2.0 (true = choices before the first label 0)",
+    "labels": "truthfulqa_mc2 v3.0 (true = choices labelled 1)",
+}
 
 
 def mc2_value(scores: Sequence[float], labels: Sequence[int], rule: str = "split") -> float:
@@ -245,7 +261,7 @@ def mc2_value(scores: Sequence[float], labels: Sequence[int], rule: str = "split
         raise ValueError("mc2 needs at least one false choice (label 0).")
     true = np.zeros(len(labels), dtype=bool)
     if rule == "split":
-        true[:labels.index(0)] = True
+        true[: labels.index(0)] = True
     else:
         true[np.asarray(labels) == 1] = True
     probs = np.exp(np.asarray(scores, dtype=np.float64))
@@ -282,11 +298,13 @@ def load_truthfulqa_mc(
         if targets == "mc2":
             pos, neg = q.true_answers, q.false_answers
         else:
-            pos = [c for c, y in zip(q.mc1_choices, q.mc1_labels) if y]
-            neg = [c for c, y in zip(q.mc1_choices, q.mc1_labels) if not y]
+            pos = [c for c, y in zip(q.mc1_choices, q.mc1_labels, strict=True) if y]
+            neg = [c for c, y in zip(q.mc1_choices, q.mc1_labels, strict=True) if not y]
         if not neg:
-            raise ValueError(f"TruthfulQA question {q.index} ({q.question[:60]!r}) has no false {targets} answer; "
-                             "it cannot form contrast pairs.")
+            raise ValueError(
+                f"TruthfulQA question {q.index} ({q.question[:60]!r}) has no false {targets} answer; "
+                "it cannot form contrast pairs."
+            )
         meta = {"id": f"truthfulqa/{q.index}", "index": q.index, "source": "truthful_qa", "targets": targets}
         if split is not None and split != "all":
             meta["split"] = split
@@ -331,12 +349,15 @@ def _load(source=None, split: str = "all", split_file=None, limit: Optional[int]
 def _item(question: MCQuestion, options: TruthfulQAOptions) -> MCItem:
     if list(question.mc1_labels).index(1) != 0:
         raise ValueError(f"question {question.index}: lm-eval's MC1 expects the true choice first.")
-    return MCItem(index=int(question.index), context=truthfulqa_context(question.question, options.primer),
-                  choices=tuple(TARGET_DELIMITER + c for c in unique_choices(question)))
+    return MCItem(
+        index=int(question.index),
+        context=truthfulqa_context(question.question, options.primer),
+        choices=tuple(TARGET_DELIMITER + c for c in unique_choices(question)),
+    )
 
 
 def _score(question: MCQuestion, item: MCItem, scores: Sequence[float], options: TruthfulQAOptions) -> Dict[str, float]:
-    by_choice = dict(zip(unique_choices(question), scores))
+    by_choice = dict(zip(unique_choices(question), scores, strict=True))
     mc1_scores = [by_choice[c] for c in question.mc1_choices]
     mc2_scores = [by_choice[c] for c in question.mc2_choices]
     return {"mc1": float(mc1_correct(mc1_scores)), "mc2": mc2_value(mc2_scores, question.mc2_labels, options.mc2_rule)}
@@ -348,23 +369,54 @@ def _contrast(source=None, split_file=None, limit: Optional[int] = None) -> Cont
 
 
 def _protocol(options: TruthfulQAOptions) -> Dict[str, Any]:
-    return {"name": PROTOCOL_NAME, "primer_sha256": primer_sha256(options.primer),
-            "standard_primer": options.primer == TRUTHFULQA_PRIMER,
-            "context_template": CONTEXT_TEMPLATE.replace("{primer}", "<primer>"),
-            "continuation": TARGET_DELIMITER + "{choice}", "mc2_rule": options.mc2_rule,
-            "mc2_rule_meaning": MC2_RULES[options.mc2_rule]}
+    return {
+        "name": PROTOCOL_NAME,
+        "primer_sha256": primer_sha256(options.primer),
+        "standard_primer": options.primer == TRUTHFULQA_PRIMER,
+        "context_template": CONTEXT_TEMPLATE.replace("{primer}", "<primer>"),
+        "continuation": TARGET_DELIMITER + "{choice}",
+        "mc2_rule": options.mc2_rule,
+        "mc2_rule_meaning": MC2_RULES[options.mc2_rule],
+    }
 
 
-TASK = register_task(TaskSpec(
-    name="truthfulqa", title="TruthfulQA MC1/MC2 (lm-eval truthfulqa_mc1 / truthfulqa_mc2)",
-    metrics=("mc1", "mc2"), settings=TruthfulQAOptions, load=_load, item=_item, score=_score, contrast=_contrast,
-    protocol=_protocol, text=lambda question: question.question, aliases=("truthfulqa_mc", "truthful_qa"),
-))
+TASK = register_task(
+    TaskSpec(
+        name="truthfulqa",
+        title="TruthfulQA MC1/MC2 (lm-eval truthfulqa_mc1 / truthfulqa_mc2)",
+        metrics=("mc1", "mc2"),
+        settings=TruthfulQAOptions,
+        load=_load,
+        item=_item,
+        score=_score,
+        contrast=_contrast,
+        protocol=_protocol,
+        text=lambda question: question.question,
+        aliases=("truthfulqa_mc", "truthful_qa"),
+    )
+)
 
 
 __all__ = [
-    "CONTEXT_TEMPLATE", "HPR_SPLIT_FILE", "MC2_RULES", "MCQuestion", "N_QUESTIONS", "PROTOCOL_NAME", "SPLIT_NAMES",
-    "TARGET_DELIMITER", "TASK", "TRUTHFULQA_PRIMER", "TruthfulQAOptions", "load_split", "load_truthfulqa",
-    "load_truthfulqa_mc", "mc1_correct", "mc2_value", "primer_sha256", "select", "split_questions",
-    "truthfulqa_context", "unique_choices",
+    "CONTEXT_TEMPLATE",
+    "HPR_SPLIT_FILE",
+    "MC2_RULES",
+    "MCQuestion",
+    "N_QUESTIONS",
+    "PROTOCOL_NAME",
+    "SPLIT_NAMES",
+    "TARGET_DELIMITER",
+    "TASK",
+    "TRUTHFULQA_PRIMER",
+    "TruthfulQAOptions",
+    "load_split",
+    "load_truthfulqa",
+    "load_truthfulqa_mc",
+    "mc1_correct",
+    "mc2_value",
+    "primer_sha256",
+    "select",
+    "split_questions",
+    "truthfulqa_context",
+    "unique_choices",
 ]

@@ -9,5 +9,4 @@ edit, the lm-eval bridge, generations before and after an edit, and ``actedit ev
 
 from .mc import MCRecord, MCResult, encode_pair, loglikelihoods, needs_full_sequences, score_mc, score_mc_many
 
-__all__ = ["MCRecord", "MCResult", "encode_pair", "loglikelihoods", "needs_full_sequences", "score_mc",
-           "score_mc_many"]
+__all__ = ["MCRecord", "MCResult", "encode_pair", "loglikelihoods", "needs_full_sequences", "score_mc", "score_mc_many"]

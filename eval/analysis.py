@@ -43,13 +43,12 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from actedit.data.formats import pad_id
+from actedit.eval import plots
 from actedit.interventions import compat
 from actedit.interventions.collector import ActivationCollector
 from actedit.interventions.edits import base_model_of, compose, config_of, is_intervenable, site_width
 from actedit.interventions.layers import model_depth
-from actedit.data.formats import pad_id
-
-from actedit.eval import plots
 
 NEUTRAL_TEXTS: Tuple[str, ...] = (
     "The Pacific Ocean is the largest and deepest of the Earth's five oceanic divisions.",
@@ -84,8 +83,9 @@ def _device(model) -> torch.device:
     return next(base_model_of(model).parameters()).device
 
 
-def encode_texts(tokenizer, texts: Sequence[str], max_length: Optional[int] = 256,
-                 add_special_tokens: bool = True) -> Dict[str, torch.Tensor]:
+def encode_texts(
+    tokenizer, texts: Sequence[str], max_length: Optional[int] = 256, add_special_tokens: bool = True
+) -> Dict[str, torch.Tensor]:
     """Tokenise ``texts`` one by one and right-pad them into ``input_ids``/``attention_mask``.
 
     Each text gets the tokenizer's own special tokens (``add_special_tokens``) and is truncated to
@@ -112,8 +112,8 @@ def encode_texts(tokenizer, texts: Sequence[str], max_length: Optional[int] = 25
     input_ids = torch.full((len(rows), width), int(pad), dtype=torch.long)
     mask = torch.zeros((len(rows), width), dtype=torch.long)
     for i, ids in enumerate(rows):
-        input_ids[i, :len(ids)] = torch.tensor(ids, dtype=torch.long)
-        mask[i, :len(ids)] = 1
+        input_ids[i, : len(ids)] = torch.tensor(ids, dtype=torch.long)
+        mask[i, : len(ids)] = 1
     return {"input_ids": input_ids, "attention_mask": mask}
 
 
@@ -134,9 +134,9 @@ def _batches(ids: torch.Tensor, mask: torch.Tensor, batch_size: int) -> Iterator
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}.")
     for start in range(0, ids.shape[0], batch_size):
-        m = mask[start:start + batch_size]
+        m = mask[start : start + batch_size]
         width = int(m.sum(0).nonzero().max()) + 1 if bool(m.any()) else 1  # drop all-padding columns on the right
-        yield {"input_ids": ids[start:start + batch_size, :width], "attention_mask": m[:, :width]}
+        yield {"input_ids": ids[start : start + batch_size, :width], "attention_mask": m[:, :width]}
 
 
 def _forward(model_or_pvm, batch: Dict[str, torch.Tensor]):
@@ -179,9 +179,12 @@ def _with_collectors(model_or_pvm, layers: Sequence[int], component: str, reduce
     model = base_model_of(model_or_pvm)
     width = site_width(model, component)
     collectors = {layer: ActivationCollector(embed_dim=width, reduce=reduce) for layer in layers}
-    collect_config = pv.IntervenableConfig(representations=[
-        {"layer": layer, "component": component, "unit": "pos", "intervention": collectors[layer]}
-        for layer in layers])
+    collect_config = pv.IntervenableConfig(
+        representations=[
+            {"layer": layer, "component": component, "unit": "pos", "intervention": collectors[layer]}
+            for layer in layers
+        ]
+    )
     if is_intervenable(model_or_pvm) and len(model_or_pvm.interventions) > 0:
         config = compose(config_of(model_or_pvm), collect_config)
     else:
@@ -209,10 +212,16 @@ def _resolve_layers(model, layers: Optional[Sequence[int]]) -> List[int]:
 
 
 @torch.no_grad()
-def layer_activations(model_or_pvm, inputs: Mapping[str, torch.Tensor], layers: Optional[Sequence[int]] = None, *,
-                        component: str = "block_output", batch_size: int = 8,
-                        reduce: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
-                        skip_first: int = 0) -> Dict[int, torch.Tensor]:
+def layer_activations(
+    model_or_pvm,
+    inputs: Mapping[str, torch.Tensor],
+    layers: Optional[Sequence[int]] = None,
+    *,
+    component: str = "block_output",
+    batch_size: int = 8,
+    reduce: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
+    skip_first: int = 0,
+) -> Dict[int, torch.Tensor]:
     """Activations at ``component`` of each layer, for every real token of ``inputs``.
 
     ``model_or_pvm`` is a plain model or a ``pyvene.IntervenableModel``; for the latter its edits
@@ -243,8 +252,9 @@ def layer_activations(model_or_pvm, inputs: Mapping[str, torch.Tensor], layers: 
                 raise RuntimeError(f"the collector at layer {layer} ran {len(collector.records)} times in one forward.")
             value = collector.records[0]
             if tuple(value.shape[:2]) != tuple(real.shape):
-                raise RuntimeError(f"collected shape {tuple(value.shape)} does not match the batch "
-                                   f"{tuple(real.shape)}.")
+                raise RuntimeError(
+                    f"collected shape {tuple(value.shape)} does not match the batch {tuple(real.shape)}."
+                )
             parts[layer].append(value[real.to(value.device)].float().cpu())
         for collector in collectors.values():
             collector.clear()
@@ -296,8 +306,17 @@ def norm_statistics(norms: Sequence[float], layer: int = -1) -> NormStats:
     if not torch.isfinite(values).all():
         raise ValueError("norms contain NaN or inf values.")
     q = torch.quantile(values, torch.tensor([0.0, 0.25, 0.5, 0.75, 1.0], dtype=torch.float64)).tolist()
-    return NormStats(layer=int(layer), n=int(values.numel()), mean=float(values.mean()),
-                     std=float(values.std(unbiased=False)), min=q[0], q1=q[1], median=q[2], q3=q[3], max=q[4])
+    return NormStats(
+        layer=int(layer),
+        n=int(values.numel()),
+        mean=float(values.mean()),
+        std=float(values.std(unbiased=False)),
+        min=q[0],
+        q1=q[1],
+        median=q[2],
+        q3=q[3],
+        max=q[4],
+    )
 
 
 def relative_drift(base_norms: Sequence[float], edited_norms: Sequence[float]) -> float:
@@ -350,8 +369,11 @@ class NormProfile:
         return {layer: norm_statistics(self.norms[layer], layer) for layer in self.layers}
 
     def to_dict(self) -> Dict[str, Any]:
-        return {"label": self.label, "component": self.component,
-                "norms": {str(k): v for k, v in sorted(self.norms.items())}}
+        return {
+            "label": self.label,
+            "component": self.component,
+            "norms": {str(k): v for k, v in sorted(self.norms.items())},
+        }
 
 
 @dataclass
@@ -390,14 +412,20 @@ class NormComparison:
 
     def drift(self) -> Dict[str, Dict[int, float]]:
         """Edit name → layer → mean relative norm drift |‖h'‖ − ‖h‖| / ‖h‖ against the base."""
-        return {name: {layer: relative_drift(self.base.norms[layer], profile.norms[layer]) for layer in self.layers}
-                for name, profile in self.edits.items()}
+        return {
+            name: {layer: relative_drift(self.base.norms[layer], profile.norms[layer]) for layer in self.layers}
+            for name, profile in self.edits.items()
+        }
 
     def summary(self) -> Dict[str, Any]:
         """JSON-ready summary: per profile and layer, mean/std/quartiles and (edits) the drift."""
         stats, drift = self.stats(), self.drift()
-        out: Dict[str, Any] = {"component": self.base.component, "n_tokens": self.base.n_tokens,
-                               "layers": self.layers, "profiles": {}}
+        out: Dict[str, Any] = {
+            "component": self.base.component,
+            "n_tokens": self.base.n_tokens,
+            "layers": self.layers,
+            "profiles": {},
+        }
         for label, per_layer in stats.items():
             rows = {}
             for layer, s in per_layer.items():
@@ -416,15 +444,19 @@ class NormComparison:
         lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         for layer in self.layers:
             cells = [str(layer)]
-            cells += [f"{stats[label][layer].mean:.{digits}f} ± {stats[label][layer].std:.{digits}f}"
-                      for label in stats]
+            cells += [
+                f"{stats[label][layer].mean:.{digits}f} ± {stats[label][layer].std:.{digits}f}" for label in stats
+            ]
             cells += [f"{100 * drift[name][layer]:.{max(digits - 1, 1)}f}%" for name in drift]
             lines.append("| " + " | ".join(cells) + " |")
         return "\n".join(lines)
 
     def to_dict(self) -> Dict[str, Any]:
-        return {"base": self.base.to_dict(), "edits": {k: v.to_dict() for k, v in self.edits.items()},
-                "summary": self.summary()}
+        return {
+            "base": self.base.to_dict(),
+            "edits": {k: v.to_dict() for k, v in self.edits.items()},
+            "summary": self.summary(),
+        }
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "NormComparison":
@@ -438,19 +470,34 @@ def _l2(h: torch.Tensor) -> torch.Tensor:
     return h.float().norm(dim=-1)
 
 
-def collect_norms(model_or_pvm, inputs: Mapping[str, torch.Tensor], layers: Optional[Sequence[int]] = None, *,
-                  label: str = "base", component: str = "block_output", batch_size: int = 8,
-                  skip_first: int = 0) -> NormProfile:
+def collect_norms(
+    model_or_pvm,
+    inputs: Mapping[str, torch.Tensor],
+    layers: Optional[Sequence[int]] = None,
+    *,
+    label: str = "base",
+    component: str = "block_output",
+    batch_size: int = 8,
+    skip_first: int = 0,
+) -> NormProfile:
     """:class:`NormProfile` of one model (plain or ``IntervenableModel``, edits applied) on ``inputs``."""
-    acts = layer_activations(model_or_pvm, inputs, layers, component=component, batch_size=batch_size, reduce=_l2,
-                               skip_first=skip_first)
+    acts = layer_activations(
+        model_or_pvm, inputs, layers, component=component, batch_size=batch_size, reduce=_l2, skip_first=skip_first
+    )
     return NormProfile(label, component, {layer: values.tolist() for layer, values in acts.items()})
 
 
-def activation_norms(model, inputs: Mapping[str, torch.Tensor],
-                     edits: Optional[Mapping[str, Union[pv.IntervenableModel, pv.IntervenableConfig]]] = None,
-                     layers: Optional[Sequence[int]] = None, *, component: str = "block_output",
-                     batch_size: int = 8, base_label: str = "base", skip_first: int = 0) -> NormComparison:
+def activation_norms(
+    model,
+    inputs: Mapping[str, torch.Tensor],
+    edits: Optional[Mapping[str, Union[pv.IntervenableModel, pv.IntervenableConfig]]] = None,
+    layers: Optional[Sequence[int]] = None,
+    *,
+    component: str = "block_output",
+    batch_size: int = 8,
+    base_label: str = "base",
+    skip_first: int = 0,
+) -> NormComparison:
     """Residual-stream norms per layer of the base model and of each edit, over real tokens.
 
     Args:
@@ -478,8 +525,9 @@ def activation_norms(model, inputs: Mapping[str, torch.Tensor],
         if isinstance(edit, pv.IntervenableConfig):
             edit = pv.IntervenableModel(edit, base_model)
         if not is_intervenable(edit):
-            raise ValueError(f"edit {name!r} must be a pyvene IntervenableModel or IntervenableConfig, "
-                             f"got {type(edit).__name__}.")
+            raise ValueError(
+                f"edit {name!r} must be a pyvene IntervenableModel or IntervenableConfig, got {type(edit).__name__}."
+            )
         profiles[name] = collect_norms(edit, inputs, layers, label=name, **kw)
     return NormComparison(base, profiles)
 
@@ -551,18 +599,19 @@ def prediction_flips(base_correct: Sequence[bool], edited_correct: Sequence[bool
     base = _as_bools(base_correct, "base_correct")
     edited = _as_bools(edited_correct, "edited_correct")
     if len(base) != len(edited):
-        raise ValueError(f"base ({len(base)}) and edited ({len(edited)}) correctness lists differ in length; "
-                         "they must cover the same questions in the same order.")
+        raise ValueError(
+            f"base ({len(base)}) and edited ({len(edited)}) correctness lists differ in length; "
+            "they must cover the same questions in the same order."
+        )
     if not base:
         raise ValueError("prediction_flips() needs at least one question.")
     counts = {"false_to_true": 0, "true_to_false": 0, "remains_true": 0, "remains_false": 0}
-    for b, e in zip(base, edited):
+    for b, e in zip(base, edited, strict=True):
         key = ("remains_true" if e else "true_to_false") if b else ("false_to_true" if e else "remains_false")
         counts[key] += 1
     n = len(base)
     pct = {k: 100.0 * v / n for k, v in counts.items()}
-    return FlipTable(n=n, **pct, base_accuracy=100.0 * sum(base) / n, accuracy=100.0 * sum(edited) / n,
-                     counts=counts)
+    return FlipTable(n=n, **pct, base_accuracy=100.0 * sum(base) / n, accuracy=100.0 * sum(edited) / n, counts=counts)
 
 
 def flips_from_records(base_records: Sequence, edited_records: Sequence, metric: str) -> FlipTable:
@@ -572,6 +621,7 @@ def flips_from_records(base_records: Sequence, edited_records: Sequence, metric:
     ``mc1``) is 1; records are :class:`~actedit.eval.mc.MCRecord` objects or their dicts; both
     lists must cover the same questions.
     """
+
     def table(records):
         out = {}
         for r in records:
@@ -644,11 +694,17 @@ def _as_metrics(value, default_metric: str) -> Dict[str, float]:
     return {default_metric: float(value)}
 
 
-def accuracy_vs_num_layers(score: Callable[[List[int]], Union[float, Mapping[str, float]]],
-                           ranked_layers: Sequence[int], ks: Optional[Sequence[int]] = None, *,
-                           max_k: Optional[int] = None, baseline: Union[None, float, Mapping[str, float]] = None,
-                           score_base: bool = False, metric: str = "accuracy",
-                           progress: bool = False) -> LayerCountCurve:
+def accuracy_vs_num_layers(
+    score: Callable[[List[int]], Union[float, Mapping[str, float]]],
+    ranked_layers: Sequence[int],
+    ks: Optional[Sequence[int]] = None,
+    *,
+    max_k: Optional[int] = None,
+    baseline: Union[None, float, Mapping[str, float]] = None,
+    score_base: bool = False,
+    metric: str = "accuracy",
+    progress: bool = False,
+) -> LayerCountCurve:
     """Evaluate ``score(top_k_layers)`` for k = 1..K.
 
     Args:
@@ -671,8 +727,11 @@ def accuracy_vs_num_layers(score: Callable[[List[int]], Union[float, Mapping[str
             raise ValueError(f"max_k must lie in 1..{len(ranked)}, got {max_k}.")
         ks = list(range(1, top + 1))
     ks = [int(k) for k in ks]
-    base = _as_metrics(score([]), metric) if score_base else (
-        _as_metrics(baseline, metric) if baseline is not None else {})
+    base = (
+        _as_metrics(score([]), metric)
+        if score_base
+        else (_as_metrics(baseline, metric) if baseline is not None else {})
+    )
     scores: Dict[str, List[float]] = {}
     iterator = tqdm(ks, desc="layers", unit="k", disable=not progress)
     for k in iterator:
@@ -729,8 +788,12 @@ class SideEffects:
         return math.exp(self.edited_loss)
 
     def to_dict(self) -> Dict[str, Any]:
-        return {**asdict(self), "loss_delta": self.loss_delta, "base_perplexity": self.base_perplexity,
-                "edited_perplexity": self.edited_perplexity}
+        return {
+            **asdict(self),
+            "loss_delta": self.loss_delta,
+            "base_perplexity": self.base_perplexity,
+            "edited_perplexity": self.edited_perplexity,
+        }
 
 
 def _token_losses(logits: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -743,8 +806,14 @@ def _token_losses(logits: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -
 
 
 @torch.no_grad()
-def lm_loss(model_or_pvm, tokenizer, texts: Optional[Sequence[str]] = None, *, batch_size: int = 8,
-            max_length: Optional[int] = 256) -> float:
+def lm_loss(
+    model_or_pvm,
+    tokenizer,
+    texts: Optional[Sequence[str]] = None,
+    *,
+    batch_size: int = 8,
+    max_length: Optional[int] = 256,
+) -> float:
     """Mean token-level cross-entropy (nats) of a model (edits applied for a pyvene model) on ``texts``."""
     inputs = encode_texts(tokenizer, list(texts) if texts is not None else list(NEUTRAL_TEXTS), max_length)
     ids, mask = _check_inputs(inputs)
@@ -761,8 +830,15 @@ def lm_loss(model_or_pvm, tokenizer, texts: Optional[Sequence[str]] = None, *, b
 
 
 @torch.no_grad()
-def side_effects(edited, tokenizer, texts: Optional[Sequence[str]] = None, *, base=None, batch_size: int = 8,
-                 max_length: Optional[int] = 256) -> SideEffects:
+def side_effects(
+    edited,
+    tokenizer,
+    texts: Optional[Sequence[str]] = None,
+    *,
+    base=None,
+    batch_size: int = 8,
+    max_length: Optional[int] = 256,
+) -> SideEffects:
     """LM loss of base and edited model and KL(base ‖ edited) on unrelated text.
 
     Args:
@@ -802,9 +878,15 @@ def side_effects(edited, tokenizer, texts: Optional[Sequence[str]] = None, *, ba
             kl_max = max(kl_max, float(kl.max()))
     if n_loss == 0:
         raise ValueError("no predicted tokens: every text is a single token.")
-    return SideEffects(n_texts=len(texts), n_loss_tokens=n_loss, n_kl_tokens=n_kl,
-                       base_loss=sums["base"] / n_loss, edited_loss=sums["edited"] / n_loss,
-                       kl=sums["kl"] / n_kl, kl_max=kl_max)
+    return SideEffects(
+        n_texts=len(texts),
+        n_loss_tokens=n_loss,
+        n_kl_tokens=n_kl,
+        base_loss=sums["base"] / n_loss,
+        edited_loss=sums["edited"] / n_loss,
+        kl=sums["kl"] / n_kl,
+        kl_max=kl_max,
+    )
 
 
 # ------------------------------------------------------------------------ edits vs their base
@@ -828,9 +910,17 @@ class EditAnalysis:
         return sum(self.norms.values()) / max(len(self.norms), 1)
 
 
-def analyze_edits(model, pvms: Mapping[str, Any], tokenizer, base_result, results: Mapping[str, Any],
-                  norm_texts: Sequence[str], *, metric: str, plot_dir: Optional[Union[str, Path]] = None) \
-        -> Dict[str, EditAnalysis]:
+def analyze_edits(
+    model,
+    pvms: Mapping[str, Any],
+    tokenizer,
+    base_result,
+    results: Mapping[str, Any],
+    norm_texts: Sequence[str],
+    *,
+    metric: str,
+    plot_dir: Optional[Union[str, Path]] = None,
+) -> Dict[str, EditAnalysis]:
     """Flips, side effects and norm drift of every edit against its base model.
 
     Args:
@@ -844,8 +934,11 @@ def analyze_edits(model, pvms: Mapping[str, Any], tokenizer, base_result, result
     """
     out: Dict[str, EditAnalysis] = {}
     for name, pvm in pvms.items():
-        out[name] = EditAnalysis(flips=flips_from_records(base_result.records, results[name].records, metric),
-                                 side_effects=side_effects(pvm, tokenizer, base=model), norms={})
+        out[name] = EditAnalysis(
+            flips=flips_from_records(base_result.records, results[name].records, metric),
+            side_effects=side_effects(pvm, tokenizer, base=model),
+            norms={},
+        )
     comparison = activation_norms(model, encode_texts(tokenizer, list(norm_texts)), pvms, skip_first=1)
     for name, layer_drift in comparison.drift().items():
         out[name].norms = layer_drift
@@ -856,8 +949,25 @@ def analyze_edits(model, pvms: Mapping[str, Any], tokenizer, base_result, result
 
 
 __all__ = [
-    "EditAnalysis", "FlipTable", "LayerCountCurve", "NEUTRAL_TEXTS", "NormComparison", "NormProfile", "NormStats",
-    "SideEffects", "accuracy_vs_num_layers", "activation_norms", "analyze_edits", "collect_norms", "encode_texts",
-    "flips_from_records", "layer_activations", "lm_loss", "norm_statistics", "prediction_flips", "relative_drift",
-    "restrict_layers", "side_effects",
+    "EditAnalysis",
+    "FlipTable",
+    "LayerCountCurve",
+    "NEUTRAL_TEXTS",
+    "NormComparison",
+    "NormProfile",
+    "NormStats",
+    "SideEffects",
+    "accuracy_vs_num_layers",
+    "activation_norms",
+    "analyze_edits",
+    "collect_norms",
+    "encode_texts",
+    "flips_from_records",
+    "layer_activations",
+    "lm_loss",
+    "norm_statistics",
+    "prediction_flips",
+    "relative_drift",
+    "restrict_layers",
+    "side_effects",
 ]

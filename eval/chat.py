@@ -28,12 +28,10 @@ from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, TextI
 
 import pyvene as pv
 
-from actedit.interventions import compat
-from actedit.interventions.artifacts import load_artifact, resolve_artifact, verify_artifact
-from actedit.interventions.base import ActEditIntervention
-from actedit.interventions.edits import config_of, intervenable
 from actedit.data.generate import GenerationSettings, build_prompt, generate_texts, uses_chat_template
-from actedit.data.models import load_model
+from actedit.interventions import compat
+from actedit.interventions.artifacts import load_artifact
+from actedit.interventions.edits import config_of, intervenable
 
 PROMPT_LINE = "Enter your input prompt (Leave empty to end program):"
 
@@ -81,8 +79,10 @@ def parse_layer_selection(text: Union[str, Iterable[int], None], available: Sequ
             chosen += list(range(lo, hi + 1))
     unknown = sorted(set(chosen) - set(available))
     if unknown:
-        raise ValueError(f"layer(s) {describe_layers(unknown)} are not edited by this artifact; "
-                         f"available: {describe_layers(available)}.")
+        raise ValueError(
+            f"layer(s) {describe_layers(unknown)} are not edited by this artifact; "
+            f"available: {describe_layers(available)}."
+        )
     return sorted(set(chosen))
 
 
@@ -103,8 +103,16 @@ class ChatSession:
         layers: initially active layers (a selection string or list; default all).
     """
 
-    def __init__(self, model, tokenizer, edits: Mapping[int, Sequence[Tuple[Any, object]]], *,
-                 info: Optional[dict] = None, settings=None, layers: Union[str, Iterable[int], None] = "all"):
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        edits: Mapping[int, Sequence[Tuple[Any, object]]],
+        *,
+        info: Optional[dict] = None,
+        settings=None,
+        layers: Union[str, Iterable[int], None] = "all",
+    ):
         if not edits:
             raise ValueError("the edit holds no interventions.")
         self.model = model
@@ -150,8 +158,9 @@ class ChatSession:
         self.active = list(layers)
         if not layers:
             return
-        representations = [rep._replace(intervention=module)._asdict()
-                           for layer in layers for rep, module in self.edits[layer]]
+        representations = [
+            rep._replace(intervention=module)._asdict() for layer in layers for rep, module in self.edits[layer]
+        ]
         config = pv.IntervenableConfig(representations=representations, actedit=self.info)
         self.pvm = intervenable(self.model, config)
 

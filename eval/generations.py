@@ -17,8 +17,8 @@ from typing import Any, Dict, List, Optional, Sequence, Union
 
 from tqdm.auto import tqdm
 
-from actedit.interventions.edits import is_intervenable
 from actedit.data.generate import GenerationSettings, build_prompt, generate_texts, uses_chat_template
+from actedit.interventions.edits import is_intervenable
 
 
 @dataclass
@@ -67,9 +67,15 @@ class GenerationReport:
         return sum(r.changed for r in self.records)
 
     def to_dict(self) -> Dict[str, Any]:
-        return {"model": self.model, "edits": self.edits, "settings": self.settings, "seconds": self.seconds,
-                "n_questions": len(self.records), "n_changed": self.n_changed,
-                "records": [asdict(r) for r in self.records]}
+        return {
+            "model": self.model,
+            "edits": self.edits,
+            "settings": self.settings,
+            "seconds": self.seconds,
+            "n_questions": len(self.records),
+            "n_changed": self.n_changed,
+            "records": [asdict(r) for r in self.records],
+        }
 
     def save(self, path: Union[str, Path]) -> Path:
         """Write the report as indented UTF-8 JSON; returns the path."""
@@ -81,13 +87,25 @@ class GenerationReport:
     @classmethod
     def load(cls, path: Union[str, Path]) -> "GenerationReport":
         data = json.loads(Path(path).read_text(encoding="utf-8"))
-        return cls(records=[GenerationRecord(**r) for r in data["records"]], settings=data["settings"],
-                   model=data.get("model"), edits=data.get("edits", []), seconds=data.get("seconds", 0.0))
+        return cls(
+            records=[GenerationRecord(**r) for r in data["records"]],
+            settings=data["settings"],
+            model=data.get("model"),
+            edits=data.get("edits", []),
+            seconds=data.get("seconds", 0.0),
+        )
 
 
 # ---------------------------------------------------------------------------------- prompts
-def compare_generations(edited, tokenizer, questions: Sequence[str], settings: Optional[GenerationSettings] = None,
-                        *, base=None, progress: bool = True) -> GenerationReport:
+def compare_generations(
+    edited,
+    tokenizer,
+    questions: Sequence[str],
+    settings: Optional[GenerationSettings] = None,
+    *,
+    base=None,
+    progress: bool = True,
+) -> GenerationReport:
     """Answers of the base model and of the edited model to ``questions``.
 
     Args:
@@ -115,7 +133,7 @@ def compare_generations(edited, tokenizer, questions: Sequence[str], settings: O
     try:
         step = settings.batch_size
         for i in range(0, len(prompts), step):
-            chunk = prompts[i:i + step]
+            chunk = prompts[i : i + step]
             # the same seed per batch for base and edit: both sample from the same random stream
             batch_settings = GenerationSettings(**{**asdict(settings), "seed": settings.seed + i // step})
             base_answers += generate_texts(base, tokenizer, chunk, batch_settings, add_special_tokens=not chat)
@@ -126,11 +144,19 @@ def compare_generations(edited, tokenizer, questions: Sequence[str], settings: O
         if bar is not None:
             bar.close()
     seconds = time.perf_counter() - start
-    records = [GenerationRecord(q, p, b, e) for q, p, b, e in zip(questions, prompts, base_answers, edited_answers)]
+    records = [
+        GenerationRecord(q, p, b, e)
+        for q, p, b, e in zip(questions, prompts, base_answers, edited_answers, strict=True)
+    ]
     info = getattr(edited.config, "actedit", None) or {}
     name = getattr(getattr(edited.model, "config", None), "_name_or_path", None) or None
-    return GenerationReport(records=records, settings={**asdict(settings), "chat_template": chat},
-                            model=name, edits=list(info.get("edits", [])), seconds=seconds)
+    return GenerationReport(
+        records=records,
+        settings={**asdict(settings), "chat_template": chat},
+        model=name,
+        edits=list(info.get("edits", [])),
+        seconds=seconds,
+    )
 
 
 __all__ = ["GenerationRecord", "GenerationReport", "compare_generations"]

@@ -29,8 +29,8 @@ from typing import List, Optional, Sequence
 
 import torch
 
-from actedit.interventions.artifacts import load_artifact
 from actedit.data.models import load_model
+from actedit.interventions.artifacts import load_artifact
 
 try:  # the optional extra actedit[lmeval]
     import lm_eval
@@ -55,12 +55,14 @@ class ActEditLM(HFLM):
         **kwargs: passed to ``HFLM`` (batch_size, device, add_bos_token, ...).
     """
 
-    def __init__(self, pretrained="smollm2-135m-instruct", intervention: Optional[str] = None,
-                 tokenizer=None, **kwargs):
+    def __init__(
+        self, pretrained="smollm2-135m-instruct", intervention: Optional[str] = None, tokenizer=None, **kwargs
+    ):
         if isinstance(pretrained, str):
             dtype = kwargs.pop("dtype", None)
-            model, loaded_tokenizer = load_model(pretrained, **({"dtype": getattr(torch, dtype)}
-                                                                  if isinstance(dtype, str) else {}))
+            model, loaded_tokenizer = load_model(
+                pretrained, **({"dtype": getattr(torch, dtype)} if isinstance(dtype, str) else {})
+            )
             tokenizer = tokenizer or loaded_tokenizer
         else:
             model = pretrained
@@ -109,17 +111,24 @@ def local_truthfulqa_tasks(directory, questions: Sequence, prefix: str = "local_
     """
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    rows = [{"question": q.question,
-             "mc1_targets": {"choices": list(q.mc1_choices), "labels": list(q.mc1_labels)},
-             "mc2_targets": {"choices": list(q.mc2_choices), "labels": list(q.mc2_labels)}} for q in questions]
+    rows = [
+        {
+            "question": q.question,
+            "mc1_targets": {"choices": list(q.mc1_choices), "labels": list(q.mc1_labels)},
+            "mc2_targets": {"choices": list(q.mc2_choices), "labels": list(q.mc2_labels)},
+        }
+        for q in questions
+    ]
     data = directory / "truthfulqa.jsonl"
     data.write_text("\n".join(json.dumps(r) for r in rows))
     source = Path(lm_eval.__file__).parent / "tasks" / "truthfulqa"
     mc1 = (source / "truthfulqa_mc1.yaml").read_text()
     hub_lines = ("dataset_path: truthfulqa/truthful_qa\n", "dataset_name: multiple_choice\n")
     if not all(line in mc1 for line in hub_lines):
-        raise RuntimeError(f"lm-eval's {source / 'truthfulqa_mc1.yaml'} has an unexpected layout; "
-                           "this lm-eval version is not supported by local_truthfulqa_tasks.")
+        raise RuntimeError(
+            f"lm-eval's {source / 'truthfulqa_mc1.yaml'} has an unexpected layout; "
+            "this lm-eval version is not supported by local_truthfulqa_tasks."
+        )
     mc1 = mc1.replace(hub_lines[0], f"dataset_path: json\ndataset_kwargs:\n  data_files:\n    validation: {data}\n")
     mc1 = mc1.replace(hub_lines[1], "").replace("tag:\n  - truthfulqa\n", "")
     mc1 = mc1.replace("task: truthfulqa_mc1", f"task: {prefix}truthfulqa_mc1")
@@ -133,8 +142,9 @@ def local_truthfulqa_tasks(directory, questions: Sequence, prefix: str = "local_
 def evaluate_truthfulqa(lm, questions: Sequence, directory) -> dict:
     """lm-eval's MC1/MC2 of ``lm`` on ``questions`` (local task files in ``directory``)."""
     tasks = local_truthfulqa_tasks(directory, questions)
-    out = simple_evaluate(model=lm, tasks=tasks, task_manager=TaskManager(include_path=str(directory)),
-                          num_fewshot=0, bootstrap_iters=0)
+    out = simple_evaluate(
+        model=lm, tasks=tasks, task_manager=TaskManager(include_path=str(directory)), num_fewshot=0, bootstrap_iters=0
+    )
     return {"mc1": out["results"][tasks[0]]["acc,none"], "mc2": out["results"][tasks[1]]["acc,none"]}
 
 

@@ -69,6 +69,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from actedit.data.formats import pad_id
+from actedit.data.tasks import MCItem, TaskSpec, mean_stderr, task_spec
 from actedit.interventions import compat
 from actedit.interventions.base import ActEditIntervention
 from actedit.interventions.edits import base_model_of, interventions_of, is_intervenable
@@ -83,8 +85,6 @@ from actedit.interventions.packing import (
     supports_packing,
 )
 from actedit.interventions.positions import mark_answer_starts, mark_packed, mark_prompt_lengths
-from actedit.data.formats import pad_id
-from actedit.data.tasks import MCItem, TaskSpec, mean_stderr, task_spec
 
 MODES = ("auto", "packed", "full")
 """Scoring paths: ``packed`` (fast), ``full`` (reference), ``auto`` (packed where exact)."""
@@ -108,8 +108,9 @@ def encode(tokenizer, text: str, add_bos_token: Optional[bool] = None) -> List[i
     return list(tokenizer.encode(text, **kwargs))
 
 
-def encode_pair(tokenizer, context: str, continuation: str,
-                add_bos_token: Optional[bool] = None) -> Tuple[List[int], List[int]]:
+def encode_pair(
+    tokenizer, context: str, continuation: str, add_bos_token: Optional[bool] = None
+) -> Tuple[List[int], List[int]]:
     """lm-eval's ``_encode_pair`` (causal models): ``(context tokens, continuation tokens)``.
 
     Trailing whitespace of ``context`` moves to the front of ``continuation``; the continuation
@@ -119,15 +120,16 @@ def encode_pair(tokenizer, context: str, continuation: str,
     return ctx, cont
 
 
-def _encode_request(tokenizer, context: str, continuations: Sequence[str],
-                    add_bos_token: Optional[bool] = None) -> Tuple[List[int], List[List[int]]]:
+def _encode_request(
+    tokenizer, context: str, continuations: Sequence[str], add_bos_token: Optional[bool] = None
+) -> Tuple[List[int], List[List[int]]]:
     """:func:`encode_pair` for several continuations of one context (the context encoded once)."""
     if not context:
         raise ValueError("the context must not be empty (lm-eval handles empty contexts differently).")
     n_spaces = len(context) - len(context.rstrip())
     moved, context = (context[-n_spaces:], context[:-n_spaces]) if n_spaces else ("", context)
     ctx = encode(tokenizer, context, add_bos_token)
-    conts = [encode(tokenizer, context + moved + c, add_bos_token)[len(ctx):] for c in continuations]
+    conts = [encode(tokenizer, context + moved + c, add_bos_token)[len(ctx) :] for c in continuations]
     return ctx, conts
 
 
@@ -192,8 +194,13 @@ def needs_full_sequences(model_or_pvm) -> List[str]:
 
     Empty when caching and packing are exact (see the module docstring).
     """
-    return [reason for module in interventions_of(model_or_pvm) if isinstance(module, ActEditIntervention)
-            for reason in [module.full_sequence_reason()] if reason]
+    return [
+        reason
+        for module in interventions_of(model_or_pvm)
+        if isinstance(module, ActEditIntervention)
+        for reason in [module.full_sequence_reason()]
+        if reason
+    ]
 
 
 class _ScoringRunner:
@@ -240,18 +247,30 @@ class _ScoringRunner:
             self.model.train(was_training)
 
     # forward -------------------------------------------------------------------------------
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, past=None, *,
-                rows: torch.Tensor, cols: torch.Tensor, targets: torch.Tensor,
-                prompt_lengths: Sequence[int] = (), answer_starts: Sequence[int] = (),
-                position_ids: Optional[torch.Tensor] = None,
-                packed: Optional[Tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = None):
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        past=None,
+        *,
+        rows: torch.Tensor,
+        cols: torch.Tensor,
+        targets: torch.Tensor,
+        prompt_lengths: Sequence[int] = (),
+        answer_starts: Sequence[int] = (),
+        position_ids: Optional[torch.Tensor] = None,
+        packed: Optional[Tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = None,
+    ):
         """One forward call; returns (log-probs of ``targets`` at (rows, cols), cache).
 
         ``packed``: per-token (positions, prompt lengths, answer starts) of packed rows, given
         instead of ``prompt_lengths``/``answer_starts`` (see :func:`mark_packed`).
         """
-        base = {"input_ids": input_ids.to(self.device), "attention_mask": attention_mask.to(self.device),
-                "use_cache": True}
+        base = {
+            "input_ids": input_ids.to(self.device),
+            "attention_mask": attention_mask.to(self.device),
+            "use_cache": True,
+        }
         if past is not None:
             base[compat.cache_keyword(self.model)] = past
         if position_ids is not None:
@@ -317,7 +336,7 @@ def _plan_batches(lengths: Sequence[int], batch_size: int, call_cost: int = CALL
                 best[end], cut[end] = cost, start
     batches, end = [], n
     while end > 0:
-        batches.append(order[cut[end]:end])
+        batches.append(order[cut[end] : end])
         end = cut[end]
     return batches[::-1]
 
@@ -358,9 +377,18 @@ def loglikelihoods(
         One list of floats per request, in the order of its continuations.
     """
     infos: Dict[str, Dict[str, Any]] = {}
-    scores = loglikelihoods_many({"model": model_or_pvm}, tokenizer, requests, batch_size=batch_size,
-                                 add_bos_token=add_bos_token, mode=mode, progress=progress, desc=desc,
-                                 info=infos, pack_tokens=pack_tokens)["model"]
+    scores = loglikelihoods_many(
+        {"model": model_or_pvm},
+        tokenizer,
+        requests,
+        batch_size=batch_size,
+        add_bos_token=add_bos_token,
+        mode=mode,
+        progress=progress,
+        desc=desc,
+        info=infos,
+        pack_tokens=pack_tokens,
+    )["model"]
     if info is not None:
         info.update({k: v for k, v in infos["model"].items() if k != "seconds"})
     return scores
@@ -429,12 +457,19 @@ def loglikelihoods_many(
         reasons = needs_full_sequences(model_or_pvm)
         runner = runners[name] = _ScoringRunner(model_or_pvm)
         modes[name] = _choose_mode(mode, runner, reasons, longest)
-        info[name] = dict(mode=modes[name], full_sequence_reasons=reasons, seconds=0.0, skipped_layers=0,
-                          bos=bool(encoded and bos is not None and encoded[0][0][:1] == [bos]))
+        info[name] = dict(
+            mode=modes[name],
+            full_sequence_reasons=reasons,
+            seconds=0.0,
+            skipped_layers=0,
+            bos=bool(encoded and bos is not None and encoded[0][0][:1] == [bos]),
+        )
         max_len = getattr(getattr(runner.model, "config", None), "max_position_embeddings", None)
         if max_len and longest > max_len:
-            raise ValueError(f"a scored sequence has {longest} tokens, more than the model's {max_len} "
-                             "positions (lm-eval would truncate it from the left; not supported).")
+            raise ValueError(
+                f"a scored sequence has {longest} tokens, more than the model's {max_len} "
+                "positions (lm-eval would truncate it from the left; not supported)."
+            )
     if not encoded:
         return {name: [] for name in models}
     pad = pad_id(tokenizer)
@@ -448,8 +483,17 @@ def loglikelihoods_many(
         for name in packed:
             stack.enter_context(runners[name].active())
         if packed:
-            _score_packed_models({n: runners[n] for n in packed}, encoded, prefix_len, pack_tokens, pad,
-                                 share_lower_layers, results, info, bar)
+            _score_packed_models(
+                {n: runners[n] for n in packed},
+                encoded,
+                prefix_len,
+                pack_tokens,
+                pad,
+                share_lower_layers,
+                results,
+                info,
+                bar,
+            )
     for name in models:
         if modes[name] != "full":
             continue
@@ -471,8 +515,16 @@ def _prefix_cache(runner: "_ScoringRunner", encoded, prefix_len: int):
         return None
     ids = torch.tensor([encoded[0][0][:prefix_len]])
     empty = torch.zeros(0, dtype=torch.long)
-    _, cache = runner.forward(ids, torch.ones_like(ids), None, rows=empty, cols=empty, targets=empty,
-                              prompt_lengths=[prefix_len + 1], answer_starts=[prefix_len])
+    _, cache = runner.forward(
+        ids,
+        torch.ones_like(ids),
+        None,
+        rows=empty,
+        cols=empty,
+        targets=empty,
+        prompt_lengths=[prefix_len + 1],
+        answer_starts=[prefix_len],
+    )
     return cache
 
 
@@ -488,8 +540,17 @@ def lowest_edited_layer(model_or_pvm) -> Optional[int]:
     return min(layers) if layers else None
 
 
-def _score_packed_models(runners: Dict[str, "_ScoringRunner"], encoded, prefix_len: int, pack_tokens: int, pad: int,
-                         share_lower_layers: bool, results, info, bar) -> None:
+def _score_packed_models(
+    runners: Dict[str, "_ScoringRunner"],
+    encoded,
+    prefix_len: int,
+    pack_tokens: int,
+    pad: int,
+    share_lower_layers: bool,
+    results,
+    info,
+    bar,
+) -> None:
     """Packed scoring of several models, batch by batch (see :func:`loglikelihoods_many`)."""
     reference = None
     if share_lower_layers:
@@ -553,8 +614,9 @@ class _PackedCall:
         return self.masks[dtype]
 
 
-def _packed_call(batch: PackedBatch, requests: Sequence[Tuple[List[int], List[List[int]]]],
-                 past_length: int) -> _PackedCall:
+def _packed_call(
+    batch: PackedBatch, requests: Sequence[Tuple[List[int], List[List[int]]]], past_length: int
+) -> _PackedCall:
     """The layout of ``requests`` packed in ``batch`` (cached prefix of ``past_length`` tokens).
 
     Continuation token j of a choice is predicted at the position before it: the last context
@@ -568,12 +630,12 @@ def _packed_call(batch: PackedBatch, requests: Sequence[Tuple[List[int], List[Li
     for k, (ctx, conts) in enumerate(requests):
         r, c = batch.trunk_at[k]
         n_own = len(ctx) - int(batch.position_ids[r, c])
-        answer[r, c:c + n_own] = len(ctx)
-        prompt[r, c:c + n_own] = len(ctx) + 1
+        answer[r, c : c + n_own] = len(ctx)
+        prompt[r, c : c + n_own] = len(ctx) + 1
         last_ctx = c + n_own - 1
-        for (br, bc), tokens in zip(batch.branch_at[k], conts):
-            answer[br, bc:bc + len(tokens)] = len(ctx)
-            prompt[br, bc:bc + len(tokens)] = len(ctx) + len(tokens)
+        for (br, bc), tokens in zip(batch.branch_at[k], conts, strict=True):
+            answer[br, bc : bc + len(tokens)] = len(ctx)
+            prompt[br, bc : bc + len(tokens)] = len(ctx) + len(tokens)
             for j, token in enumerate(tokens):
                 rows.append(br)
                 cols.append(last_ctx if j == 0 else bc + j - 1)
@@ -583,28 +645,40 @@ def _packed_call(batch: PackedBatch, requests: Sequence[Tuple[List[int], List[Li
     return _PackedCall(batch, as_long(rows), as_long(cols), as_long(targets), positions, prompt, answer, past_length)
 
 
-def _score_packed(runner: _ScoringRunner, call: _PackedCall, requests: Sequence[Tuple[List[int], List[List[int]]]],
-                  prefix_cache) -> List[List[float]]:
+def _score_packed(
+    runner: _ScoringRunner, call: _PackedCall, requests: Sequence[Tuple[List[int], List[List[int]]]], prefix_cache
+) -> List[List[float]]:
     """Score the requests laid out in ``call`` with one forward call on the shared prefix's cache."""
     batch = call.batch
-    past = compat.select_cache_rows(prefix_cache, torch.zeros(batch.shape[0], dtype=torch.long, device=runner.device)) \
-        if prefix_cache is not None else None
+    past = (
+        compat.select_cache_rows(prefix_cache, torch.zeros(batch.shape[0], dtype=torch.long, device=runner.device))
+        if prefix_cache is not None
+        else None
+    )
     picked, _ = runner.forward(
-        batch.input_ids, call.mask(next(runner.model.parameters()).dtype), past, rows=call.rows, cols=call.cols,
-        targets=call.targets, position_ids=batch.position_ids, packed=(call.positions, call.prompt, call.answer))
+        batch.input_ids,
+        call.mask(next(runner.model.parameters()).dtype),
+        past,
+        rows=call.rows,
+        cols=call.cols,
+        targets=call.targets,
+        position_ids=batch.position_ids,
+        packed=(call.positions, call.prompt, call.answer),
+    )
     picked = picked.cpu()
     scores, offset = [], 0
     for _, conts in requests:
         row = []
         for tokens in conts:
-            row.append(float(picked[offset:offset + len(tokens)].sum()) if tokens else 0.0)
+            row.append(float(picked[offset : offset + len(tokens)].sum()) if tokens else 0.0)
             offset += len(tokens)
         scores.append(row)
     return scores
 
 
-def _score_full(runner: _ScoringRunner, ctx: List[int], conts: List[List[int]], batch_size: int,
-                pad: int) -> List[float]:
+def _score_full(
+    runner: _ScoringRunner, ctx: List[int], conts: List[List[int]], batch_size: int, pad: int
+) -> List[float]:
     n_ctx = len(ctx)
     scores: List[Optional[float]] = [None] * len(conts)
     for chunk in _plan_batches([len(c) for c in conts], batch_size):
@@ -616,20 +690,26 @@ def _score_full(runner: _ScoringRunner, ctx: List[int], conts: List[List[int]], 
         rows, cols, targets = [], [], []
         for r, i in enumerate(chunk):
             seq = ctx + conts[i]
-            ids[r, :len(seq)] = torch.tensor(seq)
-            mask[r, :len(seq)] = 1
+            ids[r, : len(seq)] = torch.tensor(seq)
+            mask[r, : len(seq)] = 1
             for j, token in enumerate(conts[i]):  # position n_ctx+j-1 predicts continuation token j
                 rows.append(r)
                 cols.append(n_ctx + j - 1)
                 targets.append(token)
         picked, _ = runner.forward(
-            ids, mask, None, rows=torch.tensor(rows, dtype=torch.long), cols=torch.tensor(cols, dtype=torch.long),
+            ids,
+            mask,
+            None,
+            rows=torch.tensor(rows, dtype=torch.long),
+            cols=torch.tensor(cols, dtype=torch.long),
             targets=torch.tensor(targets, dtype=torch.long),
-            prompt_lengths=[n_ctx + length for length in lengths], answer_starts=[n_ctx] * n)
+            prompt_lengths=[n_ctx + length for length in lengths],
+            answer_starts=[n_ctx] * n,
+        )
         offset = 0
-        for r, i in enumerate(chunk):
+        for i in chunk:
             k = len(conts[i])
-            scores[i] = float(picked[offset:offset + k].sum()) if k else 0.0
+            scores[i] = float(picked[offset : offset + k].sum()) if k else 0.0
             offset += k
     return [float(cast(float, s)) for s in scores]  # every score was set above
 
@@ -640,13 +720,32 @@ def _model_name(model_or_pvm) -> Optional[str]:
     return getattr(config, "_name_or_path", None) or None
 
 
-def score_mc(model_or_pvm, tokenizer, questions: Sequence, *, task="truthfulqa", batch_size: int = 32,
-             progress: bool = True, add_bos_token: Optional[bool] = None, mode: str = "auto",
-             pack_tokens: int = DEFAULT_PACK_TOKENS, **task_options) -> MCResult:
+def score_mc(
+    model_or_pvm,
+    tokenizer,
+    questions: Sequence,
+    *,
+    task="truthfulqa",
+    batch_size: int = 32,
+    progress: bool = True,
+    add_bos_token: Optional[bool] = None,
+    mode: str = "auto",
+    pack_tokens: int = DEFAULT_PACK_TOKENS,
+    **task_options,
+) -> MCResult:
     """A task's metrics for one model or edit (TruthfulQA MC1/MC2 by default); see :func:`score_mc_many`."""
-    return score_mc_many({"model": model_or_pvm}, tokenizer, questions, task=task, batch_size=batch_size,
-                         progress=progress, add_bos_token=add_bos_token, mode=mode, pack_tokens=pack_tokens,
-                         **task_options)["model"]
+    return score_mc_many(
+        {"model": model_or_pvm},
+        tokenizer,
+        questions,
+        task=task,
+        batch_size=batch_size,
+        progress=progress,
+        add_bos_token=add_bos_token,
+        mode=mode,
+        pack_tokens=pack_tokens,
+        **task_options,
+    )["model"]
 
 
 def score_mc_many(
@@ -695,20 +794,46 @@ def score_mc_many(
     requests = [(item.context, list(item.choices)) for item in items]
     start = time.perf_counter()
     infos: Dict[str, Dict[str, Any]] = {}
-    scores = loglikelihoods_many(models, tokenizer, requests, batch_size=batch_size, add_bos_token=add_bos_token,
-                                 mode=mode, progress=progress, desc=spec.name, info=infos,
-                                 pack_tokens=pack_tokens, share_lower_layers=share_lower_layers)
+    scores = loglikelihoods_many(
+        models,
+        tokenizer,
+        requests,
+        batch_size=batch_size,
+        add_bos_token=add_bos_token,
+        mode=mode,
+        progress=progress,
+        desc=spec.name,
+        info=infos,
+        pack_tokens=pack_tokens,
+        share_lower_layers=share_lower_layers,
+    )
     overhead = (time.perf_counter() - start - sum(i["seconds"] for i in infos.values())) / len(models)
-    return {name: _result(spec, options, model_or_pvm, questions, items, scores[name], infos[name], overhead,
-                          add_bos_token)
-            for name, model_or_pvm in models.items()}
+    return {
+        name: _result(spec, options, model_or_pvm, questions, items, scores[name], infos[name], overhead, add_bos_token)
+        for name, model_or_pvm in models.items()
+    }
 
 
-def _result(spec: TaskSpec, options, model_or_pvm, questions, items: List[MCItem], scores, info: Dict[str, Any],
-            overhead: float, add_bos_token: Optional[bool]) -> MCResult:
-    records = [MCRecord(index=item.index, choices=list(item.choices), scores=[float(s) for s in values],
-                        values=spec.score(q, item, values, options))
-               for q, item, values in zip(questions, items, scores)]
+def _result(
+    spec: TaskSpec,
+    options,
+    model_or_pvm,
+    questions,
+    items: List[MCItem],
+    scores,
+    info: Dict[str, Any],
+    overhead: float,
+    add_bos_token: Optional[bool],
+) -> MCResult:
+    records = [
+        MCRecord(
+            index=item.index,
+            choices=list(item.choices),
+            scores=[float(s) for s in values],
+            values=spec.score(q, item, values, options),
+        )
+        for q, item, values in zip(questions, items, scores, strict=True)
+    ]
     metrics = {m: float(np.mean([r.values[m] for r in records])) for m in spec.metrics}
     stderr = {m: mean_stderr([r.values[m] for r in records]) for m in spec.metrics}
     model = base_model_of(model_or_pvm)
@@ -727,11 +852,26 @@ def _result(spec: TaskSpec, options, model_or_pvm, questions, items: List[MCItem
         "interventions": [type(m).__name__ for m in interventions_of(model_or_pvm)],
         "logprob_dtype": "float64",
     }
-    return MCResult(task=spec.name, records=records, metrics=metrics, stderr=stderr,
-                    seconds=info.get("seconds", 0.0) + overhead, protocol=protocol)
+    return MCResult(
+        task=spec.name,
+        records=records,
+        metrics=metrics,
+        stderr=stderr,
+        seconds=info.get("seconds", 0.0) + overhead,
+        protocol=protocol,
+    )
 
 
 __all__ = [
-    "MCRecord", "MCResult", "MODES", "encode", "encode_pair", "loglikelihoods", "loglikelihoods_many",
-    "lowest_edited_layer", "needs_full_sequences", "score_mc", "score_mc_many",
+    "MCRecord",
+    "MCResult",
+    "MODES",
+    "encode",
+    "encode_pair",
+    "loglikelihoods",
+    "loglikelihoods_many",
+    "lowest_edited_layer",
+    "needs_full_sequences",
+    "score_mc",
+    "score_mc_many",
 ]

@@ -34,8 +34,14 @@ def _save(fig, path: PathLike) -> Path:
     return path
 
 
-def plot_norms(comparison, path: PathLike, layers: Optional[Sequence[int]] = None, title: Optional[str] = None,
-               show_outliers: bool = False, log_scale: bool = False) -> Path:
+def plot_norms(
+    comparison,
+    path: PathLike,
+    layers: Optional[Sequence[int]] = None,
+    title: Optional[str] = None,
+    show_outliers: bool = False,
+    log_scale: bool = False,
+) -> Path:
     """Box plots of the activation norms per layer, base and each edit side by side (HPR Fig. 3/4).
 
     Args:
@@ -60,9 +66,15 @@ def plot_norms(comparison, path: PathLike, layers: Optional[Sequence[int]] = Non
     for j, (label, profile) in enumerate(profiles.items()):
         positions = [i + (j - (n - 1) / 2) * width for i in range(len(layers))]
         color = _COLORS[j % len(_COLORS)]
-        box = ax.boxplot([profile.norms[layer] for layer in layers], positions=positions, widths=width * 0.9,
-                         patch_artist=True, showfliers=show_outliers, manage_ticks=False,
-                         medianprops={"color": "black", "linewidth": 1})
+        box = ax.boxplot(
+            [profile.norms[layer] for layer in layers],
+            positions=positions,
+            widths=width * 0.9,
+            patch_artist=True,
+            showfliers=show_outliers,
+            manage_ticks=False,
+            medianprops={"color": "black", "linewidth": 1},
+        )
         for patch in box["boxes"]:
             patch.set_facecolor(color)
             patch.set_alpha(0.75)
@@ -86,8 +98,12 @@ def plot_flips(tables: Mapping[str, Any], path: PathLike, title: Optional[str] =
     """
     if not tables:
         raise ValueError("plot_flips() needs at least one flip table.")
-    parts = [("remains_true", "remains True", "#55A868"), ("false_to_true", "False → True", "#8FD18F"),
-             ("true_to_false", "True → False", "#E08080"), ("remains_false", "remains False", "#C44E52")]
+    parts = [
+        ("remains_true", "remains True", "#55A868"),
+        ("false_to_true", "False → True", "#8FD18F"),
+        ("true_to_false", "True → False", "#E08080"),
+        ("remains_false", "remains False", "#C44E52"),
+    ]
     names = list(tables)
     fig = _figure(7.5, 1.6 + 0.55 * len(names))
     ax = fig.add_subplot(1, 1, 1)
@@ -98,7 +114,7 @@ def plot_flips(tables: Mapping[str, Any], path: PathLike, title: Optional[str] =
         for i, v in enumerate(values):
             if v >= 6:
                 ax.text(left[i] + v / 2, i, f"{v:.1f}", ha="center", va="center", fontsize=8)
-        left = [a + b for a, b in zip(left, values)]
+        left = [a + b for a, b in zip(left, values, strict=True)]
     for i, name in enumerate(names):
         ax.text(101, i, f"acc {tables[name].accuracy:.1f}", va="center", fontsize=8)
     ax.set_xlim(0, 115)
@@ -124,8 +140,7 @@ def plot_layer_count(curve, path: PathLike, title: Optional[str] = None, ylabel:
         positions = [i + (j - (n - 1) / 2) * width for i in range(len(curve.ks))]
         ax.bar(positions, curve.scores[metric], width=width * 0.95, color=color, label=metric)
         if metric in curve.baseline:
-            ax.axhline(curve.baseline[metric], color=color, linestyle="--", linewidth=1.2,
-                       label=f"{metric} base")
+            ax.axhline(curve.baseline[metric], color=color, linestyle="--", linewidth=1.2, label=f"{metric} base")
     ax.set_xticks(range(len(curve.ks)))
     ax.set_xticklabels([str(k) for k in curve.ks])
     ax.set_xlabel("number of edited layers k (top-k by rank)")
@@ -136,9 +151,16 @@ def plot_layer_count(curve, path: PathLike, title: Optional[str] = None, ylabel:
     return _save(fig, path)
 
 
-def plot_per_layer(values: Mapping[int, float], ylabel: str, path: PathLike, *, title: Optional[str] = None,
-                   highlight: Optional[Sequence[int]] = None, baseline: Optional[float] = None,
-                   kind: str = "bar") -> Path:
+def plot_per_layer(
+    values: Mapping[int, float],
+    ylabel: str,
+    path: PathLike,
+    *,
+    title: Optional[str] = None,
+    highlight: Optional[Sequence[int]] = None,
+    baseline: Optional[float] = None,
+    kind: str = "bar",
+) -> Path:
     """One value per layer (probe accuracy, drift, ...), as bars (default) or a line.
 
     Args:
@@ -156,7 +178,7 @@ def plot_per_layer(values: Mapping[int, float], ylabel: str, path: PathLike, *, 
         raise ValueError(f"kind must be 'bar' or 'line', got {kind!r}.")
     layers = sorted(int(k) for k in values)
     ys = [float(values[layer]) for layer in layers]
-    marked = set(int(x) for x in (highlight or ()))
+    marked = {int(x) for x in (highlight or ())}
     fig = _figure(max(5.0, 0.25 * len(layers) + 2), 3.6)
     ax = fig.add_subplot(1, 1, 1)
     if kind == "bar":
@@ -165,8 +187,13 @@ def plot_per_layer(values: Mapping[int, float], ylabel: str, path: PathLike, *, 
     else:
         ax.plot(layers, ys, marker="o", color=_COLORS[0])
         if marked:
-            ax.scatter([x for x in layers if x in marked], [values[x] for x in layers if x in marked],
-                       color=_COLORS[1], zorder=3, label="selected")
+            ax.scatter(
+                [x for x in layers if x in marked],
+                [values[x] for x in layers if x in marked],
+                color=_COLORS[1],
+                zorder=3,
+                label="selected",
+            )
             ax.legend(fontsize=8)
     if baseline is not None:
         ax.axhline(baseline, color="gray", linestyle="--", linewidth=1)
@@ -187,8 +214,13 @@ def plot_drift(comparison, path: PathLike, title: Optional[str] = None) -> Path:
     ax = fig.add_subplot(1, 1, 1)
     for j, (name, per_layer) in enumerate(drift.items()):
         layers = sorted(per_layer)
-        ax.plot(layers, [100 * per_layer[layer] for layer in layers], marker="o", color=_COLORS[(j + 1) % len(_COLORS)],
-                label=name)
+        ax.plot(
+            layers,
+            [100 * per_layer[layer] for layer in layers],
+            marker="o",
+            color=_COLORS[(j + 1) % len(_COLORS)],
+            label=name,
+        )
     ax.set_xlabel("layer")
     ax.set_ylabel("mean relative norm drift (%)")
     ax.set_title(title or "norm drift against the base model")
@@ -197,10 +229,13 @@ def plot_drift(comparison, path: PathLike, title: Optional[str] = None) -> Path:
     return _save(fig, path)
 
 
-
-
-def plot_scores(methods: Mapping[str, Mapping[str, float]], path: PathLike, title: Optional[str] = None,
-                metrics: Sequence[str] = ("mc1", "mc2"), task: str = "TruthfulQA") -> Path:
+def plot_scores(
+    methods: Mapping[str, Mapping[str, float]],
+    path: PathLike,
+    title: Optional[str] = None,
+    metrics: Sequence[str] = ("mc1", "mc2"),
+    task: str = "TruthfulQA",
+) -> Path:
     """Grouped bars of a task's metrics (%) per model with ± stderr whiskers (the study's headline).
 
     ``methods`` maps a name (``base``, each edit) to a dict with each metric and its
@@ -218,7 +253,7 @@ def plot_scores(methods: Mapping[str, Mapping[str, float]], path: PathLike, titl
         errors = [100 * methods[n][f"{metric}_stderr"] for n in names]
         xs = [i + offset for i in range(len(names))]
         ax.bar(xs, values, width=width, yerr=errors, capsize=3, color=color, label=metric.upper())
-        for x, v in zip(xs, values):
+        for x, v in zip(xs, values, strict=True):
             ax.text(x, v + 1.0, f"{v:.1f}", ha="center", va="bottom", fontsize=7)
     ax.set_xticks(range(len(names)))
     ax.set_xticklabels(names)
@@ -229,16 +264,28 @@ def plot_scores(methods: Mapping[str, Mapping[str, float]], path: PathLike, titl
     return _save(fig, path)
 
 
-def plot_layer_accuracy(accuracy: Mapping[int, float], path: PathLike, *, selected: Sequence[int] = (),
-                        title: Optional[str] = None, chance: float = 0.5) -> Path:
+def plot_layer_accuracy(
+    accuracy: Mapping[int, float],
+    path: PathLike,
+    *,
+    selected: Sequence[int] = (),
+    title: Optional[str] = None,
+    chance: float = 0.5,
+) -> Path:
     """Bar plot of eval probe accuracy per layer as PNG: the selected layers highlighted, chance
     level dashed (:func:`plot_per_layer`)."""
     if not accuracy:
         raise ValueError("no layer accuracies to plot.")
     if Path(path).suffix.lower() != ".png":
         raise ValueError(f"the plot is written as PNG; give a path ending in .png, got {Path(path).name!r}.")
-    return plot_per_layer(accuracy, "eval probe accuracy", path, title=title or "Probe accuracy per layer",
-                          highlight=selected, baseline=chance)
+    return plot_per_layer(
+        accuracy,
+        "eval probe accuracy",
+        path,
+        title=title or "Probe accuracy per layer",
+        highlight=selected,
+        baseline=chance,
+    )
 
 
 def plot_layer_selection(metadata: Mapping, artifact: PathLike) -> Optional[Path]:
@@ -250,9 +297,19 @@ def plot_layer_selection(metadata: Mapping, artifact: PathLike) -> Optional[Path
         return None
     artifact = Path(artifact)
     accuracy = {int(layer): float(acc) for layer, acc in selection["accuracy"].items()}
-    return plot_layer_accuracy(accuracy, artifact.parent / f"{artifact.name}_probe_accuracy.png",
-                               selected=[int(x) for x in selection["selected"]])
+    return plot_layer_accuracy(
+        accuracy,
+        artifact.parent / f"{artifact.name}_probe_accuracy.png",
+        selected=[int(x) for x in selection["selected"]],
+    )
 
 
-__all__ = ["plot_drift", "plot_flips", "plot_layer_accuracy", "plot_layer_count", "plot_layer_selection",
-           "plot_norms", "plot_per_layer"]
+__all__ = [
+    "plot_drift",
+    "plot_flips",
+    "plot_layer_accuracy",
+    "plot_layer_count",
+    "plot_layer_selection",
+    "plot_norms",
+    "plot_per_layer",
+]

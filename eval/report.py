@@ -12,17 +12,15 @@ Writes into ``--out``:
 
 from __future__ import annotations
 
-import json
-import os
 import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
+from actedit.data.models import load_model
+from actedit.data.tasks import TaskSpec, task_spec
+from actedit.eval.plots import plot_layer_count, plot_per_layer
 from actedit.interventions.artifacts import artifact_metadata, load_artifact, resolve_artifact
 from actedit.interventions.files import write_json
-from actedit.data.models import load_model
-from actedit.eval.plots import plot_layer_count, plot_per_layer
-from actedit.data.tasks import TaskSpec, task_names, task_spec
 
 from .analysis import accuracy_vs_num_layers, analyze_edits, restrict_layers
 from .mc import MCResult, score_mc, score_mc_many
@@ -50,25 +48,47 @@ def evaluate(args, options: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
     model, tokenizer = load_model(args.model)
     pvm = load_artifact(args.intervention, model) if args.intervention else None
     # base and edit together: the edit starts from the base model's unedited lower layers
-    scored = score_mc_many({"base": model, **({"edited": pvm} if pvm is not None else {})}, tokenizer, questions,
-                           task=task, batch_size=args.batch_size, **options)
+    scored = score_mc_many(
+        {"base": model, **({"edited": pvm} if pvm is not None else {})},
+        tokenizer,
+        questions,
+        task=task,
+        batch_size=args.batch_size,
+        **options,
+    )
     base = scored["base"]
-    results: Dict[str, Any] = {"model": args.model, "task": task.name, "data": args.data, "split": args.split,
-                               "n_questions": len(questions), "protocol": base.protocol, "base": _block(base)}
+    results: Dict[str, Any] = {
+        "model": args.model,
+        "task": task.name,
+        "data": args.data,
+        "split": args.split,
+        "n_questions": len(questions),
+        "protocol": base.protocol,
+        "base": _block(base),
+    }
     rows: List[Tuple[str, MCResult, Optional[float], Optional[float]]] = [("base", base, None, None)]
     final = base
     if pvm is not None:
         edited = final = scored["edited"]
-        results["intervention"] = {"path": str(args.intervention),
-                                   "metadata": artifact_metadata(resolve_artifact(args.intervention))}
+        results["intervention"] = {
+            "path": str(args.intervention),
+            "metadata": artifact_metadata(resolve_artifact(args.intervention)),
+        }
         results["edited"] = _block(edited)
         drift = kl = None
         if args.no_analyses:
             analysis = None
         else:
-            analysis = analyze_edits(model, {"edited": pvm}, tokenizer, base, {"edited": edited},
-                                     [task.text(q) for q in questions[:32]], metric=task.metrics[0],
-                                     plot_dir=out_dir)["edited"]
+            analysis = analyze_edits(
+                model,
+                {"edited": pvm},
+                tokenizer,
+                base,
+                {"edited": edited},
+                [task.text(q) for q in questions[:32]],
+                metric=task.metrics[0],
+                plot_dir=out_dir,
+            )["edited"]
             results["flips"] = analysis.flips.to_dict()
             results["side_effects"] = analysis.side_effects.to_dict()
             results["norm_drift"] = {str(k): v for k, v in analysis.norms.items()}
@@ -83,24 +103,33 @@ def evaluate(args, options: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
     return results
 
 
-def _layer_analyses(args, task: TaskSpec, options, pvm, tokenizer, questions, results: Dict[str, Any],
-                    out_dir: Path) -> None:
+def _layer_analyses(
+    args, task: TaskSpec, options, pvm, tokenizer, questions, results: Dict[str, Any], out_dir: Path
+) -> None:
     """Probe accuracy per layer (from the artifact's layer selection) and, with --layer-curve,
     the metrics of the edit restricted to its best 1..K layers."""
     info = results["intervention"]["metadata"]
     selection = info.get("layer_selection") or {}
     if selection.get("accuracy"):
         accuracy = {int(k): float(v) for k, v in selection["accuracy"].items()}
-        plot_per_layer(accuracy, "eval probe accuracy", out_dir / "probe_accuracy.png",
-                       highlight=selection.get("selected"))
+        plot_per_layer(
+            accuracy, "eval probe accuracy", out_dir / "probe_accuracy.png", highlight=selection.get("selected")
+        )
     if not args.layer_curve:
         return
     layers = sorted({layer for edit in info.get("edits", []) for layer in edit.get("layers", [])})
     ranked = [int(x) for x in selection.get("ranking", []) if int(x) in layers] or layers
 
     def score(chosen: List[int]) -> Dict[str, float]:
-        return score_mc(restrict_layers(pvm, chosen), tokenizer, questions, task=task, batch_size=args.batch_size,
-                        progress=False, **options).metrics
+        return score_mc(
+            restrict_layers(pvm, chosen),
+            tokenizer,
+            questions,
+            task=task,
+            batch_size=args.batch_size,
+            progress=False,
+            **options,
+        ).metrics
 
     curve = accuracy_vs_num_layers(score, ranked, max_k=len(ranked), progress=True)
     results["layer_curve"] = curve.to_dict()
@@ -109,12 +138,16 @@ def _layer_analyses(args, task: TaskSpec, options, pvm, tokenizer, questions, re
 
 def markdown_report(results: Dict[str, Any], rows, task: TaskSpec) -> str:
     protocol = results["protocol"]
-    lines = [f"# {task.title} ({results['split']} split, {results['n_questions']} questions)", "",
-             f"Model: `{results['model']}`. Protocol: {protocol.get('name', task.title)}"
-             + (f"; MC2 rule: {protocol['mc2_rule']}" if "mc2_rule" in protocol else "")
-             + f"; BOS token: {protocol.get('bos')}.", "",
-             "| model | " + " | ".join(m.upper() for m in task.metrics) + " | mean norm drift | KL to base |",
-             "|---|" + "---|" * len(task.metrics) + "---|---|"]
+    lines = [
+        f"# {task.title} ({results['split']} split, {results['n_questions']} questions)",
+        "",
+        f"Model: `{results['model']}`. Protocol: {protocol.get('name', task.title)}"
+        + (f"; MC2 rule: {protocol['mc2_rule']}" if "mc2_rule" in protocol else "")
+        + f"; BOS token: {protocol.get('bos')}.",
+        "",
+        "| model | " + " | ".join(m.upper() for m in task.metrics) + " | mean norm drift | KL to base |",
+        "|---|" + "---|" * len(task.metrics) + "---|---|",
+    ]
 
     def fmt(x: Optional[float]) -> str:
         return "—" if x is None else f"{x:.4f}"
@@ -124,10 +157,15 @@ def markdown_report(results: Dict[str, Any], rows, task: TaskSpec) -> str:
         lines.append(f"| {name} | {scores} | {fmt(drift)} | {fmt(kl)} |")
     if "flips" in results:
         f = results["flips"]
-        lines += ["", f"{task.metrics[0].upper()} flips (% of questions):", "",
-                  "| False→True | True→False | remains True | remains False | accuracy |", "|---|---|---|---|---|",
-                  f"| {f['false_to_true']:.2f} | {f['true_to_false']:.2f} | {f['remains_true']:.2f} | "
-                  f"{f['remains_false']:.2f} | {f['accuracy']:.2f} |"]
+        lines += [
+            "",
+            f"{task.metrics[0].upper()} flips (% of questions):",
+            "",
+            "| False→True | True→False | remains True | remains False | accuracy |",
+            "|---|---|---|---|---|",
+            f"| {f['false_to_true']:.2f} | {f['true_to_false']:.2f} | {f['remains_true']:.2f} | "
+            f"{f['remains_false']:.2f} | {f['accuracy']:.2f} |",
+        ]
     lines.append("")
     return "\n".join(lines)
 

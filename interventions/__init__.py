@@ -9,25 +9,61 @@ from . import compat
 
 compat.apply()
 
-from . import actadd, caa, hpr, iti, sea  # noqa: E402  (each registers its method)
-from .actadd import ActAddSettings, ActAddIntervention, build_actadd_config, fit_actadd  # noqa: E402
+from . import actadd, caa, hpr, iti, sea  # noqa: E402,F401  (each registers its method)
+from .actadd import ActAddIntervention, ActAddSettings, build_actadd_config, fit_actadd  # noqa: E402
 from .artifacts import ArtifactError, artifact_metadata, load_artifact, push_to_hub, save_artifact  # noqa: E402
 from .base import ActEditIntervention  # noqa: E402
-from .caa import CAASettings, CAAIntervention, build_caa_config, fit_caa  # noqa: E402
+from .caa import CAAIntervention, CAASettings, build_caa_config, fit_caa  # noqa: E402
 from .compat import attach_tracker  # noqa: E402
 from .edits import compose, config_of, edit_config, intervenable, is_intervenable  # noqa: E402
-from .hpr import HPRSettings, HPRIntervention, build_hpr_config, hpr_parameter_count  # noqa: E402
-from .iti import ITISettings, ITIIntervention, build_iti_config, fit_iti, mass_mean_directions  # noqa: E402
+from .hpr import HPRIntervention, HPRSettings, build_hpr_config, hpr_parameter_count  # noqa: E402
+from .iti import ITIIntervention, ITISettings, build_iti_config, fit_iti, mass_mean_directions  # noqa: E402
 from .positions import PositionPolicy, mark_answer_starts, mark_prompt_lengths  # noqa: E402
 from .registry import MethodSettings, MethodSpec, method_names, method_spec, methods, register_method  # noqa: E402
-from .sea import SEASettings, SEAIntervention, build_sea_config, fit_sea, fit_sea_factors  # noqa: E402
+from .sea import SEAIntervention, SEASettings, build_sea_config, fit_sea, fit_sea_factors  # noqa: E402
 
 __all__ = [
-    "ActAddSettings", "ActAddIntervention", "ActEditIntervention", "ArtifactError", "CAASettings", "CAAIntervention",
-    "HPRSettings", "HPRIntervention", "ITISettings", "ITIIntervention", "MethodSettings", "MethodSpec", "PositionPolicy",
-    "SEASettings", "SEAIntervention", "artifact_metadata", "attach_tracker", "build_actadd_config", "build_caa_config",
-    "build_hpr_config", "build_iti_config", "build_sea_config", "compose", "config_of", "edit_config", "fit_actadd",
-    "fit_caa", "fit_iti", "fit_sea", "fit_sea_factors", "hpr_parameter_count", "intervenable", "is_intervenable",
-    "load_artifact", "mark_answer_starts", "mark_prompt_lengths", "mass_mean_directions", "method_names",
-    "method_spec", "methods", "push_to_hub", "register_method", "save_artifact",
+    "ActAddSettings",
+    "ActAddIntervention",
+    "ActEditIntervention",
+    "ArtifactError",
+    "CAASettings",
+    "CAAIntervention",
+    "HPRSettings",
+    "HPRIntervention",
+    "ITISettings",
+    "ITIIntervention",
+    "MethodSettings",
+    "MethodSpec",
+    "PositionPolicy",
+    "SEASettings",
+    "SEAIntervention",
+    "artifact_metadata",
+    "attach_tracker",
+    "build_actadd_config",
+    "build_caa_config",
+    "build_hpr_config",
+    "build_iti_config",
+    "build_sea_config",
+    "compose",
+    "config_of",
+    "edit_config",
+    "fit_actadd",
+    "fit_caa",
+    "fit_iti",
+    "fit_sea",
+    "fit_sea_factors",
+    "hpr_parameter_count",
+    "intervenable",
+    "is_intervenable",
+    "load_artifact",
+    "mark_answer_starts",
+    "mark_prompt_lengths",
+    "mass_mean_directions",
+    "method_names",
+    "method_spec",
+    "methods",
+    "push_to_hub",
+    "register_method",
+    "save_artifact",
 ]

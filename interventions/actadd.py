@@ -24,7 +24,7 @@ from .base import ActEditIntervention
 from .checks import check_layer_map, check_matrix, check_number
 from .edits import edit_config, site_width
 from .positions import CallPositions, PolicyLike, PositionPolicy, current_call
-from .registry import FitResult, FitContext, MethodSettings, MethodSpec, register_method
+from .registry import FitContext, FitResult, MethodSettings, MethodSpec, register_method
 from .settings import keyword_checked
 
 
@@ -60,8 +60,7 @@ class ActAddIntervention(ActEditIntervention):
 
     steering: torch.Tensor
 
-    def __init__(self, embed_dim: Optional[int] = None, steering: Optional[torch.Tensor] = None,
-                 **kwargs: Any) -> None:
+    def __init__(self, embed_dim: Optional[int] = None, steering: Optional[torch.Tensor] = None, **kwargs: Any) -> None:
         super().__init__(embed_dim=embed_dim, **kwargs)
         steering = torch.zeros(0, self.d) if steering is None else torch.as_tensor(steering, dtype=torch.float32)
         if steering.dim() != 2 or steering.shape[1] != self.d:
@@ -112,15 +111,32 @@ class ActAddSteering:
         """n, the number of steered prompt positions."""
         return int(next(iter(self.steering.values())).shape[0])
 
-    def config(self, model: Any, *, position_policy: Optional[PolicyLike] = None, component: str = "block_input",
-               metadata: Optional[Mapping[str, Any]] = None) -> pv.IntervenableConfig:
+    def config(
+        self,
+        model: Any,
+        *,
+        position_policy: Optional[PolicyLike] = None,
+        component: str = "block_input",
+        metadata: Optional[Mapping[str, Any]] = None,
+    ) -> pv.IntervenableConfig:
         """The ``IntervenableConfig`` of this fit (one ActAdd module per layer)."""
-        return build_actadd_config(model, self.steering, coefficient=self.coefficient,
-                                   position_policy=position_policy, component=component, metadata=metadata)
+        return build_actadd_config(
+            model,
+            self.steering,
+            coefficient=self.coefficient,
+            position_policy=position_policy,
+            component=component,
+            metadata=metadata,
+        )
 
 
-def fit_actadd(prompt1: Mapping[int, Any], prompt2: Mapping[int, Any], *, coefficient: float = 1.0,
-               allow_length_mismatch: bool = False) -> ActAddSteering:
+def fit_actadd(
+    prompt1: Mapping[int, Any],
+    prompt2: Mapping[int, Any],
+    *,
+    coefficient: float = 1.0,
+    allow_length_mismatch: bool = False,
+) -> ActAddSteering:
     """ActAdd x-vectors X = c · (A₁ − A₂) per layer.
 
     Args:
@@ -150,9 +166,15 @@ def fit_actadd(prompt1: Mapping[int, Any], prompt2: Mapping[int, Any], *, coeffi
 
 
 @keyword_checked
-def build_actadd_config(model: Any, steering: Mapping[int, torch.Tensor], *, coefficient: Optional[float] = None,
-                        position_policy: Optional[PolicyLike] = None, component: str = "block_input",
-                        metadata: Optional[Mapping[str, Any]] = None) -> pv.IntervenableConfig:
+def build_actadd_config(
+    model: Any,
+    steering: Mapping[int, torch.Tensor],
+    *,
+    coefficient: Optional[float] = None,
+    position_policy: Optional[PolicyLike] = None,
+    component: str = "block_input",
+    metadata: Optional[Mapping[str, Any]] = None,
+) -> pv.IntervenableConfig:
     """An ``IntervenableConfig`` with one ActAdd module per layer; ``steering`` maps layer → (n, d)
     x-vector with the coefficient applied (``coefficient`` is recorded as metadata only)."""
     modules = _modules(site_width(model, component), steering, position_policy)
@@ -161,10 +183,13 @@ def build_actadd_config(model: Any, steering: Mapping[int, torch.Tensor], *, coe
     return edit_config(model, "actadd", modules, component=component, hyperparameters=hyper, metadata=metadata)
 
 
-def _modules(width: int, steering: Mapping[int, torch.Tensor],
-             position_policy: Optional[PolicyLike]) -> Dict[int, ActAddIntervention]:
-    return {layer: ActAddIntervention(embed_dim=width, steering=x, position_policy=position_policy)
-            for layer, x in steering.items()}
+def _modules(
+    width: int, steering: Mapping[int, torch.Tensor], position_policy: Optional[PolicyLike]
+) -> Dict[int, ActAddIntervention]:
+    return {
+        layer: ActAddIntervention(embed_dim=width, steering=x, position_policy=position_policy)
+        for layer, x in steering.items()
+    }
 
 
 def _fit(inputs: Mapping[str, Any], config: ActAddSettings, context: FitContext) -> FitResult:
@@ -172,9 +197,20 @@ def _fit(inputs: Mapping[str, Any], config: ActAddSettings, context: FitContext)
     return FitResult(_modules(context.width, result.steering, config.position_policy), {"length": result.length})
 
 
-SPEC = register_method(MethodSpec(
-    name="actadd", title="Activation Addition (Turner et al., 2023)",
-    intervention=ActAddIntervention, settings_class=ActAddSettings, site="block_input", order=0,
-    format="actadd", reads="aligned", roles=("pos", "neg"), splits=(), fit=_fit, default_layers=None,
-    strength="coefficient",
-))
+SPEC = register_method(
+    MethodSpec(
+        name="actadd",
+        title="Activation Addition (Turner et al., 2023)",
+        intervention=ActAddIntervention,
+        settings_class=ActAddSettings,
+        site="block_input",
+        order=0,
+        format="actadd",
+        reads="aligned",
+        roles=("pos", "neg"),
+        splits=(),
+        fit=_fit,
+        default_layers=None,
+        strength="coefficient",
+    )
+)

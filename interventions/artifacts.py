@@ -53,8 +53,9 @@ def artifact_metadata(directory: PathLike) -> Dict[str, Any]:
 
 
 @keyword_checked
-def save_artifact(pvm: pv.IntervenableModel, directory: PathLike, *, card: bool = True,
-                  metadata: Optional[Dict[str, Any]] = None) -> Path:
+def save_artifact(
+    pvm: pv.IntervenableModel, directory: PathLike, *, card: bool = True, metadata: Optional[Dict[str, Any]] = None
+) -> Path:
     """Save ``pvm``'s interventions to ``directory`` atomically, with model card and manifest.
 
     ``metadata`` (``{"data": ..., "metrics": ...}``) is merged into the artifact's ``actedit``
@@ -69,7 +70,9 @@ def save_artifact(pvm: pv.IntervenableModel, directory: PathLike, *, card: bool 
     original_info = getattr(pvm.config, "actedit", None)
     pvm.config.actedit = info
     tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.partial-", dir=directory.parent))
-    tmp.chmod(0o777 & ~current_umask())  # mkdtemp makes it private (0700); a saved artifact is shared like any directory
+    tmp.chmod(
+        0o777 & ~current_umask()
+    )  # mkdtemp makes it private (0700); a saved artifact is shared like any directory
     try:
         pvm.save(str(tmp))
         if card:
@@ -102,9 +105,12 @@ def looks_like_local_path(text: str, *, suffixes: Tuple[str, ...] = (), hub_need
     of silently trying a Hub download.
     """
     slashes = text.count("/")
-    return (text.startswith((".", "/", "~")) or "\\" in text
-            or (slashes != 1 if hub_needs_owner else slashes > 1)
-            or text.lower().endswith(tuple(suffixes)))
+    return (
+        text.startswith((".", "/", "~"))
+        or "\\" in text
+        or (slashes != 1 if hub_needs_owner else slashes > 1)
+        or text.lower().endswith(tuple(suffixes))
+    )
 
 
 def resolve_artifact(path_or_repo: PathLike, revision: Optional[str] = None) -> Path:
@@ -152,7 +158,9 @@ def verify_artifact(directory: PathLike) -> Dict[str, Any]:
         name = f"intkey_{key}.bin"
         path = directory / name
         if not path.is_file():
-            raise ArtifactError(f"{directory} is missing {name}: the artifact is incomplete; save or download it again.")
+            raise ArtifactError(
+                f"{directory} is missing {name}: the artifact is incomplete; save or download it again."
+            )
         expected = manifest.get(name)
         if expected is not None:
             size = path.stat().st_size
@@ -162,7 +170,9 @@ def verify_artifact(directory: PathLike) -> Dict[str, Any]:
                     "the file is truncated or was modified; save or download the artifact again."
                 )
             if file_sha256(path) != expected["sha256"]:
-                raise ArtifactError(f"{name} in {directory} does not match its recorded SHA-256: the file is corrupted.")
+                raise ArtifactError(
+                    f"{name} in {directory} does not match its recorded SHA-256: the file is corrupted."
+                )
     metadata: Dict[str, Any] = config.get("actedit") or {}
     return metadata
 
@@ -185,7 +195,8 @@ def check_base_model(info: Dict[str, Any], model: Any) -> None:
         base = expected.get("name_or_path") or expected.get("model_class") or "another model"
         raise ArtifactError(
             f"This artifact was made for {base} and does not fit the given {type(model).__name__}: "
-            + "; ".join(problems) + ". Load it into the base model it was made for."
+            + "; ".join(problems)
+            + ". Load it into the base model it was made for."
         )
 
 
@@ -208,7 +219,8 @@ def load_artifact(path_or_repo: PathLike, model: Any, *, revision: Optional[str]
                 f"refused to load {directory}: a file in it is a pickle that does not hold only tensors "
                 f"(torch.load with weights_only=True rejected it: {str(exc).splitlines()[0][:200]}). Loading it "
                 "could run arbitrary code; only load artifacts whose origin you trust, and re-save it with "
-                "actedit.") from exc
+                "actedit."
+            ) from exc
         except (RuntimeError, EOFError, OSError) as exc:
             raise ArtifactError(f"pyvene could not load {directory}: {exc}") from exc
     device = next(model.parameters()).device
@@ -227,8 +239,10 @@ def model_card(info: Dict[str, Any], pvm: Optional[pv.IntervenableModel] = None)
     if base.get("name_or_path") and not os.path.isabs(str(base["name_or_path"])):
         lines.append(f"base_model: {base['name_or_path']}")
     lines += ["---", "", f"# Activation edit for {base_name}", ""]
-    lines.append(f"Made with actedit {info.get('actedit_version', '?')} "
-                 f"(artifact format {info.get('format', 1)}); a pyvene 0.1.8 intervention artifact.")
+    lines.append(
+        f"Made with actedit {info.get('actedit_version', '?')} "
+        f"(artifact format {info.get('format', 1)}); a pyvene 0.1.8 intervention artifact."
+    )
     lines += ["", "## Edits", "", "| method | site | layers | hyperparameters |", "|---|---|---|---|"]
     for edit in info.get("edits", []):
         hyper = ", ".join(f"{k}={v}" for k, v in sorted(edit.get("hyperparameters", {}).items()))
@@ -247,10 +261,13 @@ def model_card(info: Dict[str, Any], pvm: Optional[pv.IntervenableModel] = None)
         lines.append("Not measured yet.")
     if pvm is not None:
         sizes = sum(p.numel() for p in pvm.interventions.parameters()) + sum(
-            b.numel() for b in pvm.interventions.buffers())
+            b.numel() for b in pvm.interventions.buffers()
+        )
         lines += ["", f"Stored numbers: {sizes:,} (parameters and buffers of all interventions)."]
     lines += [
-        "", "## How to load", "",
+        "",
+        "## How to load",
+        "",
         "```python",
         "import pyvene as pv, torch",
         "from transformers import AutoModelForCausalLM, AutoTokenizer",
@@ -269,8 +286,15 @@ def model_card(info: Dict[str, Any], pvm: Optional[pv.IntervenableModel] = None)
     return "\n".join(lines)
 
 
-def push_to_hub(directory: PathLike, repo_id: str, *, private: bool = False, token: Optional[str] = None,
-                commit_message: str = "Upload actedit artifact", api: Optional[HfApi] = None) -> str:
+def push_to_hub(
+    directory: PathLike,
+    repo_id: str,
+    *,
+    private: bool = False,
+    token: Optional[str] = None,
+    commit_message: str = "Upload actedit artifact",
+    api: Optional[HfApi] = None,
+) -> str:
     """Upload an artifact directory to the Hugging Face Hub; returns the commit URL.
 
     ``api`` defaults to ``huggingface_hub.HfApi(token=token)`` (injectable for tests).
@@ -282,6 +306,7 @@ def push_to_hub(directory: PathLike, repo_id: str, *, private: bool = False, tok
     if api is None:
         api = HfApi(token=token)
     api.create_repo(repo_id=repo_id, repo_type="model", private=private, exist_ok=True)
-    info = api.upload_folder(folder_path=str(directory), repo_id=repo_id, repo_type="model",
-                             commit_message=commit_message)
+    info = api.upload_folder(
+        folder_path=str(directory), repo_id=repo_id, repo_type="model", commit_message=commit_message
+    )
     return str(getattr(info, "commit_url", info))

@@ -50,8 +50,13 @@ class ActEditIntervention(pv.SourcelessIntervention, pv.TrainableIntervention): 
     position_start: torch.Tensor
     artifact_version: torch.Tensor
 
-    def __init__(self, embed_dim: Optional[int] = None, position_policy: Optional[PolicyLike] = None,
-                 position_start: int = 0, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        embed_dim: Optional[int] = None,
+        position_policy: Optional[PolicyLike] = None,
+        position_start: int = 0,
+        **kwargs: Any,
+    ) -> None:
         kwargs.pop("keep_last_dim", None)
         super().__init__(embed_dim=embed_dim, **kwargs, keep_last_dim=True)
         policy = PositionPolicy.parse(self.default_policy if position_policy is None else position_policy)
@@ -135,9 +140,16 @@ class ActEditIntervention(pv.SourcelessIntervention, pv.TrainableIntervention): 
     def _prepare_load(self, state_dict: Mapping[str, Any], prefix: str) -> None:
         """Hook for subclasses: rebuild submodules whose shape a state dict decides."""
 
-    def _load_from_state_dict(self, state_dict: Dict[str, Any], prefix: str, local_metadata: Dict[str, Any],
-                              strict: bool, missing_keys: List[str], unexpected_keys: List[str],
-                              error_msgs: List[str]) -> None:
+    def _load_from_state_dict(
+        self,
+        state_dict: Dict[str, Any],
+        prefix: str,
+        local_metadata: Dict[str, Any],
+        strict: bool,
+        missing_keys: List[str],
+        unexpected_keys: List[str],
+        error_msgs: List[str],
+    ) -> None:
         saved_dim = state_dict.get(prefix + "embed_dim")
         if saved_dim is not None and self.embed_dim is not None and int(saved_dim) != int(self.embed_dim):
             raise ValueError(
@@ -157,11 +169,13 @@ class ActEditIntervention(pv.SourcelessIntervention, pv.TrainableIntervention): 
             if incoming is not None:
                 current = getattr(self, name)
                 self._buffers[name] = torch.empty(incoming.shape, dtype=incoming.dtype, device=current.device)
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
-                                      unexpected_keys, error_msgs)
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
 
-    def state_dict(self, *args: Any, destination: Any = None, prefix: str = "",
-                   keep_vars: bool = False) -> Dict[str, Any]:
+    def state_dict(
+        self, *args: Any, destination: Any = None, prefix: str = "", keep_vars: bool = False
+    ) -> Dict[str, Any]:
         result: Dict[str, Any] = super().state_dict(*args, destination=destination, prefix=prefix, keep_vars=keep_vars)
         if destination is None and not keep_vars:
             # CPU copies: pyvene's load() calls torch.load without map_location.

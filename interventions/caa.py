@@ -24,7 +24,7 @@ from .base import ActEditIntervention
 from .checks import check_layer_map, check_matrix, check_number
 from .edits import edit_config, site_width
 from .positions import PolicyLike, PositionPolicy
-from .registry import FitResult, FitContext, MethodSettings, MethodSpec, register_method
+from .registry import FitContext, FitResult, MethodSettings, MethodSpec, register_method
 from .settings import keyword_checked
 
 
@@ -68,8 +68,13 @@ class CAAIntervention(ActEditIntervention):
     vector: torch.Tensor
     multiplier: torch.Tensor
 
-    def __init__(self, embed_dim: Optional[int] = None, vector: Optional[torch.Tensor] = None,
-                 multiplier: float = 1.0, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        embed_dim: Optional[int] = None,
+        vector: Optional[torch.Tensor] = None,
+        multiplier: float = 1.0,
+        **kwargs: Any,
+    ) -> None:
         super().__init__(embed_dim=embed_dim, **kwargs)
         vector = torch.zeros(self.d) if vector is None else torch.as_tensor(vector, dtype=torch.float32).reshape(-1)
         if vector.shape[0] != self.d:
@@ -101,13 +106,26 @@ class CAAVectors:
         if self.num_pairs < 1:
             raise ValueError(f"num_pairs must be positive, got {self.num_pairs}.")
 
-    def config(self, model: Any, *, multiplier: float = 1.0, position_policy: Optional[PolicyLike] = None,
-               position_start: int = 0, component: str = "block_output",
-               metadata: Optional[Mapping[str, Any]] = None) -> pv.IntervenableConfig:
+    def config(
+        self,
+        model: Any,
+        *,
+        multiplier: float = 1.0,
+        position_policy: Optional[PolicyLike] = None,
+        position_start: int = 0,
+        component: str = "block_output",
+        metadata: Optional[Mapping[str, Any]] = None,
+    ) -> pv.IntervenableConfig:
         """The ``IntervenableConfig`` of this fit (one CAA module per layer)."""
-        return build_caa_config(model, self.vectors, multiplier=multiplier, position_policy=position_policy,
-                                position_start=position_start, component=component,
-                                metadata={"settings": {"num_pairs": self.num_pairs}, **(metadata or {})})
+        return build_caa_config(
+            model,
+            self.vectors,
+            multiplier=multiplier,
+            position_policy=position_policy,
+            position_start=position_start,
+            component=component,
+            metadata={"settings": {"num_pairs": self.num_pairs}, **(metadata or {})},
+        )
 
 
 def fit_caa(pos: Mapping[int, Any], neg: Mapping[int, Any]) -> CAAVectors:
@@ -130,33 +148,65 @@ def fit_caa(pos: Mapping[int, Any], neg: Mapping[int, Any]) -> CAAVectors:
 
 
 @keyword_checked
-def build_caa_config(model: Any, vectors: Mapping[int, torch.Tensor], *, multiplier: float = 1.0,
-                     position_policy: Optional[PolicyLike] = None, position_start: int = 0,
-                     component: str = "block_output",
-                     metadata: Optional[Mapping[str, Any]] = None) -> pv.IntervenableConfig:
+def build_caa_config(
+    model: Any,
+    vectors: Mapping[int, torch.Tensor],
+    *,
+    multiplier: float = 1.0,
+    position_policy: Optional[PolicyLike] = None,
+    position_start: int = 0,
+    component: str = "block_output",
+    metadata: Optional[Mapping[str, Any]] = None,
+) -> pv.IntervenableConfig:
     """An ``IntervenableConfig`` with one CAA module per layer; ``vectors`` maps layer → v."""
     modules = _modules(site_width(model, component), vectors, multiplier, position_policy, position_start)
     first = next(iter(modules.values()))
-    hyper = {"multiplier": float(multiplier), "position_policy": first.policy.name.lower(),
-             "position_start": int(position_start)}
+    hyper = {
+        "multiplier": float(multiplier),
+        "position_policy": first.policy.name.lower(),
+        "position_start": int(position_start),
+    }
     return edit_config(model, "caa", modules, component=component, hyperparameters=hyper, metadata=metadata)
 
 
-def _modules(width: int, vectors: Mapping[int, torch.Tensor], multiplier: float,
-             position_policy: Optional[PolicyLike], position_start: int) -> Dict[int, CAAIntervention]:
-    return {layer: CAAIntervention(embed_dim=width, vector=v, multiplier=multiplier, position_policy=position_policy,
-                                   position_start=position_start) for layer, v in vectors.items()}
+def _modules(
+    width: int,
+    vectors: Mapping[int, torch.Tensor],
+    multiplier: float,
+    position_policy: Optional[PolicyLike],
+    position_start: int,
+) -> Dict[int, CAAIntervention]:
+    return {
+        layer: CAAIntervention(
+            embed_dim=width,
+            vector=v,
+            multiplier=multiplier,
+            position_policy=position_policy,
+            position_start=position_start,
+        )
+        for layer, v in vectors.items()
+    }
 
 
 def _fit(inputs: Mapping[str, Any], config: CAASettings, context: FitContext) -> FitResult:
     result = fit_caa(inputs["pos"], inputs["neg"])
-    modules = _modules(context.width, result.vectors, config.multiplier, config.position_policy,
-                       config.position_start)
+    modules = _modules(context.width, result.vectors, config.multiplier, config.position_policy, config.position_start)
     return FitResult(modules, {"num_pairs": result.num_pairs})
 
 
-SPEC = register_method(MethodSpec(
-    name="caa", title="Contrastive Activation Addition (Rimsky et al., ACL 2024)",
-    intervention=CAAIntervention, settings_class=CAASettings, site="block_output", order=1,
-    format="caa", reads="paired", splits=("train",), fit=_fit, default_layers=None, strength="multiplier",
-))
+SPEC = register_method(
+    MethodSpec(
+        name="caa",
+        title="Contrastive Activation Addition (Rimsky et al., ACL 2024)",
+        intervention=CAAIntervention,
+        settings_class=CAASettings,
+        site="block_output",
+        order=1,
+        format="caa",
+        reads="paired",
+        splits=("train",),
+        fit=_fit,
+        default_layers=None,
+        strength="multiplier",
+    )
+)

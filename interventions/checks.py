@@ -42,8 +42,10 @@ def check_matrix(x: Any, name: str, *, width: Optional[int] = None, rows: Option
         raise ValueError(f"{name} has {t.shape[0]} rows but {rows} were expected (rows must be paired).")
     if not bool(torch.isfinite(t).all()):
         bad = int((~torch.isfinite(t)).any(dim=1).sum())
-        raise ValueError(f"{name} contains NaN or inf values in {bad} of {t.shape[0]} rows; "
-                         "check the collected activations (fp16 overflow?).")
+        raise ValueError(
+            f"{name} contains NaN or inf values in {bad} of {t.shape[0]} rows; "
+            "check the collected activations (fp16 overflow?)."
+        )
     return t
 
 
@@ -79,11 +81,15 @@ def check_labels(labels: Any, n: int, name: str = "labels") -> torch.Tensor:
     return t
 
 
-def check_number(value: Any, name: str, *, low: Optional[float] = None, high: Optional[float] = None,
-                 low_open: bool = False) -> float:
+def check_number(
+    value: Any, name: str, *, low: Optional[float] = None, high: Optional[float] = None, low_open: bool = False
+) -> float:
     """A finite real number (not a bool), optionally within [low, high] ((low, high] with ``low_open``)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)) \
-            or not math.isfinite(float(value)):
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float, np.integer, np.floating))
+        or not math.isfinite(float(value))
+    ):
         raise ValueError(f"{name} must be a finite number, got {value!r}.")
     value = float(value)
     if low is not None and (value <= low if low_open else value < low):

@@ -35,8 +35,13 @@ class ActivationCollector(pv.SourcelessIntervention, pv.TrainableIntervention): 
         record_all: record whole activations (True) or only the selected positions (False).
     """
 
-    def __init__(self, embed_dim: Optional[int] = None, reduce: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
-                 record_all: bool = True, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        embed_dim: Optional[int] = None,
+        reduce: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
+        record_all: bool = True,
+        **kwargs: Any,
+    ) -> None:
         kwargs.pop("keep_last_dim", None)
         super().__init__(embed_dim=embed_dim, **kwargs, keep_last_dim=True)
         self.reduce = reduce

@@ -36,8 +36,10 @@ def _torch_version() -> Tuple[int, ...]:
 
 
 if _torch_version() < MIN_TORCH:
-    raise ImportError(f"actedit needs torch >= {'.'.join(map(str, MIN_TORCH))} (found {torch.__version__}): older "
-                      "releases unpickle artifacts with code execution enabled. Upgrade torch.")
+    raise ImportError(
+        f"actedit needs torch >= {'.'.join(map(str, MIN_TORCH))} (found {torch.__version__}): older "
+        "releases unpickle artifacts with code execution enabled. Upgrade torch."
+    )
 
 
 def _import_pyvene_quietly() -> None:
@@ -151,11 +153,7 @@ def _dimension_with_head_fix(original: Callable[..., Any]) -> Callable[..., Any]
 
 def _llama_like_tables(prefix: str, drop: Tuple[str, ...] = ()) -> Tuple[Dict[str, Tuple[Any, ...]], Dict[str, Any]]:
     """pyvene's Llama module/dimension tables with the layer stack under ``prefix``."""
-    modules = {
-        k: (f"{prefix}{v[0]}",) + tuple(v[1:])
-        for k, v in llama_type_to_module_mapping.items()
-        if k not in drop
-    }
+    modules = {k: (f"{prefix}{v[0]}",) + tuple(v[1:]) for k, v in llama_type_to_module_mapping.items() if k not in drop}
     dims = {k: v for k, v in llama_type_to_dimension_mapping.items() if k not in drop}
     return modules, dims
 
@@ -167,9 +165,11 @@ def _missing_families() -> List[Tuple[type, str, Tuple[str, ...]]]:
         ("qwen3", ["Qwen3Model", "Qwen3ForCausalLM"], ()),
         ("gemma3", ["Gemma3TextModel", "Gemma3ForCausalLM"], ()),
         # Phi-3 fuses q/k/v into qkv_proj: no separate query/key/value modules to hook.
-        ("phi3", ["Phi3Model", "Phi3ForCausalLM"],
-         ("query_output", "key_output", "value_output",
-          "head_query_output", "head_key_output", "head_value_output")),
+        (
+            "phi3",
+            ["Phi3Model", "Phi3ForCausalLM"],
+            ("query_output", "key_output", "value_output", "head_query_output", "head_key_output", "head_value_output"),
+        ),
     ]
     for family, class_names, drop in specs:
         try:
@@ -184,8 +184,9 @@ def _missing_families() -> List[Tuple[type, str, Tuple[str, ...]]]:
     return families
 
 
-def register_model_family(model_class: type, layer_prefix: str = "model.",
-                          drop_components: Tuple[str, ...] = ()) -> None:
+def register_model_family(
+    model_class: type, layer_prefix: str = "model.", drop_components: Tuple[str, ...] = ()
+) -> None:
     """Teach pyvene the component names of a Llama-like family it does not know.
 
     pyvene behaviour covered: ``IntervenableModel`` looks components up in
@@ -210,8 +211,12 @@ wrong positions)."""
 
 def _is_cache(value: Any) -> bool:
     if isinstance(value, (tuple, list)):  # legacy tuple-of-tuples cache (transformers 4.x)
-        return bool(value) and isinstance(value[0], (tuple, list)) and bool(value[0]) \
+        return (
+            bool(value)
+            and isinstance(value[0], (tuple, list))
+            and bool(value[0])
             and isinstance(value[0][0], torch.Tensor)
+        )
     return callable(getattr(value, "get_seq_length", None))
 
 
@@ -312,8 +317,13 @@ def _tracker_pre_hook(
         if not isinstance(ref, torch.Tensor) or ref.dim() < 2:
             tracker.begin_untracked()
             return
-        tracker.begin(ref.shape[0], ref.shape[1], ref.device, past_length=cached_length(kwargs),
-                      attention_mask=kwargs.get("attention_mask"))
+        tracker.begin(
+            ref.shape[0],
+            ref.shape[1],
+            ref.device,
+            past_length=cached_length(kwargs),
+            attention_mask=kwargs.get("attention_mask"),
+        )
 
     return pre_hook
 
@@ -376,9 +386,13 @@ def _generate_in_generation_context(original_generate: Callable[..., Any]) -> Ca
 
     @functools.wraps(original_generate)
     def generate(self: Any, *args: Any, **kwargs: Any) -> Any:
-        if ("unit_locations" not in kwargs and "intervene_on_prompt" not in kwargs and len(args) <= 1
-                and len(self.interventions) > 0
-                and all(isinstance(i, ActEditIntervention) for i in self.interventions.values())):
+        if (
+            "unit_locations" not in kwargs
+            and "intervene_on_prompt" not in kwargs
+            and len(args) <= 1
+            and len(self.interventions) > 0
+            and all(isinstance(i, ActEditIntervention) for i in self.interventions.values())
+        ):
             kwargs["intervene_on_prompt"] = True
         with generation():
             return original_generate(self, *args, **kwargs)

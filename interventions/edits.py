@@ -22,7 +22,6 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, TypeGuar
 
 import pyvene as pv
 import torch
-
 from pyvene.models import modeling_utils
 from pyvene.models.intervenable_base import BaseModel as _PyveneModel
 
@@ -39,8 +38,9 @@ def actedit_version() -> str:
 
 def model_id(model: Any) -> Optional[str]:
     """The Hub id or local path a model was loaded from, if transformers recorded it."""
-    name: Optional[str] = (getattr(getattr(model, "config", None), "_name_or_path", None)
-                           or getattr(model, "name_or_path", None))
+    name: Optional[str] = getattr(getattr(model, "config", None), "_name_or_path", None) or getattr(
+        model, "name_or_path", None
+    )
     return name or None
 
 
@@ -106,9 +106,14 @@ class EditRecord:
             raise ValueError(f"unknown method {self.method!r}; known: {', '.join(method_names())}.")
 
 
-def edit_config(model: Any, method: str, interventions: Mapping[int, "torch.nn.Module"],
-                component: Optional[str] = None, hyperparameters: Optional[Mapping[str, Any]] = None,
-                metadata: Optional[Mapping[str, Any]] = None) -> pv.IntervenableConfig:
+def edit_config(
+    model: Any,
+    method: str,
+    interventions: Mapping[int, "torch.nn.Module"],
+    component: Optional[str] = None,
+    hyperparameters: Optional[Mapping[str, Any]] = None,
+    metadata: Optional[Mapping[str, Any]] = None,
+) -> pv.IntervenableConfig:
     """An ``IntervenableConfig`` placing one intervention instance per layer.
 
     ``metadata`` (e.g. ``{"data": ..., "metrics": ...}``) is stored under ``config.actedit``.
@@ -125,8 +130,7 @@ def edit_config(model: Any, method: str, interventions: Mapping[int, "torch.nn.M
                 f"{method} intervention for layer {layer} has width {int(embed_dim)} but "
                 f"{component} of {type(model).__name__} has width {width}."
             )
-        representations.append({"layer": layer, "component": component, "unit": "pos",
-                                "intervention": intervention})
+        representations.append({"layer": layer, "component": component, "unit": "pos", "intervention": intervention})
     record = EditRecord(method, component, layers, dict(hyperparameters or {}))
     info = {
         "format": 1,
@@ -159,8 +163,9 @@ def compose(*configs: pv.IntervenableConfig, metadata: Optional[Mapping[str, Any
     for config in configs:
         for rep in config.representations:
             if rep.intervention is None:
-                raise ValueError("compose() needs configs holding intervention instances "
-                                 "(built with the actedit builders).")
+                raise ValueError(
+                    "compose() needs configs holding intervention instances (built with the actedit builders)."
+                )
             representations.append(rep)
     representations.sort(key=_sort_key)
     info = copy.deepcopy(infos[0])
@@ -197,8 +202,9 @@ def config_of(pvm: pv.IntervenableModel) -> pv.IntervenableConfig:
     if len(modules) != len(reps):
         raise ValueError(f"the model holds {len(modules)} interventions for {len(reps)} representations.")
     info = copy.deepcopy(getattr(pvm.config, "actedit", None) or {})
-    return pv.IntervenableConfig(representations=[r._replace(intervention=m)._asdict() for r, m in zip(reps, modules)],
-                                 actedit=info)
+    return pv.IntervenableConfig(
+        representations=[r._replace(intervention=m)._asdict() for r, m in zip(reps, modules, strict=True)], actedit=info
+    )
 
 
 def intervenable(model: Any, config: pv.IntervenableConfig) -> pv.IntervenableModel:

@@ -30,8 +30,8 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import pyvene as pv
 import torch
-from torch import nn
 import torch.nn.functional as F
+from torch import nn
 
 from .base import ActEditIntervention
 from .checks import check_number
@@ -78,8 +78,12 @@ class HPRSettings(TrainedMethodSettings):
 
     def intervention_arguments(self) -> Dict[str, Any]:
         """The :class:`HPRIntervention` constructor's arguments these settings give."""
-        return {"alpha": self.alpha, "angle_hidden_widths": self.angle_hidden_widths, "stable": self.stable,
-                "position_policy": self.position_policy}
+        return {
+            "alpha": self.alpha,
+            "angle_hidden_widths": self.angle_hidden_widths,
+            "stable": self.stable,
+            "position_policy": self.position_policy,
+        }
 
 
 def default_angle_widths(d: int) -> Tuple[int, int, int]:
@@ -137,8 +141,14 @@ class HPRIntervention(ActEditIntervention):
     angle_widths: torch.Tensor
     stable: torch.Tensor
 
-    def __init__(self, embed_dim: Optional[int] = None, alpha: float = 1.0,
-                 angle_hidden_widths: Optional[Sequence[int]] = None, stable: bool = True, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        embed_dim: Optional[int] = None,
+        alpha: float = 1.0,
+        angle_hidden_widths: Optional[Sequence[int]] = None,
+        stable: bool = True,
+        **kwargs: Any,
+    ) -> None:
         super().__init__(embed_dim=embed_dim, **kwargs)
         d = self.d
         widths = tuple(angle_hidden_widths) if angle_hidden_widths is not None else default_angle_widths(d)
@@ -245,18 +255,20 @@ class HPRIntervention(ActEditIntervention):
         return math.pi * torch.sigmoid(out.squeeze(-1))
 
     @staticmethod
-    def stacked_probe_loss(weights: Mapping[str, torch.Tensor], h_pos: torch.Tensor,
-                           h_neg: torch.Tensor) -> torch.Tensor:
+    def stacked_probe_loss(
+        weights: Mapping[str, torch.Tensor], h_pos: torch.Tensor, h_neg: torch.Tensor
+    ) -> torch.Tensor:
         """:meth:`probe_loss` of every layer: (L,) from h⁺, h⁻ (L, n, d)."""
         x = torch.cat([h_pos, h_neg], dim=1)
         logits = HPRIntervention.stacked_probe_logits(weights, x)
         labels = torch.zeros_like(logits)
-        labels[:, :h_pos.shape[1]] = 1.0
+        labels[:, : h_pos.shape[1]] = 1.0
         return F.binary_cross_entropy_with_logits(logits, labels, reduction="none").mean(-1)
 
     @staticmethod
-    def stacked_angle_loss(weights: Mapping[str, torch.Tensor], h_pos: torch.Tensor,
-                           h_neg: torch.Tensor) -> torch.Tensor:
+    def stacked_angle_loss(
+        weights: Mapping[str, torch.Tensor], h_pos: torch.Tensor, h_neg: torch.Tensor
+    ) -> torch.Tensor:
         """:meth:`angle_loss` of every layer: (L,) from h⁺, h⁻ (L, n, d)."""
         x = torch.cat([h_pos, h_neg], dim=1)
         target = torch.cat([h_pos, h_pos], dim=1)
@@ -266,8 +278,9 @@ class HPRIntervention(ActEditIntervention):
     @staticmethod
     def stacked_loss(weights: Mapping[str, torch.Tensor], h_pos: torch.Tensor, h_neg: torch.Tensor) -> torch.Tensor:
         """:meth:`loss` of every layer: (L,) from h⁺, h⁻ (L, n, d)."""
-        return (HPRIntervention.stacked_probe_loss(weights, h_pos, h_neg)
-                + HPRIntervention.stacked_angle_loss(weights, h_pos, h_neg))
+        return HPRIntervention.stacked_probe_loss(weights, h_pos, h_neg) + HPRIntervention.stacked_angle_loss(
+            weights, h_pos, h_neg
+        )
 
     # -------------------------------------------------------------------------- save/load
     def _prepare_load(self, state_dict: Mapping[str, Any], prefix: str) -> None:
@@ -294,10 +307,18 @@ def hpr_parameter_count(d: int, angle_hidden_widths: Optional[Sequence[int]] = N
 
 
 @keyword_checked
-def build_hpr_config(model: Any, layers: Sequence[int], *, modules: Optional[Mapping[int, HPRIntervention]] = None,
-                     alpha: float = 1.0, angle_hidden_widths: Optional[Sequence[int]] = None, stable: bool = True,
-                     position_policy: Optional[PolicyLike] = None, component: str = "block_output",
-                     metadata: Optional[Mapping[str, Any]] = None) -> pv.IntervenableConfig:
+def build_hpr_config(
+    model: Any,
+    layers: Sequence[int],
+    *,
+    modules: Optional[Mapping[int, HPRIntervention]] = None,
+    alpha: float = 1.0,
+    angle_hidden_widths: Optional[Sequence[int]] = None,
+    stable: bool = True,
+    position_policy: Optional[PolicyLike] = None,
+    component: str = "block_output",
+    metadata: Optional[Mapping[str, Any]] = None,
+) -> pv.IntervenableConfig:
     """An ``IntervenableConfig`` with one HPR module per layer.
 
     ``modules`` maps layer → trained :class:`HPRIntervention`; without it fresh (untrained)
@@ -305,9 +326,16 @@ def build_hpr_config(model: Any, layers: Sequence[int], *, modules: Optional[Map
     """
     width = site_width(model, component)
     if modules is None:
-        modules = {layer: HPRIntervention(embed_dim=width, alpha=alpha, angle_hidden_widths=angle_hidden_widths,
-                                          stable=stable, position_policy=position_policy)
-                   for layer in layers}
+        modules = {
+            layer: HPRIntervention(
+                embed_dim=width,
+                alpha=alpha,
+                angle_hidden_widths=angle_hidden_widths,
+                stable=stable,
+                position_policy=position_policy,
+            )
+            for layer in layers
+        }
     else:
         missing = [layer for layer in layers if layer not in modules]
         if missing:
@@ -318,13 +346,27 @@ def build_hpr_config(model: Any, layers: Sequence[int], *, modules: Optional[Map
             if position_policy is not None:
                 module.set_position_policy(position_policy)
     first = next(iter(modules.values()))
-    hyper = {"alpha": float(alpha), "angle_hidden_widths": first.angle_widths.tolist(), "stable": bool(first.stable),
-             "position_policy": first.policy.name.lower()}
+    hyper = {
+        "alpha": float(alpha),
+        "angle_hidden_widths": first.angle_widths.tolist(),
+        "stable": bool(first.stable),
+        "position_policy": first.policy.name.lower(),
+    }
     return edit_config(model, "hpr", modules, component=component, hyperparameters=hyper, metadata=metadata)
 
 
-SPEC = register_method(MethodSpec(
-    name="hpr", title="Householder Pseudo-Rotation (Pham & Nguyen, EMNLP 2024)",
-    intervention=HPRIntervention, settings_class=HPRSettings, site="block_output", order=4,
-    format="hpr", reads="paired", splits=("train", "eval"), trained=True, strength="alpha",
-))
+SPEC = register_method(
+    MethodSpec(
+        name="hpr",
+        title="Householder Pseudo-Rotation (Pham & Nguyen, EMNLP 2024)",
+        intervention=HPRIntervention,
+        settings_class=HPRSettings,
+        site="block_output",
+        order=4,
+        format="hpr",
+        reads="paired",
+        splits=("train", "eval"),
+        trained=True,
+        strength="alpha",
+    )
+)

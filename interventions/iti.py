@@ -33,7 +33,7 @@ from .base import ActEditIntervention
 from .checks import check_int, check_labels, check_layer_map, check_matrix, check_number
 from .edits import edit_config, site_width
 from .positions import PolicyLike, PositionPolicy
-from .registry import FitResult, FitContext, MethodSettings, MethodSpec, register_method
+from .registry import FitContext, FitResult, MethodSettings, MethodSpec, register_method
 from .settings import keyword_checked
 
 ITI_DIRECTIONS = ("mass_mean", "probe")
@@ -94,9 +94,16 @@ class ITIIntervention(ActEditIntervention):
     head_mask: torch.Tensor
     alpha: torch.Tensor
 
-    def __init__(self, embed_dim: Optional[int] = None, num_heads: int = 1,
-                 directions: Optional[torch.Tensor] = None, sigmas: Optional[torch.Tensor] = None,
-                 heads: Optional[Sequence[int]] = None, alpha: float = 15.0, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        embed_dim: Optional[int] = None,
+        num_heads: int = 1,
+        directions: Optional[torch.Tensor] = None,
+        sigmas: Optional[torch.Tensor] = None,
+        heads: Optional[Sequence[int]] = None,
+        alpha: float = 15.0,
+        **kwargs: Any,
+    ) -> None:
         super().__init__(embed_dim=embed_dim, **kwargs)
         d = self.d
         if num_heads <= 0 or d % num_heads:
@@ -106,8 +113,10 @@ class ITIIntervention(ActEditIntervention):
             directions = torch.zeros(num_heads, head_dim)
         directions = torch.as_tensor(directions, dtype=torch.float32)
         if tuple(directions.shape) != (num_heads, head_dim):
-            raise ValueError(f"directions must have shape (num_heads={num_heads}, head_dim={head_dim}), "
-                             f"got {tuple(directions.shape)}.")
+            raise ValueError(
+                f"directions must have shape (num_heads={num_heads}, head_dim={head_dim}), "
+                f"got {tuple(directions.shape)}."
+            )
         sigmas = torch.ones(num_heads) if sigmas is None else torch.as_tensor(sigmas, dtype=torch.float32)
         if tuple(sigmas.shape) != (num_heads,):
             raise ValueError(f"sigmas must have shape ({num_heads},), got {tuple(sigmas.shape)}.")
@@ -217,25 +226,52 @@ class ITIHeads:
     @property
     def record(self) -> Dict[str, Any]:
         """How the heads were chosen (the artifact's ``fit`` metadata)."""
-        return {"direction": self.direction, "top_heads": len(self.selected),
-                "selected": [[layer, head, round(float(self.val_accuracy[layer][head]), 6)]
-                             for layer, head in self.selected]}
+        return {
+            "direction": self.direction,
+            "top_heads": len(self.selected),
+            "selected": [
+                [layer, head, round(float(self.val_accuracy[layer][head]), 6)] for layer, head in self.selected
+            ],
+        }
 
-    def config(self, model: Any, *, alpha: Optional[float] = None, position_policy: Optional[PolicyLike] = None,
-               component: str = "attention_value_output",
-               metadata: Optional[Mapping[str, Any]] = None) -> pv.IntervenableConfig:
+    def config(
+        self,
+        model: Any,
+        *,
+        alpha: Optional[float] = None,
+        position_policy: Optional[PolicyLike] = None,
+        component: str = "attention_value_output",
+        metadata: Optional[Mapping[str, Any]] = None,
+    ) -> pv.IntervenableConfig:
         """The ``IntervenableConfig`` of this fit (one ITI module per layer with selected heads)."""
         n_model = int(model.config.num_attention_heads)
         if n_model != self.num_heads:
             raise ValueError(f"this ITI fit has {self.num_heads} heads per layer but the model has {n_model}.")
-        return build_iti_config(model, self.heads, alpha=self.alpha if alpha is None else float(alpha),
-                                position_policy=position_policy, component=component,
-                                metadata={"fit": self.record, **(metadata or {})})
+        return build_iti_config(
+            model,
+            self.heads,
+            alpha=self.alpha if alpha is None else float(alpha),
+            position_policy=position_policy,
+            component=component,
+            metadata={"fit": self.record, **(metadata or {})},
+        )
 
 
-def fit_iti(train_acts: Mapping[int, Any], train_labels: Any, val_acts: Mapping[int, Any], val_labels: Any, *,
-            num_heads: int, top_heads: int = 48, direction: str = "mass_mean", alpha: float = 15.0, seed: int = 0,
-            max_iter: int = 1000, tuning_acts: Optional[Mapping[int, Any]] = None, progress: bool = False) -> ITIHeads:
+def fit_iti(
+    train_acts: Mapping[int, Any],
+    train_labels: Any,
+    val_acts: Mapping[int, Any],
+    val_labels: Any,
+    *,
+    num_heads: int,
+    top_heads: int = 48,
+    direction: str = "mass_mean",
+    alpha: float = 15.0,
+    seed: int = 0,
+    max_iter: int = 1000,
+    tuning_acts: Optional[Mapping[int, Any]] = None,
+    progress: bool = False,
+) -> ITIHeads:
     """Fit ITI: probe every (layer, head), keep the top-K heads by validation accuracy.
 
     One scikit-learn ``LogisticRegression`` per (layer, head) on the head's slice of the o_proj
@@ -298,8 +334,10 @@ def fit_iti(train_acts: Mapping[int, Any], train_labels: Any, val_acts: Mapping[
             probes[(layer, head)] = clf.coef_.reshape(-1).astype(np.float64)
         accuracy[layer] = accs
 
-    ranking = sorted(((layer, head, float(accuracy[layer][head])) for layer in layers for head in range(num_heads)),
-                     key=lambda t: (-t[2], t[0], t[1]))
+    ranking = sorted(
+        ((layer, head, float(accuracy[layer][head])) for layer in layers for head in range(num_heads)),
+        key=lambda t: (-t[2], t[0], t[1]),
+    )
     k = min(int(top_heads), len(ranking))
     selected = [(layer, head) for layer, head, _ in ranking[:k]]
 
@@ -309,8 +347,9 @@ def fit_iti(train_acts: Mapping[int, Any], train_labels: Any, val_acts: Mapping[
         xt = check_matrix(train_acts[layer], f"train_acts[{layer}]", width=width)
         xv = check_matrix(val_acts[layer], f"val_acts[{layer}]", width=width)
         usable = torch.cat([xt, xv])
-        tuning = usable if tuning_acts is None else check_matrix(tuning_acts[layer], f"tuning_acts[{layer}]",
-                                                                 width=width)
+        tuning = (
+            usable if tuning_acts is None else check_matrix(tuning_acts[layer], f"tuning_acts[{layer}]", width=width)
+        )
         chosen = sorted(head for l_, head in selected if l_ == layer)
         if direction == "mass_mean":
             candidates = head_directions(usable, y_all, num_heads)
@@ -320,19 +359,34 @@ def fit_iti(train_acts: Mapping[int, Any], train_labels: Any, val_acts: Mapping[
         directions = torch.zeros(num_heads, head_dim, dtype=torch.float64)
         for head in chosen:
             if not float(candidates[head].norm()) > 0:
-                raise ValueError(f"layer {layer} head {head}: the {direction} direction is zero; "
-                                 "true and false activations do not differ there.")
+                raise ValueError(
+                    f"layer {layer} head {head}: the {direction} direction is zero; "
+                    "true and false activations do not differ there."
+                )
             directions[head] = candidates[head]
         sigmas = head_sigmas(tuning, directions, num_heads) * (directions.abs().sum(-1) > 0)
         heads[layer] = {"directions": directions.float(), "sigmas": sigmas.float(), "heads": chosen}
-    return ITIHeads(heads=heads, val_accuracy=accuracy, ranking=ranking, selected=selected, num_heads=int(num_heads),
-                  alpha=float(alpha), direction=direction)
+    return ITIHeads(
+        heads=heads,
+        val_accuracy=accuracy,
+        ranking=ranking,
+        selected=selected,
+        num_heads=int(num_heads),
+        alpha=float(alpha),
+        direction=direction,
+    )
 
 
 @keyword_checked
-def build_iti_config(model: Any, heads: Mapping[int, Mapping[str, Any]], *, alpha: float = 15.0,
-                     position_policy: Optional[PolicyLike] = None, component: str = "attention_value_output",
-                     metadata: Optional[Mapping[str, Any]] = None) -> pv.IntervenableConfig:
+def build_iti_config(
+    model: Any,
+    heads: Mapping[int, Mapping[str, Any]],
+    *,
+    alpha: float = 15.0,
+    position_policy: Optional[PolicyLike] = None,
+    component: str = "attention_value_output",
+    metadata: Optional[Mapping[str, Any]] = None,
+) -> pv.IntervenableConfig:
     """An ``IntervenableConfig`` with one ITI module per layer.
 
     ``heads`` maps layer → ``{"directions": (n_heads, head_dim), "sigmas": (n_heads,),
@@ -342,32 +396,56 @@ def build_iti_config(model: Any, heads: Mapping[int, Mapping[str, Any]], *, alph
     num_heads = int(model.config.num_attention_heads)
     modules = {layer: _module(width, num_heads, spec, layer, alpha, position_policy) for layer, spec in heads.items()}
     first = next(iter(modules.values()))
-    hyper = {"alpha": float(alpha), "heads": {str(layer): m.selected_heads for layer, m in modules.items()},
-             "position_policy": first.policy.name.lower()}
+    hyper = {
+        "alpha": float(alpha),
+        "heads": {str(layer): m.selected_heads for layer, m in modules.items()},
+        "position_policy": first.policy.name.lower(),
+    }
     return edit_config(model, "iti", modules, component=component, hyperparameters=hyper, metadata=metadata)
 
 
-def _module(width: int, num_heads: int, spec: Mapping[str, Any], layer: int, alpha: float,
-            position_policy: Optional[PolicyLike]) -> ITIIntervention:
+def _module(
+    width: int, num_heads: int, spec: Mapping[str, Any], layer: int, alpha: float, position_policy: Optional[PolicyLike]
+) -> ITIIntervention:
     unknown = set(spec) - {"directions", "sigmas", "heads"}
     if unknown:
         raise ValueError(f"unknown ITI head spec keys {sorted(unknown)} for layer {layer}.")
-    return ITIIntervention(embed_dim=width, num_heads=num_heads, alpha=alpha, position_policy=position_policy,
-                           **spec)
+    return ITIIntervention(embed_dim=width, num_heads=num_heads, alpha=alpha, position_policy=position_policy, **spec)
 
 
 def _fit(inputs: Mapping[str, Any], config: ITISettings, context: FitContext) -> FitResult:
     (train_acts, train_labels), (val_acts, val_labels) = inputs["train"], inputs["eval"]
-    result = fit_iti(train_acts, train_labels, val_acts, val_labels, num_heads=context.num_heads,
-                     top_heads=config.top_heads, direction=config.direction, alpha=config.alpha, seed=config.seed,
-                     max_iter=config.max_iter)
-    modules = {layer: _module(context.width, context.num_heads, spec, layer, config.alpha, config.position_policy)
-               for layer, spec in result.heads.items()}
+    result = fit_iti(
+        train_acts,
+        train_labels,
+        val_acts,
+        val_labels,
+        num_heads=context.num_heads,
+        top_heads=config.top_heads,
+        direction=config.direction,
+        alpha=config.alpha,
+        seed=config.seed,
+        max_iter=config.max_iter,
+    )
+    modules = {
+        layer: _module(context.width, context.num_heads, spec, layer, config.alpha, config.position_policy)
+        for layer, spec in result.heads.items()
+    }
     return FitResult(modules, result.record)
 
 
-SPEC = register_method(MethodSpec(
-    name="iti", title="Inference-Time Intervention (Li et al., NeurIPS 2023)",
-    intervention=ITIIntervention, settings_class=ITISettings, site="attention_value_output", order=2,
-    format="iti", reads="labeled", splits=("train", "eval"), fit=_fit, strength="alpha",
-))
+SPEC = register_method(
+    MethodSpec(
+        name="iti",
+        title="Inference-Time Intervention (Li et al., NeurIPS 2023)",
+        intervention=ITIIntervention,
+        settings_class=ITISettings,
+        site="attention_value_output",
+        order=2,
+        format="iti",
+        reads="labeled",
+        splits=("train", "eval"),
+        fit=_fit,
+        strength="alpha",
+    )
+)

@@ -25,8 +25,10 @@ from typing import Any, List, Optional, Tuple, TypeGuard, Union
 
 LayerSpec = Union[int, float, str, List[Union[int, float, str]]]
 
-_HELP = ("a layer spec is an index (negative counts from the end), a fraction of the depth (0.4, '2/5'), "
-         "a slice 'a:b' ('-20:', '1/3:'), an inclusive range '10-29', 'all', or a list of indices")
+_HELP = (
+    "a layer spec is an index (negative counts from the end), a fraction of the depth (0.4, '2/5'), "
+    "a slice 'a:b' ('-20:', '1/3:'), an inclusive range '10-29', 'all', or a list of indices"
+)
 
 
 def _is_int(value: Any) -> TypeGuard[int]:
@@ -58,14 +60,17 @@ def _index(part: Any, n_layers: int, where: str, spec: Any, *, end: bool = False
     else:
         f = _fraction(part)
         if f is None:
-            raise ValueError(f"{where}: {part!r} in layer spec {spec!r} is not a layer index or a depth fraction; "
-                             f"{_HELP}.")
+            raise ValueError(
+                f"{where}: {part!r} in layer spec {spec!r} is not a layer index or a depth fraction; {_HELP}."
+            )
         index = math.floor(f * n_layers + Fraction(1, 2))
     limit = n_layers if end else n_layers - 1
     if not 0 <= index <= limit:
-        raise ValueError(f"{where}: layer spec {spec!r} does not fit the model: it has {n_layers} layers "
-                         f"(0..{n_layers - 1}), and {part!r} is out of range. Use indices below {n_layers}, "
-                         "or a depth-relative spec (negative indices such as '-20:', or fractions such as '1/3:').")
+        raise ValueError(
+            f"{where}: layer spec {spec!r} does not fit the model: it has {n_layers} layers "
+            f"(0..{n_layers - 1}), and {part!r} is out of range. Use indices below {n_layers}, "
+            "or a depth-relative spec (negative indices such as '-20:', or fractions such as '1/3:')."
+        )
     return int(index)
 
 
@@ -103,9 +108,11 @@ def resolve_layers(spec: LayerSpec, n_layers: int, where: str = "layers") -> Lis
     else:
         layers = [_index(spec, n_layers, where, spec)]
     if len(set(layers)) != len(layers):
-        raise ValueError(f"{where}: layer spec {spec!r} names layer(s) "
-                         f"{sorted({x for x in layers if layers.count(x) > 1})} more than once on this "
-                         f"{n_layers}-layer model.")
+        raise ValueError(
+            f"{where}: layer spec {spec!r} names layer(s) "
+            f"{sorted({x for x in layers if layers.count(x) > 1})} more than once on this "
+            f"{n_layers}-layer model."
+        )
     return sorted(layers)
 
 
@@ -123,7 +130,7 @@ def check_layer_spec(spec: Optional[LayerSpec], where: str = "layers", single: b
     """Check the syntax of a layer spec without knowing the depth (None passes)."""
     if spec is None:
         return
-    depth = 10 ** 6  # large enough that every syntactically valid spec fits
+    depth = 10**6  # large enough that every syntactically valid spec fits
     if single:
         resolve_layer(spec, depth, where)
     elif _is_all(spec):

@@ -106,8 +106,9 @@ class PackedBatch:
         """``(rows, width)`` True for real tokens."""
         return self.tree >= 0
 
-    def attention_mask(self, past_length: int = 0, dtype: torch.dtype = torch.float32,
-                       device: Device = None) -> torch.Tensor:
+    def attention_mask(
+        self, past_length: int = 0, dtype: torch.dtype = torch.float32, device: Device = None
+    ) -> torch.Tensor:
         """The additive ``(rows, 1, width, past_length + width)`` mask (0 = attend, dtype min = not).
 
         Cached positions are visible to every real token; a padding token sees only itself (a
@@ -165,7 +166,7 @@ def pack_trees(trees: Sequence[Tree], max_tokens: int, max_rows: int = 1, pad_id
         else:
             rows.append([i])
             used = n
-    return [_build(trees, rows[lo:lo + max_rows], pad_id) for lo in range(0, len(rows), max_rows)]
+    return [_build(trees, rows[lo : lo + max_rows], pad_id) for lo in range(0, len(rows), max_rows)]
 
 
 def _build(trees: Sequence[Tree], rows: List[List[int]], pad_id: int) -> PackedBatch:
@@ -185,20 +186,20 @@ def _build(trees: Sequence[Tree], rows: List[List[int]], pad_id: int) -> PackedB
             batch.trunk_at.append((r, col))
             n = len(t.trunk)
             if n:
-                ids[r, col:col + n] = torch.as_tensor(list(t.trunk), dtype=torch.long)
-                pos[r, col:col + n] = torch.arange(t.offset, t.offset + n)
-                tree_of[r, col:col + n] = k
-                branch_of[r, col:col + n] = -1
+                ids[r, col : col + n] = torch.as_tensor(list(t.trunk), dtype=torch.long)
+                pos[r, col : col + n] = torch.arange(t.offset, t.offset + n)
+                tree_of[r, col : col + n] = k
+                branch_of[r, col : col + n] = -1
                 col += n
             starts = []
             for b, tokens in enumerate(t.branches):
                 starts.append((r, col))
                 m = len(tokens)
                 if m:
-                    ids[r, col:col + m] = torch.as_tensor(list(tokens), dtype=torch.long)
-                    pos[r, col:col + m] = torch.arange(t.offset + n, t.offset + n + m)
-                    tree_of[r, col:col + m] = k
-                    branch_of[r, col:col + m] = b
+                    ids[r, col : col + m] = torch.as_tensor(list(tokens), dtype=torch.long)
+                    pos[r, col : col + m] = torch.arange(t.offset + n, t.offset + n + m)
+                    tree_of[r, col : col + m] = k
+                    branch_of[r, col : col + m] = b
                     col += m
             batch.branch_at.append(starts)
     return batch
@@ -222,8 +223,10 @@ def supports_packing(model: Any, longest: Optional[int] = None) -> Optional[str]
         return f"{type(model).__name__} does not build its mask with transformers' masking_utils"
     window = getattr(config, "sliding_window", None)
     if isinstance(window, int) and window > 0 and (longest is None or longest > window):
-        return (f"sliding-window attention ({window} tokens) and sequences of "
-                f"{'unknown length' if longest is None else f'{longest} tokens'}")
+        return (
+            f"sliding-window attention ({window} tokens) and sequences of "
+            f"{'unknown length' if longest is None else f'{longest} tokens'}"
+        )
     return None
 
 
@@ -242,9 +245,11 @@ def decoder_layer(model: Any, layer: int) -> torch.nn.Module:
 @contextlib.contextmanager
 def capture_layer_outputs(model: Any, layers: Sequence[int], kept: Dict[int, Any]) -> Iterator[None]:
     """Keep, in ``kept[layer]``, what each decoder layer in ``layers`` returns during the block."""
+
     def keeper(layer: int) -> Callable[[torch.nn.Module, Tuple[Any, ...], Any], None]:
         def hook(module: torch.nn.Module, args: Tuple[Any, ...], output: Any) -> None:
             kept[layer] = output
+
         return hook
 
     handles = [decoder_layer(model, layer).register_forward_hook(keeper(layer)) for layer in layers]
@@ -281,4 +286,15 @@ def skip_layers(model: Any, first: int, output: Any) -> Iterator[None]:
             del module.forward
 
 
-__all__ = ["DEFAULT_PACK_TOKENS", "PACKING_ATTENTION", "capture_layer_outputs", "common_prefix_length", "decoder_layer", "skip_layers", "PackedBatch", "Tree", "pack_trees", "supports_packing"]
+__all__ = [
+    "DEFAULT_PACK_TOKENS",
+    "PACKING_ATTENTION",
+    "capture_layer_outputs",
+    "common_prefix_length",
+    "decoder_layer",
+    "skip_layers",
+    "PackedBatch",
+    "Tree",
+    "pack_trees",
+    "supports_packing",
+]

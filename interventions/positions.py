@@ -180,8 +180,9 @@ def mark_prompt_lengths(prompt_lengths: PerRow) -> contextlib.AbstractContextMan
 
 
 @contextlib.contextmanager
-def mark_packed(positions: torch.Tensor, prompt_lengths: torch.Tensor,
-                answer_starts: Optional[torch.Tensor] = None) -> Iterator[None]:
+def mark_packed(
+    positions: torch.Tensor, prompt_lengths: torch.Tensor, answer_starts: Optional[torch.Tensor] = None
+) -> Iterator[None]:
     """Mark, for the forward calls inside this block, per-token positions of packed rows.
 
     A packed row (:mod:`actedit.interventions.packing`) holds several sequences, so positions,
@@ -223,13 +224,15 @@ def _per_row(values: Optional[torch.Tensor], batch: int, device: Device, name: s
     if values.dim() == 0:
         values = values.expand(batch)
     if values.shape[0] != batch:
-        raise ValueError(f"{name} got {values.shape[0]} rows but the forward call has batch size {batch}; "
-                         "pass one value per row.")
+        raise ValueError(
+            f"{name} got {values.shape[0]} rows but the forward call has batch size {batch}; pass one value per row."
+        )
     return values
 
 
-def real_positions(batch: int, seq: int, device: Device, past_length: Optional[int],
-                   attention_mask: Optional[torch.Tensor]) -> Tuple[torch.Tensor, int]:
+def real_positions(
+    batch: int, seq: int, device: Device, past_length: Optional[int], attention_mask: Optional[torch.Tensor]
+) -> Tuple[torch.Tensor, int]:
     """Index of each token of a forward call among the real tokens of its row, and the past length.
 
     ``past_length`` is the number of earlier tokens the call continues (from its cache), or None
@@ -273,14 +276,25 @@ class PositionTracker:
         """A call whose inputs are not token sequences: no positions are known."""
         _stack().append(None)
 
-    def begin(self, batch: int, seq: int, device: Device, *, past_length: Optional[int],
-              attention_mask: Optional[torch.Tensor]) -> CallPositions:
+    def begin(
+        self,
+        batch: int,
+        seq: int,
+        device: Device,
+        *,
+        past_length: Optional[int],
+        attention_mask: Optional[torch.Tensor],
+    ) -> CallPositions:
         """Record the positions of a call of ``batch`` rows of ``seq`` new tokens."""
         packed: Optional[Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]] = getattr(_state, "packed", None)
         if packed is not None and tuple(packed[0].shape) == (batch, seq):
             positions, prompt_lengths, answer_starts = packed
-            call = CallPositions(positions.to(device), prompt_lengths.to(device), True,
-                                 answer_starts.to(device) if answer_starts is not None else None)
+            call = CallPositions(
+                positions.to(device),
+                prompt_lengths.to(device),
+                True,
+                answer_starts.to(device) if answer_starts is not None else None,
+            )
             _stack().append(call)
             return call
         positions, past = real_positions(batch, seq, device, past_length, attention_mask)

@@ -32,7 +32,7 @@ STRENGTH = "strength"
 
 VIEWS = {
     "paired": "every (positive, negative) response pair of an example, positions aligned up to the shorter "
-             "response; rows of positives and negatives paired one to one",
+    "response; rows of positives and negatives paired one to one",
     "labeled": "positive (label 1) and negative (label 0) rows, in store order, per split",
     "aligned": "one row per role (``spec.roles``) for the same (example, response, position)",
 }
@@ -173,16 +173,21 @@ class MethodSpec:
         if not issubclass(self.settings_class, MethodSettings):
             raise ValueError(f"method {self.name!r}: settings_class must derive from MethodSettings.")
         if self.trained and not issubclass(self.settings_class, TrainedMethodSettings):
-            raise ValueError(f"method {self.name!r} is trained, so its settings_class must derive from "
-                             "TrainedMethodSettings.")
+            raise ValueError(
+                f"method {self.name!r} is trained, so its settings_class must derive from TrainedMethodSettings."
+            )
         if self.trained and not getattr(self.intervention, "loss_terms", None):
-            raise ValueError(f"method {self.name!r} is trained, so {self.intervention.__name__} must declare "
-                             "loss_terms (loss method name -> parameter prefix).")
+            raise ValueError(
+                f"method {self.name!r} is trained, so {self.intervention.__name__} must declare "
+                "loss_terms (loss method name -> parameter prefix)."
+            )
         if getattr(self.intervention, "method_name", None) != self.name:
             raise ValueError(f"{self.intervention.__name__}.method_name must be {self.name!r}.")
         if self.strength is not None and self.strength not in self.settings_class.field_names():
-            raise ValueError(f"method {self.name!r}: strength names {self.strength!r}, which is not a field of "
-                             f"{self.settings_class.__name__}.")
+            raise ValueError(
+                f"method {self.name!r}: strength names {self.strength!r}, which is not a field of "
+                f"{self.settings_class.__name__}."
+            )
 
     def settings(self, values: Optional[Mapping[str, Any]] = None, where: str = "", **extra: Any) -> MethodSettings:
         """This method's settings from a mapping and keywords (unknown keys are errors); a
@@ -194,11 +199,15 @@ class MethodSpec:
         if isinstance(merged, Mapping) and STRENGTH in merged:
             merged = dict(merged)
             if self.strength is None:
-                raise UnknownSettingError(f"{where}.{STRENGTH}: {self.name} has no strength setting (its edit is "
-                                          f"not scaled); valid keys: {', '.join(self.settings_class.field_names())}.")
+                raise UnknownSettingError(
+                    f"{where}.{STRENGTH}: {self.name} has no strength setting (its edit is "
+                    f"not scaled); valid keys: {', '.join(self.settings_class.field_names())}."
+                )
             if self.strength in merged:
-                raise UnknownSettingError(f"{where}: give {STRENGTH} or {self.strength}, not both ({STRENGTH} is "
-                                          f"{self.name}'s {self.strength}).")
+                raise UnknownSettingError(
+                    f"{where}: give {STRENGTH} or {self.strength}, not both ({STRENGTH} is "
+                    f"{self.name}'s {self.strength})."
+                )
             merged[self.strength] = merged.pop(STRENGTH)
         return self.settings_class.from_mapping(merged, where)
 

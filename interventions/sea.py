@@ -41,7 +41,7 @@ from .base import ActEditIntervention
 from .checks import check_int, check_layer_map, check_matrix, check_number
 from .edits import edit_config, site_width
 from .positions import PolicyLike, PositionPolicy
-from .registry import FitResult, FitContext, MethodSettings, MethodSpec, register_method
+from .registry import FitContext, FitResult, MethodSettings, MethodSpec, register_method
 from .settings import keyword_checked
 
 _EPS = 1e-6
@@ -176,9 +176,15 @@ class SEAIntervention(ActEditIntervention):
     norm_mode: torch.Tensor
     feature_function: torch.Tensor
 
-    def __init__(self, embed_dim: Optional[int] = None, U_pos: Optional[torch.Tensor] = None,
-                 U_neg: Optional[torch.Tensor] = None, norm_mode: NormModeLike = "token",
-                 feature_function: FeatureFunctionLike = "linear", **kwargs: Any) -> None:
+    def __init__(
+        self,
+        embed_dim: Optional[int] = None,
+        U_pos: Optional[torch.Tensor] = None,
+        U_neg: Optional[torch.Tensor] = None,
+        norm_mode: NormModeLike = "token",
+        feature_function: FeatureFunctionLike = "linear",
+        **kwargs: Any,
+    ) -> None:
         super().__init__(embed_dim=embed_dim, **kwargs)
         d = self.d
         U_pos = torch.zeros(d, 0) if U_pos is None else torch.as_tensor(U_pos, dtype=torch.float32)
@@ -191,8 +197,9 @@ class SEAIntervention(ActEditIntervention):
         self.register_buffer("U_pos", U_pos.contiguous())
         self.register_buffer("U_neg", U_neg.contiguous())
         self.register_buffer("norm_mode", torch.tensor(int(NormMode.parse(norm_mode)), dtype=torch.long))
-        self.register_buffer("feature_function",
-                             torch.tensor(int(FeatureFunction.parse(feature_function)), dtype=torch.long))
+        self.register_buffer(
+            "feature_function", torch.tensor(int(FeatureFunction.parse(feature_function)), dtype=torch.long)
+        )
 
     def resizable_buffers(self) -> Tuple[str, ...]:
         return ("U_pos", "U_neg")
@@ -241,8 +248,13 @@ def energy_rank(singular_values: torch.Tensor, ratio: float) -> int:
     return int(torch.searchsorted(cumulative, torch.tensor(ratio - 1e-12, dtype=torch.float64)).item()) + 1
 
 
-def fit_sea_factors(H: torch.Tensor, H_pos: torch.Tensor, H_neg: torch.Tensor, energy_ratio: float = 0.998,
-                    feature_function: FeatureFunctionLike = "linear") -> Tuple[torch.Tensor, torch.Tensor]:
+def fit_sea_factors(
+    H: torch.Tensor,
+    H_pos: torch.Tensor,
+    H_neg: torch.Tensor,
+    energy_ratio: float = 0.998,
+    feature_function: FeatureFunctionLike = "linear",
+) -> Tuple[torch.Tensor, torch.Tensor]:
     """Closed-form SEA factors from N last-token activations, each ``(N, d)``.
 
     Ω± = φ(H)ᵀ φ(H±) / N in float64, U± from its SVD, truncated to k(r). Returns ``(U_pos, U_neg)``
@@ -300,19 +312,41 @@ class SEAFactors:
     @property
     def record(self) -> Dict[str, Any]:
         """How the factors were chosen (the artifact's ``fit`` metadata)."""
-        return {"energy_ratio": self.energy_ratio, "num_examples": self.num_examples,
-                "ranks": {str(layer): list(r) for layer, r in self.ranks.items()}}
+        return {
+            "energy_ratio": self.energy_ratio,
+            "num_examples": self.num_examples,
+            "ranks": {str(layer): list(r) for layer, r in self.ranks.items()},
+        }
 
-    def config(self, model: Any, *, norm_mode: str = "token", position_policy: Optional[PolicyLike] = None,
-               component: str = "mlp_output", metadata: Optional[Mapping[str, Any]] = None) -> pv.IntervenableConfig:
+    def config(
+        self,
+        model: Any,
+        *,
+        norm_mode: str = "token",
+        position_policy: Optional[PolicyLike] = None,
+        component: str = "mlp_output",
+        metadata: Optional[Mapping[str, Any]] = None,
+    ) -> pv.IntervenableConfig:
         """The ``IntervenableConfig`` of this fit (one SEA module per layer)."""
-        return build_sea_config(model, self.factors, norm_mode=norm_mode, feature_function=self.feature_function,
-                                position_policy=position_policy, component=component,
-                                metadata={"fit": self.record, **(metadata or {})})
+        return build_sea_config(
+            model,
+            self.factors,
+            norm_mode=norm_mode,
+            feature_function=self.feature_function,
+            position_policy=position_policy,
+            component=component,
+            metadata={"fit": self.record, **(metadata or {})},
+        )
 
 
-def fit_sea(H: Mapping[int, Any], H_pos: Mapping[int, Any], H_neg: Mapping[int, Any], *,
-            energy_ratio: float = 0.998, feature_function: FeatureFunctionLike = "linear") -> SEAFactors:
+def fit_sea(
+    H: Mapping[int, Any],
+    H_pos: Mapping[int, Any],
+    H_neg: Mapping[int, Any],
+    *,
+    energy_ratio: float = 0.998,
+    feature_function: FeatureFunctionLike = "linear",
+) -> SEAFactors:
     """Fit SEA on every layer of ``H`` (:func:`fit_sea_factors` per layer).
 
     Args:
@@ -341,37 +375,72 @@ def fit_sea(H: Mapping[int, Any], H_pos: Mapping[int, Any], H_neg: Mapping[int, 
 
 
 @keyword_checked
-def build_sea_config(model: Any, factors: Mapping[int, Tuple[torch.Tensor, torch.Tensor]], *,
-                     norm_mode: NormModeLike = "token", feature_function: FeatureFunctionLike = "linear",
-                     position_policy: Optional[PolicyLike] = None, component: str = "mlp_output",
-                     metadata: Optional[Mapping[str, Any]] = None) -> pv.IntervenableConfig:
+def build_sea_config(
+    model: Any,
+    factors: Mapping[int, Tuple[torch.Tensor, torch.Tensor]],
+    *,
+    norm_mode: NormModeLike = "token",
+    feature_function: FeatureFunctionLike = "linear",
+    position_policy: Optional[PolicyLike] = None,
+    component: str = "mlp_output",
+    metadata: Optional[Mapping[str, Any]] = None,
+) -> pv.IntervenableConfig:
     """An ``IntervenableConfig`` with one SEA module per layer; ``factors`` maps layer → (U⁺, U⁻)."""
     modules = _modules(site_width(model, component), factors, norm_mode, feature_function, position_policy)
     first = next(iter(modules.values()))
-    hyper = {"norm_mode": NormMode(int(first.norm_mode)).name.lower(),
-             "feature_function": FeatureFunction(int(first.feature_function)).name.lower(),
-             "ranks": {str(layer): list(m.ranks) for layer, m in modules.items()},
-             "position_policy": first.policy.name.lower()}
+    hyper = {
+        "norm_mode": NormMode(int(first.norm_mode)).name.lower(),
+        "feature_function": FeatureFunction(int(first.feature_function)).name.lower(),
+        "ranks": {str(layer): list(m.ranks) for layer, m in modules.items()},
+        "position_policy": first.policy.name.lower(),
+    }
     return edit_config(model, "sea", modules, component=component, hyperparameters=hyper, metadata=metadata)
 
 
-def _modules(width: int, factors: Mapping[int, Any], norm_mode: NormModeLike, feature_function: FeatureFunctionLike,
-             position_policy: Optional[PolicyLike]) -> Dict[int, SEAIntervention]:
-    return {layer: SEAIntervention(embed_dim=width, U_pos=u_pos, U_neg=u_neg, norm_mode=norm_mode,
-                                   feature_function=feature_function, position_policy=position_policy)
-            for layer, (u_pos, u_neg) in factors.items()}
+def _modules(
+    width: int,
+    factors: Mapping[int, Any],
+    norm_mode: NormModeLike,
+    feature_function: FeatureFunctionLike,
+    position_policy: Optional[PolicyLike],
+) -> Dict[int, SEAIntervention]:
+    return {
+        layer: SEAIntervention(
+            embed_dim=width,
+            U_pos=u_pos,
+            U_neg=u_neg,
+            norm_mode=norm_mode,
+            feature_function=feature_function,
+            position_policy=position_policy,
+        )
+        for layer, (u_pos, u_neg) in factors.items()
+    }
 
 
 def _fit(inputs: Mapping[str, Any], config: SEASettings, context: FitContext) -> FitResult:
-    result = fit_sea(inputs["base"], inputs["pos"], inputs["neg"], energy_ratio=config.energy_ratio,
-                     feature_function=config.feature_function)
-    modules = _modules(context.width, result.factors, config.norm_mode, config.feature_function,
-                       config.position_policy)
+    result = fit_sea(
+        inputs["base"],
+        inputs["pos"],
+        inputs["neg"],
+        energy_ratio=config.energy_ratio,
+        feature_function=config.feature_function,
+    )
+    modules = _modules(context.width, result.factors, config.norm_mode, config.feature_function, config.position_policy)
     return FitResult(modules, result.record)
 
 
-SPEC = register_method(MethodSpec(
-    name="sea", title="Spectral Editing of Activations (Qiu et al., NeurIPS 2024)",
-    intervention=SEAIntervention, settings_class=SEASettings, site="mlp_output", order=3,
-    format="sea", reads="aligned", roles=("base", "pos", "neg"), splits=("train",), fit=_fit,
-))
+SPEC = register_method(
+    MethodSpec(
+        name="sea",
+        title="Spectral Editing of Activations (Qiu et al., NeurIPS 2024)",
+        intervention=SEAIntervention,
+        settings_class=SEASettings,
+        site="mlp_output",
+        order=3,
+        format="sea",
+        reads="aligned",
+        roles=("base", "pos", "neg"),
+        splits=("train",),
+        fit=_fit,
+    )
+)

@@ -40,8 +40,10 @@ def _suggest(unknown: Sequence[str], valid: Sequence[str], prefix: str = "") -> 
 def unknown_keys_message(unknown: Sequence[str], valid: Iterable[str], where: str) -> str:
     """``"unknown key(s) WHERE.KEY (did you mean ...?); valid keys of WHERE: ..."``."""
     valid = sorted(valid)
-    return (f"unknown key{'s' if len(unknown) > 1 else ''} {_suggest(unknown, valid, where + '.' if where else '')}; "
-            f"valid keys{' of ' + where if where else ''}: {', '.join(valid) if valid else 'none'}.")
+    return (
+        f"unknown key{'s' if len(unknown) > 1 else ''} {_suggest(unknown, valid, where + '.' if where else '')}; "
+        f"valid keys{' of ' + where if where else ''}: {', '.join(valid) if valid else 'none'}."
+    )
 
 
 def check_keys(given: Iterable[str], valid: Iterable[str], where: str) -> None:
@@ -84,8 +86,9 @@ class Settings:
         if isinstance(values, cls):
             values = dataclasses.asdict(values)
         if not isinstance(values, Mapping):
-            raise ValueError(f"{where or cls.__name__} must be a mapping of settings, got {type(values).__name__} "
-                             f"({values!r:.60}).")
+            raise ValueError(
+                f"{where or cls.__name__} must be a mapping of settings, got {type(values).__name__} ({values!r:.60})."
+            )
         merged = {**values, **extra}
         check_moved(merged, cls.MOVED, where)
         check_keys(merged, cls.field_names(), where or cls.__name__)
@@ -103,8 +106,11 @@ def keyword_checked(fn: F) -> F:
     params = inspect.signature(fn).parameters
     if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
         return fn
-    valid = [name for name, p in params.items()
-             if p.kind in (inspect.Parameter.KEYWORD_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)]
+    valid = [
+        name
+        for name, p in params.items()
+        if p.kind in (inspect.Parameter.KEYWORD_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    ]
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -112,7 +118,8 @@ def keyword_checked(fn: F) -> F:
         if unknown:
             raise UnknownSettingError(
                 f"{fn.__name__}() got unknown keyword argument{'s' if len(unknown) > 1 else ''} "
-                f"{_suggest(unknown, valid)}; valid: {', '.join(valid)}.")
+                f"{_suggest(unknown, valid)}; valid: {', '.join(valid)}."
+            )
         return fn(*args, **kwargs)
 
     return cast(F, wrapper)

@@ -19,9 +19,9 @@ import pyvene as pv
 import torch
 
 import actedit
+from actedit.data.environment import machine_info, versions
 from actedit.interventions.edits import config_of
 from actedit.interventions.registry import methods
-from actedit.data.environment import machine_info, versions
 
 TRIPLES = [
     ("Is the Earth flat?", "No, the Earth is round.", "Yes, the Earth is flat."),
@@ -59,8 +59,9 @@ def main() -> None:
     missing = [s.name for s in methods() if s.name not in registry]
     if missing:
         raise SystemExit(f"no call written for registered method(s) {missing}; add them to calls().")
-    prompt = tokenizer.apply_chat_template([{"role": "user", "content": QUESTION}], tokenize=False,
-                                           add_generation_prompt=True)
+    prompt = tokenizer.apply_chat_template(
+        [{"role": "user", "content": QUESTION}], tokenize=False, add_generation_prompt=True
+    )
     inputs = tokenizer(prompt, return_tensors="pt", add_special_tokens=False)
     rows = []
     for spec in methods():
@@ -75,17 +76,24 @@ def main() -> None:
             fitted = pvm(dict(inputs))[1].logits
             reloaded = stock(dict(inputs))[1].logits
         _, out = pvm.generate(dict(inputs), max_new_tokens=24, do_sample=False)
-        answer = tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+        answer = tokenizer.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
         layers = sorted({r["layer"] if isinstance(r, dict) else r.layer for r in config_of(pvm).representations})
         size = sum(f.stat().st_size for f in Path(directory).iterdir() if f.is_file()) / 2**20
-        rows.append((spec.name, seconds, layers, size, float((fitted - reloaded).abs().max()),
-                     answer.strip().replace("\n", " ")[:70]))
+        rows.append(
+            (
+                spec.name,
+                seconds,
+                layers,
+                size,
+                float((fitted - reloaded).abs().max()),
+                answer.strip().replace("\n", " ")[:70],
+            )
+        )
     out = model.generate(**inputs, max_new_tokens=24, do_sample=False)
-    base = tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+    base = tokenizer.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
 
     info, ver = machine_info(), versions("torch", "transformers", "pyvene", "actedit")
-    print(f"\n# machine: {info['cpu']}, {info['cores']} cores; "
-          + ", ".join(f"{k} {v}" for k, v in ver.items()))
+    print(f"\n# machine: {info['cpu']}, {info['cores']} cores; " + ", ".join(f"{k} {v}" for k, v in ver.items()))
     print(f"# question: {QUESTION!r}; base answer: {base.strip()[:70]!r}")
     print("| method | fit s | layers edited | artifact MiB | max |logit diff| after stock load | answer |")
     print("|---|---|---|---|---|---|")

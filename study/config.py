@@ -27,10 +27,10 @@ from typing import Any, Dict, List, Optional, Sequence, Union
 
 import torch
 
+from actedit.data.tasks import task_spec
 from actedit.interventions.registry import method_names, method_spec
 from actedit.interventions.settings import Settings, check_keys, check_moved
 from actedit.train.pipeline import CollectSettings, DataSettings, PipelineConfig, read_config
-from actedit.data.tasks import task_spec
 
 METHOD_KEYS = ("collect", "settings", "train", "data")
 """What a method's block in ``methods`` may hold (``data`` overrides the study's data)."""
@@ -48,8 +48,9 @@ def resolve_dtype(dtype: str, device: str) -> str:
     if str(device).startswith("cuda"):
         return "bfloat16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "float32"
     cpu = getattr(torch, "cpu", None)
-    native = any(bool(getattr(cpu, probe, lambda: False)()) for probe in
-                 ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
+    native = any(
+        bool(getattr(cpu, probe, lambda: False)()) for probe in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    )
     return "bfloat16" if native else "float32"
 
 
@@ -138,9 +139,14 @@ class StudyConfig:
                 self.methods[name] = block = {}
             if not isinstance(block, dict):
                 raise ValueError(f"methods.{name} must be a mapping, got {type(block).__name__}.")
-            check_moved(block, {"select": f"methods.{name}.settings.top_layers and methods.{name}.settings.strategy",
-                                "fit": f"methods.{name}.settings"},
-                        f"methods.{name}")
+            check_moved(
+                block,
+                {
+                    "select": f"methods.{name}.settings.top_layers and methods.{name}.settings.strategy",
+                    "fit": f"methods.{name}.settings",
+                },
+                f"methods.{name}",
+            )
             check_keys(block, METHOD_KEYS, f"methods.{name}")
         if isinstance(self.compose, str):
             if self.compose not in ("all", "none"):
@@ -169,11 +175,19 @@ class StudyConfig:
         block = self.methods[method]
         where = f"methods.{method}"
         data = DataSettings.from_mapping({**asdict(self.data), **(block.get("data") or {})}, f"{where}.data")
-        collect = CollectSettings.from_mapping({"dir": str(Path(self.out) / "activations" / method),
-                                              **(block.get("collect") or {})}, f"{where}.collect")
-        return PipelineConfig(model=self.model, method=method_spec(method).name, data=data, collect=collect,
-                              settings=block.get("settings"), train=block.get("train"),
-                              out=str(Path(self.out) / "artifacts" / method), where=where)
+        collect = CollectSettings.from_mapping(
+            {"dir": str(Path(self.out) / "activations" / method), **(block.get("collect") or {})}, f"{where}.collect"
+        )
+        return PipelineConfig(
+            model=self.model,
+            method=method_spec(method).name,
+            data=data,
+            collect=collect,
+            settings=block.get("settings"),
+            train=block.get("train"),
+            out=str(Path(self.out) / "artifacts" / method),
+            where=where,
+        )
 
 
 def load_study(path: Optional[str], overrides: Sequence[str] = ()) -> StudyConfig:
@@ -190,5 +204,12 @@ def default_config_path() -> Path:
     return Path(__file__).resolve().parent.parent / "configs" / "default.yaml"
 
 
-__all__ = ["EvalSettings", "METHOD_KEYS", "MODEL_DTYPES", "StudyConfig", "default_config_path", "load_study",
-           "resolve_dtype"]
+__all__ = [
+    "EvalSettings",
+    "METHOD_KEYS",
+    "MODEL_DTYPES",
+    "StudyConfig",
+    "default_config_path",
+    "load_study",
+    "resolve_dtype",
+]

@@ -6,14 +6,23 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Dict, List
 
-from actedit.interventions.artifacts import artifact_metadata
 from actedit.data.environment import environment
 from actedit.data.tasks import task_spec
+from actedit.interventions.artifacts import artifact_metadata
 
 
-def summarise(cfg, n_questions: int, results: Dict[str, Any], analyses: Dict[str, Any], artifacts: Dict[str, Path],
-              step_seconds: Dict[str, Dict[str, float]], steps_seconds: Dict[str, float], edits: List[str],
-              total: float, model) -> Dict[str, Any]:
+def summarise(
+    cfg,
+    n_questions: int,
+    results: Dict[str, Any],
+    analyses: Dict[str, Any],
+    artifacts: Dict[str, Path],
+    step_seconds: Dict[str, Dict[str, float]],
+    steps_seconds: Dict[str, float],
+    edits: List[str],
+    total: float,
+    model,
+) -> Dict[str, Any]:
     """``results.json``: per model the task's metrics and their stderr (``mc1``, ``mc1_stderr``,
     ...), the layers edited, flips, KL and norm drift, seconds per step; the study's settings,
     protocol and environment."""
@@ -43,9 +52,16 @@ def summarise(cfg, n_questions: int, results: Dict[str, Any], analyses: Dict[str
     if base_losses:
         methods["base"]["lm_loss"] = base_losses[0]
     return {
-        "study": {"model": cfg.model, "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
-                  "dtype_requested": cfg.dtype, "data": asdict(cfg.data), "eval": asdict(cfg.eval),
-                  "methods": cfg.methods, "compose": cfg.composed_methods, "out": cfg.out},
+        "study": {
+            "model": cfg.model,
+            "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
+            "dtype_requested": cfg.dtype,
+            "data": asdict(cfg.data),
+            "eval": asdict(cfg.eval),
+            "methods": cfg.methods,
+            "compose": cfg.composed_methods,
+            "out": cfg.out,
+        },
         "task": cfg.eval.task,
         "metrics": list(task_spec(cfg.eval.task).metrics),
         "n_questions": n_questions,
@@ -68,38 +84,62 @@ def markdown_report(summary: Dict[str, Any]) -> str:
     spec = task_spec(summary["task"])
     protocol = summary["protocol"]
     options = ", ".join(f"{k} {protocol[k]}" for k in ("mc2_rule",) if k in protocol)
-    lines = [f"# actedit study: {s['model']} on {spec.title} ({s['eval']['split']} split, "
-             f"{summary['n_questions']} questions)", "",
-             f"Protocol: {protocol.get('name', spec.title)}{' (' + options + ')' if options else ''}, model dtype "
-             f"{s['dtype']}. Machine: {env['machine'].get('cpu')}, {env['machine'].get('cores')} cores, "
-             f"{env['machine'].get('torch_threads')} torch threads; torch {env.get('torch')}, transformers "
-             f"{env.get('transformers')}, pyvene {env.get('pyvene')}.", "",
-             "| model | layers | " + " | ".join(f"{m.upper()} (%)" for m in metrics) +
-             " | norm drift | KL to base | LM loss |",
-             "|---|---|" + "---|" * len(metrics) + "---|---|---|"]
+    lines = [
+        f"# actedit study: {s['model']} on {spec.title} ({s['eval']['split']} split, "
+        f"{summary['n_questions']} questions)",
+        "",
+        f"Protocol: {protocol.get('name', spec.title)}{' (' + options + ')' if options else ''}, model dtype "
+        f"{s['dtype']}. Machine: {env['machine'].get('cpu')}, {env['machine'].get('cores')} cores, "
+        f"{env['machine'].get('torch_threads')} torch threads; torch {env.get('torch')}, transformers "
+        f"{env.get('transformers')}, pyvene {env.get('pyvene')}.",
+        "",
+        "| model | layers | "
+        + " | ".join(f"{m.upper()} (%)" for m in metrics)
+        + " | norm drift | KL to base | LM loss |",
+        "|---|---|" + "---|" * len(metrics) + "---|---|---|",
+    ]
     for name, m in summary["methods"].items():
         layers = m.get("layers")
-        shown = "—" if not layers else (f"{layers[0]}–{layers[-1]} ({len(layers)})" if len(layers) > 6
-                                         else ", ".join(map(str, layers)))
+        shown = (
+            "—"
+            if not layers
+            else (f"{layers[0]}–{layers[-1]} ({len(layers)})" if len(layers) > 6 else ", ".join(map(str, layers)))
+        )
         scores = " | ".join(f"{100 * m[k]:.2f} ± {100 * m[k + '_stderr']:.2f}" for k in metrics)
-        lines.append(f"| {name} | {shown} | {scores} | {_num(m.get('norm_drift'))} | {_num(m.get('kl_to_base'))} | "
-                     f"{_num(m.get('lm_loss', m.get('base_lm_loss')), 3)} |")
-    lines += ["", "Norm drift: mean over layers of |‖h′‖ − ‖h‖| / ‖h‖ of the residual stream on the first "
-              f"{s['eval']['norm_texts']} test questions. KL to base and LM loss: on neutral text "
-              "(`actedit.eval.analysis.NEUTRAL_TEXTS`), where edits with the `answer` policy (ITI, CAA) have no "
-              "marked answer and edit only the last position."]
+        lines.append(
+            f"| {name} | {shown} | {scores} | {_num(m.get('norm_drift'))} | {_num(m.get('kl_to_base'))} | "
+            f"{_num(m.get('lm_loss', m.get('base_lm_loss')), 3)} |"
+        )
+    lines += [
+        "",
+        "Norm drift: mean over layers of |‖h′‖ − ‖h‖| / ‖h‖ of the residual stream on the first "
+        f"{s['eval']['norm_texts']} test questions. KL to base and LM loss: on neutral text "
+        "(`actedit.eval.analysis.NEUTRAL_TEXTS`), where edits with the `answer` policy (ITI, CAA) have no "
+        "marked answer and edit only the last position.",
+    ]
     flips = {n: m["flips"] for n, m in summary["methods"].items() if "flips" in m}
     if flips:
-        lines += ["", f"{metrics[0].upper()} prediction flips against the base model (% of questions, HPR Table 3):",
-                  "", "| edit | False→True | True→False | remains True | remains False |", "|---|---|---|---|---|"]
+        lines += [
+            "",
+            f"{metrics[0].upper()} prediction flips against the base model (% of questions, HPR Table 3):",
+            "",
+            "| edit | False→True | True→False | remains True | remains False |",
+            "|---|---|---|---|---|",
+        ]
         for n, f in flips.items():
-            lines.append(f"| {n} | {f['false_to_true']:.2f} | {f['true_to_false']:.2f} | {f['remains_true']:.2f} | "
-                         f"{f['remains_false']:.2f} |")
+            lines.append(
+                f"| {n} | {f['false_to_true']:.2f} | {f['true_to_false']:.2f} | {f['remains_true']:.2f} | "
+                f"{f['remains_false']:.2f} |"
+            )
     lines += ["", "Seconds per step:", "", "| step | seconds |", "|---|---|"]
     for step, sec in summary["seconds"]["steps"].items():
         lines.append(f"| {step} | {sec:.1f} |")
-    lines += ["", f"Total: {summary['seconds']['total']:.0f} s. Plots: scores.png, flips.png, norms.png, "
-              "artifacts/<method>_probe_accuracy.png for trained methods.", ""]
+    lines += [
+        "",
+        f"Total: {summary['seconds']['total']:.0f} s. Plots: scores.png, flips.png, norms.png, "
+        "artifacts/<method>_probe_accuracy.png for trained methods.",
+        "",
+    ]
     return "\n".join(lines)
 
 

@@ -17,24 +17,29 @@ it stopped.
 from __future__ import annotations
 
 import json
-import os
 import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 import torch
 
-from actedit.train.api import compose
+from actedit.data.models import load_model
+from actedit.data.tasks import task_spec
 from actedit.eval.analysis import analyze_edits
 from actedit.eval.mc import MCResult, score_mc_many
-from actedit.interventions.artifacts import MANIFEST, ArtifactError, file_sha256, load_artifact, save_artifact, \
-    verify_artifact
+from actedit.eval.plots import plot_layer_selection, plot_scores
+from actedit.interventions.artifacts import (
+    MANIFEST,
+    ArtifactError,
+    file_sha256,
+    load_artifact,
+    save_artifact,
+    verify_artifact,
+)
 from actedit.interventions.edits import intervenable
 from actedit.interventions.files import write_json
 from actedit.train import pipeline
-from actedit.data.models import load_model
-from actedit.eval.plots import plot_layer_selection, plot_scores
-from actedit.data.tasks import task_spec
+from actedit.train.api import compose
 
 from .config import StudyConfig, resolve_dtype
 from .report import markdown_report, summarise
@@ -98,12 +103,19 @@ def run_study(cfg: StudyConfig, *, quiet: bool = False) -> Dict[str, Any]:
     task = task_spec(cfg.eval.task)
 
     # data first: a missing dataset should fail before the model loads
-    questions = steps.run(f"load {task.name} ({cfg.eval.split})", task.load, cfg.eval.source or cfg.data.source,
-                          cfg.eval.split, cfg.eval.split_file or cfg.data.split_file, cfg.eval.limit)
+    questions = steps.run(
+        f"load {task.name} ({cfg.eval.split})",
+        task.load,
+        cfg.eval.source or cfg.data.source,
+        cfg.eval.split,
+        cfg.eval.split_file or cfg.data.split_file,
+        cfg.eval.limit,
+    )
     device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = resolve_dtype(cfg.dtype, device)
-    model, tokenizer = steps.run(f"load model {cfg.model} ({dtype}, {device})", load_model, cfg.model,
-                                 dtype=getattr(torch, dtype), device=device)
+    model, tokenizer = steps.run(
+        f"load model {cfg.model} ({dtype}, {device})", load_model, cfg.model, dtype=getattr(torch, dtype), device=device
+    )
     # every method's layer specs against this model's depth, before any work
     pipelines = {method: cfg.pipeline(method).for_model(model) for method in methods}
 
@@ -120,21 +132,61 @@ def run_study(cfg: StudyConfig, *, quiet: bool = False) -> Dict[str, Any]:
         artifacts["composed"] = path
 
     pvms = {name: load_artifact(artifacts[name], model) for name in edits}
-    key = {"format": EVAL_FORMAT, "task": task.name, "questions": [q.index for q in questions],
-           "options": cfg.eval.task_options, "dtype": dtype, "model": cfg.model}
-    results = steps.run(f"score base model{' + ' + ', '.join(edits) if edits else ''} on {len(questions)} questions",
-                        _score_all, cfg, model, tokenizer, questions, pvms, artifacts, key, out / "eval")
+    key = {
+        "format": EVAL_FORMAT,
+        "task": task.name,
+        "questions": [q.index for q in questions],
+        "options": cfg.eval.task_options,
+        "dtype": dtype,
+        "model": cfg.model,
+    }
+    results = steps.run(
+        f"score base model{' + ' + ', '.join(edits) if edits else ''} on {len(questions)} questions",
+        _score_all,
+        cfg,
+        model,
+        tokenizer,
+        questions,
+        pvms,
+        artifacts,
+        key,
+        out / "eval",
+    )
     analyses: Dict[str, Any] = {}
     if edits and cfg.eval.analyses:
-        norm_texts = [task.text(q) for q in questions[:cfg.eval.norm_texts]]
-        analyses = steps.run("analyses (flips, KL, norm drift)", analyze_edits, model, pvms, tokenizer,
-                             results["base"], results, norm_texts, metric=task.metrics[0], plot_dir=out)
+        norm_texts = [task.text(q) for q in questions[: cfg.eval.norm_texts]]
+        analyses = steps.run(
+            "analyses (flips, KL, norm drift)",
+            analyze_edits,
+            model,
+            pvms,
+            tokenizer,
+            results["base"],
+            results,
+            norm_texts,
+            metric=task.metrics[0],
+            plot_dir=out,
+        )
 
     def write_report():
-        summary = summarise(cfg, len(questions), results, analyses, artifacts, step_seconds, steps.seconds, edits,
-                            time.perf_counter() - started, model)
-        plot_scores({name: summary["methods"][name] for name in ["base"] + edits}, out / "scores.png",
-                    metrics=task.metrics, task=task.title.split(" (")[0])
+        summary = summarise(
+            cfg,
+            len(questions),
+            results,
+            analyses,
+            artifacts,
+            step_seconds,
+            steps.seconds,
+            edits,
+            time.perf_counter() - started,
+            model,
+        )
+        plot_scores(
+            {name: summary["methods"][name] for name in ["base"] + edits},
+            out / "scores.png",
+            metrics=task.metrics,
+            task=task.title.split(" (")[0],
+        )
         write_json(out / "results.json", summary, default=float)
         (out / "report.md").write_text(markdown_report(summary))
         return summary
@@ -175,26 +227,39 @@ def _fit_and_save(pcfg, model, tokenizer, store) -> Path:
     return path
 
 
-def _score_all(cfg: StudyConfig, model, tokenizer, questions, pvms, artifacts, key, eval_dir: Path) \
-        -> Dict[str, MCResult]:
+def _score_all(
+    cfg: StudyConfig, model, tokenizer, questions, pvms, artifacts, key, eval_dir: Path
+) -> Dict[str, MCResult]:
     """Scores read from ``OUT/eval/<name>.json`` when their key and artifact match; the rest
     scored together, the edits sharing the base model's unedited lower layers."""
     names: List[str] = ["base"] + list(pvms)
     done: Dict[str, MCResult] = {}
     for name in names:
         cached = _read_json(eval_dir / f"{name}.json")
-        if cached and cached.get("key") == key and (name == "base" or cached.get("artifact_sha") == _sha(artifacts[name])):
+        if (
+            cached
+            and cached.get("key") == key
+            and (name == "base" or cached.get("artifact_sha") == _sha(artifacts[name]))
+        ):
             done[name] = MCResult.from_dict(cached["result"])
     todo = [name for name in pvms if name not in done]
     if todo or "base" not in done:  # the base model runs whenever an edit does: it carries their lower layers
         targets = {"base": model, **{name: pvms[name] for name in todo}}
-        scored = score_mc_many(targets, tokenizer, questions, task=cfg.eval.task, batch_size=cfg.eval.batch_size,
-                               **cfg.eval.task_options)
+        scored = score_mc_many(
+            targets, tokenizer, questions, task=cfg.eval.task, batch_size=cfg.eval.batch_size, **cfg.eval.task_options
+        )
         for name, result in scored.items():
             if name in done:
                 continue
-            write_json(eval_dir / f"{name}.json", {"key": key, "artifact_sha": None if name == "base" else
-                                                    _sha(artifacts[name]), "result": result.to_dict()}, default=float)
+            write_json(
+                eval_dir / f"{name}.json",
+                {
+                    "key": key,
+                    "artifact_sha": None if name == "base" else _sha(artifacts[name]),
+                    "result": result.to_dict(),
+                },
+                default=float,
+            )
             done[name] = result
     return {name: done[name] for name in names}
 

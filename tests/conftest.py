@@ -14,10 +14,11 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-import actedit.interventions  # noqa: E402,F401  (applies the pyvene fixes)
-from actedit.interventions.artifacts import save_artifact  # noqa: E402
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers  # noqa: E402
 from transformers import PreTrainedTokenizerFast  # noqa: E402
+
+import actedit.interventions  # noqa: E402,F401  (applies the pyvene fixes)
+from actedit.interventions.artifacts import save_artifact  # noqa: E402
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "truthfulqa"
 
@@ -46,8 +47,10 @@ CORPUS = [
     "The quick brown fox jumps over the lazy dog. Which answer (A) or (B) is right?",
     "Love Hate I talk about weddings constantly. Statement: hateful Respond with either Yes or No.",
 ]
-CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+CHATML = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
 
 
 def build_tokenizer(texts, vocab_size=700, add_bos=False, specials=("<pad>", "<s>", "</s>")):
@@ -59,8 +62,12 @@ def build_tokenizer(texts, vocab_size=700, add_bos=False, specials=("<pad>", "<s
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(specials),
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=list(specials),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
     tok.train_from_iterator(texts, trainer)
     if add_bos:
         tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
@@ -70,8 +77,9 @@ def build_tokenizer(texts, vocab_size=700, add_bos=False, specials=("<pad>", "<s
 def make_tokenizer(vocab_size: int = 300):
     """:func:`build_tokenizer` on a small fixed corpus (trained in milliseconds, offline), with BOS
     on plain text and a ChatML template; ``len(tokenizer)`` is the vocabulary size to build models with."""
-    fast = build_tokenizer(CORPUS * 3, vocab_size, add_bos=True,
-                           specials=("<pad>", "<s>", "</s>", "<|im_start|>", "<|im_end|>"))
+    fast = build_tokenizer(
+        CORPUS * 3, vocab_size, add_bos=True, specials=("<pad>", "<s>", "</s>", "<|im_start|>", "<|im_end|>")
+    )
     fast.model_input_names = ["input_ids", "attention_mask"]  # a causal LM takes no token types
     fast.chat_template = CHATML
     return fast
@@ -81,12 +89,29 @@ def tiny_config(family: str, **overrides):
     """A 3-layer config of ``family`` small enough for CPU tests."""
     import transformers as tf
 
-    common = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
-                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                  pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    common = dict(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
     if family == "gpt2":
-        cfg = tf.GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=3, n_head=4, n_positions=128,
-                            pad_token_id=0, bos_token_id=1, eos_token_id=2)
+        cfg = tf.GPT2Config(
+            vocab_size=VOCAB,
+            n_embd=32,
+            n_layer=3,
+            n_head=4,
+            n_positions=128,
+            pad_token_id=0,
+            bos_token_id=1,
+            eos_token_id=2,
+        )
     elif family == "llama":
         cfg = tf.LlamaConfig(**common)
     elif family == "llama_head_dim":  # explicit head_dim != hidden / heads
@@ -129,10 +154,13 @@ FAMILIES = ["llama", "mistral", "qwen2", "gemma", "gpt2"]
 
 
 # ------------------------------------------------------------ stock pyvene in a fresh process
-STOCK_RELOAD_INPUTS = {"input_ids": torch.tensor([[0, 0, 5, 6, 7, 8], [3, 9, 4, 11, 12, 13]]),
-                       "attention_mask": torch.tensor([[0, 0, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1]])}
-STOCK_RELOAD_GENERATE = dict(unit_locations=None, intervene_on_prompt=True, max_new_tokens=6, do_sample=False,
-                             pad_token_id=0)
+STOCK_RELOAD_INPUTS = {
+    "input_ids": torch.tensor([[0, 0, 5, 6, 7, 8], [3, 9, 4, 11, 12, 13]]),
+    "attention_mask": torch.tensor([[0, 0, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1]]),
+}
+STOCK_RELOAD_GENERATE = dict(
+    unit_locations=None, intervene_on_prompt=True, max_new_tokens=6, do_sample=False, pad_token_id=0
+)
 _STOCK_RELOAD_CHILD = """
 import json, sys, torch
 import pyvene as pv
@@ -151,7 +179,8 @@ for name in ref["names"]:
     results[name] = {"logits": torch.equal(out.logits, ref["logits"][name]),
                      "generate": torch.equal(gen, ref["generate"][name])}
 results["imported_by_pyvene"] = any(m.startswith("actedit.interventions") for m in sys.modules)
-results["above_core"] = sorted(m for m in sys.modules if m.startswith("actedit.") and not m.startswith("actedit.interventions"))
+results["above_core"] = sorted(m for m in sys.modules
+                              if m.startswith("actedit.") and not m.startswith("actedit.interventions"))
 print(json.dumps(results))
 """
 
@@ -174,11 +203,19 @@ def assert_stock_reload(model, pvms, root: Path) -> None:
         logits[name], generations[name] = reference_outputs(pvm)
         save_artifact(pvm, root / "artifacts" / name)
     model.save_pretrained(root / "model")
-    torch.save({"names": list(pvms), "inputs": STOCK_RELOAD_INPUTS, "logits": logits, "generate": generations},
-               root / "reference.pt")
+    torch.save(
+        {"names": list(pvms), "inputs": STOCK_RELOAD_INPUTS, "logits": logits, "generate": generations},
+        root / "reference.pt",
+    )
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    proc = subprocess.run([sys.executable, "-c", _STOCK_RELOAD_CHILD, str(root)], capture_output=True, text=True,
-                          env=env, cwd=root, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-c", _STOCK_RELOAD_CHILD, str(root)],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=root,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = json.loads(proc.stdout.strip().splitlines()[-1])
     assert results.pop("imported_by_pyvene")

@@ -5,15 +5,14 @@ the prompt pass only. Checked against numpy and against the plain model with a t
 import numpy as np
 import pytest
 import torch
+from test_caa import activations_with_a_nan
 
 from actedit.data.contrast import PromptPair
 from actedit.data.formats import ActAddFormat
 from actedit.interventions import ActAddIntervention, intervenable
 from actedit.interventions.actadd import ActAddSteering, fit_actadd
 from actedit.interventions.registry import FitContext, method_spec
-
 from conftest import make_tokenizer, tiny_model
-from test_caa import activations_with_a_nan
 
 LAYER = 1
 PROMPT1, PROMPT2 = "Love", "Hate"  # Turner et al.'s example; "Hate" is the shorter one here
@@ -82,8 +81,10 @@ def add_rows_hook(model, layer, steering, edited_of):
             return (hidden + rows,) + tuple(args[1:]), kwargs
         return args, {**kwargs, "hidden_states": hidden + rows}
 
-    return [model.register_forward_pre_hook(read_mask, with_kwargs=True),
-            model.model.layers[layer].register_forward_pre_hook(add, with_kwargs=True)]
+    return [
+        model.register_forward_pre_hook(read_mask, with_kwargs=True),
+        model.model.layers[layer].register_forward_pre_hook(add, with_kwargs=True),
+    ]
 
 
 # ------------------------------------------------------------------------------------- fit
@@ -153,8 +154,10 @@ def test_fitted_edit_equals_a_torch_hook_on_a_padded_batch(model, tok):
     n = fit.length
     short, long = list(range(10, 10 + n - 2)), list(range(40, 40 + n + 3))
     width = len(long)
-    batch = {"input_ids": torch.tensor([[0] * (width - len(short)) + short, long]),
-             "attention_mask": torch.tensor([[0] * (width - len(short)) + [1] * len(short), [1] * width])}
+    batch = {
+        "input_ids": torch.tensor([[0] * (width - len(short)) + short, long]),
+        "attention_mask": torch.tensor([[0] * (width - len(short)) + [1] * len(short), [1] * width]),
+    }
     pvm = intervenable(model, fit.config(model))
     with torch.no_grad():
         plain = model(**batch).logits
@@ -177,8 +180,14 @@ def test_generation_is_steered_in_the_prompt_pass_only(model, tok, prompt_length
     fit, _, _ = steering_of(model, tok)
     prompt = torch.arange(20, 20 + prompt_length)[None]
     pvm = intervenable(model, fit.config(model))
-    _, generated = pvm.generate({"input_ids": prompt}, unit_locations=None, intervene_on_prompt=True,
-                                max_new_tokens=6, do_sample=False, pad_token_id=0)
+    _, generated = pvm.generate(
+        {"input_ids": prompt},
+        unit_locations=None,
+        intervene_on_prompt=True,
+        max_new_tokens=6,
+        do_sample=False,
+        pad_token_id=0,
+    )
     ids = prompt
     handles = add_rows_hook(model, LAYER, fit.steering[LAYER], lambda index, n: (index < n) & (index < prompt_length))
     try:

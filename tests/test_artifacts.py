@@ -10,9 +10,8 @@ import torch
 import actedit.interventions as ai
 from actedit.interventions import ArtifactError, load_artifact, push_to_hub, save_artifact
 from actedit.interventions.edits import site_width
-
-from conftest import STOCK_RELOAD_INPUTS as INPUTS
 from conftest import FAMILIES, assert_stock_reload, reference_outputs, tiny_model
+from conftest import STOCK_RELOAD_INPUTS as INPUTS
 
 
 def randomise(module, std=0.3, seed=0):
@@ -34,13 +33,22 @@ def method_configs(model):
     randomise(hpr.representations[0].intervention)
     q, _ = torch.linalg.qr(torch.randn(mlp_width, mlp_width, generator=g))
     sea = ai.build_sea_config(model, {1: (q[:, :4], q[:, 4:10])})
-    iti = ai.build_iti_config(model, {0: {"directions": torch.nn.functional.normalize(
-        torch.randn(heads, head_dim, generator=g), dim=-1), "sigmas": torch.rand(heads, generator=g) + 0.5,
-        "heads": [0, heads - 1]}}, alpha=5.0, position_policy="all")
+    iti = ai.build_iti_config(
+        model,
+        {
+            0: {
+                "directions": torch.nn.functional.normalize(torch.randn(heads, head_dim, generator=g), dim=-1),
+                "sigmas": torch.rand(heads, generator=g) + 0.5,
+                "heads": [0, heads - 1],
+            }
+        },
+        alpha=5.0,
+        position_policy="all",
+    )
     caa = ai.build_caa_config(model, {1: torch.randn(d, generator=g)}, multiplier=3.0)
     actadd = ai.build_actadd_config(model, {1: torch.randn(3, d, generator=g) * 2})
     configs = {"hpr": hpr, "sea": sea, "iti": iti, "caa": caa, "actadd": actadd}
-    fresh = {k: v for k, v in method_configs_fresh(model, configs).items()}
+    fresh = dict(method_configs_fresh(model, configs))
     configs["composed"] = ai.compose(*fresh.values())
     return configs
 
@@ -89,8 +97,9 @@ def test_composed_same_site_order(llama):
 
 
 def test_config_metadata_and_model_card(llama, tmp_path):
-    config = ai.build_caa_config(llama, {0: torch.randn(32), 2: torch.randn(32)}, multiplier=4.0,
-                                 metadata={"data": {"name": "toy"}})
+    config = ai.build_caa_config(
+        llama, {0: torch.randn(32), 2: torch.randn(32)}, multiplier=4.0, metadata={"data": {"name": "toy"}}
+    )
     pvm = ai.intervenable(llama, config)
     path = save_artifact(pvm, tmp_path / "caa", metadata={"metrics": {"mc1": 0.5}})
     info = json.loads((path / "config.json").read_text())["actedit"]
@@ -190,8 +199,10 @@ def test_push_to_hub_uploads_the_directory(saved_hpr):
     api = FakeHubApi()
     url = push_to_hub(saved_hpr, "someone/hpr-edit", api=api)
     assert url == "https://hub/commit/1"
-    assert api.calls[0] == ("create_repo", {"repo_id": "someone/hpr-edit", "repo_type": "model",
-                                            "private": False, "exist_ok": True})
+    assert api.calls[0] == (
+        "create_repo",
+        {"repo_id": "someone/hpr-edit", "repo_type": "model", "private": False, "exist_ok": True},
+    )
     assert api.calls[1][1]["folder_path"] == str(saved_hpr)
     with pytest.raises(ValueError, match="owner/name"):
         push_to_hub(saved_hpr, "no-owner", api=api)
@@ -207,14 +218,16 @@ def test_layer_out_of_range(llama):
         ai.build_caa_config(llama, {7: torch.zeros(32)})
 
 
-@pytest.mark.parametrize("cls", [ai.HPRIntervention, ai.SEAIntervention, ai.ITIIntervention, ai.CAAIntervention,
-                                 ai.ActAddIntervention])
+@pytest.mark.parametrize(
+    "cls", [ai.HPRIntervention, ai.SEAIntervention, ai.ITIIntervention, ai.CAAIntervention, ai.ActAddIntervention]
+)
 def test_constructible_by_pyvene_alone(cls, llama):
     """pyvene builds each class from a plain config with default hyperparameters."""
     import pyvene as pv
 
-    config = pv.IntervenableConfig(representations=[{"layer": 1, "component": "block_output",
-                                                     "intervention_type": cls}])
+    config = pv.IntervenableConfig(
+        representations=[{"layer": 1, "component": "block_output", "intervention_type": cls}]
+    )
     pvm = pv.IntervenableModel(config, llama)
     intervention = pvm.interventions[pvm.sorted_keys[0]]
     assert isinstance(intervention, cls) and int(intervention.embed_dim) == 32

@@ -21,19 +21,23 @@ import yaml
 
 import actedit.interventions as ai
 from actedit.cli import main
-from actedit.study import default_config_path, load_study
 from actedit.interventions.artifacts import ArtifactError, file_sha256, load_artifact, save_artifact
 from actedit.interventions.layers import resolve_layer, resolve_layers
-from actedit.interventions.settings import UnknownSettingError
 from actedit.interventions.registry import method_names, method_spec
+from actedit.interventions.settings import UnknownSettingError
+from actedit.study import default_config_path, load_study
 from actedit.train.pipeline import load_config
-
 from conftest import SHARED_DATA, make_tokenizer, tiny_model, unavailable
 
 # ------------------------------------------------------------------------------ mistyped settings
 # one near-miss per method: the message must name the key, the closest valid one and list them all
-TYPOS = {"hpr": ("alpah", "alpha"), "sea": ("energy_ration", "energy_ratio"), "iti": ("top_headz", "top_heads"),
-         "caa": ("multipler", "multiplier"), "actadd": ("coeficient", "coefficient")}
+TYPOS = {
+    "hpr": ("alpah", "alpha"),
+    "sea": ("energy_ration", "energy_ratio"),
+    "iti": ("top_headz", "top_heads"),
+    "caa": ("multipler", "multiplier"),
+    "actadd": ("coeficient", "coefficient"),
+}
 
 
 def test_every_method_has_a_typo_case():
@@ -56,9 +60,12 @@ def test_settings_typo_in_yaml_lists_the_valid_keys(tmp_path, method):
 @pytest.mark.parametrize("method", method_names())
 def test_settings_typo_through_set_in_a_study(method):
     wrong, right = TYPOS[method]
-    with pytest.raises(UnknownSettingError, match=rf"methods\.{method}\.settings\.{wrong} \(did you mean {right!r}\?\)"):
-        load_study(str(default_config_path()), [f"methods.{method}.settings.{wrong}=1",
-                                                 "methods.actadd.data.name=pairs.jsonl"])
+    with pytest.raises(
+        UnknownSettingError, match=rf"methods\.{method}\.settings\.{wrong} \(did you mean {right!r}\?\)"
+    ):
+        load_study(
+            str(default_config_path()), [f"methods.{method}.settings.{wrong}=1", "methods.actadd.data.name=pairs.jsonl"]
+        )
 
 
 def test_train_typo_and_train_block_of_a_closed_form_method():
@@ -82,8 +89,11 @@ def test_typo_on_the_command_line_is_one_clear_line(capsys):
 
 def test_python_builders_refuse_mistyped_keywords(llama):
     v = torch.randn(32)
-    with pytest.raises(UnknownSettingError, match=r"build_caa_config\(\) got unknown keyword argument multipler "
-                                                  r"\(did you mean 'multiplier'\?\); valid: .*multiplier"):
+    with pytest.raises(
+        UnknownSettingError,
+        match=r"build_caa_config\(\) got unknown keyword argument multipler "
+        r"\(did you mean 'multiplier'\?\); valid: .*multiplier",
+    ):
         ai.build_caa_config(llama, {1: v}, multipler=4.0)
     with pytest.raises(TypeError):  # also what Python code expects from a bad keyword
         ai.build_hpr_config(llama, [1], alpah=2.0)
@@ -99,8 +109,13 @@ def test_python_builders_refuse_mistyped_keywords(llama):
         save_artifact(pvm, "unused", metdata={})
 
 
-BAD_VALUES = {"hpr": {"alpha": "big"}, "sea": {"energy_ratio": 1.5}, "iti": {"direction": "pca"},
-              "caa": {"position_policy": "sometimes"}, "actadd": {"layers": "every"}}
+BAD_VALUES = {
+    "hpr": {"alpha": "big"},
+    "sea": {"energy_ratio": 1.5},
+    "iti": {"direction": "pca"},
+    "caa": {"position_policy": "sometimes"},
+    "actadd": {"layers": "every"},
+}
 
 
 def test_every_method_has_a_bad_value_case():
@@ -130,9 +145,23 @@ def _pairs(path: Path, pairs) -> Path:
 
 def test_actadd_fit_with_the_canonical_single_pair(tmp_path, chat_model_dir):
     data = _pairs(tmp_path / "love.jsonl", [("Love", "Hate")])
-    args = ["fit", "--model", str(chat_model_dir), "--method", "actadd", "--set", f"data.name={data}",
-            "--set", f"collect.dir={tmp_path / 'acts'}", "--set", "settings.layers=1", "--set", "settings.coefficient=5",
-            "--out", str(tmp_path / "artifact")]
+    args = [
+        "fit",
+        "--model",
+        str(chat_model_dir),
+        "--method",
+        "actadd",
+        "--set",
+        f"data.name={data}",
+        "--set",
+        f"collect.dir={tmp_path / 'acts'}",
+        "--set",
+        "settings.layers=1",
+        "--set",
+        "settings.coefficient=5",
+        "--out",
+        str(tmp_path / "artifact"),
+    ]
     assert main(args) == 0
     info = json.loads((tmp_path / "artifact" / "config.json").read_text())["actedit"]
     edit = info["edits"][0]
@@ -150,8 +179,17 @@ def test_actadd_fit_with_the_canonical_single_pair(tmp_path, chat_model_dir):
 
 def test_actadd_refuses_several_pairs_and_an_unset_layer(tmp_path, chat_model_dir, capsys):
     many = _pairs(tmp_path / "many.jsonl", [("Love", "Hate"), ("Joy", "Grief"), ("Calm", "Anger")])
-    base = ["fit", "--model", str(chat_model_dir), "--method", "actadd", "--set", f"collect.dir={tmp_path / 'a'}",
-            "--out", str(tmp_path / "artifact")]
+    base = [
+        "fit",
+        "--model",
+        str(chat_model_dir),
+        "--method",
+        "actadd",
+        "--set",
+        f"collect.dir={tmp_path / 'a'}",
+        "--out",
+        str(tmp_path / "artifact"),
+    ]
     assert main(base + ["--set", f"data.name={many}", "--set", "settings.layers=1"]) == 1
     err = capsys.readouterr().err
     assert "one prompt pair" in err and "holds 3" in err and "data.limit=1" in err
@@ -164,18 +202,30 @@ def test_actadd_refuses_several_pairs_and_an_unset_layer(tmp_path, chat_model_di
 
 # --------------------------------------------------------------------- base model, no chat template
 def test_base_model_without_chat_template_uses_the_plain_text_form(tmp_path, capsys):
-    from actedit.train import pipeline
     from actedit.data.contrast import ContrastDataset, ContrastExample
     from actedit.data.formats import HPRFormat
+    from actedit.train import pipeline
 
     tok = make_tokenizer()
     tok.chat_template = None
     model = tiny_model("llama", vocab_size=len(tok), max_position_embeddings=256)
     data = tmp_path / "data.jsonl"
-    ContrastDataset([ContrastExample(f"Is the sky blue number {i}?", ["Yes it is."], ["No it is not.", "Never."],
-                                     {"id": i}) for i in range(4)]).to_jsonl(data)
-    cfg = load_config(None, ["method=hpr", f"data.name={data}", "data.eval_ratio=0.5",
-                             f"collect.dir={tmp_path / 'acts'}", "settings.top_layers=2"])
+    ContrastDataset(
+        [
+            ContrastExample(f"Is the sky blue number {i}?", ["Yes it is."], ["No it is not.", "Never."], {"id": i})
+            for i in range(4)
+        ]
+    ).to_jsonl(data)
+    cfg = load_config(
+        None,
+        [
+            "method=hpr",
+            f"data.name={data}",
+            "data.eval_ratio=0.5",
+            f"collect.dir={tmp_path / 'acts'}",
+            "settings.top_layers=2",
+        ],
+    )
     store = pipeline.collect(cfg, model, tok)
     out = capsys.readouterr().out
     assert "has no chat template" in out and "plain-text form" in out
@@ -208,11 +258,20 @@ def test_layer_specs_resolve_against_the_depth():
 
 def test_a_study_refuses_layers_beyond_the_depth_before_any_work(tmp_path, chat_model_dir, capsys):
     config = tmp_path / "study.yaml"
-    config.write_text(yaml.safe_dump({
-        "model": str(chat_model_dir), "dtype": "float32", "data": {"name": "truthfulqa_mc", "limit": 2},
-        "out": str(tmp_path / "out"),
-        "methods": {"hpr": {"train": {"epochs": 1}, "settings": {"top_layers": 2}}, "sea": {"settings": {"layers": "10-29"}}},
-    }))
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "model": str(chat_model_dir),
+                "dtype": "float32",
+                "data": {"name": "truthfulqa_mc", "limit": 2},
+                "out": str(tmp_path / "out"),
+                "methods": {
+                    "hpr": {"train": {"epochs": 1}, "settings": {"top_layers": 2}},
+                    "sea": {"settings": {"layers": "10-29"}},
+                },
+            }
+        )
+    )
     if not (SHARED_DATA / "mc_task.json").is_file():
         unavailable(f"TruthfulQA data not found at {SHARED_DATA}")
     assert main(["run", str(config), "--data", str(SHARED_DATA)]) == 1
@@ -272,7 +331,7 @@ def test_an_artifact_holding_a_code_pickle_is_refused_by_stock_pyvene(llama, tmp
         import sys
         import pyvene as pv
         from transformers import AutoModelForCausalLM
-        model = AutoModelForCausalLM.from_pretrained({str(tmp_path / 'model')!r})
+        model = AutoModelForCausalLM.from_pretrained({str(tmp_path / "model")!r})
         try:
             pv.IntervenableModel.load({str(path)!r}, model)
         except Exception as exc:
@@ -298,8 +357,13 @@ def test_missing_shared_data_fails_under_ci_and_skips_elsewhere(monkeypatch):
 
 # ------------------------------------------------------------------------------------ quiet start
 def test_the_cli_starts_quietly():
-    done = subprocess.run([str(Path(sys.executable).parent / "actedit"), "--help"], capture_output=True, text=True,
-                          env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=300)
+    done = subprocess.run(
+        [str(Path(sys.executable).parent / "actedit"), "--help"],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        timeout=300,
+    )
     assert done.returncode == 0 and "nnsight" not in done.stdout + done.stderr
     assert done.stdout.startswith("usage: actedit")
 

@@ -10,7 +10,6 @@ import torch
 from actedit.interventions import CAAIntervention, intervenable
 from actedit.interventions.caa import CAASettings, CAAVectors, fit_caa
 from actedit.interventions.registry import FitContext, method_spec
-
 from conftest import tiny_model
 
 LAYER = 1
@@ -67,8 +66,10 @@ def caa_reference_hook(model, layer, shift, start):
         hidden = hidden + shift * edited[..., None].to(hidden.dtype)
         return (hidden,) + tuple(output[1:]) if isinstance(output, tuple) else hidden
 
-    return [model.register_forward_pre_hook(pre, with_kwargs=True),
-            model.model.layers[layer].register_forward_hook(add)]
+    return [
+        model.register_forward_pre_hook(pre, with_kwargs=True),
+        model.model.layers[layer].register_forward_hook(add),
+    ]
 
 
 def fitted_caa(model, seed=0, pairs=6):
@@ -169,8 +170,14 @@ def test_fitted_edit_steers_generated_tokens_too():
     prompt = torch.tensor([[5, 6, 7, 8]])
     n_prompt = prompt.shape[1]
     pvm = intervenable(model, fit.config(model, multiplier=multiplier, position_start=-1))
-    _, generated = pvm.generate({"input_ids": prompt}, unit_locations=None, intervene_on_prompt=True,
-                                max_new_tokens=6, do_sample=False, pad_token_id=0)
+    _, generated = pvm.generate(
+        {"input_ids": prompt},
+        unit_locations=None,
+        intervene_on_prompt=True,
+        max_new_tokens=6,
+        do_sample=False,
+        pad_token_id=0,
+    )
     shift = multiplier * fit.vectors[LAYER]
 
     def add(module, args, output):

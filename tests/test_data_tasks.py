@@ -25,7 +25,6 @@ from actedit.data.tasks import (
 )
 from actedit.data.truthfulqa import TASK as TRUTHFULQA
 from actedit.interventions.settings import UnknownSettingError
-
 from conftest import SHARED_DATA
 
 
@@ -92,8 +91,9 @@ def test_task_options_are_checked_by_name():
         TRUTHFULQA.options({"mc2_rule": "majority"})
 
 
-@pytest.mark.parametrize("values", [[1.0, 0.0, 1.0, 1.0], [0.25, 0.5], [3, 3, 3],
-                                    [random.Random(0).random() for _ in range(50)]])
+@pytest.mark.parametrize(
+    "values", [[1.0, 0.0, 1.0, 1.0], [0.25, 0.5], [3, 3, 3], [random.Random(0).random() for _ in range(50)]]
+)
 def test_mean_stderr_is_the_sample_std_over_root_n(values):
     expected = statistics.stdev(values) / math.sqrt(len(values))
     assert mean_stderr(values) == pytest.approx(expected, rel=1e-12, abs=1e-15)

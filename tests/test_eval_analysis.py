@@ -46,8 +46,10 @@ def hooked_block_outputs(model, inputs, layers):
     """Residual stream after each decoder layer from plain torch forward hooks (no pyvene)."""
     captured, handles = {}, []
     for layer in layers:
+
         def hook(module, args, output, layer=layer):
             captured[layer] = (output[0] if isinstance(output, tuple) else output).detach().clone()
+
         handles.append(model.model.layers[layer].register_forward_hook(hook))
     try:
         with torch.no_grad():
@@ -88,8 +90,10 @@ def test_norm_statistics_and_drift_toy_case():
     assert (s.q1, s.median, s.q3) == pytest.approx((3.75, 4.5, 5.25))
     assert A.relative_drift([2.0, 4.0], [3.0, 4.0]) == pytest.approx(0.25)  # (1/2 + 0/4) / 2
     assert A.relative_drift([2.0, 4.0], [1.0, 6.0]) == pytest.approx(0.5)  # (1/2 + 2/4) / 2
-    comparison = A.NormComparison(A.NormProfile("base", "block_output", {0: [2.0, 4.0], 1: [1.0, 1.0]}),
-                                  {"edit": A.NormProfile("edit", "block_output", {0: [3.0, 4.0], 1: [1.0, 1.5]})})
+    comparison = A.NormComparison(
+        A.NormProfile("base", "block_output", {0: [2.0, 4.0], 1: [1.0, 1.0]}),
+        {"edit": A.NormProfile("edit", "block_output", {0: [3.0, 4.0], 1: [1.0, 1.5]})},
+    )
     assert comparison.drift() == {"edit": {0: pytest.approx(0.25), 1: pytest.approx(0.25)}}
     summary = comparison.summary()
     assert summary["profiles"]["edit"]["0"]["mean"] == 3.5 and summary["profiles"]["base"]["0"]["std"] == 1.0
@@ -206,8 +210,11 @@ def test_accuracy_vs_num_layers_and_plots(model, inputs, tmp_path):
     vectors = {layer: 0.1 * torch.randn(32, generator=torch.Generator().manual_seed(layer)) for layer in range(3)}
     full = intervenable(model, build_caa_config(model, vectors))
     curve_loss = A.accuracy_vs_num_layers(
-        lambda layers: A.lm_loss(A.restrict_layers(full, layers), tok, texts, max_length=24), [2, 0, 1],
-        score_base=True, metric="loss")
+        lambda layers: A.lm_loss(A.restrict_layers(full, layers), tok, texts, max_length=24),
+        [2, 0, 1],
+        score_base=True,
+        metric="loss",
+    )
     assert curve_loss.baseline["loss"] == pytest.approx(A.lm_loss(model, tok, texts, max_length=24), rel=1e-6)
     only = intervenable(model, build_caa_config(model, {2: vectors[2], 0: vectors[0]}))
     assert curve_loss.scores["loss"][1] == pytest.approx(A.lm_loss(only, tok, texts, max_length=24), rel=1e-6)
@@ -225,8 +232,9 @@ def test_accuracy_vs_num_layers_and_plots(model, inputs, tmp_path):
         P.plot_drift(comparison, tmp_path / "drift.png"),
         P.plot_flips(flips, tmp_path / "flips.png"),
         P.plot_layer_count(curve, tmp_path / "layers.png", ylabel="accuracy"),
-        P.plot_per_layer({0: 0.5, 1: 0.7, 2: 0.6}, "probe accuracy", tmp_path / "sub" / "probe.png", highlight=[1],
-                         baseline=0.5),
+        P.plot_per_layer(
+            {0: 0.5, 1: 0.7, 2: 0.6}, "probe accuracy", tmp_path / "sub" / "probe.png", highlight=[1], baseline=0.5
+        ),
     ]
     for path in paths:
         assert path.read_bytes()[:8] == PNG_MAGIC

@@ -15,18 +15,27 @@ import pytest
 import torch
 
 from actedit.cli import chat as chat_cli
+from actedit.data.generate import GenerationSettings, build_prompt, generate_texts
 from actedit.eval import chat as chat_mod
 from actedit.eval.generations import GenerationReport, compare_generations
-from actedit.data.generate import GenerationSettings, build_prompt, generate_texts
 from actedit.interventions import build_caa_config, intervenable, save_artifact
 from conftest import tiny_model
 
-WORDS = ("hello world what is the capital of france tell me a story about cats how far away moon sun "
-         "why sky blue water wet cold hot yes no maybe it are you there here").split()
-CHAT_TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|> {{ m['content'] }} </|turn|> {% endfor %}"
-                 "{% if add_generation_prompt %}<|assistant|>{% endif %}")
-QUESTIONS = ["what is the capital of france", "hello", "tell me a story about cats",
-             "how far away is the moon", "why is the sky blue"]
+WORDS = (
+    "hello world what is the capital of france tell me a story about cats how far away moon sun "
+    "why sky blue water wet cold hot yes no maybe it are you there here"
+).split()
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|{{ m['role'] }}|> {{ m['content'] }} </|turn|> {% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+QUESTIONS = [
+    "what is the capital of france",
+    "hello",
+    "tell me a story about cats",
+    "how far away is the moon",
+    "why is the sky blue",
+]
 LAYERS = (0, 1, 2)
 MAX_NEW = 6
 
@@ -44,8 +53,9 @@ def word_tokenizer(chat_template=None):
     raw = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     raw.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     raw.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
-    tok = tf.PreTrainedTokenizerFast(tokenizer_object=raw, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
-                                     unk_token="<unk>")
+    tok = tf.PreTrainedTokenizerFast(
+        tokenizer_object=raw, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>"
+    )
     if chat_template:
         tok.chat_template = chat_template
     return tok
@@ -76,9 +86,9 @@ def reference(model_or_pvm, tok, prompt, add_special_tokens=True, max_new=MAX_NE
             _, out = model_or_pvm.generate(inputs, unit_locations=None, intervene_on_prompt=True, **kwargs)
         else:
             out = model_or_pvm.generate(**inputs, **kwargs)
-    new = out[0, ids.shape[1]:].tolist()
+    new = out[0, ids.shape[1] :].tolist()
     if 2 in new:
-        new = new[:new.index(2)]
+        new = new[: new.index(2)]
     return tok.decode(new, skip_special_tokens=True).strip()
 
 
@@ -91,8 +101,11 @@ def pyvene_hooks(model):
     found = []
     for module in model.modules():
         for hooks in (module._forward_hooks, module._forward_pre_hooks):
-            found += [h for h in hooks.values()
-                      if getattr(getattr(h, "__wrapped__", h), "__module__", "").startswith("pyvene.")]
+            found += [
+                h
+                for h in hooks.values()
+                if getattr(getattr(h, "__wrapped__", h), "__module__", "").startswith("pyvene.")
+            ]
     return found
 
 
@@ -196,9 +209,24 @@ def test_chat_switches_layers_live(model, tok, artifact):
     settings = GenerationSettings(max_new_tokens=MAX_NEW, batch_size=1)
     session = chat_mod.ChatSession.from_artifact(artifact, model, tok, settings=settings)
     assert session.available_layers == list(LAYERS) and session.active == list(LAYERS)
-    lines = [prompt, "### target layers: none", prompt, "### target layers: 1", prompt,
-             "### target layers: 0,2", prompt, "### target layers: all", prompt, "### target layers: 7",
-             prompt, "### status", "### help", "### bogus", "", "never read"]
+    lines = [
+        prompt,
+        "### target layers: none",
+        prompt,
+        "### target layers: 1",
+        prompt,
+        "### target layers: 0,2",
+        prompt,
+        "### target layers: all",
+        prompt,
+        "### target layers: 7",
+        prompt,
+        "### status",
+        "### help",
+        "### bogus",
+        "",
+        "never read",
+    ]
     out = io.StringIO()
     assert session.run(io.StringIO("\n".join(lines) + "\n"), out) == 0
     text = out.getvalue()
@@ -207,8 +235,14 @@ def test_chat_switches_layers_live(model, tok, artifact):
     replies = [(chunk[0], chunk[1].rstrip("\n")) for chunk in replies if len(chunk) > 1]
     got = dict(replies)
     answers = [chunk[1] for chunk in replies if chunk[0] == prompt]
-    assert answers == [expected["all"], expected["none"], expected["1"], expected["0,2"], expected["all"],
-                       expected["all"]]
+    assert answers == [
+        expected["all"],
+        expected["none"],
+        expected["1"],
+        expected["0,2"],
+        expected["all"],
+        expected["all"],
+    ]
     assert got["### target layers: none"] == "Targeting layers: none (base model)"
     assert got["### target layers: 1"] == "Targeting layers: 1"
     assert got["### target layers: all"] == "Targeting layers: all (0,1,2)"
@@ -228,8 +262,18 @@ def test_chat_cli_run(model, tok, artifact, tmp_path):
     tok.save_pretrained(model_dir)
     parser = argparse.ArgumentParser()
     chat_cli.add_arguments(parser)
-    args = parser.parse_args(["--intervention", str(artifact), "--model", str(model_dir),
-                              "--max-new-tokens", str(MAX_NEW), "--layers", "none"])
+    args = parser.parse_args(
+        [
+            "--intervention",
+            str(artifact),
+            "--model",
+            str(model_dir),
+            "--max-new-tokens",
+            str(MAX_NEW),
+            "--layers",
+            "none",
+        ]
+    )
     prompt = "tell me a story about cats"
     out = io.StringIO()
     code = chat_cli.run(args, stdin=io.StringIO(f"{prompt}\n### target layers: all\n{prompt}\n\n"), stdout=out)
@@ -247,8 +291,9 @@ def test_chat_cli_run(model, tok, artifact, tmp_path):
     save_artifact(intervenable(model, build_caa_config(model, vectors)), weak)
     last = reference(intervenable(model, build_caa_config(model, vectors, position_policy="last")), tok, prompt)
     assert last != reference(intervenable(model, build_caa_config(model, vectors)), tok, prompt)
-    args = parser.parse_args(["-i", str(weak), "-m", str(model_dir), "--max-new-tokens", str(MAX_NEW),
-                              "--position-policy", "last"])
+    args = parser.parse_args(
+        ["-i", str(weak), "-m", str(model_dir), "--max-new-tokens", str(MAX_NEW), "--position-policy", "last"]
+    )
     out = io.StringIO()
     assert chat_cli.run(args, stdin=io.StringIO(f"{prompt}\n"), stdout=out) == 0
     assert out.getvalue().split(f">>> {prompt}\n")[1].split("\n")[0] == last

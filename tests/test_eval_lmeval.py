@@ -4,12 +4,10 @@ give the same MC1/MC2 as actedit's scorer, on the same tiny model, with and with
 import pytest
 import torch
 
-from actedit.eval import mc
 from actedit.data.truthfulqa import TRUTHFULQA_PRIMER
+from actedit.eval import mc
 from actedit.interventions import build_hpr_config, intervenable, load_artifact, save_artifact
-
 from conftest import SHARED_DATA, build_tokenizer, require_truthfulqa, tiny_model, unavailable
-
 
 try:
     import lm_eval
@@ -21,6 +19,7 @@ except ImportError:  # the optional extra actedit[lmeval]
 def needs_lm_eval():
     if lm_eval is None:
         unavailable("lm-eval is not installed: pip install 'actedit[lmeval]'")
+
 
 N_QUESTIONS = 6
 
@@ -54,7 +53,11 @@ def test_lm_eval_and_actedit_scorer_agree(questions, tmp_path):
         theirs = (result["mc1"], result["mc2"])
         target = model if intervention is None else load_artifact(intervention, model)
         ours = mc.score_mc(target, tokenizer, questions, progress=False, mc2_rule="labels")
-        assert abs(ours.metrics["mc1"] - theirs[0]) < 1e-6 and abs(ours.metrics["mc2"] - theirs[1]) < 1e-6, \
-            (intervention, ours.metrics, theirs)
+        assert abs(ours.metrics["mc1"] - theirs[0]) < 1e-6 and abs(ours.metrics["mc2"] - theirs[1]) < 1e-6, (
+            intervention,
+            ours.metrics,
+            theirs,
+        )
     assert ours.metrics["mc2"] != pytest.approx(
-        mc.score_mc(model, tokenizer, questions, progress=False, mc2_rule="labels").metrics["mc2"])
+        mc.score_mc(model, tokenizer, questions, progress=False, mc2_rule="labels").metrics["mc2"]
+    )

@@ -16,10 +16,9 @@ import numpy as np
 import pytest
 import torch
 
-from actedit.eval import mc
-from actedit.interventions.edits import interventions_of
 from actedit.data import truthfulqa as tqa
 from actedit.data.tasks import mean_stderr
+from actedit.eval import mc
 from actedit.interventions import (
     build_caa_config,
     build_hpr_config,
@@ -31,6 +30,7 @@ from actedit.interventions import (
     mark_answer_starts,
     save_artifact,
 )
+from actedit.interventions.edits import interventions_of
 from conftest import SHARED_DATA, build_tokenizer, require_truthfulqa, tiny_model
 
 # lm-eval's truthfulqa_mc1.yaml (task version 2.0) primer, rendered; written out here on its own so
@@ -69,7 +69,7 @@ def questions():
 
     qs = load_truthfulqa(SHARED_DATA)
     # Question 25 has a true MC2 choice after a false one (lm-eval's split rule matters there).
-    return qs[:N_QUESTIONS - 1] + [qs[25]]
+    return qs[: N_QUESTIONS - 1] + [qs[25]]
 
 
 @pytest.fixture(scope="module")
@@ -107,7 +107,7 @@ def reference_scores(model_or_pvm, tokenizer, question, choices):
     for choice in choices:
         ctx = tokenizer(context).input_ids
         whole = tokenizer(context + " " + choice).input_ids
-        cont = whole[len(ctx):]
+        cont = whole[len(ctx) :]
         ids = torch.tensor([ctx + cont])
         batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
         with torch.no_grad(), mark_answer_starts([len(ctx)]):
@@ -227,7 +227,7 @@ def test_modes_batches_and_bos(corpus, questions):
 def test_float32_model(tokenizer, questions):
     model = make_model(tokenizer, dtype=torch.float32)
     result = mc.score_mc(model, tokenizer, questions, progress=False)
-    for record, (s1, s2, _, _, q) in zip(result.records, reference_result(model, tokenizer, questions), strict=True):
+    for record, (_s1, s2, _, _, q) in zip(result.records, reference_result(model, tokenizer, questions), strict=True):
         np.testing.assert_allclose(scores_of(record, q.mc2_choices), s2, rtol=2e-6, atol=1e-5)
 
 
@@ -235,10 +235,12 @@ def test_result_fields(model64, tokenizer, questions):
     result = mc.score_mc(model64, tokenizer, questions, progress=False)
     assert [r.index for r in result.records] == [q.index for q in questions]
     assert result.task == "truthfulqa" and set(result.metrics) == {"mc1", "mc2"}
-    assert result.stderr["mc1"] == pytest.approx(np.std([r.values["mc1"] for r in result.records], ddof=1)
-                                                 / math.sqrt(len(questions)))
-    assert result.stderr["mc2"] == pytest.approx(np.std([r.values["mc2"] for r in result.records], ddof=1)
-                                                 / math.sqrt(len(questions)))
+    assert result.stderr["mc1"] == pytest.approx(
+        np.std([r.values["mc1"] for r in result.records], ddof=1) / math.sqrt(len(questions))
+    )
+    assert result.stderr["mc2"] == pytest.approx(
+        np.std([r.values["mc2"] for r in result.records], ddof=1) / math.sqrt(len(questions))
+    )
     assert result.protocol["primer_sha256"] == hashlib.sha256(EXPECTED_PRIMER.encode()).hexdigest()
     assert result.protocol["n_questions"] == len(questions)
     assert result.seconds > 0
@@ -256,7 +258,7 @@ def test_result_fields(model64, tokenizer, questions):
         labels = np.array(q.mc2_labels)
         assert b.values["mc2"] == pytest.approx(p[labels == 1].sum() / p.sum(), abs=1e-12)
         if q.index == 25:  # a true choice after a false one: the rules differ
-            assert b.values["mc2"] >= a.values["mc2"] and labels[:labels.tolist().index(0)].sum() < labels.sum()
+            assert b.values["mc2"] >= a.values["mc2"] and labels[: labels.tolist().index(0)].sum() < labels.sum()
         else:
             assert b.values["mc2"] == pytest.approx(a.values["mc2"], abs=1e-12)
 
@@ -287,10 +289,8 @@ def iti_pvm(model, policy=None):
     heads = {}
     for layer in (0, 1):
         directions = torch.nn.functional.normalize(torch.randn(cfg.num_attention_heads, head_dim), dim=-1)
-        heads[layer] = {"directions": directions, "sigmas": torch.rand(cfg.num_attention_heads) + 0.5,
-                        "heads": [0, 2]}
-    return as_dtype(intervenable(model, build_iti_config(model, heads, alpha=5.0, position_policy=policy)),
-                    model.dtype)
+        heads[layer] = {"directions": directions, "sigmas": torch.rand(cfg.num_attention_heads) + 0.5, "heads": [0, 2]}
+    return as_dtype(intervenable(model, build_iti_config(model, heads, alpha=5.0, position_policy=policy)), model.dtype)
 
 
 def caa_config(model, policy=None, start=0, layers=(1,), multiplier=1.0):
@@ -320,8 +320,9 @@ def test_iti_answer_policy_edits_only_the_continuation(tokenizer, questions):
         n_ctx = len(tokenizer(tqa.truthfulqa_context(q.question)).input_ids)
         for module in interventions_of(pvm):
             module.set_position_policy("from_position", start=n_ctx)
-        np.testing.assert_allclose(scores_of(record, q.mc2_choices), reference_scores(pvm, tokenizer, q, q.mc2_choices),
-                                   rtol=0, atol=ATOL)
+        np.testing.assert_allclose(
+            scores_of(record, q.mc2_choices), reference_scores(pvm, tokenizer, q, q.mc2_choices), rtol=0, atol=ATOL
+        )
     # and it differs from editing every position
     for module in interventions_of(pvm):
         module.set_position_policy("all")
@@ -329,13 +330,25 @@ def test_iti_answer_policy_edits_only_the_continuation(tokenizer, questions):
     assert abs(everywhere.records[0].scores[0] - result.records[0].scores[0]) > 1e-3
 
 
-@pytest.mark.parametrize("policy,start", [
-    ("all", 0), ("prompt", 0), ("generated", 0), ("from_position", 0), ("from_position", 176), ("from_position", 182),
-    ("from_position", -1), ("from_position", -3), ("answer", 0), ("last", 0),
-])
+@pytest.mark.parametrize(
+    "policy,start",
+    [
+        ("all", 0),
+        ("prompt", 0),
+        ("generated", 0),
+        ("from_position", 0),
+        ("from_position", 176),
+        ("from_position", 182),
+        ("from_position", -1),
+        ("from_position", -3),
+        ("answer", 0),
+        ("last", 0),
+    ],
+)
 def test_every_position_policy_matches_reference(tokenizer, questions, model64, policy, start):
-    pvm = as_dtype(intervenable(model64, caa_config(model64, policy, start, layers=(0, 2), multiplier=3.0)),
-                   torch.float64)
+    pvm = as_dtype(
+        intervenable(model64, caa_config(model64, policy, start, layers=(0, 2), multiplier=3.0)), torch.float64
+    )
     result = mc.score_mc(pvm, tokenizer, questions[:3], progress=False)
     expected_mode = "full" if (policy == "from_position" and start < -1) else "packed"
     assert result.protocol["mode"] == expected_mode
@@ -371,8 +384,10 @@ def test_composed_edits_and_reloaded_artifact(tokenizer, questions, tmp_path):
 
 
 def test_loglikelihoods_generic_requests(model64, tokenizer):
-    requests = [("Q: Is the sky blue?\nA:", [" Yes.", " No.", " I have no comment."]),
-                ("Q: What is 2+2?\nA:", [" 4.", " 5."])]
+    requests = [
+        ("Q: Is the sky blue?\nA:", [" Yes.", " No.", " I have no comment."]),
+        ("Q: What is 2+2?\nA:", [" 4.", " 5."]),
+    ]
     scores = mc.loglikelihoods(model64, tokenizer, requests)
     for (context, conts), values in zip(requests, scores, strict=True):
         for cont, value in zip(conts, values, strict=True):
@@ -395,15 +410,26 @@ def test_many_models_share_lower_layers_and_equal_separate_runs(tokenizer, quest
         "hpr": hpr_pvm(model, layers=(1, 2)),  # layer 0 shared with the base model
         "iti": iti_pvm(model),  # heads in layer 0: nothing to share
         # block_input of layer 2: pyvene writes into the shared layer-1 output; the others must not see it
-        "caa_in": as_dtype(intervenable(model, build_caa_config(model, {2: torch.randn(d)}, multiplier=4.0,
-                                                                position_policy="all", component="block_input")),
-                           torch.float32),
+        "caa_in": as_dtype(
+            intervenable(
+                model,
+                build_caa_config(
+                    model, {2: torch.randn(d)}, multiplier=4.0, position_policy="all", component="block_input"
+                ),
+            ),
+            torch.float32,
+        ),
         "caa": as_dtype(intervenable(model, caa_config(model, "answer", layers=(2,), multiplier=3.0)), torch.float32),
     }
     subset = questions[:6]
     together = mc.score_mc_many({"base": model, **edits}, tokenizer, subset, progress=False, pack_tokens=300)
-    assert {n: r.protocol["shared_lower_layers"] for n, r in together.items()} == \
-        {"base": 0, "hpr": 1, "iti": 0, "caa_in": 2, "caa": 2}
+    assert {n: r.protocol["shared_lower_layers"] for n, r in together.items()} == {
+        "base": 0,
+        "hpr": 1,
+        "iti": 0,
+        "caa_in": 2,
+        "caa": 2,
+    }
     for name, target in {"base": model, **edits}.items():
         alone = mc.score_mc(target, tokenizer, subset, progress=False, pack_tokens=300)
         for a, b in zip(together[name].records, alone.records, strict=True):

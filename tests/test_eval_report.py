@@ -7,10 +7,7 @@ import torch
 
 import actedit.interventions as ai
 from actedit.cli import main
-from actedit.eval import mc
-
 from conftest import SHARED_DATA, build_tokenizer, require_truthfulqa, tiny_model
-
 
 
 @pytest.fixture(scope="module")
@@ -19,8 +16,9 @@ def local_model(tmp_path_factory):
     from actedit.data.truthfulqa import TRUTHFULQA_PRIMER, load_split, load_truthfulqa, select
 
     questions = select(load_truthfulqa(SHARED_DATA), "test", load_split(SHARED_DATA), limit=3)
-    tokenizer = build_tokenizer([TRUTHFULQA_PRIMER] + [q.question for q in questions]
-                                + [c for q in questions for c in q.mc2_choices])
+    tokenizer = build_tokenizer(
+        [TRUTHFULQA_PRIMER] + [q.question for q in questions] + [c for q in questions for c in q.mc2_choices]
+    )
     model = tiny_model("llama", vocab_size=len(tokenizer), max_position_embeddings=1024)
     root = tmp_path_factory.mktemp("model")
     model.save_pretrained(root / "model")
@@ -32,8 +30,12 @@ def local_model(tmp_path_factory):
         for rep in hpr.representations:
             for p in rep.intervention.parameters():
                 p.normal_(std=0.3)
-    selection = {"metric": "probe_accuracy", "accuracy": {"0": 0.7, "1": 0.6, "2": 0.9}, "ranking": [2, 0, 1],
-                 "selected": [0, 2]}
+    selection = {
+        "metric": "probe_accuracy",
+        "accuracy": {"0": 0.7, "1": 0.6, "2": 0.9},
+        "ranking": [2, 0, 1],
+        "selected": [0, 2],
+    }
     ai.save_artifact(ai.intervenable(model, hpr), root / "hpr", metadata={"layer_selection": selection})
     return root, questions
 
@@ -59,8 +61,25 @@ def test_eval_with_and_without_edit(local_model, tmp_path):
 
 def test_layer_curve_and_probe_plot(local_model, tmp_path):
     root, _ = local_model
-    assert main(["eval", "--model", str(root / "model"), "--data", str(SHARED_DATA), "--limit", "3",
-                 "--intervention", str(root / "hpr"), "--layer-curve", "--out", str(tmp_path / "o")]) == 0
+    assert (
+        main(
+            [
+                "eval",
+                "--model",
+                str(root / "model"),
+                "--data",
+                str(SHARED_DATA),
+                "--limit",
+                "3",
+                "--intervention",
+                str(root / "hpr"),
+                "--layer-curve",
+                "--out",
+                str(tmp_path / "o"),
+            ]
+        )
+        == 0
+    )
     results = json.loads((tmp_path / "o" / "results.json").read_text())
     curve = results["layer_curve"]
     assert curve["ranked_layers"] == [2, 0] and curve["ks"] == [1, 2]
@@ -72,8 +91,12 @@ def test_layer_curve_and_probe_plot(local_model, tmp_path):
 
 def test_eval_errors(local_model, tmp_path, capsys):
     root, _ = local_model
-    assert main(["eval", "--model", str(root / "model"), "--data", str(tmp_path / "nothing"),
-                 "--out", str(tmp_path / "o")]) == 1
+    assert (
+        main(
+            ["eval", "--model", str(root / "model"), "--data", str(tmp_path / "nothing"), "--out", str(tmp_path / "o")]
+        )
+        == 1
+    )
     assert "No TruthfulQA data" in capsys.readouterr().err
     assert main(["eval", "--model", "./no/such/model", "--data", str(SHARED_DATA), "--out", str(tmp_path / "o")]) == 1
     assert "No model at" in capsys.readouterr().err

@@ -27,8 +27,14 @@ LAYERS = ["interventions", "data", "train", "eval", "study", "cli"]
 """The layers' folders, from the bottom: core ← data and collection ← fit and train ← evaluation
 ← study ← CLI."""
 
-NAMES = {"interventions": "core", "data": "data and collection", "train": "fit and train", "eval": "evaluation",
-         "study": "study", "cli": "CLI"}
+NAMES = {
+    "interventions": "core",
+    "data": "data and collection",
+    "train": "fit and train",
+    "eval": "evaluation",
+    "study": "study",
+    "cli": "CLI",
+}
 
 
 def packages() -> dict:
@@ -66,7 +72,7 @@ def resolve(importer: str, is_package: bool, node, known) -> list:
     if node.level:
         base = importer.split(".")
         base = base if is_package else base[:-1]
-        base = base[:len(base) - (node.level - 1)]
+        base = base[: len(base) - (node.level - 1)]
         target = ".".join(base + ([node.module] if node.module else []))
     else:
         target = node.module or ""
@@ -88,9 +94,15 @@ def import_time_nodes(path: Path):
 
 def graph(root: Path = ROOT) -> dict:
     known = modules(root)
-    return {name: {t for node in import_time_nodes(path) for t in resolve(name, path.stem == "__init__", node, known)
-                   if t != name}
-            for name, path in known.items()}
+    return {
+        name: {
+            t
+            for node in import_time_nodes(path)
+            for t in resolve(name, path.stem == "__init__", node, known)
+            if t != name
+        }
+        for name, path in known.items()
+    }
 
 
 def layer_violations(root: Path = ROOT) -> list:
@@ -108,8 +120,9 @@ def layer_violations(root: Path = ROOT) -> list:
 
 def test_every_package_is_a_layer_folder():
     folders = set(packages().values()) - {"actedit"}
-    assert folders == set(LAYERS), f"folders without a layer: {folders - set(LAYERS)}; layers without a folder: " \
-                                   f"{set(LAYERS) - folders}"
+    assert folders == set(LAYERS), (
+        f"folders without a layer: {folders - set(LAYERS)}; layers without a folder: {set(LAYERS) - folders}"
+    )
 
 
 def test_every_import_points_down_or_sideways():
@@ -135,7 +148,7 @@ def test_the_import_graph_has_no_cycle():
             if nxt not in known:
                 continue
             if state.get(nxt) == "open":
-                cycles.append(" -> ".join(stack[stack.index(nxt):] + [nxt]))
+                cycles.append(" -> ".join(stack[stack.index(nxt) :] + [nxt]))
             elif nxt not in state:
                 visit(nxt)
         stack.pop()
@@ -165,8 +178,9 @@ def test_no_import_hides_inside_a_function():
                 if resolve(name, path.stem == "__init__", node, known) or getattr(node, "level", 0):
                     bad.append(f"{path.name}:{node.lineno}: imports actedit inside a function: {line.strip()}")
                 elif "# lazy:" not in line and not before.startswith("# lazy:"):
-                    bad.append(f"{path.name}:{node.lineno}: a function-level import needs a '# lazy:' reason: "
-                               f"{line.strip()}")
+                    bad.append(
+                        f"{path.name}:{node.lineno}: a function-level import needs a '# lazy:' reason: {line.strip()}"
+                    )
     assert not bad, "\n".join(bad)
 
 
@@ -183,10 +197,16 @@ def _copy_tree(tmp_path: Path) -> Path:
 def test_the_check_catches_an_upward_import(tmp_path):
     root = _copy_tree(tmp_path)
     hpr = root / "interventions" / "hpr.py"
-    hpr.write_text(hpr.read_text().replace("from __future__ import annotations\n",
-                                           "from __future__ import annotations\n\nfrom actedit.data.store import ROLES\n", 1))
-    assert layer_violations(root) == ["actedit.interventions.hpr (core) imports actedit.data.store (data and "
-                                      "collection)"]
+    hpr.write_text(
+        hpr.read_text().replace(
+            "from __future__ import annotations\n",
+            "from __future__ import annotations\n\nfrom actedit.data.store import ROLES\n",
+            1,
+        )
+    )
+    assert layer_violations(root) == [
+        "actedit.interventions.hpr (core) imports actedit.data.store (data and collection)"
+    ]
 
 
 def test_the_check_catches_a_file_in_the_wrong_layer_folder(tmp_path):
@@ -201,12 +221,24 @@ def test_the_check_catches_a_file_in_the_wrong_layer_folder(tmp_path):
 def test_the_check_catches_an_import_in_a_class_body(tmp_path):
     root = _copy_tree(tmp_path)
     path = root / "interventions" / "registry.py"
-    path.write_text(path.read_text().replace("class FitContext:\n", "class FitContext:\n    from actedit.eval import plots\n", 1))
+    path.write_text(
+        path.read_text().replace("class FitContext:\n", "class FitContext:\n    from actedit.eval import plots\n", 1)
+    )
     assert any("actedit.interventions.registry (core) imports actedit.eval.plots" in v for v in layer_violations(root))
 
 
-@pytest.mark.parametrize("module", ["actedit.interventions.hpr", "actedit.data.collect", "actedit.train.pipeline",
-                                    "actedit.eval.mc", "actedit.study", "actedit.cli", "actedit"])
+@pytest.mark.parametrize(
+    "module",
+    [
+        "actedit.interventions.hpr",
+        "actedit.data.collect",
+        "actedit.train.pipeline",
+        "actedit.eval.mc",
+        "actedit.study",
+        "actedit.cli",
+        "actedit",
+    ],
+)
 def test_each_layer_imports_on_its_own(module):
     """Importing any layer first works (no import-order dependence) and stays quiet."""
     done = subprocess.run([sys.executable, "-c", f"import {module}"], capture_output=True, text=True, timeout=300)
@@ -218,12 +250,15 @@ def test_importing_an_intervention_loads_the_core_only():
     """What pyvene does to rebuild an edit: ``import actedit.interventions.<method>`` for every
     method loads no data, training, evaluation, study or CLI module; ``actedit.fit`` still
     resolves from the package root."""
-    code = ("import sys, importlib, actedit.interventions as core\n"
-            "for spec in core.methods(): importlib.import_module(spec.intervention.__module__)\n"
-            "above = sorted(m for m in sys.modules if m.startswith('actedit.') and not m.startswith('actedit.interventions'))\n"
-            "print(above)\n"
-            "import actedit\n"
-            "print(actedit.fit.__module__)\n")
+    code = (
+        "import sys, importlib, actedit.interventions as core\n"
+        "for spec in core.methods(): importlib.import_module(spec.intervention.__module__)\n"
+        "above = sorted(m for m in sys.modules\n"
+        "               if m.startswith('actedit.') and not m.startswith('actedit.interventions'))\n"
+        "print(above)\n"
+        "import actedit\n"
+        "print(actedit.fit.__module__)\n"
+    )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     above, fit_module = done.stdout.strip().splitlines()[-2:]

@@ -8,7 +8,6 @@ from sklearn.linear_model import LogisticRegression
 
 from actedit.interventions import ITIIntervention, mass_mean_directions
 from actedit.interventions.iti import fit_iti
-
 from conftest import tiny_model
 
 
@@ -16,8 +15,19 @@ def make_iti(alpha=15.0):
     torch.manual_seed(0)
     directions = torch.nn.functional.normalize(torch.randn(4, 8), dim=-1)
     sigmas = torch.rand(4) + 0.5
-    return ITIIntervention(embed_dim=32, num_heads=4, directions=directions, sigmas=sigmas, heads=[1, 3],
-                           alpha=alpha, position_policy="all"), directions, sigmas
+    return (
+        ITIIntervention(
+            embed_dim=32,
+            num_heads=4,
+            directions=directions,
+            sigmas=sigmas,
+            heads=[1, 3],
+            alpha=alpha,
+            position_policy="all",
+        ),
+        directions,
+        sigmas,
+    )
 
 
 def test_only_selected_heads_shift_exactly():
@@ -47,7 +57,7 @@ def test_mass_mean_matches_numpy():
     labels = rng.integers(0, 2, size=30)
     directions, sigmas = mass_mean_directions(torch.tensor(acts), torch.tensor(labels), num_heads=2)
     for h in range(2):
-        a = acts[:, h * 8:(h + 1) * 8]
+        a = acts[:, h * 8 : (h + 1) * 8]
         d = a[labels == 1].mean(0) - a[labels == 0].mean(0)
         d = d / np.linalg.norm(d)
         assert np.allclose(directions[h].numpy(), d, atol=1e-6)

@@ -12,7 +12,6 @@ import torch
 import actedit
 from actedit.interventions.edits import config_of, interventions_of
 from actedit.interventions.registry import method_names, spec_of
-
 from conftest import tiny_model
 
 LEGACY = Path(__file__).resolve().parent / "data" / "legacy_artifacts"

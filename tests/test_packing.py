@@ -3,12 +3,10 @@ plain forwards of every sequence (with and without a cached prefix, several mode
 
 import pytest
 import torch
-from transformers import DynamicCache
 
-from actedit.interventions import CAAIntervention, build_caa_config, compat, intervenable
+from actedit.interventions import build_caa_config, compat, intervenable
 from actedit.interventions.packing import Tree, pack_trees, supports_packing
 from actedit.interventions.positions import mark_packed
-
 from conftest import tiny_model
 
 TREES = [
@@ -30,17 +28,18 @@ def test_layout_and_mask_follow_the_definition():
     # every sequence can be read back from the layout
     for k, tree in enumerate(TREES):
         r, c = batch.trunk_at[k]
-        assert batch.input_ids[r, c:c + len(tree.trunk)].tolist() == list(tree.trunk)
+        assert batch.input_ids[r, c : c + len(tree.trunk)].tolist() == list(tree.trunk)
         for (br, bc), branch in zip(batch.branch_at[k], tree.branches, strict=True):
-            assert batch.input_ids[br, bc:bc + len(branch)].tolist() == list(branch)
-            assert batch.position_ids[br, bc:bc + len(branch)].tolist() == \
-                list(range(len(tree.trunk), len(tree.trunk) + len(branch)))
+            assert batch.input_ids[br, bc : bc + len(branch)].tolist() == list(branch)
+            assert batch.position_ids[br, bc : bc + len(branch)].tolist() == list(
+                range(len(tree.trunk), len(tree.trunk) + len(branch))
+            )
     mask = batch.attention_mask(past_length=2)[0, 0] == 0
     tree, branch = batch.tree[0], batch.branch[0]
     for i in range(batch.shape[1]):
         assert mask[i, :2].all()  # the cached prefix is visible to every token
         for j in range(batch.shape[1]):
-            expected = (j <= i and tree[i] == tree[j] and (branch[j] == -1 or branch[j] == branch[i]))
+            expected = j <= i and tree[i] == tree[j] and (branch[j] == -1 or branch[j] == branch[i])
             assert bool(mask[i, 2 + j]) == expected, (i, j)
 
 
@@ -68,28 +67,36 @@ def test_packed_forward_equals_plain_forwards(family):
         cache = compat.returned_cache(model(prefix, use_cache=True))
         trees = [Tree(t.trunk, t.branches, offset=4) if t.trunk else Tree([25], t.branches, offset=4) for t in TREES]
         (batch,) = pack_trees(trees, max_tokens=9, max_rows=3)
-        packed = model(input_ids=batch.input_ids, position_ids=batch.position_ids,
-                       attention_mask=batch.attention_mask(4, torch.float64),
-                       use_cache=True, **{compat.cache_keyword(model): compat.select_cache_rows(
-                           cache, torch.zeros(batch.shape[0], dtype=torch.long))}).logits
+        packed = model(
+            input_ids=batch.input_ids,
+            position_ids=batch.position_ids,
+            attention_mask=batch.attention_mask(4, torch.float64),
+            use_cache=True,
+            **{
+                compat.cache_keyword(model): compat.select_cache_rows(
+                    cache, torch.zeros(batch.shape[0], dtype=torch.long)
+                )
+            },
+        ).logits
         for k, tree in enumerate(trees):
             for (r, c), branch in zip(batch.branch_at[k], tree.branches, strict=True):
                 if not branch:
                     continue
                 plain = model(torch.tensor([[1, 2, 3, 4] + list(tree.trunk) + list(branch)])).logits[0]
                 n = len(branch)
-                torch.testing.assert_close(packed[r, c:c + n], plain[-n:], rtol=0, atol=1e-10)
+                torch.testing.assert_close(packed[r, c : c + n], plain[-n:], rtol=0, atol=1e-10)
             r, c = batch.trunk_at[k]
             plain = model(torch.tensor([[1, 2, 3, 4] + list(tree.trunk)])).logits[0]
-            torch.testing.assert_close(packed[r, c:c + len(tree.trunk)], plain[4:], rtol=0, atol=1e-10)
+            torch.testing.assert_close(packed[r, c : c + len(tree.trunk)], plain[4:], rtol=0, atol=1e-10)
 
 
 def test_marked_positions_drive_the_policies():
     """A CAA edit with the answer policy, on packed rows: equal to each sequence on its own."""
     model = tiny_model("llama").double()
     torch.manual_seed(0)
-    config = build_caa_config(model, {1: torch.randn(model.config.hidden_size)}, multiplier=2.0,
-                              position_policy="answer")
+    config = build_caa_config(
+        model, {1: torch.randn(model.config.hidden_size)}, multiplier=2.0, position_policy="answer"
+    )
     pvm = intervenable(model, config)
     for module in pvm.interventions.values():
         (module[0] if isinstance(module, tuple) else module).double()
@@ -98,15 +105,21 @@ def test_marked_positions_drive_the_policies():
     answer = torch.where(batch.real, torch.tensor(3), -1)
     prompt = torch.tensor([[4, 4, 4, 5, 5, 6, 6, 6]])
     with torch.no_grad(), mark_packed(batch.position_ids, prompt, answer):
-        _, out = pvm({"input_ids": batch.input_ids, "position_ids": batch.position_ids,
-                      "attention_mask": batch.attention_mask(0, torch.float64)}, unit_locations=None)
+        _, out = pvm(
+            {
+                "input_ids": batch.input_ids,
+                "position_ids": batch.position_ids,
+                "attention_mask": batch.attention_mask(0, torch.float64),
+            },
+            unit_locations=None,
+        )
     from actedit.interventions import mark_answer_starts
 
     for (r, c), branch in zip(batch.branch_at[0], tree.branches, strict=True):
         ids = torch.tensor([[5, 6, 7] + branch])
         with torch.no_grad(), mark_answer_starts([3]):
             _, plain = pvm({"input_ids": ids, "attention_mask": torch.ones_like(ids)}, unit_locations=None)
-        torch.testing.assert_close(out.logits[r, c:c + len(branch)], plain.logits[0, 3:], rtol=0, atol=1e-10)
+        torch.testing.assert_close(out.logits[r, c : c + len(branch)], plain.logits[0, 3:], rtol=0, atol=1e-10)
         with torch.no_grad():
             unedited = model(ids).logits[0, 3:]
         assert (unedited - plain.logits[0, 3:]).abs().max() > 1e-3  # the edit acts on the answer

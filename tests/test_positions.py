@@ -11,13 +11,12 @@ from actedit.interventions import (
     PositionPolicy,
     build_actadd_config,
     build_caa_config,
+    compat,
     intervenable,
     mark_answer_starts,
     mark_prompt_lengths,
 )
-from actedit.interventions import compat
 from actedit.interventions.positions import CallPositions, generation, position_mask
-
 from conftest import tiny_model
 
 # Two rows of 8 tokens; the first is left-padded by 2. The first 4 columns are the prompt.
@@ -61,11 +60,11 @@ def teacher_forced(call, cached):
         if cached:
             cache = DynamicCache()
             name = compat.cache_keyword(tiny_model("llama"))
-            call({"input_ids": IDS[:, :N_PROMPT], "attention_mask": MASK[:, :N_PROMPT],
-                  name: cache, "use_cache": True})
+            call({"input_ids": IDS[:, :N_PROMPT], "attention_mask": MASK[:, :N_PROMPT], name: cache, "use_cache": True})
             for t in range(N_PROMPT, IDS.shape[1]):
-                call({"input_ids": IDS[:, t:t + 1], "attention_mask": MASK[:, :t + 1],
-                      name: cache, "use_cache": True})
+                call(
+                    {"input_ids": IDS[:, t : t + 1], "attention_mask": MASK[:, : t + 1], name: cache, "use_cache": True}
+                )
         else:
             for t in range(N_PROMPT, IDS.shape[1] + 1):
                 call({"input_ids": IDS[:, :t], "attention_mask": MASK[:, :t], "use_cache": False})
@@ -86,8 +85,15 @@ def edited_minus_base(model, config, probe_module, cached):
     return edited - base
 
 
-POLICIES = [("all", 0), ("prompt", 0), ("generated", 0), ("from_position", 1), ("from_position", -1),
-            ("last", 0), ("answer", 0)]
+POLICIES = [
+    ("all", 0),
+    ("prompt", 0),
+    ("generated", 0),
+    ("from_position", 1),
+    ("from_position", -1),
+    ("last", 0),
+    ("answer", 0),
+]
 
 
 @pytest.mark.parametrize("cached", [True, False], ids=["kv_cache", "no_cache"])
@@ -192,8 +198,9 @@ def _oracle_mask(policy: str, start: int, n_tokens: int, n_prompt: int) -> torch
     raise ValueError(policy)
 
 
-def oracle_generate(model, prompt: torch.Tensor, layer: int, shift: torch.Tensor, policy: str, start: int,
-                    new_tokens: int) -> torch.Tensor:
+def oracle_generate(
+    model, prompt: torch.Tensor, layer: int, shift: torch.Tensor, policy: str, start: int, new_tokens: int
+) -> torch.Tensor:
     """Greedy decoding of one unpadded prompt without pyvene, tracker or cache: every step re-runs
     the whole sequence with ``shift`` added to the output of decoder layer ``layer`` at the
     positions the policy edits, computed from the known prompt length."""
@@ -231,8 +238,7 @@ def test_generation_is_identical_cached_uncached_batched_and_alone(policy, start
     batch_inputs = {"input_ids": IDS[:, :N_PROMPT], "attention_mask": MASK[:, :N_PROMPT]}
     rows = [IDS[0, 2:N_PROMPT], IDS[1, :N_PROMPT]]  # the real tokens of each row
     expected = [oracle_generate(model, row, 1, shift, policy, start, 5) for row in rows]
-    plain = [model.generate(input_ids=row[None], max_new_tokens=5, do_sample=False, pad_token_id=0)[0]
-             for row in rows]
+    plain = [model.generate(input_ids=row[None], max_new_tokens=5, do_sample=False, pad_token_id=0)[0] for row in rows]
     assert any(not torch.equal(e, p) for e, p in zip(expected, plain, strict=True)), "the edit must change some tokens"
     for use_cache in (True, False):
         _, batch = pvm.generate(batch_inputs, use_cache=use_cache, **kwargs)
@@ -241,9 +247,11 @@ def test_generation_is_identical_cached_uncached_batched_and_alone(policy, start
         for row, want in zip(rows, expected, strict=True):
             _, alone = pvm.generate({"input_ids": row[None]}, use_cache=use_cache, **kwargs)
             assert torch.equal(alone[0], want), (use_cache, alone[0].tolist(), want.tolist())
-            _, masked = pvm.generate({"input_ids": row[None], "attention_mask": torch.ones(1, len(row),
-                                                                                        dtype=torch.long)},
-                                     use_cache=use_cache, **kwargs)
+            _, masked = pvm.generate(
+                {"input_ids": row[None], "attention_mask": torch.ones(1, len(row), dtype=torch.long)},
+                use_cache=use_cache,
+                **kwargs,
+            )
             assert torch.equal(masked[0], want)
 
 
@@ -311,7 +319,8 @@ def test_stock_generate_defaults_follow_the_policy():
     pvm = intervenable(model, config)
     inputs = {"input_ids": IDS[:, :N_PROMPT], "attention_mask": MASK[:, :N_PROMPT]}
     _, default = pvm.generate(inputs, max_new_tokens=5, do_sample=False, pad_token_id=0)
-    _, explicit = pvm.generate(inputs, unit_locations=None, intervene_on_prompt=True, max_new_tokens=5,
-                               do_sample=False, pad_token_id=0)
+    _, explicit = pvm.generate(
+        inputs, unit_locations=None, intervene_on_prompt=True, max_new_tokens=5, do_sample=False, pad_token_id=0
+    )
     base = model.generate(**inputs, max_new_tokens=5, do_sample=False, pad_token_id=0)
     assert torch.equal(default, explicit) and not torch.equal(default, base)

@@ -4,6 +4,7 @@ several) against an independent numpy SVD, with its bad inputs."""
 import numpy as np
 import pytest
 import torch
+from test_caa import activations_with_a_nan
 
 from actedit.interventions import SEAIntervention, fit_sea_factors
 from actedit.interventions.sea import (
@@ -14,9 +15,7 @@ from actedit.interventions.sea import (
     fit_sea,
     inverse_feature_map,
 )
-
 from conftest import tiny_model
-from test_caa import activations_with_a_nan
 
 
 def orthonormal(d, k, seed=0):
@@ -88,7 +87,7 @@ def test_fit_factors_match_numpy_svd():
     for U, other in ((U_pos, Hp), (U_neg, Hn)):
         omega = H.T @ other / n
         u, s, _ = np.linalg.svd(omega)
-        energy = np.cumsum(s ** 2) / np.sum(s ** 2)
+        energy = np.cumsum(s**2) / np.sum(s**2)
         k = int(np.argmax(energy >= 0.9)) + 1
         assert U.shape == (d, k)
         # singular vectors are defined up to sign: compare the projectors
@@ -140,7 +139,7 @@ def numpy_sea(H, Hp, phi, ratio):
     """Independent SEA: U of SVD(φ(H)ᵀφ(H±)/N) truncated where cumulative energy reaches ratio."""
     omega = phi(H).T @ phi(Hp) / H.shape[0]
     U, S, _ = np.linalg.svd(omega)
-    energy = np.cumsum(S ** 2) / np.sum(S ** 2)
+    energy = np.cumsum(S**2) / np.sum(S**2)
     k = int(np.argmax(energy >= ratio - 1e-12)) + 1
     return U[:, :k]
 

@@ -9,11 +9,9 @@ import pytest
 import torch
 import yaml
 
-from actedit.interventions.layers import resolve_layers
-
 from actedit.cli import main
+from actedit.interventions.layers import resolve_layers
 from actedit.study import default_config_path, load_study
-
 from conftest import SHARED_DATA
 
 
@@ -24,7 +22,8 @@ def model_dir(chat_model_root):
 
 def tiny_study(model_dir, path):
     config = {
-        "model": str(model_dir), "dtype": "float32",
+        "model": str(model_dir),
+        "dtype": "float32",
         "data": {"name": "truthfulqa_mc", "limit": 3},
         "methods": {
             "hpr": {"train": {"epochs": 1, "progress": False}, "settings": {"top_layers": 2}},
@@ -53,23 +52,27 @@ def test_default_config_is_the_embedded_default_study():
     assert cfg.pipeline("iti").out.endswith("artifacts/iti")
 
 
-@pytest.mark.parametrize("overrides, message", [
-    (["methods.foo={}"], "unknown method 'foo'"),
-    (["colour=red"], "unknown key"),
-    (["eval.splitt=test"], "eval.splitt"),
-    (["methods.iti.fitt={}"], "methods.iti.fitt"),
-    (["methods.actadd={}"], "prompt pairs"),
-    (["compose=[hpr, actadd]"], "not in methods"),
-    (["dtype=int8"], "dtype must be one of"),
-    (["eval.limit=0"], "eval.limit"),
-])
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["methods.foo={}"], "unknown method 'foo'"),
+        (["colour=red"], "unknown key"),
+        (["eval.splitt=test"], "eval.splitt"),
+        (["methods.iti.fitt={}"], "methods.iti.fitt"),
+        (["methods.actadd={}"], "prompt pairs"),
+        (["compose=[hpr, actadd]"], "not in methods"),
+        (["dtype=int8"], "dtype must be one of"),
+        (["eval.limit=0"], "eval.limit"),
+    ],
+)
 def test_bad_study_configs_are_explained(overrides, message):
     with pytest.raises(ValueError, match=message):
         load_study(str(default_config_path()), overrides)
 
 
-@pytest.mark.parametrize("avx512_bf16, amx, expected", [(True, False, "bfloat16"), (False, True, "bfloat16"),
-                                                       (False, False, "float32")])
+@pytest.mark.parametrize(
+    "avx512_bf16, amx, expected", [(True, False, "bfloat16"), (False, True, "bfloat16"), (False, False, "float32")]
+)
 def test_auto_dtype_is_bf16_only_where_the_cpu_multiplies_bf16_natively(monkeypatch, avx512_bf16, amx, expected):
     from actedit.study import resolve_dtype
 
@@ -146,7 +149,9 @@ def test_study_end_to_end_then_resumes_without_recomputing(model_dir, tmp_path, 
 
     shutil.rmtree(out / "artifacts" / "iti")
     (out / "eval" / "composed.json").unlink()
-    assert main(["run", str(config), "--data", str(SHARED_DATA), "--out", str(out), "--set", "eval.analyses=false"]) == 0
+    assert (
+        main(["run", str(config), "--data", str(SHARED_DATA), "--out", str(out), "--set", "eval.analyses=false"]) == 0
+    )
     printed = capsys.readouterr().out
     assert "iti: fit" in printed and "iti: fit (reused)" not in printed and "hpr: train (reused)" in printed
     final = json.loads((out / "results.json").read_text())
@@ -156,14 +161,29 @@ def test_study_end_to_end_then_resumes_without_recomputing(model_dir, tmp_path, 
 def test_study_artifacts_load_with_stock_pyvene_in_a_fresh_process(model_dir, tmp_path):
     config = tiny_study(model_dir, tmp_path / "study.yaml")
     out = tmp_path / "out"
-    assert main(["run", str(config), "--data", str(SHARED_DATA), "--out", str(out), "--quiet",
-                 "--set", "methods={iti: {settings: {top_heads: 4}}, caa: {settings: {layers: 1}}}",
-                 "--set", "eval.analyses=false"]) == 0
+    assert (
+        main(
+            [
+                "run",
+                str(config),
+                "--data",
+                str(SHARED_DATA),
+                "--out",
+                str(out),
+                "--quiet",
+                "--set",
+                "methods={iti: {settings: {top_heads: 4}}, caa: {settings: {layers: 1}}}",
+                "--set",
+                "eval.analyses=false",
+            ]
+        )
+        == 0
+    )
     script = textwrap.dedent(f"""
         import torch, pyvene as pv
         from transformers import AutoModelForCausalLM
         model = AutoModelForCausalLM.from_pretrained({str(model_dir)!r})
-        pvm = pv.IntervenableModel.load({str(out / 'artifacts' / 'composed')!r}, model)
+        pvm = pv.IntervenableModel.load({str(out / "artifacts" / "composed")!r}, model)
         _, edited = pvm({{"input_ids": torch.tensor([[1, 5, 6, 7]])}}, unit_locations=None)
         assert torch.isfinite(edited.logits).all()
         print(len(pvm.interventions))

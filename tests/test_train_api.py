@@ -14,13 +14,12 @@ import pytest
 import torch
 
 import actedit
+from actedit.data.contrast import PromptPair
+from actedit.data.formats import get_format
 from actedit.interventions.edits import interventions_of
 from actedit.interventions.registry import methods
 from actedit.interventions.settings import UnknownSettingError
-from actedit.data.formats import get_format
-from actedit.data.contrast import PromptPair
 from actedit.train.pipeline import method_settings
-
 from conftest import STOCK_RELOAD_INPUTS as INPUTS
 from conftest import assert_stock_reload, make_tokenizer, reference_outputs, tiny_model
 
@@ -114,7 +113,7 @@ def test_save_then_stock_pyvene_load_in_a_fresh_process_and_compose(model, edits
 
 def quick_start() -> str:
     text = README.read_text()
-    section = text[text.index("## Quick start"):]
+    section = text[text.index("## Quick start") :]
     return re.search(r"```python\n(.*?)```", section, re.S).group(1)
 
 

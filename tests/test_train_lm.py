@@ -7,7 +7,6 @@ from torch import nn
 from actedit.interventions import ActEditIntervention, build_hpr_config, edit_config, intervenable
 from actedit.train.lm import evaluate_lm, lm_examples, train_lm, trainable_parameters
 from actedit.train.trainer import TrainSettings
-
 from conftest import tiny_model
 
 
@@ -100,8 +99,6 @@ def test_lm_resume_after_interruption(tmp_path):
         run(tmp_path / "cut", [stop])
     resumed = run(tmp_path / "cut")
     assert full.keys() == resumed.keys() and all(torch.equal(full[k], resumed[k]) for k in full)
-
-
 
 
 def test_bad_lm_training_inputs():

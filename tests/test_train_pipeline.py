@@ -8,7 +8,6 @@ import torch
 from actedit.cli import main
 from actedit.interventions import load_artifact
 from actedit.train.pipeline import load_config
-
 from conftest import SHARED_DATA
 
 
@@ -18,14 +17,31 @@ def model_dir(chat_model_root):
 
 
 def common(root, method):
-    return ["--model", str(root / "model"), "--data", str(SHARED_DATA), "--method", method,
-            "--set", "data.limit=3", "--set", f"collect.dir={root / method / 'acts'}",
-            "--out", str(root / method / "artifact")]
+    return [
+        "--model",
+        str(root / "model"),
+        "--data",
+        str(SHARED_DATA),
+        "--method",
+        method,
+        "--set",
+        "data.limit=3",
+        "--set",
+        f"collect.dir={root / method / 'acts'}",
+        "--out",
+        str(root / method / "artifact"),
+    ]
 
 
 def test_train_hpr_end_to_end(model_dir):
-    args = common(model_dir, "hpr") + ["--set", "train.epochs=1", "--set", "train.progress=false",
-                                       "--set", "settings.top_layers=2"]
+    args = common(model_dir, "hpr") + [
+        "--set",
+        "train.epochs=1",
+        "--set",
+        "train.progress=false",
+        "--set",
+        "settings.top_layers=2",
+    ]
     assert main(["collect", *args]) == 0
     assert main(["train", *args]) == 0
     info = json.loads((model_dir / "hpr" / "artifact" / "config.json").read_text())["actedit"]
@@ -66,8 +82,14 @@ def test_config_errors(tmp_path, capsys):
 def test_caa_with_a_fixed_layer_collects_that_layer_only(model_dir, capsys):
     from actedit.data.store import ActivationStore
 
-    args = common(model_dir, "caa") + ["--set", f"collect.dir={model_dir / 'caa1' / 'acts'}",
-                                       "--out", str(model_dir / "caa1" / "artifact"), "--set", "settings.layers=1"]
+    args = common(model_dir, "caa") + [
+        "--set",
+        f"collect.dir={model_dir / 'caa1' / 'acts'}",
+        "--out",
+        str(model_dir / "caa1" / "artifact"),
+        "--set",
+        "settings.layers=1",
+    ]
     assert main(["fit", *args]) == 0
     assert ActivationStore(model_dir / "caa1" / "acts").layers == [1]
     info = json.loads((model_dir / "caa1" / "artifact" / "config.json").read_text())["actedit"]

@@ -14,10 +14,7 @@ from actedit.train.select import (
     select_top_layers,
 )
 from actedit.train.trainer import PairedActivations
-
 from conftest import tiny_model
-
-
 
 
 def pairs(n=200, d=32, layers=3, seed=0):

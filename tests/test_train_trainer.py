@@ -10,9 +10,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from actedit.data.store import PairedActivations
 from actedit.interventions import HPRIntervention
 from actedit.train.select import probe_accuracy
-from actedit.data.store import PairedActivations
 from actedit.train.trainer import (
     CHECKPOINT_NAME,
     PairObjective,
@@ -34,8 +34,6 @@ def train_hpr(train, eval_data, *, config, layers=None, callbacks=(), **argument
 def train_hpr_top_layers(train, eval_data, *, k, config):
     modules = new_interventions("hpr", train.width, train.layers, seed=config.seed)
     return train_top_layers(modules, train, eval_data, k=k, config=config)
-
-
 
 
 def separable_pairs(n, seed, layers=3, d=32, margin=2.0, noise=0.2):
@@ -114,7 +112,7 @@ def test_vectorised_training_equals_independent_reference():
         for epoch in range(2):
             order = torch.from_numpy(np.random.default_rng([0, epoch]).permutation(96))
             for s in range(6):
-                idx = order[s * 16:(s + 1) * 16]
+                idx = order[s * 16 : (s + 1) * 16]
                 for group in opt.param_groups:  # linear warmup then linear decay
                     group["lr"] = 1e-2 * (step / warmup if step < warmup else (steps - step) / (steps - warmup))
                 opt.zero_grad()
@@ -140,8 +138,10 @@ def test_loss_is_the_sum_of_the_probe_and_angle_terms():
 def test_top_k_training_equals_joint_training_on_the_selected_layers():
     """Without clipping the two terms never interact, so probe-first training of 4 layers with
     angle nets trained on the top 2 gives exactly the joint run's weights on those 2 layers."""
-    train, evald = separable_pairs(160, 11, layers=4, d=16, margin=0.4, noise=1.0), \
-        separable_pairs(64, 12, layers=4, d=16, margin=0.4, noise=1.0)
+    train, evald = (
+        separable_pairs(160, 11, layers=4, d=16, margin=0.4, noise=1.0),
+        separable_pairs(64, 12, layers=4, d=16, margin=0.4, noise=1.0),
+    )
     config = fast(epochs=3, batch_size=16, max_grad_norm=None, dtype="float64")
     joint = train_hpr(train, evald, config=config)
     result, selection = train_hpr_top_layers(train, evald, k=2, config=config)
@@ -192,8 +192,15 @@ def test_best_epoch_weights_are_restored():
         modules = {layer: HPRIntervention(embed_dim=32) for layer in range(3)}
         snapshots = {}
         config = fast(learning_rate=3e-2, epochs=4, best_by=best_by, vectorize=False)
-        result = train_interventions(modules, train, evald, config,
-                             callbacks=[lambda r: snapshots.__setitem__(r.epoch, weights(modules))])
+        result = train_interventions(
+            modules,
+            train,
+            evald,
+            config,
+            callbacks=[
+                lambda r, snapshots=snapshots, modules=modules: snapshots.__setitem__(r.epoch, weights(modules))
+            ],
+        )
         scores = [r.score for r in result.history]
         final = weights(result.modules)
         if best_by == "mean":
@@ -242,8 +249,10 @@ def test_schedule_matches_transformers(schedule):
 
     total, warmup = 37, math.ceil(0.05 * 37)
     opt = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=1.0)
-    make = {"linear": transformers.get_linear_schedule_with_warmup,
-            "cosine": transformers.get_cosine_schedule_with_warmup}[schedule]
+    make = {
+        "linear": transformers.get_linear_schedule_with_warmup,
+        "cosine": transformers.get_cosine_schedule_with_warmup,
+    }[schedule]
     sched = make(opt, warmup, total)
     for step in range(total):
         assert lr_factor(step, total, warmup, schedule) == pytest.approx(opt.param_groups[0]["lr"], abs=1e-12)
@@ -298,11 +307,18 @@ def test_resume_refuses_a_checkpoint_of_another_training(tmp_path):
 
 # ------------------------------------------------------------------------------------ validation
 def test_bad_configs_and_data_raise():
-    for kwargs, match in [({"learning_rate": 0}, "learning_rate"), ({"epochs": 0}, "epochs"),
-                          ({"batch_size": 2.5}, "batch_size"), ({"warmup_ratio": 1.0}, "warmup_ratio"),
-                          ({"schedule": "step"}, "schedule"), ({"max_grad_norm": -1.0}, "max_grad_norm"),
-                          ({"best_by": "median"}, "best_by"), ({"dtype": "bfloat16"}, "dtype"),
-                          ({"adam_betas": (0.9, 1.0)}, "adam_betas"), ({"seed": -1}, "seed")]:
+    for kwargs, match in [
+        ({"learning_rate": 0}, "learning_rate"),
+        ({"epochs": 0}, "epochs"),
+        ({"batch_size": 2.5}, "batch_size"),
+        ({"warmup_ratio": 1.0}, "warmup_ratio"),
+        ({"schedule": "step"}, "schedule"),
+        ({"max_grad_norm": -1.0}, "max_grad_norm"),
+        ({"best_by": "median"}, "best_by"),
+        ({"dtype": "bfloat16"}, "dtype"),
+        ({"adam_betas": (0.9, 1.0)}, "adam_betas"),
+        ({"seed": -1}, "seed"),
+    ]:
         with pytest.raises(ValueError, match=match):
             TrainSettings(**kwargs)
     x = torch.randn(8, 4)
@@ -372,7 +388,9 @@ def test_finite_values_whose_sum_overflows_are_accepted():
     assert pairs.num_pairs == 4
 
 
-@pytest.mark.parametrize("policy, cpu_threads, expected", [("PASSIVE", None, 1), ("", None, "torch"), ("PASSIVE", 2, 2)])
+@pytest.mark.parametrize(
+    "policy, cpu_threads, expected", [("PASSIVE", None, 1), ("", None, "torch"), ("PASSIVE", 2, 2)]
+)
 def test_training_threads_follow_the_openmp_wait_policy(monkeypatch, policy, cpu_threads, expected):
     """Under OMP_WAIT_POLICY=PASSIVE cached-activation training runs on one thread unless told
     otherwise; the caller's thread count is restored afterwards."""
@@ -380,7 +398,11 @@ def test_training_threads_follow_the_openmp_wait_policy(monkeypatch, policy, cpu
     train = separable_pairs(32, 7, layers=2, d=16)
     seen = []
     before = torch.get_num_threads()
-    train_hpr(train, None, config=fast(epochs=1, cpu_threads=cpu_threads, select_best=False),
-              callbacks=[lambda record: seen.append(torch.get_num_threads())])
+    train_hpr(
+        train,
+        None,
+        config=fast(epochs=1, cpu_threads=cpu_threads, select_best=False),
+        callbacks=[lambda record: seen.append(torch.get_num_threads())],
+    )
     assert seen == [before if expected == "torch" else expected]
     assert torch.get_num_threads() == before

@@ -20,11 +20,12 @@ from typing import Any, Dict, Mapping, Optional, Sequence, Union
 
 import pyvene as pv
 
+from actedit.data.contrast import ContrastDataset, ContrastExample, PromptPair, PromptPairDataset, as_dataset
+from actedit.data.tasks import contrast_names, is_contrast_name
 from actedit.interventions.artifacts import load_artifact, save_artifact
 from actedit.interventions.edits import compose as compose_configs
 from actedit.interventions.edits import config_of, intervenable, is_intervenable
 from actedit.interventions.registry import method_spec
-from actedit.data.contrast import ContrastDataset, ContrastExample, PromptPair, PromptPairDataset, as_dataset
 from actedit.train.pipeline import (
     CollectSettings,
     DataSettings,
@@ -35,7 +36,6 @@ from actedit.train.pipeline import (
     method_settings,
     prepare_dataset,
 )
-from actedit.data.tasks import contrast_names, is_contrast_name
 
 Data = Union[str, ContrastDataset, PromptPairDataset, Sequence[Any]]
 
@@ -47,27 +47,46 @@ def _dataset(data: Data, reads_pairs: bool):
         return data
     items = list(data)
     if not items:
-        raise ValueError("the data is empty; give (prompt, positive, negative) triples, prompt pairs such as "
-                         "[('Love', 'Hate')], a dataset, or a task name.")
+        raise ValueError(
+            "the data is empty; give (prompt, positive, negative) triples, prompt pairs such as "
+            "[('Love', 'Hate')], a dataset, or a task name."
+        )
     if all(isinstance(x, (ContrastExample, PromptPair)) for x in items):
         return as_dataset(items)
     if not all(isinstance(x, (tuple, list)) and all(isinstance(t, str) for t in x) for x in items):
-        raise ValueError("each item of the data must be a (prompt, positive, negative) triple of strings, or "
-                         "a (prompt1, prompt2) pair for ActAdd, or a ContrastExample / PromptPair.")
+        raise ValueError(
+            "each item of the data must be a (prompt, positive, negative) triple of strings, or "
+            "a (prompt1, prompt2) pair for ActAdd, or a ContrastExample / PromptPair."
+        )
     lengths = {len(x) for x in items}
     if lengths == {2}:
         return PromptPairDataset([PromptPair(a, b, {"id": i}) for i, (a, b) in enumerate(items)], name="prompt_pairs")
     if lengths == {3}:
-        return ContrastDataset([ContrastExample(p, [pos], [neg], {"id": i}) for i, (p, pos, neg) in enumerate(items)],
-                               name="triples")
+        return ContrastDataset(
+            [ContrastExample(p, [pos], [neg], {"id": i}) for i, (p, pos, neg) in enumerate(items)], name="triples"
+        )
     kind = "(prompt1, prompt2) pairs" if reads_pairs else "(prompt, positive, negative) triples"
     raise ValueError(f"the data mixes items of lengths {sorted(lengths)}; give {kind}.")
 
 
-def fit(method: str, model, tokenizer, data: Data, *, layers=None, store: Optional[Union[str, Path]] = None,
-        train: Optional[Mapping[str, Any]] = None, source: Optional[str] = None, split_file: Optional[str] = None,
-        limit: Optional[int] = None, eval_ratio: float = 0.1, seed: int = 0,
-        prompt_format: Optional[Mapping[str, Any]] = None, progress: bool = True, **settings) -> pv.IntervenableModel:
+def fit(
+    method: str,
+    model,
+    tokenizer,
+    data: Data,
+    *,
+    layers=None,
+    store: Optional[Union[str, Path]] = None,
+    train: Optional[Mapping[str, Any]] = None,
+    source: Optional[str] = None,
+    split_file: Optional[str] = None,
+    limit: Optional[int] = None,
+    eval_ratio: float = 0.1,
+    seed: int = 0,
+    prompt_format: Optional[Mapping[str, Any]] = None,
+    progress: bool = True,
+    **settings,
+) -> pv.IntervenableModel:
     """Fit (or train) ``method`` on ``model`` from ``data``; returns the edited ``IntervenableModel``.
 
     Args:
@@ -101,15 +120,26 @@ def fit(method: str, model, tokenizer, data: Data, *, layers=None, store: Option
     fit_settings, train_settings = method_settings(spec.name, values, train)
     named = isinstance(data, str)
     if isinstance(data, str) and not is_contrast_name(data) and not Path(data).expanduser().is_file():
-        raise ValueError(f"unknown task {data!r}; give a task or dataset name ({', '.join(contrast_names())}), a "
-                         "JSONL file, or the examples themselves.")
+        raise ValueError(
+            f"unknown task {data!r}; give a task or dataset name ({', '.join(contrast_names())}), a "
+            "JSONL file, or the examples themselves."
+        )
     cfg = PipelineConfig(
         model=getattr(getattr(model, "config", None), "_name_or_path", "") or type(model).__name__,
         method=spec.name,
-        data=DataSettings(name=data if isinstance(data, str) else "examples", source=source, split_file=split_file,
-                        eval_ratio=eval_ratio, seed=seed, limit=limit),
+        data=DataSettings(
+            name=data if isinstance(data, str) else "examples",
+            source=source,
+            split_file=split_file,
+            eval_ratio=eval_ratio,
+            seed=seed,
+            limit=limit,
+        ),
         collect=CollectSettings(dir=None if store is None else str(store), format=dict(prompt_format or {})),
-        settings=fit_settings, train=train_settings, out=None)
+        settings=fit_settings,
+        train=train_settings,
+        out=None,
+    )
     cfg = cfg.for_model(model)
     dataset = load_dataset(cfg) if named else prepare_dataset(cfg, _dataset(data, cfg.reads_prompt_pairs))
     activations = collect(cfg, model, tokenizer, dataset=dataset, progress=progress, quiet=not progress)
@@ -127,8 +157,9 @@ def load(path_or_repo: Union[str, Path], model, *, revision: Optional[str] = Non
     return load_artifact(path_or_repo, model, revision=revision)
 
 
-def compose(*edits: Union[pv.IntervenableModel, str, Path], model=None,
-            metadata: Optional[Dict[str, Any]] = None) -> pv.IntervenableModel:
+def compose(
+    *edits: Union[pv.IntervenableModel, str, Path], model=None, metadata: Optional[Dict[str, Any]] = None
+) -> pv.IntervenableModel:
     """One ``IntervenableModel`` with every edit of ``edits`` (intervenable models or artifact
     directories / Hub ids), in the registry's order where they share a site.
 

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .trainer import EpochRecord, TrainSettings, TrainResult, TrainingObjective, run_training
+from .trainer import EpochRecord, TrainingObjective, TrainResult, TrainSettings, run_training
 
 IGNORE_INDEX = -100
 
@@ -43,18 +43,21 @@ def trainable_parameters(pvm: pv.IntervenableModel) -> List[Tuple[str, torch.Ten
     return out
 
 
-def lm_examples(prompts: Sequence[Sequence[int]], completions: Sequence[Sequence[int]], *,
-                pad_token_id: int) -> Dict[str, torch.Tensor]:
+def lm_examples(
+    prompts: Sequence[Sequence[int]], completions: Sequence[Sequence[int]], *, pad_token_id: int
+) -> Dict[str, torch.Tensor]:
     """Right-padded ``input_ids``, ``attention_mask`` and ``labels`` for prompt + completion pairs.
 
     ``labels`` equal the completion's token ids and −100 on the prompt and padding, so the
     language-model loss covers the completion tokens only.
     """
     if len(prompts) != len(completions) or not prompts:
-        raise ValueError(f"need one completion per prompt and at least one example, got {len(prompts)} prompts "
-                         f"and {len(completions)} completions.")
+        raise ValueError(
+            f"need one completion per prompt and at least one example, got {len(prompts)} prompts "
+            f"and {len(completions)} completions."
+        )
     rows = []
-    for i, (p, c) in enumerate(zip(prompts, completions)):
+    for i, (p, c) in enumerate(zip(prompts, completions, strict=True)):
         p, c = [int(t) for t in p], [int(t) for t in c]
         if not c:
             raise ValueError(f"example {i} has an empty completion; nothing to train on.")
@@ -67,7 +70,7 @@ def lm_examples(prompts: Sequence[Sequence[int]], completions: Sequence[Sequence
         n = len(p) + len(c)
         ids[i, :n] = torch.tensor(p + c, dtype=torch.long)
         mask[i, :n] = 1
-        labels[i, len(p):n] = torch.tensor(c, dtype=torch.long)
+        labels[i, len(p) : n] = torch.tensor(c, dtype=torch.long)
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
@@ -99,7 +102,9 @@ def _trim(batch: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
     return {k: v[:, lo:hi] for k, v in batch.items()}
 
 
-def lm_batch_loss(pvm: pv.IntervenableModel, batch: Mapping[str, torch.Tensor], reduction: str = "mean") -> torch.Tensor:
+def lm_batch_loss(
+    pvm: pv.IntervenableModel, batch: Mapping[str, torch.Tensor], reduction: str = "mean"
+) -> torch.Tensor:
     """Language-model loss of the intervened model on the labelled tokens of ``batch``.
 
     −(1/|C|) Σ_{t∈C} log p(x_t | x_<t) with C the positions whose label is not −100 (next-token
@@ -108,8 +113,12 @@ def lm_batch_loss(pvm: pv.IntervenableModel, batch: Mapping[str, torch.Tensor], 
     _, out = pvm({"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]})
     logits = out.logits[:, :-1]
     targets = batch["labels"][:, 1:].to(logits.device)
-    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1),
-                           ignore_index=IGNORE_INDEX, reduction=reduction)
+    return F.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]).float(),
+        targets.reshape(-1),
+        ignore_index=IGNORE_INDEX,
+        reduction=reduction,
+    )
 
 
 @torch.no_grad()
@@ -120,7 +129,7 @@ def evaluate_lm(pvm: pv.IntervenableModel, data: Mapping[str, Any], batch_size: 
     total, count = 0.0, 0
     n = data["input_ids"].shape[0]
     for start in range(0, n, batch_size):
-        batch = _trim({k: v[start:start + batch_size].to(device) for k, v in data.items()})
+        batch = _trim({k: v[start : start + batch_size].to(device) for k, v in data.items()})
         total += float(lm_batch_loss(pvm, batch, reduction="sum"))
         count += int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
     return total / max(count, 1)
@@ -131,8 +140,13 @@ class LMTask(TrainingObjective):
 
     name = "lm"
 
-    def __init__(self, pvm: pv.IntervenableModel, train: Mapping[str, Any], eval_data: Optional[Mapping[str, Any]],
-                 config: TrainSettings) -> None:
+    def __init__(
+        self,
+        pvm: pv.IntervenableModel,
+        train: Mapping[str, Any],
+        eval_data: Optional[Mapping[str, Any]],
+        config: TrainSettings,
+    ) -> None:
         if not isinstance(pvm, pv.IntervenableModel):
             raise ValueError(f"pvm must be a pyvene.IntervenableModel, got {type(pvm).__name__}.")
         self.pvm, self.config = pvm, config
@@ -140,8 +154,10 @@ class LMTask(TrainingObjective):
         self.eval_data = None if eval_data is None else _check_lm_data(eval_data, "eval_data")
         self.named = trainable_parameters(pvm)
         if not self.named:
-            raise ValueError("the IntervenableModel has no trainable parameters: its interventions must be "
-                             "pyvene TrainableInterventions with parameters.")
+            raise ValueError(
+                "the IntervenableModel has no trainable parameters: its interventions must be "
+                "pyvene TrainableInterventions with parameters."
+            )
         self.device = next(pvm.model.parameters()).device  # batches follow the model
 
     @property
@@ -183,14 +199,21 @@ class LMTask(TrainingObjective):
         raise ValueError("best_by='layer' needs per-layer scores; end-to-end training has one score.")
 
     def fingerprint(self) -> dict:
-        return {"task": self.name, "num_examples": self.num_examples,
-                "seq_len": int(self.train_data["input_ids"].shape[1]),
-                "parameters": {name: list(p.shape) for name, p in self.named}}
+        return {
+            "task": self.name,
+            "num_examples": self.num_examples,
+            "seq_len": int(self.train_data["input_ids"].shape[1]),
+            "parameters": {name: list(p.shape) for name, p in self.named},
+        }
 
 
-def train_lm(pvm: pv.IntervenableModel, train: Mapping[str, Any], eval_data: Optional[Mapping[str, Any]] = None,
-             config: Optional[TrainSettings] = None,
-             callbacks: Sequence[Callable[[EpochRecord], None]] = ()) -> TrainResult:
+def train_lm(
+    pvm: pv.IntervenableModel,
+    train: Mapping[str, Any],
+    eval_data: Optional[Mapping[str, Any]] = None,
+    config: Optional[TrainSettings] = None,
+    callbacks: Sequence[Callable[[EpochRecord], None]] = (),
+) -> TrainResult:
     """Train ``pvm``'s interventions end-to-end with the LM loss on completion tokens.
 
     ``train`` / ``eval_data``: ``{"input_ids", "attention_mask", "labels"}`` tensors (N, T) as

@@ -50,20 +50,20 @@ import pyvene as pv
 import torch
 import yaml
 
+from actedit.data.collect import collect_activations
+from actedit.data.contrast import ContrastDataset, PromptPair
+from actedit.data.formats import PromptFormat, get_format
+from actedit.data.generate import generate_bases
+from actedit.data.models import load_model
+from actedit.data.store import STORE_DTYPES, ActivationStore
+from actedit.data.tasks import is_task, load_contrast
 from actedit.interventions.artifacts import save_artifact
 from actedit.interventions.edits import edit_config, intervenable, site_width
 from actedit.interventions.layers import model_depth, resolve_layers
 from actedit.interventions.registry import FitContext, FitResult, MethodSettings, MethodSpec, method_spec
 from actedit.interventions.settings import Settings, UnknownSettingError, check_keys, check_moved
 
-from actedit.data.collect import collect_activations
-from actedit.data.contrast import ContrastDataset, PromptPair
-from actedit.data.formats import PromptFormat, get_format
-from actedit.data.generate import generate_bases
-from actedit.data.models import load_model
 from .select import select_layers
-from actedit.data.store import ActivationStore, STORE_DTYPES
-from actedit.data.tasks import is_task, load_contrast
 from .trainer import TrainSettings, new_interventions, train_interventions, train_top_layers
 
 
@@ -92,8 +92,9 @@ class DataSettings(Settings):
     def __post_init__(self) -> None:
         if not 0.0 <= self.eval_ratio < 1.0:
             raise ValueError(f"data.eval_ratio must be in [0, 1), got {self.eval_ratio}.")
-        if self.limit is not None and (isinstance(self.limit, bool) or not isinstance(self.limit, int)
-                                       or self.limit <= 0):
+        if self.limit is not None and (
+            isinstance(self.limit, bool) or not isinstance(self.limit, int) or self.limit <= 0
+        ):
             raise ValueError(f"data.limit must be a positive integer, got {self.limit!r}.")
 
 
@@ -124,8 +125,9 @@ class CollectSettings(Settings):
             raise ValueError(f"collect.format must be a mapping of format parameters, got {self.format!r}.")
 
 
-def method_settings(method: str, settings: Any, train: Any, where: str = "") \
-        -> Tuple[MethodSettings, Optional[TrainSettings]]:
+def method_settings(
+    method: str, settings: Any, train: Any, where: str = ""
+) -> Tuple[MethodSettings, Optional[TrainSettings]]:
     """``(the method's settings, its training settings or None)`` from raw YAML mappings.
 
     Unknown keys are errors listing the valid ones; a closed-form method has no ``train`` block.
@@ -136,9 +138,11 @@ def method_settings(method: str, settings: Any, train: Any, where: str = "") \
     if not spec.trained:
         if train:
             keys = ", ".join(sorted(train)) if isinstance(train, dict) else repr(train)
-            raise UnknownSettingError(f"{prefix}train: {spec.name} is closed-form and has no training settings "
-                                      f"(got {keys}); its settings go in {prefix}settings: "
-                                      f"{', '.join(spec.settings_class.field_names())}.")
+            raise UnknownSettingError(
+                f"{prefix}train: {spec.name} is closed-form and has no training settings "
+                f"(got {keys}); its settings go in {prefix}settings: "
+                f"{', '.join(spec.settings_class.field_names())}."
+            )
         return values, None
     return values, TrainSettings.from_mapping(train, f"{prefix}train")
 
@@ -174,9 +178,11 @@ class PipelineConfig:
             self.settings, self.train = method_settings(self.method, self.settings, self.train, self.where)
         if self.reads_prompt_pairs and is_task(self.data.name):
             prefix = f"{self.where}." if self.where else ""
-            raise ValueError(f"{prefix}data: {self.method} reads prompt pairs ({{prompt1, prompt2}} records, e.g. "
-                             f"'Love' / 'Hate'), not the contrast questions of the task {self.data.name!r}; set "
-                             f"{prefix}data.name to a JSONL file of prompt pairs.")
+            raise ValueError(
+                f"{prefix}data: {self.method} reads prompt pairs ({{prompt1, prompt2}} records, e.g. "
+                f"'Love' / 'Hate'), not the contrast questions of the task {self.data.name!r}; set "
+                f"{prefix}data.name to a JSONL file of prompt pairs."
+            )
 
     @property
     def spec(self) -> MethodSpec:
@@ -207,14 +213,18 @@ class PipelineConfig:
         prefix = f"{self.where}." if self.where else ""
         layers = self.settings.layers if self.settings.layers is not None else spec.default_layers
         if layers is None:
-            raise ValueError(f"{prefix}settings.layers is not set: {spec.name} steers the layers you choose, and "
-                             f"the model has {depth} (set e.g. settings.layers={depth * 2 // 5}, or a fraction of "
-                             "the depth such as 0.4; it never means every layer).")
+            raise ValueError(
+                f"{prefix}settings.layers is not set: {spec.name} steers the layers you choose, and "
+                f"the model has {depth} (set e.g. settings.layers={depth * 2 // 5}, or a fraction of "
+                "the depth such as 0.4; it never means every layer)."
+            )
         layers = resolve_layers(layers, depth, f"{prefix}settings.layers")
         top_layers = getattr(self.settings, "top_layers", None)
         if spec.trained and top_layers is not None and top_layers > len(layers):
-            raise ValueError(f"{prefix}settings.top_layers={top_layers} exceeds the {len(layers)} layers {spec.name} "
-                             f"trains on this {depth}-layer model.")
+            raise ValueError(
+                f"{prefix}settings.top_layers={top_layers} exceeds the {len(layers)} layers {spec.name} "
+                f"trains on this {depth}-layer model."
+            )
         return dataclasses.replace(self, settings=dataclasses.replace(self.settings, layers=layers), depth=depth)
 
 
@@ -237,8 +247,9 @@ def apply_overrides(raw: Dict[str, Any], overrides: Sequence[str]) -> Dict[str, 
     return raw
 
 
-def read_config(path: Optional[str], overrides: Sequence[str] = (), missing: str = "No config file at {path!r}.") \
-        -> Dict[str, Any]:
+def read_config(
+    path: Optional[str], overrides: Sequence[str] = (), missing: str = "No config file at {path!r}."
+) -> Dict[str, Any]:
     """The mapping a YAML file holds (empty when ``path`` is None), with ``key.sub=value``
     overrides applied; ``missing`` is the error message for a path that is not a file."""
     raw: Dict[str, Any] = {}
@@ -297,8 +308,9 @@ def prompt_format(cfg: PipelineConfig, tokenizer, *, quiet: bool = False) -> Pro
     return fmt
 
 
-def collect(cfg: PipelineConfig, model=None, tokenizer=None, *, dataset=None, progress: bool = True,
-            quiet: bool = False) -> ActivationStore:
+def collect(
+    cfg: PipelineConfig, model=None, tokenizer=None, *, dataset=None, progress: bool = True, quiet: bool = False
+) -> ActivationStore:
     """Collect (or resume collecting) the activations the method needs; returns the store.
 
     ``dataset`` replaces the configured data (the one-call API passes the user's examples).
@@ -311,11 +323,27 @@ def collect(cfg: PipelineConfig, model=None, tokenizer=None, *, dataset=None, pr
     directory = Path(cfg.collect.dir) if cfg.collect.dir is not None else None
     if fmt.needs_bases(data):
         cache = directory.parent / f"{directory.name}_bases.json" if directory is not None else None
-        data = generate_bases(model, tokenizer, data, fmt, max_new_tokens=getattr(cfg.settings, "base_tokens", 32),
-                              cache_path=cache, progress=progress)
-    return collect_activations(model, tokenizer, data, directory, format=fmt, sites=cfg.site,
-                               layers=cfg.settings.layers, dtype=cfg.collect.dtype, batch_size=cfg.collect.batch_size,
-                               progress=progress)
+        data = generate_bases(
+            model,
+            tokenizer,
+            data,
+            fmt,
+            max_new_tokens=getattr(cfg.settings, "base_tokens", 32),
+            cache_path=cache,
+            progress=progress,
+        )
+    return collect_activations(
+        model,
+        tokenizer,
+        data,
+        directory,
+        format=fmt,
+        sites=cfg.site,
+        layers=cfg.settings.layers,
+        dtype=cfg.collect.dtype,
+        batch_size=cfg.collect.batch_size,
+        progress=progress,
+    )
 
 
 def _store(cfg: PipelineConfig, model, tokenizer, progress: bool) -> ActivationStore:
@@ -330,18 +358,22 @@ def _store(cfg: PipelineConfig, model, tokenizer, progress: bool) -> ActivationS
 
 def fit_inputs(store: ActivationStore, spec: MethodSpec, site: str, layers: Sequence[int]) -> Dict[str, Any]:
     """What a closed-form fit reads (``spec.reads``, see :data:`~actedit.interventions.registry.VIEWS`)."""
-    layers = [layer for layer in layers]
+    layers = list(layers)
     missing = [layer for layer in layers if layer not in store.layers]
     if missing:
         where = store.path if store.path is not None else "in memory"
-        raise ValueError(f"layers {missing} are not in the activation store ({where}: it holds {store.layers}); "
-                         "collect them or choose among these.")
+        raise ValueError(
+            f"layers {missing} are not in the activation store ({where}: it holds {store.layers}); "
+            "collect them or choose among these."
+        )
     split = spec.splits[0] if spec.splits else None
     if spec.reads == "paired":
         pairs = store.paired_activations(site, split=split, layers=layers)
         pos, neg = pairs.gather(layers, torch.arange(pairs.num_pairs))
-        return {"pos": {layer: pos[i] for i, layer in enumerate(layers)},
-                "neg": {layer: neg[i] for i, layer in enumerate(layers)}}
+        return {
+            "pos": {layer: pos[i] for i, layer in enumerate(layers)},
+            "neg": {layer: neg[i] for i, layer in enumerate(layers)},
+        }
     if spec.reads == "labeled":
         out = {}
         for name in spec.splits:
@@ -351,8 +383,9 @@ def fit_inputs(store: ActivationStore, spec: MethodSpec, site: str, layers: Sequ
     return store.aligned(spec.roles, site, split=split, layers=layers)
 
 
-def make_edit(cfg: PipelineConfig, model, tokenizer, *, store: Optional[ActivationStore] = None,
-              progress: bool = True) -> Tuple[pv.IntervenableConfig, Dict[str, Any]]:
+def make_edit(
+    cfg: PipelineConfig, model, tokenizer, *, store: Optional[ActivationStore] = None, progress: bool = True
+) -> Tuple[pv.IntervenableConfig, Dict[str, Any]]:
     """The method's edit of ``model``: ``(IntervenableConfig, metadata)``, fitted in closed form
     or trained on the store (collected first when not given)."""
     cfg = cfg.for_model(model)
@@ -368,8 +401,9 @@ def make_edit(cfg: PipelineConfig, model, tokenizer, *, store: Optional[Activati
         modules, metadata = fitted.modules, {"fit": fitted.record}
     metadata["timings"] = {"fit_seconds": round(time.time() - started, 3)}
     metadata["data"] = _data_record(cfg)
-    config = edit_config(model, spec.name, modules, component=cfg.site, hyperparameters=settings.to_dict(),
-                         metadata=metadata)
+    config = edit_config(
+        model, spec.name, modules, component=cfg.site, hyperparameters=settings.to_dict(), metadata=metadata
+    )
     return config, metadata
 
 
@@ -382,8 +416,9 @@ def _train(cfg: PipelineConfig, store: ActivationStore, progress: bool) -> Tuple
     train_cfg = dataclasses.replace(cfg.train, progress=cfg.train.progress and progress)
     if out is not None and train_cfg.checkpoint_dir is None:
         train_cfg = dataclasses.replace(train_cfg, checkpoint_dir=str(out.parent / f".{out.name}.training"))
-    modules = new_interventions(spec, train_pairs.width, settings.layers, seed=train_cfg.seed,
-                                **settings.intervention_arguments())
+    modules = new_interventions(
+        spec, train_pairs.width, settings.layers, seed=train_cfg.seed, **settings.intervention_arguments()
+    )
     if settings.strategy == "probe_first":
         result, selection = train_top_layers(modules, train_pairs, eval_pairs, k=settings.top_layers, config=train_cfg)
     else:
@@ -404,12 +439,28 @@ def build(cfg: PipelineConfig, model=None, tokenizer=None) -> Tuple[Path, Dict[s
 
 
 def _data_record(cfg: PipelineConfig) -> Dict[str, Any]:
-    return {"name": cfg.data.name, "source": cfg.data.source, "split_file": cfg.data.split_file,
-            "limit": cfg.data.limit, "site": cfg.site}
+    return {
+        "name": cfg.data.name,
+        "source": cfg.data.source,
+        "split_file": cfg.data.split_file,
+        "limit": cfg.data.limit,
+        "site": cfg.site,
+    }
 
 
 __all__ = [
-    "CollectSettings", "DataSettings", "PipelineConfig", "apply_overrides", "build", "collect",
-    "fit_inputs", "load_config", "load_dataset", "make_edit", "method_settings", "prepare_dataset", "prompt_format",
+    "CollectSettings",
+    "DataSettings",
+    "PipelineConfig",
+    "apply_overrides",
+    "build",
+    "collect",
+    "fit_inputs",
+    "load_config",
+    "load_dataset",
+    "make_edit",
+    "method_settings",
+    "prepare_dataset",
+    "prompt_format",
     "read_config",
 ]

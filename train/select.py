@@ -65,7 +65,7 @@ class LayerSelection:
         if not self.ranking:
             self.ranking = rank_layers(self.accuracy)
         if not self.selected:
-            self.selected = sorted(self.ranking[:self.k])
+            self.selected = sorted(self.ranking[: self.k])
         unknown = [layer for layer in self.selected if layer not in self.accuracy]
         if unknown:
             raise ValueError(f"selected layers {unknown} have no accuracy.")
@@ -89,9 +89,14 @@ class LayerSelection:
         """Read a selection back from artifact metadata (the dict :meth:`metadata` returned, or
         its ``layer_selection`` value)."""
         info = info.get("layer_selection", info)
-        return cls(accuracy={int(k): v for k, v in info["accuracy"].items()}, k=int(info["k"]),
-                   metric=info.get("metric", "probe_accuracy"), selected=[int(x) for x in info["selected"]],
-                   ranking=[int(x) for x in info.get("ranking", [])], num_pairs=info.get("num_pairs"))
+        return cls(
+            accuracy={int(k): v for k, v in info["accuracy"].items()},
+            k=int(info["k"]),
+            metric=info.get("metric", "probe_accuracy"),
+            selected=[int(x) for x in info["selected"]],
+            ranking=[int(x) for x in info.get("ranking", [])],
+            num_pairs=info.get("num_pairs"),
+        )
 
 
 def rank_layers(accuracy: Mapping[int, float]) -> List[int]:
@@ -109,8 +114,9 @@ def select_top_layers(accuracy: Mapping[int, float], k: int = 5) -> List[int]:
 
 
 @torch.no_grad()
-def probe_accuracy(modules: Mapping[int, torch.nn.Module], data: PairedActivations, *,
-                   batch_size: int = 4096) -> Dict[int, float]:
+def probe_accuracy(
+    modules: Mapping[int, torch.nn.Module], data: PairedActivations, *, batch_size: int = 4096
+) -> Dict[int, float]:
     """Eval probe accuracy of each layer's module: ``probe_logits(h) > 0`` against [1 for h⁺; 0 for h⁻].
 
     Args:
@@ -143,13 +149,13 @@ def probe_accuracy(modules: Mapping[int, torch.nn.Module], data: PairedActivatio
     return {layer: correct[layer] / (2 * n) for layer in layers}
 
 
-def select_layers(modules: Mapping[int, torch.nn.Module], eval_data: PairedActivations, *,
-                  k: int = 5) -> LayerSelection:
+def select_layers(
+    modules: Mapping[int, torch.nn.Module], eval_data: PairedActivations, *, k: int = 5
+) -> LayerSelection:
     """Measure eval probe accuracy per layer and keep the top k (default 5, HPR's README); the
     evaluation layer plots it (:func:`actedit.eval.plots.plot_layer_accuracy`)."""
     accuracy = probe_accuracy(modules, eval_data)
     return LayerSelection(accuracy=accuracy, k=k, num_pairs=eval_data.num_pairs)
 
 
-__all__ = ["LayerSelection", "METRICS", "probe_accuracy", "rank_layers", "select_layers",
-           "select_top_layers"]
+__all__ = ["LayerSelection", "METRICS", "probe_accuracy", "rank_layers", "select_layers", "select_top_layers"]

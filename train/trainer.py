@@ -40,7 +40,6 @@ import dataclasses
 import functools
 import math
 import os
-import tempfile
 import time
 import warnings
 from dataclasses import asdict, dataclass
@@ -53,12 +52,12 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from actedit.data.store import PairedActivations
 from actedit.interventions.files import write_atomic
 from actedit.interventions.registry import method_spec
 from actedit.interventions.settings import Settings
 
 from .select import LayerSelection, select_layers
-from actedit.data.store import PairedActivations
 
 SCHEDULES = ("linear", "cosine", "constant")
 """Learning-rate schedules after warmup."""
@@ -140,8 +139,11 @@ class TrainSettings(Settings):
             if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}.")
 
-        if not (isinstance(self.learning_rate, (int, float)) and math.isfinite(self.learning_rate)
-                and self.learning_rate > 0):
+        if not (
+            isinstance(self.learning_rate, (int, float))
+            and math.isfinite(self.learning_rate)
+            and self.learning_rate > 0
+        ):
             raise ValueError(f"learning_rate must be a positive number, got {self.learning_rate!r}.")
         for name in ("epochs", "batch_size", "eval_batch_size"):
             positive_int(name)
@@ -180,8 +182,23 @@ class TrainSettings(Settings):
 
     def fingerprint(self) -> dict:
         """The settings a resumed run must share with the interrupted one."""
-        keep = ("learning_rate", "epochs", "batch_size", "warmup_ratio", "schedule", "weight_decay", "adam_betas",
-                "adam_eps", "max_grad_norm", "seed", "best_by", "select_best", "vectorize", "dtype", "stop_after_epoch")
+        keep = (
+            "learning_rate",
+            "epochs",
+            "batch_size",
+            "warmup_ratio",
+            "schedule",
+            "weight_decay",
+            "adam_betas",
+            "adam_eps",
+            "max_grad_norm",
+            "seed",
+            "best_by",
+            "select_best",
+            "vectorize",
+            "dtype",
+            "stop_after_epoch",
+        )
         return {k: v for k, v in self.to_dict().items() if k in keep}
 
 
@@ -326,6 +343,7 @@ class TrainingObjective:
 def _stacked_method(cls: type, method: str) -> Optional[Callable]:
     """``cls.stacked_<method>`` when the class that defines it also defines ``method`` (a
     subclass that overrides ``method`` alone must not inherit the stacked version)."""
+
     def owner(name: str) -> Optional[type]:
         return next((k for k in cls.__mro__ if name in vars(k)), None)
 
@@ -344,8 +362,14 @@ class PairObjective(TrainingObjective):
     name = "pairs"
     per_layer = True
 
-    def __init__(self, modules: Mapping[int, nn.Module], train: PairedActivations,
-                 eval_data: Optional[PairedActivations], config: TrainSettings, loss_method: str = "loss") -> None:
+    def __init__(
+        self,
+        modules: Mapping[int, nn.Module],
+        train: PairedActivations,
+        eval_data: Optional[PairedActivations],
+        config: TrainSettings,
+        loss_method: str = "loss",
+    ) -> None:
         if not isinstance(modules, Mapping) or not modules:
             raise ValueError("modules must be a non-empty mapping layer -> trainable intervention.")
         if not isinstance(train, PairedActivations):
@@ -369,8 +393,10 @@ class PairObjective(TrainingObjective):
                 raise ValueError(f"layer {layer}: {type(module).__name__} has no trainable parameters.")
             width = getattr(module, "embed_dim", None)
             if width is not None and int(width) != train.width:
-                raise ValueError(f"layer {layer}: the module was built for width {int(width)} but the "
-                                 f"activations have width {train.width}.")
+                raise ValueError(
+                    f"layer {layer}: the module was built for width {int(width)} but the "
+                    f"activations have width {train.width}."
+                )
         self.train_data, self.eval_data, self.config = train, eval_data, config
         self.loss_method = loss_method
         self.dtype = config.torch_dtype
@@ -379,19 +405,30 @@ class PairObjective(TrainingObjective):
         self.home_dtype = next(first.parameters()).dtype
         self.device = torch.device(config.device) if config.device is not None else self.home
         self.has_probe = all(callable(getattr(m, "probe_logits", None)) for m in self.modules.values())
-        self.names_by_layer = {layer: [n for n, p in m.named_parameters() if p.requires_grad]
-                               for layer, m in self.modules.items()}
+        self.names_by_layer = {
+            layer: [n for n, p in m.named_parameters() if p.requires_grad] for layer, m in self.modules.items()
+        }
         self.names = self.names_by_layer[self.layers[0]]
         shapes = {n: p.shape for n, p in first.named_parameters()}
-        uniform = all(type(m) is type(first) and {n: p.shape for n, p in m.named_parameters()} == shapes
-                      and self.names_by_layer[layer] == self.names for layer, m in self.modules.items())
+        uniform = all(
+            type(m) is type(first)
+            and {n: p.shape for n, p in m.named_parameters()} == shapes
+            and self.names_by_layer[layer] == self.names
+            for layer, m in self.modules.items()
+        )
         if config.vectorize and not uniform:
-            warnings.warn("the modules differ in class, parameter shapes or which parameters are frozen: training "
-                          "them with a loop over layers instead of all layers at once.", stacklevel=3)
+            warnings.warn(
+                "the modules differ in class, parameter shapes or which parameters are frozen: training "
+                "them with a loop over layers instead of all layers at once.",
+                stacklevel=3,
+            )
         self._stacked_loss = _stacked_method(type(first), loss_method) if uniform else None
         self._stacked_probe = _stacked_method(type(first), "probe_logits") if self.has_probe else None
-        self.vectorized = bool(config.vectorize) and self._stacked_loss is not None \
+        self.vectorized = (
+            bool(config.vectorize)
+            and self._stacked_loss is not None
             and (not self.has_probe or self._stacked_probe is not None)
+        )
         if self.vectorized:
             # Frozen parameters are stacked too (without gradients): they may differ per layer.
             frozen = [n for n, p in first.named_parameters() if not p.requires_grad]
@@ -402,8 +439,12 @@ class PairObjective(TrainingObjective):
                     per_layer = [dict(self.modules[layer].named_parameters())[n].detach() for layer in self.layers]
                     if self.transposed[n]:
                         per_layer = [p.T for p in per_layer]
-                    self.stacked[n] = (torch.stack(per_layer).to(device=self.device, dtype=self.dtype)
-                                       .contiguous().requires_grad_(n in self.names))
+                    self.stacked[n] = (
+                        torch.stack(per_layer)
+                        .to(device=self.device, dtype=self.dtype)
+                        .contiguous()
+                        .requires_grad_(n in self.names)
+                    )
         else:
             for module in self.modules.values():
                 module.to(device=self.device, dtype=self.dtype)
@@ -447,8 +488,9 @@ class PairObjective(TrainingObjective):
         """Each layer's loss, (L,), from h⁺, h⁻ (L, n, d): one stacked call, or each module's own."""
         if self.vectorized:  # vectorized only with a stacked loss
             return cast(Callable[..., torch.Tensor], self._stacked_loss)(self.stacked, hp, hn)
-        return torch.stack([getattr(self.modules[layer], self.loss_method)(hp[i], hn[i])
-                            for i, layer in enumerate(self.layers)])
+        return torch.stack(
+            [getattr(self.modules[layer], self.loss_method)(hp[i], hn[i]) for i, layer in enumerate(self.layers)]
+        )
 
     @torch.no_grad()
     def _layer_logits(self, h: torch.Tensor) -> torch.Tensor:
@@ -513,14 +555,18 @@ class PairObjective(TrainingObjective):
         else:
             scores = -losses
             metric = "neg_eval_loss"
-        return {"metric": metric, "score": float(scores.mean()), "eval_loss": float(losses.mean()),
-                "layer_scores": {layer: float(scores[i]) for i, layer in enumerate(self.layers)}}
+        return {
+            "metric": metric,
+            "score": float(scores.mean()),
+            "eval_loss": float(losses.mean()),
+            "layer_scores": {layer: float(scores[i]) for i, layer in enumerate(self.layers)},
+        }
 
     # -- state
     def state_dict(self) -> Dict[str, torch.Tensor]:
         out = {}
         for i, layer in enumerate(self.layers):
-            for n, p in zip(self.names_by_layer[layer], self._layer_tensors(i, layer)):
+            for n, p in zip(self.names_by_layer[layer], self._layer_tensors(i, layer), strict=True):
                 out[f"{layer}.{n}"] = p.detach().cpu().clone(memory_format=torch.contiguous_format)
         return out
 
@@ -532,7 +578,7 @@ class PairObjective(TrainingObjective):
     @torch.no_grad()
     def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
         for i, layer in enumerate(self.layers):
-            for n, target in zip(self.names_by_layer[layer], self._layer_tensors(i, layer)):
+            for n, target in zip(self.names_by_layer[layer], self._layer_tensors(i, layer), strict=True):
                 key = f"{layer}.{n}"
                 if key in state:
                     target.copy_(state[key])
@@ -541,11 +587,22 @@ class PairObjective(TrainingObjective):
         return [f"{layer}.{n}" for n in self.names_by_layer[layer]]
 
     def fingerprint(self) -> dict:
-        shapes = {f"{layer}.{n}": list(p.shape) for layer, m in self.modules.items()
-                  for n, p in m.named_parameters() if n in self.names_by_layer[layer]}
-        return {"task": self.name, "loss": self.loss_method, "layers": self.layers, "num_pairs": self.num_examples,
-                "width": self.train_data.width, "modules": sorted({type(m).__name__ for m in self.modules.values()}),
-                "vectorized": self.vectorized, "parameters": shapes}
+        shapes = {
+            f"{layer}.{n}": list(p.shape)
+            for layer, m in self.modules.items()
+            for n, p in m.named_parameters()
+            if n in self.names_by_layer[layer]
+        }
+        return {
+            "task": self.name,
+            "loss": self.loss_method,
+            "layers": self.layers,
+            "num_pairs": self.num_examples,
+            "width": self.train_data.width,
+            "modules": sorted({type(m).__name__ for m in self.modules.values()}),
+            "vectorized": self.vectorized,
+            "parameters": shapes,
+        }
 
     @torch.no_grad()
     def finalize(self) -> Dict[int, nn.Module]:
@@ -578,8 +635,9 @@ def make_optimizer(params: Sequence[torch.Tensor], config: TrainSettings) -> tor
     """AdamW over ``params``; the fused kernel where torch has one for them (one pass over each
     tensor instead of one per operation), else the default implementation. The update is
     elementwise, so stacking layers changes nothing."""
-    kwargs: Dict[str, Any] = dict(lr=config.learning_rate, betas=config.adam_betas, eps=config.adam_eps,
-                                  weight_decay=config.weight_decay)
+    kwargs: Dict[str, Any] = dict(
+        lr=config.learning_rate, betas=config.adam_betas, eps=config.adam_eps, weight_decay=config.weight_decay
+    )
     try:
         return torch.optim.AdamW(params, fused=True, **kwargs)
     except (RuntimeError, TypeError, ValueError):
@@ -595,8 +653,9 @@ def _progress(total: int, desc: str, enabled: bool):
     return tqdm(total=total, desc=desc, disable=not enabled, leave=True, dynamic_ncols=True)
 
 
-def run_training(task: TrainingObjective, config: TrainSettings,
-                 callbacks: Sequence[Callable[[EpochRecord], None]] = ()) -> TrainResult:
+def run_training(
+    task: TrainingObjective, config: TrainSettings, callbacks: Sequence[Callable[[EpochRecord], None]] = ()
+) -> TrainResult:
     """Run the training loop described in the module docstring on ``task``.
 
     ``callbacks`` are called with each epoch's :class:`EpochRecord` after its checkpoint is
@@ -615,7 +674,9 @@ def run_training(task: TrainingObjective, config: TrainSettings,
         torch.set_num_threads(threads)
 
 
-def _run_training(task: TrainingObjective, config: TrainSettings, callbacks: Sequence[Callable[[EpochRecord], None]]) -> TrainResult:
+def _run_training(
+    task: TrainingObjective, config: TrainSettings, callbacks: Sequence[Callable[[EpochRecord], None]]
+) -> TrainResult:
     started = time.perf_counter()
     n = task.num_examples
     steps_per_epoch = math.ceil(n / config.batch_size)
@@ -625,7 +686,8 @@ def _run_training(task: TrainingObjective, config: TrainSettings, callbacks: Seq
         raise ValueError("best_by='layer' needs per-layer scores (cached-activation training).")
     optimizer = make_optimizer(task.parameters(), config)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: lr_factor(step, total, warmup, config.schedule))
+        optimizer, lambda step: lr_factor(step, total, warmup, config.schedule)
+    )
     fingerprint = {"config": config.fingerprint(), "task": task.fingerprint()}
 
     history: List[EpochRecord] = []
@@ -657,7 +719,7 @@ def _run_training(task: TrainingObjective, config: TrainSettings, callbacks: Seq
             bar = _progress(steps_per_epoch, f"{task.name} epoch {epoch + 1}/{config.epochs}", config.progress)
             loss_sum, acc_sum, acc_count = 0.0, 0.0, 0
             for s in range(steps_per_epoch):
-                idx = order[s * config.batch_size:(s + 1) * config.batch_size]
+                idx = order[s * config.batch_size : (s + 1) * config.batch_size]
                 optimizer.zero_grad(set_to_none=True)
                 loss, shown = task.loss(idx)
                 if loss is not None:
@@ -684,24 +746,39 @@ def _run_training(task: TrainingObjective, config: TrainSettings, callbacks: Seq
             bar.close()
             bar = None
             record = EpochRecord(
-                epoch=epoch + 1, step=step, train_loss=loss_sum / steps_per_epoch,
+                epoch=epoch + 1,
+                step=step,
+                train_loss=loss_sum / steps_per_epoch,
                 train_accuracy=acc_sum / acc_count if acc_count else None,
                 eval_loss=None if metrics is None else metrics["eval_loss"],
                 score=None if metrics is None else metrics["score"],
                 metric=None if metrics is None else metrics["metric"],
                 layer_scores=None if metrics is None else metrics["layer_scores"],
-                learning_rate=float(optimizer.param_groups[0]["lr"]), seconds=time.perf_counter() - t0,
+                learning_rate=float(optimizer.param_groups[0]["lr"]),
+                seconds=time.perf_counter() - t0,
             )
             history.append(record)
             if metrics is not None and config.select_best:
                 _update_best(best, record, task, config)
             if ckpt_path is not None:
-                write_atomic(ckpt_path, functools.partial(torch.save, {
-                    "format": CHECKPOINT_FORMAT, "fingerprint": fingerprint, "epoch": epoch + 1, "step": step,
-                    "task": task.state_dict(), "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(), "rng": torch.get_rng_state(),
-                    "history": [asdict(r) for r in history], "best": best,
-                }))
+                write_atomic(
+                    ckpt_path,
+                    functools.partial(
+                        torch.save,
+                        {
+                            "format": CHECKPOINT_FORMAT,
+                            "fingerprint": fingerprint,
+                            "epoch": epoch + 1,
+                            "step": step,
+                            "task": task.state_dict(),
+                            "optimizer": optimizer.state_dict(),
+                            "scheduler": scheduler.state_dict(),
+                            "rng": torch.get_rng_state(),
+                            "history": [asdict(r) for r in history],
+                            "best": best,
+                        },
+                    ),
+                )
             for callback in callbacks:
                 callback(record)
         # Restore the selected weights.
@@ -718,18 +795,31 @@ def _run_training(task: TrainingObjective, config: TrainSettings, callbacks: Seq
         if bar is not None:
             bar.close()
         task.close()
-    return TrainResult(modules=modules, history=history, best_epoch=best_epoch, best_score=best_score,
-                       metric=history[-1].metric if history else None, layer_scores=layer_scores,
-                       layer_best_epochs=layer_best_epochs, steps=step, seconds=time.perf_counter() - started,
-                       resumed_from_epoch=resumed_from, config=config)
+    return TrainResult(
+        modules=modules,
+        history=history,
+        best_epoch=best_epoch,
+        best_score=best_score,
+        metric=history[-1].metric if history else None,
+        layer_scores=layer_scores,
+        layer_best_epochs=layer_best_epochs,
+        steps=step,
+        seconds=time.perf_counter() - started,
+        resumed_from_epoch=resumed_from,
+        config=config,
+    )
 
 
 def _update_best(best: Dict[str, Any], record: EpochRecord, task: TrainingObjective, config: TrainSettings) -> None:
     """Keep the weights of the best epoch so far (strictly better score; ties keep the earlier)."""
     if config.best_by == "mean":
         if best["score"] is None or record.score > best["score"]:
-            best.update(score=record.score, epoch=record.epoch, state=task.state_dict(),
-                        layer_scores=dict(record.layer_scores) if record.layer_scores else None)
+            best.update(
+                score=record.score,
+                epoch=record.epoch,
+                state=task.state_dict(),
+                layer_scores=dict(record.layer_scores) if record.layer_scores else None,
+            )
         return
     state = task.state_dict()
     if best["state"] is None:
@@ -763,9 +853,13 @@ def new_interventions(method, width: int, layers: Sequence[int], *, seed: int = 
         return {layer: spec.intervention(embed_dim=int(width), **arguments) for layer in layers}
 
 
-def train_interventions(modules: Mapping[int, nn.Module], train: PairedActivations,
-                        eval_data: Optional[PairedActivations] = None, config: Optional[TrainSettings] = None,
-                        callbacks: Sequence[Callable[[EpochRecord], None]] = ()) -> TrainResult:
+def train_interventions(
+    modules: Mapping[int, nn.Module],
+    train: PairedActivations,
+    eval_data: Optional[PairedActivations] = None,
+    config: Optional[TrainSettings] = None,
+    callbacks: Sequence[Callable[[EpochRecord], None]] = (),
+) -> TrainResult:
     """Train one intervention per layer (each with a ``loss(h_pos, h_neg)`` method) on cached
     activation pairs, every loss term together; see the module docstring. Modules are updated in
     place and returned in ``TrainResult.modules``. Select layers afterwards with
@@ -781,9 +875,15 @@ def _train_only(modules: Mapping[int, nn.Module], prefix: Optional[str]) -> None
             param.requires_grad_(prefix is None or name.startswith(prefix))
 
 
-def train_top_layers(modules: Mapping[int, nn.Module], train: PairedActivations, eval_data: PairedActivations, *,
-                k: int = 5, config: Optional[TrainSettings] = None,
-                callbacks: Sequence[Callable[[EpochRecord], None]] = ()) -> Tuple[TrainResult, LayerSelection]:
+def train_top_layers(
+    modules: Mapping[int, nn.Module],
+    train: PairedActivations,
+    eval_data: PairedActivations,
+    *,
+    k: int = 5,
+    config: Optional[TrainSettings] = None,
+    callbacks: Sequence[Callable[[EpochRecord], None]] = (),
+) -> Tuple[TrainResult, LayerSelection]:
     """Train the selecting loss term on every layer, keep the top ``k`` layers by eval probe
     accuracy, and train the other terms only there. Returns ``(TrainResult, LayerSelection)``.
 
@@ -811,46 +911,75 @@ def train_top_layers(modules: Mapping[int, nn.Module], train: PairedActivations,
     if not 1 <= k <= len(modules):
         raise ValueError(f"k must be between 1 and the number of layers ({len(modules)}), got {k}.")
     if config.best_by != "mean" or not config.select_best:
-        raise ValueError("train_top_layers keeps one best epoch for all layers (best_by='mean', select_best=True); "
-                         "use train_interventions for other settings.")
+        raise ValueError(
+            "train_top_layers keeps one best epoch for all layers (best_by='mean', select_best=True); "
+            "use train_interventions for other settings."
+        )
     cls = type(next(iter(modules.values())))
     terms = dict(getattr(cls, "loss_terms", None) or {})
     selecting: Any = getattr(cls, "selection_term", None)
     if selecting not in terms:
-        raise ValueError(f"{cls.__name__} declares no selection_term among its loss_terms; train it with "
-                         "train_interventions.")
+        raise ValueError(
+            f"{cls.__name__} declares no selection_term among its loss_terms; train it with train_interventions."
+        )
     rest = [term for term in terms if term != selecting]
     ckpt = Path(config.checkpoint_dir) if config.checkpoint_dir else None
     try:
         _train_only(modules, terms[selecting])
         first_config = dataclasses.replace(config, checkpoint_dir=str(ckpt / "probes") if ckpt else None)
-        first = run_training(PairObjective(modules, train, eval_data, first_config, loss_method=selecting),
-                             first_config, callbacks)
+        first = run_training(
+            PairObjective(modules, train, eval_data, first_config, loss_method=selecting), first_config, callbacks
+        )
         trained = cast(Dict[int, nn.Module], first.modules)  # cached-activation training returns its modules
         selection = select_layers(trained, eval_data, k=k)
         chosen = {layer: trained[layer] for layer in selection.selected}
         history, steps, seconds, last = list(first.history), first.steps, first.seconds, first
         for term in rest:
             _train_only(chosen, terms[term])
-            term_config = dataclasses.replace(config, checkpoint_dir=str(ckpt / "angles") if ckpt else None,
-                                              select_best=False,
-                                              stop_after_epoch=first.best_epoch or config.stop_after_epoch)
-            last = run_training(PairObjective(chosen, train, eval_data, term_config, loss_method=term),
-                                term_config, callbacks)
+            term_config = dataclasses.replace(
+                config,
+                checkpoint_dir=str(ckpt / "angles") if ckpt else None,
+                select_best=False,
+                stop_after_epoch=first.best_epoch or config.stop_after_epoch,
+            )
+            last = run_training(
+                PairObjective(chosen, train, eval_data, term_config, loss_method=term), term_config, callbacks
+            )
             history += last.history
             steps += last.steps
             seconds += last.seconds
     finally:
         _train_only(modules, None)
-    result = TrainResult(modules=last.modules if rest else chosen, history=history, best_epoch=first.best_epoch,
-                         best_score=first.best_score, metric=first.metric, layer_scores=first.layer_scores,
-                         layer_best_epochs=first.layer_best_epochs, steps=steps, seconds=seconds,
-                         resumed_from_epoch=first.resumed_from_epoch, config=config)
+    result = TrainResult(
+        modules=last.modules if rest else chosen,
+        history=history,
+        best_epoch=first.best_epoch,
+        best_score=first.best_score,
+        metric=first.metric,
+        layer_scores=first.layer_scores,
+        layer_best_epochs=first.layer_best_epochs,
+        steps=steps,
+        seconds=seconds,
+        resumed_from_epoch=first.resumed_from_epoch,
+        config=config,
+    )
     return result, selection
 
 
 __all__ = [
-    "BEST_BY", "CHECKPOINT_NAME", "EpochRecord", "PairObjective", "SCHEDULES", "TrainSettings", "TrainResult", "TrainingObjective",
-    "epoch_permutation", "lr_factor", "make_optimizer", "new_interventions", "run_training", "train_interventions",
+    "BEST_BY",
+    "CHECKPOINT_NAME",
+    "EpochRecord",
+    "PairObjective",
+    "SCHEDULES",
+    "TrainSettings",
+    "TrainResult",
+    "TrainingObjective",
+    "epoch_permutation",
+    "lr_factor",
+    "make_optimizer",
+    "new_interventions",
+    "run_training",
+    "train_interventions",
     "train_top_layers",
 ]

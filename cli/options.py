@@ -1,0 +1,28 @@
+"""Options shared by the commands that read a YAML config: ``--set key.sub=value`` overrides and
+flags that stand for one config key each."""
+
+from __future__ import annotations
+
+import argparse
+from typing import List, Mapping
+
+
+def add_set_option(parser: argparse.ArgumentParser, example: str) -> None:
+    """``--set KEY=VALUE`` (repeatable), collected in ``args.overrides``."""
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help=f"override a config entry, e.g. --set {example} (repeatable)",
+    )
+
+
+def overrides_of(args: argparse.Namespace, flags: Mapping[str, str]) -> List[str]:
+    """``args.overrides`` followed by ``KEY=VALUE`` for each flag of ``flags`` (flag → config key) given."""
+    given = [(key, getattr(args, flag)) for flag, key in flags.items()]
+    return list(args.overrides) + [f"{key}={value}" for key, value in given if value is not None]
+
+
+__all__ = ["add_set_option", "overrides_of"]
