@@ -240,22 +240,6 @@ def test_base_model_without_chat_template_uses_the_plain_text_form(tmp_path, cap
 
 
 # ------------------------------------------------------------------------------ layer specs
-def test_layer_specs_resolve_against_the_depth():
-    assert resolve_layers("10-29", 30) == list(range(10, 30))
-    assert resolve_layers("1/3:", 30) == list(range(10, 30)) and resolve_layers("1/3:", 32) == list(range(11, 32))
-    assert resolve_layers("-20:", 24) == list(range(4, 24)) and resolve_layers([0, -1], 5) == [0, 4]
-    assert resolve_layers("all", 3) == [0, 1, 2] and resolve_layers(":2", 6) == [0, 1]
-    assert resolve_layer(0.4, 30) == 12 and resolve_layer("2/5", 32) == 13 and resolve_layer(-1, 7) == 6
-    with pytest.raises(ValueError, match=r"does not fit the model: it has 24 layers \(0\.\.23\)"):
-        resolve_layers("10-29", 24, "methods.sea.settings.layers")
-    with pytest.raises(ValueError, match="takes one layer"):
-        resolve_layer("1/3:", 30, "methods.caa.settings.layers")
-    with pytest.raises(ValueError, match="not a layer index or a depth fraction"):
-        resolve_layers(["ten"], 30)
-    with pytest.raises(ValueError, match="more than once"):
-        resolve_layers([1, -2], 3)
-
-
 def test_a_study_refuses_layers_beyond_the_depth_before_any_work(tmp_path, chat_model_dir, capsys):
     config = tmp_path / "study.yaml"
     config.write_text(
