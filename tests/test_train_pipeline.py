@@ -1,5 +1,6 @@
 """``actedit collect / fit / train`` from YAML configs on a tiny local model and TruthfulQA."""
 
+import dataclasses
 import json
 
 import pytest
@@ -8,7 +9,7 @@ import torch
 from actedit.cli import main
 from actedit.interventions import load_artifact
 from actedit.train.pipeline import load_config
-from conftest import SHARED_DATA
+from conftest import SHARED_DATA, tiny_model
 
 
 @pytest.fixture(scope="module")
@@ -97,3 +98,13 @@ def test_caa_with_a_fixed_layer_collects_that_layer_only(model_dir, capsys):
     other = args[:-2] + ["--set", "settings.layers=0"]  # the store holds layer 1 only
     assert main(["fit", *other]) == 1
     assert "layers [0] are not in the activation store" in capsys.readouterr().err
+
+
+def test_a_layer_spec_is_resolved_once_per_model_and_again_after_a_change():
+    model = tiny_model("llama")
+    depth = model.config.num_hidden_layers
+    cfg = load_config(None, ["method=sea", "settings.layers='-2:'"]).for_model(model)
+    assert cfg.settings.layers == [depth - 2, depth - 1] and cfg.depth == depth
+    assert cfg.for_model(model) is cfg  # resolved once
+    changed = dataclasses.replace(cfg, settings=dataclasses.replace(cfg.settings, layers="all"))
+    assert changed.for_model(model).settings.layers == list(range(depth))

@@ -198,6 +198,12 @@ class PipelineConfig:
         contrast examples (building the format also checks ``collect.format``)."""
         return get_format(self.spec.format, **self.collect.format).accepts is PromptPair
 
+    def _resolved_layers(self, depth: int) -> bool:
+        """Whether the settings' layers are already indices of a ``depth``-layer model (a settings
+        object replaced after :meth:`for_model` is resolved again)."""
+        layers = self.settings.layers
+        return isinstance(layers, list) and all(type(x) is int and 0 <= x < depth for x in layers)
+
     def for_model(self, model) -> "PipelineConfig":
         """This config with its layer spec resolved to the layer indices it means on ``model``
         (once: a config already resolved for a model of this depth is returned as it is).
@@ -207,7 +213,7 @@ class PipelineConfig:
         method's ``top_layers`` exceeds the layers it trains.
         """
         depth = model_depth(model)
-        if self.depth == depth:
+        if self.depth == depth and self._resolved_layers(depth):
             return self
         spec = self.spec
         prefix = f"{self.where}." if self.where else ""
