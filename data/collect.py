@@ -63,7 +63,7 @@ from actedit.interventions import compat
 from actedit.interventions.artifacts import file_sha256
 from actedit.interventions.collector import ActivationCollector
 from actedit.interventions.edits import actedit_version, check_layers, model_signature, site_width
-from actedit.interventions.files import write_atomic, write_json
+from actedit.interventions.files import TEMP_SUFFIX, write_atomic, write_json
 from actedit.interventions.packing import (
     DEFAULT_PACK_TOKENS,
     Tree,
@@ -425,7 +425,7 @@ def _our_files(directory: Path) -> List[Path]:
         p
         for p in directory.iterdir()
         if p.name == MANIFEST
-        or p.name.endswith(".tmp")
+        or p.name.endswith(TEMP_SUFFIX)  # what write_atomic leaves when killed
         or (p.name.startswith(SHARD_PREFIX) and p.name.endswith(".safetensors"))
     ]
 
