@@ -671,41 +671,40 @@ def _run_collection(
     in memory (returned as ``(tensors, example records)`` per shard)."""
     shards = manifest["shards"]
     held: List[Tuple[Dict[str, torch.Tensor], list]] = []
-    was_training = model.training
-    model.eval()
-    runner = _CollectionRunner(model, sites, layers, pad_id(tokenizer), side, store_dtype, widths, pack_tokens)
-    start = shards[-1]["examples"][1] if shards else 0
-    bar = tqdm(total=len(data), initial=start, unit="ex", desc=f"collect {fmt.name}", disable=not progress)
-    t0 = time.perf_counter()
+    with compat.preserved_model_state(model):  # pyvene's wrapping freezes the weights; give them back
+        model.eval()
+        runner = _CollectionRunner(model, sites, layers, pad_id(tokenizer), side, store_dtype, widths, pack_tokens)
+        start = shards[-1]["examples"][1] if shards else 0
+        bar = tqdm(total=len(data), initial=start, unit="ex", desc=f"collect {fmt.name}", disable=not progress)
+        t0 = time.perf_counter()
 
-    def advance(n: int) -> None:
-        bar.update(n)
-        bar.set_postfix_str(f"{runner.tokens / max(time.perf_counter() - t0, 1e-9):,.0f} tok/s")
+        def advance(n: int) -> None:
+            bar.update(n)
+            bar.set_postfix_str(f"{runner.tokens / max(time.perf_counter() - t0, 1e-9):,.0f} tok/s")
 
-    try:
-        with torch.inference_mode():
-            while start < len(data):
-                t_shard, tok_before = time.perf_counter(), runner.tokens
-                plan = _plan_shard(data, fmt, tokenizer, len(shards), start, shard_rows, share_prefix)
-                tensors = runner.run_shard(plan, batch_size, advance)
-                if directory is not None:
-                    entry = _write_shard(directory, plan, tensors)
-                else:
-                    entry = {"file": None, "rows": plan.num_rows, "examples": [plan.start, plan.end]}
-                    held.append((tensors, plan.examples))
-                del tensors
-                entry["seconds"] = round(time.perf_counter() - t_shard, 3)
-                entry["tokens"] = runner.tokens - tok_before
-                shards.append(entry)
-                manifest["num_rows"] = sum(s["rows"] for s in shards)
-                if directory is not None:
-                    _write_manifest(directory, manifest)
-                start = plan.end
-                if on_shard is not None:
-                    on_shard(dict(entry))
-    finally:
-        bar.close()
-        model.train(was_training)
+        try:
+            with torch.inference_mode():
+                while start < len(data):
+                    t_shard, tok_before = time.perf_counter(), runner.tokens
+                    plan = _plan_shard(data, fmt, tokenizer, len(shards), start, shard_rows, share_prefix)
+                    tensors = runner.run_shard(plan, batch_size, advance)
+                    if directory is not None:
+                        entry = _write_shard(directory, plan, tensors)
+                    else:
+                        entry = {"file": None, "rows": plan.num_rows, "examples": [plan.start, plan.end]}
+                        held.append((tensors, plan.examples))
+                    del tensors
+                    entry["seconds"] = round(time.perf_counter() - t_shard, 3)
+                    entry["tokens"] = runner.tokens - tok_before
+                    shards.append(entry)
+                    manifest["num_rows"] = sum(s["rows"] for s in shards)
+                    if directory is not None:
+                        _write_manifest(directory, manifest)
+                    start = plan.end
+                    if on_shard is not None:
+                        on_shard(dict(entry))
+        finally:
+            bar.close()
     return held
 
 

@@ -29,6 +29,7 @@ from typing import Any, Dict, List, Optional, Sequence, Set, Union
 import torch
 from tqdm.auto import tqdm
 
+from actedit.interventions import compat
 from actedit.interventions.edits import base_model_of, is_intervenable, model_signature
 from actedit.interventions.files import write_json
 
@@ -211,6 +212,7 @@ def generate_texts(
         return result
     model = base_model_of(model_or_pvm)
     model.eval()
+    compat.contiguous_head_input(model)  # frozen bf16 weights: see the function
     pad = pad_id(tokenizer)
     eos = _eos_ids(model, tokenizer)
     kwargs = _generate_kwargs(settings, pad)

@@ -47,7 +47,7 @@ from actedit.data.formats import pad_id
 from actedit.eval import plots
 from actedit.interventions import compat
 from actedit.interventions.collector import ActivationCollector
-from actedit.interventions.edits import base_model_of, compose, config_of, is_intervenable, site_width
+from actedit.interventions.edits import base_model_of, compose, config_of, intervenable, is_intervenable, site_width
 from actedit.interventions.layers import model_depth
 
 NEUTRAL_TEXTS: Tuple[str, ...] = (
@@ -169,9 +169,7 @@ def restrict_layers(pvm, layers: Sequence[int]):
     if not wanted:
         return pvm.model
     kept = [rep._asdict() for rep in config.representations if int(rep.layer) in wanted]
-    subset = pv.IntervenableModel(pv.IntervenableConfig(representations=kept, actedit=config.actedit), pvm.model)
-    pvm.model.eval()
-    return subset
+    return intervenable(pvm.model, pv.IntervenableConfig(representations=kept, actedit=config.actedit))
 
 
 def _with_collectors(model_or_pvm, layers: Sequence[int], component: str, reduce: Optional[Callable]):
@@ -191,9 +189,7 @@ def _with_collectors(model_or_pvm, layers: Sequence[int], component: str, reduce
         config = collect_config
     compat.apply()
     compat.remove_pyvene_hooks(model)  # nothing of an interrupted earlier call may linger
-    pvm = pv.IntervenableModel(config, model)
-    model.eval()
-    return pvm, collectors
+    return intervenable(model, config), collectors
 
 
 def _resolve_layers(model, layers: Optional[Sequence[int]]) -> List[int]:
@@ -523,7 +519,7 @@ def activation_norms(
     profiles = {}
     for name, edit in (edits or {}).items():
         if isinstance(edit, pv.IntervenableConfig):
-            edit = pv.IntervenableModel(edit, base_model)
+            edit = intervenable(base_model, edit)
         if not is_intervenable(edit):
             raise ValueError(
                 f"edit {name!r} must be a pyvene IntervenableModel or IntervenableConfig, got {type(edit).__name__}."

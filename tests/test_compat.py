@@ -1,5 +1,10 @@
 """Each pyvene workaround in ``actedit.interventions.compat``, on a tiny model of the family it fixes."""
 
+import json
+import logging
+import subprocess
+import sys
+
 import pytest
 import pyvene as pv
 import torch
@@ -141,3 +146,91 @@ def test_apply_is_idempotent():
     compat._APPLIED = False
     compat.apply()
     assert pv.IntervenableModel.__init__ is before
+
+
+# ------------------------------------------------------------------ lm_head on frozen bf16 weights
+_FROZEN_HEAD_CHILD = r"""
+import json, resource, sys
+import torch, transformers as tf
+import actedit.interventions as ai
+
+torch.manual_seed(0)
+torch.set_num_threads(1)
+batch, vocab, hidden = 64, 32768, 256  # the bad path copies lm_head per row: 64 x 32768 x 256 x 2 B = 1 GiB
+config = tf.LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
+                        num_attention_heads=4, num_key_value_heads=2, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+model = tf.LlamaForCausalLM(config).to(torch.bfloat16).eval()
+pvm = ai.intervenable(model, ai.build_caa_config(model, {0: torch.zeros(hidden)}))  # freezes every weight
+assert not any(p.requires_grad for p in model.parameters())
+ids = torch.randint(3, vocab, (batch, 7))
+inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+kwargs = dict(max_new_tokens=2, do_sample=False, pad_token_id=0)
+
+def growth_mib(fn):
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    with torch.no_grad():
+        fn()
+    return (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
+
+edited = lambda: pvm.generate(dict(inputs), unit_locations=None, intervene_on_prompt=True, **kwargs)
+print(json.dumps({
+    "pyvene generate": growth_mib(edited),
+    "model generate after wrapping": growth_mib(lambda: model.generate(**inputs, **kwargs)),
+}))
+"""
+
+
+def test_frozen_bf16_lm_head_needs_no_copy_per_row(tmp_path):
+    """pyvene freezes the weights; torch then runs lm_head on generate's last-position slice by
+    expanding the weight over the batch (1 GiB here). With the contiguous input the prompt pass
+    of a batch of 64 stays within a few MiB (measured in a fresh process: ru_maxrss growth)."""
+    proc = subprocess.run([sys.executable, "-c", _FROZEN_HEAD_CHILD], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    growth = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert all(mib < 200 for mib in growth.values()), growth
+
+
+def test_lm_head_input_is_contiguous_after_wrapping(llama):
+    seen = []
+    ai.intervenable(llama, ai.build_caa_config(llama, {1: torch.ones(32)}))
+    llama.lm_head.register_forward_pre_hook(lambda m, args: seen.append(args[0].is_contiguous()))  # runs after
+    ids = torch.tensor([[1, 5, 6, 7], [1, 8, 9, 10]])
+    with torch.no_grad():
+        llama.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=2, do_sample=False)
+    assert seen and all(seen)
+    compat.contiguous_head_input(llama)  # once: a second call adds no hook
+    assert len(llama.lm_head._forward_pre_hooks) == 2
+
+
+def test_preserved_model_state_gives_back_flags_and_modes(llama):
+    llama.train()
+    llama.model.embed_tokens.weight.requires_grad_(False)
+    with compat.preserved_model_state(llama):
+        pv.IntervenableModel(pv.IntervenableConfig([{"layer": 0, "component": "block_output"}]), llama)
+        assert not any(p.requires_grad for p in llama.parameters()) and not llama.training
+    assert llama.training and all(m.training for m in llama.modules())
+    assert not llama.model.embed_tokens.weight.requires_grad
+    assert all(p.requires_grad for n, p in llama.named_parameters() if n != "model.embed_tokens.weight")
+
+
+# --------------------------------------------------------------------------------- pyvene's logging
+def test_pyvene_key_warning_only_for_stock_pyvene(llama, tmp_path, caplog):
+    path = save_artifact(ai.intervenable(llama, ai.build_caa_config(llama, {1: torch.ones(32)})), tmp_path / "caa")
+    message = "The key is provided in the config"
+    with caplog.at_level(logging.WARNING):
+        load_artifact(path, llama)
+        ai.intervenable(llama, ai.config_of(load_artifact(path, llama)))
+    assert message not in caplog.text
+    with caplog.at_level(logging.WARNING):
+        pv.IntervenableModel.load(str(path), llama)
+    assert message in caplog.text  # a user calling pyvene directly still sees it
+
+
+def test_gguf_load_options_ask_for_dequantised_weights():
+    import transformers as tf
+
+    options = compat.gguf_load_options()
+    if hasattr(tf, "GgufConfig"):  # transformers 5.24+: packed weights are possible, ask for dense ones
+        assert options["quantization_config"].dequantize is True
+    else:  # 4.x always de-quantises
+        assert options == {}

@@ -382,3 +382,14 @@ def test_bad_inputs(tmp_path, tok):
     with pytest.raises(FileNotFoundError, match="No activation store"):
         ActivationStore(tmp_path / "nothing")
     assert not (tmp_path / "a").exists()  # validation happens before anything is written
+
+
+def test_collection_gives_the_model_back_as_it_was(tok):
+    """pyvene's wrapping freezes every weight and sets eval mode; the collector's own wrapper must
+    not leave the user's model that way."""
+    model = model_for("llama", tok).train()
+    model.lm_head.weight.requires_grad_(False)
+    flags = {name: p.requires_grad for name, p in model.named_parameters()}
+    collect_activations(model, tok, dataset(2), None, format="hpr", layers=[1], progress=False)
+    assert {name: p.requires_grad for name, p in model.named_parameters()} == flags
+    assert any(flags.values()) and all(m.training for m in model.modules())

@@ -111,7 +111,12 @@ def fit(
             strength (HPR's and ITI's ``alpha``, CAA's ``multiplier``, ActAdd's ``coefficient``).
 
     Returns:
-        A ``pyvene.IntervenableModel`` ready to generate, score and save (:func:`save`).
+        A ``pyvene.IntervenableModel`` ready to generate, score and save (:func:`save`). Like
+        every pyvene wrapper (and PEFT's ``get_peft_model``), it wraps ``model`` itself and leaves
+        it in eval mode with ``requires_grad=False`` on every weight; actedit's own passes while
+        fitting (collection) give the model back as they found it. To fine-tune the model itself
+        afterwards, call ``model.requires_grad_(True)``. Frozen weights cost nothing at inference
+        (see :func:`actedit.interventions.compat.contiguous_head_input`).
     """
     spec = method_spec(method)
     values = dict(settings)
