@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Callable, Dict, Optional, Sequence, Tuple
+from typing import Callable, Dict, Mapping, Optional, Sequence, Tuple
 
 from actedit.interventions.registry import method_names, methods
 
@@ -24,11 +24,39 @@ from . import artifacts, chat, pipeline, study
 from . import evaluate as evaluation
 
 COMMANDS: Dict[str, Tuple[str, Callable, Callable]] = {}
+REMOVED_FLAGS: Dict[str, Mapping[str, str]] = {}
+"""Command → {flag an earlier release accepted: its new spelling, ``{value}`` standing for the value
+given}; such a flag gets an error that says what to write instead."""
 
 
-def register(name: str, help_text: str, add_arguments: Callable, run: Callable) -> None:
-    """Add a subcommand: ``add_arguments(parser)`` declares its options, ``run(args)`` runs it."""
+def register(
+    name: str, help_text: str, add_arguments: Callable, run: Callable, removed: Optional[Mapping[str, str]] = None
+) -> None:
+    """Add a subcommand: ``add_arguments(parser)`` declares its options, ``run(args)`` runs it;
+    ``removed``: its flags of earlier releases and their new spelling (see :data:`REMOVED_FLAGS`)."""
     COMMANDS[name] = (help_text, add_arguments, run)
+    if removed:
+        REMOVED_FLAGS[name] = dict(removed)
+
+
+def removed_flag_error(argv: Sequence[str]) -> Optional[str]:
+    """The error for the first removed flag in ``argv`` (``--flag VALUE`` or ``--flag=VALUE``), naming
+    its new spelling; None when there is none."""
+    tokens = list(argv)
+    command = next((t for t in tokens if t in COMMANDS), None)
+    removed = REMOVED_FLAGS.get(command) if command is not None else None
+    if command is None or not removed:
+        return None
+    for i in range(tokens.index(command) + 1, len(tokens)):
+        if tokens[i] == "--":
+            break
+        flag, _, value = tokens[i].partition("=")
+        if flag in removed:
+            if not value and i + 1 < len(tokens) and not tokens[i + 1].startswith("-"):
+                value = tokens[i + 1]
+            new = removed[flag].format(value=value or "VALUE")
+            return f"actedit {command}: error: {flag} was removed; write {new} instead."
+    return None
 
 
 _TRAINED = ", ".join(s.name for s in methods() if s.trained)
@@ -71,6 +99,7 @@ register(
     "with analyses and plots",
     evaluation.add_arguments,
     evaluation.run,
+    removed=evaluation.REMOVED_FLAGS,
 )
 register(
     "chat",
@@ -91,6 +120,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
+    message = removed_flag_error(sys.argv[1:] if argv is None else argv)
+    if message:
+        print(message, file=sys.stderr)
+        return 2
     args = parser.parse_args(argv)
     if not args.command:
         parser.print_help()

@@ -10,6 +10,9 @@ from typing import Any, Dict
 from actedit.data.tasks import task_names, task_spec
 from actedit.eval.report import evaluate
 
+REMOVED_FLAGS = {"--mc2-rule": "--option mc2_rule={value}"}
+"""Flags of earlier releases and their new spelling (the error for them says so)."""
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(

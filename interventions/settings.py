@@ -92,7 +92,32 @@ class Settings:
         merged = {**values, **extra}
         check_moved(merged, cls.MOVED, where)
         check_keys(merged, cls.field_names(), where or cls.__name__)
-        return cls(**merged)
+        try:
+            return cls(**merged)
+        except UnknownSettingError:
+            raise
+        except ValueError as exc:
+            raise ValueError(cls._key_path_message(merged, where, str(exc))) from exc
+
+    @classmethod
+    def _key_path_message(cls, merged: Mapping[str, Any], where: str, message: str) -> str:
+        """``message`` led by the key path of the value it is about (``methods.iti.settings.alpha:
+        ...``): the given key whose removal (its default restored) makes the settings valid."""
+        defaulted = {
+            f.name
+            for f in dataclasses.fields(cls)
+            if f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING
+        }
+        for key in merged:
+            if key not in defaulted:
+                continue
+            try:
+                cls(**{k: v for k, v in merged.items() if k != key})
+            except (ValueError, TypeError):
+                continue
+            path = f"{where}.{key}" if where else key
+            return message if path in message else f"{path}: {message}"
+        return message if not where or where in message else f"{where}: {message}"
 
     def to_dict(self) -> Dict[str, Any]:
         """The settings as plain JSON-friendly values (recorded in artifacts and reports)."""

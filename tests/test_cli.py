@@ -21,3 +21,14 @@ def test_user_errors_are_one_line(tmp_path, capsys):
     assert main(["info", str(tmp_path / "missing")]) == 1
     err = capsys.readouterr().err
     assert err.startswith("actedit info: error: No artifact directory") and "Traceback" not in err
+
+
+def test_removed_flags_get_their_new_spelling(capsys):
+    for argv in (
+        ["eval", "--model", "m", "--out", "o", "--mc2-rule", "labels"],
+        ["eval", "--mc2-rule=labels"],  # also before the required flags are given
+    ):
+        assert main(argv) == 2
+        assert capsys.readouterr().err.strip() == (
+            "actedit eval: error: --mc2-rule was removed; write --option mc2_rule=labels instead."
+        )

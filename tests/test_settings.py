@@ -79,3 +79,19 @@ def test_keyword_checked_refuses_mistyped_keywords_and_keeps_the_function():
         return kwargs
 
     assert keyword_checked(takes_anything) is takes_anything
+
+
+def test_value_errors_name_the_key_path():
+    with pytest.raises(ValueError, match=r"^methods\.hpr\.train\.learning_rate: learning_rate must be positive"):
+        Example.from_mapping({"learning_rate": -1, "tags": ["a"]}, "methods.hpr.train")
+    with pytest.raises(ValueError, match=r"^learning_rate must be positive"):
+        Example.from_mapping({"learning_rate": -1})  # no block: the message names the key already
+
+
+def test_a_method_setting_error_names_its_key_path():
+    from actedit.study import default_config_path, load_study
+
+    with pytest.raises(
+        ValueError, match=r"^methods\.iti\.settings\.alpha: ITI alpha must be a finite number, got 'abc'"
+    ):
+        load_study(str(default_config_path()), ["methods.iti.settings.alpha=abc"])
