@@ -76,6 +76,10 @@ def _num(x, digits: int = 4) -> str:
     return "—" if x is None else f"{x:.{digits}f}"
 
 
+def _gib(mib) -> str:
+    return "—" if mib is None else f"{mib / 1024:.2f}"
+
+
 def markdown_report(summary: Dict[str, Any]) -> str:
     """The study's Markdown report: one row per model, then flips and timings."""
     s = summary["study"]
@@ -131,13 +135,20 @@ def markdown_report(summary: Dict[str, Any]) -> str:
                 f"| {n} | {f['false_to_true']:.2f} | {f['true_to_false']:.2f} | {f['remains_true']:.2f} | "
                 f"{f['remains_false']:.2f} |"
             )
-    lines += ["", "Seconds per step:", "", "| step | seconds |", "|---|---|"]
-    for step, sec in summary["seconds"]["steps"].items():
-        lines.append(f"| {step} | {sec:.1f} |")
+    peaks = summary.get("memory", {}).get("peak_rss_mib", {})
     lines += [
         "",
-        f"Total: {summary['seconds']['total']:.0f} s. Plots: scores.png, flips.png, norms.png, "
-        "artifacts/<method>_probe_accuracy.png for trained methods.",
+        "Seconds and peak resident memory per step:",
+        "",
+        "| step | seconds | peak RSS (GiB) |",
+        "|---|---|---|",
+    ]
+    for step, sec in summary["seconds"]["steps"].items():
+        lines.append(f"| {step} | {sec:.1f} | {_gib(peaks.get('steps', {}).get(step))} |")
+    lines += [
+        "",
+        f"Total: {summary['seconds']['total']:.0f} s, peak resident memory {_gib(peaks.get('total'))} GiB. "
+        "Plots: scores.png, flips.png, norms.png, artifacts/<method>_probe_accuracy.png for trained methods.",
         "",
     ]
     return "\n".join(lines)

@@ -23,6 +23,7 @@ from typing import Any, Dict, List, Optional
 
 import torch
 
+from actedit.data.environment import PeakRSS, peak_rss_mib, release_free_memory
 from actedit.data.models import load_model
 from actedit.data.tasks import task_spec
 from actedit.eval.analysis import analyze_edits
@@ -73,21 +74,27 @@ def _sha(path: Path) -> Optional[str]:
 
 
 class _Steps:
-    """Numbered step headers and per-step timings."""
+    """Numbered step headers, and each step's seconds and peak resident memory (MiB, see
+    :class:`~actedit.data.environment.PeakRSS`)."""
 
     def __init__(self, total: int, quiet: bool) -> None:
         self.total, self.done, self.quiet = total, 0, quiet
         self.seconds: Dict[str, float] = {}
+        self.peak_mib: Dict[str, Optional[float]] = {}
 
     def run(self, name: str, fn, *args, **kwargs):
         self.done += 1
         if not self.quiet:
             print(f"[{self.done}/{self.total}] {name}", flush=True)
+        release_free_memory()  # start from what the process still uses, not from an earlier step's heap
         t0 = time.perf_counter()
+        peak = PeakRSS()
         try:
-            return fn(*args, **kwargs)
+            with peak:
+                return fn(*args, **kwargs)
         finally:
             self.seconds[name] = round(time.perf_counter() - t0, 2)
+            self.peak_mib[name] = peak.mib
 
 
 # ------------------------------------------------------------------------------------ study
@@ -95,7 +102,6 @@ def run_study(cfg: StudyConfig, *, quiet: bool = False) -> Dict[str, Any]:
     """Run (or resume) the study ``cfg``; returns the results written to ``OUT/results.json``."""
     started = time.perf_counter()
     out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
     methods = cfg.method_names
     composed = cfg.composed_methods
     edits = methods + (["composed"] if composed else [])
@@ -118,6 +124,7 @@ def run_study(cfg: StudyConfig, *, quiet: bool = False) -> Dict[str, Any]:
     )
     # every method's layer specs against this model's depth, before any work
     pipelines = {method: cfg.pipeline(method).for_model(model) for method in methods}
+    out.mkdir(parents=True, exist_ok=True)  # only now: a run that cannot start leaves no empty folder
 
     artifacts, step_seconds = _build_edits(cfg, pipelines, model, tokenizer, steps, out)
     if composed:
@@ -181,6 +188,7 @@ def run_study(cfg: StudyConfig, *, quiet: bool = False) -> Dict[str, Any]:
             time.perf_counter() - started,
             model,
         )
+        summary["memory"] = _memory(steps)
         plot_scores(
             {name: summary["methods"][name] for name in ["base"] + edits},
             out / "scores.png",
@@ -193,8 +201,14 @@ def run_study(cfg: StudyConfig, *, quiet: bool = False) -> Dict[str, Any]:
 
     summary = steps.run("write report", write_report)
     summary["seconds"]["total"] = round(time.perf_counter() - started, 2)
+    summary["memory"] = _memory(steps)
     write_json(out / "results.json", summary, default=float)
     return summary
+
+
+def _memory(steps: _Steps) -> Dict[str, Any]:
+    """``results.json``'s ``memory``: each step's peak resident memory and the process's (MiB)."""
+    return {"peak_rss_mib": {"steps": dict(steps.peak_mib), "total": peak_rss_mib()}}
 
 
 def _build_edits(cfg: StudyConfig, pipelines, model, tokenizer, steps: _Steps, out: Path):

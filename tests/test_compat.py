@@ -156,10 +156,12 @@ import actedit.interventions as ai
 
 torch.manual_seed(0)
 torch.set_num_threads(1)
-batch, vocab, hidden = 64, 32768, 256  # the bad path copies lm_head per row: 64 x 32768 x 256 x 2 B = 1 GiB
-config = tf.LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
-                        num_attention_heads=4, num_key_value_heads=2, pad_token_id=0, bos_token_id=1, eos_token_id=2)
-model = tf.LlamaForCausalLM(config).to(torch.bfloat16).eval()
+# Qwen2-0.5B's vocabulary on a narrow model: the bad path copies lm_head per row, 64 x 151936 x 64 x 2 B = 1.2 GB
+batch, vocab, hidden = 64, 151936, 64
+config = tf.Qwen2Config(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
+                        num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
+                        pad_token_id=0, bos_token_id=1, eos_token_id=2)
+model = tf.Qwen2ForCausalLM(config).to(torch.bfloat16).eval()
 pvm = ai.intervenable(model, ai.build_caa_config(model, {0: torch.zeros(hidden)}))  # freezes every weight
 assert not any(p.requires_grad for p in model.parameters())
 ids = torch.randint(3, vocab, (batch, 7))
@@ -182,8 +184,10 @@ print(json.dumps({
 
 def test_frozen_bf16_lm_head_needs_no_copy_per_row(tmp_path):
     """pyvene freezes the weights; torch then runs lm_head on generate's last-position slice by
-    expanding the weight over the batch (1 GiB here). With the contiguous input the prompt pass
-    of a batch of 64 stays within a few MiB (measured in a fresh process: ru_maxrss growth)."""
+    expanding the weight over the batch (1.2 GB here, Qwen2's vocabulary). With the contiguous
+    input the prompt pass of a batch of 64 stays within a few MiB, edited (pyvene's generate) or
+    not (the wrapped model's own generate, as SEA's base completions run it); measured in a fresh
+    process as ru_maxrss growth."""
     proc = subprocess.run([sys.executable, "-c", _FROZEN_HEAD_CHILD], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     growth = json.loads(proc.stdout.strip().splitlines()[-1])

@@ -104,7 +104,15 @@ def test_without_data_or_hub_the_error_says_how_to_fix_it(tmp_path, monkeypatch,
     assert main(["run", str(default_config_path()), "--out", str(tmp_path / "o")]) == 1
     err = capsys.readouterr().err
     assert "Hugging Face Hub" in err and "--data" in err and "mc_task.json" in err
-    assert not (tmp_path / "o" / "artifacts").exists()  # nothing was started
+    assert not (tmp_path / "o").exists()  # nothing was started, no empty folder left behind
+
+
+def test_a_missing_model_leaves_no_output_folder(tmp_path, capsys):
+    out = tmp_path / "o"
+    argv = ["run", str(default_config_path()), "--data", str(SHARED_DATA), "--out", str(out), "--set", "eval.limit=2"]
+    assert main(argv + ["--set", f"model={tmp_path / 'no-such-model'}"]) == 1
+    assert "does not exist" in capsys.readouterr().err
+    assert not out.exists()
 
 
 def test_study_end_to_end_then_resumes_without_recomputing(model_dir, tmp_path, capsys):
@@ -132,6 +140,10 @@ def test_study_end_to_end_then_resumes_without_recomputing(model_dir, tmp_path, 
     report = (out / "report.md").read_text()
     for name in names:
         assert f"| {name} |" in report
+    peaks = results["memory"]["peak_rss_mib"]
+    assert list(peaks["steps"]) == list(results["seconds"]["steps"])  # every step, beside its seconds
+    assert all(mib > 50 for mib in peaks["steps"].values()) and peaks["total"] >= max(peaks["steps"].values())
+    assert "| step | seconds | peak RSS (GiB) |" in report and "peak resident memory" in report
     for plot in ("scores.png", "flips.png", "norms.png"):
         assert (out / plot).stat().st_size > 1000
     assert (out / "activations" / "sea_bases.json").is_file()
