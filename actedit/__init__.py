@@ -3,7 +3,8 @@
 The one-call API (:mod:`actedit.train.api`)::
 
     import actedit
-    pvm = actedit.fit("caa", model, tokenizer, pairs, layers=[12], strength=4.0)
+    pvm = actedit.fit("caa", model, tokenizer, pairs, layers=[12], strength=1.0)
+    print(actedit.measure_effect(pvm, tokenizer).table())  # warns on a no-op or a broken model
     actedit.save(pvm, "caa-edit")
 
 The layers, one folder each, from the bottom: :mod:`actedit.interventions` (core: the methods,
@@ -28,6 +29,7 @@ _LAZY = {
     "load": "actedit.train.api",
     "save": "actedit.train.api",
     "load_model": "actedit.data.models",
+    "measure_effect": "actedit.eval.effect",
     "method_names": "actedit.interventions.registry",
     "method_spec": "actedit.interventions.registry",
     "methods": "actedit.interventions.registry",

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from actedit.interventions.artifacts import push_to_hub, resolve_artifact, verify_artifact
+from actedit.interventions.artifacts import effect_table, push_to_hub, resolve_artifact, verify_artifact
 
 
 def info_arguments(parser: argparse.ArgumentParser) -> None:
@@ -27,6 +27,11 @@ def run_info(args) -> int:
         print(f"- {edit['method']} at {edit['component']} layers {edit['layers']} {edit.get('hyperparameters', {})}")
     if info.get("metrics"):
         print("metrics:", json.dumps(info["metrics"]))
+    if info.get("effect"):
+        print("effect when made (share of tokens acted on, relative change ‖h′−h‖/‖h‖):")
+        print(effect_table(info["effect"]))
+        for warning in info["effect"].get("warnings", []):
+            print(f"warning: {warning}")
     print(f"actedit {info.get('actedit_version')} (format {info.get('format')})")
     return 0
 

@@ -64,6 +64,8 @@ def run(args) -> int:
         f"{m.upper()} {results[m]:.4f} ± {results[m + '_stderr']:.4f}" for m in task_spec(results["task"]).metrics
     )
     print(f"{shown} on {results['n_questions']} questions -> {Path(args.out) / 'results.json'}")
+    for warning in (results.get("effect") or {}).get("warnings", []):
+        print(f"warning: {warning}")
     return 0
 
 

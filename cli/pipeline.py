@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 
+from actedit.eval.effect import measure_effect
 from actedit.eval.plots import plot_layer_selection
 from actedit.interventions.registry import method_names
 from actedit.train.pipeline import PipelineConfig, build, collect, load_config
@@ -39,7 +40,10 @@ def run_collect(args) -> int:
 
 
 def _build(cfg: PipelineConfig) -> int:
-    path, metadata = build(cfg)
+    def describe(pvm, tokenizer):
+        return {"effect": measure_effect(pvm, tokenizer, name=cfg.method).to_dict()}
+
+    path, metadata = build(cfg, describe=describe)
     plot_layer_selection(metadata, path)
     print(f"artifact written to {path}")
     return 0

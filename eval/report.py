@@ -23,6 +23,7 @@ from actedit.interventions.artifacts import artifact_metadata, load_artifact, re
 from actedit.interventions.files import write_json
 
 from .analysis import accuracy_vs_num_layers, analyze_edits, restrict_layers
+from .effect import effect_table, measure_effect
 from .mc import MCResult, score_mc, score_mc_many
 
 
@@ -92,6 +93,9 @@ def evaluate(args, options: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
             results["flips"] = analysis.flips.to_dict()
             results["side_effects"] = analysis.side_effects.to_dict()
             results["norm_drift"] = {str(k): v for k, v in analysis.norms.items()}
+            results["effect"] = measure_effect(
+                pvm, tokenizer, [task.text(q) for q in questions[:32]], name=str(args.intervention)
+            ).to_dict()
             drift, kl = analysis.norm_drift, analysis.side_effects.kl
             _layer_analyses(args, task, options, pvm, tokenizer, questions, results, out_dir)
         rows.append(("edited", edited, drift, kl))
@@ -166,6 +170,10 @@ def markdown_report(results: Dict[str, Any], rows, task: TaskSpec) -> str:
             f"| {f['false_to_true']:.2f} | {f['true_to_false']:.2f} | {f['remains_true']:.2f} | "
             f"{f['remains_false']:.2f} | {f['accuracy']:.2f} |",
         ]
+    if results.get("effect"):
+        effect = results["effect"]
+        lines += ["", "What the edit does (`actedit.eval.effect`):", "", effect_table(effect), ""]
+        lines += [f"**Warning:** {w}" for w in effect.get("warnings", [])] or ["No warning: not a no-op, not broken."]
     lines.append("")
     return "\n".join(lines)
 

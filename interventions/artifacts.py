@@ -18,7 +18,7 @@ import pickle
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 import pyvene as pv
 from huggingface_hub import HfApi, snapshot_download
@@ -260,6 +260,25 @@ def model_card(info: Dict[str, Any], pvm: Optional[pv.IntervenableModel] = None)
         lines += ["```json", json.dumps(info["metrics"], indent=2), "```"]
     else:
         lines.append("Not measured yet.")
+    if info.get("effect"):
+        effect = info["effect"]
+        lines += [
+            "",
+            "## Effect",
+            "",
+            "Measured when the edit was made (`actedit.eval.effect`):",
+            "",
+            effect_table(effect),
+        ]
+        side = effect.get("side_effects") or {}
+        if side:
+            lines += [
+                "",
+                f"LM loss on neutral text {side['base_loss']:.3f} → {side['edited_loss']:.3f} nats/token, "
+                f"KL to the base model {side['kl']:.3f}.",
+            ]
+        for warning in effect.get("warnings", []):
+            lines += ["", f"**Warning:** {warning}"]
     if pvm is not None:
         sizes = sum(p.numel() for p in pvm.interventions.parameters()) + sum(
             b.numel() for b in pvm.interventions.buffers()
@@ -283,6 +302,35 @@ def model_card(info: Dict[str, Any], pvm: Optional[pv.IntervenableModel] = None)
         "(wrong model, truncated files, mistyped paths).",
         "",
     ]
+    return "\n".join(lines)
+
+
+EFFECT_TEXTS = ("task", "neutral")
+"""The text sets of a measured effect, in the order its table shows them."""
+
+
+def effect_table(effect: Mapping[str, Any]) -> str:
+    """A Markdown table of an edit's measured effect as stored in its metadata (``effect``, written
+    by ``actedit.eval.effect.EditEffect.to_dict``): one row per edited layer, the task and the
+    neutral texts side by side."""
+    rows: Dict[Any, Dict[str, Mapping[str, Any]]] = {}
+    for e in effect.get("layers", []):
+        rows.setdefault((e["method"], e["component"], e["layer"]), {})[e["texts"]] = e
+    lines = [
+        "| method | site | layer | acted on, task / neutral (%) | mean ‖h′−h‖/‖h‖, task / neutral "
+        "| max, task / neutral |",
+        "|---|---|---|---|---|---|",
+    ]
+
+    def pair(row: Mapping[str, Mapping[str, Any]], key: str, fmt: str) -> str:
+        return " / ".join(format(row[t][key], fmt) if t in row else "—" for t in EFFECT_TEXTS)
+
+    for (method, component, layer), row in rows.items():
+        acted = " / ".join(f"{100 * row[t]['acted_fraction']:.1f}" if t in row else "—" for t in EFFECT_TEXTS)
+        lines.append(
+            f"| {method} | `{component}` | {layer} | {acted} | {pair(row, 'mean_relative_change', '.2e')} | "
+            f"{pair(row, 'max_relative_change', '.2e')} |"
+        )
     return "\n".join(lines)
 
 

@@ -18,7 +18,7 @@ It encodes the pyvene facts that make an edit save and load with the stock
 
 from __future__ import annotations
 
-from typing import Any, Dict, List, Mapping, Optional, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 
 import pyvene as pv
 import torch
@@ -26,6 +26,10 @@ import torch
 from .positions import PolicyLike, PositionPolicy, position_mask
 
 ACTEDIT_ARTIFACT_VERSION = 1
+
+EffectRecorder = Callable[["ActEditIntervention", torch.Tensor, torch.Tensor, torch.Tensor], None]
+"""``recorder(intervention, h, edited, mask)``: activations before and after an edit
+``(batch, seq, d)`` and the positions its policy selected ``(batch, seq)``."""
 
 
 class ActEditIntervention(pv.SourcelessIntervention, pv.TrainableIntervention):  # type: ignore[misc]  # pyvene is untyped
@@ -43,6 +47,9 @@ class ActEditIntervention(pv.SourcelessIntervention, pv.TrainableIntervention): 
 
     default_policy: PositionPolicy = PositionPolicy.ALL
     method_name: str = "base"
+    fixed_parameters: Tuple[str, ...] = ()
+    """Parameters set from the training activations by :meth:`prepare` before training and never
+    trained (HPR's ``input_scale``): trainers keep them frozen and stack them with the rest."""
 
     # buffers (registered in __init__; ``embed_dim`` by pyvene, None when not given)
     embed_dim: Optional[torch.Tensor]
@@ -63,6 +70,9 @@ class ActEditIntervention(pv.SourcelessIntervention, pv.TrainableIntervention): 
         self.register_buffer("position_policy", torch.tensor(int(policy), dtype=torch.long))
         self.register_buffer("position_start", torch.tensor(int(position_start), dtype=torch.long))
         self.register_buffer("artifact_version", torch.tensor(ACTEDIT_ARTIFACT_VERSION, dtype=torch.long))
+        self.effect_recorder: Optional[EffectRecorder] = None
+        """Called as ``recorder(self, h, edited, mask)`` after every forward that edits a position
+        (``actedit.eval.effect`` measures an edit's effect with it); not saved."""
 
     # ----------------------------------------------------------------------------- properties
     @property
@@ -106,6 +116,16 @@ class ActEditIntervention(pv.SourcelessIntervention, pv.TrainableIntervention): 
     def __str__(self) -> str:  # pyvene prints interventions with str()
         return f"{type(self).__name__}({self.extra_repr()})"
 
+    def prepare(self, h: torch.Tensor) -> None:
+        """Set :attr:`fixed_parameters` from training activations ``h`` ``(n, d)``, before training.
+        The base class has none and does nothing."""
+
+    def gate(self, h: torch.Tensor) -> Optional[torch.Tensor]:
+        """Which positions of ``h`` ``(batch, seq, d)`` the edit acts on among those its position
+        policy selects (bool ``(batch, seq)``), or None for all of them. HPR acts only where its
+        probe says negative; an effect measurement reports the fraction."""
+        return None
+
     # ------------------------------------------------------------------------------- forward
     def edit(self, h: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Edited activations for ``h`` of shape ``(batch, seq, d)``.
@@ -126,9 +146,13 @@ class ActEditIntervention(pv.SourcelessIntervention, pv.TrainableIntervention): 
         batch, seq = h.shape[0], h.shape[1]
         mask = position_mask(self.policy, int(self.position_start), batch, seq, device=h.device)
         if not bool(mask.any()):
+            if self.effect_recorder is not None:
+                self.effect_recorder(self, h, h, mask)
             return base
         edited = self.edit(h, mask)
         out = torch.where(mask[..., None], edited.to(h.dtype), h)
+        if self.effect_recorder is not None:
+            self.effect_recorder(self, h, out, mask)
         out = out.squeeze(1) if squeeze else out
         return out.to(base.dtype)
 

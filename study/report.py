@@ -8,6 +8,7 @@ from typing import Any, Dict, List
 
 from actedit.data.environment import environment
 from actedit.data.tasks import task_spec
+from actedit.eval.effect import effect_table
 from actedit.interventions.artifacts import artifact_metadata
 
 
@@ -39,6 +40,9 @@ def summarise(
             entry["artifact"] = str(artifacts[name])
             entry["layers"] = sorted({int(layer) for e in info.get("edits", []) for layer in e.get("layers", [])})
             entry["edits"] = [{k: e.get(k) for k in ("method", "component", "layers")} for e in info.get("edits", [])]
+            if info.get("effect"):
+                entry["effect"] = info["effect"]
+                entry["warnings"] = list(info["effect"].get("warnings", []))
             a = analyses.get(name)
             if a is not None:
                 entry["flips"] = a.flips.to_dict()
@@ -135,6 +139,30 @@ def markdown_report(summary: Dict[str, Any]) -> str:
                 f"| {n} | {f['false_to_true']:.2f} | {f['true_to_false']:.2f} | {f['remains_true']:.2f} | "
                 f"{f['remains_false']:.2f} |"
             )
+    effects = {n: m["effect"] for n, m in summary["methods"].items() if m.get("effect")}
+    if effects:
+        lines += [
+            "",
+            "## What each edit does",
+            "",
+            "Per edited layer: the share of real tokens the edit acts on (its position policy; for HPR, the "
+            "tokens its probe marks negative) and ‖h′ − h‖ / ‖h‖ at the edit's site, on the first "
+            f"{s['eval']['norm_texts']} test questions and on neutral text (`actedit.eval.effect`).",
+        ]
+        for n, effect in effects.items():
+            gen = effect.get("generation") or {}
+            lines += ["", f"### {n}", "", effect_table(effect)]
+            if gen:
+                lines += [
+                    "",
+                    f"Greedy answers: the base model's loss on them {gen['edited_surprise']:.2f} nats/token (on its "
+                    f"own answers {gen['base_surprise']:.2f}); repeated word 3-grams "
+                    f"{100 * gen['edited_repetition']:.0f} % (base {100 * gen['base_repetition']:.0f} %). "
+                    f"First answer: {gen['edited_answers'][0][:120]!r}",
+                ]
+        warned = [(n, w) for n, e in effects.items() for w in e.get("warnings", [])]
+        lines += ["", "## Warnings", ""]
+        lines += [f"- **{n}**: {w}" for n, w in warned] if warned else ["None: no edit is a no-op or breaks the model."]
     peaks = summary.get("memory", {}).get("peak_rss_mib", {})
     lines += [
         "",

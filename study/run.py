@@ -27,6 +27,7 @@ from actedit.data.environment import PeakRSS, peak_rss_mib, release_free_memory
 from actedit.data.models import load_model
 from actedit.data.tasks import task_spec
 from actedit.eval.analysis import analyze_edits
+from actedit.eval.effect import measure_effect
 from actedit.eval.mc import MCResult, score_mc_many
 from actedit.eval.plots import plot_layer_selection, plot_scores
 from actedit.interventions.artifacts import (
@@ -126,14 +127,16 @@ def run_study(cfg: StudyConfig, *, quiet: bool = False) -> Dict[str, Any]:
     pipelines = {method: cfg.pipeline(method).for_model(model) for method in methods}
     out.mkdir(parents=True, exist_ok=True)  # only now: a run that cannot start leaves no empty folder
 
-    artifacts, step_seconds = _build_edits(cfg, pipelines, model, tokenizer, steps, out)
+    effect_texts = [task.text(q) for q in questions[: cfg.eval.norm_texts]]
+    artifacts, step_seconds = _build_edits(cfg, pipelines, model, tokenizer, steps, out, effect_texts)
     if composed:
         path = out / "artifacts" / "composed"
 
         def build_composed():
             if not _artifact_ready(path):
                 edits = [artifacts[m] for m in composed]
-                save_artifact(compose(*edits, model=model, metadata={"composed_of": composed}), path)
+                pvm = compose(*edits, model=model, metadata={"composed_of": composed})
+                save_artifact(pvm, path, metadata=_effect(pvm, tokenizer, effect_texts, "composed"))
 
         steps.run(f"compose {' + '.join(composed)}", build_composed)
         artifacts["composed"] = path
@@ -207,11 +210,18 @@ def run_study(cfg: StudyConfig, *, quiet: bool = False) -> Dict[str, Any]:
 
 
 def _memory(steps: _Steps) -> Dict[str, Any]:
-    """``results.json``'s ``memory``: each step's peak resident memory and the process's (MiB)."""
-    return {"peak_rss_mib": {"steps": dict(steps.peak_mib), "total": peak_rss_mib()}}
+    """``results.json``'s ``memory``: each step's peak resident memory and the process's (MiB).
+    The process's is the kernel's ``VmHWM`` or the largest step's, whichever is higher: the kernel
+    folds its per-thread RSS counters into ``VmHWM`` lazily, so a sampled ``VmRSS`` can exceed it
+    by a few hundred KiB."""
+    total = peak_rss_mib()
+    measured = [mib for mib in steps.peak_mib.values() if mib is not None]
+    if total is not None and measured:
+        total = max(total, max(measured))
+    return {"peak_rss_mib": {"steps": dict(steps.peak_mib), "total": total}}
 
 
-def _build_edits(cfg: StudyConfig, pipelines, model, tokenizer, steps: _Steps, out: Path):
+def _build_edits(cfg: StudyConfig, pipelines, model, tokenizer, steps: _Steps, out: Path, effect_texts: List[str]):
     """Each method's artifact: reused when complete, else collected and fitted or trained."""
     artifacts: Dict[str, Path] = {}
     step_seconds: Dict[str, Dict[str, float]] = {}
@@ -228,17 +238,24 @@ def _build_edits(cfg: StudyConfig, pipelines, model, tokenizer, steps: _Steps, o
         else:
             collect_step, fit_step = f"{method}: collect activations", f"{method}: {verb}"
             store = steps.run(collect_step, pipeline.collect, pcfg, model, tokenizer)
-            steps.run(fit_step, _fit_and_save, pcfg, model, tokenizer, store)
+            steps.run(fit_step, _fit_and_save, pcfg, model, tokenizer, store, effect_texts)
             record.update(collect=steps.seconds[collect_step], fit=steps.seconds[fit_step])
         artifacts[method] = path
     return artifacts, step_seconds
 
 
-def _fit_and_save(pcfg, model, tokenizer, store) -> Path:
+def _fit_and_save(pcfg, model, tokenizer, store, effect_texts: List[str]) -> Path:
     config, metadata = pipeline.make_edit(pcfg, model, tokenizer, store=store)
-    path = save_artifact(intervenable(model, config), pcfg.out)
+    pvm = intervenable(model, config)
+    path = save_artifact(pvm, pcfg.out, metadata=_effect(pvm, tokenizer, effect_texts, pcfg.method))
     plot_layer_selection(metadata, path)
     return path
+
+
+def _effect(pvm, tokenizer, texts: List[str], name: str) -> Dict[str, Any]:
+    """The artifact metadata of an edit's measured effect (:mod:`actedit.eval.effect`; its
+    warnings are issued now and kept in the artifact, its card and the report)."""
+    return {"effect": measure_effect(pvm, tokenizer, texts or None, name=name).to_dict()}
 
 
 def _score_all(

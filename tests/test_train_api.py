@@ -129,6 +129,11 @@ def test_readme_quick_start_runs_as_written(tmp_path, tokenizer, monkeypatch):
     exec(compile(code, "README.md quick start", "exec"), namespace)  # noqa: S102 - the README's own code
     assert (tmp_path / "caa-edit" / "config.json").is_file()
     assert isinstance(namespace["answer"], str)
+    effect = namespace["effect"]  # the quick start measures what its edit does
+    assert [e.layer for e in effect.layers] == [
+        int(layer) for layer in namespace["pvm"].config.actedit["edits"][0]["layers"]
+    ]
+    assert effect.max_relative_change > 0
 
 
 def test_one_call_script_has_a_valid_call_for_every_method():

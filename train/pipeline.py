@@ -435,13 +435,22 @@ def _train(cfg: PipelineConfig, store: ActivationStore, progress: bool) -> Tuple
     return chosen, {"training": result.summary(), **selection.metadata()}
 
 
-def build(cfg: PipelineConfig, model=None, tokenizer=None) -> Tuple[Path, Dict[str, Any]]:
+def build(
+    cfg: PipelineConfig,
+    model=None,
+    tokenizer=None,
+    *,
+    describe: Optional[Callable[[pv.IntervenableModel, Any], Dict[str, Any]]] = None,
+) -> Tuple[Path, Dict[str, Any]]:
     """Collect (if needed), fit or train, and write the artifact to ``cfg.out``; returns its path
-    and the edit's metadata."""
+    and the edit's metadata. ``describe(pvm, tokenizer)``, if given, returns more metadata for the
+    artifact, measured on the edited model before it is saved (the CLI passes the edit's effect)."""
     if model is None:
         model, tokenizer = load_model(cfg.model)
     config, metadata = make_edit(cfg, model, tokenizer)
-    return save_artifact(intervenable(model, config), cast(str, cfg.out)), metadata  # build() is for a cfg with out
+    pvm = intervenable(model, config)
+    extra = describe(pvm, tokenizer) if describe is not None else None
+    return save_artifact(pvm, cast(str, cfg.out), metadata=extra), metadata  # build() is for a cfg with out
 
 
 def _data_record(cfg: PipelineConfig) -> Dict[str, Any]:
