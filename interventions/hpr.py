@@ -19,7 +19,29 @@ h), h_rot = ‖h‖ (cos θ̂ u + sin θ̂ v). ``stable=False`` evaluates Eq. 21
 clipped to ±(1 − 1e-7) as in the official code.
 
 Training loss (per layer, batch of pairs; X = [h⁺; h⁻], targets T = [h⁺; h⁺], labels [1; 0]):
-BCE(σ(wᵀX), y) + MSE(θ̂(X), arccos(clip(cos(X, T)))), see :meth:`HPRIntervention.loss`.
+BCE(σ(wᵀX), y) + MSE(θ̂(X), arccos(clip(cos(X, T)))), see :meth:`HPRIntervention.loss` (with
+the input scale below, the probe and f read h̃).
+
+Input scale (``input_norm``; not in the released code). The probe and the angle network read
+h̃ = h ⊘ s, with s a fixed parameter ``input_scale`` saved with the edit. ``"rms"`` (default):
+s = σ·1, σ the root mean square of every coordinate of the layer's training activations; a scalar
+changes no geometry (the probe's hyperplane wᵀh̃ = 0 is (w/σ)ᵀh = 0 in h's space, and angles are
+scale-free), only the size of what the optimiser sees. Models whose residual stream has norms of
+10³–10⁵ (Gemma-3) otherwise give AdamW steps that move wᵀh by hundreds and angle-network logits
+of −30 to −500: θ̂ ≈ 0, a no-op edit. ``"per_dimension"``: s is each dimension's own RMS, so a
+few massive dimensions no longer dominate h̃; the probe's normal in h's space is then w ⊘ s.
+``"none"``: s = 1, the released code.
+
+Rotation space (``rotation_space``). ``"raw"`` (default): the target angles are ∠(h⁻, h⁺) and
+the rotation turns h itself towards its reflection about the probe's hyperplane (normal w ⊘ s),
+keeping ‖h‖: the paper's edit. ``"standardized"`` (needs ``input_norm: per_dimension``): both
+live in h̃ (targets ∠(h̃⁻, h̃⁺); h′ = s ⊙ R_θ̂(h̃), keeping ‖h̃‖). With a per-dimension s, a raw
+turn by θ̂ moves ‖h‖·sin θ̂ along w ⊘ s, which points into the dimensions of small scale and
+breaks a model like Gemma-3; in h̃ each dimension moves in proportion to its own scale. Both are
+exact rotations in their space; the fixed parameter ``rotation_scale`` c (1 or s) records the
+choice: the edit is c ⊙ R_θ̂(h ⊘ c) with the hyperplane's normal w ⊙ c ⊘ s, and the targets are
+∠(h⁻ ⊘ c, h⁺ ⊘ c).
+Both choices are listed in README ("Choices where the seeds disagree").
 """
 
 from __future__ import annotations
@@ -41,6 +63,11 @@ from .registry import MethodSpec, TrainedMethodSettings, register_method
 from .settings import keyword_checked
 
 COS_CLIP = 1.0 - 1e-7
+INPUT_NORMS = ("rms", "per_dimension", "none")
+"""HPR's ``input_norm`` values: the probe and angle network read h divided by the training
+activations' RMS (default), by each dimension's own RMS, or h itself (the released code)."""
+ROTATION_SPACES = ("raw", "standardized")
+"""HPR's ``rotation_space`` values: target angles and rotation in h (default) or in h ⊘ RMS."""
 
 
 @dataclass
@@ -58,16 +85,27 @@ class HPRSettings(TrainedMethodSettings):
         stable: evaluate the rotation in an orthonormal basis (default) or literally as Eq. 21.
         position_policy: positions edited; ``all`` reproduces the published numbers (every
             position of the scored sequence), the official demo generates with ``last``.
+        input_norm: ``rms`` (default): the probe and the angle network read h divided by the
+            RMS of the training activations, one number per layer (see the module docstring);
+            ``per_dimension``: by each dimension's RMS; ``none``: h itself (the released code).
+        rotation_space: ``raw`` (default): target angles and rotation in h, the paper's edit;
+            ``standardized``: in h ⊘ s (for models with massive dimensions, e.g. Gemma-3;
+            needs ``input_norm: per_dimension``).
     """
 
     alpha: float = 1.0
     angle_hidden_widths: Optional[List[int]] = None
     stable: bool = True
     position_policy: str = "all"
+    input_norm: str = "rms"
+    rotation_space: str = "raw"
 
     def __post_init__(self) -> None:
         super().__post_init__()
         self.alpha = check_number(self.alpha, "HPR alpha")
+        if self.input_norm not in INPUT_NORMS:
+            raise ValueError(f"HPR input_norm must be one of {', '.join(INPUT_NORMS)}, got {self.input_norm!r}.")
+        _check_rotation_space(self.rotation_space, self.input_norm)
         if self.angle_hidden_widths is not None:
             widths = list(self.angle_hidden_widths)
             if not widths or any(isinstance(w, bool) or not isinstance(w, int) or w <= 0 for w in widths):
@@ -83,6 +121,8 @@ class HPRSettings(TrainedMethodSettings):
             "angle_hidden_widths": self.angle_hidden_widths,
             "stable": self.stable,
             "position_policy": self.position_policy,
+            "input_norm": self.input_norm,
+            "rotation_space": self.rotation_space,
         }
 
 
@@ -101,6 +141,22 @@ def _stacked_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.
     if bias is None:
         return torch.bmm(x, weight)
     return torch.baddbmm(bias.unsqueeze(1), x, weight)
+
+
+def _check_rotation_space(rotation_space: str, input_norm: str) -> None:
+    if rotation_space not in ROTATION_SPACES:
+        raise ValueError(f"HPR rotation_space must be one of {', '.join(ROTATION_SPACES)}, got {rotation_space!r}.")
+    if rotation_space == "standardized" and input_norm != "per_dimension":
+        raise ValueError(
+            "HPR rotation_space 'standardized' needs input_norm 'per_dimension' (it rotates h ⊘ s, s the "
+            f"per-dimension RMS), got input_norm {input_norm!r}."
+        )
+
+
+def _stacked_scaled(weights: Mapping[str, torch.Tensor], h: torch.Tensor, name: str = "input_scale") -> torch.Tensor:
+    """h ⊘ sₗ per layer (h (L, n, d), sₗ the stacked fixed parameter ``name`` (L, d)); h when absent."""
+    scale = weights.get(name)
+    return h if scale is None else h / scale.unsqueeze(1)
 
 
 def _angle_net(d: int, hidden: Sequence[int]) -> nn.Sequential:
@@ -123,9 +179,16 @@ class HPRIntervention(ActEditIntervention):
         stable: evaluate the rotation in an orthonormal basis (default) or literally as Eq. 21.
         position_policy: default ``all`` (the published numbers edit every position);
             the official demo generates with ``last``.
+        input_norm: ``rms`` (default): :meth:`prepare` sets ``input_scale`` to the RMS of the
+            training activations (one number); ``per_dimension``: to each dimension's RMS;
+            ``none``: it stays 1 (the released code).
+        rotation_space: ``raw`` (default; ``rotation_scale`` stays 1) or ``standardized``
+            (:meth:`prepare` sets ``rotation_scale`` to ``input_scale``).
 
     Public state (artifact format): ``probe`` (``nn.Linear(d, 1, bias=False)``), ``angle_net``
-    (logits; θ̂ = α·π·σ(angle_net(h))), buffers ``alpha``, ``angle_widths``, ``stable``.
+    (logits; θ̂ = α·π·σ(angle_net(h ⊘ s))), the fixed parameters ``input_scale`` s and
+    ``rotation_scale`` c (d,) (ones in artifacts saved before they existed), buffers ``alpha``,
+    ``angle_widths``, ``stable``, ``input_norm`` (index into :data:`INPUT_NORMS`), ``rotation_standardized``.
     """
 
     default_policy = PositionPolicy.ALL
@@ -136,10 +199,13 @@ class HPRIntervention(ActEditIntervention):
     selection_term = "probe_loss"
     """The term whose module selects layers: after it, the layers with the best eval
     :meth:`probe_logits` accuracy are kept and only they train the other terms."""
+    fixed_parameters = ("input_scale", "rotation_scale")
 
     alpha: torch.Tensor
     angle_widths: torch.Tensor
     stable: torch.Tensor
+    input_norm: torch.Tensor
+    rotation_standardized: torch.Tensor
 
     def __init__(
         self,
@@ -147,9 +213,14 @@ class HPRIntervention(ActEditIntervention):
         alpha: float = 1.0,
         angle_hidden_widths: Optional[Sequence[int]] = None,
         stable: bool = True,
+        input_norm: str = "rms",
+        rotation_space: str = "raw",
         **kwargs: Any,
     ) -> None:
         super().__init__(embed_dim=embed_dim, **kwargs)
+        if input_norm not in INPUT_NORMS:
+            raise ValueError(f"input_norm must be one of {', '.join(INPUT_NORMS)}, got {input_norm!r}.")
+        _check_rotation_space(rotation_space, input_norm)
         d = self.d
         widths = tuple(angle_hidden_widths) if angle_hidden_widths is not None else default_angle_widths(d)
         if any(int(w) <= 0 for w in widths):
@@ -159,40 +230,85 @@ class HPRIntervention(ActEditIntervention):
         self.register_buffer("alpha", torch.tensor(float(alpha)))
         self.register_buffer("angle_widths", torch.tensor([int(w) for w in widths], dtype=torch.long))
         self.register_buffer("stable", torch.tensor(bool(stable)))
+        self.register_buffer("input_norm", torch.tensor(INPUT_NORMS.index(input_norm), dtype=torch.long))
+        self.register_buffer("rotation_standardized", torch.tensor(rotation_space == "standardized"))
+        self.input_scale = nn.Parameter(torch.ones(d), requires_grad=False)
+        self.rotation_scale = nn.Parameter(torch.ones(d), requires_grad=False)
 
     # ------------------------------------------------------------------------------ pieces
+    @torch.no_grad()
+    def prepare(self, h: torch.Tensor) -> None:
+        """Set ``input_scale`` s from training activations ``h`` (n, d): their RMS over every
+        coordinate (``input_norm="rms"``), each dimension's RMS (``"per_dimension"``), or leave
+        it 1 (``"none"``); and ``rotation_scale`` to s when ``rotation_space="standardized"``.
+        A dimension whose RMS is below 10⁻⁶ of the largest keeps that floor, so h̃ stays finite."""
+        norm = self.input_norm_name
+        if norm == "none":
+            return
+        h = torch.as_tensor(h)
+        if h.dim() != 2 or h.shape[-1] != self.d or h.shape[0] == 0:
+            raise ValueError(f"prepare needs training activations of shape (n > 0, {self.d}), got {tuple(h.shape)}.")
+        square = h.double().square()
+        rms = square.mean().sqrt().expand(self.d) if norm == "rms" else square.mean(0).sqrt()
+        if not bool(torch.isfinite(rms).all()):
+            raise ValueError("the training activations hold NaN or infinite values; check the model and dtype.")
+        floor = float(rms.max()) * 1e-6
+        if floor <= 0:
+            raise ValueError("the training activations are all zero: nothing to learn a probe from.")
+        self.input_scale.copy_(rms.clamp_min(floor).to(self.input_scale))
+        if bool(self.rotation_standardized):
+            self.rotation_scale.copy_(self.input_scale)
+
+    @property
+    def input_norm_name(self) -> str:
+        """The ``input_norm`` setting this module was built with (one of :data:`INPUT_NORMS`)."""
+        return INPUT_NORMS[int(self.input_norm)]
+
+    def standardize(self, h: torch.Tensor) -> torch.Tensor:
+        """h̃ = h ⊘ s, the coordinates HPR works in (h itself when s = 1)."""
+        return h / self.input_scale.to(h.dtype)
+
     def probe_logits(self, h: torch.Tensor) -> torch.Tensor:
-        """wᵀh, shape ``h.shape[:-1]``."""
-        logits: torch.Tensor = self.probe(h)
+        """wᵀh̃, shape ``h.shape[:-1]``."""
+        logits: torch.Tensor = self.probe(self.standardize(h))
         return logits.squeeze(-1)
 
     def raw_angle(self, h: torch.Tensor) -> torch.Tensor:
-        """π·σ(f(h)) ∈ (0, π), without α (what the loss trains)."""
-        return math.pi * torch.sigmoid(self.angle_net(h).squeeze(-1))
+        """π·σ(f(h̃)) ∈ (0, π), without α (what the loss trains)."""
+        return math.pi * torch.sigmoid(self.angle_net(self.standardize(h)).squeeze(-1))
+
+    def gate(self, h: torch.Tensor) -> Optional[torch.Tensor]:
+        """The positions the probe marks negative (s = 0), which the edit rotates."""
+        return self.probe_logits(h.to(self.probe.weight.dtype)) <= 0
 
     def angle(self, h: torch.Tensor) -> torch.Tensor:
         """θ̂ = α·π·σ(f(h))."""
         return self.alpha * self.raw_angle(h)
 
     def rotate(self, h: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
-        """Turn each h by ``theta`` towards its Householder reflection, keeping its norm."""
-        w = self.probe.weight.reshape(-1).to(h.dtype)
-        wh = h @ w
+        """h′ = c ⊙ R_θ(h ⊘ c): turn each h ⊘ c by ``theta`` towards its Householder reflection
+        about the probe's hyperplane, keeping ‖h ⊘ c‖, and map it back (c = ``rotation_scale``:
+        1 rotates h itself, s rotates h̃)."""
+        scale = self.rotation_scale.to(h.dtype)
+        x = h / scale
+        # the hyperplane wᵀ(h ⊘ s) = 0 in the coordinates h ⊘ c has the normal w ⊙ c ⊘ s
+        w = (self.probe.weight.reshape(-1) * self.rotation_scale / self.input_scale).to(h.dtype)
+        wx = x @ w
         if bool(self.stable):
-            h_norm: torch.Tensor = h.norm(dim=-1, keepdim=True)
-            u = h / h_norm.clamp_min(torch.finfo(h.dtype).tiny)
+            x_norm: torch.Tensor = x.norm(dim=-1, keepdim=True)
+            u = x / x_norm.clamp_min(torch.finfo(h.dtype).tiny)
             w_perp = w - (u @ w).unsqueeze(-1) * u
             v: torch.Tensor = w_perp / w_perp.norm(dim=-1, keepdim=True).clamp_min(torch.finfo(h.dtype).tiny)
-            # towards the positive side; a point on the hyperplane (wᵀh = 0) is gated negative
-            v = torch.where(wh > 0, -1.0, 1.0).to(h.dtype).unsqueeze(-1) * v
+            # towards the positive side; a point on the hyperplane (wᵀh̃ = 0) is gated negative
+            v = torch.where(wx > 0, -1.0, 1.0).to(h.dtype).unsqueeze(-1) * v
             t = theta.unsqueeze(-1)
-            return h_norm * (torch.cos(t) * u + torch.sin(t) * v)
-        reflected = h - (2 * wh / (w @ w)).unsqueeze(-1) * w
-        cos = F.cosine_similarity(h, reflected, dim=-1).clamp(-COS_CLIP, COS_CLIP)
+            return x_norm * (torch.cos(t) * u + torch.sin(t) * v) * scale
+        reflected = x - (2 * wx / (w @ w)).unsqueeze(-1) * w
+        cos = F.cosine_similarity(x, reflected, dim=-1).clamp(-COS_CLIP, COS_CLIP)
         theta_ref = torch.arccos(cos)
         beta1 = torch.sin(theta) / torch.sin(theta_ref)
         beta2 = torch.sin(theta_ref - theta) / torch.sin(theta_ref)
-        return beta1.unsqueeze(-1) * reflected + beta2.unsqueeze(-1) * h
+        return (beta1.unsqueeze(-1) * reflected + beta2.unsqueeze(-1) * x) * scale
 
     def edit(self, h: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         # compute in the parameters' precision (fp32 for a bf16 model, fp64 when trained in fp64)
@@ -206,7 +322,8 @@ class HPRIntervention(ActEditIntervention):
         """The paper's training loss on a batch of aligned pairs ``(n, d)`` each.
 
         BCE(σ(wᵀX), y) + MSE(θ̂(X), arccos(clip(cos(X, T)))) with X = [h⁺; h⁻], T = [h⁺; h⁺],
-        y = [1; 0]; θ̂ here is π·σ(f(X)) (α is an inference-time scale and is not trained).
+        y = [1; 0] (the probe and f read h̃, the angles are taken in the rotation space); θ̂ here
+        is π·σ(f(X)) (α is an inference-time scale and is not trained).
         The two terms have disjoint parameters (the probe w; the angle net f): see
         :meth:`probe_loss` and :meth:`angle_loss`.
         """
@@ -225,10 +342,13 @@ class HPRIntervention(ActEditIntervention):
         return F.binary_cross_entropy_with_logits(self.probe_logits(x), labels, reduction=reduction)
 
     def angle_loss(self, h_pos: torch.Tensor, h_neg: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
-        """MSE(θ̂(X), arccos(clip(cos(X, T)))), T = [h⁺; h⁺]: the loss term of the angle net alone."""
+        """MSE(θ̂(X), arccos(clip(cos(X ⊘ c, T ⊘ c)))), T = [h⁺; h⁺] (angles in the rotation
+        space, c = ``rotation_scale``): the loss term of the angle net alone."""
         x = self._pairs(h_pos, h_neg)
         target = torch.cat([h_pos, h_pos], dim=0)
-        target_angle = torch.arccos(F.cosine_similarity(x, target, dim=-1).clamp(-COS_CLIP, COS_CLIP))
+        scale = self.rotation_scale.to(x.dtype)
+        cos = F.cosine_similarity(x / scale, target / scale, dim=-1)
+        target_angle = torch.arccos(cos.clamp(-COS_CLIP, COS_CLIP))
         return F.mse_loss(self.raw_angle(x), target_angle, reduction=reduction)
 
     # ------------------------------------------------------------ stacked (all layers at once)
@@ -240,13 +360,13 @@ class HPRIntervention(ActEditIntervention):
 
     @staticmethod
     def stacked_probe_logits(weights: Mapping[str, torch.Tensor], h: torch.Tensor) -> torch.Tensor:
-        """wₗᵀh for every layer l: (L, n) from h (L, n, d)."""
-        return _stacked_linear(h, weights["probe.weight"]).squeeze(-1)
+        """wₗᵀh̃ for every layer l: (L, n) from h (L, n, d)."""
+        return _stacked_linear(_stacked_scaled(weights, h), weights["probe.weight"]).squeeze(-1)
 
     @staticmethod
     def stacked_raw_angle(weights: Mapping[str, torch.Tensor], h: torch.Tensor) -> torch.Tensor:
-        """π·σ(fₗ(h)) for every layer l: (L, n) from h (L, n, d)."""
-        out, i = h, 0
+        """π·σ(fₗ(h̃)) for every layer l: (L, n) from h (L, n, d)."""
+        out, i = _stacked_scaled(weights, h), 0
         while f"angle_net.{i}.weight" in weights:
             out = _stacked_linear(out, weights[f"angle_net.{i}.weight"], weights[f"angle_net.{i}.bias"])
             if f"angle_net.{i + 2}.weight" in weights:
@@ -272,7 +392,9 @@ class HPRIntervention(ActEditIntervention):
         """:meth:`angle_loss` of every layer: (L,) from h⁺, h⁻ (L, n, d)."""
         x = torch.cat([h_pos, h_neg], dim=1)
         target = torch.cat([h_pos, h_pos], dim=1)
-        target_angle = torch.arccos(F.cosine_similarity(x, target, dim=-1).clamp(-COS_CLIP, COS_CLIP))
+        space = "rotation_scale"
+        cos = F.cosine_similarity(_stacked_scaled(weights, x, space), _stacked_scaled(weights, target, space), dim=-1)
+        target_angle = torch.arccos(cos.clamp(-COS_CLIP, COS_CLIP))
         return (HPRIntervention.stacked_raw_angle(weights, x) - target_angle).square().mean(-1)
 
     @staticmethod
@@ -284,6 +406,11 @@ class HPRIntervention(ActEditIntervention):
 
     # -------------------------------------------------------------------------- save/load
     def _prepare_load(self, state_dict: Mapping[str, Any], prefix: str) -> None:
+        if isinstance(state_dict, dict):  # artifacts saved before the input scale: s = 1, as they were trained
+            state_dict.setdefault(prefix + "input_scale", torch.ones(self.d))
+            state_dict.setdefault(prefix + "input_norm", torch.tensor(INPUT_NORMS.index("none")))
+            state_dict.setdefault(prefix + "rotation_scale", torch.ones(self.d))
+            state_dict.setdefault(prefix + "rotation_standardized", torch.tensor(False))
         widths = state_dict.get(prefix + "angle_widths")
         if widths is not None and widths.tolist() != self.angle_widths.tolist():
             device = self.probe.weight.device
@@ -292,7 +419,8 @@ class HPRIntervention(ActEditIntervention):
 
     @property
     def num_parameters(self) -> int:
-        return sum(p.numel() for p in self.parameters())
+        """Trained parameters (probe and angle net; the fixed scales are not counted)."""
+        return sum(p.numel() for name, p in self.named_parameters() if name not in self.fixed_parameters)
 
 
 def hpr_parameter_count(d: int, angle_hidden_widths: Optional[Sequence[int]] = None) -> int:
@@ -315,6 +443,8 @@ def build_hpr_config(
     alpha: float = 1.0,
     angle_hidden_widths: Optional[Sequence[int]] = None,
     stable: bool = True,
+    input_norm: str = "rms",
+    rotation_space: str = "raw",
     position_policy: Optional[PolicyLike] = None,
     component: str = "block_output",
     metadata: Optional[Mapping[str, Any]] = None,
@@ -332,6 +462,8 @@ def build_hpr_config(
                 alpha=alpha,
                 angle_hidden_widths=angle_hidden_widths,
                 stable=stable,
+                input_norm=input_norm,
+                rotation_space=rotation_space,
                 position_policy=position_policy,
             )
             for layer in layers
@@ -350,6 +482,8 @@ def build_hpr_config(
         "alpha": float(alpha),
         "angle_hidden_widths": first.angle_widths.tolist(),
         "stable": bool(first.stable),
+        "input_norm": first.input_norm_name,
+        "rotation_space": ROTATION_SPACES[1] if bool(first.rotation_standardized) else ROTATION_SPACES[0],
         "position_policy": first.policy.name.lower(),
     }
     return edit_config(model, "hpr", modules, component=component, hyperparameters=hyper, metadata=metadata)

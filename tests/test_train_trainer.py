@@ -104,6 +104,9 @@ def test_vectorised_training_equals_independent_reference():
     result = train_hpr(train, None, config=config)
     torch.manual_seed(config.seed)
     reference = {layer: HPRIntervention(embed_dim=16).double() for layer in (0, 1)}
+    for layer, module in reference.items():  # input_norm="rms": s = the RMS of the training rows, one number
+        rows = torch.cat([torch.as_tensor(train.positive[layer]), torch.as_tensor(train.negative[layer])]).double()
+        module.input_scale.data.fill_(float(rows.square().mean().sqrt()))
     steps = math.ceil(96 / 16) * 2
     warmup = math.ceil(0.05 * steps)
     for layer, module in reference.items():
@@ -154,7 +157,8 @@ def test_top_k_training_equals_joint_training_on_the_selected_layers():
     assert a.keys() == b.keys()
     for key in a:
         assert torch.allclose(a[key], b[key], atol=1e-10, rtol=0), key
-    assert all(p.requires_grad for m in result.modules.values() for p in m.parameters())
+    for module in result.modules.values():  # trainable again afterwards, the fixed input scale excepted
+        assert all(p.requires_grad != (n in module.fixed_parameters) for n, p in module.named_parameters())
     # the angle nets of the other layers were never trained
     assert len(result.history) == 3 + joint.best_epoch
 
@@ -406,3 +410,51 @@ def test_training_threads_follow_the_openmp_wait_policy(monkeypatch, policy, cpu
     )
     assert seen == [before if expected == "torch" else expected]
     assert torch.get_num_threads() == before
+
+
+# ------------------------------------------------------------------- HPR at a large activation scale
+def large_scale_pairs(n, seed, d=32):
+    """Pairs shaped like Gemma-3's residual stream: three massive dimensions (about 2·10⁴, shared by
+    every token), the rest about 300, the label ±400 along one small dimension, so that a negative
+    and its positive are a few hundredths of a radian apart."""
+    g = torch.Generator().manual_seed(seed)
+    common = torch.zeros(d)
+    common[:3] = torch.tensor([2.5e4, -1.8e4, 1.2e4])
+
+    def tokens():
+        h = common + 300 * torch.randn(n, d, generator=g)
+        h[:, :3] += 2e3 * torch.randn(n, 3, generator=g)
+        return h
+
+    signal = torch.zeros(d)
+    signal[5] = 400.0
+    return PairedActivations({0: tokens() + signal}, {0: tokens() - signal})
+
+
+@pytest.mark.parametrize("input_norm", ["rms", "per_dimension", "none"])
+def test_hpr_learns_at_a_large_activation_scale_only_with_its_input_scale(input_norm):
+    """The released recipe (AdamW 5e-4 on raw h) gives angle-net logits far below zero on such
+    activations: θ̂ ≈ 0, a no-op edit. On h̃ = h ⊘ s (s the RMS, one number or per dimension), the
+    probe separates and θ̂ follows the target angles."""
+    train, evald = large_scale_pairs(4096, 0), large_scale_pairs(256, 1)
+    modules = new_interventions("hpr", 32, [0], seed=0, input_norm=input_norm)
+    result, _ = train_top_layers(modules, train, evald, k=1, config=TrainSettings(epochs=15, progress=False))
+    module = result.modules[0]
+    hp, hn = evald.positive[0], evald.negative[0]
+    with torch.no_grad():
+        accuracy = float(
+            ((module.probe_logits(hp) > 0).float().mean() + (module.probe_logits(hn) <= 0).float().mean()) / 2
+        )
+        target = float(torch.arccos(F.cosine_similarity(hn, hp, dim=-1)).mean())
+        predicted = float(module.raw_angle(hn).mean())
+    assert 0.05 < target < 0.3
+    if input_norm != "none":
+        assert accuracy > 0.8  # the Bayes rate is Φ(400/300) = 0.91
+        assert 0.5 * target < predicted < 1.5 * target
+        scale = module.input_scale.detach()
+        square = torch.cat([train.positive[0], train.negative[0]]).double().square()
+        rms = square.mean().expand(32) if input_norm == "rms" else square.mean(0)
+        assert torch.allclose(scale, rms.sqrt().float(), rtol=0.05)  # from a sample
+    else:
+        assert predicted < 1e-3  # the failure the input scale fixes
+        assert torch.equal(module.input_scale.detach(), torch.ones(32))

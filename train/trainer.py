@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
 import math
 import os
 import time
@@ -406,7 +407,10 @@ class PairObjective(TrainingObjective):
         self.device = torch.device(config.device) if config.device is not None else self.home
         self.has_probe = all(callable(getattr(m, "probe_logits", None)) for m in self.modules.values())
         self.names_by_layer = {
-            layer: [n for n, p in m.named_parameters() if p.requires_grad] for layer, m in self.modules.items()
+            layer: [
+                n for n, p in m.named_parameters() if p.requires_grad and n not in getattr(m, "fixed_parameters", ())
+            ]
+            for layer, m in self.modules.items()
         }
         self.names = self.names_by_layer[self.layers[0]]
         shapes = {n: p.shape for n, p in first.named_parameters()}
@@ -431,7 +435,7 @@ class PairObjective(TrainingObjective):
         )
         if self.vectorized:
             # Frozen parameters are stacked too (without gradients): they may differ per layer.
-            frozen = [n for n, p in first.named_parameters() if not p.requires_grad]
+            frozen = [n for n, _ in first.named_parameters() if n not in self.names]
             self.transposed = {n: dict(first.named_parameters())[n].dim() == 2 for n in self.names + frozen}
             with torch.no_grad():
                 self.stacked = {}
@@ -602,6 +606,7 @@ class PairObjective(TrainingObjective):
             "modules": sorted({type(m).__name__ for m in self.modules.values()}),
             "vectorized": self.vectorized,
             "parameters": shapes,
+            "fixed": _fixed_digest(self.modules),
         }
 
     @torch.no_grad()
@@ -616,6 +621,18 @@ class PairObjective(TrainingObjective):
             else:
                 module.to(device=self.home, dtype=self.home_dtype)
         return self.modules
+
+
+def _fixed_digest(modules: Mapping[int, nn.Module]) -> Optional[str]:
+    """SHA-256 of the modules' fixed parameters (a resumed training must start from the same)."""
+    digest, found = hashlib.sha256(), False
+    for layer in sorted(modules):
+        for name in getattr(modules[layer], "fixed_parameters", ()):
+            value = dict(modules[layer].named_parameters())[name].detach().to("cpu", torch.float64)
+            digest.update(f"{layer}.{name}".encode())
+            digest.update(value.contiguous().numpy().tobytes())
+            found = True
+    return digest.hexdigest() if found else None
 
 
 # ---------------------------------------------------------------------------------------- loop
@@ -863,16 +880,46 @@ def train_interventions(
     """Train one intervention per layer (each with a ``loss(h_pos, h_neg)`` method) on cached
     activation pairs, every loss term together; see the module docstring. Modules are updated in
     place and returned in ``TrainResult.modules``. Select layers afterwards with
-    :func:`actedit.train.select.select_layers`."""
+    :func:`actedit.train.select.select_layers`. Modules that declare ``fixed_parameters`` are
+    prepared from ``train`` first (:func:`prepare_interventions`)."""
     config = config or TrainSettings()
+    prepare_interventions(modules, train)
     return run_training(PairObjective(modules, train, eval_data, config), config, callbacks)
 
 
 def _train_only(modules: Mapping[int, nn.Module], prefix: Optional[str]) -> None:
-    """Make only the parameters whose name starts with ``prefix`` trainable (None: all)."""
+    """Make only the parameters whose name starts with ``prefix`` trainable (None: all but the
+    class's declared ``fixed_parameters``, which are never trained)."""
     for module in modules.values():
+        fixed = set(getattr(module, "fixed_parameters", ()))
         for name, param in module.named_parameters():
-            param.requires_grad_(prefix is None or name.startswith(prefix))
+            param.requires_grad_(name not in fixed and (prefix is None or name.startswith(prefix)))
+
+
+PREPARE_PAIRS = 8192
+"""At most this many training pairs (evenly spaced; their positive and negative rows) are what
+:func:`prepare_interventions` hands each module's ``prepare``."""
+
+
+def prepare_interventions(modules: Mapping[int, nn.Module], train: PairedActivations) -> None:
+    """Set each module's declared ``fixed_parameters`` from its layer's training activations
+    (``module.prepare(h)``, h the positive and negative rows of at most :data:`PREPARE_PAIRS`
+    evenly spaced pairs), before training. Modules that declare none are left as they are."""
+    # a layer the data lacks, or a width it does not have, is left to the objective's own error
+    needs = [
+        layer
+        for layer, module in modules.items()
+        if getattr(module, "fixed_parameters", ())
+        and layer in train.positive
+        and int(getattr(module, "embed_dim", None) or train.width) == train.width
+    ]
+    if not needs:
+        return
+    n = train.num_pairs
+    idx = torch.linspace(0, n - 1, steps=min(n, PREPARE_PAIRS)).round().long().unique()
+    for layer in needs:
+        pos, neg = train.gather([layer], idx)
+        cast(Any, modules[layer]).prepare(torch.cat([pos[0], neg[0]]))
 
 
 def train_top_layers(
@@ -893,6 +940,7 @@ def train_top_layers(
     gradient is also clipped on its own, every module follows exactly the trajectory of joint
     training. Hence:
 
+    0. prepare the modules' declared fixed parameters from ``train`` (:func:`prepare_interventions`);
     1. train the selecting term of all layers (the others frozen); keep the best epoch E* by the
        mean eval probe accuracy (``config.best_by``);
     2. select the top ``k`` layers by eval probe accuracy at E*
@@ -924,6 +972,7 @@ def train_top_layers(
         )
     rest = [term for term in terms if term != selecting]
     ckpt = Path(config.checkpoint_dir) if config.checkpoint_dir else None
+    prepare_interventions(modules, train)
     try:
         _train_only(modules, terms[selecting])
         first_config = dataclasses.replace(config, checkpoint_dir=str(ckpt / "probes") if ckpt else None)
@@ -979,6 +1028,7 @@ __all__ = [
     "lr_factor",
     "make_optimizer",
     "new_interventions",
+    "prepare_interventions",
     "run_training",
     "train_interventions",
     "train_top_layers",
