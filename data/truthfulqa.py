@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
@@ -264,7 +265,18 @@ def mc2_value(scores: Sequence[float], labels: Sequence[int], rule: str = "split
         true[: labels.index(0)] = True
     else:
         true[np.asarray(labels) == 1] = True
-    probs = np.exp(np.asarray(scores, dtype=np.float64))
+    log_probs = np.asarray(scores, dtype=np.float64)
+    probs = np.exp(log_probs)  # lm-eval's computation, kept bit for bit where it is defined
+    total = probs.sum()
+    if total > 0 and np.isfinite(total):
+        return float(probs[true].sum() / total)
+    # every exp underflowed (log-likelihoods below about −745, a badly broken model): lm-eval
+    # gives NaN; the ratio is the same with the largest log-likelihood subtracted
+    top = log_probs.max()
+    if not np.isfinite(top):
+        warnings.warn(f"mc2: the choices' log-likelihoods are not finite ({scores!r}); MC2 is NaN here.", stacklevel=2)
+        return float("nan")
+    probs = np.exp(log_probs - top)
     return float(probs[true].sum() / probs.sum())
 
 

@@ -185,6 +185,12 @@ def test_metrics_follow_lm_eval():
     assert mean_stderr([1.0, 0.0, 1.0, 1.0]) == pytest.approx(np.std([1, 0, 1, 1], ddof=1) / 2)
     with pytest.raises(ValueError):
         tqa.mc2_value([-1.0], [1])
+    # log-likelihoods so low that every exp underflows (lm-eval: 0/0): the same ratio, shifted
+    far = [s - 2000.0 for s in scores]
+    assert np.exp(far).sum() == 0.0
+    assert tqa.mc2_value(far, [1, 1, 0, 1]) == pytest.approx((p[0] + p[1]) / p.sum(), rel=1e-12)
+    with pytest.warns(UserWarning, match="not finite"):
+        assert np.isnan(tqa.mc2_value([float("nan")] * 3, [1, 0, 0]))
 
 
 def test_batch_plan_covers_every_row_once():
