@@ -253,9 +253,11 @@ def gemma3_scale_model(dtype):
 
 def block_output_rows(model, ids, layer):
     captured = {}
-    handle = model.model.layers[layer].register_forward_hook(
-        lambda m, a, out: captured.setdefault("h", out[0] if isinstance(out, tuple) else out)
-    )
+
+    def keep(module, args, out):  # returns None: a forward hook's return value would replace the output
+        captured["h"] = out[0] if isinstance(out, tuple) else out
+
+    handle = model.model.layers[layer].register_forward_hook(keep)
     try:
         with torch.no_grad():
             model(input_ids=ids, use_cache=False)
