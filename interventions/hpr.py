@@ -10,6 +10,8 @@ For an activation h ∈ R^d at the residual stream after decoder layer k (``bloc
 * pseudo-rotation (paper Eq. 21): h_rot = sin θ̂ / sin θ' · h' + sin(θ' − θ̂) / sin θ' · h, which
   turns h by exactly θ̂ towards h' in the plane of h and h', keeping ‖h_rot‖ = ‖h‖;
 * output: s · h + (1 − s) · h_rot.
+* −AnglePred (the ablation row of the paper's Table 1; ``angle_prediction=False``): no angle
+  network at inference, a negative h is replaced by its reflection h' itself, s · h + (1 − s) · h'.
 
 Numerics: Eq. 21 as written divides by sin θ', which is ill-conditioned in fp32 when h lies close
 to the hyperplane (errors of 1e-2 relative were measured). The default computation
@@ -83,6 +85,8 @@ class HPRSettings(TrainedMethodSettings):
         alpha: scale α of the predicted angle θ̂ at inference (the paper's setting: 1).
         angle_hidden_widths: hidden widths of the angle network; None: the paper's d/2, d/4, d/8.
         stable: evaluate the rotation in an orthonormal basis (default) or literally as Eq. 21.
+        angle_prediction: rotate by the angle network's θ̂ (default, HPR); false: −AnglePred, the
+            ablation of Table 1, which replaces a negative h by its Householder reflection.
         position_policy: positions edited; ``all`` reproduces the published numbers (every
             position of the scored sequence), the official demo generates with ``last``.
         input_norm: ``rms`` (default): the probe and the angle network read h divided by the
@@ -96,6 +100,7 @@ class HPRSettings(TrainedMethodSettings):
     alpha: float = 1.0
     angle_hidden_widths: Optional[List[int]] = None
     stable: bool = True
+    angle_prediction: bool = True
     position_policy: str = "all"
     input_norm: str = "rms"
     rotation_space: str = "raw"
@@ -111,8 +116,9 @@ class HPRSettings(TrainedMethodSettings):
             if not widths or any(isinstance(w, bool) or not isinstance(w, int) or w <= 0 for w in widths):
                 raise ValueError(f"HPR angle_hidden_widths must be a list of positive integers, got {widths!r}.")
             self.angle_hidden_widths = widths
-        if not isinstance(self.stable, bool):
-            raise ValueError(f"HPR stable must be true or false, got {self.stable!r}.")
+        for key in ("stable", "angle_prediction"):
+            if not isinstance(getattr(self, key), bool):
+                raise ValueError(f"HPR {key} must be true or false, got {getattr(self, key)!r}.")
 
     def intervention_arguments(self) -> Dict[str, Any]:
         """The :class:`HPRIntervention` constructor's arguments these settings give."""
@@ -120,6 +126,7 @@ class HPRSettings(TrainedMethodSettings):
             "alpha": self.alpha,
             "angle_hidden_widths": self.angle_hidden_widths,
             "stable": self.stable,
+            "angle_prediction": self.angle_prediction,
             "position_policy": self.position_policy,
             "input_norm": self.input_norm,
             "rotation_space": self.rotation_space,
@@ -177,6 +184,8 @@ class HPRIntervention(ActEditIntervention):
         alpha: scale α of the predicted angle (default 1, the paper's setting).
         angle_hidden_widths: hidden widths of the angle network; default (d/2, d/4, d/8).
         stable: evaluate the rotation in an orthonormal basis (default) or literally as Eq. 21.
+        angle_prediction: true (default): rotate by θ̂; false: −AnglePred, reflect (the angle
+            network is trained and saved all the same, and not used).
         position_policy: default ``all`` (the published numbers edit every position);
             the official demo generates with ``last``.
         input_norm: ``rms`` (default): :meth:`prepare` sets ``input_scale`` to the RMS of the
@@ -188,7 +197,8 @@ class HPRIntervention(ActEditIntervention):
     Public state (artifact format): ``probe`` (``nn.Linear(d, 1, bias=False)``), ``angle_net``
     (logits; θ̂ = α·π·σ(angle_net(h ⊘ s))), the fixed parameters ``input_scale`` s and
     ``rotation_scale`` c (d,) (ones in artifacts saved before they existed), buffers ``alpha``,
-    ``angle_widths``, ``stable``, ``input_norm`` (index into :data:`INPUT_NORMS`), ``rotation_standardized``.
+    ``angle_widths``, ``stable``, ``angle_prediction``, ``input_norm`` (index into
+    :data:`INPUT_NORMS`), ``rotation_standardized``.
     """
 
     default_policy = PositionPolicy.ALL
@@ -204,6 +214,7 @@ class HPRIntervention(ActEditIntervention):
     alpha: torch.Tensor
     angle_widths: torch.Tensor
     stable: torch.Tensor
+    angle_prediction: torch.Tensor
     input_norm: torch.Tensor
     rotation_standardized: torch.Tensor
 
@@ -215,6 +226,7 @@ class HPRIntervention(ActEditIntervention):
         stable: bool = True,
         input_norm: str = "rms",
         rotation_space: str = "raw",
+        angle_prediction: bool = True,
         **kwargs: Any,
     ) -> None:
         super().__init__(embed_dim=embed_dim, **kwargs)
@@ -230,6 +242,7 @@ class HPRIntervention(ActEditIntervention):
         self.register_buffer("alpha", torch.tensor(float(alpha)))
         self.register_buffer("angle_widths", torch.tensor([int(w) for w in widths], dtype=torch.long))
         self.register_buffer("stable", torch.tensor(bool(stable)))
+        self.register_buffer("angle_prediction", torch.tensor(bool(angle_prediction)))
         self.register_buffer("input_norm", torch.tensor(INPUT_NORMS.index(input_norm), dtype=torch.long))
         self.register_buffer("rotation_standardized", torch.tensor(rotation_space == "standardized"))
         self.input_scale = nn.Parameter(torch.ones(d), requires_grad=False)
@@ -289,11 +302,7 @@ class HPRIntervention(ActEditIntervention):
         """h′ = c ⊙ R_θ(h ⊘ c): turn each h ⊘ c by ``theta`` towards its Householder reflection
         about the probe's hyperplane, keeping ‖h ⊘ c‖, and map it back (c = ``rotation_scale``:
         1 rotates h itself, s rotates h̃)."""
-        scale = self.rotation_scale.to(h.dtype)
-        x = h / scale
-        # the hyperplane wᵀ(h ⊘ s) = 0 in the coordinates h ⊘ c has the normal w ⊙ c ⊘ s
-        w = (self.probe.weight.reshape(-1) * self.rotation_scale / self.input_scale).to(h.dtype)
-        wx = x @ w
+        x, w, wx, scale = self._rotation_coordinates(h)
         if bool(self.stable):
             x_norm: torch.Tensor = x.norm(dim=-1, keepdim=True)
             u = x / x_norm.clamp_min(torch.finfo(h.dtype).tiny)
@@ -310,12 +319,26 @@ class HPRIntervention(ActEditIntervention):
         beta2 = torch.sin(theta_ref - theta) / torch.sin(theta_ref)
         return (beta1.unsqueeze(-1) * reflected + beta2.unsqueeze(-1) * x) * scale
 
+    def _rotation_coordinates(self, h: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x = h ⊘ c, the hyperplane's normal w in those coordinates, wᵀx, and c."""
+        scale = self.rotation_scale.to(h.dtype)
+        # the hyperplane wᵀ(h ⊘ s) = 0 in the coordinates h ⊘ c has the normal w ⊙ c ⊘ s
+        w = (self.probe.weight.reshape(-1) * self.rotation_scale / self.input_scale).to(h.dtype)
+        x = h / scale
+        return x, w, x @ w, scale
+
+    def reflect(self, h: torch.Tensor) -> torch.Tensor:
+        """h′ = c ⊙ (x − 2 (wᵀx / ‖w‖²) w), x = h ⊘ c: the Householder reflection about the
+        probe's hyperplane (−AnglePred's edit; norm-preserving in the rotation space)."""
+        x, w, wx, scale = self._rotation_coordinates(h)
+        return (x - (2 * wx / (w @ w)).unsqueeze(-1) * w) * scale
+
     def edit(self, h: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         # compute in the parameters' precision (fp32 for a bf16 model, fp64 when trained in fp64)
         work = h.to(self.probe.weight.dtype)
         keep = self.probe_logits(work) > 0  # s = round(σ(wᵀh)) = 1
-        rotated = self.rotate(work, self.angle(work))
-        return torch.where(keep.unsqueeze(-1), work, rotated)
+        moved = self.rotate(work, self.angle(work)) if bool(self.angle_prediction) else self.reflect(work)
+        return torch.where(keep.unsqueeze(-1), work, moved)
 
     # -------------------------------------------------------------------------------- loss
     def loss(self, h_pos: torch.Tensor, h_neg: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
@@ -411,6 +434,7 @@ class HPRIntervention(ActEditIntervention):
             state_dict.setdefault(prefix + "input_norm", torch.tensor(INPUT_NORMS.index("none")))
             state_dict.setdefault(prefix + "rotation_scale", torch.ones(self.d))
             state_dict.setdefault(prefix + "rotation_standardized", torch.tensor(False))
+            state_dict.setdefault(prefix + "angle_prediction", torch.tensor(True))
         widths = state_dict.get(prefix + "angle_widths")
         if widths is not None and widths.tolist() != self.angle_widths.tolist():
             device = self.probe.weight.device
@@ -445,6 +469,7 @@ def build_hpr_config(
     stable: bool = True,
     input_norm: str = "rms",
     rotation_space: str = "raw",
+    angle_prediction: Optional[bool] = None,
     position_policy: Optional[PolicyLike] = None,
     component: str = "block_output",
     metadata: Optional[Mapping[str, Any]] = None,
@@ -452,7 +477,9 @@ def build_hpr_config(
     """An ``IntervenableConfig`` with one HPR module per layer.
 
     ``modules`` maps layer → trained :class:`HPRIntervention`; without it fresh (untrained)
-    modules are created with the given hyperparameters, ready for training.
+    modules are created with the given hyperparameters, ready for training. ``alpha``,
+    ``angle_prediction`` (None: keep the modules' own; fresh ones: true) and ``position_policy``
+    also apply to trained modules: they act at inference only.
     """
     width = site_width(model, component)
     if modules is None:
@@ -464,6 +491,7 @@ def build_hpr_config(
                 stable=stable,
                 input_norm=input_norm,
                 rotation_space=rotation_space,
+                angle_prediction=True if angle_prediction is None else angle_prediction,
                 position_policy=position_policy,
             )
             for layer in layers
@@ -475,6 +503,8 @@ def build_hpr_config(
         modules = {layer: modules[layer] for layer in layers}
         for module in modules.values():
             module.alpha.fill_(float(alpha))
+            if angle_prediction is not None:
+                module.angle_prediction.fill_(bool(angle_prediction))
             if position_policy is not None:
                 module.set_position_policy(position_policy)
     first = next(iter(modules.values()))
@@ -482,6 +512,7 @@ def build_hpr_config(
         "alpha": float(alpha),
         "angle_hidden_widths": first.angle_widths.tolist(),
         "stable": bool(first.stable),
+        "angle_prediction": bool(first.angle_prediction),
         "input_norm": first.input_norm_name,
         "rotation_space": ROTATION_SPACES[1] if bool(first.rotation_standardized) else ROTATION_SPACES[0],
         "position_policy": first.policy.name.lower(),

@@ -345,3 +345,55 @@ def test_a_scalar_input_scale_changes_no_geometry():
     assert 0 < int(scaled.gate(h).sum()) < h.shape[0] * h.shape[1]
     mask = torch.ones(2, 9, dtype=torch.bool)
     assert torch.allclose(scaled.edit(h, mask), released.edit(h, mask), rtol=1e-10, atol=0)
+
+
+def reflection_reference(h, w):
+    """−AnglePred as the paper states it: s·h + (1 − s)·(h − 2 (wᵀh / ‖w‖²) w), one vector at a time."""
+    out = []
+    for x in h.double():
+        s = 1.0 if float(x @ w) > 0 else 0.0
+        out.append(s * x + (1 - s) * (x - 2 * float(x @ w) / float(w @ w) * w))
+    return torch.stack(out)
+
+
+@pytest.mark.parametrize("scaling", sorted(SCALINGS))
+def test_without_angle_prediction_negatives_are_reflected(scaling):
+    """−AnglePred (Table 1's ablation): h′ = c ⊙ reflection of h ⊘ c about the normal w ⊙ c ⊘ s;
+    the same edit as turning by the full angle θ′ to the reflection; norms kept; θ̂ unused."""
+    scale, space = SCALINGS[scaling]
+    s = torch.ones(16, dtype=torch.float64) if scale is None else scale
+    hpr = make_hpr(scale=s, rotation_space=space, angle_prediction=False)
+    c = s if space == "standardized" else torch.ones(16, dtype=torch.float64)
+    h = torch.randn(64, 16, dtype=torch.float64) * s
+    normal = hpr.probe.weight.detach().reshape(-1) * c / s
+    got = hpr(h.unsqueeze(0)).squeeze(0).detach()
+    assert torch.allclose(got / c, reflection_reference(h / c, normal), rtol=1e-12, atol=1e-9)
+    assert torch.allclose((got / c).norm(dim=-1), (h / c).norm(dim=-1), rtol=1e-12)
+    negative = hpr.probe_logits(h) <= 0
+    assert 0 < int(negative.sum()) < len(h)
+    assert torch.equal(got[~negative], h[~negative])
+    with torch.no_grad():
+        hpr.angle_net[0].weight.mul_(3.0)  # the angle network does not enter
+    assert torch.equal(hpr(h.unsqueeze(0)).squeeze(0), got)
+    with torch.no_grad():
+        hpr.angle_prediction.fill_(True)
+    assert not torch.allclose(hpr(h.unsqueeze(0)).squeeze(0)[negative], got[negative])
+
+
+def test_angle_prediction_is_a_setting_saved_with_the_edit():
+    from actedit.interventions.hpr import HPRSettings, build_hpr_config
+    from conftest import tiny_model
+
+    assert HPRSettings(angle_prediction=False).intervention_arguments()["angle_prediction"] is False
+    with pytest.raises(ValueError, match="HPR angle_prediction must be true or false, got 'no'"):
+        HPRSettings(angle_prediction="no")
+    trained = make_hpr(d=32, dtype=torch.float32)
+    config = build_hpr_config(tiny_model("llama"), [1], modules={1: trained}, angle_prediction=False)
+    assert not bool(trained.angle_prediction)
+    assert config.representations[0].intervention is trained
+    fresh = HPRIntervention(embed_dim=32)
+    fresh.load_state_dict(trained.state_dict())
+    assert not bool(fresh.angle_prediction)
+    legacy = {k: v for k, v in trained.state_dict().items() if k != "angle_prediction"}
+    fresh.load_state_dict(legacy)  # artifacts saved before the setting rotate, as they did
+    assert bool(fresh.angle_prediction)
