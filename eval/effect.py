@@ -31,6 +31,7 @@ default study) without being large in the residual stream, so it is reported, no
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from dataclasses import asdict, dataclass, field
 from typing import Any, Dict, List, Mapping, Optional, Sequence
@@ -159,10 +160,10 @@ class EditEffect:
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "EditEffect":
         side = data.get("side_effects")
-        fields = ("n_texts", "n_loss_tokens", "n_kl_tokens", "base_loss", "edited_loss", "kl", "kl_max")
+        stored = [f.name for f in dataclasses.fields(SideEffects)]  # to_dict adds derived values
         return cls(
             layers=[LayerEffect(**e) for e in data.get("layers", [])],
-            side_effects=SideEffects(**{k: side[k] for k in fields}) if side else None,
+            side_effects=SideEffects(**{k: side[k] for k in stored}) if side else None,
             generation=GenerationCheck(**data["generation"]) if data.get("generation") else None,
             warnings=list(data.get("warnings", [])),
         )

@@ -166,6 +166,11 @@ def _stacked_scaled(weights: Mapping[str, torch.Tensor], h: torch.Tensor, name: 
     return h if scale is None else h / scale.unsqueeze(1)
 
 
+def _householder(x: torch.Tensor, w: torch.Tensor, wx: torch.Tensor) -> torch.Tensor:
+    """x − 2 (wᵀx / ‖w‖²) w: the reflection of x about the hyperplane wᵀx = 0 (``wx`` = x @ w)."""
+    return x - (2 * wx / (w @ w)).unsqueeze(-1) * w
+
+
 def _angle_net(d: int, hidden: Sequence[int]) -> nn.Sequential:
     layers: List[nn.Module] = []
     width = d
@@ -312,7 +317,7 @@ class HPRIntervention(ActEditIntervention):
             v = torch.where(wx > 0, -1.0, 1.0).to(h.dtype).unsqueeze(-1) * v
             t = theta.unsqueeze(-1)
             return x_norm * (torch.cos(t) * u + torch.sin(t) * v) * scale
-        reflected = x - (2 * wx / (w @ w)).unsqueeze(-1) * w
+        reflected = _householder(x, w, wx)
         cos = F.cosine_similarity(x, reflected, dim=-1).clamp(-COS_CLIP, COS_CLIP)
         theta_ref = torch.arccos(cos)
         beta1 = torch.sin(theta) / torch.sin(theta_ref)
@@ -331,7 +336,7 @@ class HPRIntervention(ActEditIntervention):
         """h′ = c ⊙ (x − 2 (wᵀx / ‖w‖²) w), x = h ⊘ c: the Householder reflection about the
         probe's hyperplane (−AnglePred's edit; norm-preserving in the rotation space)."""
         x, w, wx, scale = self._rotation_coordinates(h)
-        return (x - (2 * wx / (w @ w)).unsqueeze(-1) * w) * scale
+        return _householder(x, w, wx) * scale
 
     def edit(self, h: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         # compute in the parameters' precision (fp32 for a bf16 model, fp64 when trained in fp64)

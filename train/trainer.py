@@ -628,7 +628,7 @@ def _fixed_digest(modules: Mapping[int, nn.Module]) -> Optional[str]:
     digest, found = hashlib.sha256(), False
     for layer in sorted(modules):
         for name in getattr(modules[layer], "fixed_parameters", ()):
-            value = dict(modules[layer].named_parameters())[name].detach().to("cpu", torch.float64)
+            value = modules[layer].get_parameter(name).detach().to("cpu", torch.float64)
             digest.update(f"{layer}.{name}".encode())
             digest.update(value.contiguous().numpy().tobytes())
             found = True
