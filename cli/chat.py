@@ -33,7 +33,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--max-new-tokens", type=int, default=100, help="new tokens per answer (default 100)")
     parser.add_argument(
-        "--layers", default="all", help="layers edited at start: 'all' (default), 'none' or e.g. '13,14,15'"
+        "--layers",
+        default=None,
+        help="layers edited at start: those the artifact switched on (default), 'all' (every layer it holds, "
+        "including the trained layers an artifact with keep_layers: all saved switched off), 'none' or e.g. '13,14,15'",
     )
     parser.add_argument(
         "--position-policy",

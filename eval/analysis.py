@@ -33,6 +33,7 @@ policy, for instance, edits only the last real token of a plain forward.
 
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -151,7 +152,8 @@ def restrict_layers(pvm, layers: Sequence[int]):
     """The edits of ``pvm`` at ``layers`` only, as a new ``IntervenableModel`` on the same base model.
 
     Every representation whose layer is in ``layers`` is kept (several methods may share a layer),
-    in ``pvm``'s order, with the same intervention instances (nothing is copied). An empty
+    in ``pvm``'s order, with the same intervention instances (nothing is copied, except a module
+    the artifact holds switched off, which is switched on in a copy). An empty
     ``layers`` returns the plain base model, so that ``score(restrict_layers(pvm, top_k))`` also
     gives the baseline in :func:`accuracy_vs_num_layers`. Raises ``ValueError`` for layers that
     ``pvm`` does not edit.
@@ -168,8 +170,17 @@ def restrict_layers(pvm, layers: Sequence[int]):
     compat.remove_pyvene_hooks(pvm.model)
     if not wanted:
         return pvm.model
-    kept = [rep._asdict() for rep in config.representations if int(rep.layer) in wanted]
+    kept = [_switched_on(rep)._asdict() for rep in config.representations if int(rep.layer) in wanted]
     return intervenable(pvm.model, pv.IntervenableConfig(representations=kept, actedit=config.actedit))
+
+
+def _switched_on(rep):
+    """``rep`` with its intervention switched on: a module the artifact holds switched off
+    (``keep_layers: all``) is copied first, so the model it came from stays as it was."""
+    module = rep.intervention
+    if getattr(module, "is_enabled", True):
+        return rep
+    return rep._replace(intervention=copy.deepcopy(module).set_enabled(True))
 
 
 def _with_collectors(model_or_pvm, layers: Sequence[int], component: str, reduce: Optional[Callable]):

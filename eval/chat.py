@@ -100,7 +100,8 @@ class ChatSession:
         info: the artifact's ``actedit`` metadata (kept in rebuilt configs).
         settings: :class:`~actedit.data.generate.GenerationSettings` (default: greedy, 100 new
             tokens, like the HPR demo).
-        layers: initially active layers (a selection string or list; default all).
+        layers: initially active layers (a selection string or list; default: those the
+            artifact switched on, which is all of them unless it kept every trained layer).
     """
 
     def __init__(
@@ -111,7 +112,7 @@ class ChatSession:
         *,
         info: Optional[dict] = None,
         settings=None,
-        layers: Union[str, Iterable[int], None] = "all",
+        layers: Union[str, Iterable[int], None] = None,
     ):
         if not edits:
             raise ValueError("the edit holds no interventions.")
@@ -145,9 +146,21 @@ class ChatSession:
     def available_layers(self) -> List[int]:
         return sorted(self.edits)
 
+    @property
+    def enabled_layers(self) -> List[int]:
+        """The layers the artifact saved switched on (all of them, unless it kept every trained
+        layer with ``keep_layers: all`` and switched on only the selected ones)."""
+        return [
+            layer
+            for layer in self.available_layers
+            if any(getattr(module, "is_enabled", True) for _, module in self.edits[layer])
+        ]
+
     def select(self, layers: Union[str, Iterable[int], None]) -> List[int]:
-        """Make ``layers`` the edited layers (see :func:`parse_layer_selection`); returns them."""
-        chosen = parse_layer_selection(layers, self.available_layers)
+        """Make ``layers`` the edited layers (see :func:`parse_layer_selection`; None: the layers
+        the artifact switched on); returns them. Any layer the artifact holds can be chosen,
+        including modules it saved switched off."""
+        chosen = self.enabled_layers if layers is None else parse_layer_selection(layers, self.available_layers)
         self._rebuild(chosen)
         return chosen
 
@@ -158,6 +171,11 @@ class ChatSession:
         self.active = list(layers)
         if not layers:
             return
+        for layer in self.available_layers:  # the session owns its modules: switch exactly the chosen on
+            for _, module in self.edits[layer]:
+                switch = getattr(module, "set_enabled", None)
+                if callable(switch):
+                    switch(layer in layers)
         representations = [
             rep._replace(intervention=module)._asdict() for layer in layers for rep, module in self.edits[layer]
         ]

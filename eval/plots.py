@@ -289,19 +289,23 @@ def plot_layer_accuracy(
 
 
 def plot_layer_selection(metadata: Mapping, artifact: PathLike) -> Optional[Path]:
-    """The probe-accuracy plot of an edit that selected its layers (its metadata holds
-    ``layer_selection``), written beside its artifact as ``<artifact>_probe_accuracy.png``; None
-    for an edit without a selection."""
+    """The per-layer score plot of an edit that selected its layers (its metadata holds
+    ``layer_selection``), written beside its artifact as ``<artifact>_<metric>.png``
+    (``probe_accuracy``, or ``eval_loss`` for a method without a probe); None for an edit
+    without a selection or whose layers were fixed."""
     selection = metadata.get("layer_selection")
     if not selection:
         return None
+    metric = selection.get("metric", "probe_accuracy")
+    scores = {int(layer): float(v) for layer, v in (selection.get("scores") or selection.get("accuracy") or {}).items()}
+    if not scores or metric == "fixed":
+        return None
     artifact = Path(artifact)
-    accuracy = {int(layer): float(acc) for layer, acc in selection["accuracy"].items()}
-    return plot_layer_accuracy(
-        accuracy,
-        artifact.parent / f"{artifact.name}_probe_accuracy.png",
-        selected=[int(x) for x in selection["selected"]],
-    )
+    path = artifact.parent / f"{artifact.name}_{metric}.png"
+    selected = [int(x) for x in selection["selected"]]
+    if metric == "probe_accuracy":
+        return plot_layer_accuracy(scores, path, selected=selected)
+    return plot_per_layer(scores, "eval loss (lower is better)", path, title="Eval loss per layer", highlight=selected)
 
 
 __all__ = [

@@ -121,7 +121,13 @@ def _layer_analyses(
         )
     if not args.layer_curve:
         return
-    layers = sorted({layer for edit in info.get("edits", []) for layer in edit.get("layers", [])})
+    layers = sorted(
+        {
+            layer
+            for edit in info.get("edits", [])
+            for layer in list(edit.get("layers", [])) + list(edit.get("switched_off", []))
+        }
+    )
     ranked = [int(x) for x in selection.get("ranking", []) if int(x) in layers] or layers
 
     def score(chosen: List[int]) -> Dict[str, float]:

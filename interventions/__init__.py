@@ -1,4 +1,4 @@
-"""actedit interventions: HPR, SEA, ITI, CAA and ActAdd as pyvene interventions.
+"""actedit interventions: HPR, SEA, ITI, CAA, ActAdd and Diff as pyvene interventions.
 
 Importing this package applies actedit's pyvene fixes (:mod:`.compat`) and registers every
 method (:mod:`.registry`). pyvene imports it by itself when it loads an actedit artifact, so
@@ -9,17 +9,27 @@ from . import compat
 
 compat.apply()
 
-from . import actadd, caa, hpr, iti, sea  # noqa: E402,F401  (each registers its method)
+from . import actadd, caa, diff, hpr, iti, sea  # noqa: E402,F401  (each registers its method)
 from .actadd import ActAddIntervention, ActAddSettings, build_actadd_config, fit_actadd  # noqa: E402
 from .artifacts import ArtifactError, artifact_metadata, load_artifact, push_to_hub, save_artifact  # noqa: E402
 from .base import ActEditIntervention  # noqa: E402
 from .caa import CAAIntervention, CAASettings, build_caa_config, fit_caa  # noqa: E402
 from .compat import attach_tracker  # noqa: E402
+from .diff import DiffIntervention, DiffSettings  # noqa: E402
 from .edits import compose, config_of, edit_config, intervenable, is_intervenable  # noqa: E402
 from .hpr import HPRIntervention, HPRSettings, build_hpr_config, hpr_parameter_count  # noqa: E402
 from .iti import ITIIntervention, ITISettings, build_iti_config, fit_iti, mass_mean_directions  # noqa: E402
 from .positions import PositionPolicy, mark_answer_starts, mark_prompt_lengths  # noqa: E402
-from .registry import MethodSettings, MethodSpec, method_names, method_spec, methods, register_method  # noqa: E402
+from .registry import (  # noqa: E402
+    LossTerm,
+    MethodSettings,
+    MethodSpec,
+    TrainingRecipe,
+    method_names,
+    method_spec,
+    methods,
+    register_method,
+)
 from .sea import SEAIntervention, SEASettings, build_sea_config, fit_sea, fit_sea_factors  # noqa: E402
 
 __all__ = [
@@ -29,15 +39,19 @@ __all__ = [
     "ArtifactError",
     "CAASettings",
     "CAAIntervention",
+    "DiffIntervention",
+    "DiffSettings",
     "HPRSettings",
     "HPRIntervention",
     "ITISettings",
     "ITIIntervention",
+    "LossTerm",
     "MethodSettings",
     "MethodSpec",
     "PositionPolicy",
     "SEASettings",
     "SEAIntervention",
+    "TrainingRecipe",
     "artifact_metadata",
     "attach_tracker",
     "build_actadd_config",

@@ -13,7 +13,10 @@ It encodes the pyvene facts that make an edit save and load with the stock
   length, HPR's widths) are resized from the incoming state dict before it is loaded;
 * ``state_dict()`` returns CPU tensors, so an artifact saved from a GPU loads on a CPU-only
   machine (pyvene's ``load`` calls ``torch.load`` without ``map_location``);
-* the output is cast back to the input dtype (pyvene's bf16 scatter needs it).
+* the output is cast back to the input dtype (pyvene's bf16 scatter needs it);
+* a module can be saved switched off (buffer ``enabled``; a trained method's ``keep_layers: all``
+  keeps every layer's module and enables the selected ones): it then returns its input unchanged,
+  and artifacts saved before the switch existed load switched on.
 """
 
 from __future__ import annotations
@@ -56,6 +59,7 @@ class ActEditIntervention(pv.SourcelessIntervention, pv.TrainableIntervention): 
     position_policy: torch.Tensor
     position_start: torch.Tensor
     artifact_version: torch.Tensor
+    enabled: torch.Tensor
 
     def __init__(
         self,
@@ -70,6 +74,7 @@ class ActEditIntervention(pv.SourcelessIntervention, pv.TrainableIntervention): 
         self.register_buffer("position_policy", torch.tensor(int(policy), dtype=torch.long))
         self.register_buffer("position_start", torch.tensor(int(position_start), dtype=torch.long))
         self.register_buffer("artifact_version", torch.tensor(ACTEDIT_ARTIFACT_VERSION, dtype=torch.long))
+        self.register_buffer("enabled", torch.tensor(True))
         self.effect_recorder: Optional[EffectRecorder] = None
         """Called as ``recorder(self, h, edited, mask)`` after every forward that edits a position
         (``actedit.eval.effect`` measures an edit's effect with it); not saved."""
@@ -94,6 +99,16 @@ class ActEditIntervention(pv.SourcelessIntervention, pv.TrainableIntervention): 
         self.position_policy.fill_(int(PositionPolicy.parse(policy)))
         if start is not None:
             self.position_start.fill_(int(start))
+        return self
+
+    @property
+    def is_enabled(self) -> bool:
+        """Whether the module edits (a switched-off one returns its input unchanged)."""
+        return bool(self.enabled)
+
+    def set_enabled(self, enabled: bool = True) -> "ActEditIntervention":
+        """Switch the edit on or off (in place; saved with the artifact); returns ``self``."""
+        self.enabled.fill_(bool(enabled))
         return self
 
     def full_sequence_reason(self) -> Optional[str]:
@@ -143,6 +158,8 @@ class ActEditIntervention(pv.SourcelessIntervention, pv.TrainableIntervention): 
                 f"{type(self).__name__} was built for activations of width {self.d} but received "
                 f"width {h.shape[-1]}: the artifact does not match this model or site."
             )
+        if not self.is_enabled:
+            return base
         batch, seq = h.shape[0], h.shape[1]
         mask = position_mask(self.policy, int(self.position_start), batch, seq, device=h.device)
         if not bool(mask.any()):
@@ -187,6 +204,8 @@ class ActEditIntervention(pv.SourcelessIntervention, pv.TrainableIntervention): 
                 f"This artifact uses actedit format {int(version)}, newer than the installed "
                 f"actedit understands ({ACTEDIT_ARTIFACT_VERSION}); upgrade actedit."
             )
+        if isinstance(state_dict, dict):  # saved before the on/off switch existed: on
+            state_dict.setdefault(prefix + "enabled", torch.tensor(True))
         self._prepare_load(state_dict, prefix)
         for name in self.resizable_buffers():
             incoming = state_dict.get(prefix + name)

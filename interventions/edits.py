@@ -111,14 +111,17 @@ class EditRecord:
     Attributes:
         method: method name (``hpr``, ``sea``, ``iti``, ``caa``, ``actadd``).
         component: pyvene component (site) edited.
-        layers: edited layer indices.
+        layers: edited layer indices (the modules switched on).
         hyperparameters: the method's hyperparameters (JSON-serialisable).
+        switched_off: layers whose module the artifact holds switched off (a trained method's
+            ``keep_layers: all``; ``actedit chat`` and the layer-count curve can switch them on).
     """
 
     method: str
     component: str
     layers: List[int]
     hyperparameters: Dict[str, Any] = field(default_factory=dict)
+    switched_off: List[int] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if self.method not in method_names():
@@ -150,7 +153,11 @@ def edit_config(
                 f"{component} of {type(model).__name__} has width {width}."
             )
         representations.append({"layer": layer, "component": component, "unit": "pos", "intervention": intervention})
-    record = EditRecord(method, component, layers, dict(hyperparameters or {}))
+    off = [layer for layer in layers if not bool(getattr(interventions[layer], "is_enabled", True))]
+    if len(off) == len(layers):
+        raise ValueError(f"every {method} module is switched off: the edit would do nothing; switch one on.")
+    on = [layer for layer in layers if layer not in off]
+    record = EditRecord(method, component, on, dict(hyperparameters or {}), switched_off=off)
     info = {
         "format": 1,
         "actedit_version": actedit_version(),

@@ -61,7 +61,7 @@ from .base import ActEditIntervention
 from .checks import check_number
 from .edits import edit_config, site_width
 from .positions import PolicyLike, PositionPolicy
-from .registry import MethodSpec, TrainedMethodSettings, register_method
+from .registry import LossTerm, MethodSpec, TrainedMethodSettings, TrainingRecipe, register_method
 from .settings import keyword_checked
 
 COS_CLIP = 1.0 - 1e-7
@@ -208,12 +208,16 @@ class HPRIntervention(ActEditIntervention):
 
     default_policy = PositionPolicy.ALL
     method_name = "hpr"
-    loss_terms = {"probe_loss": "probe", "angle_loss": "angle_net"}
-    """The loss terms (method → the parameters it trains): :meth:`loss` is their sum, and the terms
-    have disjoint parameters, so :mod:`actedit.train.trainer` can train them one after the other."""
-    selection_term = "probe_loss"
-    """The term whose module selects layers: after it, the layers with the best eval
-    :meth:`probe_logits` accuracy are kept and only they train the other terms."""
+    training_recipe = TrainingRecipe(
+        terms=(
+            LossTerm("probe_loss", trains="probe", shows=("probe_accuracy",)),
+            LossTerm("angle_loss", trains="angle_net"),
+        ),
+        selection="probe_accuracy",
+    )
+    """The loss terms (:meth:`loss` is their sum; disjoint parameters, so
+    :mod:`actedit.train.trainer` trains them one after the other): the probe first on every layer,
+    then the layers with the best eval :meth:`probe_logits` accuracy train their angle nets."""
     fixed_parameters = ("input_scale", "rotation_scale")
 
     alpha: torch.Tensor

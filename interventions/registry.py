@@ -71,19 +71,25 @@ class MethodSettings(Settings):
 @dataclass
 class TrainedMethodSettings(MethodSettings):
     """Fields every trained method's settings share: it trains a module on each of its layers
-    and keeps the best by eval probe accuracy.
+    and keeps the best by the selection its :class:`TrainingRecipe` declares.
 
     Attributes:
-        top_layers: layers enabled, the best by eval probe accuracy (HPR's k).
+        top_layers: layers enabled, the best by the method's selection score (HPR's k: eval probe
+            accuracy); a method whose layers are ``fixed`` enables every layer it trains.
         strategy: ``probe_first`` (the selecting loss term on every layer, then the other terms
-            on the selected layers only; see :func:`actedit.train.trainer.train_top_layers`) or
+            on the selected layers only; see :func:`actedit.train.trainer.train_method`) or
             ``joint`` (every term of every layer together, then selection).
+        keep_layers: ``selected`` (default: the artifact holds the top ``top_layers`` modules,
+            small) or ``all`` (every trained layer's module, all terms trained on every layer;
+            the selected ones are enabled and the rest saved switched off, so ``actedit chat``
+            and the layer-count curve can turn any of them on).
     """
 
     MOVED = {"top_k": "top_layers"}
 
     top_layers: int = 5
     strategy: str = "probe_first"
+    keep_layers: str = "selected"
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -91,10 +97,111 @@ class TrainedMethodSettings(MethodSettings):
             raise ValueError(f"top_layers must be a positive integer, got {self.top_layers!r}.")
         if self.strategy not in STRATEGIES:
             raise ValueError(f"strategy must be one of {', '.join(STRATEGIES)}, got {self.strategy!r}.")
+        if self.keep_layers not in KEEP_LAYERS:
+            raise ValueError(f"keep_layers must be one of {', '.join(KEEP_LAYERS)}, got {self.keep_layers!r}.")
 
 
 STRATEGIES = ("probe_first", "joint")
 """How a trained method trains before it selects layers (:class:`TrainedMethodSettings`)."""
+
+KEEP_LAYERS = ("selected", "all")
+"""Which trained layers an artifact holds (:attr:`TrainedMethodSettings.keep_layers`)."""
+
+SELECTIONS = {
+    "probe_accuracy": "the layers whose probe (``probe_logits(h) > 0`` ⇔ positive) separates the eval pairs best",
+    "eval_loss": "the layers with the lowest mean loss of the selecting term on the eval pairs",
+    "fixed": "no selection: every layer trained is enabled",
+}
+"""How a trained method picks the layers it enables (:attr:`TrainingRecipe.selection`)."""
+
+TRAINABLE_VIEWS = ("paired",)
+"""The store views :mod:`actedit.train.trainer` trains on (a trained method's ``reads``)."""
+
+
+@dataclass(frozen=True)
+class LossTerm:
+    """One loss term of a trained method.
+
+    Attributes:
+        method: the intervention's method ``method(h_pos, h_neg) -> scalar`` computing it on a
+            batch of aligned pairs (``(n, d)`` each); a ``stacked_<method>(weights, h_pos, h_neg)``
+            static method on the class gives every layer's loss at once (the trainer's fast path).
+        trains: prefix of the parameters it trains (disjoint from the other terms'); the
+            checkpoint of this term holds exactly these, per layer.
+        shows: what a progress bar shows beside the loss while the term trains
+            (``("probe_accuracy",)``: the training batches' probe accuracy).
+    """
+
+    method: str
+    trains: str
+    shows: Tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if not self.method or not isinstance(self.method, str):
+            raise ValueError(f"a loss term needs the name of its loss method, got {self.method!r}.")
+        if not isinstance(self.trains, str):
+            raise ValueError(f"loss term {self.method!r}: trains must be a parameter-name prefix, got {self.trains!r}.")
+        unknown = [s for s in self.shows if s != "probe_accuracy"]
+        if unknown:
+            raise ValueError(f"loss term {self.method!r}: shows knows only probe_accuracy, got {unknown}.")
+
+
+@dataclass(frozen=True)
+class TrainingRecipe:
+    """What a trained method declares (its intervention class's ``training_recipe``; ``training`` is
+    torch's train/eval flag); the trainer,
+    layer selection, progress bars and checkpoints follow it (:mod:`actedit.train.trainer`).
+
+    Attributes:
+        terms: its loss terms, in training order; the module's loss is their sum.
+        selection: how its layers are selected, a key of :data:`SELECTIONS`.
+        selection_term: the term trained on every layer before the selection (default: the
+            first); the other terms train after it, on the selected layers only (strategy
+            ``probe_first``), or with it (``joint``). Its loss is the ``eval_loss`` score.
+
+    Checkpoints: a training run writes one folder per term under its checkpoint directory, named
+    after the term's method (strategy ``joint``: the directory itself, all terms together), each holding the
+    parameters that term trains on every layer it trains, the optimiser, the schedule and the
+    epochs' history; the fixed parameters enter the fingerprint a resumed run must match.
+    """
+
+    terms: Tuple[LossTerm, ...]
+    selection: str = "probe_accuracy"
+    selection_term: Optional[str] = None
+
+    def __post_init__(self) -> None:
+        if not self.terms or not all(isinstance(t, LossTerm) for t in self.terms):
+            raise ValueError("a training recipe needs at least one LossTerm.")
+        names = [t.method for t in self.terms]
+        if len(set(names)) != len(names):
+            raise ValueError(f"loss terms must be distinct, got {names}.")
+        if self.selection not in SELECTIONS:
+            raise ValueError(f"selection must be one of {', '.join(SELECTIONS)}, got {self.selection!r}.")
+        if self.selection_term is not None and self.selection_term not in names:
+            raise ValueError(f"selection_term {self.selection_term!r} is not one of the loss terms {names}.")
+
+    @property
+    def selecting(self) -> LossTerm:
+        """The term trained on every layer before the selection."""
+        name = self.selection_term or self.terms[0].method
+        return next(t for t in self.terms if t.method == name)
+
+    @property
+    def rest(self) -> Tuple[LossTerm, ...]:
+        """The other terms, in order."""
+        return tuple(t for t in self.terms if t.method != self.selecting.method)
+
+    def check(self, cls: type, where: str) -> None:
+        """Errors, before any work, for a class that lacks what this recipe names."""
+        for term in self.terms:
+            if not callable(getattr(cls, term.method, None)):
+                raise ValueError(f"{where}: {cls.__name__} has no {term.method}(h_pos, h_neg) loss method.")
+        needs_probe = self.selection == "probe_accuracy" or any("probe_accuracy" in t.shows for t in self.terms)
+        if needs_probe and not callable(getattr(cls, "probe_logits", None)):
+            raise ValueError(
+                f"{where}: {cls.__name__} has no probe_logits(h), which selection/shows probe_accuracy needs; "
+                "select its layers by eval_loss or fix them."
+            )
 
 
 @dataclass(frozen=True)
@@ -141,8 +248,8 @@ class MethodSpec:
             ``()``: the data has no splits, e.g. ActAdd's one prompt pair).
         fit: closed form: ``fit(inputs, config, context) -> FitResult``; ``inputs`` holds the view,
             per split for ``labeled`` (see :func:`actedit.train.pipeline.fit_inputs`).
-        trained: trained by :mod:`actedit.train.trainer` on the loss terms of the intervention
-            class (``loss_terms``) instead of fitted.
+        trained: trained by :mod:`actedit.train.trainer` on what the intervention class declares
+            in its ``training_recipe`` (a :class:`TrainingRecipe`) instead of fitted.
         default_layers: the layers it works on when ``layers`` is unset: ``"all"``, or None when
             the user must choose (one steered layer never silently means every layer).
         strength: the settings field that scales the edit (HPR's and ITI's ``alpha``, CAA's
@@ -176,11 +283,24 @@ class MethodSpec:
             raise ValueError(
                 f"method {self.name!r} is trained, so its settings_class must derive from TrainedMethodSettings."
             )
-        if self.trained and not getattr(self.intervention, "loss_terms", None):
-            raise ValueError(
-                f"method {self.name!r} is trained, so {self.intervention.__name__} must declare "
-                "loss_terms (loss method name -> parameter prefix)."
-            )
+        if self.trained:
+            recipe = getattr(self.intervention, "training_recipe", None)
+            if not isinstance(recipe, TrainingRecipe):
+                raise ValueError(
+                    f"method {self.name!r} is trained, so {self.intervention.__name__} must declare "
+                    "training_recipe = TrainingRecipe(terms=(LossTerm(...), ...), selection=...)."
+                )
+            recipe.check(self.intervention, f"method {self.name!r}")
+            if self.reads not in TRAINABLE_VIEWS:
+                raise ValueError(
+                    f"method {self.name!r} is trained, but the trainer reads only the views "
+                    f"{', '.join(TRAINABLE_VIEWS)}, not {self.reads!r}."
+                )
+            if "eval" not in self.splits and recipe.selection != "fixed":
+                raise ValueError(
+                    f"method {self.name!r} selects layers by {recipe.selection} on eval data: its splits "
+                    "must include 'eval' (or declare selection='fixed')."
+                )
         if getattr(self.intervention, "method_name", None) != self.name:
             raise ValueError(f"{self.intervention.__name__}.method_name must be {self.name!r}.")
         if self.strength is not None and self.strength not in self.settings_class.field_names():
@@ -210,6 +330,11 @@ class MethodSpec:
                 )
             merged[self.strength] = merged.pop(STRENGTH)
         return self.settings_class.from_mapping(merged, where)
+
+    @property
+    def training(self) -> Optional["TrainingRecipe"]:
+        """A trained method's recipe (its intervention class's ``training_recipe``); None when fitted."""
+        return getattr(self.intervention, "training_recipe", None) if self.trained else None
 
     def component(self, config: Optional[MethodSettings] = None) -> str:
         """The site edited: the settings' ``site`` or the method's default."""

@@ -36,6 +36,7 @@ def calls(data_dir: str, limit: int) -> dict:
     task = dict(source=data_dir, limit=limit)
     return {
         "hpr": ("'truthfulqa'", "truthfulqa", dict(task, top_layers=5, train={"epochs": 1})),
+        "diff": ("'truthfulqa'", "truthfulqa", dict(task, top_layers=5, train={"epochs": 1})),
         "sea": ("'truthfulqa'", "truthfulqa", dict(task, layers="1/3:")),
         "iti": ("'truthfulqa'", "truthfulqa", dict(task, top_heads=48, strength=15.0)),
         "caa": ("TRIPLES", TRIPLES, dict(layers=0.4, multiplier=4.0)),

@@ -37,6 +37,7 @@ TYPOS = {
     "iti": ("top_headz", "top_heads"),
     "caa": ("multipler", "multiplier"),
     "actadd": ("coeficient", "coefficient"),
+    "diff": ("hiden_widths", "hidden_widths"),
 }
 
 
@@ -115,6 +116,7 @@ BAD_VALUES = {
     "iti": {"direction": "pca"},
     "caa": {"position_policy": "sometimes"},
     "actadd": {"layers": "every"},
+    "diff": {"input_norm": "per_dimension"},
 }
 
 

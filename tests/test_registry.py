@@ -23,7 +23,7 @@ STRENGTHS = {"hpr": "alpha", "sea": None, "iti": "alpha", "caa": "multiplier", "
 
 
 def test_every_method_is_registered_in_composition_order():
-    assert method_names() == ["actadd", "caa", "iti", "sea", "hpr"]
+    assert method_names() == ["actadd", "caa", "iti", "sea", "hpr", "diff"]
     assert [s.order for s in methods()] == sorted(s.order for s in methods())
     for spec in methods():
         assert method_spec(spec.name.upper()) is spec

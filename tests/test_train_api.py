@@ -149,3 +149,31 @@ def test_one_call_script_has_a_valid_call_for_every_method():
     for name, (_, _, kwargs) in calls.items():
         settings = {k: v for k, v in kwargs.items() if k not in fit_keywords}
         method_settings(name, settings, kwargs.get("train"))
+
+
+@pytest.mark.parametrize("method", [s.name for s in methods() if s.trained])
+def test_keep_layers_all_saves_every_trained_layer_switched_off_but_the_selected(method, model, tokenizer, tmp_path):
+    kwargs = arguments(actedit.method_spec(method))
+    data = kwargs.pop("data")
+    top = actedit.fit(method, model, tokenizer, data, **kwargs)
+    every = actedit.fit(method, model, tokenizer, data, keep_layers="all", **kwargs)
+    record = every.config.actedit["edits"][0]
+    selected = top.config.actedit["layer_selection"]["selected"]
+    depth = model.config.num_hidden_layers
+    assert record["layers"] == selected and sorted(record["layers"] + record["switched_off"]) == list(range(depth))
+    # the selected layers edit exactly as the top-k artifact's (the other terms trained on every
+    # layer do not change them); the rest are saved and do nothing until switched on
+    ids = {"input_ids": torch.tensor([[1, 5, 6, 7, 8]])}
+    assert torch.allclose(top(ids)[1].logits, every(ids)[1].logits, atol=1e-6)
+    assert_stock_reload(model, {"every": every}, tmp_path)  # switched-off modules load switched off
+    path = tmp_path / "artifacts" / "every"
+    from actedit.eval.analysis import restrict_layers
+    from actedit.eval.chat import ChatSession
+
+    off = record["switched_off"][0]
+    session = ChatSession.from_artifact(path, model, tokenizer)
+    assert session.active == selected and session.available_layers == list(range(depth))
+    session.select([off])
+    assert session.active == [off] and all(m.is_enabled for m in interventions_of(session.pvm))
+    alone = restrict_layers(actedit.load(path, model), [off])
+    assert not torch.allclose(alone(ids)[1].logits, model(**ids).logits)

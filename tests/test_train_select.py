@@ -73,16 +73,16 @@ def test_top_k_ranking_ties_and_caps():
     assert rank_layers(accuracy) == [4, 1, 2, 3, 0]  # tie 1/2: the lower layer first
     assert select_top_layers(accuracy, 3) == [1, 2, 4]
     assert select_top_layers(accuracy, 10) == [0, 1, 2, 3, 4]  # capped at the layers available
-    selection = LayerSelection(accuracy=accuracy)  # default k = 5 (HPR's README)
+    selection = LayerSelection(scores=accuracy)  # default k = 5 (HPR's README)
     assert selection.k == 5 and selection.selected == [0, 1, 2, 3, 4]
     with pytest.raises(ValueError, match="k must be"):
         select_top_layers(accuracy, 0)
     with pytest.raises(ValueError, match="in \\[0, 1\\]"):
-        LayerSelection(accuracy={0: 1.5})
+        LayerSelection(scores={0: 1.5})
     with pytest.raises(ValueError, match="at least one layer"):
-        LayerSelection(accuracy={})
-    with pytest.raises(ValueError, match="no accuracy"):
-        LayerSelection(accuracy={0: 0.5}, selected=[3])
+        LayerSelection(scores={})
+    with pytest.raises(ValueError, match="have no probe_accuracy"):
+        LayerSelection(scores={0: 0.5}, selected=[3])
 
 
 def test_selection_metadata_goes_into_the_artifact(tmp_path):

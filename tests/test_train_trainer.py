@@ -11,7 +11,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from actedit.data.store import PairedActivations
-from actedit.interventions import HPRIntervention
+from actedit.interventions import HPRIntervention, registry
+from actedit.interventions.base import ActEditIntervention
+from actedit.interventions.registry import (
+    LossTerm,
+    MethodSpec,
+    TrainedMethodSettings,
+    TrainingRecipe,
+    register_method,
+)
 from actedit.train.select import probe_accuracy
 from actedit.train.trainer import (
     CHECKPOINT_NAME,
@@ -364,12 +372,15 @@ def test_stacked_losses_are_used_only_where_the_class_defines_them():
 
     train = separable_pairs(64, 6, layers=2, d=16)
     config = fast(epochs=1, select_best=False)
-    task = PairObjective(new_interventions("hpr", 16, [0, 1]), train, None, config)
+    task = PairObjective(new_interventions("hpr", 16, [0, 1]), train, None, config, loss_method="loss")
     assert task.vectorized
     torch.manual_seed(0)
     doubled = {layer: DoubledLoss(embed_dim=16) for layer in (0, 1)}
-    other = PairObjective(doubled, train, None, config)
+    with pytest.warns(UserWarning, match="has no stacked_loss: training loops over its 2 layers"):
+        other = PairObjective(doubled, train, None, config, loss_method="loss")
     assert not other.vectorized
+    # its declared terms (probe_loss, angle_loss) it did not override: their stacked versions are used
+    assert PairObjective(doubled, train, None, config).vectorized
     idx = torch.arange(16)
     hp, hn = train.gather([0, 1], idx)
     loss, _ = other.loss(idx)
@@ -458,3 +469,116 @@ def test_hpr_learns_at_a_large_activation_scale_only_with_its_input_scale(input_
     else:
         assert predicted < 1e-3  # the failure the input scale fixes
         assert torch.equal(module.input_scale.detach(), torch.ones(32))
+
+
+# ----------------------------------------------------------------------------- the contract
+class ToyThreeTerms(ActEditIntervention):
+    """A trained method shaped nothing like HPR: three loss terms, no probe, layers by eval loss.
+    h′ = h + a + (b·h) c; term 1 fits the shift a (the selecting term), term 2 the gate b, term 3
+    the direction c."""
+
+    method_name = "toy3"
+    training_recipe = TrainingRecipe(
+        terms=(LossTerm("shift_loss", trains="a"), LossTerm("gate_loss", trains="b"), LossTerm("dir_loss", trains="c")),
+        selection="eval_loss",
+    )
+
+    def __init__(self, embed_dim=None, **kwargs):
+        super().__init__(embed_dim=embed_dim, **kwargs)
+        self.a = nn.Parameter(torch.zeros(self.d))
+        self.b = nn.Parameter(torch.randn(self.d) * 0.1)
+        self.c = nn.Parameter(torch.randn(self.d) * 0.1)
+
+    def edit(self, h, mask=None):
+        return h + self.a + (h @ self.b).unsqueeze(-1) * self.c
+
+    def shift_loss(self, h_pos, h_neg):
+        return (h_neg + self.a - h_pos).square().mean()
+
+    def gate_loss(self, h_pos, h_neg):
+        return (h_neg @ self.b - 1.0).square().mean()
+
+    def dir_loss(self, h_pos, h_neg):
+        return (self.edit(h_neg) - h_pos).square().mean()
+
+
+@pytest.fixture
+def toy_method():
+    spec = MethodSpec(
+        name="toy3",
+        title="toy",
+        intervention=ToyThreeTerms,
+        settings_class=TrainedMethodSettings,
+        site="block_output",
+        order=9,
+        format="hpr",
+        reads="paired",
+        splits=("train", "eval"),
+        trained=True,
+    )
+    register_method(spec)
+    yield spec
+    registry._REGISTRY.pop("toy3", None)
+
+
+def test_a_trained_method_of_three_terms_selected_by_eval_loss_trains_checkpoints_and_resumes(tmp_path, toy_method):
+    train, evald = separable_pairs(64, 20, layers=3, d=8), separable_pairs(32, 21, layers=3, d=8)
+
+    def run(directory, callbacks=()):
+        modules = new_interventions("toy3", 8, [0, 1, 2], seed=5)
+        config = fast(epochs=3, vectorize=False, checkpoint_dir=str(directory))
+        return train_top_layers(modules, train, evald, k=2, config=config, callbacks=callbacks)
+
+    full, selection = run(tmp_path / "full")
+    assert selection.metric == "eval_loss" and len(selection.selected) == 2
+    assert sorted(os.listdir(tmp_path / "full")) == ["dir_loss", "gate_loss", "shift_loss"]
+    assert len(full.history) == 3 + 2 * full.best_epoch  # the selecting term, then two terms up to E*
+    assert full.metric == "neg_eval_loss" and all(r.train_accuracy is None for r in full.history)
+    # the eval losses the selection ranked are the shift term's own (a is frozen after it)
+    assert sorted(full.modules) == selection.selected
+    for layer, module in full.modules.items():
+        expected = module.shift_loss(evald.positive[layer], evald.negative[layer]).item()
+        assert selection.scores[layer] == pytest.approx(expected, rel=1e-5)
+    calls = []
+
+    def stop_in_the_second_term(record):
+        calls.append(record)
+        if len(calls) == full.best_epoch + 1:  # the gate term's first epoch
+            raise Interrupt
+
+    with pytest.raises(Interrupt):
+        run(tmp_path / "cut", [stop_in_the_second_term])
+    resumed, again = run(tmp_path / "cut")
+    assert again.selected == selection.selected
+    wa, wb = weights(full.modules), weights(resumed.modules)
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_the_contract_is_checked_when_a_method_registers():
+    class NoProbe(ToyThreeTerms):
+        training_recipe = TrainingRecipe(terms=(LossTerm("shift_loss", trains="a"),), selection="probe_accuracy")
+
+    base = dict(
+        name="toy3", title="t", settings_class=TrainedMethodSettings, site="block_output", order=9, format="hpr"
+    )
+    with pytest.raises(ValueError, match="has no probe_logits"):
+        MethodSpec(intervention=NoProbe, reads="paired", splits=("train", "eval"), trained=True, **base)
+    with pytest.raises(ValueError, match="reads only the views paired"):
+        MethodSpec(intervention=ToyThreeTerms, reads="labeled", splits=("train", "eval"), trained=True, **base)
+    with pytest.raises(ValueError, match="splits must include 'eval'"):
+        MethodSpec(intervention=ToyThreeTerms, reads="paired", splits=("train",), trained=True, **base)
+
+    class Missing(ToyThreeTerms):
+        training_recipe = TrainingRecipe(terms=(LossTerm("nope_loss", trains="a"),), selection="eval_loss")
+
+    with pytest.raises(ValueError, match="has no nope_loss"):
+        MethodSpec(intervention=Missing, reads="paired", splits=("train", "eval"), trained=True, **base)
+    with pytest.raises(ValueError, match="selection must be one of"):
+        TrainingRecipe(terms=(LossTerm("a", trains="a"),), selection="vibes")
+
+
+def test_a_loop_over_layers_is_announced_when_the_class_has_no_stacked_loss():
+    train = separable_pairs(16, 0, layers=2, d=8)
+    modules = {layer: ToyThreeTerms(embed_dim=8) for layer in (0, 1)}
+    with pytest.warns(UserWarning, match="has no stacked_shift_loss"):
+        PairObjective(modules, train, None, fast(), loss_method="shift_loss")

@@ -60,7 +60,14 @@ from actedit.data.tasks import is_task, load_contrast
 from actedit.interventions.artifacts import save_artifact
 from actedit.interventions.edits import edit_config, intervenable, site_width
 from actedit.interventions.layers import model_depth, resolve_layers
-from actedit.interventions.registry import FitContext, FitResult, MethodSettings, MethodSpec, method_spec
+from actedit.interventions.registry import (
+    FitContext,
+    FitResult,
+    MethodSettings,
+    MethodSpec,
+    TrainingRecipe,
+    method_spec,
+)
 from actedit.interventions.settings import Settings, UnknownSettingError, check_keys, check_moved
 
 from .select import select_layers
@@ -226,7 +233,8 @@ class PipelineConfig:
             )
         layers = resolve_layers(layers, depth, f"{prefix}settings.layers")
         top_layers = getattr(self.settings, "top_layers", None)
-        if spec.trained and top_layers is not None and top_layers > len(layers):
+        selection = spec.training.selection if spec.training is not None else None
+        if spec.trained and selection != "fixed" and top_layers is not None and top_layers > len(layers):
             raise ValueError(
                 f"{prefix}settings.top_layers={top_layers} exceeds the {len(layers)} layers {spec.name} "
                 f"trains on this {depth}-layer model."
@@ -414,24 +422,44 @@ def make_edit(
 
 
 def _train(cfg: PipelineConfig, store: ActivationStore, progress: bool) -> Tuple[Dict[int, Any], Dict[str, Any]]:
-    """A trained method's modules on its top ``settings.top_layers`` layers by eval probe accuracy."""
+    """A trained method's modules, trained and selected as its recipe declares
+    (:class:`~actedit.interventions.registry.TrainingRecipe`): the top ``settings.top_layers``
+    layers enabled; with ``keep_layers: all`` every trained layer kept, the others switched off."""
     spec, settings = cfg.spec, cfg.settings
+    recipe = cast(TrainingRecipe, spec.training)  # a trained spec has one (checked at registration)
     out = Path(cfg.out) if cfg.out is not None else None
+    # the spec's view (``paired``, the one the trainer reads; checked when the method registered)
     train_pairs = store.paired_activations(cfg.site, split="train", layers=settings.layers)
-    eval_pairs = store.paired_activations(cfg.site, split="eval", layers=settings.layers)
+    eval_pairs = (
+        store.paired_activations(cfg.site, split="eval", layers=settings.layers) if "eval" in spec.splits else None
+    )
     train_cfg = dataclasses.replace(cfg.train, progress=cfg.train.progress and progress)
     if out is not None and train_cfg.checkpoint_dir is None:
         train_cfg = dataclasses.replace(train_cfg, checkpoint_dir=str(out.parent / f".{out.name}.training"))
     modules = new_interventions(
         spec, train_pairs.width, settings.layers, seed=train_cfg.seed, **settings.intervention_arguments()
     )
+    k = len(modules) if recipe.selection == "fixed" else settings.top_layers
     if settings.strategy == "probe_first":
-        result, selection = train_top_layers(modules, train_pairs, eval_pairs, k=settings.top_layers, config=train_cfg)
+        result, selection = train_top_layers(
+            modules, train_pairs, eval_pairs, k=k, config=train_cfg, keep_layers=settings.keep_layers
+        )
     else:
         result = train_interventions(modules, train_pairs, eval_pairs, config=train_cfg)
-        selection = select_layers(cast(Dict[int, torch.nn.Module], result.modules), eval_pairs, k=settings.top_layers)
+        selection = select_layers(
+            cast(Dict[int, torch.nn.Module], result.modules),
+            eval_pairs,
+            k=k,
+            metric=recipe.selection,
+            loss_method=recipe.selecting.method,
+        )
     trained = cast(Dict[int, torch.nn.Module], result.modules)  # cached-activation training returns its modules
-    chosen = {layer: trained[layer] for layer in selection.selected}
+    if settings.keep_layers == "all":
+        for layer, module in trained.items():
+            cast(Any, module).set_enabled(layer in selection.selected)
+        chosen = dict(trained)
+    else:
+        chosen = {layer: trained[layer] for layer in selection.selected}
     return chosen, {"training": result.summary(), **selection.metadata()}
 
 

@@ -45,7 +45,7 @@ import time
 import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, cast
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union, cast
 
 import numpy as np
 import pyvene as pv
@@ -55,7 +55,7 @@ from tqdm.auto import tqdm
 
 from actedit.data.store import PairedActivations
 from actedit.interventions.files import write_atomic
-from actedit.interventions.registry import method_spec
+from actedit.interventions.registry import TrainingRecipe, method_spec
 from actedit.interventions.settings import Settings
 
 from .select import LayerSelection, select_layers
@@ -341,6 +341,12 @@ class TrainingObjective:
         pass
 
 
+def _recipe(cls: type) -> Optional[TrainingRecipe]:
+    """The class's declared :class:`~actedit.interventions.registry.TrainingRecipe`, if any."""
+    recipe = getattr(cls, "training_recipe", None)
+    return recipe if isinstance(recipe, TrainingRecipe) else None
+
+
 def _stacked_method(cls: type, method: str) -> Optional[Callable]:
     """``cls.stacked_<method>`` when the class that defines it also defines ``method`` (a
     subclass that overrides ``method`` alone must not inherit the stacked version)."""
@@ -369,8 +375,21 @@ class PairObjective(TrainingObjective):
         train: PairedActivations,
         eval_data: Optional[PairedActivations],
         config: TrainSettings,
-        loss_method: str = "loss",
+        loss_method: Union[str, Sequence[str], None] = None,
+        *,
+        metric: Optional[str] = None,
+        shows_accuracy: Optional[bool] = None,
     ) -> None:
+        """Args:
+        modules, train, eval_data, config: see the class docstring.
+        loss_method: the loss method each module is trained on, or several (their sum);
+            None: every term of the class's ``training_recipe`` (else ``loss``).
+        metric: the eval score: ``probe_accuracy`` (modules with ``probe_logits``) or
+            ``eval_loss`` (−the eval loss, higher is better); None: the recipe's selection
+            (probe accuracy for a class with a probe and no recipe).
+        shows_accuracy: show the training batches' probe accuracy; None: when a term being
+            trained declares it (``LossTerm.shows``).
+        """
         if not isinstance(modules, Mapping) or not modules:
             raise ValueError("modules must be a non-empty mapping layer -> trainable intervention.")
         if not isinstance(train, PairedActivations):
@@ -385,11 +404,20 @@ class PairObjective(TrainingObjective):
             missing = [layer for layer in self.layers if layer not in data.positive]
             if missing:
                 raise ValueError(f"the {name} activations hold no layers {missing} (they hold {data.layers}).")
+        first = self.modules[self.layers[0]]
+        recipe = _recipe(type(first))
+        if loss_method is None:
+            loss_method = [t.method for t in recipe.terms] if recipe is not None else "loss"
+        self.loss_methods = [loss_method] if isinstance(loss_method, str) else list(loss_method)
+        if not self.loss_methods:
+            raise ValueError("loss_method names no loss term.")
+        self.loss_method = "+".join(self.loss_methods)
         for layer, module in self.modules.items():
             if not isinstance(module, pv.TrainableIntervention):
                 raise ValueError(f"layer {layer}: {type(module).__name__} is not a pyvene TrainableIntervention.")
-            if not callable(getattr(module, loss_method, None)):
-                raise ValueError(f"layer {layer}: {type(module).__name__} has no {loss_method}(h_pos, h_neg) method.")
+            for method in self.loss_methods:
+                if not callable(getattr(module, method, None)):
+                    raise ValueError(f"layer {layer}: {type(module).__name__} has no {method}(h_pos, h_neg) method.")
             if not any(p.requires_grad for p in module.parameters()):
                 raise ValueError(f"layer {layer}: {type(module).__name__} has no trainable parameters.")
             width = getattr(module, "embed_dim", None)
@@ -399,13 +427,27 @@ class PairObjective(TrainingObjective):
                     f"activations have width {train.width}."
                 )
         self.train_data, self.eval_data, self.config = train, eval_data, config
-        self.loss_method = loss_method
         self.dtype = config.torch_dtype
-        first = self.modules[self.layers[0]]
         self.home = next(first.parameters()).device
         self.home_dtype = next(first.parameters()).dtype
         self.device = torch.device(config.device) if config.device is not None else self.home
-        self.has_probe = all(callable(getattr(m, "probe_logits", None)) for m in self.modules.values())
+        probes = all(callable(getattr(m, "probe_logits", None)) for m in self.modules.values())
+        if metric is None:
+            selection = recipe.selection if recipe is not None else ("probe_accuracy" if probes else "eval_loss")
+            metric = "probe_accuracy" if selection == "probe_accuracy" else "eval_loss"
+        if metric not in ("probe_accuracy", "eval_loss"):
+            raise ValueError(f"metric must be probe_accuracy or eval_loss, got {metric!r}.")
+        if shows_accuracy is None:
+            shown = {s for t in (recipe.terms if recipe else ()) if t.method in self.loss_methods for s in t.shows}
+            shows_accuracy = "probe_accuracy" in shown if recipe is not None else probes
+        if (metric == "probe_accuracy" or shows_accuracy) and not probes:
+            raise ValueError(
+                f"{type(first).__name__} has no probe_logits(h): score its layers by metric='eval_loss' "
+                "and do not show probe accuracy."
+            )
+        self.metric = metric
+        self.has_probe = metric == "probe_accuracy" or bool(shows_accuracy)
+        self.shows_accuracy = bool(shows_accuracy)
         self.names_by_layer = {
             layer: [
                 n for n, p in m.named_parameters() if p.requires_grad and n not in getattr(m, "fixed_parameters", ())
@@ -426,13 +468,24 @@ class PairObjective(TrainingObjective):
                 "them with a loop over layers instead of all layers at once.",
                 stacklevel=3,
             )
-        self._stacked_loss = _stacked_method(type(first), loss_method) if uniform else None
+        stacked = [_stacked_method(type(first), method) for method in self.loss_methods] if uniform else []
+        self._stacked_losses = stacked if stacked and all(f is not None for f in stacked) else None
         self._stacked_probe = _stacked_method(type(first), "probe_logits") if self.has_probe else None
         self.vectorized = (
             bool(config.vectorize)
-            and self._stacked_loss is not None
+            and self._stacked_losses is not None
             and (not self.has_probe or self._stacked_probe is not None)
         )
+        if config.vectorize and uniform and not self.vectorized:
+            absent = [f"stacked_{method}" for method, fn in zip(self.loss_methods, stacked, strict=True) if fn is None]
+            if self.has_probe and self._stacked_probe is None:
+                absent.append("stacked_probe_logits")
+            warnings.warn(
+                f"{type(first).__name__} has no {', '.join(absent)}: training loops over its {len(self.layers)} "
+                "layers one by one (the reference path, slower); define them for the batched path or set "
+                "train.vectorize=false to say the loop is meant.",
+                stacklevel=3,
+            )
         if self.vectorized:
             # Frozen parameters are stacked too (without gradients): they may differ per layer.
             frozen = [n for n, _ in first.named_parameters() if n not in self.names]
@@ -482,19 +535,23 @@ class PairObjective(TrainingObjective):
         labels[:n_pos] = True
         return ((logits > 0) == labels).to(torch.float64).mean(-1)
 
-    @property
-    def _shows_accuracy(self) -> bool:
-        """Whether steps report the probes' accuracy: only while a probe is trained (HPR's
-        second stage trains angle nets with frozen probes)."""
-        return self.has_probe and any(n.startswith("probe") for n in self.names)
-
     def _layer_losses(self, hp: torch.Tensor, hn: torch.Tensor) -> torch.Tensor:
-        """Each layer's loss, (L,), from h⁺, h⁻ (L, n, d): one stacked call, or each module's own."""
-        if self.vectorized:  # vectorized only with a stacked loss
-            return cast(Callable[..., torch.Tensor], self._stacked_loss)(self.stacked, hp, hn)
-        return torch.stack(
-            [getattr(self.modules[layer], self.loss_method)(hp[i], hn[i]) for i, layer in enumerate(self.layers)]
-        )
+        """Each layer's loss (the sum of the trained terms), (L,), from h⁺, h⁻ (L, n, d): one
+        stacked call per term, or each module's own methods."""
+        if self.vectorized:  # vectorized only with stacked losses
+            stacked = cast(List[Callable[..., torch.Tensor]], self._stacked_losses)
+            total = stacked[0](self.stacked, hp, hn)
+            for fn in stacked[1:]:
+                total = total + fn(self.stacked, hp, hn)
+            return total
+
+        def layer_loss(module: nn.Module, h_pos: torch.Tensor, h_neg: torch.Tensor) -> torch.Tensor:
+            total = getattr(module, self.loss_methods[0])(h_pos, h_neg)
+            for method in self.loss_methods[1:]:
+                total = total + getattr(module, method)(h_pos, h_neg)
+            return total
+
+        return torch.stack([layer_loss(self.modules[layer], hp[i], hn[i]) for i, layer in enumerate(self.layers)])
 
     @torch.no_grad()
     def _layer_logits(self, h: torch.Tensor) -> torch.Tensor:
@@ -508,7 +565,7 @@ class PairObjective(TrainingObjective):
         hp, hn = self.train_data.gather(self.layers, idx, self.device, self.dtype)
         losses = self._layer_losses(hp, hn)
         shown: Dict[str, float] = {"loss": float(losses.detach().double().mean())}  # one host sync per step
-        if self._shows_accuracy:
+        if self.shows_accuracy:
             shown["acc"] = float(self._accuracy(self._layer_logits(torch.cat([hp, hn], 1)), hp.shape[1]).mean())
         # the sum: each layer's parameters get exactly the gradient of their own layer's loss
         return losses.sum(), shown
@@ -550,10 +607,10 @@ class PairObjective(TrainingObjective):
             hp, hn = data.gather(self.layers, idx, self.device, self.dtype)
             b = len(idx)
             loss_sum += self._layer_losses(hp, hn).double().cpu() * b
-            if self.has_probe:
+            if self.metric == "probe_accuracy":
                 correct += self._accuracy(self._layer_logits(torch.cat([hp, hn], 1)), b).cpu() * 2 * b
         losses = loss_sum / n
-        if self.has_probe:
+        if self.metric == "probe_accuracy":
             scores = correct / (2 * n)
             metric = "probe_accuracy"
         else:
@@ -925,74 +982,89 @@ def prepare_interventions(modules: Mapping[int, nn.Module], train: PairedActivat
 def train_top_layers(
     modules: Mapping[int, nn.Module],
     train: PairedActivations,
-    eval_data: PairedActivations,
+    eval_data: Optional[PairedActivations],
     *,
     k: int = 5,
     config: Optional[TrainSettings] = None,
     callbacks: Sequence[Callable[[EpochRecord], None]] = (),
+    keep_layers: str = "selected",
 ) -> Tuple[TrainResult, LayerSelection]:
-    """Train the selecting loss term on every layer, keep the top ``k`` layers by eval probe
-    accuracy, and train the other terms only there. Returns ``(TrainResult, LayerSelection)``.
+    """Train a method as its class's ``training_recipe`` declares: the selecting loss term on every
+    layer, the layer selection, then the other terms. Returns ``(TrainResult, LayerSelection)``.
 
-    The intervention class declares its ``loss_terms`` (method → the parameters it trains) and
-    its ``selection_term`` (HPR: ``probe_loss`` trains the probe w, ``angle_loss`` the angle net
-    f). The terms have disjoint parameters and AdamW acts per parameter, so when each term's
-    gradient is also clipped on its own, every module follows exactly the trajectory of joint
-    training. Hence:
+    The recipe (:class:`~actedit.interventions.registry.TrainingRecipe`) names the loss terms
+    (each a loss method and the parameters it trains), the selecting term and the selection
+    (HPR: ``probe_loss`` trains the probe w, ``angle_loss`` the angle net f, layers by eval probe
+    accuracy). The terms have disjoint parameters and AdamW acts per parameter, so when each
+    term's gradient is also clipped on its own, every module follows exactly the trajectory of
+    joint training. Hence:
 
     0. prepare the modules' declared fixed parameters from ``train`` (:func:`prepare_interventions`);
     1. train the selecting term of all layers (the others frozen); keep the best epoch E* by the
-       mean eval probe accuracy (``config.best_by``);
-    2. select the top ``k`` layers by eval probe accuracy at E*
-       (:func:`actedit.train.select.select_layers`);
-    3. train the other terms of those layers only, for the first E* epochs of the same schedule
-       and batch order (``stop_after_epoch``).
+       mean eval score (probe accuracy, or −eval loss);
+    2. select the top ``k`` layers by the recipe's selection at E*
+       (:func:`actedit.train.select.select_layers`; ``fixed``: every layer);
+    3. train each other term, in order, on the selected layers only (``keep_layers="all"``: on
+       every layer), for the first E* epochs of the same schedule and batch order
+       (``stop_after_epoch``).
 
-    The selected modules equal what :func:`train_interventions` would give them if it clipped each
-    term separately (it clips all of a layer's parameters together). ``TrainResult.modules`` holds
-    the k selected layers; ``layer_scores`` the eval probe accuracy of every layer; the history is
-    the first stage's epochs followed by the second's.
+    Each term checkpoints in its own folder (``checkpoint_dir/<term>``), so an interrupted run
+    resumes in the term it stopped in. The selected modules equal what :func:`train_interventions`
+    would give them if it clipped each term separately (it clips all of a layer's parameters
+    together). ``TrainResult.modules`` holds the selected layers (every layer with
+    ``keep_layers="all"``); ``layer_scores`` the selecting stage's eval score of every layer; the
+    history is the stages' epochs in order.
     """
     config = config or TrainSettings()
-    if not isinstance(eval_data, PairedActivations):
-        raise ValueError("train_top_layers selects layers by eval probe accuracy: pass eval_data (PairedActivations).")
+    if keep_layers not in ("selected", "all"):
+        raise ValueError(f"keep_layers must be 'selected' or 'all', got {keep_layers!r}.")
+    if not isinstance(modules, Mapping) or not modules:
+        raise ValueError("modules must be a non-empty mapping layer -> trainable intervention.")
+    cls = type(next(iter(modules.values())))
+    recipe = _recipe(cls)
+    if recipe is None:
+        raise ValueError(
+            f"{cls.__name__} declares no training_recipe (its loss terms and layer selection); "
+            "train it with train_interventions."
+        )
+    if recipe.selection != "fixed" and not isinstance(eval_data, PairedActivations):
+        raise ValueError(
+            f"{cls.__name__} selects layers by {recipe.selection} on eval data: pass eval_data (PairedActivations)."
+        )
     if not 1 <= k <= len(modules):
         raise ValueError(f"k must be between 1 and the number of layers ({len(modules)}), got {k}.")
-    if config.best_by != "mean" or not config.select_best:
+    if config.best_by != "mean" or (not config.select_best and eval_data is not None):
         raise ValueError(
             "train_top_layers keeps one best epoch for all layers (best_by='mean', select_best=True); "
             "use train_interventions for other settings."
         )
-    cls = type(next(iter(modules.values())))
-    terms = dict(getattr(cls, "loss_terms", None) or {})
-    selecting: Any = getattr(cls, "selection_term", None)
-    if selecting not in terms:
-        raise ValueError(
-            f"{cls.__name__} declares no selection_term among its loss_terms; train it with train_interventions."
-        )
-    rest = [term for term in terms if term != selecting]
+    selecting, rest = recipe.selecting, recipe.rest
     ckpt = Path(config.checkpoint_dir) if config.checkpoint_dir else None
     prepare_interventions(modules, train)
     try:
-        _train_only(modules, terms[selecting])
-        first_config = dataclasses.replace(config, checkpoint_dir=str(ckpt / "probes") if ckpt else None)
+        _train_only(modules, selecting.trains)
+        first_config = dataclasses.replace(
+            config, checkpoint_dir=str(ckpt / selecting.method) if ckpt else None, select_best=eval_data is not None
+        )
         first = run_training(
-            PairObjective(modules, train, eval_data, first_config, loss_method=selecting), first_config, callbacks
+            PairObjective(modules, train, eval_data, first_config, loss_method=selecting.method),
+            first_config,
+            callbacks,
         )
         trained = cast(Dict[int, nn.Module], first.modules)  # cached-activation training returns its modules
-        selection = select_layers(trained, eval_data, k=k)
-        chosen = {layer: trained[layer] for layer in selection.selected}
+        selection = select_layers(trained, eval_data, k=k, metric=recipe.selection, loss_method=selecting.method)
+        chosen = trained if keep_layers == "all" else {layer: trained[layer] for layer in selection.selected}
         history, steps, seconds, last = list(first.history), first.steps, first.seconds, first
         for term in rest:
-            _train_only(chosen, terms[term])
+            _train_only(chosen, term.trains)
             term_config = dataclasses.replace(
                 config,
-                checkpoint_dir=str(ckpt / "angles") if ckpt else None,
+                checkpoint_dir=str(ckpt / term.method) if ckpt else None,
                 select_best=False,
                 stop_after_epoch=first.best_epoch or config.stop_after_epoch,
             )
             last = run_training(
-                PairObjective(chosen, train, eval_data, term_config, loss_method=term), term_config, callbacks
+                PairObjective(chosen, train, eval_data, term_config, loss_method=term.method), term_config, callbacks
             )
             history += last.history
             steps += last.steps
