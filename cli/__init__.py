@@ -1,5 +1,5 @@
 """The ``actedit`` command line: one module per command group (``artifacts``: info, push;
-``pipeline``: collect, fit, train; ``study``: run; ``eval``; ``chat``), registered here.
+``pipeline``: collect, fit, train; ``study``: run; ``eval``; ``chat``; ``compare``), registered here.
 
 Subcommands are registered with :func:`register` in :data:`COMMANDS` (name → (help,
 add_arguments, run)); each ``run(args)`` returns an exit code. Errors that are the user's (bad
@@ -20,7 +20,7 @@ from typing import Callable, Dict, Mapping, Optional, Sequence, Tuple
 
 from actedit.interventions.registry import method_names, methods
 
-from . import artifacts, chat, pipeline, study
+from . import artifacts, chat, compare, pipeline, study
 from . import evaluate as evaluation
 
 COMMANDS: Dict[str, Tuple[str, Callable, Callable]] = {}
@@ -106,6 +106,13 @@ register(
     "chat with an edited model; re-select edited layers live ('### target layers: 13,14,15 / all / none')",
     chat.add_arguments,
     chat.run,
+)
+register(
+    "compare",
+    "completions of the base and the edited model side by side (ActAdd's print_n_comparisons), "
+    "with a blind rating sheet (--blind DIR) and its scoring (--score-sheet DIR)",
+    compare.add_arguments,
+    compare.run,
 )
 
 
