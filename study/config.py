@@ -12,8 +12,12 @@ Keys::
       sea: {settings: {layers: "1/3:"}}
       caa: {settings: {layers: 0.4}}
       actadd: {data: {name: pairs.jsonl}, settings: {layers: 6, coefficient: 5}}   # ActAdd needs a prompt pair
-    compose: all                   # all | none | a list of method names
+    compose: all                   # all | none | a list of rows
     eval: {task: truthfulqa, split: test, limit: null, batch_size: 64, task_options: {mc2_rule: split}}
+    seeds: null                    # [0, 1, 2]: every trained row once per training seed, mean ± sd
+
+A row of ``methods`` named otherwise than a method says which one it runs
+(``hpr_no_angle: {method: hpr, settings: {angle_prediction: false}}``).
 
 Every block is checked when the file is read (unknown keys, bad values), and every method's
 layer spec against the model right after it loads, before any work.
@@ -23,7 +27,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Union
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -32,8 +36,10 @@ from actedit.interventions.registry import method_names, method_spec
 from actedit.interventions.settings import Settings, check_keys, check_moved
 from actedit.train.pipeline import CollectSettings, DataSettings, PipelineConfig, read_config
 
-METHOD_KEYS = ("collect", "settings", "train", "data")
-"""What a method's block in ``methods`` may hold (``data`` overrides the study's data)."""
+METHOD_KEYS = ("method", "collect", "settings", "train", "data")
+"""What a row's block in ``methods`` may hold: ``method`` (the registered method it runs; default:
+the row's name, so ``hpr: {...}`` is HPR), ``data`` (overrides the study's data), ``collect``,
+``settings``, ``train``."""
 
 MODEL_DTYPES = ("auto", "float32", "bfloat16", "float16")
 """The model precisions a study runs in."""
@@ -111,11 +117,17 @@ class StudyConfig:
         device: where the model runs (``cpu``, ``cuda``, ``cuda:1``; default: CUDA when available).
         data: the contrast data the edits are fitted on (TruthfulQA with HPR's split by default).
         out: output directory.
-        methods: method name → its block (``collect``, ``settings``, ``train``, ``data``), in the order
-            the report lists them.
-        compose: methods whose edits are composed into one more artifact (``all``, ``none`` or
+        methods: row name → its block (``method``, ``collect``, ``settings``, ``train``,
+            ``data``), in the order the report lists them; a row named after a registered method
+            runs that method, any other name says ``method:`` (``hpr_no_angle: {method: hpr,
+            settings: {angle_prediction: false}}``), so one method can fill several rows.
+        compose: rows whose edits are composed into one more artifact (``all``, ``none`` or
             a list).
         eval: see :class:`EvalSettings`.
+        seeds: the training seeds of trained rows (``[0, 1, 2]``: each trained row is trained and
+            scored once per seed, and reported as the mean ± sd over seeds); None: once, with the
+            row's ``train.seed``. Closed-form rows are deterministic and run once. Runs share what
+            does not depend on the seed: the activations and the base model's scores.
     """
 
     model: str = "smollm2-135m-instruct"
@@ -126,19 +138,40 @@ class StudyConfig:
     methods: Dict[str, Dict[str, Any]] = field(default_factory=lambda: {"hpr": {}, "sea": {}, "iti": {}})
     compose: Union[str, List[str]] = "all"
     eval: EvalSettings = field(default_factory=EvalSettings)
+    seeds: Optional[List[int]] = None
 
     def __post_init__(self) -> None:
+        if self.seeds is not None:
+            seeds = self.seeds if isinstance(self.seeds, list) else [self.seeds]
+            if not seeds or any(isinstance(x, bool) or not isinstance(x, int) or x < 0 for x in seeds):
+                raise ValueError(
+                    f"seeds must be a list of non-negative integers such as [0, 1, 2], got {self.seeds!r}."
+                )
+            if len(set(seeds)) != len(seeds):
+                raise ValueError(f"seeds must be distinct, got {seeds}.")
+            self.seeds = list(seeds)
         if self.dtype not in MODEL_DTYPES:
             raise ValueError(f"dtype must be one of {', '.join(MODEL_DTYPES)}, got {self.dtype!r}.")
         if not isinstance(self.methods, dict) or not self.methods:
             raise ValueError("methods must map at least one method name to its settings, e.g. {iti: {}}.")
         for name, block in list(self.methods.items()):
-            if name not in method_names():
-                raise ValueError(f"unknown method {name!r} in methods; choose from {', '.join(method_names())}.")
             if block is None:
                 self.methods[name] = block = {}
             if not isinstance(block, dict):
                 raise ValueError(f"methods.{name} must be a mapping, got {type(block).__name__}.")
+            method = block.get("method", name)
+            if method not in method_names():
+                hint = (
+                    f"methods.{name}.method {method!r} is not a registered method"
+                    if "method" in block
+                    else f"row {name!r} is not a registered method: name the method it runs with methods.{name}.method"
+                )
+                raise ValueError(f"{hint}; choose from {', '.join(method_names())}.")
+            if self.seeds is not None and "seed" in (block.get("train") or {}):
+                raise ValueError(
+                    f"methods.{name}.train.seed and seeds are both set: the study's seeds {self.seeds} "
+                    "train every trained row once per seed; drop one of them."
+                )
             check_moved(
                 block,
                 {
@@ -160,8 +193,29 @@ class StudyConfig:
 
     @property
     def method_names(self) -> List[str]:
-        """The study's methods, in the order the config lists them."""
+        """The study's rows, in the order the config lists them."""
         return list(self.methods)
+
+    def row_method(self, row: str) -> str:
+        """The registered method a row runs."""
+        return method_spec(self.methods[row].get("method", row)).name
+
+    def row_seeds(self, row: str) -> List[Optional[int]]:
+        """The seeds a row runs with: the study's ``seeds`` for a trained row, else one run
+        (None: the row's own ``train.seed``)."""
+        if self.seeds is None or not method_spec(self.row_method(row)).trained:
+            return [None]
+        return list(self.seeds)
+
+    def runs(self) -> List[Tuple[str, str, Optional[int]]]:
+        """``(run name, row, seed)`` of every run: a row, or ``<row>/seed<s>`` per seed of a
+        trained row when ``seeds`` is set."""
+        out = []
+        for row in self.method_names:
+            seeds = self.row_seeds(row)
+            for seed in seeds:
+                out.append((row if seed is None else f"{row}/seed{seed}", row, seed))
+        return out
 
     @property
     def composed_methods(self) -> List[str]:
@@ -170,22 +224,28 @@ class StudyConfig:
         chosen = self.method_names if self.compose == "all" else [m for m in self.method_names if m in self.compose]
         return chosen if len(chosen) > 1 else []
 
-    def pipeline(self, method: str) -> PipelineConfig:
-        """The one-method pipeline config of ``method`` inside this study."""
-        block = self.methods[method]
-        where = f"methods.{method}"
+    def pipeline(self, row: str, seed: Optional[int] = None) -> PipelineConfig:
+        """The one-method pipeline config of ``row`` inside this study (with ``seed``: its run
+        of that training seed, written to ``artifacts/<row>/seed<seed>``; the activations are
+        the row's, shared by its seeds)."""
+        block = self.methods[row]
+        where = f"methods.{row}"
         data = DataSettings.from_mapping({**asdict(self.data), **(block.get("data") or {})}, f"{where}.data")
         collect = CollectSettings.from_mapping(
-            {"dir": str(Path(self.out) / "activations" / method), **(block.get("collect") or {})}, f"{where}.collect"
+            {"dir": str(Path(self.out) / "activations" / row), **(block.get("collect") or {})}, f"{where}.collect"
         )
+        train = block.get("train")
+        out = Path(self.out) / "artifacts" / row
+        if seed is not None:
+            train, out = {**(train or {}), "seed": seed}, out / f"seed{seed}"
         return PipelineConfig(
             model=self.model,
-            method=method_spec(method).name,
+            method=self.row_method(row),
             data=data,
             collect=collect,
             settings=block.get("settings"),
-            train=block.get("train"),
-            out=str(Path(self.out) / "artifacts" / method),
+            train=train,
+            out=str(out),
             where=where,
         )
 

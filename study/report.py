@@ -6,6 +6,8 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Dict, List
 
+import numpy as np
+
 from actedit.data.environment import environment
 from actedit.data.tasks import task_spec
 from actedit.eval.effect import effect_table
@@ -55,6 +57,20 @@ def summarise(
     base_losses = [m["base_lm_loss"] for m in methods.values() if "base_lm_loss" in m]
     if base_losses:
         methods["base"]["lm_loss"] = base_losses[0]
+    metrics = list(task_spec(cfg.eval.task).metrics)
+    rows: Dict[str, Any] = {"base": methods["base"]}
+    seeded: Dict[str, Any] = {}
+    for row in cfg.method_names:
+        names = [name for name, r, _ in cfg.runs() if r == row]
+        if names == [row]:
+            rows[row] = methods[row]
+        else:
+            rows[row] = over_seeds({name.rsplit("seed", 1)[1]: methods[name] for name in names}, metrics)
+            seeded.update({name: methods[name] for name in names})
+    for row in cfg.method_names:
+        rows[row]["method"] = cfg.row_method(row)
+    if "composed" in methods:
+        rows["composed"] = methods["composed"]
     return {
         "study": {
             "model": cfg.model,
@@ -64,16 +80,60 @@ def summarise(
             "eval": asdict(cfg.eval),
             "methods": cfg.methods,
             "compose": cfg.composed_methods,
+            "seeds": cfg.seeds,
             "out": cfg.out,
         },
         "task": cfg.eval.task,
         "metrics": list(task_spec(cfg.eval.task).metrics),
         "n_questions": n_questions,
         "protocol": results["base"].protocol,
-        "methods": methods,
+        "methods": rows,
+        "runs": seeded,
         "seconds": {"steps": steps_seconds, "total": round(total, 2)},
         "environment": environment(model),
     }
+
+
+SEED_MEANS = ("kl_to_base", "lm_loss", "base_lm_loss", "norm_drift", "score_seconds")
+"""Numbers of a row's runs that its entry gives as the mean over seeds (the metrics get mean ± sd)."""
+
+
+def over_seeds(runs: Dict[str, Dict[str, Any]], metrics: List[str]) -> Dict[str, Any]:
+    """A trained row's entry from its runs (seed → run entry): every metric's mean over seeds,
+    its sample standard deviation (``<metric>_sd``, n − 1 in the denominator) and the mean of the
+    runs' single-run stderr (``<metric>_stderr``); KL, LM loss, drift and flips as means; the
+    layers, edits and effect of the first seed's run; each run's metrics under ``seeds``."""
+    first = next(iter(runs.values()))
+    entry = {k: v for k, v in first.items() if k not in metrics and not k.endswith(("_stderr", "_sd"))}
+    for metric in metrics:
+        scores = np.array([run[metric] for run in runs.values()], dtype=float)
+        entry[metric] = float(scores.mean())
+        entry[f"{metric}_sd"] = float(scores.std(ddof=1)) if len(scores) > 1 else 0.0
+        entry[f"{metric}_stderr"] = float(np.mean([run[f"{metric}_stderr"] for run in runs.values()]))
+    for key in SEED_MEANS:
+        values = [run[key] for run in runs.values() if run.get(key) is not None]
+        if len(values) == len(runs):
+            entry[key] = float(np.mean(values))
+    if all("flips" in run for run in runs.values()):
+        entry["flips"] = {
+            k: float(np.mean([run["flips"][k] for run in runs.values()]))
+            for k, v in first["flips"].items()
+            if isinstance(v, (int, float))
+        }
+    entry["seeds"] = {seed: {m: run[m] for m in metrics} for seed, run in runs.items()}
+    entry["layers_by_seed"] = {seed: run.get("layers") for seed, run in runs.items()}
+    entry["warnings"] = sorted({w for run in runs.values() for w in run.get("warnings", [])})
+    return entry
+
+
+def _score(entry: Dict[str, Any], metric: str) -> str:
+    """``mean ± stderr`` of one run, or for a row over seeds ``mean ± sd (n seeds; stderr …)``."""
+    if "seeds" in entry:
+        return (
+            f"{100 * entry[metric]:.2f} ± {100 * entry[metric + '_sd']:.2f} sd ({len(entry['seeds'])} seeds; "
+            f"stderr {100 * entry[metric + '_stderr']:.2f})"
+        )
+    return f"{100 * entry[metric]:.2f} ± {100 * entry[metric + '_stderr']:.2f}"
 
 
 def _num(x, digits: int = 4) -> str:
@@ -113,7 +173,7 @@ def markdown_report(summary: Dict[str, Any]) -> str:
             if not layers
             else (f"{layers[0]}–{layers[-1]} ({len(layers)})" if len(layers) > 6 else ", ".join(map(str, layers)))
         )
-        scores = " | ".join(f"{100 * m[k]:.2f} ± {100 * m[k + '_stderr']:.2f}" for k in metrics)
+        scores = " | ".join(_score(m, k) for k in metrics)
         lines.append(
             f"| {name} | {shown} | {scores} | {_num(m.get('norm_drift'))} | {_num(m.get('kl_to_base'))} | "
             f"{_num(m.get('lm_loss', m.get('base_lm_loss')), 3)} |"
@@ -125,6 +185,26 @@ def markdown_report(summary: Dict[str, Any]) -> str:
         "(`actedit.eval.analysis.NEUTRAL_TEXTS`), where edits with the `answer` policy (ITI, CAA) have no "
         "marked answer and edit only the last position.",
     ]
+    if s.get("seeds"):
+        seeded = [n for n, m in summary["methods"].items() if "seeds" in m]
+        lines += [
+            "",
+            f"Trained rows ({', '.join(seeded) or 'none'}) were trained once per seed {s['seeds']} (module "
+            "initialisation and batch order): their scores are the mean ± the sample standard deviation over "
+            "seeds, beside the mean single-run stderr; layers, effect and warnings are the first seed's, drift, "
+            "KL, LM loss and flips the means. Closed-form rows are deterministic and ran once; every run shares "
+            "the activations and the base model's scores. Per seed:",
+            "",
+        ]
+        lines += [
+            f"- {n}: "
+            + "; ".join(
+                f"seed {seed} " + ", ".join(f"{k.upper()} {100 * v:.2f}" for k, v in values.items())
+                for seed, values in m["seeds"].items()
+            )
+            for n, m in summary["methods"].items()
+            if "seeds" in m
+        ]
     flips = {n: m["flips"] for n, m in summary["methods"].items() if "flips" in m}
     if flips:
         lines += [
@@ -182,4 +262,4 @@ def markdown_report(summary: Dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["markdown_report", "summarise"]
+__all__ = ["SEED_MEANS", "markdown_report", "over_seeds", "summarise"]

@@ -103,10 +103,10 @@ def run_study(cfg: StudyConfig, *, quiet: bool = False) -> Dict[str, Any]:
     """Run (or resume) the study ``cfg``; returns the results written to ``OUT/results.json``."""
     started = time.perf_counter()
     out = Path(cfg.out)
-    methods = cfg.method_names
+    runs = cfg.runs()
     composed = cfg.composed_methods
-    edits = methods + (["composed"] if composed else [])
-    steps = _Steps(2 + 2 * len(methods) + bool(composed) + 1 + bool(edits) + 1, quiet)
+    edits = [name for name, _, _ in runs] + (["composed"] if composed else [])
+    steps = _Steps(2 + 2 * len(runs) + bool(composed) + 1 + bool(edits) + 1, quiet)
     task = task_spec(cfg.eval.task)
 
     # data first: a missing dataset should fail before the model loads
@@ -123,8 +123,8 @@ def run_study(cfg: StudyConfig, *, quiet: bool = False) -> Dict[str, Any]:
     model, tokenizer = steps.run(
         f"load model {cfg.model} ({dtype}, {device})", load_model, cfg.model, dtype=getattr(torch, dtype), device=device
     )
-    # every method's layer specs against this model's depth, before any work
-    pipelines = {method: cfg.pipeline(method).for_model(model) for method in methods}
+    # every run's layer specs against this model's depth, before any work
+    pipelines = {name: cfg.pipeline(row, seed).for_model(model) for name, row, seed in runs}
     out.mkdir(parents=True, exist_ok=True)  # only now: a run that cannot start leaves no empty folder
 
     effect_texts = [task.text(q) for q in questions[: cfg.eval.norm_texts]]
@@ -134,7 +134,8 @@ def run_study(cfg: StudyConfig, *, quiet: bool = False) -> Dict[str, Any]:
 
         def build_composed():
             if not _artifact_ready(path):
-                edits = [artifacts[m] for m in composed]
+                first_runs = {row: next(name for name, r, _ in runs if r == row) for row in composed}
+                edits = [artifacts[first_runs[row]] for row in composed]
                 pvm = compose(*edits, model=model, metadata={"composed_of": composed})
                 save_artifact(pvm, path, metadata=_effect(pvm, tokenizer, effect_texts, "composed"))
 
@@ -193,7 +194,7 @@ def run_study(cfg: StudyConfig, *, quiet: bool = False) -> Dict[str, Any]:
         )
         summary["memory"] = _memory(steps)
         plot_scores(
-            {name: summary["methods"][name] for name in ["base"] + edits},
+            dict(summary["methods"]),
             out / "scores.png",
             metrics=task.metrics,
             task=task.title.split(" (")[0],
@@ -222,25 +223,27 @@ def _memory(steps: _Steps) -> Dict[str, Any]:
 
 
 def _build_edits(cfg: StudyConfig, pipelines, model, tokenizer, steps: _Steps, out: Path, effect_texts: List[str]):
-    """Each method's artifact: reused when complete, else collected and fitted or trained."""
+    """Each run's artifact: reused when complete, else collected (or its complete store reused)
+    and fitted or trained."""
     artifacts: Dict[str, Path] = {}
     step_seconds: Dict[str, Dict[str, float]] = {}
-    for method in cfg.method_names:
-        pcfg = pipelines[method]
+    previous_runs = (_read_json(out / "results.json") or {}).get("runs", {})
+    for name, _, _ in cfg.runs():
+        pcfg = pipelines[name]
         path = Path(pcfg.out)
-        record = step_seconds.setdefault(method, {})
+        record = step_seconds.setdefault(name, {})
         verb = "train" if pcfg.spec.trained else "fit"
         if _artifact_ready(path):
-            steps.run(f"{method}: collect (reused)", lambda: None)
-            steps.run(f"{method}: {verb} (reused)", lambda: None)
-            previous = (_read_json(out / "results.json") or {}).get("methods", {}).get(method, {})
+            steps.run(f"{name}: collect (reused)", lambda: None)
+            steps.run(f"{name}: {verb} (reused)", lambda: None)
+            previous = previous_runs.get(name, {})
             record.update({k: v for k, v in previous.get("seconds", {}).items() if k in ("collect", "fit")})
         else:
-            collect_step, fit_step = f"{method}: collect activations", f"{method}: {verb}"
+            collect_step, fit_step = f"{name}: collect activations", f"{name}: {verb}"
             store = steps.run(collect_step, pipeline.collect, pcfg, model, tokenizer)
             steps.run(fit_step, _fit_and_save, pcfg, model, tokenizer, store, effect_texts)
             record.update(collect=steps.seconds[collect_step], fit=steps.seconds[fit_step])
-        artifacts[method] = path
+        artifacts[name] = path
     return artifacts, step_seconds
 
 

@@ -55,7 +55,10 @@ def test_default_config_is_the_embedded_default_study():
 @pytest.mark.parametrize(
     "overrides, message",
     [
-        (["methods.foo={}"], "unknown method 'foo'"),
+        (["methods.foo={}"], "row 'foo' is not a registered method"),
+        (["methods.foo={method: rome}"], "methods.foo.method 'rome' is not a registered method"),
+        (["seeds=[0, 0]"], "seeds must be distinct"),
+        (["seeds=[0, 1]", "methods.hpr.train.seed=3"], "train.seed and seeds are both set"),
         (["colour=red"], "unknown key"),
         (["eval.splitt=test"], "eval.splitt"),
         (["methods.iti.fitt={}"], "methods.iti.fitt"),
@@ -203,3 +206,48 @@ def test_study_artifacts_load_with_stock_pyvene_in_a_fresh_process(model_dir, tm
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert int(done.stdout.strip().splitlines()[-1]) >= 2  # ITI's layer(s) + CAA's one
+
+
+def test_rows_of_one_method_and_seeds_give_mean_and_sd_over_trained_runs(model_dir, tmp_path):
+    """Table 1's shape: two rows of HPR (with and without angle prediction) and Diff, trained
+    once per seed and reported as mean ± sd; SEA closed-form, once; the rows of one store share it."""
+    shared = str(tmp_path / "out" / "activations" / "pairs")
+    trained = {"train": {"epochs": 1, "progress": False}, "collect": {"dir": shared}}
+    config = {
+        "model": str(model_dir),
+        "dtype": "float32",
+        "data": {"name": "truthfulqa_mc", "limit": 3},
+        "methods": {
+            "hpr": {**trained, "settings": {"top_layers": 2}},
+            "hpr_no_angle": {**trained, "method": "hpr", "settings": {"top_layers": 2, "angle_prediction": False}},
+            "diff": {**trained, "settings": {"top_layers": 1}},
+            "sea": {"settings": {"layers": "1-2", "base_tokens": 4}},
+        },
+        "compose": "none",
+        "seeds": [0, 1],
+        "eval": {"limit": 4, "norm_texts": 4, "analyses": True},
+    }
+    path = tmp_path / "table.yaml"
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    out = tmp_path / "out"
+    assert main(["run", str(path), "--data", str(SHARED_DATA), "--out", str(out), "--quiet"]) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert list(results["methods"]) == ["base", "hpr", "hpr_no_angle", "diff", "sea"]
+    assert sorted(results["runs"]) == [f"{row}/seed{s}" for row in ("diff", "hpr", "hpr_no_angle") for s in (0, 1)]
+    for row in ("hpr", "hpr_no_angle", "diff"):
+        m, runs = results["methods"][row], [results["runs"][f"{row}/seed{s}"] for s in (0, 1)]
+        for metric in ("mc1", "mc2"):
+            values = [r[metric] for r in runs]
+            assert m[metric] == pytest.approx(sum(values) / 2)
+            assert m[f"{metric}_sd"] == pytest.approx(abs(values[0] - values[1]) / 2**0.5)
+            assert m["seeds"]["1"][metric] == values[1]
+        assert (out / "artifacts" / row / "seed1" / "actedit_manifest.json").is_file()
+    assert "seeds" not in results["methods"]["sea"] and (out / "artifacts" / "sea").is_dir()
+    from actedit.interventions import artifact_metadata
+
+    assert results["methods"]["hpr_no_angle"]["method"] == "hpr"
+    no_angle = artifact_metadata(out / "artifacts" / "hpr_no_angle" / "seed0")["edits"][0]
+    assert no_angle["method"] == "hpr" and no_angle["hyperparameters"]["angle_prediction"] is False
+    assert sorted(p.name for p in (out / "activations").iterdir() if p.is_dir()) == ["pairs", "sea"]
+    report = (out / "report.md").read_text()
+    assert "sd (2 seeds; stderr" in report and "Closed-form rows are deterministic" in report
