@@ -25,6 +25,7 @@ layer spec against the model right after it loads, before any work.
 
 from __future__ import annotations
 
+import json
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
@@ -224,15 +225,42 @@ class StudyConfig:
         chosen = self.method_names if self.compose == "all" else [m for m in self.method_names if m in self.compose]
         return chosen if len(chosen) > 1 else []
 
+    def _collects(self, row: str) -> str:
+        """What a row collects, as a string: its method's prompt format and site, its layer spec,
+        data, collect options (but the directory) and base-completion length. Rows that collect the
+        same share one activation store (HPR, −AnglePred and Diff read the same pairs)."""
+        block = self.methods[row]
+        spec = method_spec(self.row_method(row))
+        settings = spec.settings(block.get("settings"), f"methods.{row}.settings")
+        layers = settings.layers if settings.layers is not None else spec.default_layers
+        collect = {k: v for k, v in (block.get("collect") or {}).items() if k != "dir"}
+        what = {
+            "format": spec.format,
+            "site": spec.component(settings),
+            "layers": layers,
+            "data": {**asdict(self.data), **(block.get("data") or {})},
+            "collect": collect,
+            "base_tokens": getattr(settings, "base_tokens", None),
+        }
+        return json.dumps(what, sort_keys=True, default=str)
+
+    def _store_owner(self, row: str) -> str:
+        """The first row (in the config's order) that collects what ``row`` collects: its
+        activations live in ``activations/<that row>``."""
+        mine = self._collects(row)
+        return next(r for r in self.method_names if self._collects(r) == mine)
+
     def pipeline(self, row: str, seed: Optional[int] = None) -> PipelineConfig:
         """The one-method pipeline config of ``row`` inside this study (with ``seed``: its run
         of that training seed, written to ``artifacts/<row>/seed<seed>``; the activations are
-        the row's, shared by its seeds)."""
+        the row's, shared by its seeds and by every row that collects the same, see
+        :meth:`_store_owner`)."""
         block = self.methods[row]
         where = f"methods.{row}"
         data = DataSettings.from_mapping({**asdict(self.data), **(block.get("data") or {})}, f"{where}.data")
+        sharer = self._store_owner(row)
         collect = CollectSettings.from_mapping(
-            {"dir": str(Path(self.out) / "activations" / row), **(block.get("collect") or {})}, f"{where}.collect"
+            {"dir": str(Path(self.out) / "activations" / sharer), **(block.get("collect") or {})}, f"{where}.collect"
         )
         train = block.get("train")
         out = Path(self.out) / "artifacts" / row

@@ -210,9 +210,9 @@ def test_study_artifacts_load_with_stock_pyvene_in_a_fresh_process(model_dir, tm
 
 def test_rows_of_one_method_and_seeds_give_mean_and_sd_over_trained_runs(model_dir, tmp_path):
     """Table 1's shape: two rows of HPR (with and without angle prediction) and Diff, trained
-    once per seed and reported as mean ± sd; SEA closed-form, once; the rows of one store share it."""
-    shared = str(tmp_path / "out" / "activations" / "pairs")
-    trained = {"train": {"epochs": 1, "progress": False}, "collect": {"dir": shared}}
+    once per seed and reported as mean ± sd; SEA closed-form, once; rows that collect the same
+    pairs share one store."""
+    trained = {"train": {"epochs": 1, "progress": False}}
     config = {
         "model": str(model_dir),
         "dtype": "float32",
@@ -248,6 +248,6 @@ def test_rows_of_one_method_and_seeds_give_mean_and_sd_over_trained_runs(model_d
     assert results["methods"]["hpr_no_angle"]["method"] == "hpr"
     no_angle = artifact_metadata(out / "artifacts" / "hpr_no_angle" / "seed0")["edits"][0]
     assert no_angle["method"] == "hpr" and no_angle["hyperparameters"]["angle_prediction"] is False
-    assert sorted(p.name for p in (out / "activations").iterdir() if p.is_dir()) == ["pairs", "sea"]
+    assert sorted(p.name for p in (out / "activations").iterdir() if p.is_dir()) == ["hpr", "sea"]
     report = (out / "report.md").read_text()
     assert "sd (2 seeds; stderr" in report and "Closed-form rows are deterministic" in report
