@@ -8,7 +8,8 @@ paper leaves open is chosen here as HPR's released code does for its own network
 
 * where: ``block_output`` of every layer, a module per layer, the best ``top_layers`` enabled
   (as HPR; Diff has no probe, so layers are ranked by the eval loss of the network);
-* the network f: d → d/2 → d, GELU between (``hidden_widths``), reading h̃ = h / σ, σ the RMS of
+* the network f: d → d/4 → d, GELU between (``hidden_widths``; the paper gives no width, d/4 is
+  chosen for the cost of training every layer), reading h̃ = h / σ, σ the RMS of
   the layer's training activations (the fixed parameter ``input_scale``, as HPR's
   ``input_norm: rms``; ``input_norm: none`` reads h itself);
 * the training loss on a batch of aligned pairs (h⁺ᵢ, h⁻ᵢ), X = [h⁺; h⁻], targets
@@ -47,11 +48,13 @@ class DiffSettings(TrainedMethodSettings):
         top_layers: layers enabled, those with the lowest eval loss.
         strategy: ``probe_first`` or ``joint``; with one loss term both train the same.
         alpha: scale α of the predicted difference at inference (1: the paper's sum).
-        hidden_widths: hidden widths of the network; None: [d/2].
+        hidden_widths: hidden widths of the network; None: [d/4].
         input_norm: ``rms`` (default; the network reads h / σ and predicts in units of σ) or
             ``none`` (h itself).
         position_policy: positions edited (``all``, as HPR's published numbers).
     """
+
+    INFERENCE_ONLY = ("alpha", "position_policy")
 
     alpha: float = 1.0
     hidden_widths: Optional[List[int]] = None
@@ -96,7 +99,7 @@ class DiffIntervention(ActEditIntervention):
     Args:
         embed_dim: hidden size d.
         alpha: scale α of the predicted difference (default 1).
-        hidden_widths: hidden widths of f; default [d/2].
+        hidden_widths: hidden widths of f; default [d/4].
         input_norm: ``rms`` (default: :meth:`prepare` sets ``input_scale`` σ to the RMS of the
             training activations) or ``none`` (σ = 1).
         position_policy: positions edited (default ``all``).
@@ -127,7 +130,7 @@ class DiffIntervention(ActEditIntervention):
         if input_norm not in INPUT_NORMS:
             raise ValueError(f"input_norm must be one of {', '.join(INPUT_NORMS)}, got {input_norm!r}.")
         d = self.d
-        widths = tuple(int(w) for w in hidden_widths) if hidden_widths is not None else (max(1, d // 2),)
+        widths = tuple(int(w) for w in hidden_widths) if hidden_widths is not None else (max(1, d // 4),)
         if not widths or any(w <= 0 for w in widths):
             raise ValueError(f"hidden_widths must be positive integers, got {widths}.")
         self.net = _network(d, widths)

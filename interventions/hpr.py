@@ -97,6 +97,8 @@ class HPRSettings(TrainedMethodSettings):
             needs ``input_norm: per_dimension``).
     """
 
+    INFERENCE_ONLY = ("alpha", "stable", "angle_prediction", "position_policy")
+
     alpha: float = 1.0
     angle_hidden_widths: Optional[List[int]] = None
     stable: bool = True

@@ -21,7 +21,7 @@ To add a method, see "How to add a method" in the README.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple, Type
+from typing import Any, Callable, ClassVar, Dict, List, Mapping, Optional, Tuple, Type
 
 from .layers import LayerSpec, check_layer_spec
 from .positions import PositionPolicy
@@ -86,6 +86,9 @@ class TrainedMethodSettings(MethodSettings):
     """
 
     MOVED = {"top_k": "top_layers"}
+    INFERENCE_ONLY: ClassVar[Tuple[str, ...]] = ("position_policy",)
+    """Fields that change only how a trained module edits, not its training (HPR's ``alpha``,
+    ``angle_prediction``): runs that differ only in them can share one training."""
 
     top_layers: int = 5
     strategy: str = "probe_first"

@@ -250,6 +250,27 @@ class StudyConfig:
         mine = self._collects(row)
         return next(r for r in self.method_names if self._collects(r) == mine)
 
+    def _trains(self, row: str) -> Optional[str]:
+        """What a trained row trains, as a string (None for a closed-form row): what it collects,
+        its method, its settings but those that only change inference (the settings class's
+        ``INFERENCE_ONLY``: HPR's ``alpha``, ``angle_prediction``) and its training settings.
+        Rows that train the same share one training (HPR and −AnglePred)."""
+        block = self.methods[row]
+        spec = method_spec(self.row_method(row))
+        if not spec.trained:
+            return None
+        settings = spec.settings(block.get("settings"), f"methods.{row}.settings")
+        kept = {k: v for k, v in settings.to_dict().items() if k not in getattr(settings, "INFERENCE_ONLY", ())}
+        train = {k: v for k, v in (block.get("train") or {}).items() if k not in ("progress", "checkpoint_dir")}
+        return json.dumps([self._collects(row), spec.name, kept, train], sort_keys=True, default=str)
+
+    def _training_owner(self, row: str) -> str:
+        """The first row that trains what ``row`` trains: its checkpoints are in
+        ``training/<that row>``, and a finished training resumes to its result without training
+        again (the trainer's fingerprint check refuses a checkpoint of any other training)."""
+        mine = self._trains(row)
+        return next(r for r in self.method_names if self._trains(r) == mine)
+
     def pipeline(self, row: str, seed: Optional[int] = None) -> PipelineConfig:
         """The one-method pipeline config of ``row`` inside this study (with ``seed``: its run
         of that training seed, written to ``artifacts/<row>/seed<seed>``; the activations are
@@ -264,8 +285,13 @@ class StudyConfig:
         )
         train = block.get("train")
         out = Path(self.out) / "artifacts" / row
+        checkpoints = Path(self.out) / "training" / row
+        if method_spec(self.row_method(row)).trained:
+            checkpoints = Path(self.out) / "training" / self._training_owner(row)
         if seed is not None:
-            train, out = {**(train or {}), "seed": seed}, out / f"seed{seed}"
+            train, out, checkpoints = {**(train or {}), "seed": seed}, out / f"seed{seed}", checkpoints / f"seed{seed}"
+        if method_spec(self.row_method(row)).trained:
+            train = {"checkpoint_dir": str(checkpoints), **(train or {})}
         return PipelineConfig(
             model=self.model,
             method=self.row_method(row),

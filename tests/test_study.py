@@ -249,5 +249,13 @@ def test_rows_of_one_method_and_seeds_give_mean_and_sd_over_trained_runs(model_d
     no_angle = artifact_metadata(out / "artifacts" / "hpr_no_angle" / "seed0")["edits"][0]
     assert no_angle["method"] == "hpr" and no_angle["hyperparameters"]["angle_prediction"] is False
     assert sorted(p.name for p in (out / "activations").iterdir() if p.is_dir()) == ["hpr", "sea"]
+    # −AnglePred trains what HPR trains: one training, the same modules, only the inference differs
+    assert sorted(p.name for p in (out / "training").iterdir()) == ["diff", "hpr"]
+    for seed in (0, 1):
+        for binary in sorted((out / "artifacts" / "hpr" / f"seed{seed}").glob("*.bin")):
+            a = torch.load(binary)
+            b = torch.load(out / "artifacts" / "hpr_no_angle" / f"seed{seed}" / binary.name)
+            assert all(torch.equal(a[k], b[k]) for k in a if k != "angle_prediction")
+            assert bool(a["angle_prediction"]) and not bool(b["angle_prediction"])
     report = (out / "report.md").read_text()
     assert "sd (2 seeds; stderr" in report and "Closed-form rows are deterministic" in report
