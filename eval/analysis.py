@@ -50,6 +50,7 @@ from actedit.interventions import compat
 from actedit.interventions.collector import ActivationCollector
 from actedit.interventions.edits import base_model_of, compose, config_of, intervenable, is_intervenable, site_width
 from actedit.interventions.layers import model_depth
+from actedit.train.lora import adapter_owners, adapters_disabled, is_peft_model, peft_base_model, requires_grad_kept
 
 NEUTRAL_TEXTS: Tuple[str, ...] = (
     "The Pacific Ocean is the largest and deepest of the Earth's five oceanic divisions.",
@@ -511,7 +512,10 @@ def activation_norms(
         model: the base model (a plain model, or a ``pyvene.IntervenableModel`` whose
             ``.model`` is used, without its edits).
         inputs: ``input_ids`` and ``attention_mask`` (e.g. :func:`encode_texts`).
-        edits: edit name → ``IntervenableModel`` (or ``IntervenableConfig`` built for ``model``).
+        edits: edit name → ``IntervenableModel`` (or ``IntervenableConfig`` built for ``model``), or
+            a ``peft.PeftModel`` (its adapter's activations). PEFT injects an adapter into the model
+            it wraps in place: while the base model and the pyvene edits run, the adapters of the
+            PeftModels given here that wrap ``model`` are disabled.
         layers: layers to read (default: all).
         component: pyvene component to read; ``block_output`` (default) is the residual stream
             after each decoder block.
@@ -526,16 +530,24 @@ def activation_norms(
     base_model = base_model_of(model)
     layers = _resolve_layers(base_model, layers)
     kw: Dict[str, Any] = dict(component=component, batch_size=batch_size, skip_first=skip_first)
-    base = collect_norms(base_model, inputs, layers, label=base_label, **kw)
+    owners = adapter_owners(base_model, (edits or {}).values())
+    with adapters_disabled(owners):
+        base = collect_norms(base_model, inputs, layers, label=base_label, **kw)
     profiles = {}
     for name, edit in (edits or {}).items():
         if isinstance(edit, pv.IntervenableConfig):
             edit = intervenable(base_model, edit)
+        if is_peft_model(edit):  # read through pyvene on its transformers model, the adapter enabled
+            with adapters_disabled([o for o in owners if o is not edit]), requires_grad_kept([edit]):
+                profiles[name] = collect_norms(peft_base_model(edit), inputs, layers, label=name, **kw)
+            continue
         if not is_intervenable(edit):
             raise ValueError(
-                f"edit {name!r} must be a pyvene IntervenableModel or IntervenableConfig, got {type(edit).__name__}."
+                f"edit {name!r} must be a pyvene IntervenableModel or IntervenableConfig (or a peft.PeftModel), "
+                f"got {type(edit).__name__}."
             )
-        profiles[name] = collect_norms(edit, inputs, layers, label=name, **kw)
+        with adapters_disabled(owners):
+            profiles[name] = collect_norms(edit, inputs, layers, label=name, **kw)
     return NormComparison(base, profiles)
 
 
@@ -850,19 +862,26 @@ def side_effects(
 
     Args:
         edited: the edited model, a ``pyvene.IntervenableModel`` (called as
-            ``pvm(inputs, unit_locations=None)``; its edits follow their position policies).
+            ``pvm(inputs, unit_locations=None)``; its edits follow their position policies) or a
+            ``peft.PeftModel`` (e.g. the LoRA baseline).
         tokenizer: the model's tokenizer.
         texts: the sample (default :data:`NEUTRAL_TEXTS`).
-        base: the base model (default ``edited.model``, run without hooks).
+        base: the base model (default ``edited.model``, run without hooks; for a PeftModel its
+            transformers model, run with the adapter disabled, as is ``base`` when the PeftModel
+            wraps it).
         batch_size: texts per forward call.
         max_length: truncation length in tokens.
 
     The loss averages over every real token that follows a real token; the KL averages
     Σ_v p_base(v) (log p_base(v) − log p_edited(v)) over every real position.
     """
-    if not is_intervenable(edited):
-        raise ValueError(f"edited must be a pyvene IntervenableModel, got {type(edited).__name__}.")
-    base = edited.model if base is None else base_model_of(base)
+    if not (is_intervenable(edited) or is_peft_model(edited)):
+        raise ValueError(f"edited must be a pyvene IntervenableModel or a peft.PeftModel, got {type(edited).__name__}.")
+    if base is None:
+        base = peft_base_model(edited) if is_peft_model(edited) else edited.model
+    else:
+        base = base_model_of(base)
+    without_adapter = adapter_owners(base, [edited])  # PEFT's adapter is injected into its base in place
     texts = list(texts) if texts is not None else list(NEUTRAL_TEXTS)
     ids, mask = _check_inputs(encode_texts(tokenizer, texts, max_length))
     device = _device(base)
@@ -871,7 +890,8 @@ def side_effects(
     for batch in _batches(ids, mask, batch_size):
         batch = {k: v.to(device) for k, v in batch.items()}
         real = batch["attention_mask"].bool()
-        base_logits = _forward(base, batch).logits.float()
+        with adapters_disabled(without_adapter):
+            base_logits = _forward(base, batch).logits.float()
         edited_logits = _forward(edited, batch).logits.float().to(device)
         for name, logits in (("base", base_logits), ("edited", edited_logits)):
             losses, _ = _token_losses(logits, batch["input_ids"], batch["attention_mask"])
@@ -932,7 +952,9 @@ def analyze_edits(
 
     Args:
         model: the base model.
-        pvms: edit name → ``pyvene.IntervenableModel`` on ``model``.
+        pvms: edit name → ``pyvene.IntervenableModel`` on ``model``, or a ``peft.PeftModel`` (of
+            ``model`` or of a copy). The adapters of PeftModels that wrap ``model`` in place are
+            disabled while the base model and the pyvene edits run.
         tokenizer: the model's tokenizer.
         base_result, results: the base model's and each edit's :class:`~actedit.eval.mc.MCResult`.
         norm_texts: texts whose residual-stream norms are compared (e.g. the first questions).
@@ -940,11 +962,12 @@ def analyze_edits(
         plot_dir: where ``norms.png`` and ``flips.png`` go (None: no plots).
     """
     out: Dict[str, EditAnalysis] = {}
+    owners = adapter_owners(base_model_of(model), pvms.values())
     for name, pvm in pvms.items():
+        with adapters_disabled([] if is_peft_model(pvm) else owners):
+            side = side_effects(pvm, tokenizer, base=model)
         out[name] = EditAnalysis(
-            flips=flips_from_records(base_result.records, results[name].records, metric),
-            side_effects=side_effects(pvm, tokenizer, base=model),
-            norms={},
+            flips=flips_from_records(base_result.records, results[name].records, metric), side_effects=side, norms={}
         )
     comparison = activation_norms(model, encode_texts(tokenizer, list(norm_texts)), pvms, skip_first=1)
     for name, layer_drift in comparison.drift().items():

@@ -45,6 +45,7 @@ from actedit.interventions.base import ActEditIntervention
 from actedit.interventions.edits import base_model_of, config_of, interventions_of, is_intervenable
 from actedit.interventions.positions import PositionPolicy, position_mask
 from actedit.interventions.registry import method_names, method_spec
+from actedit.train.lora import is_peft_model
 
 from .analysis import NEUTRAL_TEXTS, SideEffects, _batches, _check_inputs, _device, _forward, encode_texts, side_effects
 from .generations import compare_generations
@@ -311,6 +312,8 @@ def generation_check(
 
 def _remedy(effect: EditEffect) -> str:
     """What to change against a broken model, for the methods in ``effect``."""
+    if not effect.layers:  # a fine-tuned adapter (PeftModel): no site, no strength
+        return "Train the adapter less (learning rate, epochs) or check its training data."
     methods = sorted({e.method for e in effect.layers})
     strengths = [f"{m}'s {method_spec(m).strength}" for m in methods if m in method_names() and method_spec(m).strength]
     steps = [f"lower settings.strength ({', '.join(strengths)})"] if strengths else []
@@ -383,15 +386,21 @@ def measure_effect(
 ) -> EditEffect:
     """The edit's :class:`EditEffect`: layer effects on ``task_texts`` (if given) and
     ``neutral_texts``, side effects on the neutral texts, the generation check (``generation``),
-    and the warnings, issued as :class:`EditEffectWarning` when ``warn``."""
+    and the warnings, issued as :class:`EditEffectWarning` when ``warn``.
+
+    ``pvm`` may also be a ``peft.PeftModel`` (the LoRA baseline, :mod:`actedit.train.lora`): it
+    has no intervention site, so its effect holds no layers and no generation check (which
+    compares a pyvene edit with its base model), only its side effects against its base model
+    (the adapter disabled) and the broken-model warning they call for."""
+    peft = is_peft_model(pvm)
     texts: Dict[str, Sequence[str]] = {}
     if task_texts is not None:
         texts["task"] = list(task_texts)
     texts["neutral"] = list(neutral_texts)
     effect = EditEffect(
-        layers=layer_effects(pvm, tokenizer, texts, batch_size=batch_size),
+        layers=[] if peft else layer_effects(pvm, tokenizer, texts, batch_size=batch_size),
         side_effects=side_effects(pvm, tokenizer, list(neutral_texts), batch_size=batch_size),
-        generation=generation_check(pvm, tokenizer) if generation else None,
+        generation=generation_check(pvm, tokenizer) if generation and not peft else None,
     )
     effect.warnings = effect_warnings(effect, name)
     if warn:

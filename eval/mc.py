@@ -55,6 +55,14 @@ Edits whose intervention says it needs whole sequences
 norm, ``from_position`` with a start below -1) are scored in ``full`` mode by ``mode="auto"``.
 Interventions that are not actedit's are assumed to act position by position (pass
 ``mode="full"`` otherwise).
+
+PEFT: a ``peft.PeftModel`` (e.g. the LoRA baseline of :mod:`actedit.train.lora`) is scored like a
+plain model, through its own forward, in ``packed`` mode where its transformers model packs (LoRA
+acts token by token, so packing is exact). PEFT injects its adapter into the base model in place,
+so the base model's own forward runs the adapter too: a plain or pyvene entry whose model carries
+the adapter of a PeftModel passed in the same call is scored with that adapter disabled
+(PEFT's ``disable_adapter()``, around each of its forward calls), and one whose model carries an
+enabled adapter of a PeftModel *not* passed is refused (it would silently score the adapter).
 """
 
 from __future__ import annotations
@@ -85,6 +93,14 @@ from actedit.interventions.packing import (
     supports_packing,
 )
 from actedit.interventions.positions import mark_answer_starts, mark_packed, mark_prompt_lengths
+from actedit.train.lora import (
+    active_adapter_layers,
+    adapter_owners,
+    adapter_summary,
+    adapters_disabled,
+    is_peft_model,
+    peft_base_model,
+)
 
 MODES = ("auto", "packed", "full")
 """Scoring paths: ``packed`` (fast), ``full`` (reference), ``auto`` (packed where exact)."""
@@ -204,11 +220,16 @@ def needs_full_sequences(model_or_pvm) -> List[str]:
 
 
 class _ScoringRunner:
-    """Runs forward calls of a model or a pyvene model with position bookkeeping and gathered logits."""
+    """Runs forward calls of a model, a pyvene model or a PEFT model with position bookkeeping and
+    gathered logits. ``without_adapters``: PeftModels whose adapter (injected into this model) is
+    disabled during every forward call."""
 
-    def __init__(self, model_or_pvm: Any) -> None:
+    def __init__(self, model_or_pvm: Any, without_adapters: Sequence[Any] = ()) -> None:
         self.pvm = model_or_pvm if is_intervenable(model_or_pvm) else None
         self.model = self.pvm.model if self.pvm is not None else model_or_pvm
+        self.peft = is_peft_model(self.model)
+        self.network = peft_base_model(self.model)  # the transformers model that runs
+        self.without_adapters = tuple(without_adapters)
         head = self.model.get_output_embeddings()
         if head is None:
             raise ValueError(f"{type(self.model).__name__} has no output embeddings (lm_head): not a causal LM.")
@@ -272,7 +293,7 @@ class _ScoringRunner:
             "use_cache": True,
         }
         if past is not None:
-            base[compat.cache_keyword(self.model)] = past
+            base[compat.cache_keyword(self.network)] = past
         if position_ids is not None:
             base["position_ids"] = position_ids.to(self.device)
         rows, cols, targets = rows.to(self.device), cols.to(self.device), targets.to(self.device)
@@ -287,7 +308,7 @@ class _ScoringRunner:
             stack.enter_context(mark_prompt_lengths(list(prompt_lengths)))
             marks = stack
         try:
-            with marks:
+            with marks, adapters_disabled(self.without_adapters):
                 if self.pvm is not None:
                     first, second = self.pvm(base, unit_locations=None)
                     output = second if second is not None else first
@@ -395,7 +416,7 @@ def loglikelihoods(
 
 
 def _choose_mode(mode: str, runner: "_ScoringRunner", reasons: List[str], longest: int) -> str:
-    no_packing = supports_packing(runner.model, longest)
+    no_packing = supports_packing(runner.network, longest)
     if mode == "auto":
         return "full" if reasons or no_packing else "packed"
     if mode == "packed" and no_packing:
@@ -429,7 +450,7 @@ def loglikelihoods_many(
     shapes), so the scores are those of separate runs.
 
     Args:
-        models: name → model or pyvene model, scored in this order.
+        models: name → model, pyvene model or PEFT model, scored in this order.
         info: if given, filled per name with what was done (mode, shared prefix length, BOS,
             seconds spent in that model's forward calls, layers skipped).
         share_lower_layers: reuse the plain model's lower layers for the edits (see above).
@@ -455,7 +476,7 @@ def loglikelihoods_many(
     longest = max((len(ctx) + max(len(c) for c in conts) for ctx, conts in encoded), default=0)
     for name, model_or_pvm in models.items():
         reasons = needs_full_sequences(model_or_pvm)
-        runner = runners[name] = _ScoringRunner(model_or_pvm)
+        runner = runners[name] = _ScoringRunner(model_or_pvm, _adapters_to_disable(name, model_or_pvm, models))
         modes[name] = _choose_mode(mode, runner, reasons, longest)
         info[name] = dict(
             mode=modes[name],
@@ -464,7 +485,7 @@ def loglikelihoods_many(
             skipped_layers=0,
             bos=bool(encoded and bos is not None and encoded[0][0][:1] == [bos]),
         )
-        max_len = getattr(getattr(runner.model, "config", None), "max_position_embeddings", None)
+        max_len = getattr(getattr(runner.network, "config", None), "max_position_embeddings", None)
         if max_len and longest > max_len:
             raise ValueError(
                 f"a scored sequence has {longest} tokens, more than the model's {max_len} "
@@ -507,6 +528,24 @@ def loglikelihoods_many(
     for name in models:
         info[name]["shared_prefix_tokens"] = prefix_len if modes[name] == "packed" else 0
     return results
+
+
+def _adapters_to_disable(name: str, model_or_pvm, models: Dict[str, Any]) -> List[Any]:
+    """The PeftModels of ``models`` whose adapter is injected into the model of entry ``name``
+    (not itself a PeftModel): their adapter is off while that entry runs. An enabled adapter
+    without its PeftModel among ``models`` is an error (the entry would score the adapter)."""
+    if is_peft_model(model_or_pvm):
+        return []
+    network = base_model_of(model_or_pvm)
+    owners = adapter_owners(network, models.values())
+    if not owners and active_adapter_layers(network):
+        raise ValueError(
+            f"the model of {name!r} carries an enabled PEFT adapter (PEFT injects it into the base model "
+            "in place), so it would score the adapter, not the base model. Pass the PeftModel in the same "
+            "call (its base is then scored without it), score inside `with peft_model.disable_adapter():`, "
+            "or remove the adapter with peft_model.unload()."
+        )
+    return owners
 
 
 def _prefix_cache(runner: "_ScoringRunner", encoded, prefix_len: int):
@@ -554,7 +593,7 @@ def _score_packed_models(
     """Packed scoring of several models, batch by batch (see :func:`loglikelihoods_many`)."""
     reference = None
     if share_lower_layers:
-        plain = [n for n, r in runners.items() if r.pvm is None]
+        plain = [n for n, r in runners.items() if r.pvm is None and not r.peft]
         reference = plain[0] if plain else None
     starts: Dict[str, int] = {}
     if reference is not None:
@@ -716,7 +755,7 @@ def _score_full(
 
 # -------------------------------------------------------------------------------------- tasks
 def _model_name(model_or_pvm) -> Optional[str]:
-    config = getattr(base_model_of(model_or_pvm), "config", None)
+    config = getattr(peft_base_model(base_model_of(model_or_pvm)), "config", None)
     return getattr(config, "_name_or_path", None) or None
 
 
@@ -765,10 +804,12 @@ def score_mc_many(
     """A task's metrics for several models or edits of one model, scored together.
 
     Args:
-        models: name → transformers causal LM or ``pyvene.IntervenableModel``. Put the plain
-            model first and its pyvene edits after it: every edit then skips the decoder layers
-            below its lowest edited layer and starts from the plain model's residual stream
-            (:func:`loglikelihoods_many`); the scores equal those of separate runs.
+        models: name → transformers causal LM, ``pyvene.IntervenableModel`` or ``peft.PeftModel``.
+            Put the plain model first and its pyvene edits after it: every edit then skips the
+            decoder layers below its lowest edited layer and starts from the plain model's residual
+            stream (:func:`loglikelihoods_many`); the scores equal those of separate runs. A base
+            model passed next to a PeftModel that wraps it in place is scored without the adapter
+            (module docstring).
         tokenizer: the model's tokenizer.
         questions: the task's questions (what its ``load`` returns, e.g.
             :class:`~actedit.data.truthfulqa.MCQuestion`).
@@ -852,6 +893,8 @@ def _result(
         "interventions": [type(m).__name__ for m in interventions_of(model_or_pvm)],
         "logprob_dtype": "float64",
     }
+    if is_peft_model(model_or_pvm):
+        protocol["peft"] = adapter_summary(model_or_pvm)
     return MCResult(
         task=spec.name,
         records=records,

@@ -37,6 +37,8 @@ from actedit.interventions.registry import method_names, method_spec
 from actedit.interventions.settings import Settings, check_keys, check_moved
 from actedit.train.pipeline import CollectSettings, DataSettings, PipelineConfig, read_config
 
+from .finetunes import FINETUNES, FinetuneSpec
+
 METHOD_KEYS = ("method", "collect", "settings", "train", "data")
 """What a row's block in ``methods`` may hold: ``method`` (the registered method it runs; default:
 the row's name, so ``hpr: {...}`` is HPR), ``data`` (overrides the study's data), ``collect``,
@@ -161,16 +163,25 @@ class StudyConfig:
             if not isinstance(block, dict):
                 raise ValueError(f"methods.{name} must be a mapping, got {type(block).__name__}.")
             method = block.get("method", name)
-            if method not in method_names():
+            if method in FINETUNES:
+                extra = sorted(set(block) - {"method", "settings", "data"})
+                if extra:
+                    raise ValueError(
+                        f"methods.{name}: a {method} row takes method, settings and data only, not "
+                        f"{', '.join(extra)} (its optimiser settings are in settings)."
+                    )
+            elif method not in method_names():
                 hint = (
                     f"methods.{name}.method {method!r} is not a registered method"
                     if "method" in block
                     else f"row {name!r} is not a registered method: name the method it runs with methods.{name}.method"
                 )
-                raise ValueError(f"{hint}; choose from {', '.join(method_names())}.")
-            if self.seeds is not None and "seed" in (block.get("train") or {}):
+                known = method_names() + sorted(FINETUNES)
+                raise ValueError(f"{hint}; choose from {', '.join(known)}.")
+            own_seed = (block.get("settings") or {}) if method in FINETUNES else (block.get("train") or {})
+            if self.seeds is not None and "seed" in own_seed:
                 raise ValueError(
-                    f"methods.{name}.train.seed and seeds are both set: the study's seeds {self.seeds} "
+                    f"methods.{name}'s seed and seeds are both set: the study's seeds {self.seeds} "
                     "train every trained row once per seed; drop one of them."
                 )
             check_moved(
@@ -190,7 +201,10 @@ class StudyConfig:
             if missing:
                 raise ValueError(f"compose lists {missing}, which are not in methods ({', '.join(self.methods)}).")
         for name in self.methods:  # every block's settings are checked now, before any model loads
-            self.pipeline(name)
+            if self.is_finetune(name):
+                self.finetune(name)
+            else:
+                self.pipeline(name)
 
     @property
     def method_names(self) -> List[str]:
@@ -198,13 +212,31 @@ class StudyConfig:
         return list(self.methods)
 
     def row_method(self, row: str) -> str:
-        """The registered method a row runs."""
-        return method_spec(self.methods[row].get("method", row)).name
+        """The registered method (or fine-tuning kind, :data:`~actedit.study.finetunes.FINETUNES`) a row runs."""
+        method = self.methods[row].get("method", row)
+        return method if method in FINETUNES else method_spec(method).name
+
+    def is_finetune(self, row: str) -> bool:
+        """Whether a row fine-tunes the model's weights (LoRA) rather than editing activations."""
+        return self.methods[row].get("method", row) in FINETUNES
+
+    def finetune(self, row: str, seed: Optional[int] = None) -> Tuple[FinetuneSpec, Settings, DataSettings, Path]:
+        """A fine-tuning row's kind, settings (with ``seed``, its run of that seed), data and output directory."""
+        block = self.methods[row]
+        spec = FINETUNES[block.get("method", row)]
+        where = f"methods.{row}"
+        values = dict(block.get("settings") or {})
+        out = Path(self.out) / "artifacts" / row
+        if seed is not None:
+            values["seed"], out = seed, out / f"seed{seed}"
+        data = DataSettings.from_mapping({**asdict(self.data), **(block.get("data") or {})}, f"{where}.data")
+        return spec, spec.settings(values, f"{where}.settings"), data, out
 
     def row_seeds(self, row: str) -> List[Optional[int]]:
         """The seeds a row runs with: the study's ``seeds`` for a trained row, else one run
         (None: the row's own ``train.seed``)."""
-        if self.seeds is None or not method_spec(self.row_method(row)).trained:
+        trained = self.is_finetune(row) or method_spec(self.row_method(row)).trained
+        if self.seeds is None or not trained:
             return [None]
         return list(self.seeds)
 
@@ -222,13 +254,16 @@ class StudyConfig:
     def composed_methods(self) -> List[str]:
         if self.compose == "none":
             return []
-        chosen = self.method_names if self.compose == "all" else [m for m in self.method_names if m in self.compose]
+        rows = [r for r in self.method_names if not self.is_finetune(r)]  # a fine-tuned model composes with nothing
+        chosen = rows if self.compose == "all" else [m for m in rows if m in self.compose]
         return chosen if len(chosen) > 1 else []
 
     def _collects(self, row: str) -> str:
         """What a row collects, as a string: its method's prompt format and site, its layer spec,
         data, collect options (but the directory) and base-completion length. Rows that collect the
         same share one activation store (HPR, −AnglePred and Diff read the same pairs)."""
+        if self.is_finetune(row):
+            return f"finetune:{row}"
         block = self.methods[row]
         spec = method_spec(self.row_method(row))
         settings = spec.settings(block.get("settings"), f"methods.{row}.settings")
@@ -255,6 +290,8 @@ class StudyConfig:
         its method, its settings but those that only change inference (the settings class's
         ``INFERENCE_ONLY``: HPR's ``alpha``, ``angle_prediction``) and its training settings.
         Rows that train the same share one training (HPR and −AnglePred)."""
+        if self.is_finetune(row):
+            return f"finetune:{row}"
         block = self.methods[row]
         spec = method_spec(self.row_method(row))
         if not spec.trained:

@@ -13,6 +13,8 @@ from actedit.data.tasks import task_spec
 from actedit.eval.effect import effect_table
 from actedit.interventions.artifacts import artifact_metadata
 
+from .finetunes import FINETUNES, finetune_info
+
 
 def summarise(
     cfg,
@@ -30,6 +32,7 @@ def summarise(
     ...), the layers edited, flips, KL and norm drift, seconds per step; the study's settings,
     protocol and environment."""
     methods: Dict[str, Any] = {}
+    rows_of = {name: row for name, row, _ in cfg.runs()}
     for name in ["base"] + edits:
         r = results[name]
         entry: Dict[str, Any] = {}
@@ -38,7 +41,11 @@ def summarise(
             entry[f"{metric}_stderr"] = r.stderr[metric]
         entry["score_seconds"] = round(r.seconds, 2)
         if name != "base":
-            info = artifact_metadata(artifacts[name])
+            row = rows_of.get(name)
+            if row is not None and cfg.is_finetune(row):
+                info = finetune_info(FINETUNES[cfg.row_method(row)], artifacts[name])
+            else:
+                info = artifact_metadata(artifacts[name])
             entry["artifact"] = str(artifacts[name])
             entry["layers"] = sorted({int(layer) for e in info.get("edits", []) for layer in e.get("layers", [])})
             entry["edits"] = [{k: e.get(k) for k in ("method", "component", "layers")} for e in info.get("edits", [])]

@@ -44,6 +44,7 @@ from actedit.train import pipeline
 from actedit.train.api import compose
 
 from .config import StudyConfig, resolve_dtype
+from .finetunes import FINETUNES, effect_path, finetune_dataset
 from .report import markdown_report, summarise
 
 EVAL_FORMAT = 2
@@ -124,7 +125,7 @@ def run_study(cfg: StudyConfig, *, quiet: bool = False) -> Dict[str, Any]:
         f"load model {cfg.model} ({dtype}, {device})", load_model, cfg.model, dtype=getattr(torch, dtype), device=device
     )
     # every run's layer specs against this model's depth, before any work
-    pipelines = {name: cfg.pipeline(row, seed).for_model(model) for name, row, seed in runs}
+    pipelines = {name: cfg.pipeline(row, seed).for_model(model) for name, row, seed in runs if not cfg.is_finetune(row)}
     out.mkdir(parents=True, exist_ok=True)  # only now: a run that cannot start leaves no empty folder
 
     effect_texts = [task.text(q) for q in questions[: cfg.eval.norm_texts]]
@@ -142,7 +143,15 @@ def run_study(cfg: StudyConfig, *, quiet: bool = False) -> Dict[str, Any]:
         steps.run(f"compose {' + '.join(composed)}", build_composed)
         artifacts["composed"] = path
 
-    pvms = {name: load_artifact(artifacts[name], model) for name in edits}
+    finetuned = {name: row for name, row, _ in runs if cfg.is_finetune(row)}
+    pvms = {
+        name: (
+            FINETUNES[cfg.row_method(finetuned[name])].load(model, artifacts[name])
+            if name in finetuned
+            else load_artifact(artifacts[name], model)
+        )
+        for name in edits
+    }
     key = {
         "format": EVAL_FORMAT,
         "task": task.name,
@@ -162,6 +171,7 @@ def run_study(cfg: StudyConfig, *, quiet: bool = False) -> Dict[str, Any]:
         artifacts,
         key,
         out / "eval",
+        {name: FINETUNES[cfg.row_method(row)] for name, row in finetuned.items()},
     )
     analyses: Dict[str, Any] = {}
     if edits and cfg.eval.analyses:
@@ -227,8 +237,12 @@ def _build_edits(cfg: StudyConfig, pipelines, model, tokenizer, steps: _Steps, o
     and fitted or trained."""
     artifacts: Dict[str, Path] = {}
     step_seconds: Dict[str, Dict[str, float]] = {}
-    previous_runs = (_read_json(out / "results.json") or {}).get("runs", {})
-    for name, _, _ in cfg.runs():
+    previous = _read_json(out / "results.json") or {}
+    previous_runs = {**previous.get("methods", {}), **previous.get("runs", {})}
+    for name, row, seed in cfg.runs():
+        if cfg.is_finetune(row):
+            artifacts[name], step_seconds[name] = _finetune(cfg, name, row, seed, model, tokenizer, steps, effect_texts)
+            continue
         pcfg = pipelines[name]
         path = Path(pcfg.out)
         record = step_seconds.setdefault(name, {})
@@ -247,6 +261,27 @@ def _build_edits(cfg: StudyConfig, pipelines, model, tokenizer, steps: _Steps, o
     return artifacts, step_seconds
 
 
+def _finetune(cfg: StudyConfig, name: str, row: str, seed, model, tokenizer, steps: _Steps, effect_texts: List[str]):
+    """A fine-tuning run (:mod:`actedit.study.finetunes`): reused when saved, else trained on the
+    row's data and saved, its effect measured (``effect.json`` beside it). Returns (path, seconds)."""
+    spec, settings, data, path = cfg.finetune(row, seed)
+    if spec.ready(path):
+        steps.run(f"{name}: fine-tune (reused)", lambda: None)
+        steps.run(f"{name}: effect (reused)", lambda: None)
+        return path, {}
+
+    def train():
+        spec.train(model, tokenizer, finetune_dataset(data), settings, path, True)
+
+    def effect():
+        tuned = spec.load(model, path)
+        write_json(effect_path(path), _effect(tuned, tokenizer, effect_texts, name), default=float)
+
+    steps.run(f"{name}: fine-tune ({spec.name})", train)
+    steps.run(f"{name}: effect", effect)
+    return path, {"fit": steps.seconds[f"{name}: fine-tune ({spec.name})"]}
+
+
 def _fit_and_save(pcfg, model, tokenizer, store, effect_texts: List[str]) -> Path:
     config, metadata = pipeline.make_edit(pcfg, model, tokenizer, store=store)
     pvm = intervenable(model, config)
@@ -262,19 +297,21 @@ def _effect(pvm, tokenizer, texts: List[str], name: str) -> Dict[str, Any]:
 
 
 def _score_all(
-    cfg: StudyConfig, model, tokenizer, questions, pvms, artifacts, key, eval_dir: Path
+    cfg: StudyConfig, model, tokenizer, questions, pvms, artifacts, key, eval_dir: Path, finetunes=None
 ) -> Dict[str, MCResult]:
-    """Scores read from ``OUT/eval/<name>.json`` when their key and artifact match; the rest
-    scored together, the edits sharing the base model's unedited lower layers."""
+    """Scores read from ``OUT/eval/<name>.json`` when their key and artifact (or fine-tuned
+    weights) match; the rest scored together, the edits sharing the base model's unedited lower
+    layers."""
+    finetunes = finetunes or {}
+
+    def identity(name: str) -> Optional[str]:
+        return finetunes[name].identity(artifacts[name]) if name in finetunes else _sha(artifacts[name])
+
     names: List[str] = ["base"] + list(pvms)
     done: Dict[str, MCResult] = {}
     for name in names:
         cached = _read_json(eval_dir / f"{name}.json")
-        if (
-            cached
-            and cached.get("key") == key
-            and (name == "base" or cached.get("artifact_sha") == _sha(artifacts[name]))
-        ):
+        if cached and cached.get("key") == key and (name == "base" or cached.get("artifact_sha") == identity(name)):
             done[name] = MCResult.from_dict(cached["result"])
     todo = [name for name in pvms if name not in done]
     if todo or "base" not in done:  # the base model runs whenever an edit does: it carries their lower layers
@@ -289,7 +326,7 @@ def _score_all(
                 eval_dir / f"{name}.json",
                 {
                     "key": key,
-                    "artifact_sha": None if name == "base" else _sha(artifacts[name]),
+                    "artifact_sha": None if name == "base" else identity(name),
                     "result": result.to_dict(),
                 },
                 default=float,

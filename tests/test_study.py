@@ -58,7 +58,7 @@ def test_default_config_is_the_embedded_default_study():
         (["methods.foo={}"], "row 'foo' is not a registered method"),
         (["methods.foo={method: rome}"], "methods.foo.method 'rome' is not a registered method"),
         (["seeds=[0, 0]"], "seeds must be distinct"),
-        (["seeds=[0, 1]", "methods.hpr.train.seed=3"], "train.seed and seeds are both set"),
+        (["seeds=[0, 1]", "methods.hpr.train.seed=3"], "seed and seeds are both set"),
         (["colour=red"], "unknown key"),
         (["eval.splitt=test"], "eval.splitt"),
         (["methods.iti.fitt={}"], "methods.iti.fitt"),
@@ -259,3 +259,54 @@ def test_rows_of_one_method_and_seeds_give_mean_and_sd_over_trained_runs(model_d
             assert bool(a["angle_prediction"]) and not bool(b["angle_prediction"])
     report = (out / "report.md").read_text()
     assert "sd (2 seeds; stderr" in report and "Closed-form rows are deterministic" in report
+
+
+def test_a_lora_row_is_fine_tuned_per_seed_and_scored_beside_the_edits(model_dir, tmp_path):
+    config = {
+        "model": str(model_dir),
+        "dtype": "float32",
+        "data": {"name": "truthfulqa_mc", "limit": 3},
+        "methods": {
+            "lora": {"method": "lora", "settings": {"epochs": 1, "batch_size": 2, "learning_rate": 1.0e-2}},
+            "caa": {"settings": {"layers": 1, "position_policy": "answer"}},
+        },
+        "compose": "all",
+        "seeds": [0, 1],
+        "eval": {"limit": 4, "norm_texts": 4},
+    }
+    path = tmp_path / "lora.yaml"
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    out = tmp_path / "out"
+    assert main(["run", str(path), "--data", str(SHARED_DATA), "--out", str(out), "--quiet"]) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert list(results["methods"]) == ["base", "lora", "caa"]  # a fine-tuned model composes with nothing
+    lora = results["methods"]["lora"]
+    assert lora["method"] == "lora" and set(lora["seeds"]) == {"0", "1"} and lora["kl_to_base"] > 0
+    assert lora["edits"] == [{"method": "lora", "component": None, "layers": []}]
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    for seed in (0, 1):
+        adapter = out / "artifacts" / "lora" / f"seed{seed}"
+        tuned = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(model_dir), adapter)  # stock PEFT
+        assert any("lora_A" in n for n, _ in tuned.named_parameters())
+        assert (out / "artifacts" / "lora" / f"seed{seed}_effect.json").is_file()
+    seeds = results["runs"]
+    assert seeds["lora/seed0"]["kl_to_base"] != seeds["lora/seed1"]["kl_to_base"]
+    # the base model's scores are its own: the adapters ran on copies
+    assert main(["run", str(path), "--data", str(SHARED_DATA), "--out", str(out), "--quiet"]) == 0
+    again = json.loads((out / "results.json").read_text())
+    assert again["methods"]["base"]["mc2"] == results["methods"]["base"]["mc2"]
+    assert again["methods"]["lora"]["mc2"] == results["methods"]["lora"]["mc2"]
+
+
+def test_table1_config_holds_every_row_of_the_papers_table():
+    cfg = load_study(str(default_config_path().parent / "table1.yaml"))
+    assert cfg.method_names == ["lora", "diff", "iti", "hpr", "hpr_no_angle", "sea", "caa"]
+    assert cfg.seeds == [0, 1, 2] and cfg.composed_methods == []
+    assert [cfg.row_method(r) for r in cfg.method_names] == ["lora", "diff", "iti", "hpr", "hpr", "sea", "caa"]
+    assert [len(cfg.row_seeds(r)) for r in cfg.method_names] == [3, 3, 1, 3, 3, 1, 1]
+    no_angle = cfg.pipeline("hpr_no_angle", 1)
+    assert no_angle.settings.angle_prediction is False and no_angle.train.seed == 1
+    assert no_angle.train.checkpoint_dir == cfg.pipeline("hpr", 1).train.checkpoint_dir  # one training
+    assert no_angle.collect.dir == cfg.pipeline("diff", 0).collect.dir == cfg.pipeline("hpr").collect.dir
