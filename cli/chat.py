@@ -13,6 +13,8 @@ from actedit.eval.chat import ChatSession, describe_layers
 from actedit.interventions.artifacts import resolve_artifact, verify_artifact
 from actedit.interventions.base import ActEditIntervention
 
+from .options import add_model_option
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of ``actedit chat``."""
@@ -23,14 +25,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="DIR",
         help="artifact directory (or Hub repo id owner/name) saved by actedit / pyvene",
     )
-    parser.add_argument(
-        "--model",
-        "-m",
-        default=None,
-        metavar="SPEC",
-        help="base model: alias (e.g. smollm2-135m-instruct), .gguf file, directory or Hub id; "
-        "default: the base model recorded in the artifact",
-    )
+    add_model_option(parser)
     parser.add_argument("--max-new-tokens", type=int, default=100, help="new tokens per answer (default 100)")
     parser.add_argument(
         "--layers",

@@ -30,6 +30,8 @@ from actedit.eval.compare import (
 from actedit.interventions.artifacts import load_artifact, resolve_artifact, verify_artifact
 from actedit.interventions.files import write_json
 
+from .options import add_model_option
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of ``actedit compare``."""
@@ -58,14 +60,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--top-p", type=float, default=0.3, help="nucleus sampling mass (default 0.3, as ActAdd)")
     parser.add_argument("--max-new-tokens", type=int, default=40, help="new tokens per completion (default 40)")
     parser.add_argument("--batch-size", type=int, default=8, help="samples per generate call (default 8)")
-    parser.add_argument(
-        "--model",
-        "-m",
-        default=None,
-        metavar="SPEC",
-        help="base model: alias (e.g. smollm2-135m-instruct), .gguf file, directory or Hub id; "
-        "default: the base model recorded in the artifact",
-    )
+    add_model_option(parser)
     parser.add_argument(
         "--chat-template",
         action="store_true",

@@ -15,8 +15,6 @@ import hashlib
 import json
 import os
 import pickle
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Tuple
 
@@ -25,7 +23,7 @@ from huggingface_hub import HfApi, snapshot_download
 
 from . import compat
 from .edits import model_signature
-from .files import PathLike, current_umask
+from .files import PathLike, directory_atomic
 from .settings import keyword_checked
 
 MANIFEST = "actedit_manifest.json"
@@ -69,28 +67,15 @@ def save_artifact(
         info["base_model"] = model_signature(pvm.model)
     original_info = getattr(pvm.config, "actedit", None)
     pvm.config.actedit = info
-    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.partial-", dir=directory.parent))
-    tmp.chmod(
-        0o777 & ~current_umask()
-    )  # mkdtemp makes it private (0700); a saved artifact is shared like any directory
     try:
-        pvm.save(str(tmp))
-        if card:
-            (tmp / CARD).write_text(model_card(info, pvm))
-        files = {}
-        for path in sorted(tmp.iterdir()):
-            files[path.name] = {"bytes": path.stat().st_size, "sha256": file_sha256(path)}
-        (tmp / MANIFEST).write_text(json.dumps({"format": 1, "files": files}, indent=2))
-        if directory.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{directory.name}.old-", dir=directory.parent))
-            os.replace(directory, old / "artifact")
-            os.replace(tmp, directory)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, directory)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        with directory_atomic(directory) as tmp:
+            pvm.save(str(tmp))
+            if card:
+                (tmp / CARD).write_text(model_card(info, pvm))
+            files = {}
+            for path in sorted(tmp.iterdir()):
+                files[path.name] = {"bytes": path.stat().st_size, "sha256": file_sha256(path)}
+            (tmp / MANIFEST).write_text(json.dumps({"format": 1, "files": files}, indent=2))
     finally:
         pvm.config.actedit = original_info
     return directory

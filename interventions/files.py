@@ -9,11 +9,13 @@ POSIX and Windows within one file system).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, BinaryIO, Callable, Union
+from typing import Any, BinaryIO, Callable, Iterator, Union
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -51,6 +53,30 @@ def write_atomic(path: PathLike, data: Union[bytes, str, Callable[[BinaryIO], An
     return path
 
 
+@contextlib.contextmanager
+def directory_atomic(directory: PathLike) -> Iterator[Path]:
+    """Fill a directory atomically: yields a temporary sibling (``.NAME.partial-*``, shared like
+    any directory), renamed to ``directory`` once the block ends without an error; an existing
+    ``directory`` is replaced only then, and an error removes the temporary one. A reader sees
+    the old directory, the new one or none, never half of one."""
+    directory = Path(directory)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.partial-", dir=directory.parent))
+    tmp.chmod(0o777 & ~current_umask())  # mkdtemp makes it private (0700)
+    try:
+        yield tmp
+        if directory.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{directory.name}.old-", dir=directory.parent))
+            os.replace(directory, old / directory.name)
+            os.replace(tmp, directory)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, directory)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
 def write_json(path: PathLike, value: Any, *, indent: int = 1, **dumps: Any) -> Path:
     """:func:`write_atomic` of ``value`` as JSON (a trailing newline; extra ``json.dumps`` arguments
     such as ``default=float`` or ``sort_keys=True`` pass through)."""
@@ -64,4 +90,4 @@ def current_umask() -> int:
     return mask
 
 
-__all__ = ["TEMP_SUFFIX", "current_umask", "write_atomic", "write_json"]
+__all__ = ["TEMP_SUFFIX", "current_umask", "directory_atomic", "write_atomic", "write_json"]

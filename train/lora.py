@@ -65,9 +65,7 @@ import copy
 import json
 import math
 import os
-import shutil
 import sys
-import tempfile
 import time
 import warnings
 from dataclasses import asdict, dataclass, field
@@ -83,7 +81,7 @@ from actedit.data.contrast import ContrastDataset, ContrastExample
 from actedit.data.formats import HPRFormat, pad_id
 from actedit.interventions.artifacts import looks_like_local_path
 from actedit.interventions.edits import model_signature
-from actedit.interventions.files import current_umask, write_json
+from actedit.interventions.files import directory_atomic, write_json
 from actedit.interventions.settings import Settings
 
 from .lm import IGNORE_INDEX, lm_examples
@@ -660,22 +658,9 @@ def save_lora(result: LoRAResult, directory: Union[str, os.PathLike]) -> Path:
     ``peft.PeftModel.from_pretrained(base_model, directory)``.
     """
     directory = Path(directory).expanduser().resolve()
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.partial-", dir=directory.parent))
-    tmp.chmod(0o777 & ~current_umask())  # mkdtemp makes it private; an adapter is shared like any directory
-    try:
+    with directory_atomic(directory) as tmp:
         result.model.save_pretrained(str(tmp))
         write_json(tmp / METADATA_FILE, result.metadata(), default=str)
-        if directory.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{directory.name}.old-", dir=directory.parent))
-            os.replace(directory, old / "adapter")
-            os.replace(tmp, directory)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, directory)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return directory
 
 
