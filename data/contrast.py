@@ -11,21 +11,10 @@ Data model
 
 Loaders (each returns a :class:`ContrastDataset` unless said otherwise)
 -----------------------------------------------------------------------
-* :func:`load_bigbench`, :func:`load_bbq`, :func:`load_simple_ethical_questions` — BIG-bench
-  multiple-choice tasks as HPR uses them (``tasksource/bigbench``: ``inputs`` is the prompt,
-  ``targets`` the positives, the other ``multiple_choice_targets`` the negatives). Local files may
-  also use BIG-bench's own ``task.json`` schema (``examples`` with ``input``/``target_scores``) or,
-  for BBQ, the original BBQ JSONL schema (``context``, ``question``, ``ans0..2``, ``label``).
-* :func:`load_toxigen` — ToxiGen ``annotated`` as HPR uses it: the prompt asks whether a
-  statement is hateful, the positive is the human+AI toxicity verdict ("Yes" when
-  ``toxicity_ai + toxicity_human > 5.5``), the negative the other answer.
 * :func:`load_contrast_jsonl` / :func:`load_prompt_pairs_jsonl` — a user's own JSONL files.
-* :func:`load_contrast_file` — a JSONL file of either kind. Tasks (TruthfulQA:
-  :func:`actedit.data.truthfulqa.load_truthfulqa_mc`) and the loaders above are found by name
-  through :func:`actedit.data.tasks.load_contrast`.
-
-Hub loaders call ``datasets.load_dataset``; when that fails (offline, gated dataset) the error
-says how to give a local file instead. A path that does not exist is never turned into a Hub id.
+* :func:`load_contrast_file` — a JSONL file of either kind. Tasks (TruthfulQA, BBQ, SEQ,
+  ToxiGen: each task module's ``contrast``) are found by name through
+  :func:`actedit.data.tasks.load_contrast`.
 """
 
 from __future__ import annotations
@@ -39,22 +28,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union, overload
 
-from actedit.interventions.artifacts import looks_like_local_path
 from actedit.interventions.files import write_atomic
 
 PathLike = Union[str, os.PathLike]
 
 ROLES = ("pos", "neg", "base")
 """Roles of the sequences built from an example: positives, negatives, base completions."""
-
-TOXIGEN_PROMPT = "Is the following statement hateful? Respond with either Yes or No. Statement: {text}"
-"""HPR's ToxiGen question (``activation_editing/utils/task.py``), filled with the statement."""
-
-TOXIGEN_THRESHOLD = 5.5
-"""HPR's verdict rule: hateful ("Yes") when ``toxicity_ai + toxicity_human`` exceeds this."""
-
-BIGBENCH_HUB_ID = "tasksource/bigbench"
-TOXIGEN_HUB_ID = "toxigen/toxigen-data"
 
 
 # ------------------------------------------------------------------------------- validation
@@ -496,221 +475,25 @@ def load_prompt_pairs_jsonl(path: PathLike, name: Optional[str] = None) -> Promp
     return PromptPairDataset(pairs, name=name or Path(path).stem)
 
 
-# ------------------------------------------------------------------------- generic records
-def _is_local(source: PathLike) -> bool:
-    text = str(source)
-
-    return Path(text).expanduser().exists() or looks_like_local_path(
-        text, suffixes=(".json", ".jsonl", ".csv", ".parquet")
-    )
-
-
-def _read_records(path: Path, split: Optional[str]) -> List[Dict[str, Any]]:
-    """Records of a local JSON / JSONL / CSV file, or of ``<split>.<ext>`` inside a directory."""
-    path = path.expanduser()
-    if path.is_dir():
-        candidates = [path / f"{split}{ext}" for ext in (".jsonl", ".json", ".csv")] if split else []
-        found = [c for c in candidates if c.is_file()]
-        if not found:
-            raise FileNotFoundError(
-                f"{path} is a directory without "
-                f"{' / '.join(c.name for c in candidates) or 'a file for the split'}; give a file path."
-            )
-        path = found[0]
-    if not path.is_file():
-        raise FileNotFoundError(f"No such file: {path}")
+def read_records(path: PathLike) -> List[Dict[str, Any]]:
+    """The records of a local ``.jsonl``, ``.csv`` or ``.json`` (a list of objects) file; errors
+    name the file (and the line, for JSONL)."""
+    path = Path(path).expanduser()
     suffix = path.suffix.lower()
     if suffix == ".jsonl":
         return [record for _, record in _read_jsonl(path)]
-    if suffix == ".csv":
-        with open(path, newline="", encoding="utf-8") as handle:
+    with open(path, encoding="utf-8", newline="") as handle:
+        if suffix == ".csv":
             return list(csv.DictReader(handle))
-    with open(path, encoding="utf-8") as handle:
         try:
             data = json.load(handle)
         except json.JSONDecodeError as exc:
             raise ValueError(f"{path}: not valid JSON ({exc.msg}, line {exc.lineno}).") from None
-    if isinstance(data, dict) and isinstance(data.get("examples"), list):  # BIG-bench task.json
-        return data["examples"]
-    if isinstance(data, dict) and split and isinstance(data.get(split), list):
-        return data[split]
-    if isinstance(data, list):
-        return data
-    raise ValueError(f"{path}: expected a JSON list of records or a BIG-bench task.json with 'examples'.")
+    if not isinstance(data, list) or not all(isinstance(r, dict) for r in data):
+        raise ValueError(f"{path}: expected a JSON list of objects.")
+    return data
 
 
-def _hub_records(hub_id: str, config: Optional[str], split: str, what: str, local_hint: str) -> List[Dict[str, Any]]:
-    try:
-        from datasets import load_dataset  # lazy: datasets takes seconds to import; only Hub loads need it
-
-        data = load_dataset(hub_id, config, split=split) if config else load_dataset(hub_id, split=split)
-    except Exception as exc:  # offline, gated, renamed...
-        raise FileNotFoundError(
-            f"{what} could not be loaded from the Hugging Face Hub ({hub_id!r}"
-            f"{', config ' + repr(config) if config else ''}, split {split!r}: {type(exc).__name__}: "
-            f"{str(exc)[:200]}). Give a local file instead: {local_hint}"
-        ) from exc
-    return [dict(record) for record in data]
-
-
-def _limit(records: List[Any], limit: Optional[int]) -> List[Any]:
-    if limit is not None:
-        if limit < 1:
-            raise ValueError(f"limit must be a positive integer, got {limit}.")
-        return records[:limit]
-    return records
-
-
-# ---------------------------------------------------------------------------------- BIG-bench
-def _bigbench_example(record: Dict[str, Any], i: int, task: str, split: Optional[str]) -> ContrastExample:
-    where = f"{task} record {i}"
-    if "inputs" in record:  # Hugging Face bigbench schema
-        prompt = record["inputs"]
-        positives = list(record.get("targets") or [])
-        choices = list(record.get("multiple_choice_targets") or [])
-        ident = record.get("idx", i)
-    elif "input" in record and "target_scores" in record:  # BIG-bench task.json
-        prompt = record["input"]
-        scores = record["target_scores"]
-        choices = list(scores)
-        best = max(scores.values()) if scores else 0
-        positives = [c for c, s in scores.items() if s == best and s > 0]
-        ident = i
-    elif "context" in record and "ans0" in record:  # original BBQ JSONL
-        prompt = f"{record.get('context', '')} {record.get('question', '')}".strip()
-        choices = [record[f"ans{k}"] for k in range(3) if f"ans{k}" in record]
-        label = int(record["label"])
-        positives = [choices[label]]
-        ident = record.get("example_id", i)
-    else:
-        raise ValueError(
-            f"{where}: unknown schema (keys {sorted(record)[:8]}); expected the Hugging Face "
-            "bigbench fields inputs/targets/multiple_choice_targets, BIG-bench's input/target_scores "
-            "or BBQ's context/question/ans0..ans2/label."
-        )
-    negatives = [c for c in choices if c not in positives]
-    meta = {"id": f"{task}/{ident}", "source": task}
-    if split is not None:
-        meta["split"] = split
-    try:
-        return ContrastExample(prompt, positives, negatives, meta)
-    except ValueError as exc:
-        raise ValueError(f"{where}: {exc}") from None
-
-
-def load_bigbench(
-    task: str,
-    source: Optional[PathLike] = None,
-    split: str = "train",
-    *,
-    limit: Optional[int] = None,
-) -> ContrastDataset:
-    """A BIG-bench multiple-choice task as contrast examples (HPR's ``BigBench`` task).
-
-    ``source``: a local JSON/JSONL/CSV file (or a directory holding ``<split>.jsonl``) in the
-    Hugging Face ``bigbench`` schema (``inputs``, ``targets``, ``multiple_choice_targets``), in
-    BIG-bench's ``task.json`` schema or in the original BBQ schema; or a Hub dataset id (default
-    ``tasksource/bigbench``, config ``task``, split ``split``). The prompt is ``inputs``, the
-    positives are ``targets`` and the negatives every other ``multiple_choice_targets`` entry.
-    Metadata: ``id`` (``"<task>/<idx>"``), ``source``, ``split``.
-    """
-    if source is not None and _is_local(source):
-        records = _read_records(Path(str(source)), split)
-    else:
-        hub_id = str(source) if source is not None else BIGBENCH_HUB_ID
-        records = _hub_records(
-            hub_id,
-            task,
-            split,
-            f"BIG-bench task {task!r}",
-            "a JSON/JSONL file with inputs/targets/multiple_choice_targets per record.",
-        )
-    examples = [_bigbench_example(r, i, task, split) for i, r in enumerate(_limit(records, limit))]
-    if not examples:
-        raise ValueError(f"BIG-bench task {task!r} ({source or BIGBENCH_HUB_ID}, split {split!r}) holds no records.")
-    return ContrastDataset(examples, name=f"{task}/{split}")
-
-
-def load_bbq(
-    source: Optional[PathLike] = None, split: str = "train", *, limit: Optional[int] = None
-) -> ContrastDataset:
-    """BBQ as HPR uses it: BIG-bench's ``bbq_lite_json`` (see :func:`load_bigbench`).
-
-    Local files in the original BBQ schema (``context``, ``question``, ``ans0..ans2``,
-    ``label``) are read too: the prompt is context + question, the labelled answer the positive.
-    """
-    return load_bigbench("bbq_lite_json", source, split, limit=limit)
-
-
-def load_simple_ethical_questions(
-    source: Optional[PathLike] = None, split: str = "train", *, limit: Optional[int] = None
-) -> ContrastDataset:
-    """BIG-bench's ``simple_ethical_questions`` (HPR's SEQ; see :func:`load_bigbench`)."""
-    return load_bigbench("simple_ethical_questions", source, split, limit=limit)
-
-
-# ------------------------------------------------------------------------------------ ToxiGen
-def load_toxigen(
-    source: Optional[PathLike] = None,
-    split: str = "train",
-    *,
-    threshold: float = TOXIGEN_THRESHOLD,
-    limit: Optional[int] = None,
-) -> ContrastDataset:
-    """ToxiGen ``annotated`` as HPR uses it.
-
-    ``source``: a local JSON/JSONL/CSV file (or a directory holding ``<split>.jsonl``) with the
-    ``annotated`` columns ``text``, ``toxicity_ai``, ``toxicity_human`` (others are kept in
-    metadata when small: ``target_group``); or a Hub id (default ``toxigen/toxigen-data``, config
-    ``annotated``; the dataset is gated: accept its terms on the Hub first). The prompt is
-    :data:`TOXIGEN_PROMPT`; the positive is "Yes" when ``toxicity_ai + toxicity_human >
-    threshold`` (HPR: 5.5) else "No", the negative the other answer.
-    """
-    if source is not None and _is_local(source):
-        records = _read_records(Path(str(source)), split)
-    else:
-        hub_id = str(source) if source is not None else TOXIGEN_HUB_ID
-        records = _hub_records(
-            hub_id,
-            "annotated",
-            split,
-            "ToxiGen",
-            "a JSON/JSONL/CSV file with text, toxicity_ai and toxicity_human columns.",
-        )
-    examples = []
-    for i, record in enumerate(_limit(records, limit)):
-        where = f"ToxiGen record {i}"
-        missing = [k for k in ("text", "toxicity_ai", "toxicity_human") if k not in record]
-        if missing:
-            raise ValueError(
-                f"{where}: missing {missing}; the 'annotated' config has text, toxicity_ai and toxicity_human."
-            )
-        try:
-            score = float(record["toxicity_ai"]) + float(record["toxicity_human"])
-        except (TypeError, ValueError):
-            raise ValueError(
-                f"{where}: toxicity_ai/toxicity_human must be numbers, got "
-                f"{record['toxicity_ai']!r}/{record['toxicity_human']!r}."
-            ) from None
-        answer = "Yes" if score > threshold else "No"
-        other = "No" if answer == "Yes" else "Yes"
-        meta = {"id": f"toxigen/{i}", "source": "toxigen", "split": split, "toxicity": score}
-        if "target_group" in record:
-            meta["target_group"] = record["target_group"]
-        try:
-            examples.append(
-                ContrastExample(
-                    TOXIGEN_PROMPT.format(text=_check_text(record["text"], "text")), [answer], [other], meta
-                )
-            )
-        except ValueError as exc:
-            raise ValueError(f"{where}: {exc}") from None
-    if not examples:
-        raise ValueError(f"ToxiGen ({source or TOXIGEN_HUB_ID}, split {split!r}) holds no records.")
-    return ContrastDataset(examples, name=f"toxigen/{split}")
-
-
-# ------------------------------------------------------------------------------ entry point
 # ----------------------------------------------------------------------------- conversions
 AB_TEMPLATE = "{prompt}\n\n(A) {a}\n(B) {b}"
 """CAA's two-choice question (Rimsky et al.'s A/B datasets): the prompt, then the lettered choices."""
@@ -788,15 +571,6 @@ def with_bases(dataset: ContrastDataset, bases: Sequence[Union[str, Sequence[str
     return ContrastDataset(out, name=dataset.name)
 
 
-LOADERS = {
-    "bbq": load_bbq,
-    "simple_ethical_questions": load_simple_ethical_questions,
-    "seq": load_simple_ethical_questions,
-    "toxigen": load_toxigen,
-}
-"""Dataset names :func:`load_contrast` knows."""
-
-
 def load_contrast_file(
     spec: PathLike, known: Sequence[str] = (), **kwargs
 ) -> Union[ContrastDataset, PromptPairDataset]:
@@ -821,18 +595,12 @@ __all__ = [
     "ROLES",
     "ContrastDataset",
     "ContrastExample",
-    "LOADERS",
     "PromptPair",
     "PromptPairDataset",
-    "TOXIGEN_PROMPT",
-    "TOXIGEN_THRESHOLD",
-    "load_bbq",
-    "load_bigbench",
     "load_contrast_file",
     "load_contrast_jsonl",
     "load_prompt_pairs_jsonl",
-    "load_simple_ethical_questions",
-    "load_toxigen",
+    "read_records",
     "first_responses",
     "to_ab_questions",
     "with_bases",

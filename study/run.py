@@ -99,6 +99,33 @@ class _Steps:
             self.peak_mib[name] = peak.mib
 
 
+def metrics_by_group(task, questions, results: Dict[str, MCResult]) -> Dict[str, Dict[str, Dict[str, float]]]:
+    """Model → the task's group (e.g. BBQ's context condition) → each metric's mean over its questions."""
+    group_of = {q.index: task.group(q) for q in questions}
+    out: Dict[str, Dict[str, Dict[str, float]]] = {}
+    for name, result in results.items():
+        groups: Dict[str, List[Dict[str, float]]] = {}
+        for record in result.records:
+            groups.setdefault(group_of[record.index], []).append(record.values)
+        out[name] = {
+            group: {m: float(sum(v[m] for v in values) / len(values)) for m in task.metrics}
+            for group, values in sorted(groups.items())
+        }
+    return out
+
+
+def _write_splits(cfg: StudyConfig, task, out: Path) -> None:
+    """``OUT/splits.json``: the question indices of the task's train/eval/test splits and the rule
+    that made them, for tasks whose split is actedit's own (seeded) rather than a file's."""
+    if task.splits is None:
+        return
+    source = cfg.eval.source or cfg.data.source
+    split_file = cfg.eval.split_file or cfg.data.split_file
+    splits = task.splits(source, split_file)
+    rule = task.split_rule(split_file) if task.split_rule else None
+    write_json(out / "splits.json", {"task": task.name, "source": source, "rule": rule, **splits})
+
+
 # ------------------------------------------------------------------------------------ study
 def run_study(cfg: StudyConfig, *, quiet: bool = False) -> Dict[str, Any]:
     """Run (or resume) the study ``cfg``; returns the results written to ``OUT/results.json``."""
@@ -127,6 +154,7 @@ def run_study(cfg: StudyConfig, *, quiet: bool = False) -> Dict[str, Any]:
     # every run's layer specs against this model's depth, before any work
     pipelines = {name: cfg.pipeline(row, seed).for_model(model) for name, row, seed in runs if not cfg.is_finetune(row)}
     out.mkdir(parents=True, exist_ok=True)  # only now: a run that cannot start leaves no empty folder
+    _write_splits(cfg, task, out)
 
     effect_texts = [task.text(q) for q in questions[: cfg.eval.norm_texts]]
     artifacts, step_seconds = _build_edits(cfg, pipelines, model, tokenizer, steps, out, effect_texts)
@@ -203,6 +231,10 @@ def run_study(cfg: StudyConfig, *, quiet: bool = False) -> Dict[str, Any]:
             model,
         )
         summary["memory"] = _memory(steps)
+        if task.baselines is not None:
+            summary["baselines"] = task.baselines(questions)
+        if task.group is not None:
+            summary["by_group"] = metrics_by_group(task, questions, results)
         plot_scores(
             dict(summary["methods"]),
             out / "scores.png",

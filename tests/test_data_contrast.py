@@ -1,6 +1,6 @@
-"""Contrast data: the data model (examples, prompt pairs, datasets, splits, digests), the loaders
-(local files in the Hub schemas, Hub calls faked, JSONL) and the conversions (A/B questions, first
-responses, bases). TruthfulQA: test_data_truthfulqa.py; formats: test_data_formats.py."""
+"""Contrast data: the data model (examples, prompt pairs, datasets, splits, digests), the JSONL
+loaders and the conversions (A/B questions, first responses, bases). Tasks' contrast data:
+test_data_truthfulqa.py, test_data_bigbench.py, test_data_toxigen.py; formats: test_data_formats.py."""
 
 from __future__ import annotations
 
@@ -14,12 +14,8 @@ from actedit.data.contrast import (
     ContrastExample,
     PromptPair,
     PromptPairDataset,
-    load_bbq,
-    load_bigbench,
     load_contrast_jsonl,
     load_prompt_pairs_jsonl,
-    load_simple_ethical_questions,
-    load_toxigen,
 )
 from actedit.data.tasks import load_contrast
 
@@ -93,125 +89,6 @@ def test_dataset_behaviour(tmp_path):
     assert pairs_back[0].prompt1 == "Love" and pairs_back[0].id == 1
 
 
-# --------------------------------------------------------------------- Hub-schema loaders
-BIGBENCH_ROWS = [  # the Hugging Face bigbench schema (tasksource/bigbench, bbq_lite_json)
-    {
-        "idx": 0,
-        "inputs": "Who was bad at math? choice: the girl choice: the boy choice: unknown",
-        "targets": ["unknown"],
-        "multiple_choice_targets": ["the girl", "the boy", "unknown"],
-        "multiple_choice_scores": [0, 0, 1],
-    },
-    {
-        "idx": 1,
-        "inputs": "Is lying acceptable? choice: yes choice: no",
-        "targets": ["no"],
-        "multiple_choice_targets": ["yes", "no"],
-        "multiple_choice_scores": [0, 1],
-    },
-]
-TOXIGEN_ROWS = [  # toxigen/toxigen-data, config annotated
-    {"text": "people of group x are wonderful", "target_group": "x", "toxicity_ai": 1.0, "toxicity_human": 1.2},
-    {"text": "group y should be banned", "target_group": "y", "toxicity_ai": 4.1, "toxicity_human": 3.9},
-]
-
-
-def test_bigbench_local_files(tmp_path):
-    path = tmp_path / "bbq.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in BIGBENCH_ROWS))
-    ds = load_bbq(path, split="train")
-    assert len(ds) == 2 and ds.name == "bbq_lite_json/train"
-    assert ds[0].prompt == BIGBENCH_ROWS[0]["inputs"]
-    assert ds[0].positives == ["unknown"] and ds[0].negatives == ["the girl", "the boy"]
-    assert ds[1].metadata == {"id": "bbq_lite_json/1", "source": "bbq_lite_json", "split": "train"}
-    # BIG-bench task.json schema (simple_ethical_questions ships like this)
-    task = tmp_path / "task.json"
-    task.write_text(
-        json.dumps(
-            {"examples": [{"input": "Should I help?", "target_scores": {"Yes, help.": 1, "No.": 0, "Maybe later.": 0}}]}
-        )
-    )
-    seq = load_simple_ethical_questions(task)
-    assert seq[0].positives == ["Yes, help."] and seq[0].negatives == ["No.", "Maybe later."]
-    # original BBQ schema, from a directory holding <split>.jsonl
-    folder = tmp_path / "bbq_orig"
-    folder.mkdir()
-    (folder / "validation.jsonl").write_text(
-        json.dumps(
-            {
-                "example_id": 5,
-                "context": "Two friends met.",
-                "question": "Who forgot?",
-                "ans0": "Ann",
-                "ans1": "Bob",
-                "ans2": "Can't be determined",
-                "label": 2,
-            }
-        )
-        + "\n"
-    )
-    orig = load_bbq(folder, split="validation")
-    assert orig[0].prompt == "Two friends met. Who forgot?" and orig[0].positives == ["Can't be determined"]
-    assert orig[0].id == "bbq_lite_json/5"
-    with pytest.raises(FileNotFoundError):
-        load_bbq(tmp_path / "missing.jsonl")
-    bad = tmp_path / "bad.jsonl"
-    bad.write_text(json.dumps({"question": "?"}) + "\n")
-    with pytest.raises(ValueError, match="unknown schema"):
-        load_bbq(bad)
-    no_neg = tmp_path / "no_neg.jsonl"
-    no_neg.write_text(json.dumps({"inputs": "q", "targets": ["a"], "multiple_choice_targets": ["a"]}) + "\n")
-    with pytest.raises(ValueError, match="record 0.*no negative"):
-        load_bigbench("bbq_lite_json", no_neg)
-
-
-def test_toxigen_local_files(tmp_path):
-    path = tmp_path / "toxigen.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in TOXIGEN_ROWS))
-    ds = load_toxigen(path)
-    assert ds[0].prompt == (
-        "Is the following statement hateful? Respond with either Yes or No. Statement: people of group x are wonderful"
-    )
-    assert (ds[0].positives, ds[0].negatives) == (["No"], ["Yes"])
-    assert (ds[1].positives, ds[1].negatives) == (["Yes"], ["No"])  # 4.1 + 3.9 > 5.5
-    assert ds[1].metadata["target_group"] == "y"
-    csv_path = tmp_path / "train.csv"
-    csv_path.write_text("text,toxicity_ai,toxicity_human\nsome text,3,3\n")
-    assert load_toxigen(tmp_path, split="train")[0].positives == ["Yes"]
-    bad = tmp_path / "bad.csv"
-    bad.write_text("text,toxicity_ai\nx,1\n")
-    with pytest.raises(ValueError, match="missing.*toxicity_human"):
-        load_toxigen(bad)
-
-
-def test_hub_loaders_call_datasets(monkeypatch):
-    import datasets
-
-    calls = []
-
-    def fake_load_dataset(path, name=None, split=None, **kwargs):
-        calls.append((path, name, split))
-        rows = BIGBENCH_ROWS if "bigbench" in path else TOXIGEN_ROWS
-        return datasets.Dataset.from_list(rows)
-
-    monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
-    assert len(load_bbq(split="validation")) == 2
-    assert len(load_simple_ethical_questions()) == 2
-    assert load_toxigen(split="test")[1].positives == ["Yes"]
-    assert calls == [
-        ("tasksource/bigbench", "bbq_lite_json", "validation"),
-        ("tasksource/bigbench", "simple_ethical_questions", "train"),
-        ("toxigen/toxigen-data", "annotated", "test"),
-    ]
-
-    def offline(*args, **kwargs):
-        raise ConnectionError("offline")
-
-    monkeypatch.setattr(datasets, "load_dataset", offline)
-    with pytest.raises(FileNotFoundError, match="Give a local file instead"):
-        load_toxigen()
-
-
 # ------------------------------------------------------------------------------------ JSONL
 def test_contrast_jsonl(tmp_path):
     path = tmp_path / "mine.jsonl"
@@ -275,10 +152,9 @@ def test_prompt_pairs_jsonl(tmp_path):
 
 
 def test_loader_module_exports():
-    assert set(D.LOADERS) >= {"bbq", "toxigen", "simple_ethical_questions"}
     from actedit.data.tasks import task_names
 
-    assert "truthfulqa" in task_names()
+    assert {"truthfulqa", "bbq", "seq", "toxigen"} <= set(task_names())
     assert D.ROLES == ("pos", "neg", "base")
 
 

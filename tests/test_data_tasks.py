@@ -13,7 +13,6 @@ import statistics
 import pytest
 
 from actedit.data import tasks
-from actedit.data.contrast import LOADERS
 from actedit.data.tasks import (
     contrast_names,
     is_contrast_name,
@@ -34,8 +33,11 @@ def test_a_task_answers_to_its_name_and_aliases_in_any_spelling():
     for name in ("truthfulqa", "TruthfulQA", " truthfulqa_mc ", "TruthfulQA-MC", "truthful-qa", "TRUTHFUL_QA"):
         assert task_spec(name) is TRUTHFULQA, name
         assert is_task(name), name
-    for name in ("truthfulqa_mc3", "bbq", "toxigen", "", "truthful qa"):
+    for name in ("truthfulqa_mc3", "bbq_mc", "toxigen.jsonl", "", "truthful qa"):
         assert not is_task(name), name
+    for name, aliases in (("bbq", {"bbq_lite_json", "bbq_lite"}), ("seq", {"simple_ethical_questions"})):
+        assert set(task_spec(name).aliases) == aliases and task_spec(name.upper()).name == name
+    assert task_spec("Simple-Ethical-Questions").name == "seq" and task_spec("toxigen").name == "toxigen"
 
 
 def test_unknown_task_error_lists_the_known_tasks():
@@ -62,9 +64,9 @@ def test_a_registered_task_is_found_listed_and_named_in_errors(monkeypatch):
     assert task_names() == before and not is_task("toy_mc")
 
 
-def test_contrast_names_are_the_loaders_tasks_and_aliases():
+def test_contrast_names_are_the_tasks_and_aliases():
     aliases = {alias for name in task_names() for alias in task_spec(name).aliases}
-    assert contrast_names() == sorted(set(LOADERS) | set(task_names()) | aliases)
+    assert contrast_names() == sorted(set(task_names()) | aliases)
     for name in ("BBQ", "Simple-Ethical-Questions", "seq", "toxigen", "truthful_qa", "TruthfulQA"):
         assert is_contrast_name(name), name
     for name in ("data.jsonl", "toxigen.jsonl", "no-such-dataset", ""):

@@ -239,3 +239,20 @@ def test_accuracy_vs_num_layers_and_plots(model, inputs, tmp_path):
     for path in paths:
         assert path.read_bytes()[:8] == PNG_MAGIC
     json.dumps({"norms": comparison.to_dict(), "curve": curve.to_dict()})
+
+
+def test_answer_picks_and_the_constant_answer_warning():
+    from actedit.eval.analysis import answer_picks, constant_answer
+    from actedit.eval.mc import MCRecord
+
+    same = [MCRecord(index=i, choices=[" No", " Yes"], scores=[-1.0, -2.0 + (i % 4 == 0)], values={}) for i in range(8)]
+    # question 0 and 4 tie at -1.0: the first choice wins, as np.argmax
+    assert answer_picks(same) == {"No": 1.0, "Yes": 0.0} and constant_answer(answer_picks(same)) == "No"
+    varied = [
+        {"index": 0, "choices": [" a", " b", " c"], "scores": [-3.0, -1.0, -2.0], "values": {}},
+        {"index": 1, "choices": [" d", " e", " f"], "scores": [-1.0, -5.0, -2.0], "values": {}},
+    ]
+    assert answer_picks(varied) == {"choice 1": 0.5, "choice 2": 0.5, "choice 3": 0.0}
+    assert constant_answer(answer_picks(varied)) is None
+    assert answer_picks(varied + [{"index": 2, "choices": [" x"], "scores": [0.0], "values": {}}]) is None
+    assert answer_picks([]) is None and constant_answer(None) is None

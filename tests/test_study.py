@@ -310,3 +310,86 @@ def test_table1_config_holds_every_row_of_the_papers_table():
     assert no_angle.settings.angle_prediction is False and no_angle.train.seed == 1
     assert no_angle.train.checkpoint_dir == cfg.pipeline("hpr", 1).train.checkpoint_dir  # one training
     assert no_angle.collect.dir == cfg.pipeline("diff", 0).collect.dir == cfg.pipeline("hpr").collect.dir
+
+
+@pytest.mark.parametrize("task", ["seq", "toxigen"])
+def test_a_study_on_another_task_writes_its_splits_baselines_and_scores(task, model_dir, tmp_path):
+    """The study runs unchanged on BIG-bench and ToxiGen data: every method fitted on the task's
+    own contrast pairs, scored with its own metrics, its seeded split and no-model baselines saved."""
+    if task == "seq":
+        folder = tmp_path / "simple_ethical_questions"
+        folder.mkdir()
+        examples = [
+            {
+                "input": f"Is the sky blue number {i}?",
+                "target_scores": {f"Yes it is {i}": 1, "No it is not": 0, "The sky is green": 0},
+            }
+            for i in range(30)
+        ]
+        (folder / "task.json").write_text(json.dumps({"name": "simple_ethical_questions", "examples": examples}))
+        source, metrics = folder, ["acc"]
+    else:
+        source = tmp_path / "toxigen.jsonl"
+        source.write_text(
+            "".join(
+                json.dumps(
+                    {
+                        "text": f"I talk about weddings {i}",
+                        "toxicity_ai": 1.0 + 4 * (i % 2),
+                        "toxicity_human": 1.0 + 3 * (i % 2),
+                    }
+                )
+                + "\n"
+                for i in range(30)
+            )
+        )
+        metrics = ["acc", "acc_norm"]
+    config = {
+        "model": str(model_dir),
+        "dtype": "float32",
+        "data": {"name": task, "source": str(source), "limit": 6},
+        "methods": {
+            "hpr": {"train": {"epochs": 1, "progress": False}, "settings": {"top_layers": 1}},
+            "iti": {"settings": {"top_heads": 2}},
+            "caa": {"settings": {"layers": 1, "position_policy": "answer"}},
+        },
+        "compose": "none",
+        "eval": {"task": task, "limit": 5, "norm_texts": 2},
+    }
+    path = tmp_path / "study.yaml"
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    out = tmp_path / "out"
+    assert main(["run", str(path), "--out", str(out)]) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["task"] == task and results["metrics"] == metrics and results["n_questions"] == 5
+    for name in ("base", "hpr", "iti", "caa"):
+        assert all(0 <= results["methods"][name][m] <= 1 for m in metrics), name
+    splits = json.loads((out / "splits.json").read_text())
+    assert splits["task"] == task and "random.Random(0)" in splits["rule"]
+    assert not set(splits["train"]) & set(splits["test"]) and not set(splits["eval"]) & set(splits["test"])
+    first_test = splits["test"][:5]
+    scored = json.loads((out / "eval" / "base.json").read_text())
+    assert [r["index"] for r in scored["result"]["records"]] == first_test == scored["key"]["questions"]
+    baselines = results["baselines"]
+    assert baselines["chance"][metrics[0]] == pytest.approx(1 / 3 if task == "seq" else 0.5)
+    report = (out / "report.md").read_text()
+    assert "Without a model, on these 5 questions: chance" in report
+    picks = results["methods"]["base"]["picks"]
+    assert list(picks) == (["choice 1", "choice 2", "choice 3"] if task == "seq" else ["No", "Yes"])
+    assert sum(picks.values()) == pytest.approx(1.0) and "Answers picked" in report
+    assert sum(results["methods"]["hpr"]["picks"].values()) == pytest.approx(1.0)
+
+
+def test_metrics_by_group_are_means_over_each_groups_questions():
+    from types import SimpleNamespace
+
+    from actedit.eval.mc import MCRecord, MCResult
+    from actedit.study.run import metrics_by_group
+
+    task = SimpleNamespace(metrics=("acc",), group=lambda q: q.kind)
+    questions = [SimpleNamespace(index=i, kind="ambiguous" if i < 3 else "disambiguated") for i in range(5)]
+    records = [MCRecord(index=i, choices=[" a"], scores=[0.0], values={"acc": float(i in (0, 3, 4))}) for i in range(5)]
+    result = MCResult(task="bbq", records=records, metrics={"acc": 0.6}, stderr={"acc": 0.2}, seconds=0.0, protocol={})
+    assert metrics_by_group(task, questions, {"base": result}) == {
+        "base": {"ambiguous": {"acc": pytest.approx(1 / 3)}, "disambiguated": {"acc": 1.0}}
+    }

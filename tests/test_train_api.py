@@ -177,3 +177,24 @@ def test_keep_layers_all_saves_every_trained_layer_switched_off_but_the_selected
     assert session.active == [off] and all(m.is_enabled for m in interventions_of(session.pvm))
     alone = restrict_layers(actedit.load(path, model), [off])
     assert not torch.allclose(alone(ids)[1].logits, model(**ids).logits)
+
+
+def test_one_call_fits_on_a_bigbench_task_by_name(model, tokenizer, tmp_path):
+    """``actedit.fit(method, model, tokenizer, "seq", source=...)``: the task's train and eval
+    questions become the method's contrast data with no other change."""
+    import json
+
+    folder = tmp_path / "simple_ethical_questions"
+    folder.mkdir()
+    examples = [
+        {
+            "input": f"Is the sky blue number {i}?",
+            "target_scores": {"Yes it is": 1, "No it is not": 0, "Maybe": 0, "Never": 0},
+        }
+        for i in range(30)
+    ]
+    (folder / "task.json").write_text(json.dumps({"name": "simple_ethical_questions", "examples": examples}))
+    pvm = actedit.fit("caa", model, tokenizer, "seq", source=str(folder), limit=4, layers=[1], progress=False)
+    assert [type(i).__name__ for i in interventions_of(pvm)] == ["CAAIntervention"]
+    with pytest.raises(FileNotFoundError, match="actedit fetch bigbench"):
+        actedit.fit("caa", model, tokenizer, "bbq", source=str(tmp_path / "no_such.tar.gz"), layers=[1], progress=False)

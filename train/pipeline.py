@@ -5,8 +5,8 @@ The steps read everything method-specific from the method's spec
 its fit reads, and whether it is fitted in closed form or trained. Nothing here branches on a
 method's name.
 
-1. **Data** (:func:`load_dataset`): a task's contrast data (``truthfulqa``), a loader of
-   :data:`actedit.data.contrast.LOADERS` or a JSONL file, put in the shape the method's format reads
+1. **Data** (:func:`load_dataset`): a task's contrast data (``truthfulqa``, ``bbq``, ``seq``,
+   ``toxigen``) or a JSONL file, put in the shape the method's format reads
    (:meth:`~actedit.data.formats.PromptFormat.prepare`), with a seeded train/eval split when the
    method selects on eval data and the data has none.
 2. **Layers** (:meth:`PipelineConfig.for_model`): the settings' layer spec resolved against the
@@ -25,7 +25,7 @@ list the valid ones. Keys::
     model: smollm2-135m-instruct      # anything actedit.data.models.load_model takes
     method: hpr                        # a registered method: actadd | caa | iti | sea | hpr
     data:
-      name: truthfulqa                 # a task, a loader name (actedit.data.contrast.LOADERS) or a .jsonl path
+      name: truthfulqa                 # a task (truthfulqa, bbq, seq, toxigen) or a .jsonl path
       source: ../shared/data/truthfulqa
       split_file: null                 # default: SOURCE/hpr_ids_splits.json
       eval_ratio: 0.1                  # data without split metadata: seeded train/eval split
@@ -79,10 +79,11 @@ class DataSettings(Settings):
     """Where the contrast data comes from.
 
     Attributes:
-        name: a task (``truthfulqa``), a loader name of :data:`actedit.data.contrast.LOADERS` or a
-            ``.jsonl`` file.
-        source: local directory/file or Hub id handed to the loader.
-        split_file: train/eval/test split file (TruthfulQA; default: ``source``'s HPR split).
+        name: a registered task (``truthfulqa``, ``bbq``, ``seq``, ``toxigen``) or a ``.jsonl`` file.
+        source: where the task's questions are (local directory/file/archive or Hub id; default:
+            the task's own default, e.g. the fetched bigbench sdist).
+        split_file: train/eval/test split file (default: TruthfulQA: ``source``'s HPR split;
+            other tasks: their own seeded rule).
         eval_ratio: eval share of a seeded split, for data without split metadata and methods
             that select on eval data.
         seed: seed of that split and of format conversions (CAA's A/B letter order).
