@@ -661,7 +661,7 @@ def flips_from_records(base_records: Sequence, edited_records: Sequence, metric:
     return prediction_flips([base[i] for i in order], [edited[i] for i in order])
 
 
-# ----------------------------------------------------------------------- layers vs accuracy
+# ---------------------------------------------------------------------------- answers picked
 CONSTANT_ANSWER_SHARE = 0.95
 """An edit that picks one choice position on at least this share of questions gets a warning."""
 
@@ -691,6 +691,7 @@ def constant_answer(picks: Optional[Dict[str, float]]) -> Optional[str]:
     return name if share >= CONSTANT_ANSWER_SHARE else None
 
 
+# ----------------------------------------------------------------------- layers vs accuracy
 @dataclass
 class LayerCountCurve:
     """Scores of an edit restricted to its top-k ranked layers (HPR paper, Fig. 6).

@@ -25,7 +25,7 @@ import json
 import shutil
 import sys
 from pathlib import Path
-from typing import List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence
 
 import torch
 
@@ -103,6 +103,30 @@ class ActEditLM(HFLM):
             self._model = model
 
 
+def _installed_task_file(*parts: str) -> Path:
+    return Path(lm_eval.__file__).parent / "tasks" / Path(*parts)
+
+
+def _write_jsonl(path: Path, rows: Sequence[dict]) -> None:
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+
+
+def _local_json_dataset(files: Dict[str, Path]) -> str:
+    """The yaml lines that make a task read local JSONL files (split name → file) instead of the Hub."""
+    return "dataset_path: json\ndataset_kwargs:\n  data_files:\n" + "".join(
+        f"    {split}: {path}\n" for split, path in files.items()
+    )
+
+
+def _replace_exactly(text: str, old: str, new: str, where: Path) -> str:
+    if old not in text:
+        raise RuntimeError(
+            f"lm-eval's {where} has an unexpected layout (no {old.strip()!r}); this lm-eval version is not "
+            "supported by actedit's local task files."
+        )
+    return text.replace(old, new)
+
+
 def local_truthfulqa_tasks(directory, questions: Sequence, prefix: str = "local_") -> List[str]:
     """Write lm-eval task files for TruthfulQA MC1/MC2 that read ``questions`` from a local JSONL.
 
@@ -121,17 +145,15 @@ def local_truthfulqa_tasks(directory, questions: Sequence, prefix: str = "local_
         for q in questions
     ]
     data = directory / "truthfulqa.jsonl"
-    data.write_text("\n".join(json.dumps(r) for r in rows))
-    source = Path(lm_eval.__file__).parent / "tasks" / "truthfulqa"
-    mc1 = (source / "truthfulqa_mc1.yaml").read_text()
-    hub_lines = ("dataset_path: truthfulqa/truthful_qa\n", "dataset_name: multiple_choice\n")
-    if not all(line in mc1 for line in hub_lines):
-        raise RuntimeError(
-            f"lm-eval's {source / 'truthfulqa_mc1.yaml'} has an unexpected layout; "
-            "this lm-eval version is not supported by local_truthfulqa_tasks."
-        )
-    mc1 = mc1.replace(hub_lines[0], f"dataset_path: json\ndataset_kwargs:\n  data_files:\n    validation: {data}\n")
-    mc1 = mc1.replace(hub_lines[1], "").replace("tag:\n  - truthfulqa\n", "")
+    _write_jsonl(data, rows)
+    source = _installed_task_file("truthfulqa")
+    mc1 = _replace_exactly(
+        (source / "truthfulqa_mc1.yaml").read_text(),
+        "dataset_path: truthfulqa/truthful_qa\ndataset_name: multiple_choice\n",
+        _local_json_dataset({"validation": data}),
+        source / "truthfulqa_mc1.yaml",
+    )
+    mc1 = mc1.replace("tag:\n  - truthfulqa\n", "")
     mc1 = mc1.replace("task: truthfulqa_mc1", f"task: {prefix}truthfulqa_mc1")
     (directory / "truthfulqa_mc1.yaml").write_text(mc1)
     mc2 = (source / "truthfulqa_mc2.yaml").read_text().replace("task: truthfulqa_mc2", f"task: {prefix}truthfulqa_mc2")
@@ -147,23 +169,6 @@ def evaluate_truthfulqa(lm, questions: Sequence, directory) -> dict:
         model=lm, tasks=tasks, task_manager=TaskManager(include_path=str(directory)), num_fewshot=0, bootstrap_iters=0
     )
     return {"mc1": out["results"][tasks[0]]["acc,none"], "mc2": out["results"][tasks[1]]["acc,none"]}
-
-
-def _installed_task_file(*parts: str) -> Path:
-    return Path(lm_eval.__file__).parent / "tasks" / Path(*parts)
-
-
-def _write_jsonl(path: Path, rows: Sequence[dict]) -> None:
-    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
-
-
-def _replace_exactly(text: str, old: str, new: str, where: Path) -> str:
-    if old not in text:
-        raise RuntimeError(
-            f"lm-eval's {where} has an unexpected layout (no {old.strip()!r}); this lm-eval version is not "
-            "supported by actedit's local task files."
-        )
-    return text.replace(old, new)
 
 
 def local_bigbench_task(directory, task: str, questions: Sequence, prefix: str = "local_") -> str:
@@ -190,7 +195,7 @@ def local_bigbench_task(directory, task: str, questions: Sequence, prefix: str =
     template = _replace_exactly(
         source.read_text(),
         "dataset_path: hails/bigbench\n",
-        f"dataset_path: json\ndataset_kwargs:\n  data_files:\n    default: {data}\n",
+        _local_json_dataset({"default": data}),
         source,
     )
     template = template.replace("dataset_kwargs:\n  # num_shots", "  # num_shots")  # one dataset_kwargs block
@@ -230,7 +235,7 @@ def local_toxigen_task(directory, statements: Sequence, prefix: str = "local_") 
     text = _replace_exactly(
         source.read_text(),
         "dataset_path: skg/toxigen-data\ndataset_name: annotated\n",
-        f"dataset_path: json\ndataset_kwargs:\n  data_files:\n    train: {data}\n    test: {data}\n",
+        _local_json_dataset({"train": data, "test": data}),
         source,
     )
     name = f"{prefix}toxigen"

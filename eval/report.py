@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from actedit.data.models import load_model
 from actedit.data.tasks import TaskSpec, task_spec
@@ -22,7 +22,14 @@ from actedit.eval.plots import plot_layer_count, plot_per_layer
 from actedit.interventions.artifacts import artifact_metadata, load_artifact, resolve_artifact
 from actedit.interventions.files import write_json
 
-from .analysis import accuracy_vs_num_layers, analyze_edits, answer_picks, constant_answer, restrict_layers
+from .analysis import (
+    CONSTANT_ANSWER_SHARE,
+    accuracy_vs_num_layers,
+    analyze_edits,
+    answer_picks,
+    constant_answer,
+    restrict_layers,
+)
 from .effect import effect_table, measure_effect
 from .mc import MCResult, score_mc, score_mc_many
 
@@ -160,6 +167,14 @@ def baselines_sentence(baselines: Dict[str, Dict[str, float]], n_questions: int)
     return f"Without a model, on these {n_questions} questions: {shown}."
 
 
+def constant_answer_warning(models: Sequence[str]) -> str:
+    """The warning for models (``"name ('answer')"``) that give one answer to nearly every question."""
+    return (
+        f"Warning: {', '.join(models)} give one answer to nearly every question (≥ {100 * CONSTANT_ANSWER_SHARE:.0f} %): "
+        "such a score is that answer's share of gold labels, not knowledge of the task."
+    )
+
+
 def markdown_report(results: Dict[str, Any], rows, task: TaskSpec) -> str:
     protocol = results["protocol"]
     lines = [
@@ -187,10 +202,7 @@ def markdown_report(results: Dict[str, Any], rows, task: TaskSpec) -> str:
             shown = ", ".join(f"{k} {100 * v:.1f}" for k, v in picks.items())
             lines += ["", f"Answers {name} picks (% of questions): {shown}."]
             if constant_answer(picks) is not None:
-                lines.append(
-                    f"Warning: {name} gives {constant_answer(picks)!r} to nearly every question; its score is that "
-                    "answer's share of gold labels."
-                )
+                lines.append(constant_answer_warning([f"{name} ({constant_answer(picks)!r})"]))
     if "flips" in results:
         f = results["flips"]
         lines += [

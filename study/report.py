@@ -12,7 +12,7 @@ from actedit.data.environment import environment
 from actedit.data.tasks import task_spec
 from actedit.eval.analysis import answer_picks, constant_answer
 from actedit.eval.effect import effect_table
-from actedit.eval.report import baselines_sentence
+from actedit.eval.report import baselines_sentence, constant_answer_warning
 from actedit.interventions.artifacts import artifact_metadata
 
 from .finetunes import FINETUNES, finetune_info
@@ -183,11 +183,7 @@ def _picks_table(methods: Dict[str, Any]) -> List[str]:
             if answer is not None:
                 constant.append(f"{name}{' seed ' + seed if seed else ''} ({answer!r})")
     if constant:
-        lines += [
-            "",
-            f"Warning: {', '.join(constant)} give one answer to nearly every question (≥ 95 %): such a "
-            "score is that answer's share of gold labels, not knowledge of the task.",
-        ]
+        lines += ["", constant_answer_warning(constant)]
     return lines
 
 
