@@ -170,8 +170,9 @@ def baselines_sentence(baselines: Dict[str, Dict[str, float]], n_questions: int)
 def constant_answer_warning(models: Sequence[str]) -> str:
     """The warning for models (``"name ('answer')"``) that give one answer to nearly every question."""
     return (
-        f"Warning: {', '.join(models)} give one answer to nearly every question (≥ {100 * CONSTANT_ANSWER_SHARE:.0f} %): "
-        "such a score is that answer's share of gold labels, not knowledge of the task."
+        f"Warning: {', '.join(models)} give one answer to nearly every question "
+        f"(≥ {100 * CONSTANT_ANSWER_SHARE:.0f} %): such a score is that answer's share of gold labels, "
+        "not knowledge of the task."
     )
 
 
