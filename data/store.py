@@ -22,6 +22,7 @@ hashes see the same tokens, so a pair of them carries no contrast). Per-example 
 from __future__ import annotations
 
 import json
+import mmap
 import os
 import struct
 from dataclasses import dataclass, field
@@ -172,6 +173,10 @@ class PairedActivations:
                 torch.index_select(bank, 0, rows.to(bank.device), out=out[i])
             out = out.to(device=device, dtype=dtype)
             return out[:, : len(pos_rows)], out[:, len(pos_rows) :]
+        if self.positive is self.negative:  # one streamed bank: one read of both sides' rows per layer
+            both = torch.stack([_take(bank, torch.cat([pos_rows, neg_rows])) for bank in banks])
+            both = both.to(device=device, dtype=dtype)
+            return both[:, : len(pos_rows)], both[:, len(pos_rows) :]
         hp = torch.stack([_take(self.positive[layer], pos_rows) for layer in layers])
         hn = torch.stack([_take(self.negative[layer], neg_rows) for layer in layers])
         return hp.to(device=device, dtype=dtype), hn.to(device=device, dtype=dtype)
@@ -185,6 +190,8 @@ def _all_finite(x: Any) -> bool:
         if not x.is_floating_point():
             return True
         return bool(torch.isfinite(x.sum())) or bool(torch.isfinite(x).all())
+    if isinstance(x, StoredRows):
+        return x.all_finite()
     arr = np.asarray(x)
     if not np.issubdtype(arr.dtype, np.floating):
         return True
@@ -194,6 +201,8 @@ def _all_finite(x: Any) -> bool:
 def _take(x: Any, rows: torch.Tensor) -> torch.Tensor:
     if isinstance(x, torch.Tensor):
         return x[rows.to(x.device)]
+    if isinstance(x, StoredRows):
+        return x.take(rows.cpu().numpy())
     return torch.from_numpy(np.ascontiguousarray(np.asarray(x)[rows.numpy()]))
 
 
@@ -240,7 +249,7 @@ class ShardView:
 
     def array(self, name: str) -> np.ndarray:
         """A tensor of the shard as a numpy array: for a file, a copy-on-write ``numpy.memmap``
-        (pages read on access)."""
+        (pages read on access; a bfloat16 tensor as its raw bits, ``uint16``)."""
         if self.tensors is not None:
             if name not in self.tensors:
                 raise KeyError(f"{self.name} has no tensor {name!r}.")
@@ -252,8 +261,10 @@ class ShardView:
             raise KeyError(f"{path.name} has no tensor {name!r}.")
         info = header[name]
         np_dtype = _SAFETENSORS_DTYPES.get(info["dtype"])
-        if np_dtype is None:  # bfloat16: no numpy dtype
-            return self.tensor(name).float().numpy()
+        if info["dtype"] == "BF16":  # no numpy bfloat16: its raw 16-bit patterns (see _as_bfloat16)
+            np_dtype = np.uint16
+        if np_dtype is None:
+            raise ValueError(f"{path.name}: tensor {name!r} has dtype {info['dtype']}, which stores do not use.")
         start, _ = info["data_offsets"]
         return np.memmap(path, dtype=np_dtype, mode="c", offset=base + start, shape=tuple(info["shape"]))
 
@@ -314,10 +325,94 @@ class LabeledActivations:
         rows: ``(N,)`` global row indices.
     """
 
-    acts: Dict[int, torch.Tensor]
+    acts: Mapping[int, torch.Tensor]
     labels: np.ndarray
     examples: np.ndarray
     rows: np.ndarray
+
+
+class StoredRows:
+    """``(N, width)`` rows of one (site, layer) of a store, read from its shards when asked for.
+
+    What a streamed :class:`PairedActivations` holds per layer instead of a tensor: each training
+    step reads only its batch's rows (:meth:`take`), so memory does not grow with the number of
+    layers or rows. ``rows``: the global store rows that make up rows ``0..N-1`` here."""
+
+    def __init__(self, store: "ActivationStore", site: str, layer: int, rows: np.ndarray) -> None:
+        self._store, self._site, self._layer = store, site, int(layer)
+        self._rows = np.asarray(rows, dtype=np.int64)
+        self.shape = (int(self._rows.size), store.width(site))
+        self._arrays: Optional[List[np.ndarray]] = None
+        self._mapped_bytes = 0
+
+    MAPPED_BYTES = 16 * 2**20
+    """Pages of the shard files read through one mapping before it is dropped: a mapped page counts
+    in the process's resident memory (page cache, which the kernel could reclaim, but RSS is what
+    users watch), so each layer's reads stay within about this much of it."""
+
+    def take(self, idx: Any, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+        """Rows ``idx`` (indices into ``0..N-1``, any order, repeats allowed) as a tensor."""
+        picked = self._rows[np.asarray(idx, dtype=np.int64).reshape(-1)]
+        if self._arrays is None or self._mapped_bytes > self.MAPPED_BYTES:
+            # each shard mapped once per MAPPED_BYTES read (a map per read cost more than the
+            # training step itself); dropping the old maps unmaps the pages they read
+            self._arrays = [shard.array(f"act.{self._site}.{self._layer}") for shard in self._store.shards()]
+            for array in self._arrays:
+                handle = getattr(array, "_mmap", None)  # numpy.memmap's mmap object
+                if handle is not None and hasattr(mmap, "MADV_RANDOM"):
+                    # scattered rows: no read-ahead, and a fault maps only its own page (Linux maps
+                    # the neighbouring 64 KiB otherwise, which would count in RSS)
+                    handle.madvise(mmap.MADV_RANDOM)
+            self._mapped_bytes = 0
+        row_bytes = self.shape[1] * self._store.dtype.itemsize
+        self._mapped_bytes += picked.size * (row_bytes + 4096)  # a row's pages, one more where it straddles
+        rows = self._store._gather_rows(self._arrays, picked, self.shape[1])
+        return self._store._as_store_dtype(torch.from_numpy(rows), dtype)
+
+    def all_finite(self, chunk: int = 4096) -> bool:
+        """Whether every entry is finite, read ``chunk`` rows at a time."""
+        return all(
+            bool(torch.isfinite(self.take(np.arange(i, min(i + chunk, self.shape[0])))).all())
+            for i in range(0, self.shape[0], chunk)
+        )
+
+    def __repr__(self) -> str:
+        return f"StoredRows({self._site!r}, layer={self._layer}, shape={self.shape}, read on access)"
+
+
+class LayerActivations(Mapping[int, torch.Tensor]):
+    """layer → ``(N, width)`` activations of one site, read from the store on each access.
+
+    The streaming view the fits iterate (:func:`actedit.train.pipeline.fit_inputs`): nothing is
+    kept, so a fit that visits its layers one at a time holds one layer's rows in memory at a time
+    whatever the number of layers (a layer visited twice, as ITI's chosen layers are, is read
+    twice). ``rows``: the global row indices to read, in order (None: all rows)."""
+
+    def __init__(
+        self,
+        store: "ActivationStore",
+        site: str,
+        layers: Sequence[int],
+        rows: Optional[np.ndarray] = None,
+        dtype: Optional[torch.dtype] = None,
+    ) -> None:
+        self._store, self._site, self._rows, self._dtype = store, site, rows, dtype
+        self._layers = [int(layer) for layer in layers]
+
+    def __getitem__(self, layer: int) -> torch.Tensor:
+        if isinstance(layer, bool) or not isinstance(layer, (int, np.integer)) or int(layer) not in self._layers:
+            raise KeyError(layer)
+        return self._store.load(self._site, int(layer), rows=self._rows, dtype=self._dtype)
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self._layers)
+
+    def __len__(self) -> int:
+        return len(self._layers)
+
+    def __repr__(self) -> str:
+        n = self._store.num_rows if self._rows is None else len(self._rows)
+        return f"LayerActivations({self._site!r}, layers={self._layers}, rows={n}, read on access)"
 
 
 class ActivationStore:
@@ -528,37 +623,46 @@ class ActivationStore:
         self._layers([layer])
         name = f"act.{site}.{layer}"
         width = self.width(site)
+        arrays = [shard.array(name) for shard in self._shards]
         if rows is None:
-            parts = [np.asarray(shard.array(name)) for shard in self._shards]
+            parts = [np.asarray(a) for a in arrays]
             out = torch.from_numpy(np.concatenate(parts) if len(parts) != 1 else np.array(parts[0]))
         else:
-            rows = np.asarray(rows, dtype=np.int64).reshape(-1)
-            if rows.size and (rows.min() < 0 or rows.max() >= self.num_rows):
-                raise ValueError(f"row indices must be in 0..{self.num_rows - 1}.")
-            starts = np.asarray([s.row_start for s in self._shards], dtype=np.int64)
-            which = np.searchsorted(starts, rows, side="right") - 1
-            result = None
-            for k in np.unique(which):
-                shard = self._shards[int(k)]
-                sel = np.flatnonzero(which == k)
-                array = shard.array(name)
-                if result is None:
-                    result = np.empty((rows.size, width), dtype=array.dtype)
-                if sel[-1] - sel[0] + 1 == sel.size:  # sorted rows (the usual case): copy straight in
-                    np.take(array, rows[sel] - shard.row_start, axis=0, out=result[sel[0] : sel[-1] + 1])
-                else:
-                    result[sel] = array[rows[sel] - shard.row_start]
-            if result is None:
-                result = np.empty((0, width), dtype=np.float32)
-            out = torch.from_numpy(result)
-        if out.dtype == torch.float32 and self.dtype == torch.bfloat16 and dtype is None:
-            out = out.to(torch.bfloat16)
-        if dtype is not None:
-            out = out.to(dtype)
+            out = torch.from_numpy(self._gather_rows(arrays, rows, width))
+        out = self._as_store_dtype(out, dtype)
         if heads:
             n_heads, head_dim = self.heads(site)
             out = out.reshape(out.shape[0], n_heads, head_dim)
         return out
+
+    def _gather_rows(self, arrays: Sequence[np.ndarray], rows: Any, width: int) -> np.ndarray:
+        """Global ``rows`` (any order, repeats allowed) of one tensor given per shard (``arrays``)."""
+        rows = np.asarray(rows, dtype=np.int64).reshape(-1)
+        if rows.size and (rows.min() < 0 or rows.max() >= self.num_rows):
+            raise ValueError(f"row indices must be in 0..{self.num_rows - 1}.")
+        starts = np.asarray([s.row_start for s in self._shards], dtype=np.int64)
+        which = np.searchsorted(starts, rows, side="right") - 1
+        result = None
+        for k in np.unique(which):
+            start = self._shards[int(k)].row_start
+            sel = np.flatnonzero(which == k)
+            array = arrays[int(k)]
+            if result is None:
+                result = np.empty((rows.size, width), dtype=array.dtype)
+            if sel[-1] - sel[0] + 1 == sel.size:  # sorted rows (the usual case): copy straight in
+                np.take(array, rows[sel] - start, axis=0, out=result[sel[0] : sel[-1] + 1])
+            else:
+                result[sel] = array[rows[sel] - start]
+        return result if result is not None else np.empty((0, width), dtype=np.float32)
+
+    def _as_store_dtype(self, out: torch.Tensor, dtype: Optional[torch.dtype]) -> torch.Tensor:
+        """Rows read from the shards in the store dtype (bfloat16 from its raw bits or from the
+        float32 an in-memory shard hands out), or in ``dtype``."""
+        if out.dtype == torch.uint16:  # a bfloat16 shard's raw bits
+            out = out.view(torch.bfloat16)
+        if out.dtype == torch.float32 and self.dtype == torch.bfloat16 and dtype is None:
+            out = out.to(torch.bfloat16)
+        return out if dtype is None else out.to(dtype)
 
     def load_layers(
         self,
@@ -567,10 +671,15 @@ class ActivationStore:
         *,
         rows: Optional[Any] = None,
         dtype: Optional[torch.dtype] = None,
-    ) -> Dict[int, torch.Tensor]:
-        """layer → ``(N, width)`` for several layers (default all)."""
+        stream: bool = False,
+    ) -> Mapping[int, torch.Tensor]:
+        """layer → ``(N, width)`` for several layers (default all): read now into a dict, or with
+        ``stream`` a :class:`LayerActivations` that reads each layer when it is accessed."""
         site = self._site(site)
-        return {layer: self.load(site, layer, rows=rows, dtype=dtype) for layer in self._layers(layers)}
+        chosen = self._layers(layers)
+        if stream:
+            return LayerActivations(self, site, chosen, None if rows is None else np.asarray(rows, np.int64), dtype)
+        return {layer: self.load(site, layer, rows=rows, dtype=dtype) for layer in chosen}
 
     # ----------------------------------------------------------------------------- views
     def pair_index(self, *, split: Optional[str] = None, drop_identical: bool = True) -> PairIndex:
@@ -633,18 +742,24 @@ class ActivationStore:
         dtype: Optional[torch.dtype] = None,
         drop_identical: bool = True,
         check_finite: bool = True,
-    ):
-        """HPR/CAA training pairs as :class:`actedit.train.trainer.PairedActivations`.
+        stream: bool = False,
+    ) -> PairedActivations:
+        """HPR/CAA training pairs as :class:`PairedActivations`.
 
-        One bank of the rows the pairs use (per layer, in memory, ``dtype`` default the store
-        dtype) shared by ``positive`` and ``negative``, and the ``(P, 2)`` index of
-        :meth:`pair_index` into it.
+        One bank of the rows the pairs use (per layer, ``dtype`` default the store dtype) shared
+        by ``positive`` and ``negative``, and the ``(P, 2)`` index of :meth:`pair_index` into it.
+        The bank is read into memory, or with ``stream`` left in the store's shards
+        (:class:`StoredRows`: each batch reads its rows, in the store dtype, when it is gathered).
         """
         site = self._site(site)
         pairs = self.pair_index(split=split, drop_identical=drop_identical)
         used = np.unique(pairs.index)
         index = np.searchsorted(used, pairs.index)
-        bank = self.load_layers(site, layers, rows=used, dtype=dtype)
+        bank: Mapping[int, Any]
+        if stream:
+            bank = {layer: StoredRows(self, site, layer, used) for layer in self._layers(layers)}
+        else:
+            bank = self.load_layers(site, layers, rows=used, dtype=dtype)
         return PairedActivations(bank, bank, index=torch.from_numpy(index), check_finite=check_finite)
 
     def labeled(
@@ -654,8 +769,10 @@ class ActivationStore:
         split: Optional[str] = None,
         layers: Optional[Sequence[int]] = None,
         dtype: Optional[torch.dtype] = None,
+        stream: bool = False,
     ) -> LabeledActivations:
-        """Positive (label 1) and negative (label 0) rows, e.g. ITI's probe data per question split."""
+        """Positive (label 1) and negative (label 0) rows, e.g. ITI's probe data per question split
+        (``stream``: each layer read when accessed, :class:`LayerActivations`)."""
         site = self._site(site)
         rows = self.rows_of(split=split, roles=("pos", "neg"))
         if rows.size == 0:
@@ -663,7 +780,10 @@ class ActivationStore:
         cols = self.columns()
         labels = (cols["role"][rows] == ROLES.index("pos")).astype(np.int64)
         return LabeledActivations(
-            self.load_layers(site, layers, rows=rows, dtype=dtype), labels, cols["example"][rows].copy(), rows
+            self.load_layers(site, layers, rows=rows, dtype=dtype, stream=stream),
+            labels,
+            cols["example"][rows].copy(),
+            rows,
         )
 
     def aligned(
@@ -674,10 +794,12 @@ class ActivationStore:
         split: Optional[str] = None,
         layers: Optional[Sequence[int]] = None,
         dtype: Optional[torch.dtype] = None,
-    ) -> Dict[str, Dict[int, torch.Tensor]]:
+        stream: bool = False,
+    ) -> Dict[str, Mapping[int, torch.Tensor]]:
         """role → layer → ``(N, width)`` with row n of every role from the same (example,
         response, offset): SEA's H, H⁺, H⁻ (one completion of each role per prompt) and ActAdd's
-        two per-position matrices (roles ``pos``, ``neg``)."""
+        two per-position matrices (roles ``pos``, ``neg``); ``stream``: each layer read when
+        accessed (:class:`LayerActivations`)."""
         site = self._site(site)
         cols = self.columns()
         keyed = {}
@@ -701,4 +823,4 @@ class ActivationStore:
                     f"{keyed[r][1].shape[0]} rows, matched by example, response and offset); use "
                     "paired_activations() for many-to-many pairs."
                 )
-        return {r: self.load_layers(site, layers, rows=keyed[r][0], dtype=dtype) for r in roles}
+        return {r: self.load_layers(site, layers, rows=keyed[r][0], dtype=dtype, stream=stream) for r in roles}

@@ -11,6 +11,7 @@ import random
 import numpy as np
 import pytest
 import torch
+from safetensors import safe_open
 from safetensors.torch import save_file
 from test_data_collect import dataset, hooked_forward, model_for
 
@@ -346,3 +347,36 @@ def test_in_memory_store_equals_the_directory_store(tmp_path, tok):
     assert torch.equal(a.index, b.index)
     assert all(torch.equal(a.positive[layer], b.positive[layer]) for layer in (0, 2))
     assert not list(tmp_path.glob("**/*.tmp"))
+
+
+def test_bfloat16_shards_are_memory_mapped_and_read_exactly(tmp_path, tok):
+    """A bfloat16 store's shards are mapped as their raw 16-bit patterns: whole layers, chosen
+    rows and streamed rows read back bit for bit what safetensors holds, in bfloat16."""
+    model = model_for("llama", tok)
+    store = collect_activations(
+        model,
+        tok,
+        dataset(3),
+        tmp_path / "bf16",
+        format=HPRFormat(),
+        layers=[0, 2],
+        dtype="bfloat16",
+        shard_rows=20,
+        progress=False,
+    )
+    assert store.dtype == torch.bfloat16 and len(list(store.shards())) > 1
+    written = {}
+    for shard in store.shards():
+        assert isinstance(shard.array("act.block_output.2"), np.memmap)
+        with safe_open(str(shard.path), framework="pt") as handle:
+            written.setdefault(2, []).append(handle.get_tensor("act.block_output.2"))
+    whole = torch.cat(written[2])
+    assert store.load(layer=2).dtype == torch.bfloat16 and torch.equal(store.load(layer=2), whole)
+    rows = np.array([store.num_rows - 1, 0, 5, 5])
+    assert torch.equal(store.load(layer=2, rows=rows), whole[rows])
+    assert torch.equal(store.load(layer=2, rows=rows, dtype=torch.float32), whole[rows].float())
+    streamed = store.paired_activations(layers=[2], stream=True)
+    in_memory = store.paired_activations(layers=[2])
+    idx = torch.arange(streamed.num_pairs)
+    for a, b in zip(streamed.gather([2], idx), in_memory.gather([2], idx), strict=True):
+        assert torch.equal(a, b)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib.util
 import re
+from collections.abc import Mapping
 from pathlib import Path
 
 import pytest
@@ -16,10 +17,11 @@ import torch
 import actedit
 from actedit.data.contrast import PromptPair
 from actedit.data.formats import get_format
-from actedit.interventions.edits import interventions_of
-from actedit.interventions.registry import methods
+from actedit.data.store import ActivationStore, LayerActivations, StoredRows
+from actedit.interventions.edits import interventions_of, site_width
+from actedit.interventions.registry import FitContext, methods
 from actedit.interventions.settings import UnknownSettingError
-from actedit.train.pipeline import method_settings
+from actedit.train.pipeline import fit_inputs, method_settings
 from conftest import STOCK_RELOAD_INPUTS as INPUTS
 from conftest import assert_stock_reload, make_tokenizer, reference_outputs, tiny_model
 
@@ -198,3 +200,62 @@ def test_one_call_fits_on_a_bigbench_task_by_name(model, tokenizer, tmp_path):
     assert [type(i).__name__ for i in interventions_of(pvm)] == ["CAAIntervention"]
     with pytest.raises(FileNotFoundError, match="actedit fetch bigbench"):
         actedit.fit("caa", model, tokenizer, "bbq", source=str(tmp_path / "no_such.tar.gz"), layers=[1], progress=False)
+
+
+@pytest.mark.parametrize("spec", [s for s in methods() if not s.trained], ids=lambda s: s.name)
+def test_streamed_fits_equal_fits_in_memory(spec, model, tokenizer, tmp_path):
+    """A closed-form fit reads its layers one at a time from the store's shards (the default) and
+    gets exactly what it gets from every layer read into memory first."""
+    kwargs = arguments(spec)
+    data = kwargs.pop("data")
+    actedit.fit(spec.name, model, tokenizer, data, store=tmp_path / "acts", **kwargs)
+    store = ActivationStore(tmp_path / "acts")
+    settings, _ = method_settings(spec.name, {"layers": kwargs.get("layers", store.layers)}, None)
+    context = FitContext(width=site_width(model, spec.site), num_heads=int(model.config.num_attention_heads))
+    fitted = {}
+    for stream in (True, False):
+        inputs = fit_inputs(store, spec, spec.site, settings.layers, stream=stream)
+        maps = [m for v in inputs.values() for m in (v if isinstance(v, tuple) else (v,)) if isinstance(m, Mapping)]
+        assert maps and all(isinstance(m, LayerActivations) == stream for m in maps)
+        fitted[stream] = spec.fit(inputs, settings, context)
+    streamed, in_memory = fitted[True], fitted[False]
+    assert streamed.modules.keys() == in_memory.modules.keys() and streamed.record == in_memory.record
+    for layer, module in streamed.modules.items():
+        reference = in_memory.modules[layer].state_dict()
+        for name, value in module.state_dict().items():
+            assert torch.equal(value, reference[name]), f"{spec.name} layer {layer} {name}"
+
+
+@pytest.mark.parametrize("spec", [s for s in methods() if s.trained], ids=lambda s: s.name)
+def test_streamed_training_equals_training_in_memory(spec, model, tokenizer, tmp_path):
+    """A trained method reads each batch's rows from the store's shards (``train.stream``, the
+    default) and ends with exactly the weights of training on every layer read into memory."""
+    kwargs = arguments(spec)
+    data = kwargs.pop("data")
+    trained = {}
+    for stream in (True, False):
+        options = dict(kwargs, train={**kwargs["train"], "stream": stream, "epochs": 2})
+        trained[stream] = actedit.fit(spec.name, model, tokenizer, data, store=tmp_path / "acts", **options)
+    streamed, in_memory = (interventions_of(trained[s]) for s in (True, False))
+    assert len(streamed) == len(in_memory) == 2
+    for a, b in zip(streamed, in_memory, strict=True):
+        reference = b.state_dict()
+        for name, value in a.state_dict().items():
+            assert torch.equal(value, reference[name]), f"{spec.name} {name}"
+
+
+def test_a_streamed_bank_reads_only_the_rows_asked_for(model, tokenizer, tmp_path):
+    kwargs = arguments(next(s for s in methods() if s.name == "hpr"))
+    actedit.fit("caa", model, tokenizer, kwargs["data"], layers=[0, 1], store=tmp_path / "acts", progress=False)
+    store = ActivationStore(tmp_path / "acts")
+    streamed = store.paired_activations("block_output", layers=[0, 1], stream=True)
+    in_memory = store.paired_activations("block_output", layers=[0, 1])
+    assert all(isinstance(streamed.positive[layer], StoredRows) for layer in (0, 1))
+    idx = torch.tensor([3, 0, 3, len(in_memory.index) - 1])
+    for a, b in zip(streamed.gather([0, 1], idx), in_memory.gather([0, 1], idx), strict=True):
+        assert torch.equal(a, b)
+    reads = []
+    original = store._gather_rows
+    store._gather_rows = lambda arrays, rows, width: reads.append(len(rows)) or original(arrays, rows, width)
+    streamed.gather([1], idx)
+    assert reads == [2 * len(idx)]  # one read of the batch's positive and negative rows

@@ -371,8 +371,15 @@ def _store(cfg: PipelineConfig, model, tokenizer, progress: bool) -> ActivationS
     return collect(cfg, model, tokenizer, progress=progress)
 
 
-def fit_inputs(store: ActivationStore, spec: MethodSpec, site: str, layers: Sequence[int]) -> Dict[str, Any]:
-    """What a closed-form fit reads (``spec.reads``, see :data:`~actedit.interventions.registry.VIEWS`)."""
+def fit_inputs(
+    store: ActivationStore, spec: MethodSpec, site: str, layers: Sequence[int], *, stream: bool = True
+) -> Dict[str, Any]:
+    """What a closed-form fit reads (``spec.reads``, see :data:`~actedit.interventions.registry.VIEWS`).
+
+    ``stream`` (default): every layer map is a :class:`~actedit.data.store.LayerActivations`
+    that reads a layer from the store's shards when the fit visits it, so a fit holds one layer
+    at a time and its memory does not grow with the number of layers; False reads every layer
+    into memory first (the reference the streaming path is tested against)."""
     layers = list(layers)
     missing = [layer for layer in layers if layer not in store.layers]
     if missing:
@@ -383,19 +390,18 @@ def fit_inputs(store: ActivationStore, spec: MethodSpec, site: str, layers: Sequ
         )
     split = spec.splits[0] if spec.splits else None
     if spec.reads == "paired":
-        pairs = store.paired_activations(site, split=split, layers=layers)
-        pos, neg = pairs.gather(layers, torch.arange(pairs.num_pairs))
+        pairs = store.pair_index(split=split)
         return {
-            "pos": {layer: pos[i] for i, layer in enumerate(layers)},
-            "neg": {layer: neg[i] for i, layer in enumerate(layers)},
+            role: store.load_layers(site, layers, rows=pairs.index[:, column], stream=stream)
+            for column, role in enumerate(("pos", "neg"))
         }
     if spec.reads == "labeled":
         out = {}
         for name in spec.splits:
-            rows = store.labeled(site, split=name, layers=layers)
+            rows = store.labeled(site, split=name, layers=layers, stream=stream)
             out[name] = (rows.acts, rows.labels)
         return out
-    return store.aligned(spec.roles, site, split=split, layers=layers)
+    return store.aligned(spec.roles, site, split=split, layers=layers, stream=stream)
 
 
 def make_edit(
@@ -430,11 +436,13 @@ def _train(cfg: PipelineConfig, store: ActivationStore, progress: bool) -> Tuple
     recipe = cast(TrainingRecipe, spec.training)  # a trained spec has one (checked at registration)
     out = Path(cfg.out) if cfg.out is not None else None
     # the spec's view (``paired``, the one the trainer reads; checked when the method registered)
-    train_pairs = store.paired_activations(cfg.site, split="train", layers=settings.layers)
-    eval_pairs = (
-        store.paired_activations(cfg.site, split="eval", layers=settings.layers) if "eval" in spec.splits else None
-    )
     train_cfg = dataclasses.replace(cfg.train, progress=cfg.train.progress and progress)
+
+    def pairs(split: str):
+        return store.paired_activations(cfg.site, split=split, layers=settings.layers, stream=train_cfg.stream)
+
+    train_pairs = pairs("train")
+    eval_pairs = pairs("eval") if "eval" in spec.splits else None
     if out is not None and train_cfg.checkpoint_dir is None:
         train_cfg = dataclasses.replace(train_cfg, checkpoint_dir=str(out.parent / f".{out.name}.training"))
     modules = new_interventions(

@@ -104,6 +104,10 @@ class TrainSettings(Settings):
             cached-activation training (end-to-end training keeps the model's dtype).
         stop_after_epoch: stop after this many epochs of the ``epochs``-long schedule (the
             learning rate follows the full schedule); None runs all epochs.
+        stream: read each batch's activations from the store's shards when it is needed instead
+            of every layer's rows into memory first (True, the default: memory does not grow with
+            the number of layers or examples; the results are the same). Used where the pairs come
+            from an activation store (:func:`actedit.train.pipeline.make_edit`).
         cpu_threads: torch threads while training on cached activations on the CPU. None
             (default): 1 where idle OpenMP threads sleep (``OMP_WAIT_POLICY=PASSIVE``, advised on a
             shared machine), else torch's setting. A step runs ~100 small operations,
@@ -132,6 +136,7 @@ class TrainSettings(Settings):
     device: Optional[str] = None
     dtype: str = "float32"
     stop_after_epoch: Optional[int] = None
+    stream: bool = True
     cpu_threads: Optional[int] = None
 
     def __post_init__(self) -> None:
