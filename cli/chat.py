@@ -13,7 +13,7 @@ from actedit.eval.chat import ChatSession, describe_layers
 from actedit.interventions.artifacts import resolve_artifact, verify_artifact
 from actedit.interventions.base import ActEditIntervention
 
-from .options import add_model_option
+from .options import add_device_options, add_model_option, placement_of
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -40,7 +40,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--system", default=None, help="system prompt (chat template only)")
     parser.add_argument("--no-chat-template", action="store_true", help="feed prompts as plain text")
-    parser.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    add_device_options(parser)
 
 
 def run(args, stdin: Optional[TextIO] = None, stdout: Optional[TextIO] = None) -> int:
@@ -53,7 +53,7 @@ def run(args, stdin: Optional[TextIO] = None, stdout: Optional[TextIO] = None) -
         raise ValueError("the artifact does not record its base model; pass --model.")
     stdout.write(f"-----> Loading {spec}\n")
     stdout.flush()
-    model, tokenizer = load_model(spec, device=args.device)
+    model, tokenizer = load_model(spec, **placement_of(args))
     settings = GenerationSettings(
         max_new_tokens=args.max_new_tokens,
         batch_size=1,

@@ -30,7 +30,7 @@ from actedit.eval.compare import (
 from actedit.interventions.artifacts import load_artifact, resolve_artifact, verify_artifact
 from actedit.interventions.files import write_json
 
-from .options import add_model_option
+from .options import add_device_options, add_model_option, placement_of
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -67,7 +67,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="wrap each prompt as a user turn with the tokenizer's chat template (default: raw text continuation)",
     )
     parser.add_argument("--system", default=None, help="system prompt (with --chat-template only)")
-    parser.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    add_device_options(parser)
     parser.add_argument(
         "--width", type=int, default=None, help="width of the printed table (default: the terminal's, at most 160)"
     )
@@ -166,7 +166,7 @@ def run(args) -> int:
     if not spec:
         raise ValueError("the artifact does not record its base model; pass --model.")
     print(f"-----> Loading {spec}; edit: {describe_edits(info.get('edits', []))}", flush=True)
-    model, tokenizer = load_model(spec, device=args.device)
+    model, tokenizer = load_model(spec, **placement_of(args))
     edited = load_artifact(directory, model)
     report = sample_comparisons(edited, tokenizer, prompts, args.n, settings, progress=True)
     print(report.table(width=width), end="")

@@ -30,12 +30,12 @@ import importlib.util
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Tuple, Union
+from typing import Any, Dict, Mapping, Optional, Tuple, Union
 
 import torch
 import transformers as tf
 
-from actedit.interventions import compat
+from actedit.interventions import compat, devices
 from actedit.interventions.artifacts import looks_like_local_path
 from actedit.interventions.edits import record_model_source
 
@@ -73,6 +73,47 @@ ALIASES = {
     ),
 }
 """Alias → :class:`ModelAlias`. Keys are lower-case; lookups ignore case and ``_``/``-``."""
+
+
+DEVICE_MAP_STRATEGIES = ("auto", "balanced", "balanced_low_0", "sequential")
+"""The named strategies of ``from_pretrained(device_map=...)`` (transformers 4.57–5.24, computed
+by accelerate from the free memory of each device)."""
+
+DeviceMap = Union[str, Mapping[str, Union[int, str, torch.device]]]
+"""A ``device_map``: a strategy of :data:`DEVICE_MAP_STRATEGIES` or module name → device."""
+
+
+def _check_dtype(model: Any, dtype: torch.dtype) -> None:
+    """Refuse a dispatched model whose floating weights are not in ``dtype`` (it cannot be cast
+    after dispatch: offloaded weights are reloaded from their stored copies)."""
+    found = {p.dtype for p in model.parameters() if p.is_floating_point()}
+    if found and found != {dtype}:
+        raise ValueError(
+            f"from_pretrained(device_map=...) gave weights in {sorted(map(str, found))}, not {dtype}; a dispatched "
+            "model cannot be cast afterwards. Load it without device_map, or in the dtype it was saved in."
+        )
+
+
+def _cast_buffers(model: Any, dtype: torch.dtype) -> None:
+    """Cast ``model``'s floating-point buffers to ``dtype`` in place, as ``model.to(dtype=dtype)``
+    does for a model loaded without a device map.
+
+    transformers behaviour covered (5.24.0): ``from_pretrained(dtype=...)`` casts the weights but
+    keeps buffers computed at init in float32 (Llama's rotary ``inv_freq``); :func:`load_model`
+    has always cast the whole model, so without this a bf16 model spread by a device map ran its
+    rotary embedding in float32 and its logits differed from the same model loaded whole.
+    Offloaded buffers (``meta``) are left alone: accelerate casts what it loads to the placeholder's
+    dtype.
+    """
+    for module in model.modules():
+        for name, buffer in list(module._buffers.items()):
+            if (
+                buffer is not None
+                and buffer.is_floating_point()
+                and buffer.dtype != dtype
+                and buffer.device.type != "meta"
+            ):
+                module._buffers[name] = buffer.to(dtype)
 
 
 class ModelSpecError(ValueError):
@@ -177,25 +218,101 @@ def _set_name_or_path(model, name: str) -> None:
         pass
 
 
+def check_device_map(
+    device_map: Optional[DeviceMap],
+    *,
+    device: Optional[Union[str, torch.device]] = None,
+    max_memory: Optional[Dict[Any, Any]] = None,
+    offload_folder: Optional[Union[str, os.PathLike]] = None,
+    where: str = "device_map",
+) -> None:
+    """Raise a :class:`ValueError` naming ``where`` and the fix for a device map
+    :func:`load_model` cannot take: not None, a strategy of :data:`DEVICE_MAP_STRATEGIES` or a
+    mapping of module names to devices (a GPU index, ``"cpu"``, ``"disk"``, ``"cuda:1"``...);
+    given together with ``device``; ``"disk"`` without ``offload_folder``; ``max_memory`` or
+    ``offload_folder`` without a device map."""
+    if device_map is None:
+        if max_memory is not None or offload_folder is not None:
+            raise ValueError(
+                "max_memory and offload_folder only apply with a device_map (e.g. device_map='auto'); "
+                "pass one, or drop them."
+            )
+        return
+    if device is not None:
+        raise ValueError(
+            f"device ({device!r}) and {where} ({device_map!r}) were both given: a device map places each "
+            f"module itself. Pass only {where} (e.g. 'auto'), or only device."
+        )
+    if isinstance(device_map, str):
+        if device_map not in DEVICE_MAP_STRATEGIES:
+            raise ValueError(
+                f"{where} must be one of {', '.join(DEVICE_MAP_STRATEGIES)} or a mapping of module names to "
+                f"devices, got {device_map!r}. To put the whole model on one device, use device={device_map!r}."
+            )
+        return
+    if not isinstance(device_map, Mapping) or not device_map:
+        raise ValueError(
+            f"{where} must be one of {', '.join(DEVICE_MAP_STRATEGIES)} or a non-empty mapping of module names "
+            f"to devices (e.g. {{'model.embed_tokens': 0, 'model.layers': 'cpu', 'lm_head': 'disk'}}), "
+            f"got {device_map!r}."
+        )
+    for name, target in device_map.items():
+        if not isinstance(name, str):
+            raise ValueError(f"{where}: module names must be strings ('' for the whole model), got {name!r}.")
+        if isinstance(target, bool) or not isinstance(target, (int, str, torch.device)):
+            raise ValueError(
+                f"{where}[{name!r}] must be a GPU index, 'cpu', 'disk' or a torch device string, got {target!r}."
+            )
+        if isinstance(target, int) and target < 0:
+            raise ValueError(f"{where}[{name!r}] is a negative GPU index ({target}); use 'cpu' for the CPU.")
+        if isinstance(target, str) and target != "disk":
+            try:
+                torch.device(target)
+            except RuntimeError as exc:
+                raise ValueError(
+                    f"{where}[{name!r}] = {target!r} is not a device: use a GPU index, 'cpu', 'disk' or e.g. 'cuda:1'."
+                ) from exc
+    if "disk" in device_map.values() and offload_folder is None:
+        raise ValueError(
+            f"{where} offloads modules to 'disk' but no offload_folder was given: pass offload_folder=DIR "
+            "(where accelerate writes their weights)."
+        )
+
+
 def load_model(
     spec: Union[str, os.PathLike],
     dtype: torch.dtype = torch.float32,
-    device: Union[str, torch.device] = "cpu",
+    device: Optional[Union[str, torch.device]] = None,
     *,
     revision: Optional[str] = None,
     padding_side: str = "right",
     trust_remote_code: bool = False,
+    device_map: Optional[DeviceMap] = None,
+    max_memory: Optional[Dict[Any, Any]] = None,
+    offload_folder: Optional[Union[str, os.PathLike]] = None,
 ):
-    """Load ``(model, tokenizer)`` for ``spec``; the model is in eval mode on ``device``.
+    """Load ``(model, tokenizer)`` for ``spec``; the model is in eval mode on ``device``, or
+    spread by ``device_map``.
 
     Args:
         spec: an alias (:data:`ALIASES`), a ``.gguf`` file, a local model directory or a Hub id
             (see the module docstring for the order and the errors).
         dtype: parameter dtype (GGUF weights are de-quantised, then cast).
-        device: where to put the model.
+        device: where to put the whole model (default ``"cpu"`` without ``device_map``).
         revision: Hub revision (Hub ids only).
         padding_side: the tokenizer's padding side (default ``"right"``).
         trust_remote_code: passed to ``from_pretrained`` (Hub ids and local directories).
+        device_map: passed to ``from_pretrained`` (needs ``accelerate``): ``"auto"``,
+            ``"balanced"``, ``"balanced_low_0"``, ``"sequential"`` or a mapping of module names to
+            devices (GPU index, ``"cpu"``, ``"disk"``); the model is then left where it was
+            dispatched (modules offloaded to ``"cpu"`` beside a GPU, or to ``"disk"``, are loaded on
+            the fly by accelerate's hooks). Not together with ``device``. Inputs go to
+            :func:`~actedit.interventions.devices.input_device`, each edit to the device its
+            layer computes on (:func:`~actedit.interventions.devices.place_interventions`, done by
+            ``intervenable`` and ``load_artifact``).
+        max_memory: with ``device_map``: device → most memory to use (e.g. ``{0: "10GiB", "cpu":
+            "30GiB"}``), passed to ``from_pretrained``.
+        offload_folder: with ``device_map``: where weights offloaded to ``"disk"`` are written.
 
     Returns:
         ``(model, tokenizer)``. For an alias, ``model.config._name_or_path`` is set to the alias so
@@ -207,9 +324,22 @@ def load_model(
     """
     if padding_side not in ("left", "right"):
         raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}.")
+    check_device_map(device_map, device=device, max_memory=max_memory, offload_folder=offload_folder)
     kind, details = resolve_spec(spec)
-    dkw = {"dtype": dtype}
+    dkw: Dict[str, Any] = {"dtype": dtype}
+    if device_map is not None:
+        dkw["device_map"] = dict(device_map) if isinstance(device_map, Mapping) else device_map
+        if max_memory is not None:
+            dkw["max_memory"] = max_memory
+        if offload_folder is not None:
+            dkw["offload_folder"] = os.fspath(offload_folder)
     if kind == "gguf":
+        if isinstance(device_map, Mapping) and "disk" in device_map.values():
+            # transformers (5.24.0, quantizers/quantizer_gguf.py) raises a RuntimeError at load time
+            raise ValueError(
+                f"device_map offloads modules of the GGUF file {details['gguf_file']} to 'disk', which transformers "
+                "does not support for GGUF models; map them to 'cpu' or a GPU, or load a model directory."
+            )
         if importlib.util.find_spec("gguf") is None:
             raise ModelPackageMissing("Loading a GGUF file needs the 'gguf' package: `pip install gguf`.")
         folder, name = details["folder"], details["gguf_file"]
@@ -245,17 +375,26 @@ def load_model(
                 f"{repo_id!r} is not a known alias ({', '.join(sorted(ALIASES))}) nor an existing local "
                 f"path, and loading it from the Hugging Face Hub failed: {exc}"
             ) from exc
-    # transformers types PreTrainedModel.to (a functools.wraps of nn.Module.to) as if unbound
-    model = model.to(device=device, dtype=dtype).eval()  # type: ignore[call-arg]
+    if device_map is None:
+        # transformers types PreTrainedModel.to (a functools.wraps of nn.Module.to) as if unbound
+        model = model.to(device=device or "cpu", dtype=dtype).eval()  # type: ignore[call-arg]
+    else:  # dispatched: moving it would undo the map (accelerate warns); from_pretrained cast it
+        _check_dtype(model, dtype)
+        _cast_buffers(model, dtype)
+        model = model.eval()
     compat.contiguous_head_input(model)
     return model, _prepare_tokenizer(tokenizer, padding_side)
 
 
 def weights_digest(model, samples: int = 64) -> str:
     """A cheap fingerprint of a model's weights: each parameter's name, shape, dtype and its
-    first and last ``samples`` values."""
+    first and last ``samples`` values (for a weight offloaded by a ``device_map``, those accelerate
+    loads it with: the same fingerprint on every placement)."""
     h = hashlib.sha256()
     for name, param in model.named_parameters():
+        if param.device.type == "meta":  # offloaded by a device_map: the values its hook loads
+            stored = devices.offloaded_tensor(model, name)
+            param = stored.to(param.dtype) if stored is not None else param
         flat = param.detach().reshape(-1)
         head = flat[:samples].float().cpu().numpy().tobytes()
         tail = flat[-samples:].float().cpu().numpy().tobytes()
@@ -267,9 +406,12 @@ def weights_digest(model, samples: int = 64) -> str:
 
 __all__ = [
     "ALIASES",
+    "DEVICE_MAP_STRATEGIES",
+    "DeviceMap",
     "ModelAlias",
     "ModelPackageMissing",
     "ModelSpecError",
+    "check_device_map",
     "load_model",
     "resolve_alias",
     "resolve_spec",

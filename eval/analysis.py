@@ -47,7 +47,7 @@ from tqdm.auto import tqdm
 
 from actedit.data.formats import pad_id
 from actedit.eval import plots
-from actedit.interventions import compat
+from actedit.interventions import compat, devices
 from actedit.interventions.collector import ActivationCollector
 from actedit.interventions.edits import base_model_of, compose, config_of, intervenable, is_intervenable, site_width
 from actedit.interventions.layers import model_depth
@@ -83,7 +83,9 @@ measurements; unrelated to TruthfulQA and to any steering behaviour."""
 
 # ------------------------------------------------------------------------------- utilities
 def _device(model) -> torch.device:
-    return next(base_model_of(model).parameters()).device
+    """Where inputs of ``model`` (a model or a pyvene model) go (a ``device_map`` model: its
+    embedding's execution device)."""
+    return devices.input_device(base_model_of(model))
 
 
 def encode_texts(

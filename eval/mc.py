@@ -79,7 +79,7 @@ from tqdm.auto import tqdm
 
 from actedit.data.formats import pad_id
 from actedit.data.tasks import MCItem, TaskSpec, mean_stderr, task_spec
-from actedit.interventions import compat
+from actedit.interventions import compat, devices
 from actedit.interventions.base import ActEditIntervention
 from actedit.interventions.edits import base_model_of, interventions_of, is_intervenable
 from actedit.interventions.packing import (
@@ -234,7 +234,7 @@ class _ScoringRunner:
         if head is None:
             raise ValueError(f"{type(self.model).__name__} has no output embeddings (lm_head): not a causal LM.")
         self.head = head
-        self.device = next(self.model.parameters()).device
+        self.device = devices.input_device(self.model)  # a device_map model: its embedding's execution device
         self._gather: Optional[Tuple[torch.Tensor, torch.Tensor]] = None
         self._gathered_in_head = False
         self._handles: list = []
@@ -245,6 +245,7 @@ class _ScoringRunner:
             return None
         hidden = args[0]
         rows, cols = self._gather
+        rows, cols = rows.to(hidden.device), cols.to(hidden.device)  # the head may run on another device
         if hidden.dim() != 3 or (cols.numel() and int(cols.max()) >= hidden.shape[1]):
             return None  # not the shape we prepared for (e.g. logits_to_keep): gather afterwards
         self._gathered_in_head = True

@@ -21,7 +21,7 @@ from typing import Any, Dict, List, Mapping, Optional, Tuple
 import pyvene as pv
 from huggingface_hub import HfApi, snapshot_download
 
-from . import compat
+from . import compat, devices
 from .edits import model_signature
 from .files import PathLike, directory_atomic
 from .settings import keyword_checked
@@ -190,7 +190,9 @@ def load_artifact(path_or_repo: PathLike, model: Any, *, revision: Optional[str]
 
     Equivalent to ``pyvene.IntervenableModel.load(dir, model)`` for a valid artifact, but with
     clear errors for a mistyped path, a missing or truncated ``.bin``, or a model of the wrong
-    family or size, and with tensors mapped to the CPU (GPU-saved artifacts load anywhere).
+    family or size, and with tensors mapped to the CPU (GPU-saved artifacts load anywhere). The
+    interventions then move to the model's device, or, for a model loaded with a ``device_map``,
+    each to the device its hooked module computes on (:func:`.devices.place_interventions`).
     """
     compat.apply()
     directory = resolve_artifact(path_or_repo, revision)
@@ -208,8 +210,10 @@ def load_artifact(path_or_repo: PathLike, model: Any, *, revision: Optional[str]
             ) from exc
         except (RuntimeError, EOFError, OSError) as exc:
             raise ArtifactError(f"pyvene could not load {directory}: {exc}") from exc
-    device = next(model.parameters()).device
-    pvm.set_device(device, set_model=False)
+    if devices.is_dispatched(model):  # a device_map: each intervention where its layer computes
+        devices.place_interventions(pvm)
+    else:
+        pvm.set_device(next(model.parameters()).device, set_model=False)
     model.eval()
     return pvm
 

@@ -13,7 +13,9 @@ It encodes the pyvene facts that make an edit save and load with the stock
   length, HPR's widths) are resized from the incoming state dict before it is loaded;
 * ``state_dict()`` returns CPU tensors, so an artifact saved from a GPU loads on a CPU-only
   machine (pyvene's ``load`` calls ``torch.load`` without ``map_location``);
-* the output is cast back to the input dtype (pyvene's bf16 scatter needs it);
+* the output is cast back to the input dtype (pyvene's bf16 scatter needs it), and handed back on
+  the input's device (an activation arriving from another device of a ``device_map`` model is
+  edited where the module's tensors are: :mod:`actedit.interventions.devices`);
 * a module can be saved switched off (buffer ``enabled``; a trained method's ``keep_layers: all``
   keeps every layer's module and enables the selected ones): it then returns its input unchanged,
   and artifacts saved before the switch existed load switched on.
@@ -26,7 +28,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 import pyvene as pv
 import torch
 
-from .positions import PolicyLike, PositionPolicy, position_mask
+from .positions import PolicyLike, PositionPolicy, edit_positions
 
 ACTEDIT_ARTIFACT_VERSION = 1
 
@@ -151,6 +153,16 @@ class ActEditIntervention(pv.SourcelessIntervention, pv.TrainableIntervention): 
         raise NotImplementedError
 
     def forward(self, base: torch.Tensor, source: Any = None, subspaces: Any = None, **kwargs: Any) -> torch.Tensor:
+        home = self.enabled.device
+        if base.device != home:
+            # A model spread over devices (``device_map``): the activation comes from the device
+            # its producer ran on (a pre-hook sees it before accelerate moves it), this module lives
+            # on its hooked module's execution device (:func:`~actedit.interventions.devices.place_interventions`).
+            # Computed here, handed back where pyvene scatters it.
+            return self._edited(base.to(home)).to(base.device)
+        return self._edited(base)
+
+    def _edited(self, base: torch.Tensor) -> torch.Tensor:
         squeeze = base.dim() == 2
         h = base.unsqueeze(1) if squeeze else base
         if h.shape[-1] != self.d:
@@ -161,13 +173,13 @@ class ActEditIntervention(pv.SourcelessIntervention, pv.TrainableIntervention): 
         if not self.is_enabled:
             return base
         batch, seq = h.shape[0], h.shape[1]
-        mask = position_mask(self.policy, int(self.position_start), batch, seq, device=h.device)
-        if not bool(mask.any()):
+        mask, any_edited, all_edited = edit_positions(self.policy, int(self.position_start), batch, seq, h.device)
+        if not any_edited:
             if self.effect_recorder is not None:
                 self.effect_recorder(self, h, h, mask)
             return base
-        edited = self.edit(h, mask)
-        out = torch.where(mask[..., None], edited.to(h.dtype), h)
+        edited = self.edit(h, mask).to(h.dtype)
+        out = edited if all_edited else torch.where(mask[..., None], edited, h)
         if self.effect_recorder is not None:
             self.effect_recorder(self, h, out, mask)
         out = out.squeeze(1) if squeeze else out

@@ -25,7 +25,7 @@ import torch
 from pyvene.models import modeling_utils
 from pyvene.models.intervenable_base import BaseModel as _PyveneModel
 
-from . import compat
+from . import compat, devices
 from .registry import method_names, method_spec, spec_of
 
 
@@ -237,10 +237,13 @@ def intervenable(model: Any, config: pv.IntervenableConfig) -> pv.IntervenableMo
     """Wrap ``model`` with ``config`` (position tracker attached, model in eval mode).
 
     Like any ``pyvene.IntervenableModel``, the wrapper sets ``requires_grad=False`` on every
-    weight of ``model``.
+    weight of ``model``. Each intervention moves to the device its hooked module computes on
+    (:func:`.devices.place_interventions`): the model's device, or for a model loaded with a
+    ``device_map`` its layer's (an edit fitted or trained on the CPU serves a model on a GPU).
     """
     compat.apply()
     with compat.quiet_pyvene_key_warning():
         pvm = pv.IntervenableModel(config, model)
+    devices.place_interventions(pvm)
     model.eval()
     return pvm

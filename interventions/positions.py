@@ -28,9 +28,9 @@ from __future__ import annotations
 
 import contextlib
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import IntEnum
-from typing import Any, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch.types import Device
@@ -115,6 +115,10 @@ class CallPositions:
     prompt_lengths: torch.Tensor
     is_prompt_pass: bool
     answer_starts: Optional[torch.Tensor] = None
+    masks: Dict[Tuple[int, int, str], Tuple[torch.Tensor, bool, bool]] = field(
+        default_factory=dict, repr=False, compare=False
+    )
+    """What :func:`edit_positions` computed for this call: (policy, start, device) → (mask, any, all)."""
 
     @property
     def seq_len(self) -> int:
@@ -332,6 +336,25 @@ def _per_token(values: torch.Tensor, device: Device) -> torch.Tensor:
     """A per-row ``(batch,)`` value as ``(batch, 1)``; per-token ``(batch, seq)`` values as they are."""
     values = values.to(device)
     return values[:, None] if values.dim() == 1 else values
+
+
+def edit_positions(
+    policy: PositionPolicy, start: int, batch: int, seq: int, device: Device = None
+) -> Tuple[torch.Tensor, bool, bool]:
+    """``(mask, any, all)``: :func:`position_mask` of the current call and whether it marks any and
+    every position. Every edited layer of a forward call asks the same, so it is computed once per
+    call, policy and device: the two booleans read the mask back from the device once per call,
+    not once per layer (on a GPU each read waits for every kernel queued before it)."""
+    call = current_call()
+    if call is None or tuple(call.positions.shape) != (batch, seq):
+        mask = position_mask(policy, start, batch, seq, device, call)
+        return mask, bool(mask.any()), bool(mask.all())
+    key = (int(policy), int(start), str(device))
+    cached = call.masks.get(key)
+    if cached is None:
+        mask = position_mask(policy, start, batch, seq, device, call)
+        cached = call.masks[key] = (mask, bool(mask.any()), bool(mask.all()))
+    return cached
 
 
 def position_mask(

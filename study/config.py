@@ -5,6 +5,7 @@ Keys::
     model: smollm2-135m-instruct   # anything actedit.data.models.load_model takes
     dtype: auto                    # auto | float32 | bfloat16 | float16: the model's precision
     device: null                   # cpu | cuda | cuda:N (default: CUDA when available)
+    device_map: null               # auto | balanced | sequential | {module: device}: spread the model (accelerate)
     data: {name: truthfulqa, source: null, split_file: null, limit: null}   # what the edits are fitted on
     out: runs/study
     methods:                       # registered methods, in the order the report lists them
@@ -32,6 +33,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 
+from actedit.data.models import check_device_map
 from actedit.data.tasks import task_spec
 from actedit.interventions.registry import method_names, method_spec
 from actedit.interventions.settings import Settings, check_keys, check_moved
@@ -118,6 +120,12 @@ class StudyConfig:
         dtype: the model's precision for collection and evaluation: ``float32``, ``bfloat16``,
             ``float16`` or ``auto`` (:func:`resolve_dtype`).
         device: where the model runs (``cpu``, ``cuda``, ``cuda:1``; default: CUDA when available).
+        device_map: instead of ``device``, spread the model over devices with accelerate
+            (``from_pretrained(device_map=...)``): ``auto``, ``balanced``, ``balanced_low_0``,
+            ``sequential`` or a mapping of module names to devices (a GPU index, ``cpu``,
+            ``disk``; ``{model.layers.20: disk, ...}``). Modules a map sends to ``disk`` are
+            written under ``OUT/offload`` and loaded on the fly; each edit runs on the device of
+            the layer it edits. ``auto``'s ``dtype`` is chosen as for ``device``'s default.
         data: the contrast data the edits are fitted on (TruthfulQA with HPR's split by default).
         out: output directory.
         methods: row name → its block (``method``, ``collect``, ``settings``, ``train``,
@@ -136,6 +144,7 @@ class StudyConfig:
     model: str = "smollm2-135m-instruct"
     dtype: str = "float32"
     device: Optional[str] = None
+    device_map: Optional[Union[str, Dict[str, Any]]] = None
     data: DataSettings = field(default_factory=DataSettings)
     out: str = "runs/study"
     methods: Dict[str, Dict[str, Any]] = field(default_factory=lambda: {"hpr": {}, "sea": {}, "iti": {}})
@@ -153,6 +162,8 @@ class StudyConfig:
             if len(set(seeds)) != len(seeds):
                 raise ValueError(f"seeds must be distinct, got {seeds}.")
             self.seeds = list(seeds)
+        # offload_folder: the study passes OUT/offload (see offload_folder), so "disk" is fine here
+        check_device_map(self.device_map, device=self.device, offload_folder=self.offload_folder)
         if self.dtype not in MODEL_DTYPES:
             raise ValueError(f"dtype must be one of {', '.join(MODEL_DTYPES)}, got {self.dtype!r}.")
         if not isinstance(self.methods, dict) or not self.methods:
@@ -205,6 +216,24 @@ class StudyConfig:
                 self.finetune(name)
             else:
                 self.pipeline(name)
+
+    def placement(self, device: str) -> Dict[str, Any]:
+        """Where :func:`~actedit.data.models.load_model` puts the model: ``{"device": device}``
+        (``device``: this config's, or the default the study chose), or with ``device_map`` set
+        ``{"device_map": ..., "offload_folder": OUT/offload}``."""
+        if self.device_map is None:
+            return {"device": device}
+        return {"device_map": self.device_map, "offload_folder": self.offload_folder}
+
+    def placement_text(self, device: str) -> str:
+        """The placement in a few words, for the step header."""
+        return device if self.device_map is None else f"device_map={self.device_map}"
+
+    @property
+    def offload_folder(self) -> Optional[str]:
+        """Where modules that ``device_map`` offloads to disk are written (``OUT/offload``), or
+        None without a device map."""
+        return str(Path(self.out) / "offload") if self.device_map is not None else None
 
     @property
     def method_names(self) -> List[str]:

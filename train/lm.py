@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from actedit.interventions.devices import input_device
+
 from .trainer import EpochRecord, TrainingObjective, TrainResult, TrainSettings, run_training
 
 IGNORE_INDEX = -100
@@ -125,7 +127,7 @@ def lm_batch_loss(
 def evaluate_lm(pvm: pv.IntervenableModel, data: Mapping[str, Any], batch_size: int = 16) -> float:
     """Token-weighted mean LM loss of the intervened model over the completion tokens of ``data``."""
     data = _check_lm_data(data, "data")
-    device = next(pvm.model.parameters()).device
+    device = input_device(pvm.model)
     total, count = 0.0, 0
     n = data["input_ids"].shape[0]
     for start in range(0, n, batch_size):
@@ -158,7 +160,7 @@ class LMTask(TrainingObjective):
                 "the IntervenableModel has no trainable parameters: its interventions must be "
                 "pyvene TrainableInterventions with parameters."
             )
-        self.device = next(pvm.model.parameters()).device  # batches follow the model
+        self.device = input_device(pvm.model)  # batches follow the model (its embedding, under a device_map)
 
     @property
     def num_examples(self) -> int:

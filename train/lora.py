@@ -80,6 +80,7 @@ from transformers import get_linear_schedule_with_warmup
 from actedit.data.contrast import ContrastDataset, ContrastExample
 from actedit.data.formats import HPRFormat, pad_id
 from actedit.interventions.artifacts import looks_like_local_path
+from actedit.interventions.devices import input_device
 from actedit.interventions.edits import model_signature
 from actedit.interventions.files import directory_atomic, write_json
 from actedit.interventions.settings import Settings
@@ -458,7 +459,7 @@ def sft_loss(model: Any, data: SFTSequences, batch_size: int, pad_token_id: int)
     Each batch's mean (transformers' loss with ``labels``) is weighted by its number of labelled
     tokens, so the result is the mean over all tokens, independent of the batching.
     """
-    device = next(model.parameters()).device
+    device = input_device(model)
     total, count = 0.0, 0
     with torch.no_grad():
         for start in range(0, len(data), batch_size):
@@ -596,7 +597,7 @@ def _fit(
     progress: bool,
 ) -> Tuple[List[LoRAEpoch], int, Optional[float]]:
     """The training loop; leaves the best epoch's adapter weights in ``peft_model``."""
-    device = next(peft_model.parameters()).device
+    device = input_device(peft_model)
     params = [p for p in peft_model.parameters() if p.requires_grad]
     if not params:
         raise ValueError("the LoRA model has no trainable parameter (check target_modules).")
