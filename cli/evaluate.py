@@ -7,6 +7,7 @@ import argparse
 from pathlib import Path
 from typing import Any, Dict
 
+from actedit.data.distributed import world
 from actedit.data.tasks import task_names, task_spec
 from actedit.eval.report import evaluate
 
@@ -66,6 +67,8 @@ def _options(args) -> Dict[str, Any]:
 
 def run(args) -> int:
     results = evaluate(args, _options(args))
+    if not world().is_main:  # under a launcher, rank 0 reports
+        return 0
     shown = ", ".join(
         f"{m.upper()} {results[m]:.4f} ± {results[m + '_stderr']:.4f}" for m in task_spec(results["task"]).metrics
     )

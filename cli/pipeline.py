@@ -1,10 +1,17 @@
 """``actedit collect``, ``actedit fit`` and ``actedit train``: one method's steps from a YAML
-config (:mod:`actedit.train.pipeline`)."""
+config (:mod:`actedit.train.pipeline`).
+
+Under a launcher (``torchrun``/``accelerate launch``, :mod:`actedit.data.distributed`) every
+process loads the model (on its own GPU with CUDA) and collects its share of the store's shards;
+``fit``/``train`` then fit or train on rank 0 alone (the others wait) and rank 0 writes the artifact."""
 
 from __future__ import annotations
 
 import argparse
+from typing import Any, Tuple
 
+from actedit.data.distributed import process_device, run_on_main, world
+from actedit.data.models import load_model
 from actedit.eval.effect import measure_effect
 from actedit.eval.plots import plot_layer_selection
 from actedit.interventions.registry import method_names
@@ -33,9 +40,18 @@ def _config_from_args(args) -> PipelineConfig:
     return load_config(args.config, overrides_of(args, flags))
 
 
+def _process_model(cfg: PipelineConfig) -> Tuple[Any, Any]:
+    """``(model, tokenizer)`` on this process's GPU under a launcher with CUDA; ``(None, None)``
+    otherwise (the pipeline loads the model where it always does)."""
+    device = process_device()
+    return load_model(cfg.model, device=device) if device is not None else (None, None)
+
+
 def run_collect(args) -> int:
-    store = collect(_config_from_args(args))
-    print(f"activations in {store.path}")
+    cfg = _config_from_args(args)
+    store = collect(cfg, *_process_model(cfg))
+    if world().is_main:
+        print(f"activations in {store.path}")
     return 0
 
 
@@ -43,9 +59,17 @@ def _build(cfg: PipelineConfig) -> int:
     def describe(pvm, tokenizer):
         return {"effect": measure_effect(pvm, tokenizer, name=cfg.method).to_dict()}
 
-    path, metadata = build(cfg, describe=describe)
-    plot_layer_selection(metadata, path)
-    print(f"artifact written to {path}")
+    model, tokenizer = _process_model(cfg)
+    if world().distributed and cfg.collect.dir is not None:
+        model, tokenizer = (model, tokenizer) if model is not None else load_model(cfg.model)
+        collect(cfg, model, tokenizer)  # every rank its share; build() below finds the complete store
+
+    def build_and_plot() -> None:
+        path, metadata = build(cfg, model, tokenizer, describe=describe)
+        plot_layer_selection(metadata, path)
+        print(f"artifact written to {path}")
+
+    run_on_main(build_and_plot)  # under a launcher: rank 0, the others wait (and get its error)
     return 0
 
 

@@ -5,9 +5,10 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from actedit.data.distributed import world
 from actedit.study import default_config_path, load_study, run_study
 
-from .options import add_set_option, overrides_of
+from .options import DEVICE_MAP_HELP, add_set_option, overrides_of
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -20,14 +21,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="directory with mc_task.json and hpr_ids_splits.json (overrides data.source; default: the Hub)",
     )
     parser.add_argument("--out", default=None, help="output directory (overrides out)")
+    parser.add_argument(
+        "--device-map",
+        default=None,
+        metavar="MAP",
+        help=f"overrides device_map: {DEVICE_MAP_HELP}; disk goes to OUT/offload",
+    )
     add_set_option(parser, "eval.limit=20")
     parser.add_argument("--quiet", action="store_true", help="no step headers")
 
 
 def run(args) -> int:
-    overrides = overrides_of(args, {"data": "data.source", "out": "out"})
+    overrides = overrides_of(args, {"data": "data.source", "out": "out", "device_map": "device_map"})
     cfg = load_study(args.config or str(default_config_path()), overrides)
     summary = run_study(cfg, quiet=args.quiet)
+    if not world().is_main:  # under a launcher, rank 0 reports
+        return 0
     m = summary["methods"]
     metrics = summary["metrics"]
     best = max((n for n in m if n != "base"), key=lambda n: m[n][metrics[-1]], default=None)

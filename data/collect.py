@@ -41,6 +41,14 @@ How collection works
   arguments, so the resumed shards are byte-identical to those of an uninterrupted run on the
   same machine and library versions. Different arguments (model, data, format, sites, layers,
   dtype, batching) are refused unless ``overwrite=True``.
+* **Several processes** (``torchrun``/``accelerate launch``, :mod:`actedit.data.distributed`).
+  Every process plans the same shards (tokenising is cheap) and collects those dealt to it in
+  turn (shard k of this run: rank k mod N), writing its own shard files into the one directory
+  (a directory all processes see). After each round of N shards the processes exchange their
+  manifest entries and rank 0 lists them in shard order in the manifest, so the store, its
+  manifest and its resume points are those of one process (same shards, same tensors, on the
+  same hardware); only rank 0 checks, cleans and writes the manifest. An in-memory store is
+  collected the same way and gathered whole on every process.
 """
 
 from __future__ import annotations
@@ -62,6 +70,7 @@ from tqdm.auto import tqdm
 from actedit.interventions import compat
 from actedit.interventions.artifacts import file_sha256
 from actedit.interventions.collector import ActivationCollector
+from actedit.interventions.devices import input_device
 from actedit.interventions.edits import actedit_version, check_layers, model_signature, site_width
 from actedit.interventions.files import TEMP_SUFFIX, write_atomic, write_json
 from actedit.interventions.packing import (
@@ -74,6 +83,7 @@ from actedit.interventions.packing import (
 )
 
 from .contrast import ROLES, ContrastDataset, PromptPairDataset, as_dataset
+from .distributed import World, all_gather_objects, barrier, owner_of, run_on_main, world
 from .environment import environment
 from .formats import EncodedExample, PromptFormat, get_format, pad_id, tokenizer_fingerprint
 from .models import weights_digest
@@ -232,7 +242,7 @@ class _CollectionRunner:
             ]
         )
         self.pvm = pv.IntervenableModel(config, model)
-        self.device = next(model.parameters()).device
+        self.device = input_device(model)  # its embedding's device, under a device_map too
         self.pad_id = pad
         self.left = padding_side == "left"
         self.store_dtype = store_dtype
@@ -537,12 +547,15 @@ def collect_activations(
         overwrite: replace an existing store (only the store's own files are removed).
         verify: on resume, check each kept shard's SHA-256 (default: its size).
         progress: show a tqdm bar (examples, tokens/s).
-        on_shard: called with each new shard's manifest entry after it is durably written.
+        on_shard: called with each new shard's manifest entry after it is durably written and
+            listed in the manifest (on rank 0 only under a launcher).
 
     Returns:
         The :class:`~actedit.data.store.ActivationStore` of ``out_dir`` (or in memory).
     """
     data = as_dataset(dataset)
+    w = world()
+    progress = progress and w.is_main
     fmt, note = get_format(format).for_tokenizer(tokenizer)
     if note and progress:
         print(f"collect: {note}", flush=True)
@@ -589,8 +602,8 @@ def collect_activations(
     fingerprint = hashlib.sha256(json.dumps(run, sort_keys=True).encode()).hexdigest()
     directory = Path(out_dir).expanduser() if out_dir is not None else None
     shards: List[Dict[str, Any]] = []
-    if directory is not None:
-        shards, complete = _prepare_directory(directory, run, fingerprint, resume, overwrite, verify)
+    if directory is not None:  # rank 0 checks and cleans the directory; every rank learns what it kept
+        shards, complete = run_on_main(_prepare_directory, directory, run, fingerprint, resume, overwrite, verify)
         if complete:
             return ActivationStore(directory)
     manifest = {
@@ -609,7 +622,7 @@ def collect_activations(
         "num_rows": sum(s["rows"] for s in shards),
         "environment": environment(model),
     }
-    if directory is not None:
+    if directory is not None and w.is_main:
         _write_manifest(directory, manifest)
     held = _run_collection(
         model,
@@ -629,11 +642,14 @@ def collect_activations(
         int(shard_rows),
         progress,
         on_shard,
+        w,
     )
     manifest["complete"] = True
     if directory is None:
         return ActivationStore.in_memory(manifest, held)
-    _write_manifest(directory, manifest)
+    if w.is_main:
+        _write_manifest(directory, manifest)
+    barrier()  # every rank opens the finished manifest
     return ActivationStore(directory)
 
 
@@ -666,15 +682,21 @@ def _run_collection(
     shard_rows: int,
     progress: bool,
     on_shard: Optional[Callable[[Dict[str, Any]], None]],
+    w: World,
 ) -> List[Tuple[Dict[str, torch.Tensor], list]]:
     """Collect shard after shard from the last complete one; write each (``directory``) or hold it
-    in memory (returned as ``(tensors, example records)`` per shard)."""
+    in memory (returned as ``(tensors, example records)`` per shard).
+
+    Under a launcher (``w``), shard k of this run is collected by rank ``k mod N``; each round of
+    N shards ends with the ranks exchanging their manifest entries, which every rank appends in
+    shard order and rank 0 writes. Held shards are gathered on every rank at the end."""
     shards = manifest["shards"]
-    held: List[Tuple[Dict[str, torch.Tensor], list]] = []
+    held: List[Tuple[int, Tuple[Dict[str, torch.Tensor], list]]] = []
     with compat.preserved_model_state(model):  # pyvene's wrapping freezes the weights; give them back
         model.eval()
         runner = _CollectionRunner(model, sites, layers, pad_id(tokenizer), side, store_dtype, widths, pack_tokens)
         start = shards[-1]["examples"][1] if shards else 0
+        first = len(shards)
         bar = tqdm(total=len(data), initial=start, unit="ex", desc=f"collect {fmt.name}", disable=not progress)
         t0 = time.perf_counter()
 
@@ -682,30 +704,50 @@ def _run_collection(
             bar.update(n)
             bar.set_postfix_str(f"{runner.tokens / max(time.perf_counter() - t0, 1e-9):,.0f} tok/s")
 
+        def close_round(mine: List[Tuple[int, Dict[str, Any]]]) -> None:
+            """Append the round's entries (every rank's, in shard order) and list them."""
+            own = {index for index, _ in mine}
+            entries = sorted((x for part in all_gather_objects(mine) for x in part), key=lambda x: x[0])
+            for index, entry in entries:
+                if index != len(shards):  # pragma: no cover - a planning bug
+                    raise RuntimeError(f"shard {index} arrived where shard {len(shards)} belongs.")
+                shards.append(entry)
+                if index not in own:  # another rank's examples
+                    bar.update(entry["examples"][1] - entry["examples"][0])
+            manifest["num_rows"] = sum(s["rows"] for s in shards)
+            if directory is not None and w.is_main:
+                _write_manifest(directory, manifest)
+            if on_shard is not None and w.is_main:
+                for _, entry in entries:
+                    on_shard(dict(entry))
+
         try:
             with torch.inference_mode():
+                mine: List[Tuple[int, Dict[str, Any]]] = []  # this rank's shards of the current round
+                index = first
                 while start < len(data):
-                    t_shard, tok_before = time.perf_counter(), runner.tokens
-                    plan = _plan_shard(data, fmt, tokenizer, len(shards), start, shard_rows, share_prefix)
-                    tensors = runner.run_shard(plan, batch_size, advance)
-                    if directory is not None:
-                        entry = _write_shard(directory, plan, tensors)
-                    else:
-                        entry = {"file": None, "rows": plan.num_rows, "examples": [plan.start, plan.end]}
-                        held.append((tensors, plan.examples))
-                    del tensors
-                    entry["seconds"] = round(time.perf_counter() - t_shard, 3)
-                    entry["tokens"] = runner.tokens - tok_before
-                    shards.append(entry)
-                    manifest["num_rows"] = sum(s["rows"] for s in shards)
-                    if directory is not None:
-                        _write_manifest(directory, manifest)
-                    start = plan.end
-                    if on_shard is not None:
-                        on_shard(dict(entry))
+                    plan = _plan_shard(data, fmt, tokenizer, index, start, shard_rows, share_prefix)
+                    start, index = plan.end, index + 1
+                    if owner_of(plan.index - first, w) == w.rank:
+                        t_shard, tok_before = time.perf_counter(), runner.tokens
+                        tensors = runner.run_shard(plan, batch_size, advance)
+                        if directory is not None:
+                            entry = _write_shard(directory, plan, tensors)
+                        else:
+                            entry = {"file": None, "rows": plan.num_rows, "examples": [plan.start, plan.end]}
+                            held.append((plan.index, (tensors, plan.examples)))
+                        del tensors
+                        entry["seconds"] = round(time.perf_counter() - t_shard, 3)
+                        entry["tokens"] = runner.tokens - tok_before
+                        mine.append((plan.index, entry))
+                    if (plan.index - first) % w.size == w.size - 1 or start >= len(data):
+                        close_round(mine)
+                        mine = []
         finally:
             bar.close()
-    return held
+    if w.distributed and directory is None:
+        held = sorted((x for part in all_gather_objects(held) for x in part), key=lambda x: x[0])
+    return [item for _, item in held]
 
 
 __all__ = ["MIN_SHARED_PREFIX", "check_dtype", "check_sites", "collect_activations"]

@@ -29,11 +29,12 @@ from typing import Any, Dict, List, Optional, Sequence, Set, Union
 import torch
 from tqdm.auto import tqdm
 
-from actedit.interventions import compat
+from actedit.interventions import compat, devices
 from actedit.interventions.edits import base_model_of, is_intervenable, model_signature
 from actedit.interventions.files import write_json
 
 from .contrast import ContrastDataset, as_dataset, with_bases
+from .distributed import run_on_main
 from .formats import PromptFormat, SEAFormat, chat_text, get_format, has_chat_template, pad_id, tokenizer_fingerprint
 from .models import weights_digest
 
@@ -153,12 +154,11 @@ def _generate_kwargs(settings: GenerationSettings, pad: int) -> Dict[str, Any]:
 
 @torch.no_grad()
 def _generate_batch(model_or_pvm, batch: Dict[str, torch.Tensor], kwargs: Dict[str, Any]) -> torch.Tensor:
+    device = devices.input_device(base_model_of(model_or_pvm))  # a device_map model: its embedding's
     if is_intervenable(model_or_pvm):
-        device = next(model_or_pvm.model.parameters()).device
         batch = {k: v.to(device) for k, v in batch.items()}
         _, out = model_or_pvm.generate(batch, unit_locations=None, intervene_on_prompt=True, **kwargs)
     else:
-        device = next(model_or_pvm.parameters()).device
         out = model_or_pvm.generate(**{k: v.to(device) for k, v in batch.items()}, **kwargs)
     if not isinstance(out, torch.Tensor):  # return_dict_in_generate
         out = out.sequences
@@ -254,11 +254,31 @@ def generate_bases(
 
     Prompts are generated in batches of similar length with a preallocated (static) KV cache
     (faster than batches in dataset order with a dynamic cache, with the same first lines).
+
+    Under a launcher (:mod:`actedit.data.distributed`) rank 0 generates (or reads the cache) and
+    hands the completions to every rank, so that all collect from the same dataset.
     """
     fmt, _ = get_format(format).for_tokenizer(tokenizer)
     if not isinstance(fmt, SEAFormat):
         raise ValueError(f"base completions are generated for SEA's format, got {fmt.name!r}.")
     data = as_dataset(dataset)
+    bases = run_on_main(
+        _base_completions, model, tokenizer, data, fmt, max_new_tokens, batch_size, cache_path, progress
+    )
+    return with_bases(data, bases)
+
+
+def _base_completions(
+    model,
+    tokenizer,
+    data: ContrastDataset,
+    fmt: SEAFormat,
+    max_new_tokens: int,
+    batch_size: int,
+    cache_path: Optional[Union[str, os.PathLike]],
+    progress: bool,
+) -> List[str]:
+    """:func:`generate_bases`' completions, read from ``cache_path`` when it holds them."""
     settings = GenerationSettings(
         max_new_tokens=max_new_tokens, batch_size=batch_size, use_chat_template=False, cache_implementation="static"
     )
@@ -282,7 +302,7 @@ def generate_bases(
         except json.JSONDecodeError:
             saved = {}
         if saved.get("key") == key and len(saved.get("bases", [])) == len(data):
-            return with_bases(data, saved["bases"])
+            return list(saved["bases"])
     prompts = [fmt.prompt_text(example.prompt, tokenizer)[0] for example in data]
     answers = generate_texts(
         model,
@@ -298,7 +318,7 @@ def generate_bases(
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
         write_json(path, {"key": key, "bases": bases}, ensure_ascii=False)
-    return with_bases(data, bases)
+    return bases
 
 
 __all__ = [

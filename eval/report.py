@@ -8,6 +8,11 @@ Writes into ``--out``:
 * ``report.md`` — a Markdown table (model × metrics ± stderr, norm drift, KL) and the flips;
 * ``norms.png`` and ``flips.png`` when an edit is evaluated; ``probe_accuracy.png`` for an edit
   that recorded its layer selection; ``layer_curve.png`` with ``--layer-curve``.
+
+Under a launcher (``torchrun``/``accelerate launch``, :mod:`actedit.data.distributed`) every
+process loads the model (on its own GPU with CUDA) and scores its block of the questions
+(:mod:`actedit.eval.distributed`), the layer curve included; rank 0 gathers the per-question
+results in order, runs the analyses and writes every file; the other ranks write nothing.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
+from actedit.data.distributed import process_device, world
 from actedit.data.models import load_model
 from actedit.data.tasks import TaskSpec, task_spec
 from actedit.eval.plots import plot_layer_count, plot_per_layer
@@ -24,14 +30,16 @@ from actedit.interventions.files import write_json
 
 from .analysis import (
     CONSTANT_ANSWER_SHARE,
+    LayerCountCurve,
     accuracy_vs_num_layers,
     analyze_edits,
     answer_picks,
     constant_answer,
     restrict_layers,
 )
+from .distributed import score_mc_many_split
 from .effect import effect_table, measure_effect
-from .mc import MCResult, score_mc, score_mc_many
+from .mc import MCResult
 
 
 def _block(result: MCResult) -> Dict[str, Any]:
@@ -46,20 +54,23 @@ def _block(result: MCResult) -> Dict[str, Any]:
 def evaluate(args, options: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
     """Run the evaluation described by ``args`` (``actedit eval``'s options: model, task, data,
     split, split_file, limit, intervention, out, batch_size, no_analyses, layer_curve) with the
-    task's ``options``; returns the results dict it wrote."""
+    task's ``options``; returns the results dict it wrote (under a launcher: rank 0; the other
+    ranks score their share and return an empty dict)."""
     task = task_spec(args.task)
     options = dict(options or {})
     task.options(options, "--option")
     out_dir = Path(args.out)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    main = world().is_main
+    if main:
+        out_dir.mkdir(parents=True, exist_ok=True)
     questions = task.load(args.data, args.split, args.split_file, args.limit)
     if not questions:
         raise ValueError(f"no questions to score in split {args.split!r} (limit {args.limit}).")
     started = time.time()
-    model, tokenizer = load_model(args.model)
+    model, tokenizer = load_model(args.model, device=process_device())
     pvm = load_artifact(args.intervention, model) if args.intervention else None
     # base and edit together: the edit starts from the base model's unedited lower layers
-    scored = score_mc_many(
+    scored = score_mc_many_split(
         {"base": model, **({"edited": pvm} if pvm is not None else {})},
         tokenizer,
         questions,
@@ -67,6 +78,11 @@ def evaluate(args, options: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
         batch_size=args.batch_size,
         **options,
     )
+    curve = None
+    if pvm is not None and not args.no_analyses and args.layer_curve:  # every rank scores its share
+        curve = _layer_curve(args, task, options, pvm, tokenizer, questions)
+    if not main:
+        return {}
     base = scored["base"]
     results: Dict[str, Any] = {
         "model": args.model,
@@ -109,7 +125,7 @@ def evaluate(args, options: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
                 pvm, tokenizer, [task.text(q) for q in questions[:32]], name=str(args.intervention)
             ).to_dict()
             drift, kl = analysis.norm_drift, analysis.side_effects.kl
-            _layer_analyses(args, task, options, pvm, tokenizer, questions, results, out_dir)
+            _layer_plots(results, curve, out_dir)
         rows.append(("edited", edited, drift, kl))
     for metric in task.metrics:
         results[metric], results[f"{metric}_stderr"] = final.metrics[metric], final.stderr[metric]
@@ -119,20 +135,24 @@ def evaluate(args, options: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
     return results
 
 
-def _layer_analyses(
-    args, task: TaskSpec, options, pvm, tokenizer, questions, results: Dict[str, Any], out_dir: Path
-) -> None:
+def _layer_plots(results: Dict[str, Any], curve: Optional[LayerCountCurve], out_dir: Path) -> None:
     """Probe accuracy per layer (from the artifact's layer selection) and, with --layer-curve,
-    the metrics of the edit restricted to its best 1..K layers."""
-    info = results["intervention"]["metadata"]
-    selection = info.get("layer_selection") or {}
+    the metrics of the edit restricted to its best 1..K layers (``curve``)."""
+    selection = results["intervention"]["metadata"].get("layer_selection") or {}
     if selection.get("accuracy"):
         accuracy = {int(k): float(v) for k, v in selection["accuracy"].items()}
         plot_per_layer(
             accuracy, "eval probe accuracy", out_dir / "probe_accuracy.png", highlight=selection.get("selected")
         )
-    if not args.layer_curve:
-        return
+    if curve is not None:
+        results["layer_curve"] = curve.to_dict()
+        plot_layer_count(curve, out_dir / "layer_curve.png")
+
+
+def _layer_curve(args, task: TaskSpec, options, pvm, tokenizer, questions) -> LayerCountCurve:
+    """The metrics of the edit restricted to its best 1..K layers (by the artifact's ranking)."""
+    info = artifact_metadata(resolve_artifact(args.intervention))
+    selection = info.get("layer_selection") or {}
     layers = sorted(
         {
             layer
@@ -143,19 +163,17 @@ def _layer_analyses(
     ranked = [int(x) for x in selection.get("ranking", []) if int(x) in layers] or layers
 
     def score(chosen: List[int]) -> Dict[str, float]:
-        return score_mc(
-            restrict_layers(pvm, chosen),
+        return score_mc_many_split(
+            {"model": restrict_layers(pvm, chosen)},
             tokenizer,
             questions,
             task=task,
             batch_size=args.batch_size,
             progress=False,
             **options,
-        ).metrics
+        )["model"].metrics
 
-    curve = accuracy_vs_num_layers(score, ranked, max_k=len(ranked), progress=True)
-    results["layer_curve"] = curve.to_dict()
-    plot_layer_count(curve, out_dir / "layer_curve.png")
+    return accuracy_vs_num_layers(score, ranked, max_k=len(ranked), progress=world().is_main)
 
 
 def baselines_sentence(baselines: Dict[str, Dict[str, float]], n_questions: int) -> str:

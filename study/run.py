@@ -12,6 +12,15 @@ Everything a step produces is written atomically and reused by a rerun with the 
 activation stores resume from their last shard, training from its last epoch, finished
 artifacts and scores are loaded instead of recomputed. So an interrupted study continues where
 it stopped.
+
+Under a launcher (``torchrun``/``accelerate launch``, :mod:`actedit.data.distributed`) every
+process loads the model (with CUDA on its own GPU: ``"cuda"`` is the process's device) and the
+study runs in step on all of them: each activation store is collected shard by shard by all
+processes (:func:`~actedit.data.collect.collect_activations`), every fit, training, fine-tune and
+composition runs on rank 0 while the others wait, and the scoring splits the questions over the
+processes (:mod:`actedit.eval.distributed`). Rank 0 alone writes artifacts, scores, plots and the
+report; whether a step is done is decided by rank 0 and told to all. ``device_map`` (one model
+spread over several devices) is refused under a launcher.
 """
 
 from __future__ import annotations
@@ -23,12 +32,14 @@ from typing import Any, Dict, List, Optional
 
 import torch
 
+from actedit.data.distributed import run_on_main, world
 from actedit.data.environment import PeakRSS, peak_rss_mib, release_free_memory
 from actedit.data.models import load_model
 from actedit.data.tasks import task_spec
 from actedit.eval.analysis import analyze_edits
+from actedit.eval.distributed import score_mc_many_split
 from actedit.eval.effect import measure_effect
-from actedit.eval.mc import MCResult, score_mc_many
+from actedit.eval.mc import MCResult
 from actedit.eval.plots import plot_layer_selection, plot_scores
 from actedit.interventions.artifacts import (
     MANIFEST,
@@ -128,13 +139,21 @@ def _write_splits(cfg: StudyConfig, task, out: Path) -> None:
 
 # ------------------------------------------------------------------------------------ study
 def run_study(cfg: StudyConfig, *, quiet: bool = False) -> Dict[str, Any]:
-    """Run (or resume) the study ``cfg``; returns the results written to ``OUT/results.json``."""
+    """Run (or resume) the study ``cfg``; returns the results written to ``OUT/results.json`` (under
+    a launcher: rank 0; the other ranks return an empty dict once the scores are in)."""
     started = time.perf_counter()
+    w = world()  # under a launcher: joins the process group, "cuda" becomes this process's GPU
+    if w.distributed and getattr(cfg, "device_map", None) is not None:
+        raise ValueError(
+            f"device_map ({cfg.device_map}) spreads one model over several devices, but {w.size} processes are "
+            "running (torchrun/accelerate launch), each holding the whole model on its own device: remove "
+            "device_map, or run one process."
+        )
     out = Path(cfg.out)
     runs = cfg.runs()
     composed = cfg.composed_methods
     edits = [name for name, _, _ in runs] + (["composed"] if composed else [])
-    steps = _Steps(2 + 2 * len(runs) + bool(composed) + 1 + bool(edits) + 1, quiet)
+    steps = _Steps(2 + 2 * len(runs) + bool(composed) + 1 + bool(edits) + 1, quiet or not w.is_main)
     task = task_spec(cfg.eval.task)
 
     # data first: a missing dataset should fail before the model loads
@@ -148,13 +167,19 @@ def run_study(cfg: StudyConfig, *, quiet: bool = False) -> Dict[str, Any]:
     )
     device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = resolve_dtype(cfg.dtype, device)
+    placement = cfg.placement(device)  # {"device": ...} or {"device_map": ..., "offload_folder": ...}
     model, tokenizer = steps.run(
-        f"load model {cfg.model} ({dtype}, {device})", load_model, cfg.model, dtype=getattr(torch, dtype), device=device
+        f"load model {cfg.model} ({dtype}, {cfg.placement_text(device)})",
+        load_model,
+        cfg.model,
+        dtype=getattr(torch, dtype),
+        **placement,
     )
     # every run's layer specs against this model's depth, before any work
     pipelines = {name: cfg.pipeline(row, seed).for_model(model) for name, row, seed in runs if not cfg.is_finetune(row)}
-    out.mkdir(parents=True, exist_ok=True)  # only now: a run that cannot start leaves no empty folder
-    _write_splits(cfg, task, out)
+    if w.is_main:
+        out.mkdir(parents=True, exist_ok=True)  # only now: a run that cannot start leaves no empty folder
+    run_on_main(_write_splits, cfg, task, out)
 
     effect_texts = [task.text(q) for q in questions[: cfg.eval.norm_texts]]
     artifacts, step_seconds = _build_edits(cfg, pipelines, model, tokenizer, steps, out, effect_texts)
@@ -168,7 +193,7 @@ def run_study(cfg: StudyConfig, *, quiet: bool = False) -> Dict[str, Any]:
                 pvm = compose(*edits, model=model, metadata={"composed_of": composed})
                 save_artifact(pvm, path, metadata=_effect(pvm, tokenizer, effect_texts, "composed"))
 
-        steps.run(f"compose {' + '.join(composed)}", build_composed)
+        steps.run(f"compose {' + '.join(composed)}", run_on_main, build_composed)
         artifacts["composed"] = path
 
     finetuned = {name: row for name, row, _ in runs if cfg.is_finetune(row)}
@@ -201,6 +226,8 @@ def run_study(cfg: StudyConfig, *, quiet: bool = False) -> Dict[str, Any]:
         out / "eval",
         {name: FINETUNES[cfg.row_method(row)] for name, row in finetuned.items()},
     )
+    if not w.is_main:  # rank 0 analyses and reports
+        return {}
     analyses: Dict[str, Any] = {}
     if edits and cfg.eval.analyses:
         norm_texts = [task.text(q) for q in questions[: cfg.eval.norm_texts]]
@@ -279,15 +306,15 @@ def _build_edits(cfg: StudyConfig, pipelines, model, tokenizer, steps: _Steps, o
         path = Path(pcfg.out)
         record = step_seconds.setdefault(name, {})
         verb = "train" if pcfg.spec.trained else "fit"
-        if _artifact_ready(path):
+        if run_on_main(_artifact_ready, path):
             steps.run(f"{name}: collect (reused)", lambda: None)
             steps.run(f"{name}: {verb} (reused)", lambda: None)
             previous = previous_runs.get(name, {})
             record.update({k: v for k, v in previous.get("seconds", {}).items() if k in ("collect", "fit")})
         else:
             collect_step, fit_step = f"{name}: collect activations", f"{name}: {verb}"
-            store = steps.run(collect_step, pipeline.collect, pcfg, model, tokenizer)
-            steps.run(fit_step, _fit_and_save, pcfg, model, tokenizer, store, effect_texts)
+            store = steps.run(collect_step, pipeline.collect, pcfg, model, tokenizer)  # every rank its shards
+            steps.run(fit_step, run_on_main, _fit_and_save, pcfg, model, tokenizer, store, effect_texts)
             record.update(collect=steps.seconds[collect_step], fit=steps.seconds[fit_step])
         artifacts[name] = path
     return artifacts, step_seconds
@@ -297,7 +324,7 @@ def _finetune(cfg: StudyConfig, name: str, row: str, seed, model, tokenizer, ste
     """A fine-tuning run (:mod:`actedit.study.finetunes`): reused when saved, else trained on the
     row's data and saved, its effect measured (``effect.json`` beside it). Returns (path, seconds)."""
     spec, settings, data, path = cfg.finetune(row, seed)
-    if spec.ready(path):
+    if run_on_main(spec.ready, path):
         steps.run(f"{name}: fine-tune (reused)", lambda: None)
         steps.run(f"{name}: effect (reused)", lambda: None)
         return path, {}
@@ -309,8 +336,8 @@ def _finetune(cfg: StudyConfig, name: str, row: str, seed, model, tokenizer, ste
         tuned = spec.load(model, path)
         write_json(effect_path(path), _effect(tuned, tokenizer, effect_texts, name), default=float)
 
-    steps.run(f"{name}: fine-tune ({spec.name})", train)
-    steps.run(f"{name}: effect", effect)
+    steps.run(f"{name}: fine-tune ({spec.name})", run_on_main, train)
+    steps.run(f"{name}: effect", run_on_main, effect)
     return path, {"fit": steps.seconds[f"{name}: fine-tune ({spec.name})"]}
 
 
@@ -333,26 +360,36 @@ def _score_all(
 ) -> Dict[str, MCResult]:
     """Scores read from ``OUT/eval/<name>.json`` when their key and artifact (or fine-tuned
     weights) match; the rest scored together, the edits sharing the base model's unedited lower
-    layers."""
+    layers (under a launcher: each process its block of the questions, every process gets all
+    scores, rank 0 writes them)."""
     finetunes = finetunes or {}
 
     def identity(name: str) -> Optional[str]:
         return finetunes[name].identity(artifacts[name]) if name in finetunes else _sha(artifacts[name])
 
     names: List[str] = ["base"] + list(pvms)
-    done: Dict[str, MCResult] = {}
-    for name in names:
-        cached = _read_json(eval_dir / f"{name}.json")
-        if cached and cached.get("key") == key and (name == "base" or cached.get("artifact_sha") == identity(name)):
-            done[name] = MCResult.from_dict(cached["result"])
+
+    def cached_scores() -> Dict[str, Dict[str, Any]]:
+        out = {}
+        for name in names:
+            cached = _read_json(eval_dir / f"{name}.json")
+            if cached and cached.get("key") == key and (name == "base" or cached.get("artifact_sha") == identity(name)):
+                out[name] = cached["result"]
+        return out
+
+    done: Dict[str, MCResult] = {name: MCResult.from_dict(r) for name, r in run_on_main(cached_scores).items()}
     todo = [name for name in pvms if name not in done]
     if todo or "base" not in done:  # the base model runs whenever an edit does: it carries their lower layers
         targets = {"base": model, **{name: pvms[name] for name in todo}}
-        scored = score_mc_many(
+        scored = score_mc_many_split(
             targets, tokenizer, questions, task=cfg.eval.task, batch_size=cfg.eval.batch_size, **cfg.eval.task_options
         )
+        main = world().is_main
         for name, result in scored.items():
             if name in done:
+                continue
+            done[name] = result
+            if not main:
                 continue
             write_json(
                 eval_dir / f"{name}.json",
@@ -363,7 +400,6 @@ def _score_all(
                 },
                 default=float,
             )
-            done[name] = result
     return {name: done[name] for name in names}
 
 
