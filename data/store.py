@@ -22,7 +22,6 @@ hashes see the same tokens, so a pair of them carries no contrast). Per-example 
 from __future__ import annotations
 
 import json
-import mmap
 import os
 import struct
 from dataclasses import dataclass, field
@@ -336,38 +335,77 @@ class StoredRows:
 
     What a streamed :class:`PairedActivations` holds per layer instead of a tensor: each training
     step reads only its batch's rows (:meth:`take`), so memory does not grow with the number of
-    layers or rows. ``rows``: the global store rows that make up rows ``0..N-1`` here."""
+    layers or rows. ``rows``: the global store rows that make up rows ``0..N-1`` here.
+
+    A shard file is read row by row with ``pread`` (one system call per row, about 1 µs), not
+    through a memory map: the pages a map touches count in the process's resident memory (Linux
+    maps 64 KiB around each faulting row, ``MADV_RANDOM`` or not), so a streamed epoch would look
+    as large as the store in RSS even though the kernel may drop them."""
 
     def __init__(self, store: "ActivationStore", site: str, layer: int, rows: np.ndarray) -> None:
         self._store, self._site, self._layer = store, site, int(layer)
         self._rows = np.asarray(rows, dtype=np.int64)
         self.shape = (int(self._rows.size), store.width(site))
-        self._arrays: Optional[List[np.ndarray]] = None
-        self._mapped_bytes = 0
+        self._starts = np.asarray([shard.row_start for shard in store.shards()], dtype=np.int64)
+        self._sources: Optional[List[Any]] = None
+        self._files: Dict[int, Any] = {}
 
-    MAPPED_BYTES = 16 * 2**20
-    """Pages of the shard files read through one mapping before it is dropped: a mapped page counts
-    in the process's resident memory (page cache, which the kernel could reclaim, but RSS is what
-    users watch), so each layer's reads stay within about this much of it."""
+    def _source(self, k: int) -> Any:
+        """Shard ``k``'s rows: an array (a shard in memory) or ``(path, data offset, raw dtype)``."""
+        if self._sources is None:
+            name = f"act.{self._site}.{self._layer}"
+            sources: List[Any] = []
+            for shard in self._store.shards():
+                if shard.path is None:
+                    sources.append(shard.array(name))
+                    continue
+                base, header = shard.header()
+                info = header[name]
+                raw = np.uint16 if info["dtype"] == "BF16" else _SAFETENSORS_DTYPES[info["dtype"]]
+                sources.append((shard.path, base + int(info["data_offsets"][0]), np.dtype(raw)))
+            self._sources = sources
+        return self._sources[k]
+
+    def _file(self, k: int, path: Path) -> Any:
+        if k not in self._files:
+            self._files[k] = open(path, "rb", buffering=0)  # noqa: SIM115 - kept open for every batch; close()
+        return self._files[k]
 
     def take(self, idx: Any, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
         """Rows ``idx`` (indices into ``0..N-1``, any order, repeats allowed) as a tensor."""
         picked = self._rows[np.asarray(idx, dtype=np.int64).reshape(-1)]
-        if self._arrays is None or self._mapped_bytes > self.MAPPED_BYTES:
-            # each shard mapped once per MAPPED_BYTES read (a map per read cost more than the
-            # training step itself); dropping the old maps unmaps the pages they read
-            self._arrays = [shard.array(f"act.{self._site}.{self._layer}") for shard in self._store.shards()]
-            for array in self._arrays:
-                handle = getattr(array, "_mmap", None)  # numpy.memmap's mmap object
-                if handle is not None and hasattr(mmap, "MADV_RANDOM"):
-                    # scattered rows: no read-ahead, and a fault maps only its own page (Linux maps
-                    # the neighbouring 64 KiB otherwise, which would count in RSS)
-                    handle.madvise(mmap.MADV_RANDOM)
-            self._mapped_bytes = 0
-        row_bytes = self.shape[1] * self._store.dtype.itemsize
-        self._mapped_bytes += picked.size * (row_bytes + 4096)  # a row's pages, one more where it straddles
-        rows = self._store._gather_rows(self._arrays, picked, self.shape[1])
-        return self._store._as_store_dtype(torch.from_numpy(rows), dtype)
+        which = np.searchsorted(self._starts, picked, side="right") - 1
+        width = self.shape[1]
+        out: Optional[np.ndarray] = None
+        for k in np.unique(which).tolist():
+            sel = np.flatnonzero(which == k)
+            local = picked[sel] - self._starts[k]
+            source = self._source(k)
+            if isinstance(source, np.ndarray):
+                if out is None:
+                    out = np.empty((picked.size, width), dtype=source.dtype)
+                out[sel] = source[local]
+                continue
+            path, offset, raw = source
+            if out is None:
+                out = np.empty((picked.size, width), dtype=raw)
+            row_bytes = width * out.itemsize
+            view = memoryview(out).cast("B")
+            handle = self._file(k, path)
+            for i, row in zip(sel.tolist(), local.tolist(), strict=True):
+                os.preadv(handle.fileno(), [view[i * row_bytes : (i + 1) * row_bytes]], offset + row * row_bytes)
+        if out is None:
+            out = np.empty((0, width), dtype=np.float32)
+        return self._store._as_store_dtype(torch.from_numpy(out), dtype)
+
+    def close(self) -> None:
+        """Close the shard files (reopened by the next :meth:`take`)."""
+        for handle in self._files.values():
+            handle.close()
+        self._files = {}
+
+    def __del__(self) -> None:
+        self.close()
 
     def all_finite(self, chunk: int = 4096) -> bool:
         """Whether every entry is finite, read ``chunk`` rows at a time."""

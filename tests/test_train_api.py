@@ -255,7 +255,8 @@ def test_a_streamed_bank_reads_only_the_rows_asked_for(model, tokenizer, tmp_pat
     for a, b in zip(streamed.gather([0, 1], idx), in_memory.gather([0, 1], idx), strict=True):
         assert torch.equal(a, b)
     reads = []
-    original = store._gather_rows
-    store._gather_rows = lambda arrays, rows, width: reads.append(len(rows)) or original(arrays, rows, width)
+    bank = streamed.positive[1]
+    original = bank.take
+    bank.take = lambda rows, dtype=None: reads.append(len(rows)) or original(rows, dtype)
     streamed.gather([1], idx)
     assert reads == [2 * len(idx)]  # one read of the batch's positive and negative rows
