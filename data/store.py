@@ -390,7 +390,7 @@ class StoredRows:
             if out is None:
                 out = np.empty((picked.size, width), dtype=raw)
             row_bytes = width * out.itemsize
-            view = memoryview(out).cast("B")
+            view = out.data.cast("B")  # the array's own bytes
             handle = self._file(k, path)
             for i, row in zip(sel.tolist(), local.tolist(), strict=True):
                 os.preadv(handle.fileno(), [view[i * row_bytes : (i + 1) * row_bytes]], offset + row * row_bytes)
