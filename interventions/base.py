@@ -82,6 +82,20 @@ class ActEditIntervention(pv.SourcelessIntervention, pv.TrainableIntervention): 
         (``actedit.eval.effect`` measures an edit's effect with it); not saved."""
 
     # ----------------------------------------------------------------------------- properties
+    def host(self, name: str) -> Any:
+        """The Python value of the 0-d buffer ``name`` (a setting saved with the artifact).
+
+        Read from the buffer's device once and kept while the buffer is the same tensor at the same
+        version (an in-place write such as ``fill_`` or ``load_state_dict`` bumps the version; a
+        move makes a new tensor): on a GPU every ``int(buffer)`` waits for all queued work, and the
+        forward pass reads several settings at every edited layer and token."""
+        tensor: torch.Tensor = getattr(self, name)
+        cache: Dict[str, Tuple[torch.Tensor, int, Any]] = self.__dict__.setdefault("_host_values", {})
+        hit = cache.get(name)
+        if hit is None or hit[0] is not tensor or hit[1] != tensor._version:
+            hit = cache[name] = (tensor, tensor._version, tensor.item())  # holding the tensor keeps its id unique
+        return hit[2]
+
     @property
     def d(self) -> int:
         """The activation width this intervention was built for."""
@@ -90,11 +104,11 @@ class ActEditIntervention(pv.SourcelessIntervention, pv.TrainableIntervention): 
                 f"{type(self).__name__} needs embed_dim (the hidden size of the hooked site); "
                 "pyvene passes it when it builds the intervention from a config."
             )
-        return int(self.embed_dim)
+        return int(self.host("embed_dim"))
 
     @property
     def policy(self) -> PositionPolicy:
-        return PositionPolicy(int(self.position_policy))
+        return PositionPolicy(int(self.host("position_policy")))
 
     def set_position_policy(self, policy: PolicyLike, start: Optional[int] = None) -> "ActEditIntervention":
         """Change which positions are edited (in place); returns ``self``."""
@@ -106,7 +120,7 @@ class ActEditIntervention(pv.SourcelessIntervention, pv.TrainableIntervention): 
     @property
     def is_enabled(self) -> bool:
         """Whether the module edits (a switched-off one returns its input unchanged)."""
-        return bool(self.enabled)
+        return bool(self.host("enabled"))
 
     def set_enabled(self, enabled: bool = True) -> "ActEditIntervention":
         """Switch the edit on or off (in place; saved with the artifact); returns ``self``."""
@@ -173,7 +187,9 @@ class ActEditIntervention(pv.SourcelessIntervention, pv.TrainableIntervention): 
         if not self.is_enabled:
             return base
         batch, seq = h.shape[0], h.shape[1]
-        mask, any_edited, all_edited = edit_positions(self.policy, int(self.position_start), batch, seq, h.device)
+        mask, any_edited, all_edited = edit_positions(
+            self.policy, int(self.host("position_start")), batch, seq, h.device
+        )
         if not any_edited:
             if self.effect_recorder is not None:
                 self.effect_recorder(self, h, h, mask)

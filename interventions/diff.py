@@ -143,7 +143,7 @@ class DiffIntervention(ActEditIntervention):
     def prepare(self, h: torch.Tensor) -> None:
         """Set σ (``input_scale``) to the RMS of every coordinate of training activations ``h``
         (n, d) (``input_norm="rms"``); ``none`` leaves it 1."""
-        if INPUT_NORMS[int(self.input_norm)] == "none":
+        if INPUT_NORMS[int(self.host("input_norm"))] == "none":
             return
         h = torch.as_tensor(h)
         if h.dim() != 2 or h.shape[-1] != self.d or h.shape[0] == 0:

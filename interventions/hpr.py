@@ -280,13 +280,13 @@ class HPRIntervention(ActEditIntervention):
         if floor <= 0:
             raise ValueError("the training activations are all zero: nothing to learn a probe from.")
         self.input_scale.copy_(rms.clamp_min(floor).to(self.input_scale))
-        if bool(self.rotation_standardized):
+        if bool(self.host("rotation_standardized")):
             self.rotation_scale.copy_(self.input_scale)
 
     @property
     def input_norm_name(self) -> str:
         """The ``input_norm`` setting this module was built with (one of :data:`INPUT_NORMS`)."""
-        return INPUT_NORMS[int(self.input_norm)]
+        return INPUT_NORMS[int(self.host("input_norm"))]
 
     def standardize(self, h: torch.Tensor) -> torch.Tensor:
         """h̃ = h ⊘ s, the coordinates HPR works in (h itself when s = 1)."""
@@ -314,7 +314,7 @@ class HPRIntervention(ActEditIntervention):
         about the probe's hyperplane, keeping ‖h ⊘ c‖, and map it back (c = ``rotation_scale``:
         1 rotates h itself, s rotates h̃)."""
         x, w, wx, scale = self._rotation_coordinates(h)
-        if bool(self.stable):
+        if bool(self.host("stable")):
             x_norm: torch.Tensor = x.norm(dim=-1, keepdim=True)
             u = x / x_norm.clamp_min(torch.finfo(h.dtype).tiny)
             w_perp = w - (u @ w).unsqueeze(-1) * u
@@ -348,7 +348,7 @@ class HPRIntervention(ActEditIntervention):
         # compute in the parameters' precision (fp32 for a bf16 model, fp64 when trained in fp64)
         work = h.to(self.probe.weight.dtype)
         keep = self.probe_logits(work) > 0  # s = round(σ(wᵀh)) = 1
-        moved = self.rotate(work, self.angle(work)) if bool(self.angle_prediction) else self.reflect(work)
+        moved = self.rotate(work, self.angle(work)) if bool(self.host("angle_prediction")) else self.reflect(work)
         return torch.where(keep.unsqueeze(-1), work, moved)
 
     # -------------------------------------------------------------------------------- loss

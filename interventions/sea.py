@@ -205,7 +205,7 @@ class SEAIntervention(ActEditIntervention):
         return ("U_pos", "U_neg")
 
     def full_sequence_reason(self) -> Optional[str]:
-        if NormMode(int(self.norm_mode)) == NormMode.FEATURE:
+        if NormMode(int(self.host("norm_mode"))) == NormMode.FEATURE:
             return f"{type(self).__name__} uses norm_mode='feature' (statistics over all tokens of a forward call)"
         return super().full_sequence_reason()
 
@@ -225,9 +225,9 @@ class SEAIntervention(ActEditIntervention):
 
     def edit(self, h: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         work = h.float() if h.dtype in (torch.float16, torch.bfloat16) else h
-        fn = FeatureFunction(int(self.feature_function))
+        fn = FeatureFunction(int(self.host("feature_function")))
         z = inverse_feature_map(self.project(feature_map(work, fn)), fn, reference=work)
-        if NormMode(int(self.norm_mode)) == NormMode.TOKEN:
+        if NormMode(int(self.host("norm_mode"))) == NormMode.TOKEN:
             scale: torch.Tensor = work.norm(dim=-1, keepdim=True) / z.norm(dim=-1, keepdim=True).clamp_min(_EPS)
             return z * scale
         weight = mask.unsqueeze(-1).to(work.dtype)  # statistics over the edited tokens only
