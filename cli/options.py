@@ -57,13 +57,12 @@ def add_device_options(parser: argparse.ArgumentParser) -> None:
 
 def parse_device_map(text: Any) -> Any:
     """A ``--device-map`` value: a strategy name as is, a YAML/JSON mapping as a dict; None stays None."""
-    if text is None or not isinstance(text, str) or text.strip() in DEVICE_MAP_STRATEGIES:
-        return text.strip() if isinstance(text, str) else text
+    if not isinstance(text, str):
+        return text
     try:
-        value = yaml.safe_load(text)
+        return yaml.safe_load(text)  # a strategy name is a YAML string: itself
     except yaml.YAMLError as exc:
         raise ValueError(f"--device-map {text!r} is neither a strategy nor a YAML/JSON mapping: {exc}") from exc
-    return value
 
 
 def placement_of(args: argparse.Namespace) -> Dict[str, Any]:

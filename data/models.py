@@ -94,28 +94,6 @@ def _check_dtype(model: Any, dtype: torch.dtype) -> None:
         )
 
 
-def _cast_buffers(model: Any, dtype: torch.dtype) -> None:
-    """Cast ``model``'s floating-point buffers to ``dtype`` in place, as ``model.to(dtype=dtype)``
-    does for a model loaded without a device map.
-
-    transformers behaviour covered (5.24.0): ``from_pretrained(dtype=...)`` casts the weights but
-    keeps buffers computed at init in float32 (Llama's rotary ``inv_freq``); :func:`load_model`
-    has always cast the whole model, so without this a bf16 model spread by a device map ran its
-    rotary embedding in float32 and its logits differed from the same model loaded whole.
-    Offloaded buffers (``meta``) are left alone: accelerate casts what it loads to the placeholder's
-    dtype.
-    """
-    for module in model.modules():
-        for name, buffer in list(module._buffers.items()):
-            if (
-                buffer is not None
-                and buffer.is_floating_point()
-                and buffer.dtype != dtype
-                and buffer.device.type != "meta"
-            ):
-                module._buffers[name] = buffer.to(dtype)
-
-
 class ModelSpecError(ValueError):
     """A model spec that is neither an alias, an existing path nor a loadable Hub id."""
 
@@ -380,7 +358,7 @@ def load_model(
         model = model.to(device=device or "cpu", dtype=dtype).eval()  # type: ignore[call-arg]
     else:  # dispatched: moving it would undo the map (accelerate warns); from_pretrained cast it
         _check_dtype(model, dtype)
-        _cast_buffers(model, dtype)
+        compat.cast_floating_buffers(model, dtype)
         model = model.eval()
     compat.contiguous_head_input(model)
     return model, _prepare_tokenizer(tokenizer, padding_side)

@@ -260,7 +260,7 @@ class ShardView:
             raise KeyError(f"{path.name} has no tensor {name!r}.")
         info = header[name]
         np_dtype = _SAFETENSORS_DTYPES.get(info["dtype"])
-        if info["dtype"] == "BF16":  # no numpy bfloat16: its raw 16-bit patterns (see _as_bfloat16)
+        if info["dtype"] == "BF16":  # no numpy bfloat16: its raw 16-bit patterns (see ActivationStore._as_store_dtype)
             np_dtype = np.uint16
         if np_dtype is None:
             raise ValueError(f"{path.name}: tensor {name!r} has dtype {info['dtype']}, which stores do not use.")

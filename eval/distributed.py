@@ -16,12 +16,10 @@ from __future__ import annotations
 
 from typing import Any, Dict, List, Optional, Sequence
 
-import numpy as np
-
 from actedit.data.distributed import all_gather_objects, shard_of, world
-from actedit.data.tasks import TaskSpec, mean_stderr, task_spec
+from actedit.data.tasks import TaskSpec, task_spec
 
-from .mc import MCResult, score_mc_many
+from .mc import MCResult, record_metrics, score_mc_many
 
 
 def merge_results(parts: Sequence[MCResult], task: Any) -> MCResult:
@@ -34,8 +32,7 @@ def merge_results(parts: Sequence[MCResult], task: Any) -> MCResult:
         raise ValueError("merge_results needs at least one result.")
     spec: TaskSpec = task if isinstance(task, TaskSpec) else task_spec(task)
     records = [record for part in parts for record in part.records]
-    metrics = {m: float(np.mean([r.values[m] for r in records])) for m in spec.metrics}
-    stderr = {m: mean_stderr([r.values[m] for r in records]) for m in spec.metrics}
+    metrics, stderr = record_metrics(spec, records)
     protocol = dict(parts[0].protocol)
     protocol["n_questions"] = len(records)
     prefixes = [p.protocol.get("shared_prefix_tokens") for p in parts]

@@ -856,6 +856,13 @@ def score_mc_many(
     }
 
 
+def record_metrics(spec: TaskSpec, records: Sequence[MCRecord]) -> Tuple[Dict[str, float], Dict[str, float]]:
+    """``(metric → mean over the questions, metric → lm-eval's standard error of that mean)``."""
+    metrics = {m: float(np.mean([r.values[m] for r in records])) for m in spec.metrics}
+    stderr = {m: mean_stderr([r.values[m] for r in records]) for m in spec.metrics}
+    return metrics, stderr
+
+
 def _result(
     spec: TaskSpec,
     options,
@@ -876,8 +883,7 @@ def _result(
         )
         for q, item, values in zip(questions, items, scores, strict=True)
     ]
-    metrics = {m: float(np.mean([r.values[m] for r in records])) for m in spec.metrics}
-    stderr = {m: mean_stderr([r.values[m] for r in records]) for m in spec.metrics}
+    metrics, stderr = record_metrics(spec, records)
     model = base_model_of(model_or_pvm)
     protocol = {
         **spec.protocol(options),
@@ -916,6 +922,7 @@ __all__ = [
     "loglikelihoods_many",
     "lowest_edited_layer",
     "needs_full_sequences",
+    "record_metrics",
     "score_mc",
     "score_mc_many",
 ]

@@ -587,3 +587,25 @@ def check_model_supported(model: Any, component: Optional[str] = None) -> None:
             f"Component {component!r} is not available on {cls.__name__}; available: "
             f"{', '.join(sorted(card.type_to_module_mapping[cls]))}."
         )
+
+
+def cast_floating_buffers(model: torch.nn.Module, dtype: torch.dtype) -> None:
+    """Cast ``model``'s floating-point buffers to ``dtype`` in place, as ``model.to(dtype=dtype)``
+    does for a model loaded without a device map.
+
+    transformers behaviour covered (5.24.0): ``from_pretrained(dtype=...)`` casts the weights but
+    keeps buffers computed at init in float32 (Llama's rotary ``inv_freq``);
+    :func:`actedit.data.models.load_model` has always cast the whole model, so without this a
+    bf16 model spread by a device map ran its rotary embedding in float32 and its logits differed
+    from the same model loaded whole. Offloaded buffers (``meta``) are left alone: accelerate
+    casts what it loads to the placeholder's dtype.
+    """
+    for module in model.modules():
+        for name, buffer in list(module._buffers.items()):
+            if (
+                buffer is not None
+                and buffer.is_floating_point()
+                and buffer.dtype != dtype
+                and buffer.device.type != "meta"
+            ):
+                module._buffers[name] = buffer.to(dtype)
