@@ -2,11 +2,15 @@
 
 Usage:
   python benchmarks/bench_generation.py [--model smollm2-135m-instruct] [--batch-sizes 1,8]
-         [--new-tokens 32] [--repeats 3] [--artifacts runs/default/artifacts] [--json OUT]
+         [--new-tokens 32] [--repeats 9] [--artifacts runs/default/artifacts] [--json OUT]
 
 Greedy decoding with the KV cache, ``min_new_tokens = max_new_tokens`` so every run produces the
-same number of tokens. Rows (measured side by side in one process; the repeats go round-robin
-over the rows so that drifts of the machine hit every row alike; the best repeat counts):
+same number of tokens. Rows are measured side by side in one process, in rounds: each round runs
+every row once, in a shuffled order (seeded). The table shows each row's best round against
+plain generate's best round (noise on a shared machine only slows a run down) and, beside it, the
+median and quartiles of the paired ratios (a row's time over plain generate's in the same round).
+On a shared 2-core VM single runs of the same call spread by up to ±15 %: read a difference
+smaller than the quartile range as noise. Rows:
 
 * ``plain generate``: ``model.generate``;
 * ``pyvene, no edit``: ``IntervenableModel.generate`` with an empty ``IntervenableConfig`` when
@@ -25,9 +29,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import random
+import statistics
 import time
 from pathlib import Path
-from typing import Dict
+from typing import Dict, List
 
 import torch
 from _env import machine_info, versions  # benchmarks/_env.py (the script's folder is on sys.path)
@@ -91,10 +97,12 @@ def main() -> None:
     parser.add_argument("--model", default="smollm2-135m-instruct")
     parser.add_argument("--batch-sizes", default="1,8")
     parser.add_argument("--new-tokens", type=int, default=32)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=9, help="rounds (each runs every row once)")
     parser.add_argument("--artifacts", default=None, help="a study's artifacts directory (default: synthetic edits)")
     parser.add_argument("--json", default="runs/bench_generation.json")
     args = parser.parse_args()
+    if args.repeats < 2:
+        parser.error("--repeats must be at least 2 (the quartiles of the paired ratios need two rounds)")
 
     import pyvene as pv
 
@@ -135,26 +143,29 @@ def main() -> None:
     for bs in [int(x) for x in args.batch_sizes.split(",")]:
         prompts = (PROMPTS * ((bs + len(PROMPTS) - 1) // len(PROMPTS)))[:bs]
         batch = encode_left_padded(tok, prompts)
-        best: Dict[str, float] = {}
+        seconds: Dict[str, List[float]] = {name: [] for name in names}
+        order = random.Random(bs)
         with torch.inference_mode():
             for name in names:  # warm-up
                 runner(name)(batch)
             for _ in range(args.repeats):
-                for name in names:
+                for name in order.sample(names, len(names)):
                     t0 = time.perf_counter()
                     out = runner(name)(batch)
-                    dt = time.perf_counter() - t0
+                    seconds[name].append(time.perf_counter() - t0)
                     assert out.shape[1] - batch["input_ids"].shape[1] == args.new_tokens
-                    best[name] = min(best.get(name, float("inf")), dt)
-        plain = best["plain generate"]
+        plain = seconds["plain generate"]
         for name in names:
+            ratios = [t / p for t, p in zip(seconds[name], plain, strict=True)]
             results.append(
                 {
                     "batch_size": bs,
                     "row": name,
-                    "seconds": round(best[name], 4),
-                    "tokens_per_s": round(bs * args.new_tokens / best[name], 1),
-                    "time_vs_plain": round(best[name] / plain, 3),
+                    "seconds": round(min(seconds[name]), 4),
+                    "tokens_per_s": round(bs * args.new_tokens / min(seconds[name]), 1),
+                    "time_vs_plain": round(min(seconds[name]) / min(plain), 3),
+                    "paired_ratio_quartiles": [round(q, 3) for q in statistics.quantiles(ratios, n=4)],
+                    "rounds_s": [round(t, 4) for t in seconds[name]],
                 }
             )
 
@@ -171,10 +182,17 @@ def main() -> None:
         f"{env['machine']['torch_threads']} threads; torch {env['versions']['torch']}, "
         f"transformers {env['versions']['transformers']}, pyvene {env['versions']['pyvene']}"
     )
-    print("| batch | row | tokens/s | time vs plain |")
-    print("|---|---|---|---|")
+    print(
+        f"| batch | row | tokens/s (best of {args.repeats}) | time vs plain (best rounds) "
+        "| paired ratios: median (quartiles) |"
+    )
+    print("|---|---|---|---|---|")
     for r in results:
-        print(f"| {r['batch_size']} | {r['row']} | {r['tokens_per_s']:.1f} | {r['time_vs_plain']:.2f}× |")
+        low, median, high = r["paired_ratio_quartiles"]
+        print(
+            f"| {r['batch_size']} | {r['row']} | {r['tokens_per_s']:.1f} | {r['time_vs_plain']:.3f}× | "
+            f"{median:.3f}× ({low:.3f}–{high:.3f}) |"
+        )
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps({"environment": env, "results": results}, indent=1))
     print(f"wrote {args.json}")

@@ -608,7 +608,9 @@ def _score_packed_models(
         t0 = time.perf_counter()
         caches[name] = _prefix_cache(runners[name], encoded, prefix_len)
         info[name]["seconds"] += time.perf_counter() - t0
-    trees = [Tree(ctx[prefix_len:], conts, offset=prefix_len) for ctx, conts in encoded]
+    # A choice's last token predicts nothing that is scored and no other token sees it (lm-eval
+    # drops it too): each branch holds the choice without its last token.
+    trees = [Tree(ctx[prefix_len:], [cont[:-1] for cont in conts], offset=prefix_len) for ctx, conts in encoded]
     for batch in pack_trees(trees, pack_tokens, pad_id=pad):
         group = [encoded[i] for i in batch.trees]
         call = _packed_call(batch, group, prefix_len)  # laid out once, used by every model
@@ -660,9 +662,10 @@ def _packed_call(
     """The layout of ``requests`` packed in ``batch`` (cached prefix of ``past_length`` tokens).
 
     Continuation token j of a choice is predicted at the position before it: the last context
-    token for j = 0, else the choice's own token j - 1. Positions for the interventions are
-    those of each scored sequence (context + choice), as in one plain forward: the prompt is the
-    whole scored sequence and the answer starts at the context length.
+    token for j = 0, else the choice's own token j - 1; the branches hold each choice without its
+    last token (:func:`_score_packed_models`). Positions for the interventions are those of each
+    scored sequence (context + choice), as in one plain forward: the prompt is the whole scored
+    sequence and the answer starts at the context length.
     """
     rows, cols, targets = [], [], []
     answer = torch.zeros(batch.shape, dtype=torch.long)
@@ -674,8 +677,9 @@ def _packed_call(
         prompt[r, c : c + n_own] = len(ctx) + 1
         last_ctx = c + n_own - 1
         for (br, bc), tokens in zip(batch.branch_at[k], conts, strict=True):
-            answer[br, bc : bc + len(tokens)] = len(ctx)
-            prompt[br, bc : bc + len(tokens)] = len(ctx) + len(tokens)
+            fed = max(len(tokens) - 1, 0)
+            answer[br, bc : bc + fed] = len(ctx)
+            prompt[br, bc : bc + fed] = len(ctx) + len(tokens)
             for j, token in enumerate(tokens):
                 rows.append(br)
                 cols.append(last_ctx if j == 0 else bc + j - 1)

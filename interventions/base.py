@@ -90,11 +90,38 @@ class ActEditIntervention(pv.SourcelessIntervention, pv.TrainableIntervention): 
         move makes a new tensor): on a GPU every ``int(buffer)`` waits for all queued work, and the
         forward pass reads several settings at every edited layer and token."""
         tensor: torch.Tensor = getattr(self, name)
+        if tensor.is_inference():  # built under torch.inference_mode: no version to key on
+            return tensor.item()
         cache: Dict[str, Tuple[torch.Tensor, int, Any]] = self.__dict__.setdefault("_host_values", {})
         hit = cache.get(name)
         if hit is None or hit[0] is not tensor or hit[1] != tensor._version:
             hit = cache[name] = (tensor, tensor._version, tensor.item())  # holding the tensor keeps its id unique
         return hit[2]
+
+    def derived(self, name: str, inputs: Tuple[torch.Tensor, ...], compute: Callable[[], Any]) -> Any:
+        """``compute()``, a value made from this module's tensors ``inputs`` only (ITI's shift δ,
+        HPR's hyperplane normal), kept while each input is the same tensor at the same version.
+
+        The cached value is the one ``compute()`` gives, so results are bit-identical; it spares
+        the small kernels that rebuild it at every edited layer and generated token. Computed
+        afresh whenever autograd records (training needs the graph), an input is an inference
+        tensor (no version to key on) or an input requires grad: an optimizer may change it in
+        place without a new version (torch 2.13's ``AdamW(fused=True)`` does). ``name`` must also
+        say anything else ``compute`` reads (a dtype, a device)."""
+        if torch.is_grad_enabled() or any(t.is_inference() or t.requires_grad for t in inputs):
+            return compute()
+        key = tuple((t, t._version) for t in inputs)
+        cache: Dict[str, Tuple[Tuple[Tuple[torch.Tensor, int], ...], Any]] = self.__dict__.setdefault(
+            "_derived_values", {}
+        )
+        hit = cache.get(name)
+        if (
+            hit is None
+            or len(hit[0]) != len(key)
+            or any(a is not b or u != v for (a, u), (b, v) in zip(hit[0], key, strict=True))
+        ):
+            hit = cache[name] = (key, compute())
+        return hit[1]
 
     @property
     def d(self) -> int:

@@ -17,6 +17,7 @@ import io
 import logging
 import os
 import sys
+import threading
 from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Tuple, Union
 
 import torch
@@ -475,6 +476,111 @@ def gguf_load_options() -> Dict[str, Any]:
     return {"quantization_config": config_class(dequantize=True)}
 
 
+_REFERENCE_HOOKS = threading.local()
+
+
+@contextlib.contextmanager
+def pyvene_generation_hooks() -> Iterator[None]:
+    """Inside this block ``IntervenableModel.generate`` applies actedit edits through pyvene's own
+    hook callback (the reference path of :func:`_direct_generation_hooks`; tests compare them)."""
+    previous = getattr(_REFERENCE_HOOKS, "on", False)
+    _REFERENCE_HOOKS.on = True
+    try:
+        yield
+    finally:
+        _REFERENCE_HOOKS.on = previous
+
+
+def _first_tensor(value: Any) -> Optional[torch.Tensor]:
+    if isinstance(value, torch.Tensor):
+        return value
+    if isinstance(value, (tuple, list)) and value and isinstance(value[0], torch.Tensor):
+        return value[0]
+    return None
+
+
+def _direct_output_hook(intervention: ActEditIntervention) -> Callable[..., Any]:
+    def hook(module: torch.nn.Module, args: Tuple[Any, ...], kwargs: Dict[str, Any], output: Any) -> Any:
+        target = _first_tensor(output)
+        if target is None:  # a dict or model output: edit its first entry in place, as pyvene does
+            target = output[next(iter(output.keys()))]
+            edited = intervention(target)
+            if edited is not target:
+                target[:] = edited
+            return None
+        edited = intervention(target)
+        if edited is target:
+            return None
+        return edited if isinstance(output, torch.Tensor) else (edited, *output[1:])
+
+    return hook
+
+
+def _direct_input_hook(intervention: ActEditIntervention) -> Callable[..., Any]:
+    def hook(module: torch.nn.Module, args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> Any:
+        if args:
+            edited = intervention(args[0])
+            return None if edited is args[0] else ((edited, *args[1:]), kwargs)
+        name = next(iter(kwargs))  # keyword-only call: pyvene edits the first keyword argument
+        edited = intervention(kwargs[name])
+        return None if edited is kwargs[name] else (args, {**kwargs, name: edited})
+
+    return hook
+
+
+def _direct_generation_hooks(pvm: Any) -> List[Any]:
+    """Register every actedit edit of ``pvm`` as a plain torch hook on the module pyvene hooks,
+    in pyvene's order (its intervention groups, then their keys); returns the handles.
+
+    pyvene behaviour covered (0.1.8): with ``unit_locations=None`` its hook callback hands an
+    intervention the whole activation and writes the result back over it, but on the way it
+    clones the activation twice, broadcasts its arguments and counts calls, at every hooked
+    module and every generated token. On a 135M model at batch 1 that bookkeeping costs as much
+    as the edits themselves. Here the hook calls the intervention and hands its output on: the
+    values pyvene would write, without the copies. Used only where pyvene would pass the whole
+    activation (see :func:`_generate_in_generation_context`).
+    """
+    handles = []
+    for keys in pvm._intervention_group.values():
+        for key in keys:
+            register = pvm.intervention_hooks[key]
+            intervention = pvm.interventions[key]
+            if register.__name__ == "register_forward_pre_hook":
+                handles.append(register(_direct_input_hook(intervention), with_kwargs=True))
+            else:
+                handles.append(register(_direct_output_hook(intervention), with_kwargs=True))
+    return handles
+
+
+_PYVENE_ONLY_ARGUMENTS = (
+    "sources",
+    "unit_locations",
+    "source_representations",
+    "subspaces",
+    "intervention_additional_kwargs",
+)
+
+
+_HOOK_REGISTRARS = ("register_forward_hook", "register_forward_pre_hook")
+
+
+def _direct_hooks_apply(pvm: Any, args: Tuple[Any, ...], kwargs: Mapping[str, Any]) -> bool:
+    """Whether a ``generate`` call hands every hooked activation whole to actedit edits."""
+    return (
+        not getattr(_REFERENCE_HOOKS, "on", False)
+        and len(args) <= 1
+        and bool(kwargs.get("intervene_on_prompt"))
+        and all(kwargs.get(name) is None for name in _PYVENE_ONLY_ARGUMENTS)
+        and pvm.mode == "parallel"
+        and not pvm.as_adaptor
+        and not pvm._intervention_reverse_link
+        and not pvm.return_collect_activations
+        and len(pvm.interventions) > 0
+        and all(isinstance(i, ActEditIntervention) for i in pvm.interventions.values())
+        and all(getattr(h, "__name__", "") in _HOOK_REGISTRARS for h in pvm.intervention_hooks.values())
+    )
+
+
 def _generate_in_generation_context(original_generate: Callable[..., Any]) -> Callable[..., Any]:
     """Run ``IntervenableModel.generate`` inside :func:`positions.generation`, policies deciding.
 
@@ -484,7 +590,9 @@ def _generate_in_generation_context(original_generate: Callable[..., Any]) -> Ca
     ``intervene_on_prompt=False``, which with ``unit_locations=None`` silently skips the prompt
     pass and edits only position 0 of each decode step; when every intervention is an actedit one
     and the caller gave neither argument, actedit's position policies decide instead
-    (``intervene_on_prompt=True``).
+    (``intervene_on_prompt=True``). (3) Its per-hook bookkeeping (:func:`_direct_generation_hooks`):
+    when every edit is an actedit one and pyvene would pass each activation whole, the edits run
+    as plain torch hooks around ``model.generate`` and the call returns what pyvene's would.
     """
 
     @functools.wraps(original_generate)
@@ -498,7 +606,18 @@ def _generate_in_generation_context(original_generate: Callable[..., Any]) -> Ca
         ):
             kwargs["intervene_on_prompt"] = True
         with generation():
-            return original_generate(self, *args, **kwargs)
+            if not _direct_hooks_apply(self, args, kwargs):
+                return original_generate(self, *args, **kwargs)
+            base = args[0] if args else kwargs.pop("base")
+            want_original = bool(kwargs.pop("output_original_output", False))
+            kwargs = {k: v for k, v in kwargs.items() if k not in _PYVENE_ONLY_ARGUMENTS and k != "intervene_on_prompt"}
+            base_outputs = self.model.generate(**base, **kwargs) if want_original else None
+            handles = _direct_generation_hooks(self)
+            try:
+                return base_outputs, self.model.generate(**base, **kwargs)
+            finally:
+                for handle in handles:
+                    handle.remove()
 
     setattr(generate, _PATCHED, True)
     return generate

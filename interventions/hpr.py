@@ -294,12 +294,18 @@ class HPRIntervention(ActEditIntervention):
 
     def probe_logits(self, h: torch.Tensor) -> torch.Tensor:
         """wᵀh̃, shape ``h.shape[:-1]``."""
-        logits: torch.Tensor = self.probe(self.standardize(h))
-        return logits.squeeze(-1)
+        return self._probe_logits_of(self.standardize(h))
 
     def raw_angle(self, h: torch.Tensor) -> torch.Tensor:
         """π·σ(f(h̃)) ∈ (0, π), without α (what the loss trains)."""
-        return math.pi * torch.sigmoid(self.angle_net(self.standardize(h)).squeeze(-1))
+        return self._raw_angle_of(self.standardize(h))
+
+    def _probe_logits_of(self, standardized: torch.Tensor) -> torch.Tensor:
+        logits: torch.Tensor = self.probe(standardized)
+        return logits.squeeze(-1)
+
+    def _raw_angle_of(self, standardized: torch.Tensor) -> torch.Tensor:
+        return math.pi * torch.sigmoid(self.angle_net(standardized).squeeze(-1))
 
     def gate(self, h: torch.Tensor) -> Optional[torch.Tensor]:
         """The positions the probe marks negative (s = 0), which the edit rotates."""
@@ -322,7 +328,8 @@ class HPRIntervention(ActEditIntervention):
             # towards the positive side; a point on the hyperplane (wᵀh̃ = 0) is gated negative
             v = torch.where(wx > 0, -1.0, 1.0).to(h.dtype).unsqueeze(-1) * v
             t = theta.unsqueeze(-1)
-            return x_norm * (torch.cos(t) * u + torch.sin(t) * v) * scale
+            turned = x_norm * (torch.cos(t) * u + torch.sin(t) * v)
+            return turned if self._unit_rotation_scale() else turned * scale
         reflected = _householder(x, w, wx)
         cos = F.cosine_similarity(x, reflected, dim=-1).clamp(-COS_CLIP, COS_CLIP)
         theta_ref = torch.arccos(cos)
@@ -334,21 +341,40 @@ class HPRIntervention(ActEditIntervention):
         """x = h ⊘ c, the hyperplane's normal w in those coordinates, wᵀx, and c."""
         scale = self.rotation_scale.to(h.dtype)
         # the hyperplane wᵀ(h ⊘ s) = 0 in the coordinates h ⊘ c has the normal w ⊙ c ⊘ s
-        w = (self.probe.weight.reshape(-1) * self.rotation_scale / self.input_scale).to(h.dtype)
-        x = h / scale
+        inputs = (self.probe.weight, self.rotation_scale, self.input_scale)
+        w = self.derived(
+            f"normal {h.dtype}",
+            inputs,
+            lambda: (self.probe.weight.reshape(-1) * self.rotation_scale / self.input_scale).to(h.dtype),
+        )
+        x = h if self._unit_rotation_scale() else h / scale
         return x, w, x @ w, scale
+
+    def _unit_rotation_scale(self) -> bool:
+        """Whether c = 1 (``rotation_space="raw"``), where h ⊘ c and c ⊙ h are h itself (bit for
+        bit), checked once per value of c outside autograd; False while autograd records."""
+        if torch.is_grad_enabled():
+            return False
+        scale = self.rotation_scale
+        unit: bool = self.derived("unit rotation scale", (scale,), lambda: bool((scale == 1).all()))
+        return unit
 
     def reflect(self, h: torch.Tensor) -> torch.Tensor:
         """h′ = c ⊙ (x − 2 (wᵀx / ‖w‖²) w), x = h ⊘ c: the Householder reflection about the
         probe's hyperplane (−AnglePred's edit; norm-preserving in the rotation space)."""
         x, w, wx, scale = self._rotation_coordinates(h)
-        return _householder(x, w, wx) * scale
+        reflected = _householder(x, w, wx)
+        return reflected if self._unit_rotation_scale() else reflected * scale
 
     def edit(self, h: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         # compute in the parameters' precision (fp32 for a bf16 model, fp64 when trained in fp64)
         work = h.to(self.probe.weight.dtype)
-        keep = self.probe_logits(work) > 0  # s = round(σ(wᵀh)) = 1
-        moved = self.rotate(work, self.angle(work)) if bool(self.host("angle_prediction")) else self.reflect(work)
+        standardized = self.standardize(work)  # h̃, read by the probe and the angle net
+        keep = self._probe_logits_of(standardized) > 0  # s = round(σ(wᵀh)) = 1
+        if bool(self.host("angle_prediction")):
+            moved = self.rotate(work, self.alpha * self._raw_angle_of(standardized))  # θ̂ = α·π·σ(f(h̃))
+        else:
+            moved = self.reflect(work)
         return torch.where(keep.unsqueeze(-1), work, moved)
 
     # -------------------------------------------------------------------------------- loss

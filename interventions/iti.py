@@ -154,7 +154,9 @@ class ITIIntervention(ActEditIntervention):
         return per_head.reshape(-1)
 
     def edit(self, h: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-        return h + self.shift().to(h.dtype)
+        inputs = (self.alpha, self.sigmas, self.directions, self.head_mask)
+        shift: torch.Tensor = self.derived(f"shift {h.dtype}", inputs, lambda: self.shift().to(h.dtype))
+        return h + shift
 
     def o_proj_bias(self, o_proj_weight: torch.Tensor) -> torch.Tensor:
         """The o_proj bias W_o·δ equivalent to this edit at every position."""

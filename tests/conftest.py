@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import subprocess
@@ -17,8 +18,10 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers  # noqa: E402
 from transformers import PreTrainedTokenizerFast  # noqa: E402
 
-import actedit.interventions  # noqa: E402,F401  (applies the pyvene fixes)
+import actedit.interventions as ai  # noqa: E402  (importing it applies the pyvene fixes)
 from actedit.interventions.artifacts import save_artifact  # noqa: E402
+from actedit.interventions.compat import head_dim  # noqa: E402
+from actedit.interventions.edits import compose, edit_config, site_width  # noqa: E402
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "truthfulqa"
 
@@ -221,6 +224,50 @@ def assert_stock_reload(model, pvms, root: Path) -> None:
     assert results.pop("imported_by_pyvene")
     assert results.pop("above_core") == [], "a stock load imported modules above the core layer"
     assert results == {name: {"logits": True, "generate": True} for name in pvms}
+
+
+def every_method_edit(model):
+    """One config per method on a 3-layer tiny model (random contents, every layer edited by
+    some method) and their composition, keyed by :data:`EDIT_NAMES`."""
+    g = torch.Generator().manual_seed(0)
+    cfg = model.config
+    d, heads, hd = int(cfg.hidden_size), int(cfg.num_attention_heads), int(head_dim(cfg))
+    torch.manual_seed(1)
+    hpr = ai.build_hpr_config(model, [0, 1, 2])
+    for rep in hpr.representations:  # a random probe that splits activations both ways
+        torch.nn.init.normal_(rep.intervention.probe.weight, std=1.0)
+    width = site_width(model, "mlp_output")
+    sea = {}
+    for layer in (0, 2):
+        q, _ = torch.linalg.qr(torch.randn(width, 16, generator=g))
+        sea[layer] = (q[:, :8], q[:, 8:])
+    iti = {
+        layer: {
+            "directions": torch.nn.functional.normalize(torch.randn(heads, hd, generator=g), dim=-1),
+            "sigmas": torch.rand(heads, generator=g) + 0.5,
+            "heads": [0, heads - 1],
+        }
+        for layer in (1, 2)
+    }
+    diff = {}
+    for layer in (1, 2):
+        module = ai.DiffIntervention(embed_dim=d, alpha=1.0)
+        for p in module.net.parameters():
+            torch.nn.init.normal_(p, std=0.5, generator=g)
+        diff[layer] = module
+    edits = {
+        "hpr": hpr,
+        "sea": ai.build_sea_config(model, sea),
+        "iti": ai.build_iti_config(model, iti, alpha=15.0),
+        "caa": ai.build_caa_config(model, {2: torch.randn(d, generator=g)}, multiplier=2.0),
+        "actadd": ai.build_actadd_config(model, {1: torch.randn(3, d, generator=g)}),
+        "diff": edit_config(model, "diff", diff),
+    }
+    edits["composed"] = compose(*[copy.deepcopy(c) for c in edits.values()])
+    return edits
+
+
+EDIT_NAMES = ["hpr", "sea", "iti", "caa", "actadd", "diff", "composed"]
 
 
 @pytest.fixture(autouse=True, scope="session")

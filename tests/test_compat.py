@@ -12,7 +12,7 @@ import torch
 import actedit.interventions as ai
 from actedit.interventions import compat, load_artifact, save_artifact
 from actedit.interventions.edits import site_width
-from conftest import tiny_model
+from conftest import EDIT_NAMES, every_method_edit, tiny_model
 
 INPUTS = {"input_ids": torch.tensor([[1, 5, 6, 7, 8]])}
 
@@ -238,3 +238,56 @@ def test_gguf_load_options_ask_for_dequantised_weights():
         assert options["quantization_config"].dequantize is True
     else:  # 4.x always de-quantises
         assert options == {}
+
+
+# ------------------------------------------------------------------- generation hooks (fast path)
+def _generate_both_ways(pvm, batch, **kwargs):
+    """Greedy generation with scores through actedit's direct hooks and through pyvene's own."""
+    options = {"unit_locations": None, "intervene_on_prompt": True, "max_new_tokens": 4, "do_sample": False}
+    options.update(output_scores=True, return_dict_in_generate=True, pad_token_id=0, **kwargs)
+    with torch.inference_mode():
+        _, direct = pvm.generate(dict(batch), **options)
+        with compat.pyvene_generation_hooks():
+            _, reference = pvm.generate(dict(batch), **options)
+    return direct, reference
+
+
+@pytest.mark.parametrize("method", EDIT_NAMES)
+@pytest.mark.parametrize("use_cache", [True, False])
+def test_direct_generation_hooks_equal_pyvene_hooks(llama, padded_batch, method, use_cache):
+    """Every method and their composition, a left-padded batch, with and without KV cache: the
+    same tokens and bit-identical scores at every step as pyvene's hook callback."""
+    pvm = ai.intervenable(llama, every_method_edit(llama)[method])
+    direct, reference = _generate_both_ways(pvm, padded_batch, use_cache=use_cache)
+    assert torch.equal(direct.sequences, reference.sequences)
+    assert all(torch.equal(a, b) for a, b in zip(direct.scores, reference.scores, strict=True))
+    unedited = ai.intervenable(llama, ai.build_caa_config(llama, {0: torch.zeros(32)}))
+    _, plain = _generate_both_ways(unedited, padded_batch)
+    assert not all(torch.equal(a, b) for a, b in zip(direct.scores, plain.scores, strict=True)), "the edit did nothing"
+
+
+def test_direct_generation_hooks_bypass_pyvene_and_leave_no_hook(llama, padded_batch, monkeypatch):
+    pvm = ai.intervenable(llama, every_method_edit(llama)["composed"])
+    hooks_before = sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in llama.modules())
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("pyvene's hook callback was installed")
+
+    monkeypatch.setattr(pvm, "_intervention_setter", refuse)
+    pvm.generate(dict(padded_batch), unit_locations=None, intervene_on_prompt=True, max_new_tokens=2, pad_token_id=0)
+    pvm.generate(dict(padded_batch), max_new_tokens=2, pad_token_id=0)  # policies decide by default
+    assert sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in llama.modules()) == hooks_before
+    with pytest.raises(AssertionError, match="hook callback"):  # explicit unit locations: pyvene's path
+        pvm.generate(dict(padded_batch), unit_locations={"base": 0}, max_new_tokens=2, pad_token_id=0)
+
+
+def test_direct_generation_hooks_return_what_pyvene_returns(llama, padded_batch):
+    pvm = ai.intervenable(llama, every_method_edit(llama)["caa"])
+    options = {"unit_locations": None, "intervene_on_prompt": True, "max_new_tokens": 3, "pad_token_id": 0}
+    with torch.inference_mode():
+        direct = pvm.generate(dict(padded_batch), output_original_output=True, **options)
+        with compat.pyvene_generation_hooks():
+            reference = pvm.generate(dict(padded_batch), output_original_output=True, **options)
+        unedited = llama.generate(**padded_batch, max_new_tokens=3, pad_token_id=0)
+    assert torch.equal(direct[0], reference[0]) and torch.equal(direct[0], unedited)
+    assert torch.equal(direct[1], reference[1])

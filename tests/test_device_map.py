@@ -23,10 +23,9 @@ from actedit.data.truthfulqa import MCQuestion
 from actedit.eval import mc
 from actedit.interventions import devices
 from actedit.interventions.artifacts import load_artifact, save_artifact
-from actedit.interventions.compat import head_dim
-from actedit.interventions.edits import compose, edit_config, intervenable, interventions_of, site_width
+from actedit.interventions.edits import compose, intervenable, interventions_of
 from actedit.study.config import load_study
-from conftest import make_tokenizer, tiny_model, unavailable
+from conftest import EDIT_NAMES, every_method_edit, make_tokenizer, tiny_model, unavailable
 
 # embed_tokens and layers 1, 2 on disk (their parameters on ``meta`` between calls); layer 0,
 # the rotary embedding, the final norm and the head kept in memory on the CPU
@@ -78,50 +77,6 @@ def logits(model_or_pvm) -> torch.Tensor:
         return model_or_pvm(**INPUTS).logits
 
 
-def every_edit(model):
-    """One config per method (random contents, edits on the offloaded layers too) and their
-    composition."""
-    g = torch.Generator().manual_seed(0)
-    cfg = model.config
-    d, heads, hd = int(cfg.hidden_size), int(cfg.num_attention_heads), int(head_dim(cfg))
-    torch.manual_seed(1)
-    hpr = ai.build_hpr_config(model, [0, 1, 2])
-    for rep in hpr.representations:  # a random probe that splits activations both ways
-        torch.nn.init.normal_(rep.intervention.probe.weight, std=1.0)
-    width = site_width(model, "mlp_output")
-    sea = {}
-    for layer in (0, 2):
-        q, _ = torch.linalg.qr(torch.randn(width, 16, generator=g))
-        sea[layer] = (q[:, :8], q[:, 8:])
-    iti = {
-        layer: {
-            "directions": torch.nn.functional.normalize(torch.randn(heads, hd, generator=g), dim=-1),
-            "sigmas": torch.rand(heads, generator=g) + 0.5,
-            "heads": [0, heads - 1],
-        }
-        for layer in (1, 2)
-    }
-    diff = {}
-    for layer in (1, 2):
-        module = ai.DiffIntervention(embed_dim=d, alpha=1.0)
-        for p in module.net.parameters():
-            torch.nn.init.normal_(p, std=0.5, generator=g)
-        diff[layer] = module
-    edits = {
-        "hpr": hpr,
-        "sea": ai.build_sea_config(model, sea),
-        "iti": ai.build_iti_config(model, iti, alpha=15.0),
-        "caa": ai.build_caa_config(model, {2: torch.randn(d, generator=g)}, multiplier=2.0),
-        "actadd": ai.build_actadd_config(model, {1: torch.randn(3, d, generator=g)}),
-        "diff": edit_config(model, "diff", diff),
-    }
-    edits["composed"] = compose(*[copy.deepcopy(c) for c in edits.values()])
-    return edits
-
-
-METHODS = ["hpr", "sea", "iti", "caa", "actadd", "diff", "composed"]
-
-
 # ------------------------------------------------------------------------------------ loading
 def test_offloaded_layers_run_through_accelerate_hooks(plain, offloaded):
     model, _ = offloaded
@@ -151,10 +106,10 @@ def test_auto_device_map_on_a_cpu_only_machine(saved, plain):
 
 
 # ------------------------------------------------------------------------------------ editing
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("method", EDIT_NAMES)
 def test_every_edit_gives_identical_logits_with_offloaded_layers(plain, offloaded, method):
     base_model, offloaded_model = plain[0], offloaded[0]
-    config = every_edit(base_model)[method]
+    config = every_method_edit(base_model)[method]
     reference = intervenable(base_model, copy.deepcopy(config))
     edited = intervenable(offloaded_model, copy.deepcopy(config))
     placed = devices.place_interventions(edited)
@@ -173,7 +128,7 @@ def test_interventions_go_where_their_layer_computes(offloaded, plain, monkeypat
     layer1 = model.model.layers[1]
     hook = devices.accelerate_hooks(layer1)[0]
     monkeypatch.setattr(hook, "execution_device", torch.device("meta"))
-    config = compose(*[copy.deepcopy(every_edit(plain[0])[m]) for m in ("caa", "actadd", "hpr")])
+    config = compose(*[copy.deepcopy(every_method_edit(plain[0])[m]) for m in ("caa", "actadd", "hpr")])
     pvm = intervenable(model, config)
     for key in pvm.interventions:
         module = devices.hooked_module(pvm, key)
@@ -185,7 +140,7 @@ def test_plain_models_get_interventions_on_their_device(plain):
     """Without a device map every intervention goes where the model is (on a GPU model, an edit
     fitted on the CPU; the GPU check runs that case), and stays the same module."""
     assert not devices.is_dispatched(plain[0])
-    config = every_edit(plain[0])["caa"]
+    config = every_method_edit(plain[0])["caa"]
     module = config.representations[0].intervention
     pvm = intervenable(plain[0], config)
     assert interventions_of(pvm) == [module]
@@ -201,7 +156,7 @@ def test_plain_models_get_interventions_on_their_device(plain):
 @pytest.mark.parametrize("direction", ["plain_to_offloaded", "offloaded_to_plain"])
 def test_artifact_saved_on_one_placement_loads_on_the_other(plain, offloaded, tmp_path, direction):
     source, target = (plain[0], offloaded[0]) if direction == "plain_to_offloaded" else (offloaded[0], plain[0])
-    config = every_edit(plain[0])["composed"]
+    config = every_method_edit(plain[0])["composed"]
     pvm = intervenable(source, config)
     expected = logits(pvm)
     save_artifact(pvm, tmp_path / "edit")
@@ -236,7 +191,7 @@ QUESTIONS = [
 @pytest.mark.parametrize("mode", ["auto", "full"])
 def test_scorer_gives_the_same_scores_on_the_offloaded_model(plain, offloaded, mode):
     (base_model, tokenizer), offloaded_model = plain, offloaded[0]
-    config = every_edit(base_model)["composed"]
+    config = every_method_edit(base_model)["composed"]
     for left, right in [
         (base_model, offloaded_model),
         (intervenable(base_model, copy.deepcopy(config)), intervenable(offloaded_model, copy.deepcopy(config))),
@@ -250,7 +205,7 @@ def test_scorer_gives_the_same_scores_on_the_offloaded_model(plain, offloaded, m
 def test_generation_with_edits_on_the_offloaded_model(plain, offloaded):
     """Greedy generation (KV cache, a padded batch, decode steps through the offloaded layers)."""
     (base_model, tokenizer), offloaded_model = plain, offloaded[0]
-    config = every_edit(base_model)["composed"]
+    config = every_method_edit(base_model)["composed"]
     settings = GenerationSettings(max_new_tokens=6, batch_size=2, use_chat_template=False)
     prompts = ["Is the sky blue?", "The quick brown fox jumps over"]
     tokenizer.padding_side = "left"
@@ -308,7 +263,7 @@ def test_bfloat16_with_offloaded_layers(saved):
     assert {b.dtype for b in spread.buffers() if b.is_floating_point()} == {torch.bfloat16}
     assert weights_digest(whole) == weights_digest(spread)
     assert torch.equal(logits(whole), logits(spread))
-    config = every_edit(whole)["composed"]
+    config = every_method_edit(whole)["composed"]
     edited = []
     for model in (whole, spread):
         pvm = intervenable(model, copy.deepcopy(config))

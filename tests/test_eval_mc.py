@@ -28,6 +28,7 @@ from actedit.interventions import (
     intervenable,
     load_artifact,
     mark_answer_starts,
+    packing,
     save_artifact,
 )
 from actedit.interventions.edits import interventions_of
@@ -405,6 +406,29 @@ def test_loglikelihoods_generic_requests(model64, tokenizer):
             assert value == pytest.approx(expected, abs=ATOL)
     with pytest.raises(ValueError, match="mode"):
         mc.loglikelihoods(model64, tokenizer, requests, mode="fast")
+
+
+def test_packed_rows_leave_out_each_choice_last_token(model64, tokenizer, monkeypatch):
+    """A choice's last token predicts nothing scored: the packed rows hold every other token once
+    (the shared context once per request, each choice but its last token) and the scores stay
+    those of whole sequences, a one-token choice included."""
+    requests = [("Q: Is the sky blue?\nA:", [" Yes.", " The", " I have no comment."]), ("Q: What is 2+2?\nA:", [" 4."])]
+    fed = []
+
+    def counting(trees, *args, **kwargs):
+        batches = packing.pack_trees(trees, *args, **kwargs)
+        fed.extend(int(batch.real.sum()) for batch in batches)
+        return batches
+
+    monkeypatch.setattr(mc, "pack_trees", counting)
+    packed = mc.loglikelihoods(model64, tokenizer, requests)
+    full = mc.loglikelihoods(model64, tokenizer, requests, mode="full")
+    encoded = [mc.encode_pair(tokenizer, ctx, conts[0], None)[0] for ctx, conts in requests]
+    shared = min(packing.common_prefix_length(encoded), min(len(ctx) for ctx in encoded) - 1)
+    choices = [mc.encode_pair(tokenizer, ctx, cont, None)[1] for ctx, conts in requests for cont in conts]
+    assert min(len(c) for c in choices) == 1
+    assert sum(fed) == sum(len(ctx) - shared for ctx in encoded) + sum(len(c) - 1 for c in choices)
+    np.testing.assert_allclose(np.concatenate(packed), np.concatenate(full), atol=ATOL)
 
 
 # ------------------------------------------------------------------- several models together
