@@ -3,6 +3,7 @@
 Usage:
   python benchmarks/bench_generation.py [--model smollm2-135m-instruct] [--batch-sizes 1,8]
          [--new-tokens 32] [--repeats 9] [--artifacts runs/default/artifacts] [--json OUT]
+         [--reference-hooks sea,iti,composed]
 
 Greedy decoding with the KV cache, ``min_new_tokens = max_new_tokens`` so every run produces the
 same number of tokens. Rows are measured side by side in one process, in rounds: each round runs
@@ -10,11 +11,15 @@ every row once, in a shuffled order (seeded). The table shows each row's best ro
 plain generate's best round (noise on a shared machine only slows a run down) and, beside it, the
 median and quartiles of the paired ratios (a row's time over plain generate's in the same round).
 On a shared 2-core VM single runs of the same call spread by up to ±15 %: read a difference
-smaller than the quartile range as noise. Rows:
+smaller than the quartile range as noise. The last column, measured on one more run of each edited
+row, is the share of that run spent inside the edit modules' forward calls (noise slows both
+alike): the edits' own cost, without the hook that calls them. Rows:
 
 * ``plain generate``: ``model.generate``;
 * ``pyvene, no edit``: ``IntervenableModel.generate`` with an empty ``IntervenableConfig`` when
   pyvene accepts one, else a zero CAA vector at layer 0 (then labelled so);
+* with ``--reference-hooks sea,iti``: those rows again through pyvene's own hook callback
+  (``actedit.interventions.compat.pyvene_generation_hooks``), the path actedit replaces;
 * one row per method and a composed row: the artifacts of a study (``--artifacts``, e.g.
   ``runs/default/artifacts``), or, without them, edits built with the study's default settings
   and random contents (the cost of an edit does not depend on its fitted values): HPR on 5
@@ -48,6 +53,9 @@ PROMPTS = [
     "What percentage of the brain does a human typically use?",
     "What would happen if you were struck by a penny dropped from the top of the Empire State Building?",
 ]
+
+
+REFERENCE_SUFFIX = ", pyvene's hook callback"
 
 
 def synthetic_edits(model) -> Dict[str, object]:
@@ -92,12 +100,46 @@ def synthetic_edits(model) -> Dict[str, object]:
     return edits
 
 
+def share_inside_edits(pvm, run, batch) -> float:
+    """The share of one generation's wall time spent inside the edit modules' forward calls.
+
+    Noise on a shared machine slows the edits and the rest of the run alike, so this share stays
+    put where the timed ratios scatter; an edit costs about share / (1 − share) of plain generate.
+    """
+    spent = [0.0]
+    started: Dict[int, float] = {}
+
+    def before(module, args):
+        started[id(module)] = time.perf_counter()
+
+    def after(module, args, output):
+        spent[0] += time.perf_counter() - started.pop(id(module))
+
+    handles = []
+    for module in pvm.interventions.values():
+        handles += [module.register_forward_pre_hook(before), module.register_forward_hook(after)]
+    try:
+        with torch.inference_mode():
+            t0 = time.perf_counter()
+            run(batch)
+            total = time.perf_counter() - t0
+    finally:
+        for handle in handles:
+            handle.remove()
+    return spent[0] / total
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     parser.add_argument("--model", default="smollm2-135m-instruct")
     parser.add_argument("--batch-sizes", default="1,8")
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=9, help="rounds (each runs every row once)")
+    parser.add_argument(
+        "--reference-hooks",
+        default="",
+        help="comma-separated rows (e.g. sea,iti) also timed through pyvene's own hook callback",
+    )
     parser.add_argument("--artifacts", default=None, help="a study's artifacts directory (default: synthetic edits)")
     parser.add_argument("--json", default="runs/bench_generation.json")
     args = parser.parse_args()
@@ -109,6 +151,7 @@ def main() -> None:
     import actedit.interventions as ai
     from actedit.data.generate import encode_left_padded
     from actedit.data.models import load_model
+    from actedit.interventions.compat import pyvene_generation_hooks
 
     model, tok = load_model(args.model)
     model.eval()
@@ -135,10 +178,19 @@ def main() -> None:
     def runner(name):
         if name == "plain generate":
             return lambda batch: model.generate(**batch, **gen)
+        if name.endswith(REFERENCE_SUFFIX):
+            pvm = edits[name[: -len(REFERENCE_SUFFIX)]]
+
+            def through_pyvene(batch):
+                with pyvene_generation_hooks():
+                    return pvm.generate(batch, unit_locations=None, intervene_on_prompt=True, **gen)[1]
+
+            return through_pyvene
         pvm = edits_noop if name == noop_label else edits[name]
         return lambda batch: pvm.generate(batch, unit_locations=None, intervene_on_prompt=True, **gen)[1]
 
     names = ["plain generate", noop_label] + list(edits)
+    names += [name + REFERENCE_SUFFIX for name in args.reference_hooks.split(",") if name]
     results = []
     for bs in [int(x) for x in args.batch_sizes.split(",")]:
         prompts = (PROMPTS * ((bs + len(PROMPTS) - 1) // len(PROMPTS)))[:bs]
@@ -154,6 +206,7 @@ def main() -> None:
                     out = runner(name)(batch)
                     seconds[name].append(time.perf_counter() - t0)
                     assert out.shape[1] - batch["input_ids"].shape[1] == args.new_tokens
+        inside = {name: share_inside_edits(edits[name], runner(name), batch) for name in names if name in edits}
         plain = seconds["plain generate"]
         for name in names:
             ratios = [t / p for t, p in zip(seconds[name], plain, strict=True)]
@@ -166,6 +219,7 @@ def main() -> None:
                     "time_vs_plain": round(min(seconds[name]) / min(plain), 3),
                     "paired_ratio_quartiles": [round(q, 3) for q in statistics.quantiles(ratios, n=4)],
                     "rounds_s": [round(t, 4) for t in seconds[name]],
+                    "share_inside_edits": round(inside[name], 4) if name in inside else None,
                 }
             )
 
@@ -184,14 +238,15 @@ def main() -> None:
     )
     print(
         f"| batch | row | tokens/s (best of {args.repeats}) | time vs plain (best rounds) "
-        "| paired ratios: median (quartiles) |"
+        "| paired ratios: median (quartiles) | time inside the edits |"
     )
-    print("|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|")
     for r in results:
         low, median, high = r["paired_ratio_quartiles"]
+        share = "–" if r["share_inside_edits"] is None else f"{100 * r['share_inside_edits']:.1f} %"
         print(
             f"| {r['batch_size']} | {r['row']} | {r['tokens_per_s']:.1f} | {r['time_vs_plain']:.3f}× | "
-            f"{median:.3f}× ({low:.3f}–{high:.3f}) |"
+            f"{median:.3f}× ({low:.3f}–{high:.3f}) | {share} |"
         )
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps({"environment": env, "results": results}, indent=1))
