@@ -92,11 +92,7 @@ class ActEditIntervention(pv.SourcelessIntervention, pv.TrainableIntervention): 
         tensor: torch.Tensor = getattr(self, name)
         if tensor.is_inference():  # built under torch.inference_mode: no version to key on
             return tensor.item()
-        cache: Dict[str, Tuple[torch.Tensor, int, Any]] = self.__dict__.setdefault("_host_values", {})
-        hit = cache.get(name)
-        if hit is None or hit[0] is not tensor or hit[1] != tensor._version:
-            hit = cache[name] = (tensor, tensor._version, tensor.item())  # holding the tensor keeps its id unique
-        return hit[2]
+        return self._kept(f"setting {name}", (tensor,), tensor.item)
 
     def derived(self, name: str, inputs: Tuple[torch.Tensor, ...], compute: Callable[[], Any]) -> Any:
         """``compute()``, a value made from this module's tensors ``inputs`` only (ITI's shift δ,
@@ -110,17 +106,22 @@ class ActEditIntervention(pv.SourcelessIntervention, pv.TrainableIntervention): 
         say anything else ``compute`` reads (a dtype, a device)."""
         if torch.is_grad_enabled() or any(t.is_inference() or t.requires_grad for t in inputs):
             return compute()
+        return self._kept(f"derived {name}", inputs, compute)
+
+    def _kept(self, slot: str, inputs: Tuple[torch.Tensor, ...], compute: Callable[[], Any]) -> Any:
+        """``compute()``, kept in ``slot`` while each of ``inputs`` is the same tensor at the same
+        version (the cache holds the tensors, so their ids stay unique)."""
         key = tuple((t, t._version) for t in inputs)
         cache: Dict[str, Tuple[Tuple[Tuple[torch.Tensor, int], ...], Any]] = self.__dict__.setdefault(
-            "_derived_values", {}
+            "_kept_values", {}
         )
-        hit = cache.get(name)
+        hit = cache.get(slot)
         if (
             hit is None
             or len(hit[0]) != len(key)
             or any(a is not b or u != v for (a, u), (b, v) in zip(hit[0], key, strict=True))
         ):
-            hit = cache[name] = (key, compute())
+            hit = cache[slot] = (key, compute())
         return hit[1]
 
     @property

@@ -491,27 +491,22 @@ def pyvene_generation_hooks() -> Iterator[None]:
         _REFERENCE_HOOKS.on = previous
 
 
-def _first_tensor(value: Any) -> Optional[torch.Tensor]:
-    if isinstance(value, torch.Tensor):
-        return value
-    if isinstance(value, (tuple, list)) and value and isinstance(value[0], torch.Tensor):
-        return value[0]
-    return None
-
-
 def _direct_output_hook(intervention: ActEditIntervention) -> Callable[..., Any]:
+    """The edit of a module's output, where pyvene's callback reads it: the first element of a
+    tuple, the first entry of a dict (edited in place there, as pyvene writes it), else the output."""
+
     def hook(module: torch.nn.Module, args: Tuple[Any, ...], kwargs: Dict[str, Any], output: Any) -> Any:
-        target = _first_tensor(output)
-        if target is None:  # a dict or model output: edit its first entry in place, as pyvene does
-            target = output[next(iter(output.keys()))]
+        if isinstance(output, tuple):
+            edited = intervention(output[0])
+            return None if edited is output[0] else (edited, *output[1:])
+        if isinstance(output, dict):
+            target = output[next(iter(output))]
             edited = intervention(target)
             if edited is not target:
                 target[:] = edited
             return None
-        edited = intervention(target)
-        if edited is target:
-            return None
-        return edited if isinstance(output, torch.Tensor) else (edited, *output[1:])
+        edited = intervention(output)
+        return None if edited is output else edited
 
     return hook
 
@@ -564,6 +559,11 @@ _PYVENE_ONLY_ARGUMENTS = (
 _HOOK_REGISTRARS = ("register_forward_hook", "register_forward_pre_hook")
 
 
+def _only_actedit_edits(pvm: Any) -> bool:
+    """Whether ``pvm`` holds interventions and every one is an actedit one."""
+    return len(pvm.interventions) > 0 and all(isinstance(i, ActEditIntervention) for i in pvm.interventions.values())
+
+
 def _direct_hooks_apply(pvm: Any, args: Tuple[Any, ...], kwargs: Mapping[str, Any]) -> bool:
     """Whether a ``generate`` call hands every hooked activation whole to actedit edits."""
     return (
@@ -575,8 +575,7 @@ def _direct_hooks_apply(pvm: Any, args: Tuple[Any, ...], kwargs: Mapping[str, An
         and not pvm.as_adaptor
         and not pvm._intervention_reverse_link
         and not pvm.return_collect_activations
-        and len(pvm.interventions) > 0
-        and all(isinstance(i, ActEditIntervention) for i in pvm.interventions.values())
+        and _only_actedit_edits(pvm)
         and all(getattr(h, "__name__", "") in _HOOK_REGISTRARS for h in pvm.intervention_hooks.values())
     )
 
@@ -601,8 +600,7 @@ def _generate_in_generation_context(original_generate: Callable[..., Any]) -> Ca
             "unit_locations" not in kwargs
             and "intervene_on_prompt" not in kwargs
             and len(args) <= 1
-            and len(self.interventions) > 0
-            and all(isinstance(i, ActEditIntervention) for i in self.interventions.values())
+            and _only_actedit_edits(self)
         ):
             kwargs["intervene_on_prompt"] = True
         with generation():

@@ -173,6 +173,11 @@ def _householder(x: torch.Tensor, w: torch.Tensor, wx: torch.Tensor) -> torch.Te
     return x - (2 * wx / (w @ w)).unsqueeze(-1) * w
 
 
+def _scaled_back(x: torch.Tensor, scale: Optional[torch.Tensor]) -> torch.Tensor:
+    """c ⊙ x, back from the rotation space (x itself when c = 1: ``scale`` None)."""
+    return x if scale is None else x * scale
+
+
 def _angle_net(d: int, hidden: Sequence[int]) -> nn.Sequential:
     layers: List[nn.Module] = []
     width = d
@@ -328,18 +333,20 @@ class HPRIntervention(ActEditIntervention):
             # towards the positive side; a point on the hyperplane (wᵀh̃ = 0) is gated negative
             v = torch.where(wx > 0, -1.0, 1.0).to(h.dtype).unsqueeze(-1) * v
             t = theta.unsqueeze(-1)
-            turned = x_norm * (torch.cos(t) * u + torch.sin(t) * v)
-            return turned if self._unit_rotation_scale() else turned * scale
+            return _scaled_back(x_norm * (torch.cos(t) * u + torch.sin(t) * v), scale)
         reflected = _householder(x, w, wx)
         cos = F.cosine_similarity(x, reflected, dim=-1).clamp(-COS_CLIP, COS_CLIP)
         theta_ref = torch.arccos(cos)
         beta1 = torch.sin(theta) / torch.sin(theta_ref)
         beta2 = torch.sin(theta_ref - theta) / torch.sin(theta_ref)
-        return (beta1.unsqueeze(-1) * reflected + beta2.unsqueeze(-1) * x) * scale
+        return _scaled_back(beta1.unsqueeze(-1) * reflected + beta2.unsqueeze(-1) * x, scale)
 
-    def _rotation_coordinates(self, h: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """x = h ⊘ c, the hyperplane's normal w in those coordinates, wᵀx, and c."""
-        scale = self.rotation_scale.to(h.dtype)
+    def _rotation_coordinates(
+        self, h: torch.Tensor
+    ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+        """x = h ⊘ c, the hyperplane's normal w in those coordinates, wᵀx, and c (None when c = 1,
+        where h ⊘ c and c ⊙ h are h itself, bit for bit; see :func:`_scaled_back`)."""
+        scale = None if self._unit_rotation_scale() else self.rotation_scale.to(h.dtype)
         # the hyperplane wᵀ(h ⊘ s) = 0 in the coordinates h ⊘ c has the normal w ⊙ c ⊘ s
         inputs = (self.probe.weight, self.rotation_scale, self.input_scale)
         w = self.derived(
@@ -347,12 +354,12 @@ class HPRIntervention(ActEditIntervention):
             inputs,
             lambda: (self.probe.weight.reshape(-1) * self.rotation_scale / self.input_scale).to(h.dtype),
         )
-        x = h if self._unit_rotation_scale() else h / scale
+        x = h if scale is None else h / scale
         return x, w, x @ w, scale
 
     def _unit_rotation_scale(self) -> bool:
-        """Whether c = 1 (``rotation_space="raw"``), where h ⊘ c and c ⊙ h are h itself (bit for
-        bit), checked once per value of c outside autograd; False while autograd records."""
+        """Whether c = 1 (``rotation_space="raw"``), checked once per value of c outside
+        autograd; False while autograd records."""
         if torch.is_grad_enabled():
             return False
         scale = self.rotation_scale
@@ -363,8 +370,7 @@ class HPRIntervention(ActEditIntervention):
         """h′ = c ⊙ (x − 2 (wᵀx / ‖w‖²) w), x = h ⊘ c: the Householder reflection about the
         probe's hyperplane (−AnglePred's edit; norm-preserving in the rotation space)."""
         x, w, wx, scale = self._rotation_coordinates(h)
-        reflected = _householder(x, w, wx)
-        return reflected if self._unit_rotation_scale() else reflected * scale
+        return _scaled_back(_householder(x, w, wx), scale)
 
     def edit(self, h: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         # compute in the parameters' precision (fp32 for a bf16 model, fp64 when trained in fp64)

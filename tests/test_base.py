@@ -88,12 +88,12 @@ def test_hpr_edit_follows_its_probe_and_trains_through_the_cache():
         module.probe.weight.mul_(-1.0)  # in place, as an optimizer step
         after = module.edit(h)
         fresh = copy.deepcopy(module)
-        fresh.__dict__.pop("_derived_values", None)
+        fresh.__dict__.pop("_kept_values", None)
         assert torch.equal(after, fresh.edit(h)) and not torch.equal(before, after)
         scale = torch.linspace(0.5, 2.0, 8)  # no longer the identity: h ⊘ c is computed again
         module.rotation_scale.copy_(scale)
         fresh.rotation_scale.copy_(scale)
-        fresh.__dict__.pop("_derived_values", None)
+        fresh.__dict__.pop("_kept_values", None)
         assert torch.equal(module.edit(h), fresh.edit(h)) and not torch.equal(module.edit(h), after)
     module.rotate(h, torch.full((16,), 0.5)).sum().backward()  # autograd: computed afresh, with a graph
     assert module.probe.weight.grad is not None and module.probe.weight.grad.abs().sum() > 0
@@ -104,5 +104,5 @@ def test_hpr_edit_follows_its_probe_and_trains_through_the_cache():
     assert not torch.equal(module.probe.weight.detach(), trained)
     with torch.no_grad():
         fresh = copy.deepcopy(module)
-        fresh.__dict__.pop("_derived_values", None)
+        fresh.__dict__.pop("_kept_values", None)
         assert torch.equal(module.edit(h), fresh.edit(h)), f"stale after an optimizer step (version {version})"
