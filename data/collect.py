@@ -366,8 +366,7 @@ class _CollectionRunner:
                         if p < n_trunk:
                             at = (trunk_row, trunk_col + p)
                         else:
-                            row, col = batch.branch_at[k][b]
-                            at = (row, col + p - n_trunk)
+                            at = (trunk_row, batch.branch_columns[k][b][p - n_trunk])
                         if at not in read_at:  # a trunk token read by several sequences runs once
                             read_at[at] = len(rows)
                             rows.append(at[0])

@@ -14,7 +14,7 @@ are equal unless two choices tie to that rounding.
 
 from __future__ import annotations
 
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, cast
 
 from actedit.data.distributed import all_gather_objects, shard_of, world
 from actedit.data.tasks import TaskSpec, task_spec
@@ -26,7 +26,7 @@ def merge_results(parts: Sequence[MCResult], task: Any) -> MCResult:
     """One :class:`~actedit.eval.mc.MCResult` from the results of consecutive blocks of questions:
     the records concatenated in order, the task's metrics and stderr over all of them, the
     longest block's seconds (the processes ran side by side), the first block's protocol with
-    the total number of questions and the shortest shared prefix."""
+    the total number of questions, the shortest shared prefix and the tokens fed by all blocks."""
     parts = list(parts)
     if not parts:
         raise ValueError("merge_results needs at least one result.")
@@ -39,6 +39,9 @@ def merge_results(parts: Sequence[MCResult], task: Any) -> MCResult:
     known = [x for x in prefixes if isinstance(x, int)]
     if known and len(known) == len(prefixes):
         protocol["shared_prefix_tokens"] = min(known)
+    fed = [p.protocol.get("tokens_fed") for p in parts]
+    if all(isinstance(x, int) for x in fed):
+        protocol["tokens_fed"] = sum(cast(int, x) for x in fed)
     if len(parts) > 1:
         protocol["processes"] = len(parts)
     return MCResult(

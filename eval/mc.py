@@ -33,13 +33,17 @@ full forward each, to float rounding):
    context tokens and all its distinct choices are laid out one after another in rows of up to
    512 tokens, several questions per row, with a block attention mask (a choice sees the primer,
    its question's context and itself) and explicit position ids
-   (:mod:`actedit.interventions.packing`). No padding, no per-row cache copies, big matrix products;
+   (:mod:`actedit.interventions.packing`). No padding, no per-row cache copies, big matrix products.
+   A question's choices are laid out as a token trie: leading tokens several choices share run
+   once (a quarter of TruthfulQA's choice tokens), and each choice's last token is left out (it
+   predicts nothing that is scored; lm-eval drops it too);
 3. ``mode="full"`` (the reference): one full forward per scored sequence, the choices of a
    question in right-padded batches. It is also the fallback where packing is not possible and
    where the edits need whole sequences (below);
 4. the vocabulary projection (the model's output-embedding module) is applied only to the
-   positions whose log-probabilities are needed: a forward pre-hook on that module gathers them,
-   so models that post-process logits (soft-capping, scaling) keep doing so.
+   positions whose log-probabilities are needed, each once (choices sharing leading tokens are
+   predicted from the same positions): a forward pre-hook on that module gathers them, so models
+   that post-process logits (soft-capping, scaling) keep doing so.
 
 pyvene: a ``pyvene.IntervenableModel`` is called through its own forward
 (``pvm(base, unit_locations=None)``), so interventions run exactly as in any pyvene call. actedit
@@ -238,6 +242,7 @@ class _ScoringRunner:
         self._gather: Optional[Tuple[torch.Tensor, torch.Tensor]] = None
         self._gathered_in_head = False
         self._handles: list = []
+        self.tokens_fed = 0  # real (non-padding) tokens given to the model, over every forward call
 
     # hooks ---------------------------------------------------------------------------------
     def _head_pre_hook(self, module, args):
@@ -278,12 +283,16 @@ class _ScoringRunner:
         rows: torch.Tensor,
         cols: torch.Tensor,
         targets: torch.Tensor,
+        target_rows: Optional[torch.Tensor] = None,
         prompt_lengths: Sequence[int] = (),
         answer_starts: Sequence[int] = (),
         position_ids: Optional[torch.Tensor] = None,
         packed: Optional[Tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = None,
     ):
-        """One forward call; returns (log-probs of ``targets`` at (rows, cols), cache).
+        """One forward call; returns (log-probs of ``targets``, cache).
+
+        The logits are computed at the positions ``(rows, cols)``; target ``i`` is predicted at
+        position ``target_rows[i]`` of them (default: position ``i``).
 
         ``packed``: per-token (positions, prompt lengths, answer starts) of packed rows, given
         instead of ``prompt_lengths``/``answer_starts`` (see :func:`mark_packed`).
@@ -298,9 +307,13 @@ class _ScoringRunner:
         if position_ids is not None:
             base["position_ids"] = position_ids.to(self.device)
         rows, cols, targets = rows.to(self.device), cols.to(self.device), targets.to(self.device)
+        if target_rows is None:
+            target_rows = torch.arange(len(targets))
+        target_rows = target_rows.to(self.device)
         self._gather = (rows, cols)
         self._gathered_in_head = False
         marks: contextlib.AbstractContextManager[Any]
+        self.tokens_fed += int((packed[0] >= 0).sum()) if packed is not None else int(attention_mask.sum())
         if packed is not None:  # per-token positions of packed rows
             marks = mark_packed(*packed)
         else:  # positions are those of the whole scored sequence, as in one plain forward
@@ -329,12 +342,14 @@ class _ScoringRunner:
         # by blocks of rows: one block's logits stay in cache through logsumexp's passes
         # (max, subtract, exp, sum), faster than one call over all rows
         normaliser = torch.cat([torch.logsumexp(block, dim=-1) for block in logits.split(LOGSUMEXP_ROWS)])
-        picked = logits.gather(-1, targets.view(-1, 1)).squeeze(-1).double() - normaliser.double()
+        picked = logits[target_rows, targets].double() - normaliser[target_rows].double()
         return picked, compat.returned_cache(output)
 
 
-LOGSUMEXP_ROWS = 128
-"""Rows of logits per logsumexp call (128 rows of a 49,152-token vocabulary in fp32 are 25 MB)."""
+LOGSUMEXP_ROWS = 16
+"""Rows of logits per logsumexp call (16 rows of a 49,152-token vocabulary in fp32 are 3 MB: the
+temporaries stay in cache and below the allocator's mmap threshold, where 25 MB blocks paid a page
+fault per page at every call)."""
 
 CALL_COST_TOKENS = 8
 """Fixed cost of one extra forward call (cache copy, Python overhead), in padded-token units;
@@ -453,7 +468,7 @@ def loglikelihoods_many(
     Args:
         models: name → model, pyvene model or PEFT model, scored in this order.
         info: if given, filled per name with what was done (mode, shared prefix length, BOS,
-            seconds spent in that model's forward calls, layers skipped).
+            seconds spent in that model's forward calls, layers skipped, tokens fed).
         share_lower_layers: reuse the plain model's lower layers for the edits (see above).
         Others: as in :func:`loglikelihoods`.
 
@@ -528,6 +543,7 @@ def loglikelihoods_many(
     bar.close()
     for name in models:
         info[name]["shared_prefix_tokens"] = prefix_len if modes[name] == "packed" else 0
+        info[name]["tokens_fed"] = runners[name].tokens_fed
     return results
 
 
@@ -611,7 +627,7 @@ def _score_packed_models(
     # A choice's last token predicts nothing that is scored and no other token sees it (lm-eval
     # drops it too): each branch holds the choice without its last token.
     trees = [Tree(ctx[prefix_len:], [cont[:-1] for cont in conts], offset=prefix_len) for ctx, conts in encoded]
-    for batch in pack_trees(trees, pack_tokens, pad_id=pad):
+    for batch in pack_trees(trees, pack_tokens, pad_id=pad, share_prefixes=True):
         group = [encoded[i] for i in batch.trees]
         call = _packed_call(batch, group, prefix_len)  # laid out once, used by every model
         kept: Dict[int, Any] = {}
@@ -635,7 +651,8 @@ def _score_packed_models(
 class _PackedCall:
     """What one packed forward needs besides the model: the same for every model scored on it.
 
-    ``rows``/``cols``/``targets``: where each continuation token is predicted; ``positions``,
+    ``rows``/``cols``: the positions whose logits are needed, each once; ``targets``: every
+    continuation token, predicted at position ``target_rows`` of them; ``positions``,
     ``prompt``, ``answer``: per-token marks for the position policies (:func:`mark_packed`);
     ``masks``: the attention mask per model dtype, built on first use.
     """
@@ -644,6 +661,7 @@ class _PackedCall:
     rows: torch.Tensor
     cols: torch.Tensor
     targets: torch.Tensor
+    target_rows: torch.Tensor
     positions: torch.Tensor
     prompt: torch.Tensor
     answer: torch.Tensor
@@ -665,9 +683,17 @@ def _packed_call(
     token for j = 0, else the choice's own token j - 1; the branches hold each choice without its
     last token (:func:`_score_packed_models`). Positions for the interventions are those of each
     scored sequence (context + choice), as in one plain forward: the prompt is the whole scored
-    sequence and the answer starts at the context length.
+    sequence and the answer starts at the context length. A token that several choices share
+    (the trie of :func:`~actedit.interventions.packing.pack_trees`) is marked with the prompt
+    length of the last of them; every position policy decides the same for each, since no fed
+    token is among the last two of its sequence (``prompt``: all fed tokens; ``generated``,
+    ``last``, ``from_position`` -1: none; ``answer`` reads the answer start, the same for all).
     """
-    rows, cols, targets = [], [], []
+    rows: List[int] = []
+    cols: List[int] = []
+    targets: List[int] = []
+    target_rows: List[int] = []
+    position_of: Dict[Tuple[int, int], int] = {}
     answer = torch.zeros(batch.shape, dtype=torch.long)
     prompt = torch.zeros(batch.shape, dtype=torch.long)
     for k, (ctx, conts) in enumerate(requests):
@@ -676,17 +702,30 @@ def _packed_call(
         answer[r, c : c + n_own] = len(ctx)
         prompt[r, c : c + n_own] = len(ctx) + 1
         last_ctx = c + n_own - 1
-        for (br, bc), tokens in zip(batch.branch_at[k], conts, strict=True):
-            fed = max(len(tokens) - 1, 0)
-            answer[br, bc : bc + fed] = len(ctx)
-            prompt[br, bc : bc + fed] = len(ctx) + len(tokens)
+        for columns, tokens in zip(batch.branch_columns[k], conts, strict=True):
+            answer[r, columns] = len(ctx)
+            prompt[r, columns] = len(ctx) + len(tokens)
             for j, token in enumerate(tokens):
-                rows.append(br)
-                cols.append(last_ctx if j == 0 else bc + j - 1)
+                at = (r, last_ctx if j == 0 else columns[j - 1])
+                if at not in position_of:
+                    position_of[at] = len(rows)
+                    rows.append(at[0])
+                    cols.append(at[1])
+                target_rows.append(position_of[at])
                 targets.append(token)
     positions = torch.where(batch.real, batch.position_ids, torch.full_like(batch.position_ids, -1))
     as_long = lambda values: torch.tensor(values, dtype=torch.long)  # noqa: E731
-    return _PackedCall(batch, as_long(rows), as_long(cols), as_long(targets), positions, prompt, answer, past_length)
+    return _PackedCall(
+        batch,
+        as_long(rows),
+        as_long(cols),
+        as_long(targets),
+        as_long(target_rows),
+        positions,
+        prompt,
+        answer,
+        past_length,
+    )
 
 
 def _score_packed(
@@ -706,6 +745,7 @@ def _score_packed(
         rows=call.rows,
         cols=call.cols,
         targets=call.targets,
+        target_rows=call.target_rows,
         position_ids=batch.position_ids,
         packed=(call.positions, call.prompt, call.answer),
     )
@@ -897,6 +937,7 @@ def _result(
         "mode": info.get("mode"),
         "full_sequence_reasons": info.get("full_sequence_reasons", []),
         "shared_prefix_tokens": info.get("shared_prefix_tokens"),
+        "tokens_fed": info.get("tokens_fed"),
         "shared_lower_layers": info.get("skipped_layers", 0),
         "n_questions": len(records),
         "model": _model_name(model_or_pvm),

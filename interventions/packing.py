@@ -13,7 +13,11 @@ and gives the model a 4-D attention mask in which a token sees
 * the earlier tokens of its own tree's trunk, and
 * the earlier tokens of its own branch,
 
-with explicit ``position_ids`` that continue each trunk into each of its branches. Every token's
+with explicit ``position_ids`` that continue each trunk into each of its branches. With
+``share_prefixes`` the branches of a tree are laid out as a token trie: leading tokens several
+branches share (TruthfulQA's " No, ", " The ") run once, and a token sees its ancestors in the
+trie. Each tree is laid out depth-first, so a token's descendants are exactly the columns from it
+to its ``subtree_end``, and the mask is ``key ≤ query < subtree_end[key]``. Every token's
 hidden states are therefore those of the plain sequence ``cache + trunk + branch`` (to float
 rounding: the sums run over a different set of masked entries). No padding and no copies of a
 KV cache: README's benchmarks (``benchmarks/bench_scoring.py --compare-modes``,
@@ -82,20 +86,22 @@ class PackedBatch:
     Attributes:
         input_ids, position_ids: ``(rows, width)``; padding has id ``pad_id`` and position 0.
         tree: ``(rows, width)`` index (into :attr:`trees`) of each token's tree; -1 for padding.
-        branch: ``(rows, width)`` branch of each token; -1 for trunk tokens, -2 for padding.
+        subtree_end: ``(rows, width)`` the column after the last token that sees this one (its
+            descendants in the layout); ``column + 1`` for padding.
         trees: the indices of the packed trees in the list given to :func:`pack_trees`.
         trunk_at: ``(row, column)`` of each tree's first trunk token (column of where it would
-            start when the trunk is empty).
-        branch_at: per tree, ``(row, column)`` of each branch's first token.
+            start when the trunk is empty); the whole tree lies in that row.
+        branch_columns: per tree, per branch, the column of each of the branch's tokens (shared
+            leading tokens have the same columns in several branches with ``share_prefixes``).
     """
 
     input_ids: torch.Tensor
     position_ids: torch.Tensor
     tree: torch.Tensor
-    branch: torch.Tensor
+    subtree_end: torch.Tensor
     trees: List[int] = field(default_factory=list)
     trunk_at: List[Tuple[int, int]] = field(default_factory=list)
-    branch_at: List[List[Tuple[int, int]]] = field(default_factory=list)
+    branch_columns: List[List[List[int]]] = field(default_factory=list)
 
     @property
     def shape(self) -> Tuple[int, int]:
@@ -111,26 +117,75 @@ class PackedBatch:
     ) -> torch.Tensor:
         """The additive ``(rows, 1, width, past_length + width)`` mask (0 = attend, dtype min = not).
 
-        Cached positions are visible to every real token; a padding token sees only itself (a
-        row with nothing visible would give NaN in attention). ``dtype`` is the model's; a
-        non-floating one (quantised weights) gives a float32 mask.
+        Query ``q`` sees key ``k`` of its row when ``k ≤ q < subtree_end[k]`` (``k`` is ``q`` or
+        one of its ancestors: its tree's trunk before it, its branch before it). Cached positions
+        are visible to every real token; a padding token sees only itself (a row with nothing
+        visible would give NaN in attention). ``dtype`` is the model's; a non-floating one
+        (quantised weights) gives a float32 mask.
         """
         if not dtype.is_floating_point:
             dtype = torch.float32
-        tree, branch = self.tree, self.branch
-        width = tree.shape[1]
+        width = self.tree.shape[1]
         col = torch.arange(width)
-        causal = col[None, :] <= col[:, None]
-        same_tree = (tree[:, :, None] == tree[:, None, :]) & (tree[:, :, None] >= 0)
-        visible_branch = (branch[:, None, :] == -1) | (branch[:, None, :] == branch[:, :, None])
-        allowed = causal[None] & same_tree & visible_branch
-        allowed |= torch.eye(width, dtype=torch.bool)[None] & (tree < 0)[:, :, None]
+        allowed = (col[None, None, :] <= col[None, :, None]) & (col[None, :, None] < self.subtree_end[:, None, :])
         if past_length:
-            past = (tree >= 0)[:, :, None].expand(-1, -1, past_length)
+            past = self.real[:, :, None].expand(-1, -1, past_length)
             allowed = torch.cat([past, allowed], dim=2)
         mask = torch.zeros(allowed.shape, dtype=dtype)
         mask.masked_fill_(~allowed, torch.finfo(dtype).min)
         return mask[:, None].to(device) if device is not None else mask[:, None]
+
+
+@dataclass
+class _TreeLayout:
+    """One tree laid out depth-first, columns counted from the tree's first column."""
+
+    tokens: List[int]
+    depth: List[int]  # position of each token after the tree's offset
+    subtree_end: List[int]
+    branch_columns: List[List[int]]
+
+
+def _layout(tree: Tree, share_prefixes: bool) -> _TreeLayout:
+    """The trunk, then the branches' tokens as a trie (one chain per branch when not sharing),
+    in depth-first order: every token's descendants directly follow it."""
+    n_trunk = len(tree.trunk)
+    node_token: List[int] = []
+    node_depth: List[int] = []
+    children: List[List[int]] = [[]]  # node 0: the trunk's end; node i + 1: branch token node i
+    child_of: Dict[Tuple[int, int], int] = {}
+    paths: List[List[int]] = []
+    for branch in tree.branches:
+        parent, path = 0, []
+        for j, token in enumerate(branch):
+            node = child_of.get((parent, token)) if share_prefixes else None
+            if node is None:
+                node_token.append(int(token))
+                node_depth.append(n_trunk + j)
+                children.append([])
+                node = len(node_token)
+                children[parent].append(node)
+                if share_prefixes:
+                    child_of[(parent, token)] = node
+            path.append(node)
+            parent = node
+        paths.append(path)
+    size = [1] * (len(node_token) + 1)
+    for node in range(len(node_token), 0, -1):  # children are created after their parents
+        for child in children[node]:
+            size[node] += size[child]
+    column = [0] * (len(node_token) + 1)
+    tokens, depth, subtree_end = list(tree.trunk), list(range(n_trunk)), []
+    stack = list(reversed(children[0]))
+    while stack:
+        node = stack.pop()
+        column[node] = len(tokens)
+        tokens.append(node_token[node - 1])
+        depth.append(node_depth[node - 1])
+        subtree_end.append(column[node] + size[node])
+        stack.extend(reversed(children[node]))
+    subtree_end = [len(tokens)] * n_trunk + subtree_end
+    return _TreeLayout(tokens, depth, subtree_end, [[column[n] for n in path] for path in paths])
 
 
 def common_prefix_length(sequences: Sequence[Sequence[int]]) -> int:
@@ -148,60 +203,55 @@ def common_prefix_length(sequences: Sequence[Sequence[int]]) -> int:
     return n
 
 
-def pack_trees(trees: Sequence[Tree], max_tokens: int, max_rows: int = 1, pad_id: int = 0) -> List[PackedBatch]:
+def pack_trees(
+    trees: Sequence[Tree], max_tokens: int, max_rows: int = 1, pad_id: int = 0, share_prefixes: bool = False
+) -> List[PackedBatch]:
     """Lay ``trees`` out, in order, in rows of at most ``max_tokens`` tokens, ``max_rows`` rows per batch.
 
     A tree longer than ``max_tokens`` gets a row of its own. Rows of one batch are right-padded
-    to the longest.
+    to the longest. ``share_prefixes``: leading tokens that several branches of a tree share are
+    laid out once (a token trie); a token's hidden states are still those of its own sequence,
+    but a token shared by several branches has one position per call, so per-token marks
+    (:func:`~actedit.interventions.positions.mark_packed`) must not differ between them.
     """
     if max_tokens < 1 or max_rows < 1:
         raise ValueError("max_tokens and max_rows must be at least 1.")
+    layouts = [_layout(t, share_prefixes) for t in trees]
     rows: List[List[int]] = []  # tree indices per row
     used = 0
-    for i, t in enumerate(trees):
-        n = t.num_tokens
+    for i, layout in enumerate(layouts):
+        n = len(layout.tokens)
         if rows and used + n <= max_tokens:
             rows[-1].append(i)
             used += n
         else:
             rows.append([i])
             used = n
-    return [_build(trees, rows[lo : lo + max_rows], pad_id) for lo in range(0, len(rows), max_rows)]
+    return [_build(trees, layouts, rows[lo : lo + max_rows], pad_id) for lo in range(0, len(rows), max_rows)]
 
 
-def _build(trees: Sequence[Tree], rows: List[List[int]], pad_id: int) -> PackedBatch:
-    width = max(sum(trees[i].num_tokens for i in row) for row in rows)
+def _build(trees: Sequence[Tree], layouts: Sequence[_TreeLayout], rows: List[List[int]], pad_id: int) -> PackedBatch:
+    width = max(sum(len(layouts[i].tokens) for i in row) for row in rows)
     shape = (len(rows), max(width, 1))
     ids = torch.full(shape, pad_id, dtype=torch.long)
     pos = torch.zeros(shape, dtype=torch.long)
     tree_of = torch.full(shape, -1, dtype=torch.long)
-    branch_of = torch.full(shape, -2, dtype=torch.long)
-    batch = PackedBatch(ids, pos, tree_of, branch_of)
+    subtree_end = torch.arange(1, shape[1] + 1).repeat(shape[0], 1)  # padding: itself only
+    batch = PackedBatch(ids, pos, tree_of, subtree_end)
     for r, row in enumerate(rows):
         col = 0
         for i in row:
-            t = trees[i]
-            k = len(batch.trees)
+            layout, k = layouts[i], len(batch.trees)
+            n = len(layout.tokens)
             batch.trees.append(i)
             batch.trunk_at.append((r, col))
-            n = len(t.trunk)
             if n:
-                ids[r, col : col + n] = torch.as_tensor(list(t.trunk), dtype=torch.long)
-                pos[r, col : col + n] = torch.arange(t.offset, t.offset + n)
+                ids[r, col : col + n] = torch.tensor(layout.tokens, dtype=torch.long)
+                pos[r, col : col + n] = torch.tensor(layout.depth, dtype=torch.long) + trees[i].offset
                 tree_of[r, col : col + n] = k
-                branch_of[r, col : col + n] = -1
-                col += n
-            starts = []
-            for b, tokens in enumerate(t.branches):
-                starts.append((r, col))
-                m = len(tokens)
-                if m:
-                    ids[r, col : col + m] = torch.as_tensor(list(tokens), dtype=torch.long)
-                    pos[r, col : col + m] = torch.arange(t.offset + n, t.offset + n + m)
-                    tree_of[r, col : col + m] = k
-                    branch_of[r, col : col + m] = b
-                    col += m
-            batch.branch_at.append(starts)
+                subtree_end[r, col : col + n] = torch.tensor(layout.subtree_end, dtype=torch.long) + col
+            batch.branch_columns.append([[col + c for c in columns] for columns in layout.branch_columns])
+            col += n
     return batch
 
 

@@ -100,7 +100,7 @@ def test_merged_blocks_give_the_metrics_of_all_questions():
 
     def result(values, prefix):
         records = [MCRecord(i, ["a", "b"], [-1.0, -2.0], {"mc1": v, "mc2": v / 2}) for i, v in values]
-        protocol = {"n_questions": len(records), "shared_prefix_tokens": prefix, "mode": "packed"}
+        protocol = {"n_questions": len(records), "shared_prefix_tokens": prefix, "mode": "packed", "tokens_fed": 50}
         return MCResult("truthfulqa", records, {}, {}, 1.0 + len(records), protocol)
 
     merged = merge_results([result([(4, 1.0), (7, 0.0)], 30), result([(9, 1.0)], 33)], task)
@@ -108,6 +108,7 @@ def test_merged_blocks_give_the_metrics_of_all_questions():
     assert merged.metrics == {"mc1": pytest.approx(2 / 3), "mc2": pytest.approx(1 / 3)}
     assert merged.stderr["mc1"] == pytest.approx(((1 / 3) / 3) ** 0.5)  # std(ddof=1) / sqrt(n)
     assert merged.protocol["n_questions"] == 3 and merged.protocol["shared_prefix_tokens"] == 30
+    assert merged.protocol["tokens_fed"] == 100
     assert merged.protocol["processes"] == 2 and merged.seconds == 3.0
     with pytest.raises(ValueError, match="at least one"):
         merge_results([], task)

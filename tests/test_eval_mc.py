@@ -408,11 +408,15 @@ def test_loglikelihoods_generic_requests(model64, tokenizer):
         mc.loglikelihoods(model64, tokenizer, requests, mode="fast")
 
 
-def test_packed_rows_leave_out_each_choice_last_token(model64, tokenizer, monkeypatch):
-    """A choice's last token predicts nothing scored: the packed rows hold every other token once
-    (the shared context once per request, each choice but its last token) and the scores stay
-    those of whole sequences, a one-token choice included."""
-    requests = [("Q: Is the sky blue?\nA:", [" Yes.", " The", " I have no comment."]), ("Q: What is 2+2?\nA:", [" 4."])]
+def test_packed_rows_leave_out_each_choice_last_token_and_share_leading_tokens(model64, tokenizer, monkeypatch):
+    """A choice's last token predicts nothing scored, and leading tokens several choices share
+    run once: the packed rows hold the shared context once per request and each distinct prefix
+    of the choices without their last token once; the scores stay those of whole sequences, a
+    one-token choice and a choice that is a prefix of another included."""
+    requests = [
+        ("Q: Is the sky blue?\nA:", [" Yes.", " The", " I have no comment.", " I have a comment.", " I have"]),
+        ("Q: What is 2+2?\nA:", [" 4."]),
+    ]
     fed = []
 
     def counting(trees, *args, **kwargs):
@@ -421,13 +425,17 @@ def test_packed_rows_leave_out_each_choice_last_token(model64, tokenizer, monkey
         return batches
 
     monkeypatch.setattr(mc, "pack_trees", counting)
-    packed = mc.loglikelihoods(model64, tokenizer, requests)
+    info = {}
+    packed = mc.loglikelihoods_many({"m": model64}, tokenizer, requests, info=info)["m"]
     full = mc.loglikelihoods(model64, tokenizer, requests, mode="full")
     encoded = [mc.encode_pair(tokenizer, ctx, conts[0], None)[0] for ctx, conts in requests]
     shared = min(packing.common_prefix_length(encoded), min(len(ctx) for ctx in encoded) - 1)
-    choices = [mc.encode_pair(tokenizer, ctx, cont, None)[1] for ctx, conts in requests for cont in conts]
-    assert min(len(c) for c in choices) == 1
-    assert sum(fed) == sum(len(ctx) - shared for ctx in encoded) + sum(len(c) - 1 for c in choices)
+    choices = [[mc.encode_pair(tokenizer, ctx, cont, None)[1] for cont in conts] for ctx, conts in requests]
+    assert min(len(c) for conts in choices for c in conts) == 1
+    prefixes = [{tuple(c[:j]) for c in conts for j in range(1, len(c))} for conts in choices]
+    assert len(prefixes[0]) < sum(len(c) - 1 for c in choices[0])  # " I have" is shared
+    assert sum(fed) == sum(len(ctx) - shared for ctx in encoded) + sum(len(p) for p in prefixes)
+    assert info["m"]["tokens_fed"] == shared + sum(fed)  # the shared prefix once, then the rows
     np.testing.assert_allclose(np.concatenate(packed), np.concatenate(full), atol=ATOL)
 
 

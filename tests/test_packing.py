@@ -14,38 +14,51 @@ TREES = [
     Tree([11], [[12, 13, 14]]),
     Tree([], [[15, 16, 17, 18]]),
     Tree([19, 20], [[21], [22, 23]]),
+    Tree([24], [[25, 26, 27], [25, 26, 28], [25, 29], [25, 26], [30]]),  # shared leading tokens
 ]
 
 
-def sequences(tree):
-    return [list(tree.trunk) + list(b) for b in tree.branches] or [list(tree.trunk)]
+def columns_of(batch, k, tree, b):
+    """Row and columns of the sequence ``tree.trunk + tree.branches[b]`` (tree k of ``batch``)."""
+    r, c = batch.trunk_at[k]
+    return r, list(range(c, c + len(tree.trunk))) + batch.branch_columns[k][b]
 
 
-def test_layout_and_mask_follow_the_definition():
-    (batch,) = pack_trees(TREES, max_tokens=100)
-    assert batch.shape == (1, sum(t.num_tokens for t in TREES))
-    assert batch.trees == [0, 1, 2, 3]
-    # every sequence can be read back from the layout
+@pytest.mark.parametrize("share_prefixes", [False, True])
+def test_layout_and_mask_follow_the_definition(share_prefixes):
+    (batch,) = pack_trees(TREES, max_tokens=100, share_prefixes=share_prefixes)
+    # TREES[4]'s branches share 25 (four times) and 25 26 (twice more): 5 tokens fewer as a trie
+    assert batch.shape == (1, sum(t.num_tokens for t in TREES) - (5 if share_prefixes else 0))
+    assert batch.trees == [0, 1, 2, 3, 4]
+    # every sequence can be read back from the layout, at its own positions
+    sequences_at = []
     for k, tree in enumerate(TREES):
-        r, c = batch.trunk_at[k]
-        assert batch.input_ids[r, c : c + len(tree.trunk)].tolist() == list(tree.trunk)
-        for (br, bc), branch in zip(batch.branch_at[k], tree.branches, strict=True):
-            assert batch.input_ids[br, bc : bc + len(branch)].tolist() == list(branch)
-            assert batch.position_ids[br, bc : bc + len(branch)].tolist() == list(
-                range(len(tree.trunk), len(tree.trunk) + len(branch))
-            )
+        for b, branch in enumerate(tree.branches):
+            r, cols = columns_of(batch, k, tree, b)
+            assert batch.input_ids[r, cols].tolist() == list(tree.trunk) + list(branch)
+            assert batch.position_ids[r, cols].tolist() == list(range(len(cols)))
+            assert cols == sorted(cols)
+            sequences_at.append(set(cols))
+    # a token sees exactly the earlier tokens of the sequences it belongs to
     mask = batch.attention_mask(past_length=2)[0, 0] == 0
-    tree, branch = batch.tree[0], batch.branch[0]
     for i in range(batch.shape[1]):
         assert mask[i, :2].all()  # the cached prefix is visible to every token
         for j in range(batch.shape[1]):
-            expected = j <= i and tree[i] == tree[j] and (branch[j] == -1 or branch[j] == branch[i])
+            expected = j <= i and any(i in seq and j in seq for seq in sequences_at)
             assert bool(mask[i, 2 + j]) == expected, (i, j)
+
+
+def test_shared_tokens_run_once():
+    tree = Tree([24], [[25, 26, 27], [25, 26, 28], [25, 29], [25, 26], [30]])
+    (batch,) = pack_trees([tree], max_tokens=100, share_prefixes=True)
+    assert batch.input_ids[0].tolist() == [24, 25, 26, 27, 28, 29, 30]  # depth first
+    assert batch.branch_columns[0] == [[1, 2, 3], [1, 2, 4], [1, 5], [1, 2], [6]]
+    assert batch.subtree_end[0].tolist() == [7, 6, 5, 4, 5, 6, 7]
 
 
 def test_rows_batches_and_padding():
     batches = pack_trees(TREES, max_tokens=6, max_rows=2, pad_id=99)
-    assert [b.trees for b in batches] == [[0, 1], [2, 3]]
+    assert [b.trees for b in batches] == [[0, 1], [2, 3], [4]]
     first = batches[0]
     assert first.shape == (2, 6)  # tree 0 (6 tokens) alone; tree 1 (4) padded to 6
     assert first.input_ids[1, 4:].tolist() == [99, 99] and not first.real[1, 4:].any()
@@ -58,15 +71,17 @@ def test_rows_batches_and_padding():
         pack_trees(TREES, max_tokens=0)
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen2", "gpt2", "gemma", "mistral"])
-def test_packed_forward_equals_plain_forwards(family):
+@pytest.mark.parametrize(
+    "family,share_prefixes", [(f, False) for f in ["llama", "qwen2", "gpt2", "gemma", "mistral"]] + [("llama", True)]
+)
+def test_packed_forward_equals_plain_forwards(family, share_prefixes):
     model = tiny_model(family).double()
     assert supports_packing(model) is None
     prefix = torch.tensor([[1, 2, 3, 4]])
     with torch.no_grad():
         cache = compat.returned_cache(model(prefix, use_cache=True))
         trees = [Tree(t.trunk, t.branches, offset=4) if t.trunk else Tree([25], t.branches, offset=4) for t in TREES]
-        (batch,) = pack_trees(trees, max_tokens=9, max_rows=3)
+        (batch,) = pack_trees(trees, max_tokens=9, max_rows=5, share_prefixes=share_prefixes)
         packed = model(
             input_ids=batch.input_ids,
             position_ids=batch.position_ids,
@@ -79,13 +94,12 @@ def test_packed_forward_equals_plain_forwards(family):
             },
         ).logits
         for k, tree in enumerate(trees):
-            for (r, c), branch in zip(batch.branch_at[k], tree.branches, strict=True):
+            r, c = batch.trunk_at[k]
+            for columns, branch in zip(batch.branch_columns[k], tree.branches, strict=True):
                 if not branch:
                     continue
                 plain = model(torch.tensor([[1, 2, 3, 4] + list(tree.trunk) + list(branch)])).logits[0]
-                n = len(branch)
-                torch.testing.assert_close(packed[r, c : c + n], plain[-n:], rtol=0, atol=1e-10)
-            r, c = batch.trunk_at[k]
+                torch.testing.assert_close(packed[r, columns], plain[-len(branch) :], rtol=0, atol=1e-10)
             plain = model(torch.tensor([[1, 2, 3, 4] + list(tree.trunk)])).logits[0]
             torch.testing.assert_close(packed[r, c : c + len(tree.trunk)], plain[4:], rtol=0, atol=1e-10)
 
@@ -115,11 +129,11 @@ def test_marked_positions_drive_the_policies():
         )
     from actedit.interventions import mark_answer_starts
 
-    for (r, c), branch in zip(batch.branch_at[0], tree.branches, strict=True):
+    for columns, branch in zip(batch.branch_columns[0], tree.branches, strict=True):
         ids = torch.tensor([[5, 6, 7] + branch])
         with torch.no_grad(), mark_answer_starts([3]):
             _, plain = pvm({"input_ids": ids, "attention_mask": torch.ones_like(ids)}, unit_locations=None)
-        torch.testing.assert_close(out.logits[r, c : c + len(branch)], plain.logits[0, 3:], rtol=0, atol=1e-10)
+        torch.testing.assert_close(out.logits[0, columns], plain.logits[0, 3:], rtol=0, atol=1e-10)
         with torch.no_grad():
             unedited = model(ids).logits[0, 3:]
         assert (unedited - plain.logits[0, 3:]).abs().max() > 1e-3  # the edit acts on the answer
