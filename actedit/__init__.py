@@ -11,7 +11,7 @@ The layers, one folder each, from the bottom: :mod:`actedit.interventions` (core
 positions, packing, pyvene/transformers fixes, artifacts) ← :mod:`actedit.data` (data, tasks,
 prompt formats, models, collection, stores) ← :mod:`actedit.train` (fits, training, layer
 selection, the one-call API) ← :mod:`actedit.eval` (scoring, analyses, plots) ←
-:mod:`actedit.study` ← :mod:`actedit.cli`.
+:mod:`actedit.export` (checkpoints for other engines) ← :mod:`actedit.study` ← :mod:`actedit.cli`.
 
 This package imports nothing itself: its names resolve on first use, so that importing an
 intervention (what stock ``pyvene.IntervenableModel.load`` does to rebuild an edit) loads the

@@ -20,7 +20,7 @@ from typing import Callable, Dict, Mapping, Optional, Sequence, Tuple
 
 from actedit.interventions.registry import method_names, methods
 
-from . import artifacts, chat, compare, fetch, pipeline, study
+from . import artifacts, chat, compare, export, fetch, pipeline, study
 from . import evaluate as evaluation
 
 COMMANDS: Dict[str, Tuple[str, Callable, Callable]] = {}
@@ -68,6 +68,12 @@ register(
     artifacts.run_info,
 )
 register("push", "upload an artifact directory to the Hugging Face Hub", artifacts.push_arguments, artifacts.run_push)
+register(
+    "export",
+    "bake an artifact into a checkpoint stock transformers and serving engines load (--to hf: ITI, CAA)",
+    export.add_arguments,
+    export.run,
+)
 register(
     "collect",
     f"collect the activations a method needs (sharded, resumable; methods: {', '.join(method_names())})",
@@ -144,7 +150,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     run = COMMANDS[args.command][2]
     try:
         return int(run(args) or 0)
-    except (ValueError, FileNotFoundError, KeyError, ImportError) as exc:
+    except (ValueError, FileNotFoundError, FileExistsError, KeyError, ImportError) as exc:
         if args.debug:
             raise
         print(f"actedit {args.command}: error: {exc}", file=sys.stderr)

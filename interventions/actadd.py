@@ -212,5 +212,8 @@ SPEC = register_method(
         fit=_fit,
         default_layers=None,
         strength="coefficient",
+        not_bakeable=(
+            "ActAdd adds its vectors to the first positions of the prompt only: a bias acts at every position"
+        ),
     )
 )

@@ -15,7 +15,7 @@ Buffers: ``vector`` (d), ``multiplier``.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Dict, Mapping, Optional
+from typing import Any, Callable, Dict, List, Mapping, Optional
 
 import pyvene as pv
 import torch
@@ -24,7 +24,7 @@ from .base import ActEditIntervention
 from .checks import check_layer_map, check_matrix, check_number
 from .edits import edit_config, site_width
 from .positions import PolicyLike, PositionPolicy
-from .registry import FitContext, FitResult, MethodSettings, MethodSpec, register_method
+from .registry import BakedBias, FitContext, FitResult, MethodSettings, MethodSpec, register_method
 from .settings import keyword_checked
 
 
@@ -194,6 +194,17 @@ def _fit(inputs: Mapping[str, Any], config: CAASettings, context: FitContext) ->
     return FitResult(modules, {"num_pairs": result.num_pairs})
 
 
+def _bake(module: CAAIntervention, component: str, weight_of: Callable[[str], torch.Tensor]) -> List[BakedBias]:
+    """CAA's m·v added to the block's output (or the MLP's output) at every position is the bias
+    m·v of the MLP's down projection, whose output is the last term added to the block's residual
+    stream (the export checks that the family adds it unchanged)."""
+    if component not in ("block_output", "mlp_output"):
+        raise ValueError(
+            f"CAA edits {component!r}; only an addition to block_output or mlp_output is a down_proj bias."
+        )
+    return [BakedBias("down_proj", module.multiplier.double() * module.vector.double(), residual=True)]
+
+
 SPEC = register_method(
     MethodSpec(
         name="caa",
@@ -208,5 +219,6 @@ SPEC = register_method(
         fit=_fit,
         default_layers=None,
         strength="multiplier",
+        bake=_bake,
     )
 )

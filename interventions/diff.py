@@ -210,5 +210,6 @@ SPEC = register_method(
         splits=("train", "eval"),
         trained=True,
         strength="alpha",
+        not_bakeable=("Diff adds what a network predicts from each activation: no bias reproduces it"),
     )
 )

@@ -576,5 +576,9 @@ SPEC = register_method(
         splits=("train", "eval"),
         trained=True,
         strength="alpha",
+        not_bakeable=(
+            "HPR rotates each activation by an angle its angle network predicts from that activation, "
+            "behind a probe's gate: no weight of the model computes that"
+        ),
     )
 )

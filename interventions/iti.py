@@ -22,7 +22,7 @@ repository's newer ``bias = δ`` is a different edit.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 import pyvene as pv
@@ -33,7 +33,7 @@ from .base import ActEditIntervention
 from .checks import check_int, check_labels, check_layer_map, check_matrix, check_number
 from .edits import edit_config, site_width
 from .positions import PolicyLike, PositionPolicy
-from .registry import FitContext, FitResult, MethodSettings, MethodSpec, register_method
+from .registry import BakedBias, FitContext, FitResult, MethodSettings, MethodSpec, register_method
 from .settings import keyword_checked
 
 ITI_DIRECTIONS = ("mass_mean", "probe")
@@ -161,6 +161,16 @@ class ITIIntervention(ActEditIntervention):
     def o_proj_bias(self, o_proj_weight: torch.Tensor) -> torch.Tensor:
         """The o_proj bias W_o·δ equivalent to this edit at every position."""
         return o_proj_weight @ self.shift().to(o_proj_weight.dtype)
+
+
+def _bake(module: ITIIntervention, component: str, weight_of: Callable[[str], torch.Tensor]) -> List[BakedBias]:
+    """ITI's shift δ of the heads' concatenated output (o_proj's input) is the bias W_o·δ of o_proj
+    at every position, exactly (o_proj is linear), whatever the family does after o_proj."""
+    if component != "attention_value_output":
+        raise ValueError(
+            f"ITI edits {component!r}; only a shift of attention_value_output (o_proj's input) is an o_proj bias."
+        )
+    return [BakedBias("o_proj", module.o_proj_bias(weight_of("o_proj").double()))]
 
 
 def head_directions(acts: torch.Tensor, labels: torch.Tensor, num_heads: int) -> torch.Tensor:
@@ -449,5 +459,6 @@ SPEC = register_method(
         splits=("train", "eval"),
         fit=_fit,
         strength="alpha",
+        bake=_bake,
     )
 )

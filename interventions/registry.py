@@ -13,7 +13,10 @@ What a spec says:
 * **what it collects**: the prompt format (a name of :mod:`actedit.data.formats`) and the view
   of the activation store its fit reads (:data:`VIEWS`);
 * **how it is made**: ``fit`` (closed form, from tensors) or ``trained`` (by
-  :mod:`actedit.train.trainer`, on the loss terms the intervention class declares).
+  :mod:`actedit.train.trainer`, on the loss terms the intervention class declares);
+* **how it bakes into weights**: ``bake`` gives the biases that reproduce one of its modules
+  exactly (:class:`BakedBias`, read by ``actedit export --to hf``), or ``not_bakeable`` says why
+  it cannot.
 
 To add a method, see "How to add a method" in the README.
 """
@@ -233,6 +236,37 @@ class FitResult:
             raise ValueError("a fit must produce at least one intervention.")
 
 
+BIAS_SLOTS = ("o_proj", "down_proj")
+"""Where a baked edit can live in a decoder layer: the bias of the attention output projection
+(its output is added to the residual stream) or of the MLP's down projection."""
+
+
+@dataclass(frozen=True)
+class BakedBias:
+    """A bias that reproduces an edit exactly when added to the output of one module of its layer.
+
+    Attributes:
+        slot: the module, one of :data:`BIAS_SLOTS`.
+        bias: ``(width of that module's output,)``, float32 or float64.
+        residual: the bias stands for a shift of the residual stream, so it is exact only where
+            the family adds the slot's output to the residual stream unchanged (no norm between).
+    """
+
+    slot: str
+    bias: Any
+    residual: bool = False
+
+    def __post_init__(self) -> None:
+        if self.slot not in BIAS_SLOTS:
+            raise ValueError(f"a baked bias slot must be one of {BIAS_SLOTS}, got {self.slot!r}.")
+
+
+Baker = Callable[[Any, str, Callable[[str], Any]], List[BakedBias]]
+"""``bake(module, component, weight_of) -> [BakedBias, ...]``: the biases equal to ``module``'s
+edit at every position of site ``component``; ``weight_of(slot)`` is the weight of a slot's module
+in the edited layer. Raises ``ValueError`` with the reason when this module cannot be baked."""
+
+
 @dataclass(frozen=True)
 class MethodSpec:
     """Everything actedit needs to know about one method (see the module docstring).
@@ -258,6 +292,8 @@ class MethodSpec:
         strength: the settings field that scales the edit (HPR's and ITI's ``alpha``, CAA's
             ``multiplier``, ActAdd's ``coefficient``), which every caller may also set as
             ``strength``; None for a method without one (SEA's edit is a projection).
+        bake: how a module of this method becomes biases (a :data:`Baker`); None when it cannot.
+        not_bakeable: why it cannot, for the export's error (when ``bake`` is None).
     """
 
     name: str
@@ -274,6 +310,8 @@ class MethodSpec:
     trained: bool = False
     default_layers: Optional[str] = "all"
     strength: Optional[str] = None
+    bake: Optional[Baker] = None
+    not_bakeable: str = ""
 
     def __post_init__(self) -> None:
         if self.reads not in VIEWS:

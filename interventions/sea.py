@@ -442,5 +442,9 @@ SPEC = register_method(
         roles=("base", "pos", "neg"),
         splits=("train",),
         fit=_fit,
+        not_bakeable=(
+            "SEA projects each activation and rescales it to its own norm (per token): a projection "
+            "without the norm restoration would be a different edit"
+        ),
     )
 )

@@ -23,15 +23,16 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
-LAYERS = ["interventions", "data", "train", "eval", "study", "cli"]
+LAYERS = ["interventions", "data", "train", "eval", "export", "study", "cli"]
 """The layers' folders, from the bottom: core ← data and collection ← fit and train ← evaluation
-← study ← CLI."""
+← export ← study ← CLI."""
 
 NAMES = {
     "interventions": "core",
     "data": "data and collection",
     "train": "fit and train",
     "eval": "evaluation",
+    "export": "export",
     "study": "study",
     "cli": "CLI",
 }

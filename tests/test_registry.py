@@ -9,6 +9,7 @@ import pytest
 from actedit.interventions.registry import (
     STRENGTH,
     VIEWS,
+    BakedBias,
     MethodSettings,
     TrainedMethodSettings,
     method_names,
@@ -30,6 +31,15 @@ def test_every_method_is_registered_in_composition_order():
         assert spec_of(spec.intervention) is spec
         assert spec.reads in VIEWS
         assert issubclass(spec.settings_class, TrainedMethodSettings if spec.trained else MethodSettings)
+
+
+def test_every_method_says_whether_and_how_it_bakes_into_biases():
+    bakeable = {s.name for s in methods() if s.bake is not None}
+    assert bakeable == {"iti", "caa"}
+    for spec in methods():
+        assert (spec.bake is None) == bool(spec.not_bakeable), spec.name  # a way, or the reason why not
+    with pytest.raises(ValueError, match="slot must be one of"):
+        BakedBias("q_proj", None)
 
 
 @pytest.mark.parametrize("name", sorted(STRENGTHS))

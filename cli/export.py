@@ -1,0 +1,65 @@
+"""``actedit export``: an artifact baked into a checkpoint other engines load (``--to hf``)."""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+from actedit.data.models import load_model
+from actedit.export.hf import check_out, export_hf
+from actedit.interventions.artifacts import resolve_artifact, verify_artifact
+
+from .options import add_model_option
+
+TARGETS = ("hf",)
+"""What ``--to`` accepts."""
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("artifact", help="artifact directory or Hub id")
+    parser.add_argument(
+        "--to",
+        required=True,
+        choices=TARGETS,
+        help="hf: a Hugging Face checkpoint with the edit in its biases (ITI, CAA and their compositions)",
+    )
+    parser.add_argument("out", help="directory to write (whole or not at all)")
+    add_model_option(parser)
+    parser.add_argument(
+        "--dtype",
+        default="float32",
+        choices=["float32", "bfloat16", "float16"],
+        help="dtype of the written weights (default float32)",
+    )
+    parser.add_argument(
+        "--every-position",
+        action="store_true",
+        help="bake an edit whose position policy is not 'all' at every position (a different edit)",
+    )
+    parser.add_argument(
+        "--overwrite", action="store_true", help="replace OUT if it is an earlier export (or an empty directory)"
+    )
+
+
+def run(args) -> int:
+    check_out(args.out, args.overwrite)  # before minutes of loading
+    directory = resolve_artifact(args.artifact)
+    info = verify_artifact(directory)
+    spec = args.model or (info.get("base_model") or {}).get("name_or_path")
+    if not spec:
+        raise ValueError("the artifact does not record its base model; pass --model.")
+    model, tokenizer = load_model(spec, dtype=getattr(torch, args.dtype))
+    export_hf(
+        directory,
+        model,
+        args.out,
+        tokenizer=tokenizer,
+        every_position=args.every_position,
+        overwrite=args.overwrite,
+        progress=print,
+    )
+    return 0
+
+
+__all__ = ["TARGETS", "add_arguments", "run"]
