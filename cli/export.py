@@ -1,4 +1,5 @@
-"""``actedit export``: an artifact baked into a checkpoint other engines load (``--to hf``)."""
+"""``actedit export``: an artifact for another engine: a checkpoint with the edit baked in
+(``--to hf``) or a steering file for lm-eval's ``steered`` model (``--to lm-eval-steered``)."""
 
 from __future__ import annotations
 
@@ -8,11 +9,12 @@ import torch
 
 from actedit.data.models import load_model
 from actedit.export.hf import check_out, export_hf
+from actedit.export.lmeval import export_lm_eval_steered
 from actedit.interventions.artifacts import resolve_artifact, verify_artifact
 
 from .options import add_model_option
 
-TARGETS = ("hf",)
+TARGETS = ("hf", "lm-eval-steered")
 """What ``--to`` accepts."""
 
 
@@ -22,9 +24,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--to",
         required=True,
         choices=TARGETS,
-        help="hf: a Hugging Face checkpoint with the edit in its biases (ITI, CAA and their compositions)",
+        help="hf: a Hugging Face checkpoint with the edit in its biases (ITI, CAA and their compositions); "
+        "lm-eval-steered: a .pt for lm-eval's --model steered (the same edits)",
     )
-    parser.add_argument("out", help="directory to write (whole or not at all)")
+    parser.add_argument("out", help="hf: the directory to write (whole or not at all); lm-eval-steered: the .pt file")
     add_model_option(parser)
     parser.add_argument(
         "--dtype",
@@ -43,13 +46,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args) -> int:
-    check_out(args.out, args.overwrite)  # before minutes of loading
+    if args.to == "hf":
+        check_out(args.out, args.overwrite)  # before minutes of loading
     directory = resolve_artifact(args.artifact)
     info = verify_artifact(directory)
     spec = args.model or (info.get("base_model") or {}).get("name_or_path")
     if not spec:
         raise ValueError("the artifact does not record its base model; pass --model.")
     model, tokenizer = load_model(spec, dtype=getattr(torch, args.dtype))
+    if args.to == "lm-eval-steered":
+        export_lm_eval_steered(
+            directory, model, args.out, every_position=args.every_position, overwrite=args.overwrite, progress=print
+        )
+        return 0
     export_hf(
         directory,
         model,
