@@ -70,9 +70,16 @@ register(
 register("push", "upload an artifact directory to the Hugging Face Hub", artifacts.push_arguments, artifacts.run_push)
 register(
     "export",
-    "bake an artifact into a checkpoint stock transformers and serving engines load (--to hf: ITI, CAA)",
+    "an artifact for another engine: a checkpoint with the edit in its biases (--to hf), lm-eval's "
+    "steered file (--to lm-eval-steered), llama.cpp control vectors (--to gguf)",
     export.add_arguments,
     export.run,
+)
+register(
+    "import",
+    "llama.cpp control vectors (.gguf from actedit, repeng, EasySteer) as a CAA artifact",
+    export.import_arguments,
+    export.run_import,
 )
 register(
     "collect",
