@@ -33,7 +33,7 @@ from actedit.interventions.caa import build_caa_config
 from actedit.interventions.edits import intervenable
 from actedit.interventions.files import TEMP_SUFFIX, current_umask
 
-from .hf import ExportError, bake_biases
+from .hf import ExportError, bake_biases, check_file_out
 
 ARCHITECTURE = "controlvector"
 
@@ -131,11 +131,7 @@ def export_gguf(
     progress: Optional[Callable[[str], None]] = None,
 ) -> Path:
     """Write the artifact's block-output shifts as a llama.cpp control-vector file ``out``."""
-    out = Path(out).expanduser()
-    if out.suffix != ".gguf":
-        raise ExportError(f"a control vector is a .gguf file; got {out.name!r}.")
-    if out.exists() and not overwrite:
-        raise FileExistsError(f"{out} exists; choose another file or pass overwrite=True (CLI: --overwrite).")
+    out = check_file_out(out, (".gguf",), "a llama.cpp control vector", overwrite)
     vectors = control_vectors(load_artifact(artifact, model), every_position=every_position)
     write_control_vectors(out, vectors, str(getattr(model.config, "model_type", "")))
     if progress is not None:

@@ -292,6 +292,17 @@ def check_out(out: Union[str, Path], overwrite: bool = False) -> Path:
     return out
 
 
+def check_file_out(out: Union[str, Path], suffixes: Tuple[str, ...], what: str, overwrite: bool = False) -> Path:
+    """``out`` as a file an export may write: named with one of ``suffixes`` (``what`` says which
+    file that is, for the error) and absent unless ``overwrite``."""
+    out = Path(out).expanduser()
+    if out.suffix not in suffixes:
+        raise ExportError(f"{what} is a {' or '.join(suffixes)} file; got {out.name!r}.")
+    if out.exists() and not overwrite:
+        raise FileExistsError(f"{out} exists; choose another file or pass overwrite=True (CLI: --overwrite).")
+    return out
+
+
 def export_hf(
     artifact: Union[str, Path],
     model: Any,
@@ -342,6 +353,7 @@ __all__ = [
     "ExportError",
     "bake_biases",
     "baked_model",
+    "check_file_out",
     "check_out",
     "export_hf",
 ]

@@ -21,7 +21,7 @@ import torch
 from actedit.interventions.artifacts import load_artifact
 from actedit.interventions.files import write_atomic
 
-from .hf import ExportError, _family, _module_at, bake_biases
+from .hf import ExportError, _family, _module_at, bake_biases, check_file_out
 
 
 def steering_config(pvm: Any, *, every_position: bool = False) -> Dict[str, Dict[str, Any]]:
@@ -55,11 +55,7 @@ def export_lm_eval_steered(
     progress: Optional[Callable[[str], None]] = None,
 ) -> Path:
     """Write the artifact's edits as ``out`` (a ``.pt`` for lm-eval's ``steered`` model), atomically."""
-    out = Path(out).expanduser()
-    if out.suffix not in (".pt", ".pth"):
-        raise ExportError(f"lm-eval's steered model reads a .pt or .pth file; got {out.name!r}.")
-    if out.exists() and not overwrite:
-        raise FileExistsError(f"{out} exists; choose another file or pass overwrite=True (CLI: --overwrite).")
+    out = check_file_out(out, (".pt", ".pth"), "lm-eval's steering file", overwrite)
     config = steering_config(load_artifact(artifact, model), every_position=every_position)
     write_atomic(out, lambda handle: torch.save(config, handle))
     if progress is not None:

@@ -188,6 +188,18 @@ print(json.dumps(results))
 """
 
 
+def run_fresh_python(code: str, *args: str, cwd: Path):
+    """``python -c code args`` in a fresh process that imports what an installed package sees
+    (PYTHONPATH dropped); fails the test with its stderr when it fails; returns the JSON object
+    its last line of output prints."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    proc = subprocess.run(
+        [sys.executable, "-c", code, *args], capture_output=True, text=True, env=env, cwd=cwd, timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
 def reference_outputs(pvm):
     """Logits and a greedy generation of an edited model on :data:`STOCK_RELOAD_INPUTS`."""
     with torch.no_grad():
@@ -210,17 +222,7 @@ def assert_stock_reload(model, pvms, root: Path) -> None:
         {"names": list(pvms), "inputs": STOCK_RELOAD_INPUTS, "logits": logits, "generate": generations},
         root / "reference.pt",
     )
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    proc = subprocess.run(
-        [sys.executable, "-c", _STOCK_RELOAD_CHILD, str(root)],
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=root,
-        timeout=300,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    results = json.loads(proc.stdout.strip().splitlines()[-1])
+    results = run_fresh_python(_STOCK_RELOAD_CHILD, str(root), cwd=root)
     assert results.pop("imported_by_pyvene")
     assert results.pop("above_core") == [], "a stock load imported modules above the core layer"
     assert results == {name: {"logits": True, "generate": True} for name in pvms}

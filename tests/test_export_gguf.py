@@ -73,7 +73,7 @@ def test_refusals_name_the_reason(tmp_path):
         artifact = save_artifact(pvm, tmp_path / reason.replace(" ", "_").replace("'", ""))
         with pytest.raises(ExportError, match=reason):
             export_gguf(artifact, model, tmp_path / "cv.gguf")
-    with pytest.raises(ExportError, match=r"\.gguf file"):
+    with pytest.raises(ExportError, match=r"is a \.gguf file"):
         export_gguf(save_artifact(caa_edit(model), tmp_path / "ok"), model, tmp_path / "cv.bin")
     with pytest.raises(ExportError, match="direction.0"):
         write_control_vectors(tmp_path / "zero.gguf", {0: torch.ones(32)}, "llama")

@@ -5,8 +5,6 @@ edit's logits; what no bias reproduces is refused with its reason."""
 import copy
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -18,7 +16,7 @@ from actedit.export.hf import ExportError, bake_biases, baked_model, export_hf
 from actedit.interventions import build_caa_config, build_iti_config, compose, intervenable, save_artifact
 from actedit.interventions.compat import head_dim
 from actedit.interventions.edits import interventions_of
-from conftest import STOCK_RELOAD_INPUTS, every_method_edit, save_tiny_chat_model, tiny_model
+from conftest import STOCK_RELOAD_INPUTS, every_method_edit, run_fresh_python, save_tiny_chat_model, tiny_model
 
 _FRESH_CHILD = """
 import json, sys, torch
@@ -37,17 +35,10 @@ def fresh_logits(checkpoint, tmp_path):
     """Logits of ``checkpoint`` on STOCK_RELOAD_INPUTS in a fresh process that imports only torch
     and transformers; also what that process imported and the flags it read."""
     torch.save(STOCK_RELOAD_INPUTS, tmp_path / "inputs.pt")
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    proc = subprocess.run(
-        [sys.executable, "-c", _FRESH_CHILD, str(checkpoint), str(tmp_path / "inputs.pt"), str(tmp_path / "out.pt")],
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=tmp_path,
-        timeout=300,
+    child = run_fresh_python(
+        _FRESH_CHILD, str(checkpoint), str(tmp_path / "inputs.pt"), str(tmp_path / "out.pt"), cwd=tmp_path
     )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return torch.load(tmp_path / "out.pt"), json.loads(proc.stdout.strip().splitlines()[-1])
+    return torch.load(tmp_path / "out.pt"), child
 
 
 def iti_config(model, policy="all", layers=(0, 2)):

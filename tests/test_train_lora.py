@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 import warnings
 
@@ -27,7 +26,7 @@ from actedit.eval import analysis, effect, mc  # noqa: E402
 from actedit.interventions import build_caa_config, intervenable  # noqa: E402
 from actedit.interventions.settings import UnknownSettingError  # noqa: E402
 from actedit.train import lora  # noqa: E402
-from conftest import SHARED_DATA, build_tokenizer, make_tokenizer, require_truthfulqa, tiny_model  # noqa: E402
+from conftest import SHARED_DATA, build_tokenizer, make_tokenizer, require_truthfulqa, run_fresh_python, tiny_model  # noqa: E402
 
 QUESTIONS = [
     ("Is the sky blue?", ["Yes it is.", "The sky is blue."], ["No it is not.", "The sky is green."]),
@@ -290,17 +289,7 @@ def test_saved_adapter_loads_with_stock_peft_in_a_fresh_process(tokenizer, tmp_p
     assert meta["data"]["train_sequences"] == result.data["train_sequences"] and meta["seconds"] > 0
     assert meta["base_model"]["hidden_size"] == model.config.hidden_size and meta["peft_version"] == peft.__version__
     torch.save({"inputs": PROBE, "logits": logits(result.model)}, tmp_path / "reference.pt")
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    proc = subprocess.run(
-        [sys.executable, "-c", _CHILD, str(tmp_path)],
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=tmp_path,
-        timeout=300,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert json.loads(proc.stdout.strip().splitlines()[-1]) == {"equal": True, "actedit": []}
+    assert run_fresh_python(_CHILD, str(tmp_path), cwd=tmp_path) == {"equal": True, "actedit": []}
     # actedit's loader gives the same model
     loaded = lora.load_lora(new_model(tokenizer), tmp_path / "adapter")
     assert torch.equal(logits(loaded), logits(result.model)) and not loaded.training
