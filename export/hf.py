@@ -226,9 +226,9 @@ def baked_model(pvm: Any, *, every_position: bool = False) -> Tuple[Any, BakedEd
     for name, buffer in model.named_buffers():  # buffers a state dict leaves out (rotary inv_freq)
         if name not in state:
             _set_tensor(new, name, buffer.clone(), parameter=False)
-    for name in expected:
-        like = new.get_parameter(name)
-        _set_tensor(new, name, torch.zeros(like.shape, dtype=like.dtype), parameter=True)
+    for name in expected:  # zeros in the dtype of their layer's weight (meta parameters are fp32)
+        weight = state[name[: -len("bias")] + "weight"]
+        _set_tensor(new, name, torch.zeros(new.get_parameter(name).shape, dtype=weight.dtype), parameter=True)
     if getattr(config, "tie_word_embeddings", False):
         new.tie_weights()
     new.generation_config = copy.deepcopy(model.generation_config)

@@ -8,6 +8,7 @@ import os
 
 import pytest
 import torch
+from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import actedit.interventions as ai
@@ -224,8 +225,11 @@ def test_checkpoint_keeps_dtype_tied_embeddings_generation_config_and_permission
     pvm = intervenable(model, caa_config(model))
     artifact = save_artifact(pvm, tmp_path / "artifact")
     out = export_hf(artifact, model, tmp_path / "baked")
-    reloaded = AutoModelForCausalLM.from_pretrained(out)
-    assert reloaded.dtype == torch.bfloat16
+    stored = load_file(out / "model.safetensors")
+    assert {t.dtype for t in stored.values()} == {torch.bfloat16}  # written in the model's dtype
+    assert "lm_head.weight" not in stored  # tied: stored once
+    # transformers 4.x loads in fp32 unless told (5.x: the checkpoint's dtype); bf16 values either way
+    reloaded = AutoModelForCausalLM.from_pretrained(out).to(torch.bfloat16)
     assert reloaded.lm_head.weight.data_ptr() == reloaded.model.embed_tokens.weight.data_ptr()
     assert reloaded.generation_config.eos_token_id == [2, 5] and reloaded.generation_config.temperature == 0.3
     umask = os.umask(0)
