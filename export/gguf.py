@@ -19,7 +19,6 @@ artifact (multiplier 1, policy ``all``, as llama.cpp applies it).
 
 from __future__ import annotations
 
-import os
 import tempfile
 from pathlib import Path
 from typing import Any, Callable, Dict, Optional, Union
@@ -31,7 +30,7 @@ from gguf import GGUFReader, GGUFWriter
 from actedit.interventions.artifacts import load_artifact, save_artifact
 from actedit.interventions.caa import build_caa_config
 from actedit.interventions.edits import intervenable
-from actedit.interventions.files import TEMP_SUFFIX, current_umask
+from actedit.interventions.files import write_atomic
 
 from .hf import ExportError, bake_biases, check_file_out
 
@@ -66,11 +65,9 @@ def write_control_vectors(path: Union[str, Path], vectors: Dict[int, torch.Tenso
     if min(vectors) < 1:
         raise ExportError(f"control vectors start at block 1 (llama.cpp rejects direction.0); got {sorted(vectors)}.")
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TEMP_SUFFIX, dir=path.parent)
-    os.close(fd)
-    try:
-        writer = GGUFWriter(name, ARCHITECTURE)
+    with tempfile.TemporaryDirectory() as scratch:  # GGUFWriter writes to a path; the file then lands atomically
+        written = Path(scratch) / path.name
+        writer = GGUFWriter(str(written), ARCHITECTURE)
         writer.add_string(f"{ARCHITECTURE}.model_hint", model_hint)
         writer.add_uint32(f"{ARCHITECTURE}.layer_count", len(vectors))
         for layer, vector in sorted(vectors.items()):
@@ -79,12 +76,7 @@ def write_control_vectors(path: Union[str, Path], vectors: Dict[int, torch.Tenso
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
         writer.close()
-        os.chmod(name, 0o666 & ~current_umask())
-        os.replace(name, path)  # whole or not at all
-    except BaseException:
-        Path(name).unlink(missing_ok=True)
-        raise
-    return path
+        return write_atomic(path, written.read_bytes())
 
 
 def read_control_vectors(path: Union[str, Path]) -> Dict[str, Any]:

@@ -74,11 +74,17 @@ class ExportError(ValueError):
 
 @dataclass
 class BakedEdit:
-    """What :func:`bake_biases` found: per (layer, slot), the summed bias, and what went into it."""
+    """What :func:`bake_biases` found: per (layer, slot), the summed bias, what went into it, the
+    config flags it needs and where the model's family keeps the slots."""
 
     biases: Dict[Tuple[int, str], torch.Tensor]
     edits: List[Dict[str, Any]]
     flags: Tuple[str, ...]
+    family: BiasFamily
+
+    def slot_module(self, model: Any, layer: int, slot: str) -> torch.nn.Module:
+        """The module of ``model`` (of this family) whose bias holds ``slot`` of decoder layer ``layer``."""
+        return _module_at(model, layer, self.family.slots[slot][0])
 
 
 def _family(model: Any) -> Tuple[str, BiasFamily]:
@@ -93,10 +99,7 @@ def _family(model: Any) -> Tuple[str, BiasFamily]:
 
 
 def _module_at(model: Any, layer: int, path: str) -> torch.nn.Module:
-    module: Any = decoder_layer(model, layer)
-    for part in path.split("."):
-        module = getattr(module, part)
-    return module
+    return decoder_layer(model, layer).get_submodule(path)
 
 
 def bake_biases(pvm: Any, *, every_position: bool = False) -> BakedEdit:
@@ -177,7 +180,7 @@ def bake_biases(pvm: Any, *, every_position: bool = False) -> BakedEdit:
     if not edits:
         raise ExportError("the artifact holds no switched-on edit: there is nothing to bake.")
     flags = tuple(sorted({family.slots[slot][1] for _, slot in biases}))
-    return BakedEdit(biases, edits, flags)
+    return BakedEdit(biases, edits, flags, family)
 
 
 def _set_tensor(model: torch.nn.Module, name: str, value: torch.Tensor, parameter: bool) -> None:
@@ -198,8 +201,7 @@ def baked_model(pvm: Any, *, every_position: bool = False) -> Tuple[Any, BakedEd
     baked biases are added to them (or to biases the model already had).
     """
     baked = bake_biases(pvm, every_position=every_position)
-    model = pvm.model
-    _, family = _family(model)
+    model, family = pvm.model, baked.family
     if any(p.device.type == "meta" for p in model.parameters()):
         raise ExportError(
             "some of the model's weights are offloaded (on the meta device); export needs them in memory: "
@@ -233,7 +235,7 @@ def baked_model(pvm: Any, *, every_position: bool = False) -> Tuple[Any, BakedEd
         new.tie_weights()
     new.generation_config = copy.deepcopy(model.generation_config)
     for (layer, slot), bias in baked.biases.items():
-        module = _module_at(new, layer, family.slots[slot][0])
+        module = baked.slot_module(new, layer, slot)
         current = cast(torch.Tensor, module.bias).detach()
         # a new tensor: a bias the source model had is shared with it and stays as it was
         module.bias = torch.nn.Parameter(current + bias.to(current.dtype), requires_grad=False)

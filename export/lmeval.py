@@ -21,18 +21,17 @@ import torch
 from actedit.interventions.artifacts import load_artifact
 from actedit.interventions.files import write_atomic
 
-from .hf import ExportError, _family, _module_at, bake_biases, check_file_out
+from .hf import ExportError, bake_biases, check_file_out
 
 
 def steering_config(pvm: Any, *, every_position: bool = False) -> Dict[str, Dict[str, Any]]:
     """``{hookpoint: {...}}`` in lm-eval's ``steered`` format for the edits of ``pvm``."""
     baked = bake_biases(pvm, every_position=every_position)
     model = pvm.model
-    _, family = _family(model)
     names = {id(module): name for name, module in model.base_model.named_modules()}
     config: Dict[str, Dict[str, Any]] = {}
     for (layer, slot), bias in sorted(baked.biases.items()):
-        module = _module_at(model, layer, family.slots[slot][0])
+        module = baked.slot_module(model, layer, slot)
         if id(module) not in names:
             raise ExportError(f"the {slot} module of layer {layer} is not inside the model's base_model.")
         config[names[id(module)]] = {
