@@ -5,7 +5,13 @@ from __future__ import annotations
 import argparse
 import json
 
-from actedit.interventions.artifacts import effect_table, push_to_hub, resolve_artifact, verify_artifact
+from actedit.interventions.artifacts import (
+    effect_table,
+    metrics_table,
+    push_to_hub,
+    resolve_artifact,
+    verify_artifact,
+)
 
 
 def info_arguments(parser: argparse.ArgumentParser) -> None:
@@ -26,7 +32,8 @@ def run_info(args) -> int:
     for edit in info.get("edits", []):
         print(f"- {edit['method']} at {edit['component']} layers {edit['layers']} {edit.get('hyperparameters', {})}")
     if info.get("metrics"):
-        print("metrics:", json.dumps(info["metrics"]))
+        print("scores recorded:")
+        print(metrics_table(info))
     if info.get("effect"):
         print("effect when made (share of tokens acted on, relative change ‖h′−h‖/‖h‖):")
         print(effect_table(info["effect"]))

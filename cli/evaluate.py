@@ -47,6 +47,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="a task option, e.g. --option mc2_rule=labels (TruthfulQA: lm-eval truthfulqa_mc2 "
         "v2.0 'split', default, or v3.0 'labels')",
     )
+    parser.add_argument(
+        "--no-record",
+        dest="record",
+        action="store_false",
+        help="do not record the edit's scores in its artifact (a local --intervention directory gets them in "
+        "its metadata and model card by default)",
+    )
     parser.add_argument("--no-analyses", action="store_true", help="skip norms, side effects and plots")
     parser.add_argument(
         "--layer-curve",
@@ -73,6 +80,8 @@ def run(args) -> int:
         f"{m.upper()} {results[m]:.4f} ± {results[m + '_stderr']:.4f}" for m in task_spec(results["task"]).metrics
     )
     print(f"{shown} on {results['n_questions']} questions -> {Path(args.out) / 'results.json'}")
+    if results.get("recorded_in"):
+        print(f"scores recorded in {results['recorded_in']} (metadata and model card)")
     for warning in (results.get("effect") or {}).get("warnings", []):
         print(f"warning: {warning}")
     return 0

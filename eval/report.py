@@ -17,7 +17,9 @@ results in order, runs the analyses and writes every file; the other ranks write
 
 from __future__ import annotations
 
+import hashlib
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
@@ -25,7 +27,8 @@ from actedit.data.distributed import process_device, world
 from actedit.data.models import load_model
 from actedit.data.tasks import TaskSpec, task_spec
 from actedit.eval.plots import plot_layer_count, plot_per_layer
-from actedit.interventions.artifacts import artifact_metadata, load_artifact, resolve_artifact
+from actedit.interventions.artifacts import add_measurement, artifact_metadata, load_artifact, resolve_artifact
+from actedit.interventions.edits import actedit_version
 from actedit.interventions.files import write_json
 
 from .analysis import (
@@ -129,10 +132,85 @@ def evaluate(args, options: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
         rows.append(("edited", edited, drift, kl))
     for metric in task.metrics:
         results[metric], results[f"{metric}_stderr"] = final.metrics[metric], final.stderr[metric]
+    if pvm is not None and getattr(args, "record", True):
+        entry = measurement(task, args.split, scored["edited"], base, measured_by="actedit eval", data=args.data)
+        results["recorded_in"] = str(record_in_artifact(args.intervention, entry) or "")
     results["seconds"] = time.time() - started
     write_json(out_dir / "results.json", results, indent=2, default=float)
     (out_dir / "report.md").write_text(markdown_report(results, rows, task))
     return results
+
+
+RUN_DETAILS = (
+    "task",
+    "mode",
+    "full_sequence_reasons",
+    "shared_prefix_tokens",
+    "tokens_fed",
+    "shared_lower_layers",
+    "n_questions",
+    "interventions",
+    "processes",
+    "model",
+    "peft",
+    "context_template",
+    "continuation",
+    "mc2_rule_meaning",
+    "add_bos_token",
+)
+"""Keys of a score's protocol that describe how this run computed it (or repeat another field),
+not what was measured: left out of the protocol an artifact records."""
+
+
+def measurement(
+    task: TaskSpec,
+    split: str,
+    edited: MCResult,
+    base: Optional[MCResult],
+    *,
+    measured_by: str,
+    data: Optional[str] = None,
+) -> Dict[str, Any]:
+    """What :func:`actedit.interventions.artifacts.add_measurement` records in an artifact for the
+    edit's scores ``edited`` on ``split`` of ``task`` (and the base model's ``base`` on the same
+    questions): task, split, number of questions and a hash of their indices, each metric with
+    its standard error, the protocol (without :data:`RUN_DETAILS`), model, who measured it, when."""
+    indices = ",".join(str(r.index) for r in edited.records)
+    protocol = {k: v for k, v in edited.protocol.items() if k not in RUN_DETAILS}
+    out: Dict[str, Any] = {
+        "task": task.name,
+        "task_title": task.title,
+        "split": split,
+        "n": edited.n_questions,
+        "questions_sha256": hashlib.sha256(indices.encode()).hexdigest()[:16],
+        "scores": {m: float(edited.metrics[m]) for m in task.metrics},
+        "stderr": {m: float(edited.stderr[m]) for m in task.metrics},
+        "protocol": protocol,
+        "model": edited.protocol.get("model"),
+        "data": data,
+        "measured_by": measured_by,
+        "date": time.strftime("%Y-%m-%d", time.gmtime()),
+        "actedit_version": actedit_version(),
+    }
+    if base is not None:
+        out["base"] = {m: float(base.metrics[m]) for m in task.metrics}
+        out["base_stderr"] = {m: float(base.stderr[m]) for m in task.metrics}
+    return out
+
+
+def record_in_artifact(intervention: str, entry: Dict[str, Any]) -> Optional[Path]:
+    """Record ``entry`` (:func:`measurement`) in the artifact ``intervention`` when it is a local
+    directory; returns its path, or None for a Hub download (its cached copy is not the user's to
+    change; download it with ``huggingface-cli download`` into a folder to record there)."""
+    path = Path(str(intervention)).expanduser()
+    if not path.is_dir():
+        return None
+    try:
+        add_measurement(path, entry)
+    except OSError as exc:  # a read-only artifact: the scores are in results.json all the same
+        warnings.warn(f"could not record the scores in {path} ({exc}); they are in results.json.", stacklevel=2)
+        return None
+    return path
 
 
 def _layer_plots(results: Dict[str, Any], curve: Optional[LayerCountCurve], out_dir: Path) -> None:
@@ -241,4 +319,4 @@ def markdown_report(results: Dict[str, Any], rows, task: TaskSpec) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["evaluate", "markdown_report"]
+__all__ = ["evaluate", "markdown_report", "measurement", "record_in_artifact"]

@@ -11,7 +11,15 @@ compat.apply()
 
 from . import actadd, caa, diff, hpr, iti, sea  # noqa: E402,F401  (each registers its method)
 from .actadd import ActAddIntervention, ActAddSettings, build_actadd_config, fit_actadd  # noqa: E402
-from .artifacts import ArtifactError, artifact_metadata, load_artifact, push_to_hub, save_artifact  # noqa: E402
+from .artifacts import (  # noqa: E402
+    ArtifactError,
+    add_measurement,
+    artifact_metadata,
+    edit_identity,
+    load_artifact,
+    push_to_hub,
+    save_artifact,
+)
 from .base import ActEditIntervention  # noqa: E402
 from .caa import CAAIntervention, CAASettings, build_caa_config, fit_caa  # noqa: E402
 from .compat import attach_tracker  # noqa: E402
@@ -52,7 +60,9 @@ __all__ = [
     "SEASettings",
     "SEAIntervention",
     "TrainingRecipe",
+    "add_measurement",
     "artifact_metadata",
+    "edit_identity",
     "attach_tracker",
     "build_actadd_config",
     "build_caa_config",

@@ -15,15 +15,18 @@ import hashlib
 import json
 import os
 import pickle
+import shutil
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 import pyvene as pv
+import torch
+import yaml
 from huggingface_hub import HfApi, snapshot_download
 
 from . import compat, devices
 from .edits import model_signature
-from .files import PathLike, directory_atomic
+from .files import PathLike, directory_atomic, write_json
 from .settings import keyword_checked
 
 MANIFEST = "actedit_manifest.json"
@@ -71,14 +74,102 @@ def save_artifact(
         with directory_atomic(directory) as tmp:
             pvm.save(str(tmp))
             if card:
-                (tmp / CARD).write_text(model_card(info, pvm))
-            files = {}
-            for path in sorted(tmp.iterdir()):
-                files[path.name] = {"bytes": path.stat().st_size, "sha256": file_sha256(path)}
-            (tmp / MANIFEST).write_text(json.dumps({"format": 1, "files": files}, indent=2))
+                (tmp / CARD).write_text(model_card(info, stored_numbers=_stored_numbers(pvm)))
+            _write_manifest(tmp)
     finally:
         pvm.config.actedit = original_info
     return directory
+
+
+def _write_manifest(directory: Path) -> None:
+    """``actedit_manifest.json``: size and SHA-256 of every other file of the directory (written last)."""
+    files = {}
+    for path in sorted(directory.iterdir()):
+        if path.name != MANIFEST:
+            files[path.name] = {"bytes": path.stat().st_size, "sha256": file_sha256(path)}
+    (directory / MANIFEST).write_text(json.dumps({"format": 1, "files": files}, indent=2))
+
+
+def _stored_numbers(pvm: pv.IntervenableModel) -> int:
+    """How many numbers an edit stores: the parameters and buffers of all its interventions."""
+    parameters = sum(p.numel() for p in pvm.interventions.parameters())
+    return int(parameters + sum(b.numel() for b in pvm.interventions.buffers()))
+
+
+def _stored_numbers_on_disk(directory: Path, keys: List[str]) -> int:
+    """:func:`_stored_numbers` read from the saved intervention files (tensors only)."""
+    total = 0
+    for key in keys:
+        state = torch.load(directory / f"intkey_{key}.bin", map_location="cpu", weights_only=True)
+        total += sum(t.numel() for t in state.values() if isinstance(t, torch.Tensor))
+    return total
+
+
+MEASUREMENT_FIELDS = ("task", "split", "n", "scores", "stderr")
+"""What every measurement recorded in an artifact holds (:func:`add_measurement`)."""
+
+MEASUREMENT_IDENTITY = ("task", "split", "n", "questions_sha256", "protocol", "model")
+"""The fields that make two measurements the same one (a new one replaces an old one)."""
+
+
+def add_measurement(directory: PathLike, measurement: Mapping[str, Any]) -> bool:
+    """Record a measured score of the edit in its artifact, in its metadata and on its card.
+
+    ``measurement`` is a JSON-able mapping holding at least :data:`MEASUREMENT_FIELDS` (the task,
+    the split, the number of questions ``n``, ``scores`` and ``stderr`` per metric) and usually
+    the base model's ``base`` scores, the ``protocol`` and who measured it (``measured_by``; the
+    evaluation layer builds it: ``actedit.eval.report.measurement``). It joins the list under
+    ``metrics`` in the ``actedit`` metadata, replacing an earlier measurement of the same
+    :data:`MEASUREMENT_IDENTITY`; the card is rewritten to show it. The directory is rewritten
+    atomically (a copy renamed into place); the intervention files are not touched, so
+    :func:`edit_identity` stays the same. Returns False (and writes nothing) when the same
+    scores are already recorded.
+    """
+    directory = Path(directory)
+    missing = [key for key in MEASUREMENT_FIELDS if key not in measurement]
+    if missing:
+        raise ValueError(f"a measurement needs {', '.join(MEASUREMENT_FIELDS)}; missing: {', '.join(missing)}.")
+    verify_artifact(directory)
+    config = json.loads((directory / "config.json").read_text())
+    info = dict(config.get("actedit") or {})
+    entry = json.loads(json.dumps(dict(measurement), default=float))  # plain JSON values, as stored
+    recorded = info.get("metrics")
+    # artifacts of earlier releases may hold one free-form mapping: kept as the first entry
+    entries: List[Dict[str, Any]] = list(recorded) if isinstance(recorded, list) else ([recorded] if recorded else [])
+
+    def identity(e: Mapping[str, Any]) -> str:
+        return json.dumps([e.get(k) for k in MEASUREMENT_IDENTITY], sort_keys=True)
+
+    same = [i for i, e in enumerate(entries) if identity(e) == identity(entry)]
+    if same and all(entries[i].get(k) == entry.get(k) for i in same for k in ("scores", "stderr", "base")):
+        return False
+    entries = [e for i, e in enumerate(entries) if i not in same] + [entry]
+    info["metrics"] = entries
+    config["actedit"] = info
+    with directory_atomic(directory) as tmp:
+        for path in directory.iterdir():
+            if path.is_file() and path.name not in (MANIFEST, CARD, "config.json"):
+                shutil.copy2(path, tmp / path.name)
+        write_json(tmp / "config.json", config, indent=2)
+        if (directory / CARD).is_file():
+            stored = _stored_numbers_on_disk(directory, list(config.get("sorted_keys") or []))
+            (tmp / CARD).write_text(model_card(info, stored_numbers=stored))
+        _write_manifest(tmp)
+    return True
+
+
+def edit_identity(directory: PathLike) -> str:
+    """SHA-256 of what an artifact's edit computes: its ``config.json`` without the recorded
+    measurements (``actedit.metrics``), and the SHA-256 of every intervention file. Recording
+    scores (:func:`add_measurement`) or rewriting the card leaves it unchanged; refitting changes it."""
+    directory = Path(directory)
+    config = json.loads((directory / "config.json").read_text())
+    (config.get("actedit") or {}).pop("metrics", None)
+    digest = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode())
+    for key in config.get("sorted_keys") or []:
+        name = f"intkey_{key}.bin"
+        digest.update(f"{name}:{file_sha256(directory / name)}".encode())
+    return digest.hexdigest()
 
 
 def looks_like_local_path(text: str, *, suffixes: Tuple[str, ...] = (), hub_needs_owner: bool = False) -> bool:
@@ -218,17 +309,24 @@ def load_artifact(path_or_repo: PathLike, model: Any, *, revision: Optional[str]
     return pvm
 
 
-def model_card(info: Dict[str, Any], pvm: Optional[pv.IntervenableModel] = None) -> str:
-    """A Markdown model card for an artifact's metadata."""
+def model_card(info: Dict[str, Any], *, stored_numbers: Optional[int] = None) -> str:
+    """A Markdown model card for an artifact's metadata: the edits, the base model and how to load
+    it, how the edit was made (data, fit record, training, layer selection), its recorded scores
+    (also as the Hub's ``model-index``) and its measured effect."""
     base = info.get("base_model") or {}
     base_name = base.get("name_or_path") or base.get("model_class") or "unknown"
-    lines = ["---", "library_name: pyvene", "tags:", "- actedit", "- activation-editing"]
-    for edit in info.get("edits", []):
-        lines.append(f"- {edit['method']}")
+    measurements = _measurements(info)
+    front: Dict[str, Any] = {
+        "library_name": "pyvene",
+        "tags": ["actedit", "activation-editing", *[edit["method"] for edit in info.get("edits", [])]],
+    }
     hub_id = (base.get("source") or {}).get("hub_id") or _hub_id(base.get("name_or_path"))
     if hub_id:
-        lines.append(f"base_model: {hub_id}")
-    lines += ["---", "", f"# Activation edit for {base_name}", ""]
+        front["base_model"] = hub_id
+    if measurements:
+        front["model-index"] = _model_index(measurements, info)
+    lines = ["---", yaml.safe_dump(front, sort_keys=False, allow_unicode=True).rstrip(), "---", ""]
+    lines += [f"# Activation edit for {base_name}", ""]
     lines.append(
         f"Made with actedit {info.get('actedit_version', '?')} "
         f"(artifact format {info.get('format', 1)}); a pyvene 0.1.8 intervention artifact."
@@ -242,13 +340,9 @@ def model_card(info: Dict[str, Any], pvm: Optional[pv.IntervenableModel] = None)
     for key in ("name_or_path", "model_class", "model_type", "hidden_size", "num_hidden_layers"):
         if base.get(key) is not None:
             lines.append(f"- {key}: {base[key]}")
-    if info.get("data"):
-        lines += ["", "## Data", "", f"{json.dumps(info['data'], indent=2)}"]
     lines += ["", "## Metrics", ""]
-    if info.get("metrics"):
-        lines += ["```json", json.dumps(info["metrics"], indent=2), "```"]
-    else:
-        lines.append("Not measured yet.")
+    lines += _metrics_lines(measurements, info.get("metrics"))
+    lines += _how_made_lines(info)
     if info.get("effect"):
         effect = info["effect"]
         lines += [
@@ -268,11 +362,8 @@ def model_card(info: Dict[str, Any], pvm: Optional[pv.IntervenableModel] = None)
             ]
         for warning in effect.get("warnings", []):
             lines += ["", f"**Warning:** {warning}"]
-    if pvm is not None:
-        sizes = sum(p.numel() for p in pvm.interventions.parameters()) + sum(
-            b.numel() for b in pvm.interventions.buffers()
-        )
-        lines += ["", f"Stored numbers: {sizes:,} (parameters and buffers of all interventions)."]
+    if stored_numbers is not None:
+        lines += ["", f"Stored numbers: {stored_numbers:,} (parameters and buffers of all interventions)."]
     lines += [
         "",
         "## How to load",
@@ -292,6 +383,107 @@ def model_card(info: Dict[str, Any], pvm: Optional[pv.IntervenableModel] = None)
         "",
     ]
     return "\n".join(lines)
+
+
+def _measurements(info: Mapping[str, Any]) -> List[Mapping[str, Any]]:
+    """The recorded measurements of an artifact that have the fields of :func:`add_measurement`."""
+    recorded = info.get("metrics")
+    if not isinstance(recorded, list):
+        return []
+    return [e for e in recorded if isinstance(e, Mapping) and all(k in e for k in MEASUREMENT_FIELDS)]
+
+
+def _percent(value: Any) -> str:
+    return f"{100 * float(value):.2f}" if value is not None else "—"
+
+
+def _metrics_lines(measurements: List[Mapping[str, Any]], recorded: Any) -> List[str]:
+    """The card's metrics: one row per measurement and metric, the base model's score beside."""
+    if not measurements:
+        if recorded:  # free-form metrics of an earlier release
+            return ["```json", json.dumps(recorded, indent=2), "```"]
+        return ["Not measured yet (`actedit eval --intervention THIS` or `actedit run` records the scores here)."]
+    lines = [
+        "| task | split | questions | metric | edited (%) | base model (%) | change (points) | measured by |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for e in measurements:
+        base = e.get("base") or {}
+        for metric, value in e["scores"].items():
+            stderr = (e.get("stderr") or {}).get(metric)
+            shown = _percent(value) + (f" ± {100 * float(stderr):.2f}" if stderr is not None else "")
+            change = f"{100 * (float(value) - float(base[metric])):+.2f}" if metric in base else "—"
+            by = " ".join(str(x) for x in (e.get("measured_by"), e.get("date")) if x)
+            lines.append(
+                f"| {e['task']} | {e['split']} | {e['n']} | {metric.upper()} | {shown} | {_percent(base.get(metric))} "
+                f"| {change} | {by or '—'} |"
+            )
+    protocols = {json.dumps(e.get("protocol") or {}, sort_keys=True) for e in measurements}
+    for protocol in sorted(protocols):
+        if protocol != "{}":
+            lines += ["", f"Protocol: `{protocol}`."]
+    lines += ["", "± is the standard error of the mean over questions (lm-eval's)."]
+    return lines
+
+
+def metrics_table(info: Mapping[str, Any]) -> str:
+    """The scores recorded in an artifact's metadata (``info``), as the card shows them."""
+    return "\n".join(_metrics_lines(_measurements(info), info.get("metrics")))
+
+
+def _model_index(measurements: List[Mapping[str, Any]], info: Mapping[str, Any]) -> List[Dict[str, Any]]:
+    """The Hub's ``model-index`` front matter for the recorded measurements (unverified scores)."""
+    methods = "+".join(edit["method"] for edit in info.get("edits", [])) or "edit"
+    results = []
+    for e in measurements:
+        results.append(
+            {
+                "task": {"type": "multiple-choice", "name": str(e.get("task_title") or e["task"])},
+                "dataset": {"name": str(e["task"]), "type": str(e["task"]), "split": str(e["split"])},
+                "metrics": [
+                    {"type": metric, "name": metric.upper(), "value": round(float(v), 6), "verified": False}
+                    for metric, v in e["scores"].items()
+                ],
+            }
+        )
+    return [{"name": f"actedit-{methods}", "results": results}]
+
+
+def _how_made_lines(info: Mapping[str, Any]) -> List[str]:
+    """The card's account of how the edit was made: data, fit record, training, layer selection."""
+    lines: List[str] = []
+    if info.get("data"):
+        data = {k: v for k, v in info["data"].items() if v is not None}
+        lines += ["", "## Data", "", ", ".join(f"{k}: `{v}`" for k, v in data.items()) + "."]
+    if info.get("fit"):
+        lines += ["", "## Fit", "", "```json", json.dumps(info["fit"], indent=1), "```"]
+    training = info.get("training")
+    if training:
+        parts = [f"{training.get('epochs')} epochs", f"{training.get('steps')} steps"]
+        if training.get("best_epoch") is not None:
+            score = training.get("best_score")
+            shown = f"{score:.4g}" if isinstance(score, (int, float)) else score
+            parts.append(f"best epoch {training['best_epoch']} by {training.get('metric')} {shown}")
+        lines += ["", "## Training", "", ", ".join(parts) + " (the epoch history is in config.json)."]
+    selection = info.get("layer_selection")
+    if selection:
+        scores = selection.get("scores") or {}
+        chosen = {int(x) for x in selection.get("selected", [])}
+        lines += [
+            "",
+            "## Layer selection",
+            "",
+            f"The top {selection.get('k')} layers by {selection.get('metric')} on the eval split"
+            + (f" ({selection['num_pairs']} pairs)" if selection.get("num_pairs") else "")
+            + f": {', '.join(str(x) for x in sorted(chosen))}.",
+            "",
+            f"| layer | {selection.get('metric')} | selected |",
+            "|---|---|---|",
+        ]
+        for layer in selection.get("ranking") or sorted(scores, key=int):
+            value = scores.get(str(layer))
+            lines.append(f"| {layer} | {value if value is not None else '—'} | {'✓' if int(layer) in chosen else ''} |")
+    return lines
 
 
 EFFECT_TEXTS = ("task", "neutral")
@@ -344,6 +536,11 @@ def _base_model_snippet(base: Dict[str, Any]) -> List[str]:
             "import importlib.util",
             f"folder = importlib.util.find_spec({source['package']!r}).submodule_search_locations[0]",
         ]
+        if source.get("hub_id"):
+            lines.append(
+                f"# (or from the Hub: AutoModelForCausalLM.from_pretrained({source['hub_id']!r}), its unquantised "
+                f"weights; the edit was fitted on {gguf}'s, so scores there may differ a little)"
+            )
         where = f"folder, gguf_file={gguf!r}"
     elif gguf:
         folder = source.get("folder") or os.path.dirname(str(name))

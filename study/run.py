@@ -41,10 +41,12 @@ from actedit.eval.distributed import score_mc_many_split
 from actedit.eval.effect import measure_effect
 from actedit.eval.mc import MCResult
 from actedit.eval.plots import plot_layer_selection, plot_scores
+from actedit.eval.report import measurement
 from actedit.interventions.artifacts import (
     MANIFEST,
     ArtifactError,
-    file_sha256,
+    add_measurement,
+    edit_identity,
     load_artifact,
     save_artifact,
     verify_artifact,
@@ -81,9 +83,9 @@ def _artifact_ready(path: Path) -> bool:
 
 
 def _sha(path: Path) -> Optional[str]:
-    """Identity of an artifact: the hash of its manifest (which lists every file's SHA-256)."""
-    manifest = path / MANIFEST
-    return file_sha256(manifest) if manifest.is_file() else None
+    """Identity of an artifact's edit (:func:`~actedit.interventions.artifacts.edit_identity`): the
+    scores recorded in it do not change it, so recording them keeps its cached scores valid."""
+    return edit_identity(path) if (path / MANIFEST).is_file() else None
 
 
 class _Steps:
@@ -157,10 +159,11 @@ def run_study(cfg: StudyConfig, *, quiet: bool = False) -> Dict[str, Any]:
     task = task_spec(cfg.eval.task)
 
     # data first: a missing dataset should fail before the model loads
+    source = cfg.eval.source or cfg.data.source
     questions = steps.run(
         f"load {task.name} ({cfg.eval.split})",
         task.load,
-        cfg.eval.source or cfg.data.source,
+        source,
         cfg.eval.split,
         cfg.eval.split_file or cfg.data.split_file,
         cfg.eval.limit,
@@ -228,6 +231,12 @@ def run_study(cfg: StudyConfig, *, quiet: bool = False) -> Dict[str, Any]:
     )
     if not w.is_main:  # rank 0 analyses and reports
         return {}
+    for name in edits:  # each artifact carries its scores (metadata and card); its identity is unchanged
+        if name not in finetuned:
+            entry = measurement(
+                task, cfg.eval.split, results[name], results["base"], measured_by="actedit run", data=source
+            )
+            add_measurement(artifacts[name], entry)
     analyses: Dict[str, Any] = {}
     if edits and cfg.eval.analyses:
         norm_texts = [task.text(q) for q in questions[: cfg.eval.norm_texts]]

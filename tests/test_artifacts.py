@@ -114,6 +114,101 @@ def test_config_metadata_and_model_card(llama, tmp_path):
     assert set(manifest) == {p.name for p in path.iterdir()} - {"actedit_manifest.json"}
 
 
+def _measurement(split="test", mc1=0.3, mc2=0.45, n=4, **extra):
+    return {
+        "task": "truthfulqa",
+        "split": split,
+        "n": n,
+        "questions_sha256": f"q{n}",
+        "scores": {"mc1": mc1, "mc2": mc2},
+        "stderr": {"mc1": 0.05, "mc2": 0.04},
+        "base": {"mc1": 0.25, "mc2": 0.40},
+        "protocol": {"mc2_rule": "split"},
+        "model": "tiny",
+        "measured_by": "actedit eval",
+        **extra,
+    }
+
+
+def test_recorded_scores_go_into_metadata_and_card_and_keep_the_edit(llama, tmp_path):
+    import yaml
+
+    pvm = ai.intervenable(llama, ai.build_caa_config(llama, {1: torch.randn(32)}, multiplier=2.0))
+    selection = {"metric": "probe_accuracy", "k": 1, "scores": {"0": 0.6, "1": 0.9, "2": 0.7}, "selected": [1]}
+    selection["ranking"] = [1, 2, 0]
+    training = {"epochs": 3, "steps": 12, "best_epoch": 2, "metric": "loss", "best_score": 0.125, "history": []}
+    path = save_artifact(pvm, tmp_path / "caa", metadata={"layer_selection": selection, "training": training})
+    before = {p.name: p.read_bytes() for p in path.glob("intkey_*.bin")}
+    identity = ai.edit_identity(path)
+    card = (path / "README.md").read_text()
+    stored = next(line for line in card.splitlines() if line.startswith("Stored numbers: "))
+    assert "Not measured yet" in card and "model-index" not in card
+    assert "| 1 | 0.9 | ✓ |" in card and "| 0 | 0.6 |  |" in card  # every layer's score, the chosen one marked
+    assert "3 epochs, 12 steps, best epoch 2 by loss 0.125" in card
+
+    assert ai.add_measurement(path, _measurement()) is True
+    info = ai.artifact_metadata(path)
+    assert [e["scores"] for e in info["metrics"]] == [{"mc1": 0.3, "mc2": 0.45}]
+    card = (path / "README.md").read_text()
+    assert "| truthfulqa | test | 4 | MC2 | 45.00 ± 4.00 | 40.00 | +5.00 | actedit eval |" in card
+    front = yaml.safe_load(card.split("---")[1])
+    result = front["model-index"][0]["results"][0]
+    assert result["dataset"]["split"] == "test"
+    assert {m["type"]: m["value"] for m in result["metrics"]} == {"mc1": 0.3, "mc2": 0.45}
+    assert stored in card.splitlines()  # counted from the saved files as save_artifact counted the modules
+    # the edit is the same: same files, same identity, loads and verifies
+    assert {p.name: p.read_bytes() for p in path.glob("intkey_*.bin")} == before
+    assert ai.edit_identity(path) == identity
+    _, out = load_artifact(path, llama)(dict(INPUTS), unit_locations=None)
+    _, ref = pvm(dict(INPUTS), unit_locations=None)
+    assert torch.equal(out.logits, ref.logits)
+
+    # the same measurement again changes nothing; new scores of it replace the old; another split adds one
+    stamp = (path / "config.json").stat().st_mtime_ns
+    assert ai.add_measurement(path, _measurement()) is False and (path / "config.json").stat().st_mtime_ns == stamp
+    ai.add_measurement(path, _measurement(mc2=0.5))
+    ai.add_measurement(path, _measurement(split="eval", n=2))
+    info = ai.artifact_metadata(path)
+    assert [(e["split"], e["scores"]["mc2"]) for e in info["metrics"]] == [("test", 0.5), ("eval", 0.45)]
+    assert ai.edit_identity(path) == identity
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["caa"]  # no temporary directory left
+
+
+def test_refitting_changes_the_identity_and_bad_measurements_are_refused(llama, tmp_path):
+    path = save_artifact(ai.intervenable(llama, ai.build_caa_config(llama, {1: torch.ones(32)})), tmp_path / "a")
+    identity = ai.edit_identity(path)
+    save_artifact(ai.intervenable(llama, ai.build_caa_config(llama, {1: 2 * torch.ones(32)})), tmp_path / "a")
+    assert ai.edit_identity(path) != identity
+    with pytest.raises(ValueError, match="missing: scores, stderr"):
+        ai.add_measurement(path, {"task": "truthfulqa", "split": "test", "n": 3})
+    with pytest.raises(ArtifactError, match="config.json"):
+        ai.add_measurement(tmp_path, _measurement())
+
+
+def test_an_interrupted_recording_leaves_the_artifact_as_it_was(llama, tmp_path, monkeypatch):
+    from actedit.interventions import artifacts
+
+    path = save_artifact(ai.intervenable(llama, ai.build_caa_config(llama, {1: torch.ones(32)})), tmp_path / "a")
+    files = {p.name: p.read_bytes() for p in path.iterdir()}
+
+    def crash(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(artifacts, "_write_manifest", crash)
+    with pytest.raises(KeyboardInterrupt):
+        ai.add_measurement(path, _measurement())
+    assert {p.name: p.read_bytes() for p in path.iterdir()} == files
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a"]
+
+
+def test_metrics_of_an_earlier_release_are_kept_beside_new_ones(llama, tmp_path):
+    pvm = ai.intervenable(llama, ai.build_caa_config(llama, {1: torch.ones(32)}))
+    path = save_artifact(pvm, tmp_path / "a", metadata={"metrics": {"mc1": 0.5}})
+    ai.add_measurement(path, _measurement())
+    assert ai.artifact_metadata(path)["metrics"][0] == {"mc1": 0.5}
+    assert "| truthfulqa | test | 4 | MC1 | 30.00 ± 5.00 |" in (path / "README.md").read_text()
+
+
 @pytest.fixture
 def saved_hpr(llama, tmp_path):
     pvm = ai.intervenable(llama, ai.build_hpr_config(llama, [1]))

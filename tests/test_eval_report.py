@@ -59,6 +59,32 @@ def test_eval_with_and_without_edit(local_model, tmp_path):
     assert "| edited |" in report and "False→True" in report
 
 
+def test_eval_records_the_scores_in_a_local_artifact_unless_told_not_to(local_model, tmp_path, capsys):
+    import shutil
+
+    root, _ = local_model
+    artifact = shutil.copytree(root / "caa", tmp_path / "caa")
+    identity = ai.edit_identity(artifact)
+    args = ["eval", "--model", str(root / "model"), "--data", str(SHARED_DATA), "--limit", "3"]
+    args += ["--intervention", str(artifact)]
+    before = (artifact / "config.json").read_bytes()  # (other tests of this module may have recorded scores)
+    assert main(args + ["--no-record", "--out", str(tmp_path / "a")]) == 0
+    assert (artifact / "config.json").read_bytes() == before
+    assert main(args + ["--out", str(tmp_path / "b")]) == 0
+    assert f"scores recorded in {artifact}" in capsys.readouterr().out
+    results = json.loads((tmp_path / "b" / "results.json").read_text())
+    (entry,) = [e for e in ai.artifact_metadata(artifact)["metrics"] if e["n"] == 3 and e["split"] == "test"]
+    assert entry["task"] == "truthfulqa" and entry["split"] == "test" and entry["n"] == 3
+    assert entry["measured_by"] == "actedit eval" and entry["protocol"]["mc2_rule"] == "split"
+    assert entry["scores"] == {"mc1": results["mc1"], "mc2": results["mc2"]}
+    assert entry["stderr"]["mc2"] == results["mc2_stderr"] and entry["base"]["mc2"] == results["base"]["metrics"]["mc2"]
+    card = (artifact / "README.md").read_text()
+    assert f"| truthfulqa | test | 3 | MC2 | {100 * results['mc2']:.2f} ± {100 * results['mc2_stderr']:.2f} |" in card
+    assert ai.edit_identity(artifact) == identity
+    assert main(["info", str(artifact)]) == 0
+    assert f"| truthfulqa | test | 3 | MC1 | {100 * results['mc1']:.2f}" in capsys.readouterr().out
+
+
 def test_layer_curve_and_probe_plot(local_model, tmp_path):
     root, _ = local_model
     assert (

@@ -10,6 +10,7 @@ import torch
 import yaml
 
 from actedit.cli import main
+from actedit.interventions.artifacts import artifact_metadata
 from actedit.interventions.layers import resolve_layers
 from actedit.study import default_config_path, load_study
 from conftest import SHARED_DATA
@@ -150,9 +151,22 @@ def test_study_end_to_end_then_resumes_without_recomputing(model_dir, tmp_path, 
     for plot in ("scores.png", "flips.png", "norms.png"):
         assert (out / plot).stat().st_size > 1000
     assert (out / "activations" / "sea_bases.json").is_file()
+    for name in names[1:]:  # each artifact carries its scores on the eval split, beside the base model's
+        (entry,) = artifact_metadata(out / "artifacts" / name)["metrics"]
+        m = results["methods"][name]
+        assert entry["scores"] == {"mc1": m["mc1"], "mc2": m["mc2"]} and entry["n"] == 4
+        assert entry["base"]["mc2"] == results["methods"]["base"]["mc2"] and entry["measured_by"] == "actedit run"
+        assert (
+            f"| MC2 | {100 * m['mc2']:.2f} ± {100 * m['mc2_stderr']:.2f} |"
+            in (out / "artifacts" / name / "README.md").read_text()
+        )
+    hpr_card = (out / "artifacts" / "hpr" / "README.md").read_text()
+    assert "## Layer selection" in hpr_card and "## Training" in hpr_card
+    cached = {p.name: p.stat().st_mtime_ns for p in (out / "eval").iterdir()}
 
-    # A rerun reuses every artifact and score.
+    # A rerun reuses every artifact and score (recording the scores did not change the edits' identity).
     assert main(["run", str(config), "--data", str(SHARED_DATA), "--out", str(out)]) == 0
+    assert {p.name: p.stat().st_mtime_ns for p in (out / "eval").iterdir()} == cached
     printed = capsys.readouterr().out
     assert printed.count("(reused)") == 8
     again = json.loads((out / "results.json").read_text())
