@@ -230,6 +230,13 @@ def verify_artifact(directory: PathLike) -> Dict[str, Any]:
     keys = config.get("sorted_keys") or []
     manifest_path = directory / MANIFEST
     manifest = json.loads(manifest_path.read_text()).get("files", {}) if manifest_path.is_file() else {}
+    recorded_config = manifest.get("config.json")
+    if recorded_config is not None and file_sha256(config_path) != recorded_config["sha256"]:
+        raise ArtifactError(
+            f"{config_path} does not match the SHA-256 its manifest records: it was changed after the artifact "
+            "was saved (by hand, or corrupted in transit), so the edit it describes may not be the one saved. "
+            "Download or save the artifact again."
+        )
     for key in keys:
         name = f"intkey_{key}.bin"
         path = directory / name

@@ -241,6 +241,15 @@ def test_missing_and_truncated_bin(saved_hpr, llama):
         load_artifact(saved_hpr, llama)
 
 
+def test_a_changed_config_is_refused(saved_hpr, llama):
+    config = saved_hpr / "config.json"
+    data = json.loads(config.read_text())
+    data["actedit"]["edits"][0]["hyperparameters"]["alpha"] = 9.0
+    config.write_text(json.dumps(data))
+    with pytest.raises(ArtifactError, match="config.json does not match the SHA-256"):
+        load_artifact(saved_hpr, llama)
+
+
 def test_mistyped_local_path_does_not_go_to_the_hub(saved_hpr, llama):
     for typo in [str(saved_hpr) + "x", "./artifacts/hpr", "runs/a/b"]:
         with pytest.raises(FileNotFoundError, match="No artifact directory"):
