@@ -62,10 +62,19 @@ _LLAMA = BiasFamily(
     },
 )
 
-BIAS_FAMILIES: Dict[str, BiasFamily] = {"llama": _LLAMA}
-"""``model_type`` → where it keeps the biases. Qwen2 has no o_proj or down_proj bias in
-transformers, vLLM or llama.cpp; Mistral's config has no bias flags; Gemma-3 has no ``mlp_bias``
-and normalises the attention and MLP outputs before the residual add."""
+_GEMMA3 = BiasFamily(
+    # o_proj's output passes post_attention_layernorm before the residual add: a bias there is
+    # exact for ITI (W_o·δ equals shifting o_proj's input) but is not a residual shift
+    slots={"o_proj": ("self_attn.o_proj", "attention_bias", False)},
+    implied={"attention_bias": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj")},
+)
+
+BIAS_FAMILIES: Dict[str, BiasFamily] = {"llama": _LLAMA, "gemma3_text": _GEMMA3}
+"""``model_type`` → where it keeps the biases. Gemma-3 (text) has ``attention_bias`` but no
+``mlp_bias`` and normalises the attention and MLP outputs before the residual add, so it takes
+ITI's o_proj bias only (transformers 4.57 and 5.24: ``Gemma3Attention.o_proj`` has
+``bias=config.attention_bias``). Qwen2 has no o_proj or down_proj bias in transformers, vLLM or
+llama.cpp; Mistral's config has no bias flags."""
 
 
 class ExportError(ValueError):
@@ -143,7 +152,7 @@ def bake_biases(pvm: Any, *, every_position: bool = False) -> BakedEdit:
 
         def weight_of(slot: str, layer: int = layer) -> torch.Tensor:
             if slot not in family.slots:
-                raise ExportError(f"{model_type} has no {slot} bias.")
+                raise ExportError(f"{model_type} models have no {slot} bias (slots: {', '.join(family.slots)}).")
             weight = _module_at(model, layer, family.slots[slot][0]).weight
             return cast(torch.Tensor, weight).detach()
 
@@ -155,7 +164,7 @@ def bake_biases(pvm: Any, *, every_position: bool = False) -> BakedEdit:
             if item.slot not in family.slots:
                 raise ExportError(
                     f"the {spec.name} edit at layer {layer} needs a {item.slot} bias, which {model_type} "
-                    "models do not have."
+                    f"models do not have (their slots: {', '.join(family.slots)})."
                 )
             if item.residual and not family.slots[item.slot][2]:
                 raise ExportError(

@@ -28,7 +28,7 @@ with torch.no_grad():
     logits = model(**inputs).logits
 torch.save(logits, sys.argv[3])
 print(json.dumps({"foreign": sorted({m.split(".")[0] for m in sys.modules if m.split(".")[0] in ("actedit", "pyvene")}),
-                  "config": {k: getattr(model.config, k) for k in ("attention_bias", "mlp_bias")}}))
+                  "config": {k: getattr(model.config, k, None) for k in ("attention_bias", "mlp_bias")}}))
 """
 
 
@@ -141,10 +141,25 @@ def test_policies_other_than_all_are_refused_or_baked_at_every_position_on_reque
         )
 
 
-@pytest.mark.parametrize("family", ["qwen2", "mistral", "gemma3"])
+def test_gemma3_takes_iti_in_its_o_proj_bias_and_refuses_caa(tmp_path):
+    """Gemma-3 normalises o_proj's output before the residual add: ITI's W_o·δ is still exact there
+    (it shifts o_proj's input), CAA's residual shift has no slot (no mlp_bias)."""
+    model = tiny_model("gemma3")
+    pvm = intervenable(model, iti_config(model))
+    expected = edited_logits(pvm)
+    artifact = save_artifact(pvm, tmp_path / "artifact")
+    out = export_hf(artifact, tiny_model("gemma3"), tmp_path / "baked")
+    logits, child = fresh_logits(out, tmp_path)
+    assert child["foreign"] == [] and child["config"] == {"attention_bias": True, "mlp_bias": None}
+    torch.testing.assert_close(logits[REAL], expected[REAL], rtol=0, atol=2e-5)
+    with pytest.raises(ExportError, match="needs a down_proj bias, which gemma3_text models do not have"):
+        bake_biases(intervenable(model, caa_config(model)))
+
+
+@pytest.mark.parametrize("family", ["qwen2", "mistral"])
 def test_families_without_a_slot_are_refused_by_name(family):
     model = tiny_model(family)
-    with pytest.raises(ExportError, match=f"{family}.*supported families: llama"):
+    with pytest.raises(ExportError, match=f"{family}.*supported families: gemma3_text, llama"):
         bake_biases(intervenable(model, caa_config(model)))
 
 
