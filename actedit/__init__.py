@@ -33,6 +33,7 @@ _LAZY = {
     "method_names": "actedit.interventions.registry",
     "method_spec": "actedit.interventions.registry",
     "methods": "actedit.interventions.registry",
+    "sweep": "actedit.study.sweep",
 }
 """Public name → the module that defines it."""
 

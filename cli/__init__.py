@@ -20,7 +20,7 @@ from typing import Callable, Dict, Mapping, Optional, Sequence, Tuple
 
 from actedit.interventions.registry import method_names, methods
 
-from . import artifacts, chat, compare, export, fetch, pipeline, study
+from . import artifacts, chat, compare, export, fetch, pipeline, study, sweep
 from . import evaluate as evaluation
 
 COMMANDS: Dict[str, Tuple[str, Callable, Callable]] = {}
@@ -105,6 +105,14 @@ register(
     "report (default: configs/default.yaml)",
     study.add_arguments,
     study.run,
+)
+register(
+    "sweep",
+    "sweep methods' strength, layers and training examples, choose each on the eval split by a stated rule "
+    "(best metric within a KL budget), save the chosen edits; tables and trade-off plots "
+    "(default: configs/sweeps.yaml)",
+    sweep.add_arguments,
+    sweep.run,
 )
 register(
     "eval",

@@ -9,6 +9,7 @@ from actedit.data.distributed import world
 from actedit.study import default_config_path, load_study, run_study
 
 from .options import DEVICE_MAP_HELP, add_set_option, overrides_of
+from .sweep import print_summary
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -36,6 +37,9 @@ def run(args) -> int:
     cfg = load_study(args.config or str(default_config_path()), overrides)
     summary = run_study(cfg, quiet=args.quiet)
     if not world().is_main:  # under a launcher, rank 0 reports
+        return 0
+    if cfg.sweep is not None:
+        print_summary(summary, Path(cfg.out))
         return 0
     m = summary["methods"]
     metrics = summary["metrics"]

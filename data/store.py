@@ -21,6 +21,7 @@ hashes see the same tokens, so a pair of them carries no contrast). Per-example 
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import struct
@@ -502,6 +503,7 @@ class ActivationStore:
         self._num_rows = row
         self._columns: Optional[Dict[str, np.ndarray]] = None
         self._examples: Optional[List[Dict[str, Any]]] = None
+        self._kept_examples: Optional[np.ndarray] = None  # first_examples(): the examples a view keeps
 
     @classmethod
     def in_memory(
@@ -614,6 +616,25 @@ class ActivationStore:
             self._examples = [e for shard in self._shards for e in shard.examples_metadata()]
         return self._examples
 
+    def first_examples(self, n: int) -> "ActivationStore":
+        """This store restricted to the first ``n`` examples of each split (of all its examples
+        when they have no split), in the order they were collected: what collecting the same data
+        with ``data.limit: n`` stores, so a data-size sweep reads prefixes of one collection.
+        :meth:`rows_of` and every view built on it (paired, labeled, aligned) see only their rows."""
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise ValueError(f"first_examples() needs a positive number of examples, got {n!r}.")
+        taken: Dict[Any, int] = {}
+        kept = []
+        for example in self.examples:
+            split = example["metadata"].get("split")
+            if taken.get(split, 0) < n:
+                taken[split] = taken.get(split, 0) + 1
+                kept.append(example)
+        view = copy.copy(self)
+        view._examples = kept
+        view._kept_examples = np.asarray([e["index"] for e in kept], dtype=np.int64)
+        return view
+
     @property
     def splits(self) -> List[str]:
         """Distinct ``metadata['split']`` values of the examples."""
@@ -623,6 +644,8 @@ class ActivationStore:
         """Global row indices of the examples in ``split`` (all if None) with a role in ``roles``."""
         cols = self.columns()
         keep = np.ones(self.num_rows, dtype=bool)
+        if self._kept_examples is not None:
+            keep &= np.isin(cols["example"], self._kept_examples)
         if split is not None:
             chosen = [e["index"] for e in self.examples if e["metadata"].get("split") == split]
             if not chosen:

@@ -308,6 +308,85 @@ def plot_layer_selection(metadata: Mapping, artifact: PathLike) -> Optional[Path
     return plot_per_layer(scores, "eval loss (lower is better)", path, title="Eval loss per layer", highlight=selected)
 
 
+def plot_sweep_tradeoff(
+    rows: Mapping[str, Sequence[Mapping[str, Any]]],
+    path: PathLike,
+    *,
+    metric: str,
+    split: str,
+    chosen: Mapping[str, Optional[str]],
+    base: Optional[float] = None,
+    max_kl: Optional[float] = None,
+) -> Path:
+    """A sweep's trade-off: each point's ``metric`` (%) on ``split`` against its KL to the base
+    model on neutral text, one colour per row (its points along the strength axis joined by a
+    line), each row's chosen point ringed, the base model's score and the KL budget dashed.
+
+    ``rows``: row → its points (``id``, ``axis``, ``value``, ``kl``, ``scores[split][metric]``);
+    ``chosen``: row → the chosen point's id (None where no point met the rule)."""
+    fig = _figure(6.4, 4.2)
+    ax = fig.add_subplot(1, 1, 1)
+    for k, (row, points) in enumerate(rows.items()):
+        color = _COLORS[k % len(_COLORS)]
+        xs = [p["kl"] for p in points]
+        ys = [100 * p["scores"][split][metric] for p in points]
+        ax.scatter(xs, ys, s=16, color=color, label=row, zorder=3)
+        curve = sorted(
+            (p for p in points if p["axis"] in ("strength", "default")),
+            key=lambda p: p["kl"],
+        )
+        if len(curve) > 1:
+            ax.plot([p["kl"] for p in curve], [100 * p["scores"][split][metric] for p in curve], color=color, lw=1)
+        for p in points:
+            if p["id"] == chosen.get(row):
+                ax.scatter([p["kl"]], [100 * p["scores"][split][metric]], s=140, facecolors="none", edgecolors=color)
+    if base is not None:
+        ax.axhline(100 * base, color="#555555", ls="--", lw=1, label="base model")
+    if max_kl is not None:
+        ax.axvline(max_kl, color="#C44E52", ls=":", lw=1, label="KL budget")
+    ax.set_xscale("symlog", linthresh=1e-3)
+    ax.set_xlabel("KL(base ‖ edited) on neutral text (nats/token)")
+    ax.set_ylabel(f"{metric.upper()} on {split} (%)")
+    ax.set_title(f"{metric.upper()} against KL per point (chosen ringed)")
+    ax.legend(fontsize=7)
+    return _save(fig, path)
+
+
+def plot_sweep_axis(
+    rows: Mapping[str, Sequence[Mapping[str, Any]]],
+    path: PathLike,
+    *,
+    axis: str,
+    metric: str,
+    splits: Sequence[str],
+    base: Optional[Mapping[str, float]] = None,
+) -> Path:
+    """``metric`` (%) against one swept axis (``strength``, ``layers``, ``examples`` or a setting),
+    one colour per row, one line style per split (the choice split solid, the report split
+    dashed); the base model's scores as thin horizontal lines. ``rows``: row → its points of that
+    axis (``x``: the value drawn, ``scores[split][metric]``)."""
+    fig = _figure(6.4, 4.0)
+    ax = fig.add_subplot(1, 1, 1)
+    styles = ("-", "--", ":")
+    for k, (row, points) in enumerate(rows.items()):
+        color = _COLORS[k % len(_COLORS)]
+        ordered = sorted(points, key=lambda p: p["x"])
+        for s, split in enumerate(splits):
+            xs = [p["x"] for p in ordered if split in p["scores"]]
+            ys = [100 * p["scores"][split][metric] for p in ordered if split in p["scores"]]
+            ax.plot(xs, ys, styles[s % len(styles)], marker="o", ms=3, color=color, label=f"{row} ({split})")
+    for s, split in enumerate(splits):
+        if base and split in base:
+            ax.axhline(100 * base[split], color="#555555", ls=styles[s % len(styles)], lw=0.8)
+    if axis == "examples":
+        ax.set_xscale("log")
+    ax.set_xlabel({"examples": "training examples per split", "layers": "layer"}.get(axis, axis))
+    ax.set_ylabel(f"{metric.upper()} (%)")
+    ax.set_title(f"{metric.upper()} against {axis} (grey: base model)")
+    ax.legend(fontsize=7)
+    return _save(fig, path)
+
+
 __all__ = [
     "plot_drift",
     "plot_flips",
@@ -316,4 +395,7 @@ __all__ = [
     "plot_layer_selection",
     "plot_norms",
     "plot_per_layer",
+    "plot_scores",
+    "plot_sweep_axis",
+    "plot_sweep_tradeoff",
 ]

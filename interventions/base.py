@@ -94,6 +94,23 @@ class ActEditIntervention(pv.SourcelessIntervention, pv.TrainableIntervention): 
             return tensor.item()
         return self._kept(f"setting {name}", (tensor,), tensor.item)
 
+    def holds_setting(self, name: str) -> bool:
+        """Whether the numeric setting ``name`` lives in a 0-d floating-point buffer of this module
+        (a strength: ITI's and HPR's ``alpha``, CAA's ``multiplier``), which
+        :meth:`set_inference_setting` can change after the fit."""
+        buffer = self._buffers.get(name)
+        return buffer is not None and buffer.dim() == 0 and buffer.is_floating_point()
+
+    def set_inference_setting(self, name: str, value: float) -> None:
+        """Set the numeric setting ``name`` of a fitted module in place (see :meth:`holds_setting`):
+        the module then edits as one fitted with that value (a sweep over strengths fits once)."""
+        if not self.holds_setting(name):
+            raise ValueError(
+                f"{type(self).__name__} keeps no numeric setting {name!r} in a buffer: fit again to change it."
+            )
+        with torch.no_grad():
+            self._buffers[name].fill_(float(value))  # type: ignore[union-attr]
+
     def derived(self, name: str, inputs: Tuple[torch.Tensor, ...], compute: Callable[[], Any]) -> Any:
         """``compute()``, a value made from this module's tensors ``inputs`` only (ITI's shift δ,
         HPR's hyperplane normal), kept while each input is the same tensor at the same version.

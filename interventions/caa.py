@@ -41,6 +41,8 @@ class CAASettings(MethodSettings):
         position_start: the start of ``from_position`` (negative: counted from the prompt's end).
     """
 
+    INFERENCE_ONLY = ("multiplier", "position_policy", "position_start")
+
     multiplier: float = 1.0
     position_policy: str = "from_position"
     position_start: int = 0

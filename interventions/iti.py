@@ -56,6 +56,7 @@ class ITISettings(MethodSettings):
     """
 
     MOVED = {"top_k": "top_heads"}
+    INFERENCE_ONLY = ("alpha", "position_policy")
 
     top_heads: int = 48
     alpha: float = 15.0

@@ -55,6 +55,12 @@ class MethodSettings(Settings):
         position_policy: which positions are edited (:class:`~actedit.interventions.positions.PositionPolicy`).
     """
 
+    INFERENCE_ONLY: ClassVar[Tuple[str, ...]] = ("position_policy",)
+    """Fields that change only how a fitted module edits, not what is fitted (a strength held in a
+    buffer: ITI's ``alpha``, CAA's ``multiplier``, HPR's ``alpha``): runs that differ only in them
+    share one fit or training, and a sweep sets them on a fitted module (see
+    :meth:`~actedit.interventions.base.ActEditIntervention.set_inference_setting`)."""
+
     layers: Optional[LayerSpec] = None
     site: Optional[str] = None
     position_policy: str = "all"
@@ -89,9 +95,6 @@ class TrainedMethodSettings(MethodSettings):
     """
 
     MOVED = {"top_k": "top_layers"}
-    INFERENCE_ONLY: ClassVar[Tuple[str, ...]] = ("position_policy",)
-    """Fields that change only how a trained module edits, not its training (HPR's ``alpha``,
-    ``angle_prediction``): runs that differ only in them can share one training."""
 
     top_layers: int = 5
     strategy: str = "probe_first"

@@ -16,6 +16,7 @@ Keys::
     compose: all                   # all | none | a list of rows
     eval: {task: truthfulqa, split: test, limit: null, batch_size: 64, task_options: {mc2_rule: split}}
     seeds: null                    # [0, 1, 2]: every trained row once per training seed, mean ± sd
+    sweep: null                    # instead of one edit per row, sweep rows' settings (SweepSettings)
 
 A row of ``methods`` named otherwise than a method says which one it runs
 (``hpr_no_angle: {method: hpr, settings: {angle_prediction: false}}``).
@@ -26,10 +27,11 @@ layer spec against the model right after it loads, before any work.
 
 from __future__ import annotations
 
+import itertools
 import json
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union, cast
 
 import torch
 
@@ -111,6 +113,148 @@ class EvalSettings(Settings):
         return task_spec(self.task).options(self.task_options, "eval.task_options")
 
 
+SWEEP_MODES = ("curves", "grid")
+"""How a sweep combines its axes: ``curves`` varies one axis at a time around the row's own
+settings (one curve per axis); ``grid`` takes every combination."""
+
+
+@dataclass
+class ChoiceRule(Settings):
+    """How a sweep chooses a row's point on the choice split (:attr:`SweepSettings.choose_split`).
+
+    Attributes:
+        metric: the task metric to maximise (default: the task's last, TruthfulQA's MC2).
+        max_kl: the largest mean KL(base ‖ edited) on neutral text (nats/token) a chosen point may
+            have; None: no budget.
+        max_loss_increase: the largest increase of the LM loss on neutral text (nats/token) over the
+            base model's a chosen point may have; None: no budget.
+    """
+
+    metric: Optional[str] = None
+    max_kl: Optional[float] = None
+    max_loss_increase: Optional[float] = None
+
+    def __post_init__(self) -> None:
+        for key in ("max_kl", "max_loss_increase"):
+            value = getattr(self, key)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0):
+                raise ValueError(f"sweep.choose.{key} must be a non-negative number or null, got {value!r}.")
+
+    def describe(self, metric: str) -> str:
+        """The rule in words."""
+        budget = []
+        if self.max_kl is not None:
+            budget.append(f"KL ≤ {self.max_kl}")
+        if self.max_loss_increase is not None:
+            budget.append(f"LM-loss increase ≤ {self.max_loss_increase}")
+        return f"best {metric.upper()}" + (f" with {' and '.join(budget)} on neutral text" if budget else "")
+
+
+@dataclass
+class MethodSweep(Settings):
+    """The axes a sweep varies for one row (each a list of values; see :data:`SWEEP_MODES`).
+
+    Attributes:
+        strength: values of the method's strength (ITI's and HPR's α, CAA's multiplier, ActAdd's
+            coefficient). Where the fitted module keeps it in a buffer (``INFERENCE_ONLY``) the
+            row fits once and each strength is set on the fitted module.
+        layers: layer specs, one point each (``[6, 9, 12]`` steers one layer per point;
+            ``["1/3:", "all"]`` gives HPR/ITI their candidate layers). Every point's layers are
+            collected once, together.
+        examples: training examples per split (``25``, ``50``, ``all``): each point fits on the
+            first N examples of each split of one collection (what ``data.limit: N`` would fit on).
+        settings: any other setting of the method, name → values (``{top_heads: [16, 48]}``).
+    """
+
+    strength: Optional[List[float]] = None
+    layers: Optional[List[Any]] = None
+    examples: Optional[List[Union[int, str]]] = None
+    settings: Dict[str, List[Any]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for key in ("strength", "layers", "examples"):
+            values = getattr(self, key)
+            if values is not None and (not isinstance(values, list) or not values):
+                raise ValueError(f"{key} must be a non-empty list of values, got {values!r}.")
+        for value in self.strength or []:
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise ValueError(f"strength values must be numbers, got {value!r}.")
+        for value in self.examples or []:
+            if value != "all" and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ValueError(f"examples values must be positive integers or 'all', got {value!r}.")
+        if not isinstance(self.settings, dict):
+            raise ValueError(f"settings must map setting names to lists of values, got {self.settings!r}.")
+        for key, values in self.settings.items():
+            if key in ("layers", "strength"):
+                raise ValueError(f"settings.{key}: sweep it with the {key} axis (a key of its own).")
+            if not isinstance(values, list) or not values:
+                raise ValueError(f"settings.{key} must be a non-empty list of values, got {values!r}.")
+
+    @property
+    def axes(self) -> Dict[str, List[Any]]:
+        """Axis name (``strength``, ``layers``, ``examples`` or a setting's name) → its values."""
+        out = {k: list(getattr(self, k)) for k in ("strength", "layers", "examples") if getattr(self, k) is not None}
+        out.update({k: list(v) for k, v in self.settings.items()})
+        return out
+
+
+@dataclass
+class SweepSettings(Settings):
+    """A study's ``sweep:`` block: which rows to sweep over what, and how to choose.
+
+    Attributes:
+        methods: row of ``methods`` → its axes (:class:`MethodSweep`); the row's own settings are
+            the sweep's centre (its ``default`` point).
+        choose: the rule that picks each row's point (:class:`ChoiceRule`).
+        choose_split: the task split points are chosen on (``eval``; never the one reported).
+        report_split: the split every point is also scored on for the report (``test``; None:
+            only the chosen one's choice split is measured).
+        mode: ``curves`` or ``grid`` (:data:`SWEEP_MODES`).
+        neutral_texts: how many of the neutral texts (``actedit.eval.analysis.NEUTRAL_TEXTS``) the
+            KL and LM loss are measured on (None: all).
+        points_per_call: edits scored together in one pass over the questions (they share the base
+            model's lower layers); more is faster and holds more logits in memory.
+    """
+
+    methods: Dict[str, Any] = field(default_factory=dict)
+    choose: ChoiceRule = field(default_factory=ChoiceRule)
+    choose_split: str = "eval"
+    report_split: Optional[str] = "test"
+    mode: str = "curves"
+    neutral_texts: Optional[int] = None
+    points_per_call: int = 8
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.methods, dict) or not self.methods:
+            raise ValueError(
+                "sweep.methods must map at least one row of methods to its axes, e.g. {caa: {strength: [1, 2]}}."
+            )
+        self.methods = {
+            row: axes if isinstance(axes, MethodSweep) else MethodSweep.from_mapping(axes, f"sweep.methods.{row}")
+            for row, axes in self.methods.items()
+        }
+        if not isinstance(self.choose, ChoiceRule):
+            self.choose = ChoiceRule.from_mapping(self.choose, "sweep.choose")
+        splits = ("train", "eval", "test")
+        if self.choose_split not in splits:
+            raise ValueError(f"sweep.choose_split must be one of {', '.join(splits)}, got {self.choose_split!r}.")
+        if self.report_split is not None and self.report_split not in splits:
+            raise ValueError(
+                f"sweep.report_split must be one of {', '.join(splits)} or null, got {self.report_split!r}."
+            )
+        if self.report_split == self.choose_split:
+            raise ValueError(
+                f"sweep.report_split is the choice split ({self.choose_split}): a score chosen on is not a report; "
+                "choose on eval and report on test."
+            )
+        if self.mode not in SWEEP_MODES:
+            raise ValueError(f"sweep.mode must be one of {', '.join(SWEEP_MODES)}, got {self.mode!r}.")
+        for key in ("neutral_texts", "points_per_call"):
+            value = getattr(self, key)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ValueError(f"sweep.{key} must be a positive integer, got {value!r}.")
+
+
 @dataclass
 class StudyConfig:
     """A whole study (see the module docstring).
@@ -151,6 +295,7 @@ class StudyConfig:
     compose: Union[str, List[str]] = "all"
     eval: EvalSettings = field(default_factory=EvalSettings)
     seeds: Optional[List[int]] = None
+    sweep: Optional[SweepSettings] = None
 
     def __post_init__(self) -> None:
         if self.seeds is not None:
@@ -216,6 +361,74 @@ class StudyConfig:
                 self.finetune(name)
             else:
                 self.pipeline(name)
+        if self.sweep is not None:
+            self._check_sweep()
+
+    def _check_sweep(self) -> None:
+        """The ``sweep:`` block typed, and each swept row's axes checked against its method."""
+        if not isinstance(self.sweep, SweepSettings):
+            self.sweep = SweepSettings.from_mapping(self.sweep, "sweep")
+        if self.seeds is not None:
+            raise ValueError("seeds and sweep are both set: a sweep trains each point once (train.seed); drop seeds.")
+        for row, axes in self.sweep.methods.items():
+            where = f"sweep.methods.{row}"
+            if row not in self.methods:
+                raise ValueError(f"{where}: {row!r} is not a row of methods ({', '.join(self.methods)}); add it there.")
+            if self.is_finetune(row):
+                raise ValueError(f"{where}: {row} fine-tunes the model; a sweep varies an edit's settings.")
+            spec = method_spec(self.row_method(row))
+            if axes.strength is not None and spec.strength is None:
+                raise ValueError(f"{where}.strength: {spec.name} has no strength setting; sweep its other settings.")
+            unknown = [k for k in axes.settings if k not in spec.settings_class.field_names()]
+            if unknown:
+                check_keys(unknown, spec.settings_class.field_names(), f"{where}.settings")
+            for point in self.sweep_points(row):  # every point's settings are valid before any work
+                spec.settings(point["settings"], where)
+        metric = self.sweep.choose.metric
+        metrics = task_spec(self.eval.task).metrics
+        if metric is not None and metric not in metrics:
+            raise ValueError(
+                f"sweep.choose.metric {metric!r} is not a metric of {self.eval.task} ({', '.join(metrics)})."
+            )
+
+    def sweep_points(self, row: str) -> List[Dict[str, Any]]:
+        """The points a sweep runs for ``row``: each ``{"axis", "value", "settings", "examples"}``
+        (``settings``: the row's own settings with the point's values; ``examples``: None for all);
+        the first is the row's own settings (axis ``default``). ``curves`` varies one axis at a
+        time; ``grid`` takes every combination. Points with equal settings and data appear once."""
+        assert self.sweep is not None
+        axes = self.sweep.methods[row].axes
+        spec = method_spec(self.row_method(row))
+        base = dict(self.methods[row].get("settings") or {})
+        if spec.strength is not None and "strength" in base:
+            base[spec.strength] = base.pop("strength")
+
+        def point(values: Dict[str, Any], axis: str, value: Any) -> Dict[str, Any]:
+            settings = dict(base)
+            examples = None
+            for key, v in values.items():
+                if key == "examples":
+                    examples = None if v == "all" else int(v)
+                elif key == "strength":
+                    settings[cast(str, spec.strength)] = v
+                else:
+                    settings[key] = v
+            return {"axis": axis, "value": value, "settings": settings, "examples": examples}
+
+        points = [point({}, "default", None)]
+        if self.sweep.mode == "curves":
+            for axis, values in axes.items():
+                points += [point({axis: v}, axis, v) for v in values]
+        else:
+            names = list(axes)
+            for combo in itertools.product(*(axes[n] for n in names)):
+                points.append(point(dict(zip(names, combo, strict=True)), "grid", dict(zip(names, combo, strict=True))))
+        unique: Dict[str, Dict[str, Any]] = {}
+        for p in points:  # equal once typed: {layers: 1} and {layers: 1, multiplier: 1.0} are one point
+            typed = spec.settings(p["settings"], f"sweep.methods.{row}").to_dict()
+            key = json.dumps([typed, p["examples"]], sort_keys=True, default=str)
+            unique.setdefault(key, p)
+        return list(unique.values())
 
     def placement(self, device: str) -> Dict[str, Any]:
         """Where :func:`~actedit.data.models.load_model` puts the model: ``{"device": device}``
@@ -376,7 +589,10 @@ def load_study(path: Optional[str], overrides: Sequence[str] = ()) -> StudyConfi
     check_keys(raw, [f.name for f in fields(StudyConfig)], "")
     data = DataSettings.from_mapping(raw.pop("data", None), "data")
     evals = EvalSettings.from_mapping(raw.pop("eval", None), "eval")
-    return StudyConfig(data=data, eval=evals, **raw)
+    sweep = raw.pop("sweep", None)
+    return StudyConfig(
+        data=data, eval=evals, sweep=SweepSettings.from_mapping(sweep, "sweep") if sweep else None, **raw
+    )
 
 
 def default_config_path() -> Path:
@@ -385,7 +601,11 @@ def default_config_path() -> Path:
 
 
 __all__ = [
+    "ChoiceRule",
     "EvalSettings",
+    "MethodSweep",
+    "SWEEP_MODES",
+    "SweepSettings",
     "METHOD_KEYS",
     "MODEL_DTYPES",
     "StudyConfig",

@@ -59,6 +59,7 @@ from actedit.train.api import compose
 from .config import StudyConfig, resolve_dtype
 from .finetunes import FINETUNES, effect_path, finetune_dataset
 from .report import markdown_report, summarise
+from .sweep import run_sweep
 
 EVAL_FORMAT = 2
 """Version of the cached scores in ``OUT/eval/<name>.json`` (a change recomputes them)."""
@@ -143,6 +144,8 @@ def _write_splits(cfg: StudyConfig, task, out: Path) -> None:
 def run_study(cfg: StudyConfig, *, quiet: bool = False) -> Dict[str, Any]:
     """Run (or resume) the study ``cfg``; returns the results written to ``OUT/results.json`` (under
     a launcher: rank 0; the other ranks return an empty dict once the scores are in)."""
+    if cfg.sweep is not None:  # a sweep block: the rows' settings swept instead of one edit each
+        return run_sweep(cfg, quiet=quiet)
     started = time.perf_counter()
     w = world()  # under a launcher: joins the process group, "cuda" becomes this process's GPU
     if w.distributed and getattr(cfg, "device_map", None) is not None:
