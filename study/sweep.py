@@ -6,7 +6,8 @@ points :meth:`~actedit.study.config.StudyConfig.sweep_points` lists: the row's o
 ``default`` point) and the values of each axis (strength, layer specs, training examples, any
 other setting). Each point is scored on the task's choice split (``eval``) and report split
 (``test``), with the KL to the base model and the LM loss on neutral text
-(:func:`~actedit.eval.analysis.side_effects`); the row's point is chosen on the choice split by
+(:func:`~actedit.eval.analysis.side_effects`, the edit acting on that text as on text it
+generates: :func:`as_generating`); the row's point is chosen on the choice split by
 the stated rule (best metric, optionally within a KL or LM-loss budget) and saved as an
 ordinary artifact whose card records the sweep and both splits' scores.
 
@@ -45,8 +46,10 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 
+from actedit.data.contrast import PromptPair
 from actedit.data.distributed import world
 from actedit.data.environment import machine_info, versions
+from actedit.data.formats import get_format
 from actedit.data.models import load_model
 from actedit.data.store import ActivationStore
 from actedit.data.tasks import TaskSpec, task_spec
@@ -55,11 +58,13 @@ from actedit.eval.distributed import score_mc_many_split
 from actedit.eval.plots import plot_sweep_axis, plot_sweep_tradeoff
 from actedit.eval.report import measurement
 from actedit.interventions.artifacts import add_measurement, artifact_metadata, save_artifact, verify_artifact
-from actedit.interventions.edits import intervenable
+from actedit.interventions.edits import config_of, intervenable
 from actedit.interventions.files import write_atomic, write_json
 from actedit.interventions.layers import model_depth, resolve_layers
+from actedit.interventions.positions import PositionPolicy
 from actedit.interventions.registry import method_spec
 from actedit.train import pipeline
+from actedit.train.api import Data, examples_dataset
 from actedit.train.pipeline import PipelineConfig
 
 from .config import EvalSettings, StudyConfig, resolve_dtype
@@ -122,13 +127,30 @@ class _Scorer:
                     self.task, split, result, self.base[split], measured_by="actedit sweep", data=self._source
                 )
         for pid, pvm in pvms.items():
-            effects = side_effects(pvm, self.tokenizer, self.texts)
+            effects = side_effects(as_generating(pvm), self.tokenizer, self.texts)
             out[pid].update(kl=effects.kl, lm_loss=effects.edited_loss, base_lm_loss=effects.base_loss)
         return out
 
     @property
     def _source(self) -> Optional[str]:
         return self.cfg.eval.source or self.cfg.data.source
+
+
+GENERATING_POLICIES = (PositionPolicy.ANSWER, PositionPolicy.LAST, PositionPolicy.GENERATED)
+"""Position policies that edit every token a model generates (ITI's and CAA's ``answer`` falls back
+to ``last`` in generation: the last position of each forward call)."""
+
+
+def as_generating(pvm):
+    """``pvm``'s edits as they act on text the model generates: a copy whose modules with a policy of
+    :data:`GENERATING_POLICIES` edit every position. The sweep measures KL and LM loss on neutral
+    text with it, because a plain forward pass of an ``answer``-policy edit edits only the last
+    token and would hide what the edit does to generations."""
+    config = copy.deepcopy(config_of(pvm))
+    for rep in config.representations:
+        if rep.intervention.policy in GENERATING_POLICIES:
+            rep.intervention.set_position_policy("all")
+    return intervenable(pvm.model, config)
 
 
 # ------------------------------------------------------------------------------- planning
@@ -481,6 +503,11 @@ def _write_outputs(summary: Dict[str, Any], out: Path) -> None:
     write_atomic(out / "sweep.md", sweep_report(summary))
 
 
+def _shown(value: Any) -> str:
+    """A point's value in a table: ``—`` for the default point, else as JSON."""
+    return "—" if value is None else json.dumps(value)
+
+
 def sweep_report(summary: Mapping[str, Any]) -> str:
     """``OUT/sweep.md``: per row its points (each split's metric, KL, LM loss) and the chosen one
     against the row's own settings on the report split."""
@@ -512,7 +539,7 @@ def sweep_report(summary: Mapping[str, Any]) -> str:
                 f"{100 * p['scores'][s][metric]:.2f} ± {100 * p['stderr'][s][metric]:.2f}" for s in splits
             )
             lines.append(
-                f"| `{p['id'][:8]}`{mark} | {p['axis']} | {json.dumps(p['value'])} | {p['examples'] or 'all'} | "
+                f"| `{p['id'][:8]}`{mark} | {p['axis']} | {_shown(p['value'])} | {p['examples'] or 'all'} | "
                 f"{' '.join(str(x) for x in p.get('layers', []))} | {scores} | {p['kl']:.4f} | "
                 f"{p['lm_loss']:.3f} ({p['base_lm_loss']:.3f}) |"
             )
@@ -523,7 +550,7 @@ def sweep_report(summary: Mapping[str, Any]) -> str:
         elif report_split:
             lines += [
                 "",
-                f"Chosen ({chosen['axis']} = {json.dumps(chosen['value'])}): {metric.upper()} on {report_split} "
+                f"Chosen ({chosen['axis']} = {_shown(chosen['value'])}): {metric.upper()} on {report_split} "
                 f"{100 * chosen['scores'][report_split][metric]:.2f} % against the row's own settings' "
                 f"{100 * default['scores'][report_split][metric]:.2f} %; artifact `{info['artifact']}`.",
             ]
@@ -536,7 +563,7 @@ def sweep(
     method: str,
     model,
     tokenizer,
-    data: str = "truthfulqa",
+    data: Data = "truthfulqa",
     *,
     strength: Optional[Sequence[float]] = None,
     layers: Optional[Sequence[Any]] = None,
@@ -566,7 +593,9 @@ def sweep(
     Args:
         method: a registered method.
         model, tokenizer: the model the edits are fitted on and scored with.
-        data: the contrast data the edits are fitted on (a task name or a JSONL file).
+        data: what the edits are fitted on, as :func:`actedit.fit` takes it: a task name, a JSONL
+            file, ``(prompt, positive, negative)`` triples or prompt pairs (examples are written to
+            ``OUT/data.jsonl``, which the artifacts record).
         strength, layers, examples, settings: the axes (see
             :class:`~actedit.study.config.MethodSweep`).
         base: the method's own settings, the sweep's centre (its ``default`` point).
@@ -587,6 +616,9 @@ def sweep(
     if train:
         block["train"] = dict(train)
     name = getattr(getattr(model, "config", None), "_name_or_path", "") or type(model).__name__
+    if not isinstance(data, str):
+        reads_pairs = get_format(method_spec(method).format).accepts is PromptPair
+        data = str(examples_dataset(data, reads_pairs).to_jsonl(Path(out) / "data.jsonl"))
     cfg = StudyConfig(
         model=name,
         dtype=str(next(model.parameters()).dtype).replace("torch.", ""),
@@ -600,4 +632,4 @@ def sweep(
     return run_sweep(cfg, model=model, tokenizer=tokenizer, quiet=quiet)
 
 
-__all__ = ["SWEEP_FORMAT", "choose", "run_sweep", "sweep", "sweep_report"]
+__all__ = ["GENERATING_POLICIES", "SWEEP_FORMAT", "as_generating", "choose", "run_sweep", "sweep", "sweep_report"]

@@ -180,6 +180,26 @@ def test_the_python_call_sweeps_one_method(model_dir, tmp_path):
     assert [p["value"] for p in row["points"]] == [None, 3.0]  # strength 1 is the default point itself
     assert load_artifact(row["artifact"], model) is not None
 
+    # examples themselves (as actedit.fit takes them) are written beside the results and recorded
+    triples = [("Is the sky blue?", "Yes.", "No."), ("Is fire cold?", "No.", "Yes.")]
+    result = actedit.sweep(
+        "caa",
+        model,
+        tokenizer,
+        triples,
+        base={"layers": 1},
+        strength=[2.0],
+        source=str(SHARED_DATA),
+        eval_limit=2,
+        out=str(tmp_path / "triples"),
+        quiet=True,
+    )
+    data = artifact_metadata(result["rows"]["caa"]["artifact"])["data"]
+    assert (
+        data["name"] == str(tmp_path / "triples" / "data.jsonl")
+        and len((tmp_path / "triples" / "data.jsonl").read_text().splitlines()) == 2
+    )
+
 
 @pytest.mark.parametrize(
     "sweep, message",
@@ -215,3 +235,18 @@ def test_grid_mode_takes_every_combination(model_dir, tmp_path):
     assert {(p["settings"]["multiplier"], p["settings"]["layers"], p["examples"]) for p in points[1:]} == {
         (s, layer, 3) for s in (0.5, 4.0) for layer in (0, 2)
     }
+
+
+def test_side_effects_are_measured_as_the_edit_acts_on_generated_text(model_dir):
+    """An answer-policy edit edits only the last token of a plain forward pass; in generation it
+    edits every new token, which is what the sweep's KL must see."""
+    from actedit.eval.analysis import side_effects
+    from actedit.interventions import build_caa_config
+    from actedit.study.sweep import as_generating
+
+    model, tokenizer = load_model(str(model_dir))
+    pvm = intervenable(model, build_caa_config(model, {1: torch.ones(32)}, multiplier=3.0, position_policy="answer"))
+    plain = side_effects(pvm, tokenizer, ["one two three four five", "six seven eight"])
+    generating = side_effects(as_generating(pvm), tokenizer, ["one two three four five", "six seven eight"])
+    assert generating.kl > 3 * plain.kl > 0
+    assert pvm.interventions[pvm.sorted_keys[0]].policy.name == "ANSWER"  # the edit itself is unchanged

@@ -40,7 +40,7 @@ from actedit.train.pipeline import (
 Data = Union[str, ContrastDataset, PromptPairDataset, Sequence[Any]]
 
 
-def _dataset(data: Data, reads_pairs: bool):
+def examples_dataset(data: Data, reads_pairs: bool):
     """A dataset from the user's data: (prompt, positive, negative) triples, (prompt₁, prompt₂)
     pairs, examples, or a dataset."""
     if isinstance(data, (ContrastDataset, PromptPairDataset)):
@@ -146,7 +146,7 @@ def fit(
         out=None,
     )
     cfg = cfg.for_model(model)
-    dataset = load_dataset(cfg) if named else prepare_dataset(cfg, _dataset(data, cfg.reads_prompt_pairs))
+    dataset = load_dataset(cfg) if named else prepare_dataset(cfg, examples_dataset(data, cfg.reads_prompt_pairs))
     activations = collect(cfg, model, tokenizer, dataset=dataset, progress=progress, quiet=not progress)
     config, _ = make_edit(cfg, model, tokenizer, store=activations, progress=progress)
     return intervenable(model, config)
@@ -180,4 +180,4 @@ def compose(
     return intervenable(base, compose_configs(*configs, metadata=metadata))
 
 
-__all__ = ["compose", "fit", "load", "save"]
+__all__ = ["compose", "examples_dataset", "fit", "load", "save"]
