@@ -154,7 +154,7 @@ def test_a_trained_method_trains_once_for_all_its_strengths(model_dir, tmp_path)
     raw["methods"] = {"hpr": {"settings": {"top_layers": 1}, "train": {"epochs": 1, "progress": False}}}
     raw["sweep"] = {"methods": {"hpr": {"strength": [0.5, 2.0]}}}
     config.write_text(yaml.safe_dump(raw))
-    assert main(["sweep", str(config), "--quiet"]) == 0
+    assert main(["run", str(config), "--quiet"]) == 0  # a study with a sweep: block runs the sweep
     points = json.loads((out / "sweep.json").read_text())["rows"]["hpr"]["points"]
     assert [p["settings"]["alpha"] for p in points] == [1.0, 0.5, 2.0]
     assert len(list((out / "sweep" / "training" / "hpr").iterdir())) == 1  # one training, three strengths
@@ -250,3 +250,13 @@ def test_side_effects_are_measured_as_the_edit_acts_on_generated_text(model_dir)
     generating = side_effects(as_generating(pvm), tokenizer, ["one two three four five", "six seven eight"])
     assert generating.kl > 3 * plain.kl > 0
     assert pvm.interventions[pvm.sorted_keys[0]].policy.name == "ANSWER"  # the edit itself is unchanged
+
+
+def test_the_embedded_sweeps_config_sweeps_every_truthfulqa_method():
+    from actedit.cli.sweep import SWEEPS_CONFIG
+
+    cfg = load_study(str(SWEEPS_CONFIG))
+    assert list(cfg.sweep.methods) == ["hpr", "sea", "iti", "caa"] and cfg.sweep.report_split == "test"
+    counts = {row: len(cfg.sweep_points(row)) for row in cfg.sweep.methods}
+    assert counts == {"hpr": 8, "sea": 5, "iti": 9, "caa": 15}
+    assert all(25 in (cfg.sweep.methods[row].examples or []) for row in cfg.sweep.methods)  # SEA's 25 demonstrations
