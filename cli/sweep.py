@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from actedit.interventions.registry import method_spec
 from actedit.study import load_study
 from actedit.study.sweep import run_sweep
 
@@ -44,12 +45,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quiet", action="store_true", help="no progress lines")
 
 
-def _axis_overrides(args, rows) -> list:
+def _axis_overrides(args, rows, probe) -> list:
+    """``--set``-style overrides for the axis and rule flags; ``--strength`` goes to the rows whose
+    method has a strength (SEA has none)."""
     out = []
     for flag, axis in AXIS_FLAGS.items():
         value = getattr(args, flag)
-        if value is not None:
-            out += [f"sweep.methods.{row}.{axis}=[{value}]" for row in rows]
+        if value is None:
+            continue
+        targets = [r for r in rows if axis != "strength" or method_spec(probe.row_method(r)).strength is not None]
+        if not targets:
+            raise ValueError(f"--{flag}: none of the rows {', '.join(rows)} has a strength setting.")
+        out += [f"sweep.methods.{row}.{axis}=[{value}]" for row in targets]
     for flag, key in (("metric", "metric"), ("max_kl", "max_kl"), ("max_loss_increase", "max_loss_increase")):
         if getattr(args, flag) is not None:
             out.append(f"sweep.choose.{key}={getattr(args, flag)}")
@@ -64,7 +71,7 @@ def run(args) -> int:
     rows = args.rows or swept
     if not rows:
         raise ValueError(f"{path} has no sweep: block; name the rows to sweep with --method and give their axes.")
-    cfg = load_study(path, overrides + _axis_overrides(args, rows))
+    cfg = load_study(path, overrides + _axis_overrides(args, rows, probe))
     if cfg.sweep is None:
         raise ValueError("no axis to sweep: give --strength, --layers or --examples, or a sweep: block.")
     unknown = [row for row in rows if row not in cfg.sweep.methods]

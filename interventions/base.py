@@ -110,6 +110,19 @@ class ActEditIntervention(pv.SourcelessIntervention, pv.TrainableIntervention): 
             )
         with torch.no_grad():
             self._buffers[name].fill_(float(value))  # type: ignore[union-attr]
+        self._forget_kept()
+
+    def _forget_kept(self) -> None:
+        """Drop the values :meth:`host` and :meth:`derived` keep: a setter changed a buffer, and a
+        deep copy's buffers restart their version counters, so a kept key could match again."""
+        self.__dict__.pop("_kept_values", None)
+
+    def __getstate__(self) -> Dict[str, Any]:
+        """The module's state for ``copy.deepcopy`` and pickle, without the kept values (their keys
+        name tensor versions, which a copy does not keep)."""
+        state = dict(self.__dict__)
+        state.pop("_kept_values", None)
+        return state
 
     def derived(self, name: str, inputs: Tuple[torch.Tensor, ...], compute: Callable[[], Any]) -> Any:
         """``compute()``, a value made from this module's tensors ``inputs`` only (ITI's shift δ,
@@ -160,6 +173,7 @@ class ActEditIntervention(pv.SourcelessIntervention, pv.TrainableIntervention): 
         self.position_policy.fill_(int(PositionPolicy.parse(policy)))
         if start is not None:
             self.position_start.fill_(int(start))
+        self._forget_kept()
         return self
 
     @property
@@ -170,6 +184,7 @@ class ActEditIntervention(pv.SourcelessIntervention, pv.TrainableIntervention): 
     def set_enabled(self, enabled: bool = True) -> "ActEditIntervention":
         """Switch the edit on or off (in place; saved with the artifact); returns ``self``."""
         self.enabled.fill_(bool(enabled))
+        self._forget_kept()
         return self
 
     def full_sequence_reason(self) -> Optional[str]:

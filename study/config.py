@@ -200,7 +200,9 @@ class MethodSweep(Settings):
 
 @dataclass
 class SweepSettings(Settings):
-    """A study's ``sweep:`` block: which rows to sweep over what, and how to choose.
+    """A study's ``sweep:`` block: which rows to sweep over what, and how to choose. A study with
+    this block runs the sweep instead of one edit per row (``eval.split``, ``compose`` and the
+    analyses of a plain study do not apply; ``eval.limit`` limits both splits).
 
     Attributes:
         methods: row of ``methods`` → its axes (:class:`MethodSweep`); the row's own settings are

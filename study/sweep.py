@@ -13,17 +13,20 @@ ordinary artifact whose card records the sweep and both splits' scores.
 
 What a sweep shares, so that N points cost far less than N separate runs:
 
-* **one collection per row**: the union of every point's layers on all the examples any point
-  uses; a point with ``examples: N`` fits on the first N examples of each split of it
-  (:meth:`~actedit.data.store.ActivationStore.first_examples`), which is what collecting with
-  ``data.limit: N`` would have stored;
+* **one collection per row**: the union of every point's layers on the row's data; a point with
+  ``examples: N`` fits on the first N examples of each split of it
+  (:meth:`~actedit.data.store.ActivationStore.first_examples`): for a registered task (TruthfulQA,
+  BBQ, SEQ, ToxiGen) exactly what collecting with ``data.limit: N`` would have stored; for a data
+  file, the first N examples of each split of its seeded train/eval split (``data.limit`` of a file
+  counts records before that split);
 * **one fit per set of fitted settings**: points that differ only in a strength the fitted module
   keeps in a buffer (the settings class's ``INFERENCE_ONLY``: ITI's and HPR's α, CAA's
   multiplier) share one fit and get their strength set on a copy of it
   (:meth:`~actedit.interventions.base.ActEditIntervention.set_inference_setting`);
 * **the base model's lower layers**: ``points_per_call`` edits are scored in one pass over the
   questions, each edit starting from the base model's residual stream below its lowest edited
-  layer (:func:`~actedit.eval.mc.score_mc_many`); the base model is scored once.
+  layer (:func:`~actedit.eval.mc.score_mc_many`); the base model runs once per pass, as the
+  carrier of those lower layers.
 
 Everything is resumable: the activations (``OUT/activations``), trainings (``OUT/sweep/training``)
 and each point's scores (``OUT/sweep/points``) are written atomically as they finish and reused by
@@ -50,14 +53,20 @@ from actedit.data.contrast import PromptPair
 from actedit.data.distributed import world
 from actedit.data.environment import machine_info, versions
 from actedit.data.formats import get_format
-from actedit.data.models import load_model
+from actedit.data.models import load_model, weights_digest
 from actedit.data.store import ActivationStore
 from actedit.data.tasks import TaskSpec, task_spec
 from actedit.eval.analysis import NEUTRAL_TEXTS, side_effects
 from actedit.eval.distributed import score_mc_many_split
 from actedit.eval.plots import plot_sweep_axis, plot_sweep_tradeoff
 from actedit.eval.report import measurement
-from actedit.interventions.artifacts import add_measurement, artifact_metadata, save_artifact, verify_artifact
+from actedit.interventions.artifacts import (
+    add_measurement,
+    artifact_metadata,
+    file_sha256,
+    save_artifact,
+    verify_artifact,
+)
 from actedit.interventions.edits import config_of, intervenable
 from actedit.interventions.files import write_atomic, write_json
 from actedit.interventions.layers import model_depth, resolve_layers
@@ -69,7 +78,7 @@ from actedit.train.pipeline import PipelineConfig
 
 from .config import EvalSettings, StudyConfig, resolve_dtype
 
-SWEEP_FORMAT = 1
+SWEEP_FORMAT = 2
 """Version of a point's cached scores (``OUT/sweep/points``); a change rescores every point."""
 
 
@@ -154,7 +163,7 @@ def as_generating(pvm):
 
 
 # ------------------------------------------------------------------------------- planning
-def _plan(cfg: StudyConfig, row: str, model) -> Tuple[List[_Point], PipelineConfig]:
+def _plan(cfg: StudyConfig, row: str, model, model_identity: Dict[str, Any]) -> Tuple[List[_Point], PipelineConfig]:
     """The row's points (ids, fit keys, strengths set after the fit) and the one collection they
     share (its layers: the union of the points'; its data: every example any point uses)."""
     spec = method_spec(cfg.row_method(row))
@@ -164,12 +173,15 @@ def _plan(cfg: StudyConfig, row: str, model) -> Tuple[List[_Point], PipelineConf
     for raw in cfg.sweep_points(row):
         pcfg = dataclasses.replace(base, settings=raw["settings"], out=None, depth=None).for_model(model)
         points.append(_Point(row, raw["axis"], raw["value"], raw["settings"], raw["examples"], pcfg))
-    sites = {p.config.site for p in points}
-    if len(sites) > 1:
+    # one collection serves every point: what decides a collection but its layers must not vary
+    collected = {
+        json.dumps([p.config.site, getattr(p.config.settings, "base_tokens", None)], default=str) for p in points
+    }
+    if len(collected) > 1:
         raise ValueError(
-            f"sweep.methods.{row}: its points edit several sites ({', '.join(sorted(sites))}); sweep one site per row."
+            f"sweep.methods.{row}: its points collect different activations (site or base_tokens vary); a row's "
+            "points share one collection: sweep such a setting with one row per value."
         )
-    layers = sorted({layer for p in points for layer in p.config.settings.layers})
     given = base.data.limit
     too_many = sorted(
         {p.examples for p in points if p.examples is not None and given is not None and p.examples > given}
@@ -179,36 +191,44 @@ def _plan(cfg: StudyConfig, row: str, model) -> Tuple[List[_Point], PipelineConf
             f"sweep.methods.{row}.examples {too_many} exceed the row's data.limit ({given}): raise data.limit or "
             "lower the examples."
         )
-    counts = [p.examples for p in points]
-    wanted = None if any(n is None for n in counts) else max(n for n in counts if n is not None)
-    data = dataclasses.replace(base.data, limit=given if wanted is None else wanted)
+    layers = sorted({layer for p in points for layer in p.config.settings.layers})
     collect_settings = dataclasses.replace(points[0].config.settings, layers=resolve_layers(layers, depth))
     what = {
         "method": spec.name,
         "site": points[0].config.site,
         "layers": layers,
-        "data": asdict(data),
-        "format": base.collect.format,
+        "data": asdict(base.data),
+        "data_digest": _data_digest(base.data.name),
+        "collect": {k: v for k, v in asdict(base.collect).items() if k != "dir"},
+        "base_tokens": getattr(collect_settings, "base_tokens", None),
+        "model": model_identity,
     }
     directory = Path(cfg.out) / "activations" / f"{row}-{_digest(what, 8)}"
     collect_cfg = dataclasses.replace(
         base,
-        data=data,
         collect=dataclasses.replace(base.collect, dir=str(directory)),
         settings=collect_settings,
         out=None,
     )
     strength = spec.strength
     inference_only = getattr(spec.settings_class, "INFERENCE_ONLY", ())
+    training = dict(cfg.methods[row].get("train") or {})
+    unique: Dict[str, _Point] = {}
     for p in points:
         fitted = p.config.settings.to_dict()
         if strength is not None and strength in inference_only:
             p.strength_after_fit = float(fitted.pop(strength))
-        training = dict(cfg.methods[row].get("train") or {})
-        common = {"row": row, "method": spec.name, "model": cfg.model, "dtype": cfg.dtype, "data": asdict(data)}
-        p.fit_key = _digest({**common, "fitted": fitted, "examples": p.examples, "train": training, "collect": what})
-        p.id = _digest({**common, "settings": p.config.settings.to_dict(), "examples": p.examples, "train": training})
-    return points, collect_cfg
+        common = {"row": row, "collection": what, "examples": p.examples, "train": training}
+        p.fit_key = _digest({**common, "fitted": fitted})
+        p.id = _digest({**common, "settings": p.config.settings.to_dict()})
+        unique.setdefault(p.id, p)  # layer specs that resolve alike (0.4 and 12 on 30 layers) are one point
+    return list(unique.values()), collect_cfg
+
+
+def _data_digest(name: str) -> Optional[str]:
+    """SHA-256 of a data file's bytes (a registered task's name: None; its source is in ``data``)."""
+    path = Path(str(name)).expanduser()
+    return file_sha256(path) if path.is_file() else None
 
 
 # -------------------------------------------------------------------------------- fitting
@@ -296,11 +316,17 @@ def run_sweep(cfg: StudyConfig, *, model=None, tokenizer=None, quiet: bool = Fal
         "options": cfg.eval.task_options,
         "texts": len(scorer.texts),
     }
+    identity = {
+        "model": cfg.model,
+        "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
+        "weights": weights_digest(model),
+    }
+    plans = {row: _plan(cfg, row, model, identity) for row in sweep_cfg.methods}  # every row checked first
     seconds: Dict[str, float] = {}
     rows: Dict[str, Dict[str, Any]] = {}
-    for row in sweep_cfg.methods:
+    for row, plan in plans.items():
         t0 = time.perf_counter()
-        rows[row] = _sweep_row(cfg, row, model, tokenizer, scorer, eval_key, metric, say, quiet)
+        rows[row] = _sweep_row(cfg, row, plan, model, tokenizer, scorer, eval_key, metric, say, quiet)
         seconds[row] = round(time.perf_counter() - t0, 2)
     base = {s: dict(r.metrics) for s, r in scorer.base.items()}
     summary = {
@@ -332,10 +358,10 @@ def _cached_base(rows: Mapping[str, Mapping[str, Any]]) -> Dict[str, Dict[str, f
     return {}
 
 
-def _sweep_row(cfg, row, model, tokenizer, scorer: _Scorer, eval_key, metric, say, quiet) -> Dict[str, Any]:
+def _sweep_row(cfg, row, plan, model, tokenizer, scorer: _Scorer, eval_key, metric, say, quiet) -> Dict[str, Any]:
     assert cfg.sweep is not None
     out = Path(cfg.out)
-    points, collect_cfg = _plan(cfg, row, model)
+    points, collect_cfg = plan
     say(f"[sweep] {row}: {len(points)} points, {len({p.fit_key for p in points})} fits")
     for p in points:
         cached = _read(_point_path(out, p))
@@ -374,7 +400,7 @@ def _sweep_row(cfg, row, model, tokenizer, scorer: _Scorer, eval_key, metric, sa
     path = out / "artifacts" / row
     if chosen is not None:
         point = next(p for p in points if p.id == chosen["id"])
-        _save_chosen(cfg, point, chosen, records, path, model, tokenizer, configs, metric, scorer)
+        _save_chosen(cfg, point, chosen, records, path, model, tokenizer, configs, metric, collect_cfg)
     else:
         say(f"[sweep] {row}: no point is within the rule ({cfg.sweep.choose.describe(metric)}); nothing saved")
     return {
@@ -404,30 +430,39 @@ def _read(path: Path) -> Optional[Dict[str, Any]]:
         return None
 
 
-def _save_chosen(cfg, point: _Point, chosen, records, path: Path, model, tokenizer, configs, metric, scorer) -> None:
-    """The chosen point as an artifact (reused when it is already there), its sweep on the card
-    and its scores on both splits recorded as measurements."""
+def _save_chosen(
+    cfg, point: _Point, chosen, records, path: Path, model, tokenizer, configs, metric, collect_cfg
+) -> None:
+    """The chosen point as an artifact (kept when it already holds this point and this sweep), the
+    sweep (rule, every point's scores) on its card and its scores on both splits recorded as
+    measurements."""
+    assert cfg.sweep is not None
+    record = json.loads(
+        json.dumps(
+            {
+                "rule": cfg.sweep.choose.describe(metric),
+                "choose_split": cfg.sweep.choose_split,
+                "chosen": point.id,
+                "axis": point.axis,
+                "value": point.value,
+                "points": [
+                    {k: r.get(k) for k in ("id", "axis", "value", "examples", "scores", "kl", "lm_loss")}
+                    for r in records
+                ],
+            },
+            default=float,
+        )
+    )
     try:
         verify_artifact(path)
-        done = (artifact_metadata(path).get("sweep") or {}).get("chosen") == point.id
+        done = artifact_metadata(path).get("sweep") == record
     except (FileNotFoundError, ValueError):
         done = False
     if not done:
         config = configs.get(point.id)
         if config is None:  # scored in an earlier run: fit it again (same settings, same data)
-            store = pipeline.collect(_plan(cfg, point.row, model)[1], model, tokenizer, progress=False, quiet=True)
+            store = pipeline.collect(collect_cfg, model, tokenizer, progress=False, quiet=True)
             config = _fit_group([point], store, model, tokenizer, Path(cfg.out), progress=False)[point.id]
-        assert cfg.sweep is not None
-        record = {
-            "rule": cfg.sweep.choose.describe(metric),
-            "choose_split": cfg.sweep.choose_split,
-            "chosen": point.id,
-            "axis": point.axis,
-            "value": point.value,
-            "points": [
-                {k: r.get(k) for k in ("id", "axis", "value", "examples", "scores", "kl", "lm_loss")} for r in records
-            ],
-        }
         save_artifact(intervenable(model, config), path, metadata={"sweep": record})
     for entry in chosen["measurements"].values():
         add_measurement(path, entry)
@@ -486,10 +521,17 @@ def _write_outputs(summary: Dict[str, Any], out: Path) -> None:
         max_kl=summary["rule"].get("max_kl"),
     )
     for axis in AXIS_FILES:
-        drawn = {
-            row: [{**p, "x": x} for p in points if p["axis"] == axis for x in [_axis_x(p, axis)] if x is not None]
-            for row, points in rows.items()
-        }
+        drawn = {}
+        for row, points in rows.items():
+            on_axis = [{**p, "x": _axis_x(p, axis)} for p in points if p["axis"] == axis]
+            if not on_axis:
+                continue
+            default = next(p for p in points if p["id"] == summary["rows"][row]["default"])
+            strength = method_spec(summary["rows"][row]["method"]).strength
+            centre = {"strength": default["settings"].get(strength or ""), "layers": _axis_x(default, "layers")}
+            if centre.get(axis) is not None:  # the row's own settings are a point of its curve too
+                on_axis.append({**default, "x": float(centre[axis])})
+            drawn[row] = [p for p in on_axis if p["x"] is not None]
         drawn = {row: points for row, points in drawn.items() if points}
         if drawn:
             plot_sweep_axis(
@@ -595,7 +637,7 @@ def sweep(
         model, tokenizer: the model the edits are fitted on and scored with.
         data: what the edits are fitted on, as :func:`actedit.fit` takes it: a task name, a JSONL
             file, ``(prompt, positive, negative)`` triples or prompt pairs (examples are written to
-            ``OUT/data.jsonl``, which the artifacts record).
+            ``OUT/data-<their SHA-256>.jsonl``, which the artifacts record).
         strength, layers, examples, settings: the axes (see
             :class:`~actedit.study.config.MethodSweep`).
         base: the method's own settings, the sweep's centre (its ``default`` point).
@@ -618,7 +660,8 @@ def sweep(
     name = getattr(getattr(model, "config", None), "_name_or_path", "") or type(model).__name__
     if not isinstance(data, str):
         reads_pairs = get_format(method_spec(method).format).accepts is PromptPair
-        data = str(examples_dataset(data, reads_pairs).to_jsonl(Path(out) / "data.jsonl"))
+        dataset = examples_dataset(data, reads_pairs)
+        data = str(dataset.to_jsonl(Path(out) / f"data-{dataset.digest()[:12]}.jsonl"))
     cfg = StudyConfig(
         model=name,
         dtype=str(next(model.parameters()).dtype).replace("torch.", ""),

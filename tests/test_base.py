@@ -106,3 +106,32 @@ def test_hpr_edit_follows_its_probe_and_trains_through_the_cache():
         fresh = copy.deepcopy(module)
         fresh.__dict__.pop("_kept_values", None)
         assert torch.equal(module.edit(h), fresh.edit(h)), f"stale after an optimizer step (version {version})"
+
+
+def test_a_deep_copy_and_the_setters_never_reuse_a_kept_value():
+    """Kept values are keyed on tensor versions; a deep copy's buffers restart their counters, so the
+    copy must not inherit them, and the setters drop them (a sweep copies a fit and sets a strength)."""
+    module = ITIIntervention(
+        embed_dim=4, num_heads=2, alpha=1.0, directions=torch.ones(2, 2), sigmas=torch.ones(2), heads=[0, 1]
+    )
+    module.set_position_policy("all")
+    h = torch.zeros(1, 3, 4)
+
+    def run(m):
+        with torch.no_grad():  # kept values are used only where autograd does not record
+            return m.edit(h, None)
+
+    module.set_inference_setting("alpha", 3.0)
+    module.set_inference_setting("alpha", 2.0)  # the buffer at version 2, where a copy's fill_ lands too
+    assert torch.equal(run(module), torch.full((1, 3, 4), 2.0))
+    raw = copy.deepcopy(module)
+    with torch.no_grad():
+        raw.alpha.fill_(10.0)  # bypassing the setter: only the copy's own (empty) cache can answer
+    assert torch.equal(run(raw), torch.full((1, 3, 4), 10.0))
+    copied = copy.deepcopy(module)
+    copied.set_inference_setting("alpha", 5.0)
+    assert torch.equal(run(copied), torch.full((1, 3, 4), 5.0))
+    copied.set_enabled(False)
+    assert not copied.is_enabled and module.is_enabled
+    with pytest.raises(ValueError, match="keeps no numeric setting 'heads'"):
+        module.set_inference_setting("heads", 1.0)

@@ -194,11 +194,24 @@ def test_the_python_call_sweeps_one_method(model_dir, tmp_path):
         out=str(tmp_path / "triples"),
         quiet=True,
     )
-    data = artifact_metadata(result["rows"]["caa"]["artifact"])["data"]
-    assert (
-        data["name"] == str(tmp_path / "triples" / "data.jsonl")
-        and len((tmp_path / "triples" / "data.jsonl").read_text().splitlines()) == 2
-    )
+    again = actedit.sweep(
+        "caa",
+        model,
+        tokenizer,
+        triples[:1],
+        base={"layers": 1},
+        strength=[2.0],
+        source=str(SHARED_DATA),
+        eval_limit=2,
+        out=str(tmp_path / "triples"),
+        quiet=True,
+    )  # other data in the same folder: new points, never the old scores
+    old_ids = {p["id"] for p in result["rows"]["caa"]["points"]}
+    assert not old_ids & {p["id"] for p in again["rows"]["caa"]["points"]}
+    first = json.loads((tmp_path / "triples" / "sweep" / "points" / "caa" / f"{next(iter(old_ids))}.json").read_text())
+    files = sorted((tmp_path / "triples").glob("data-*.jsonl"))
+    assert [len(f.read_text().splitlines()) for f in files] in ([2, 1], [1, 2])  # each call's examples kept
+    assert first["point"]["settings"]["multiplier"] in (1.0, 2.0)
 
 
 @pytest.mark.parametrize(
@@ -260,3 +273,13 @@ def test_the_embedded_sweeps_config_sweeps_every_truthfulqa_method():
     counts = {row: len(cfg.sweep_points(row)) for row in cfg.sweep.methods}
     assert counts == {"hpr": 8, "sea": 5, "iti": 9, "caa": 15}
     assert all(25 in (cfg.sweep.methods[row].examples or []) for row in cfg.sweep.methods)  # SEA's 25 demonstrations
+
+
+def test_a_setting_that_changes_the_collection_cannot_vary_within_a_row(model_dir, tmp_path):
+    config = sweep_config(model_dir, tmp_path / "s.yaml", tmp_path / "o")
+    raw = yaml.safe_load(config.read_text())
+    raw["methods"] = {"sea": {"settings": {"layers": "1-2", "base_tokens": 4}}}
+    raw["sweep"] = {"methods": {"sea": {"settings": {"base_tokens": [4, 8]}}}}
+    config.write_text(yaml.safe_dump(raw))
+    assert main(["sweep", str(config), "--quiet"]) == 1  # refused before any collection
+    assert not (tmp_path / "o" / "activations").exists()
