@@ -51,7 +51,7 @@ import torch
 
 from actedit.data.contrast import PromptPair
 from actedit.data.distributed import world
-from actedit.data.environment import machine_info, versions
+from actedit.data.environment import machine_info, peak_rss_mib, versions
 from actedit.data.formats import get_format
 from actedit.data.models import load_model, weights_digest
 from actedit.data.store import ActivationStore
@@ -342,6 +342,7 @@ def run_sweep(cfg: StudyConfig, *, model=None, tokenizer=None, quiet: bool = Fal
         "base": base or _cached_base(rows),
         "rows": rows,
         "seconds": {"rows": seconds, "total": round(time.perf_counter() - started, 2)},
+        "peak_rss_mib": peak_rss_mib(),
         "machine": machine_info(),
         "versions": versions("torch", "transformers", "pyvene"),
     }
@@ -563,7 +564,8 @@ def sweep_report(summary: Mapping[str, Any]) -> str:
         + ", ".join(f"{s} {n}" for s, n in summary["n_questions"].items())
         + ". Base model: "
         + ", ".join(f"{metric.upper()} {100 * base[s][metric]:.2f} % on {s}" for s in splits if s in base)
-        + f". Took {summary['seconds']['total']:.0f} s.",
+        + f". Took {summary['seconds']['total']:.0f} s"
+        + (f", peak resident memory {summary['peak_rss_mib'] / 1024:.1f} GiB." if summary.get("peak_rss_mib") else "."),
         "",
     ]
     for row, info in summary["rows"].items():
