@@ -50,7 +50,9 @@ def actedit(*args: str) -> float:
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", default=str(DEFAULT_DATA))
-    parser.add_argument("--strengths", default="0.5,1,2,4,8", help="CAA multipliers (the first is not 1: N points)")
+    parser.add_argument(
+        "--strengths", default="0.5,2,4,8", help="CAA multipliers beside the row's own 1 (N = their count + 1)"
+    )
     parser.add_argument("--limit", type=int, default=100, help="questions of each split scored (eval has 41)")
     parser.add_argument("--out", default="runs/bench_sweep")
     args = parser.parse_args(argv)
@@ -74,7 +76,12 @@ def main(argv=None) -> dict:
     summary = json.loads((out / "sweep" / "sweep.json").read_text())
     points = {p["settings"]["multiplier"]: p for p in summary["rows"]["caa"]["points"]}
 
-    fit = {**common, "method": "caa", "collect": {"dir": str(out / "separate" / "activations")}, "settings": SETTINGS}
+    fit = {
+        **{k: v for k, v in common.items() if k != "dtype"},  # actedit fit and eval load the model in float32
+        "method": "caa",
+        "collect": {"dir": str(out / "separate" / "activations")},
+        "settings": {k: v for k, v in SETTINGS.items() if k != "multiplier"},  # --strength gives it
+    }
     (out / "fit.yaml").write_text(yaml.safe_dump(fit, sort_keys=False))
     separate = 0.0
     equal = []

@@ -313,42 +313,52 @@ def plot_sweep_tradeoff(
     path: PathLike,
     *,
     metric: str,
-    split: str,
+    splits: Sequence[str],
     chosen: Mapping[str, Optional[str]],
-    base: Optional[float] = None,
+    base: Optional[Mapping[str, float]] = None,
     max_kl: Optional[float] = None,
 ) -> Path:
-    """A sweep's trade-off: each point's ``metric`` (%) on ``split`` against its KL to the base
-    model on neutral text, one colour per row (its points along the strength axis joined by a
-    line), each row's chosen point ringed, the base model's score and the KL budget dashed.
+    """A sweep's trade-off, one panel per split (the choice split first): each point's ``metric``
+    (%) against its KL to the base model on neutral text (log scale), one colour per row (its
+    points along the strength axis joined by a line), each row's chosen point ringed, the base
+    model's score and the KL budget dashed.
 
-    ``rows``: row → its points (``id``, ``axis``, ``value``, ``kl``, ``scores[split][metric]``);
-    ``chosen``: row → the chosen point's id (None where no point met the rule)."""
-    fig = _figure(6.4, 4.2)
-    ax = fig.add_subplot(1, 1, 1)
-    for k, (row, points) in enumerate(rows.items()):
-        color = _COLORS[k % len(_COLORS)]
-        xs = [p["kl"] for p in points]
-        ys = [100 * p["scores"][split][metric] for p in points]
-        ax.scatter(xs, ys, s=16, color=color, label=row, zorder=3)
-        curve = sorted(
-            (p for p in points if p["axis"] in ("strength", "default")),
-            key=lambda p: p["kl"],
-        )
-        if len(curve) > 1:
-            ax.plot([p["kl"] for p in curve], [100 * p["scores"][split][metric] for p in curve], color=color, lw=1)
-        for p in points:
-            if p["id"] == chosen.get(row):
-                ax.scatter([p["kl"]], [100 * p["scores"][split][metric]], s=140, facecolors="none", edgecolors=color)
-    if base is not None:
-        ax.axhline(100 * base, color="#555555", ls="--", lw=1, label="base model")
-    if max_kl is not None:
-        ax.axvline(max_kl, color="#C44E52", ls=":", lw=1, label="KL budget")
-    ax.set_xscale("symlog", linthresh=1e-3)
-    ax.set_xlabel("KL(base ‖ edited) on neutral text (nats/token)")
-    ax.set_ylabel(f"{metric.upper()} on {split} (%)")
-    ax.set_title(f"{metric.upper()} against KL per point (chosen ringed)")
-    ax.legend(fontsize=7)
+    ``rows``: row → its points (``id``, ``axis``, ``kl``, ``scores[split][metric]``); ``chosen``:
+    row → the chosen point's id (None where no point met the rule)."""
+    fig = _figure(5.2 * len(splits), 4.2)
+    for s, split in enumerate(splits):
+        ax = fig.add_subplot(1, len(splits), s + 1)
+        for k, (row, points) in enumerate(rows.items()):
+            color = _COLORS[k % len(_COLORS)]
+
+            def kl(p: Mapping[str, Any]) -> float:
+                return max(float(p["kl"]), 1e-6)  # a log axis: an exact zero drawn at 1e-6
+
+            ax.scatter(
+                [kl(p) for p in points],
+                [100 * p["scores"][split][metric] for p in points],
+                s=16,
+                color=color,
+                label=row,
+                zorder=3,
+            )
+            curve = sorted((p for p in points if p["axis"] in ("strength", "default")), key=kl)
+            if len(curve) > 1:
+                ax.plot([kl(p) for p in curve], [100 * p["scores"][split][metric] for p in curve], color=color, lw=1)
+            for p in points:
+                if p["id"] == chosen.get(row):
+                    ax.scatter(
+                        [kl(p)], [100 * p["scores"][split][metric]], s=150, facecolors="none", edgecolors=color, lw=1.5
+                    )
+        if base and split in base:
+            ax.axhline(100 * base[split], color="#555555", ls="--", lw=1, label="base model")
+        if max_kl is not None:
+            ax.axvline(max_kl, color="#C44E52", ls=":", lw=1, label="KL budget")
+        ax.set_xscale("log")
+        ax.set_xlabel("KL(base ‖ edited) on neutral text (nats/token)")
+        ax.set_ylabel(f"{metric.upper()} on {split} (%)")
+        ax.set_title(f"{split}{' (chosen on)' if s == 0 else ''}: chosen points ringed")
+        ax.legend(fontsize=7)
     return _save(fig, path)
 
 
@@ -362,13 +372,16 @@ def plot_sweep_axis(
     base: Optional[Mapping[str, float]] = None,
 ) -> Path:
     """``metric`` (%) against one swept axis (``strength``, ``layers``, ``examples`` or a setting),
-    one colour per row, one line style per split (the choice split solid, the report split
+    one colour per row (a row with no point on the axis is skipped but keeps its colour), one line
+    style per split (the choice split solid, the report split
     dashed); the base model's scores as thin horizontal lines. ``rows``: row → its points of that
     axis (``x``: the value drawn, ``scores[split][metric]``)."""
     fig = _figure(6.4, 4.0)
     ax = fig.add_subplot(1, 1, 1)
     styles = ("-", "--", ":")
     for k, (row, points) in enumerate(rows.items()):
+        if not points:  # a row without this axis (it keeps its colour index)
+            continue
         color = _COLORS[k % len(_COLORS)]
         ordered = sorted(points, key=lambda p: p["x"])
         for s, split in enumerate(splits):
@@ -378,8 +391,13 @@ def plot_sweep_axis(
     for s, split in enumerate(splits):
         if base and split in base:
             ax.axhline(100 * base[split], color="#555555", ls=styles[s % len(styles)], lw=0.8)
-    if axis == "examples":
+    if axis in ("examples", "strength"):
         ax.set_xscale("log")
+    if axis == "examples":
+        ticks = sorted({float(p["x"]) for points in rows.values() for p in points})
+        ax.set_xticks(ticks)
+        ax.set_xticklabels([f"{t:g}" for t in ticks])
+        ax.minorticks_off()
     ax.set_xlabel({"examples": "training examples per split", "layers": "layer"}.get(axis, axis))
     ax.set_ylabel(f"{metric.upper()} (%)")
     ax.set_title(f"{metric.upper()} against {axis} (grey: base model)")

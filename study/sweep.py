@@ -516,9 +516,9 @@ def _write_outputs(summary: Dict[str, Any], out: Path) -> None:
         rows,
         out / "sweep_tradeoff.png",
         metric=metric,
-        split=summary["choose_split"],
+        splits=splits,
         chosen=chosen,
-        base=(base.get(summary["choose_split"]) or {}).get(metric),
+        base={s: v[metric] for s, v in base.items() if metric in v},
         max_kl=summary["rule"].get("max_kl"),
     )
     for axis in AXIS_FILES:
@@ -533,8 +533,8 @@ def _write_outputs(summary: Dict[str, Any], out: Path) -> None:
             if centre.get(axis) is not None:  # the row's own settings are a point of its curve too
                 on_axis.append({**default, "x": float(centre[axis])})
             drawn[row] = [p for p in on_axis if p["x"] is not None]
-        drawn = {row: points for row, points in drawn.items() if points}
-        if drawn:
+        if any(drawn.values()):
+            drawn = {row: drawn.get(row, []) for row in rows}  # every row keeps its colour across the plots
             plot_sweep_axis(
                 drawn,
                 out / f"sweep_{axis}.png",
