@@ -182,30 +182,23 @@ def test_the_python_call_sweeps_one_method(model_dir, tmp_path):
 
     # examples themselves (as actedit.fit takes them) are written beside the results and recorded
     triples = [("Is the sky blue?", "Yes.", "No."), ("Is fire cold?", "No.", "Yes.")]
-    result = actedit.sweep(
-        "caa",
-        model,
-        tokenizer,
-        triples,
-        base={"layers": 1},
-        strength=[2.0],
-        source=str(SHARED_DATA),
-        eval_limit=2,
-        out=str(tmp_path / "triples"),
-        quiet=True,
-    )
-    again = actedit.sweep(
-        "caa",
-        model,
-        tokenizer,
-        triples[:1],
-        base={"layers": 1},
-        strength=[2.0],
-        source=str(SHARED_DATA),
-        eval_limit=2,
-        out=str(tmp_path / "triples"),
-        quiet=True,
-    )  # other data in the same folder: new points, never the old scores
+
+    def sweep_on(data):
+        return actedit.sweep(
+            "caa",
+            model,
+            tokenizer,
+            data,
+            base={"layers": 1},
+            strength=[2.0],
+            source=str(SHARED_DATA),
+            eval_limit=2,
+            out=str(tmp_path / "triples"),
+            quiet=True,
+        )
+
+    result = sweep_on(triples)
+    again = sweep_on(triples[:1])  # other data in the same folder: new points, never the old scores
     old_ids = {p["id"] for p in result["rows"]["caa"]["points"]}
     assert not old_ids & {p["id"] for p in again["rows"]["caa"]["points"]}
     first = json.loads((tmp_path / "triples" / "sweep" / "points" / "caa" / f"{next(iter(old_ids))}.json").read_text())
