@@ -109,7 +109,7 @@ class ActEditIntervention(pv.SourcelessIntervention, pv.TrainableIntervention): 
                 f"{type(self).__name__} keeps no numeric setting {name!r} in a buffer: fit again to change it."
             )
         with torch.no_grad():
-            self._buffers[name].fill_(float(value))  # type: ignore[union-attr]
+            self._buffers[name].fill_(float(value))
         self._forget_kept()
 
     def _forget_kept(self) -> None:

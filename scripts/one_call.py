@@ -38,8 +38,9 @@ def calls(data_dir: str, limit: int) -> dict:
         "hpr": ("'truthfulqa'", "truthfulqa", dict(task, top_layers=5, train={"epochs": 1})),
         "diff": ("'truthfulqa'", "truthfulqa", dict(task, top_layers=5, train={"epochs": 1})),
         "sea": ("'truthfulqa'", "truthfulqa", dict(task, layers="1/3:")),
-        "iti": ("'truthfulqa'", "truthfulqa", dict(task, top_heads=48, strength=15.0)),
-        "caa": ("TRIPLES", TRIPLES, dict(layers=0.4, multiplier=4.0)),
+        # ITI's and CAA's strengths: what scripts/sweep_one_call.py chose on the eval split (README)
+        "iti": ("'truthfulqa'", "truthfulqa", dict(task, top_heads=48, strength=2.0)),
+        "caa": ("TRIPLES", TRIPLES, dict(layers=0.4, multiplier=0.5)),
         "actadd": ("[('Love', 'Hate')]", [("Love", "Hate")], dict(layers=6, coefficient=5.0)),
     }
 

@@ -176,12 +176,12 @@ class MethodSweep(Settings):
             values = getattr(self, key)
             if values is not None and (not isinstance(values, list) or not values):
                 raise ValueError(f"{key} must be a non-empty list of values, got {values!r}.")
-        for value in self.strength or []:
-            if isinstance(value, bool) or not isinstance(value, (int, float)):
-                raise ValueError(f"strength values must be numbers, got {value!r}.")
-        for value in self.examples or []:
-            if value != "all" and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-                raise ValueError(f"examples values must be positive integers or 'all', got {value!r}.")
+        for number in self.strength or []:
+            if isinstance(number, bool) or not isinstance(number, (int, float)):
+                raise ValueError(f"strength values must be numbers, got {number!r}.")
+        for count in self.examples or []:
+            if count != "all" and (isinstance(count, bool) or not isinstance(count, int) or count < 1):
+                raise ValueError(f"examples values must be positive integers or 'all', got {count!r}.")
         if not isinstance(self.settings, dict):
             raise ValueError(f"settings must map setting names to lists of values, got {self.settings!r}.")
         for key, values in self.settings.items():
