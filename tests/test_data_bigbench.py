@@ -257,6 +257,12 @@ def real():
     try:
         return {t: B.load_bigbench_task(t) for t in B.TASK_FOLDERS}
     except FileNotFoundError:
+        if not packages.registry_serves("bigbench"):  # checked against the registry now, not assumed
+            pytest.skip(
+                "the package registry reachable here no longer serves bigbench 1.0.0 (its simple index lists "
+                "0.0.1 only and the file answers 403; first seen 2026-12-05), so the real BBQ/SEQ data cannot be "
+                "fetched; the loaders are tested on the toy tasks above"
+            )
         unavailable(f"the bigbench 1.0.0 sdist is not in {packages.cache_dir()}: run `actedit fetch bigbench`")
 
 

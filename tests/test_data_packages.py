@@ -113,3 +113,12 @@ def test_extract_members_keeps_paths_and_refuses_escapes(tmp_path):
     with pytest.raises(ValueError, match="points outside"):
         packages.extract_members(evil, lambda name: True, tmp_path / "out")
     assert not (tmp_path / "escape.json").exists()
+
+
+def test_registry_serves_tells_a_refused_file_from_a_served_one(index, tmp_path):
+    index(b"payload")
+    assert packages.registry_serves("bigbench") is True
+    (tmp_path / "index" / "files" / "bigbench-1.0.0.tar.gz").unlink()  # listed, but the file answers 404
+    assert packages.registry_serves("bigbench") is False
+    (tmp_path / "index" / "simple" / "bigbench" / "index.html").write_text(json.dumps({"files": []}))
+    assert packages.registry_serves("bigbench") is False  # not listed at all
