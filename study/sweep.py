@@ -93,7 +93,6 @@ class _Point:
     row: str
     axis: str
     value: Any
-    settings: Dict[str, Any]
     examples: Optional[int]
     config: PipelineConfig  # resolved for the model, out=None
     id: str = ""
@@ -103,8 +102,9 @@ class _Point:
 
 
 class _Scorer:
-    """Scores edits on the choice and report splits beside the base model (scored once), with
-    their side effects on neutral text; holds the base model's results."""
+    """Scores edits on the choice and report splits beside the base model (which runs in every
+    call, carrying the lower layers; its results are kept from the first), with their side effects
+    on neutral text."""
 
     def __init__(self, cfg: StudyConfig, task: TaskSpec, model, tokenizer, questions: Dict[str, List[Any]]) -> None:
         self.cfg, self.task, self.model, self.tokenizer, self.questions = cfg, task, model, tokenizer, questions
@@ -165,14 +165,15 @@ def as_generating(pvm):
 # ------------------------------------------------------------------------------- planning
 def _plan(cfg: StudyConfig, row: str, model, model_identity: Dict[str, Any]) -> Tuple[List[_Point], PipelineConfig]:
     """The row's points (ids, fit keys, strengths set after the fit) and the one collection they
-    share (its layers: the union of the points'; its data: every example any point uses)."""
+    share (its layers: the union of the points'; its data: the row's, which every data size reads
+    a prefix of)."""
     spec = method_spec(cfg.row_method(row))
     base = cfg.pipeline(row)
     depth = model_depth(model)
     points: List[_Point] = []
     for raw in cfg.sweep_points(row):
         pcfg = dataclasses.replace(base, settings=raw["settings"], out=None, depth=None).for_model(model)
-        points.append(_Point(row, raw["axis"], raw["value"], raw["settings"], raw["examples"], pcfg))
+        points.append(_Point(row, raw["axis"], raw["value"], raw["examples"], pcfg))
     # one collection serves every point: what decides a collection but its layers must not vary
     collected = {
         json.dumps([p.config.site, getattr(p.config.settings, "base_tokens", None)], default=str) for p in points
