@@ -1,9 +1,9 @@
 """Generation speed: plain ``model.generate`` vs pyvene-wrapped (no edit) vs each method.
 
 Usage:
-  python benchmarks/bench_generation.py [--model smollm2-135m-instruct] [--batch-sizes 1,8]
-         [--new-tokens 32] [--repeats 9] [--artifacts runs/default/artifacts] [--json OUT]
-         [--reference-hooks sea,iti,composed]
+  python benchmarks/bench_generation.py [--model smollm2-135m-instruct] [--dtype float32]
+         [--batch-sizes 1,8] [--new-tokens 32] [--repeats 9] [--artifacts runs/default/artifacts]
+         [--json OUT] [--reference-hooks sea,iti,composed]
 
 Greedy decoding with the KV cache, ``min_new_tokens = max_new_tokens`` so every run produces the
 same number of tokens. Rows are measured side by side in one process, in rounds: each round runs
@@ -132,6 +132,7 @@ def share_inside_edits(pvm, run, batch) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     parser.add_argument("--model", default="smollm2-135m-instruct")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="the model's dtype")
     parser.add_argument("--batch-sizes", default="1,8")
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=9, help="rounds (each runs every row once)")
@@ -153,7 +154,7 @@ def main() -> None:
     from actedit.data.models import load_model
     from actedit.interventions.compat import pyvene_generation_hooks
 
-    model, tok = load_model(args.model)
+    model, tok = load_model(args.model, dtype=getattr(torch, args.dtype))
     model.eval()
     if args.artifacts:
         root = Path(args.artifacts)
@@ -227,12 +228,14 @@ def main() -> None:
         "machine": machine_info(),
         "versions": versions("torch", "transformers", "pyvene", "actedit"),
         "model": args.model,
+        "dtype": args.dtype,
         "new_tokens": args.new_tokens,
         "repeats": args.repeats,
         "edits": "artifacts " + args.artifacts if args.artifacts else "synthetic (default study shapes)",
     }
     print(
-        f"# generation, greedy, {args.new_tokens} new tokens, KV cache; {env['machine']['cpu']}, "
+        f"# generation, {args.model} in {args.dtype}, greedy, {args.new_tokens} new tokens, KV cache; "
+        f"{env['machine']['cpu']} ({', '.join(env['machine']['cpu_flags'])}), "
         f"{env['machine']['torch_threads']} threads; torch {env['versions']['torch']}, "
         f"transformers {env['versions']['transformers']}, pyvene {env['versions']['pyvene']}"
     )

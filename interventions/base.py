@@ -23,7 +23,8 @@ It encodes the pyvene facts that make an edit save and load with the stock
 
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
+import contextlib
+from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Tuple
 
 import pyvene as pv
 import torch
@@ -122,6 +123,7 @@ class ActEditIntervention(pv.SourcelessIntervention, pv.TrainableIntervention): 
         name tensor versions, which a copy does not keep)."""
         state = dict(self.__dict__)
         state.pop("_kept_values", None)
+        state.pop("_frozen_plan", None)
         return state
 
     def derived(self, name: str, inputs: Tuple[torch.Tensor, ...], compute: Callable[[], Any]) -> Any:
@@ -227,39 +229,44 @@ class ActEditIntervention(pv.SourcelessIntervention, pv.TrainableIntervention): 
         raise NotImplementedError
 
     def forward(self, base: torch.Tensor, source: Any = None, subspaces: Any = None, **kwargs: Any) -> torch.Tensor:
-        home = self.enabled.device
-        if base.device != home:
-            # A model spread over devices (``device_map``): the activation comes from the device
-            # its producer ran on (a pre-hook sees it before accelerate moves it), this module lives
-            # on its hooked module's execution device (:func:`~actedit.interventions.devices.place_interventions`).
-            # Computed here, handed back where pyvene scatters it.
-            return self._edited(base.to(home)).to(base.device)
-        return self._edited(base)
+        plan: Optional[EditPlan] = self.__dict__.get("_frozen_plan")
+        return (plan or self.plan(self.edit))(base)
 
-    def _edited(self, base: torch.Tensor) -> torch.Tensor:
-        squeeze = base.dim() == 2
-        h = base.unsqueeze(1) if squeeze else base
-        if h.shape[-1] != self.d:
-            raise ValueError(
-                f"{type(self).__name__} was built for activations of width {self.d} but received "
-                f"width {h.shape[-1]}: the artifact does not match this model or site."
-            )
-        if not self.is_enabled:
-            return base
-        batch, seq = h.shape[0], h.shape[1]
-        mask, any_edited, all_edited = edit_positions(
-            self.policy, int(self.host("position_start")), batch, seq, h.device
+    def plan(self, edit: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> "EditPlan":
+        """An :class:`EditPlan` of ``edit`` with this module's settings as they are now."""
+        return EditPlan(
+            self,
+            width=self.d,
+            enabled=self.is_enabled,
+            policy=self.policy,
+            start=int(self.host("position_start")),
+            home=self.enabled.device,
+            edit=edit,
         )
-        if not any_edited:
-            if self.effect_recorder is not None:
-                self.effect_recorder(self, h, h, mask)
-            return base
-        edited = self.edit(h, mask).to(h.dtype)
-        out = edited if all_edited else torch.where(mask[..., None], edited, h)
-        if self.effect_recorder is not None:
-            self.effect_recorder(self, h, out, mask)
-        out = out.squeeze(1) if squeeze else out
-        return out.to(base.dtype)
+
+    def frozen_edit(self) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+        """:meth:`edit` with every setting and every tensor derived from the module's own read
+        once, for as long as they do not change (:meth:`frozen`). The base returns :meth:`edit`;
+        methods whose edit rebuilds tensors or reads settings at each call return a closure
+        (the fast path; :meth:`edit` is its reference, and tests compare the two)."""
+        return self.edit
+
+    @contextlib.contextmanager
+    def frozen(self) -> Iterator["ActEditIntervention"]:
+        """Within the block, :meth:`forward` runs the :meth:`frozen_edit` with the settings read
+        once on entry: the module's tensors must not change inside it (``generate`` holds it
+        for one call; a decode step then pays no setting reads, dictionary lookups or rebuilt
+        tensors at each edited layer and token)."""
+        previous = self.__dict__.get("_frozen_plan")
+        with torch.no_grad():
+            self.__dict__["_frozen_plan"] = self.plan(self.frozen_edit())
+        try:
+            yield self
+        finally:
+            if previous is None:
+                self.__dict__.pop("_frozen_plan", None)
+            else:
+                self.__dict__["_frozen_plan"] = previous
 
     # --------------------------------------------------------------------------- save / load
     def resizable_buffers(self) -> Tuple[str, ...]:
@@ -314,3 +321,73 @@ class ActEditIntervention(pv.SourcelessIntervention, pv.TrainableIntervention): 
                 if isinstance(value, torch.Tensor) and value.device.type != "cpu":
                     result[key] = value.detach().cpu()
         return result
+
+
+class EditPlan:
+    """How a module applies an edit at one call: the settings :meth:`ActEditIntervention.forward`
+    reads (width, on/off switch, position policy and start, the device of its tensors) and the
+    edit ``(h, mask) -> h′``. Built at every call from the buffers, or once for a block by
+    :meth:`ActEditIntervention.frozen`; both run this same code."""
+
+    __slots__ = ("module", "width", "enabled", "policy", "start", "home", "edit")
+
+    def __init__(
+        self,
+        module: ActEditIntervention,
+        *,
+        width: int,
+        enabled: bool,
+        policy: PositionPolicy,
+        start: int,
+        home: torch.device,
+        edit: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    ) -> None:
+        self.module, self.width, self.enabled, self.policy = module, width, enabled, policy
+        self.start, self.home, self.edit = start, home, edit
+
+    def __call__(self, base: torch.Tensor) -> torch.Tensor:
+        if base.device != self.home:
+            # A model spread over devices (``device_map``): the activation comes from the device
+            # its producer ran on (a pre-hook sees it before accelerate moves it), the module lives
+            # on its hooked module's execution device (:func:`~actedit.interventions.devices.place_interventions`).
+            # Computed here, handed back where pyvene scatters it.
+            return self._edited(base.to(self.home)).to(base.device)
+        return self._edited(base)
+
+    def _edited(self, base: torch.Tensor) -> torch.Tensor:
+        squeeze = base.dim() == 2
+        h = base.unsqueeze(1) if squeeze else base
+        if h.shape[-1] != self.width:
+            raise ValueError(
+                f"{type(self.module).__name__} was built for activations of width {self.width} but "
+                f"received width {h.shape[-1]}: the artifact does not match this model or site."
+            )
+        if not self.enabled:
+            return base
+        batch, seq = h.shape[0], h.shape[1]
+        mask, any_edited, all_edited = edit_positions(self.policy, self.start, batch, seq, h.device)
+        recorder = self.module.effect_recorder
+        if not any_edited:
+            if recorder is not None:
+                recorder(self.module, h, h, mask)
+            return base
+        edited = self.edit(h, mask).to(h.dtype)
+        out = edited if all_edited else torch.where(mask[..., None], edited, h)
+        if recorder is not None:
+            recorder(self.module, h, out, mask)
+        out = out.squeeze(1) if squeeze else out
+        return out.to(base.dtype)
+
+
+def shift_edit(shift: torch.Tensor) -> Callable[[torch.Tensor, Optional[torch.Tensor]], torch.Tensor]:
+    """The edit h ↦ h + ``shift``, the shift cast once per activation dtype (the frozen edit of
+    the additive methods)."""
+    casts: Dict[torch.dtype, torch.Tensor] = {}
+
+    def edit(h: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        cast = casts.get(h.dtype)
+        if cast is None:
+            cast = casts[h.dtype] = shift.to(h.dtype)
+        return h + cast
+
+    return edit

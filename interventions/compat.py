@@ -591,7 +591,9 @@ def _generate_in_generation_context(original_generate: Callable[..., Any]) -> Ca
     and the caller gave neither argument, actedit's position policies decide instead
     (``intervene_on_prompt=True``). (3) Its per-hook bookkeeping (:func:`_direct_generation_hooks`):
     when every edit is an actedit one and pyvene would pass each activation whole, the edits run
-    as plain torch hooks around ``model.generate`` and the call returns what pyvene's would.
+    as plain torch hooks around ``model.generate``, each :meth:`~ActEditIntervention.frozen` for
+    the call (settings read once, not at every layer and token), and the call returns what
+    pyvene's would.
     """
 
     @functools.wraps(original_generate)
@@ -612,7 +614,10 @@ def _generate_in_generation_context(original_generate: Callable[..., Any]) -> Ca
             base_outputs = self.model.generate(**base, **kwargs) if want_original else None
             handles = _direct_generation_hooks(self)
             try:
-                return base_outputs, self.model.generate(**base, **kwargs)
+                with contextlib.ExitStack() as frozen:
+                    for intervention in self.interventions.values():
+                        frozen.enter_context(intervention.frozen())
+                    return base_outputs, self.model.generate(**base, **kwargs)
             finally:
                 for handle in handles:
                     handle.remove()

@@ -50,7 +50,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import pyvene as pv
 import torch
@@ -382,6 +382,47 @@ class HPRIntervention(ActEditIntervention):
         else:
             moved = self.reflect(work)
         return torch.where(keep.unsqueeze(-1), work, moved)
+
+    def frozen_edit(self) -> Callable[[torch.Tensor, Optional[torch.Tensor]], torch.Tensor]:
+        """The fast path of :meth:`edit` for the default rotation (``angle_prediction`` and
+        ``stable``): the probe wᵀh̃ and the angle network's first layer in one product (the probe
+        as one more row of that layer), the angle network as plain functions, the normal and
+        α·π built once, and the rotation h′ = ‖h‖ (cos θ̂ u + sin θ̂ v) with the scalars of
+        u and v folded (equal to :meth:`edit` to float rounding). Other settings run :meth:`edit`."""
+        if not (bool(self.host("angle_prediction")) and bool(self.host("stable"))):
+            return self.edit
+        linears = [m for m in self.angle_net if isinstance(m, nn.Linear)]
+        gelus = [m.approximate for m in self.angle_net if isinstance(m, nn.GELU)]
+        first = linears[0]
+        joint_weight = torch.cat([self.probe.weight, first.weight], dim=0)
+        joint_bias = torch.cat([first.bias.new_zeros(1), first.bias])
+        rest = [(m.weight, m.bias) for m in linears[1:]]
+        scale = None if self._unit_rotation_scale() else self.rotation_scale
+        normal = self.probe.weight.reshape(-1) * self.rotation_scale / self.input_scale
+        input_scale, alpha_pi = self.input_scale, float(self.alpha) * math.pi
+        dtype = self.probe.weight.dtype
+        tiny = torch.finfo(dtype).tiny
+
+        def edit(h: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+            work = h.to(dtype)
+            joint = F.linear(work / input_scale, joint_weight, joint_bias)
+            hidden = joint[..., 1:]
+            for approximate, (weight, bias) in zip(gelus, rest, strict=True):
+                hidden = F.linear(F.gelu(hidden, approximate=approximate), weight, bias)
+            theta = torch.sigmoid(hidden.squeeze(-1)) * alpha_pi  # θ̂ = α·π·σ(f(h̃))
+            x = work if scale is None else work / scale
+            x_norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True)
+            u = x / x_norm.clamp_min(tiny)
+            w_perp = torch.addcmul(normal, u @ normal.unsqueeze(-1), u, value=-1.0)  # w − (uᵀw) u
+            # v = −sign(wᵀx) w⊥/‖w⊥‖, so h′ = ‖x‖ cos θ̂ · u + ‖x‖ sin θ̂ (−sign(wᵀx)/‖w⊥‖) · w⊥
+            side = torch.where((x @ normal) > 0, -1.0, 1.0).unsqueeze(-1)
+            along_v = x_norm * side * torch.sin(theta).unsqueeze(-1)
+            along_v = along_v / torch.linalg.vector_norm(w_perp, dim=-1, keepdim=True).clamp_min(tiny)
+            moved = torch.addcmul(along_v * w_perp, x_norm * torch.cos(theta).unsqueeze(-1), u)
+            moved = moved if scale is None else moved * scale
+            return torch.where((joint[..., 0] > 0).unsqueeze(-1), work, moved)
+
+        return edit
 
     # -------------------------------------------------------------------------------- loss
     def loss(self, h_pos: torch.Tensor, h_neg: torch.Tensor, reduction: str = "mean") -> torch.Tensor:

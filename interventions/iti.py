@@ -29,7 +29,7 @@ import pyvene as pv
 import torch
 from tqdm.auto import tqdm
 
-from .base import ActEditIntervention
+from .base import ActEditIntervention, shift_edit
 from .checks import check_int, check_labels, check_layer_map, check_matrix, check_number
 from .edits import edit_config, site_width
 from .positions import PolicyLike, PositionPolicy
@@ -158,6 +158,10 @@ class ITIIntervention(ActEditIntervention):
         inputs = (self.alpha, self.sigmas, self.directions, self.head_mask)
         shift: torch.Tensor = self.derived(f"shift {h.dtype}", inputs, lambda: self.shift().to(h.dtype))
         return h + shift
+
+    def frozen_edit(self) -> Callable[[torch.Tensor, Optional[torch.Tensor]], torch.Tensor]:
+        """:meth:`edit` with δ built once (its fast path)."""
+        return shift_edit(self.shift())
 
     def o_proj_bias(self, o_proj_weight: torch.Tensor) -> torch.Tensor:
         """The o_proj bias W_o·δ equivalent to this edit at every position."""

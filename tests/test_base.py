@@ -135,3 +135,35 @@ def test_a_deep_copy_and_the_setters_never_reuse_a_kept_value():
     assert not copied.is_enabled and module.is_enabled
     with pytest.raises(ValueError, match="keeps no numeric setting 'heads'"):
         module.set_inference_setting("heads", 1.0)
+
+
+def test_a_frozen_module_reads_its_settings_once_and_thaws_on_exit():
+    """:meth:`frozen` holds the settings and the shift read on entry (``generate`` holds it for one
+    call); on exit, and in a deep copy made inside, the module reads its buffers again."""
+    module = CAAIntervention(embed_dim=4, vector=torch.ones(4), multiplier=2.0, position_policy="all")
+    h = torch.zeros(1, 3, 4)
+    with torch.no_grad(), module.frozen():
+        assert torch.equal(module(h), torch.full((1, 3, 4), 2.0))
+        module.multiplier.fill_(3.0)
+        assert torch.equal(module(h), torch.full((1, 3, 4), 2.0))  # frozen: read on entry
+        copied = copy.deepcopy(module)
+        assert torch.equal(copied(h), torch.full((1, 3, 4), 3.0))
+        with module.frozen():  # nested: the inner block reads again, the outer plan comes back
+            assert torch.equal(module(h), torch.full((1, 3, 4), 3.0))
+        assert torch.equal(module(h), torch.full((1, 3, 4), 2.0))
+    assert torch.equal(module(h), torch.full((1, 3, 4), 3.0))
+    module.set_enabled(False)
+    with module.frozen():
+        assert module(h) is h
+
+
+def test_frozen_additive_edits_are_bit_identical():
+    iti = _iti(2.0)
+    caa = CAAIntervention(embed_dim=6, vector=torch.randn(6), multiplier=1.5, position_policy="all")
+    for module in (iti, caa):
+        for dtype in (torch.float32, torch.bfloat16, torch.float64):
+            h = torch.randn(2, 3, 6).to(dtype)
+            with torch.no_grad():
+                reference = module(h)
+                with module.frozen():
+                    assert torch.equal(module(h), reference)

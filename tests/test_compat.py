@@ -256,11 +256,17 @@ def _generate_both_ways(pvm, batch, **kwargs):
 @pytest.mark.parametrize("use_cache", [True, False])
 def test_direct_generation_hooks_equal_pyvene_hooks(llama, padded_batch, method, use_cache):
     """Every method and their composition, a left-padded batch, with and without KV cache: the
-    same tokens and bit-identical scores at every step as pyvene's hook callback."""
+    same tokens and the same scores at every step as pyvene's hook callback: bit-identical where
+    the frozen edit is the edit's own arithmetic, to float rounding where it is a fast path of its
+    own (HPR's and SEA's, :meth:`frozen_edit`)."""
     pvm = ai.intervenable(llama, every_method_edit(llama)[method])
     direct, reference = _generate_both_ways(pvm, padded_batch, use_cache=use_cache)
     assert torch.equal(direct.sequences, reference.sequences)
-    assert all(torch.equal(a, b) for a, b in zip(direct.scores, reference.scores, strict=True))
+    if method in ("hpr", "sea", "composed"):
+        for a, b in zip(direct.scores, reference.scores, strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+    else:
+        assert all(torch.equal(a, b) for a, b in zip(direct.scores, reference.scores, strict=True))
     unedited = ai.intervenable(llama, ai.build_caa_config(llama, {0: torch.zeros(32)}))
     _, plain = _generate_both_ways(unedited, padded_batch)
     assert not all(torch.equal(a, b) for a, b in zip(direct.scores, plain.scores, strict=True)), "the edit did nothing"
@@ -279,6 +285,23 @@ def test_direct_generation_hooks_bypass_pyvene_and_leave_no_hook(llama, padded_b
     assert sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in llama.modules()) == hooks_before
     with pytest.raises(AssertionError, match="hook callback"):  # explicit unit locations: pyvene's path
         pvm.generate(dict(padded_batch), unit_locations={"base": 0}, max_new_tokens=2, pad_token_id=0)
+
+
+@pytest.mark.parametrize("method", ["hpr", "sea"])
+def test_direct_generation_runs_the_frozen_edits(llama, padded_batch, method, monkeypatch):
+    """Generation runs the fast paths (the reference :meth:`edit` is never called) and leaves
+    every module thawed."""
+    pvm = ai.intervenable(llama, every_method_edit(llama)[method])
+    kind = type(next(iter(pvm.interventions.values())))
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the reference edit ran during generation")
+
+    monkeypatch.setattr(kind, "edit", refuse)
+    pvm.generate(dict(padded_batch), max_new_tokens=3, pad_token_id=0)
+    assert all(module.__dict__.get("_frozen_plan") is None for module in pvm.interventions.values())
+    with compat.pyvene_generation_hooks(), pytest.raises(AssertionError, match="reference edit"):
+        pvm.generate(dict(padded_batch), max_new_tokens=3, pad_token_id=0)
 
 
 def test_direct_generation_hooks_return_what_pyvene_returns(llama, padded_batch):

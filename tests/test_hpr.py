@@ -397,3 +397,36 @@ def test_angle_prediction_is_a_setting_saved_with_the_edit():
     legacy = {k: v for k, v in trained.state_dict().items() if k != "angle_prediction"}
     fresh.load_state_dict(legacy)  # artifacts saved before the setting rotate, as they did
     assert bool(fresh.angle_prediction)
+
+
+@pytest.mark.parametrize("scaling", sorted(SCALINGS))
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16], ids=["fp64", "bf16-activations"])
+def test_frozen_edit_equals_the_edit(scaling, dtype):
+    """The fast path generation runs (probe and first angle layer in one product, the rotation's
+    scalars folded) gives :meth:`edit`'s output to float rounding: both gates, α ≠ 1, every
+    input and rotation scale; bf16 activations are edited in the module's fp32."""
+    scale, space = SCALINGS[scaling]
+    s = torch.ones(16) if scale is None else scale
+    module_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+    hpr = make_hpr(dtype=module_dtype, scale=s, rotation_space=space, alpha=0.7)
+    h = (torch.randn(3, 40, 16, dtype=torch.float64) * 2 * s).to(dtype)
+    with torch.no_grad():
+        reference = hpr(h)
+        with hpr.frozen():
+            fast = hpr(h)
+        assert hpr.__dict__.get("_frozen_plan") is None
+        assert hpr.frozen_edit() != hpr.edit  # the fast path, not the reference again
+        gates = hpr.probe_logits(h.to(module_dtype)) > 0
+    assert 0 < int(gates.sum()) < gates.numel()
+    assert fast.dtype == dtype and torch.equal(fast[gates], h[gates])
+    error = (fast.double() - reference.double()).norm(dim=-1) / h.double().norm(dim=-1)
+    tolerance = {torch.float64: 1e-12, torch.bfloat16: 1e-2}[dtype]  # bf16: one rounding of the output
+    assert float(error.max()) < tolerance
+    if dtype == torch.bfloat16:  # mostly the very same bf16 values
+        assert float((fast != reference).any(-1).float().mean()) < 0.25
+
+
+@pytest.mark.parametrize("settings", [{"stable": False}, {"angle_prediction": False}])
+def test_frozen_edit_of_other_settings_is_the_edit(settings):
+    hpr = make_hpr(**settings)
+    assert hpr.frozen_edit() == hpr.edit

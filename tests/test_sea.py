@@ -198,3 +198,27 @@ def test_fit_sea_bad_inputs_raise_clear_errors():
         fit_sea(good, good, good, energy_ratio=0.0)
     with pytest.raises(ValueError, match="feature function"):
         fit_sea(good, good, good, feature_function="cubic")
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_frozen_edit_equals_the_edit(dtype):
+    """The fast path generation runs (both projections in one product pair) gives :meth:`edit`'s
+    output to float rounding, norms kept; a zero activation stays zero."""
+    sea = make_sea().to(torch.float32 if dtype != torch.float64 else torch.float64)
+    x = torch.randn(2, 6, 12, dtype=torch.float64).to(dtype)
+    x[0, 0] = 0
+    with torch.no_grad():
+        reference = sea(x)
+        with sea.frozen():
+            fast = sea(x)
+    assert sea.frozen_edit() != sea.edit and fast.dtype == dtype
+    tolerance = {torch.float64: 1e-12, torch.float32: 1e-5, torch.bfloat16: 1e-2}[dtype]
+    assert torch.allclose(fast.double(), reference.double(), rtol=tolerance, atol=tolerance)
+    assert torch.allclose(fast.double().norm(dim=-1), x.double().norm(dim=-1), rtol=tolerance)
+    assert torch.equal(fast[0, 0], x[0, 0])
+
+
+@pytest.mark.parametrize("settings", [{"norm_mode": "feature"}, {"feature_function": "tanh"}])
+def test_frozen_edit_of_other_settings_is_the_edit(settings):
+    sea = make_sea(**settings)
+    assert sea.frozen_edit() == sea.edit
