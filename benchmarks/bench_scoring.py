@@ -18,6 +18,8 @@ Usage::
     python benchmarks/bench_scoring.py --n 50 --edit hpr --out runs/bench.json
     python benchmarks/bench_scoring.py --n 60 --compare-modes --skip-naive      # packed vs full
     python benchmarks/bench_scoring.py --n 60 --artifacts runs/default/artifacts --skip-naive
+    python benchmarks/bench_scoring.py --n 100 --lm-eval --skip-naive       # vs lm-eval (README)
+    python benchmarks/bench_scoring.py --n 817 --skip-naive                 # tokens fed, all questions
 
 Prints a table (machine, versions, seconds, ratio, whether the scores agree) and writes JSON.
 CPU time is reported next to wall time, and the load average before and after: on a shared
@@ -211,6 +213,8 @@ def main(argv=None) -> dict:
             "extrapolated_817_wall_s": fast_wall / len(questions) * N_TOTAL,
             "protocol": result.protocol,
         },
+        # what bounds the speed-up over lm-eval: the tokens each feeds (counted, not timed)
+        "tokens_fed": {"scorer": result.protocol["tokens_fed"], "lm_eval": lm_eval_tokens_fed(tokenizer, questions)},
     }
     if naive is not None:
         diffs = [
@@ -383,6 +387,12 @@ def print_table(report: dict) -> None:
     print("versions  : " + ", ".join(f"{k} {val}" for k, val in v.items()))
     print(f"model     : {report['model']} (loaded in {report['model_load_seconds']:.1f} s), edit: {report['edit']}")
     print(f"questions : {report['n_questions']} ({report['n_sequences']} distinct choice sequences)")
+    fed = report["tokens_fed"]
+    print(
+        f"tokens fed: scorer {fed['scorer']:,}, lm-eval {fed['lm_eval']:,} ({fed['lm_eval'] / fed['scorer']:.2f}x "
+        "fewer; the primer once, each context once, shared choice prefixes once, no vocabulary projection "
+        "where nothing is scored)"
+    )
     print()
     print(f"{'method':<28}{'wall s':>9}{'cpu s':>9}{'817 q (min)':>13}{'MC1':>8}{'MC2':>8}")
     rows = [(f"actedit score_mc ({report['scorer']['protocol'].get('mode')})", report["scorer"])]

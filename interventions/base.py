@@ -18,7 +18,10 @@ It encodes the pyvene facts that make an edit save and load with the stock
   edited where the module's tensors are: :mod:`actedit.interventions.devices`);
 * a module can be saved switched off (buffer ``enabled``; a trained method's ``keep_layers: all``
   keeps every layer's module and enables the selected ones): it then returns its input unchanged,
-  and artifacts saved before the switch existed load switched on.
+  and artifacts saved before the switch existed load switched on;
+* ``generate`` holds every edit :meth:`~ActEditIntervention.frozen` for the call: settings read
+  once, and a method's :meth:`~ActEditIntervention.frozen_edit` (its fast path, equal to
+  :meth:`~ActEditIntervention.edit` to float rounding) instead of the edit at every layer and token.
 """
 
 from __future__ import annotations

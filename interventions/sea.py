@@ -237,11 +237,10 @@ class SEAIntervention(ActEditIntervention):
 
     def frozen_edit(self) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
         """The fast path of :meth:`edit` for the default linear φ and per-token norm:
-        c = x [U⁺ U⁻] in one product, z = x + c⁺U⁺ᵀ − c⁻U⁻ᵀ from that same matrix (equal to
-        :meth:`project` to float rounding), then z·‖x‖/‖z‖. At a decode step the factors come
-        from memory at every edited layer and token; one copy of them, read once and then from
-        cache, measured cheaper inside a model than a second, transposed copy that saves a
-        product (``benchmarks/bench_generation.py``). Other settings run :meth:`edit`."""
+        c = x [U⁺ U⁻], the coefficients on U⁻ negated, z = x + c [U⁺ U⁻]ᵀ (equal to
+        :meth:`project` to float rounding), then z·‖x‖/‖z‖. Two products on one copy of the
+        factors: at a decode step they come from memory at every edited layer and token, and
+        the second product finds them in cache. Other settings run :meth:`edit`."""
         linear = FeatureFunction(int(self.host("feature_function"))) == FeatureFunction.LINEAR
         if not linear or NormMode(int(self.host("norm_mode"))) != NormMode.TOKEN:
             return self.edit
@@ -252,8 +251,8 @@ class SEAIntervention(ActEditIntervention):
             x = (h.float() if h.dtype in (torch.float16, torch.bfloat16) else h).reshape(-1, d)
             U = factors.to(x.dtype)
             c = x @ U
-            z = torch.addmm(x, c[:, :k_pos], U[:, :k_pos].T)
-            z = torch.addmm(z, c[:, k_pos:], U[:, k_pos:].T, alpha=-1.0)
+            c[:, k_pos:].neg_()
+            z = torch.addmm(x, c, U.T)
             x_norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True)
             z_norm = torch.linalg.vector_norm(z, dim=-1, keepdim=True).clamp_min(_EPS)
             return z.mul_(x_norm / z_norm).reshape(h.shape)
