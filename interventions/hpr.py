@@ -352,10 +352,14 @@ class HPRIntervention(ActEditIntervention):
         w = self.derived(
             f"normal {h.dtype}",
             inputs,
-            lambda: (self.probe.weight.reshape(-1) * self.rotation_scale / self.input_scale).to(h.dtype),
+            lambda: self._normal().to(h.dtype),
         )
         x = h if scale is None else h / scale
         return x, w, x @ w, scale
+
+    def _normal(self) -> torch.Tensor:
+        """w ⊙ c ⊘ s: the probe's hyperplane normal in the rotation space (coordinates h ⊘ c)."""
+        return self.probe.weight.reshape(-1) * self.rotation_scale / self.input_scale
 
     def _unit_rotation_scale(self) -> bool:
         """Whether c = 1 (``rotation_space="raw"``), checked once per value of c outside
@@ -398,7 +402,7 @@ class HPRIntervention(ActEditIntervention):
         joint_bias = torch.cat([first.bias.new_zeros(1), first.bias])
         rest = [(m.weight, m.bias) for m in linears[1:]]
         scale = None if self._unit_rotation_scale() else self.rotation_scale
-        normal = self.probe.weight.reshape(-1) * self.rotation_scale / self.input_scale
+        normal = self._normal()
         input_scale, alpha_pi = self.input_scale, float(self.alpha) * math.pi
         dtype = self.probe.weight.dtype
         tiny = torch.finfo(dtype).tiny
